@@ -1,0 +1,308 @@
+"""gunicorn server hooks, and :func:`install`, which puts them into a configuration namespace.
+
+Each hook is a plain function with exactly the positional parameters gunicorn expects (gunicorn counts
+them). Each catches everything: rule one is that the plugin never breaks the server. The only
+exception is :class:`ConfigurationError` in ``on_starting``, which stops a misconfigured server before
+it serves anything, with a one-line message.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable, MutableMapping
+from typing import Any
+
+from . import _master, _prometheus
+from . import _scoreboard as sb
+from ._safety import LOG, report
+from ._worker import RequestRecorder
+from .settings import ConfigurationError, Settings
+
+PROMETHEUS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+_SAMPLE_EVERY = 1.0
+
+
+class _State:
+    """Per-process state. A forked worker inherits the master's copy and replaces what it needs."""
+
+    settings: Settings | None = None
+    run_dir: str | None = None
+    run_dir_owner = 0
+    prometheus_dir: str | None = None
+    embedded_prometheus = False
+    recorder: RequestRecorder | None = None
+
+
+STATE = _State()
+
+
+# -- install ------------------------------------------------------------------------------------------
+
+
+def install(namespace: MutableMapping[str, Any], **settings: Any) -> Settings:
+    """Validate the settings and put gunicorn-insight's hooks into ``namespace`` (a config's globals()).
+
+    Hooks already defined in the namespace keep working: ours run first, then theirs. Call it at the
+    end of ``gunicorn.conf.py``, after your own hooks.
+    """
+    built = Settings.build(settings)
+    if _master.CURRENT is None:
+        STATE.settings = built
+        _prepare_directories(built)
+    elif built != STATE.settings:
+        # A HUP re-reads the config in the running master; the directories and sockets stay as they are.
+        LOG.warning("gunicorn-insight: settings changed on reload; they take effect at the next restart")
+    for name, ours in HOOKS.items():
+        theirs = namespace.get(name)
+        if theirs is None or getattr(theirs, "__gunicorn_insight__", False):
+            namespace[name] = ours
+        else:
+            namespace[name] = _chain(name, ours, theirs)
+    return STATE.settings or built
+
+
+def _prepare_directories(settings: Settings) -> None:
+    """Runs while the config file loads: the application (maybe preloaded) must see the directory."""
+    if STATE.run_dir is None:
+        base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+        STATE.run_dir = tempfile.mkdtemp(prefix="gunicorn-insight-", dir=base)
+        STATE.run_dir_owner = os.getpid()
+        atexit.register(_remove_run_dir)
+    if not settings.prometheus_enabled:
+        STATE.prometheus_dir = None
+        return
+    directory = settings.prometheus_dir or os.environ.get(PROMETHEUS_ENV)
+    STATE.embedded_prometheus = not directory or directory == os.path.join(STATE.run_dir, "prometheus")
+    if STATE.embedded_prometheus:
+        directory = os.path.join(STATE.run_dir, "prometheus")
+    assert directory is not None
+    _prometheus.check_import_order(directory)
+    # Only a fresh master may clear: a USR2-forked successor shares the directory with its live parent.
+    _prometheus.prepare_directory(directory, clear="GUNICORN_PID" not in os.environ)
+    os.environ[PROMETHEUS_ENV] = directory
+    STATE.prometheus_dir = directory
+
+
+def _remove_run_dir() -> None:
+    # Workers run atexit handlers too (gunicorn exits them with sys.exit): only the creator cleans up.
+    if STATE.run_dir and os.getpid() == STATE.run_dir_owner:
+        shutil.rmtree(STATE.run_dir, ignore_errors=True)
+
+
+# -- chaining --------------------------------------------------------------------------------------------
+
+
+def _chain(name: str, ours: Callable[..., Any], theirs: Callable[..., Any]) -> Callable[..., Any]:
+    """Ours, then theirs, with the arity gunicorn checks. Their exceptions stay theirs."""
+    if name == "post_request":
+        theirs = _as_post_request(theirs)
+
+        def post_request(worker: Any, req: Any, environ: Any, resp: Any) -> None:
+            ours(worker, req, environ, resp)
+            theirs(worker, req, environ, resp)
+
+        chained: Callable[..., Any] = post_request
+    elif ARITY[name] == 1:
+
+        def one(arg: Any) -> None:
+            ours(arg)
+            theirs(arg)
+
+        chained = one
+    elif ARITY[name] == 2:
+
+        def two(first: Any, second: Any) -> None:
+            ours(first, second)
+            theirs(first, second)
+
+        chained = two
+    else:
+        raise AssertionError(name)
+    chained.__name__ = chained.__qualname__ = name
+    chained.__wrapped__ = theirs  # type: ignore[attr-defined]
+    chained.__gunicorn_insight__ = True  # type: ignore[attr-defined]
+    return chained
+
+
+def _as_post_request(hook: Callable[..., Any]) -> Callable[..., Any]:
+    """gunicorn accepts post_request with 2, 3 or 4 parameters; call the user's the way it would."""
+    from gunicorn.util import get_arity
+
+    arity = get_arity(hook)
+    if arity == 4:
+        return hook
+    if arity == 3:
+        return lambda worker, req, environ, _resp: hook(worker, req, environ)
+    if arity == 2:
+        return lambda worker, req, _environ, _resp: hook(worker, req)
+    raise ConfigurationError(
+        f"post_request={hook!r} takes {arity} positional parameters; gunicorn calls it with "
+        "(worker, req, environ, resp): define it with 2, 3 or 4"
+    )
+
+
+# -- master hooks --------------------------------------------------------------------------------------
+
+
+def on_starting(server: Any) -> None:
+    settings = STATE.settings
+    if settings is None or _master.CURRENT is not None or STATE.run_dir is None:
+        return
+    try:
+        plan = _master.Plan.resolve(settings, server.cfg, STATE.prometheus_dir)
+        master = _master.Master(plan, STATE.run_dir)
+    except ConfigurationError:
+        raise
+    except Exception as error:
+        report("starting (the server runs without gunicorn-insight)", error)
+        return
+    _master.CURRENT = master
+    master.start()
+    _announce(master)
+
+
+def _announce(master: _master.Master) -> None:
+    plan = master.plan
+    where = []
+    if master.http is not None:
+        where.append(f"Prometheus metrics at {master.http.url}")
+    elif plan.prometheus_dir is not None:
+        where.append(f"Prometheus files in {plan.prometheus_dir}")
+    if plan.statsd_target is not None:
+        where.append(f"StatsD to {plan.statsd_target!r}")
+    LOG.info("gunicorn-insight: %s (worker class %s, scoreboard %s)", "; ".join(where) or "no exporter",
+             plan.worker_kind, master.board.path)
+    if plan.gunicorn_statsd_active and master.statsd is not None:
+        LOG.info("gunicorn-insight: gunicorn's own statsd logger already sends gunicorn.requests, "
+                 "gunicorn.request.duration and gunicorn.request.status.*; gunicorn-insight leaves those to it")
+
+
+def pre_fork(server: Any, worker: Any) -> None:
+    try:
+        if _master.CURRENT is not None:
+            _master.CURRENT.assign_slot(worker)
+    except Exception as error:
+        report("pre_fork", error)
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    # On gunicorn 23 this runs inside the SIGCHLD handler: no logging here, report() only on a bug.
+    try:
+        if _master.CURRENT is not None:
+            _master.CURRENT.worker_gone(worker)
+    except Exception as error:
+        report("child_exit", error)
+
+
+def worker_exit(server: Any, worker: Any) -> None:
+    # In the master, gunicorn calls this instead of child_exit when the worker had already vanished.
+    try:
+        master = _master.CURRENT
+        if master is not None and os.getpid() == master.pid:
+            master.worker_gone(worker)
+    except Exception as error:
+        report("worker_exit", error)
+
+
+def on_exit(server: Any) -> None:
+    try:
+        if _master.CURRENT is not None and os.getpid() == _master.CURRENT.pid:
+            _master.CURRENT.stop()
+    except Exception as error:
+        report("on_exit", error)
+
+
+# -- worker hooks --------------------------------------------------------------------------------------
+
+
+def post_fork(server: Any, worker: Any) -> None:
+    try:
+        master = _master.CURRENT
+        slot = getattr(worker, _master.SLOT_ATTRIBUTE, None)
+        if master is None or slot is None or STATE.settings is None:
+            return
+        STATE.recorder = RequestRecorder(master.board, slot, worker, STATE.settings.redact_query)
+    except Exception as error:
+        report("post_fork", error)
+
+
+def post_worker_init(worker: Any) -> None:
+    try:
+        recorder = STATE.recorder
+        if recorder is None:
+            return
+        recorder.booted()
+        if hasattr(worker, "nr_conns"):
+            threading.Thread(target=_sample_connections, args=(recorder,), name="gunicorn-insight-sampler",
+                             daemon=True).start()
+    except Exception as error:
+        report("post_worker_init", error)
+
+
+def _sample_connections(recorder: RequestRecorder) -> None:
+    # Keep-alive connections open and close between requests, when no hook runs.
+    event = threading.Event()
+    while not event.wait(_SAMPLE_EVERY):
+        try:
+            recorder.refresh_connections()
+        except Exception as error:
+            report("sampling connections", error)
+
+
+def pre_request(worker: Any, req: Any) -> None:
+    recorder = STATE.recorder
+    if recorder is not None:
+        try:
+            recorder.started(req)
+        except Exception as error:
+            report("pre_request", error)
+
+
+def post_request(worker: Any, req: Any, environ: Any, resp: Any) -> None:
+    recorder = STATE.recorder
+    if recorder is not None:
+        try:
+            recorder.finished(req, resp)
+        except Exception as error:
+            report("post_request", error)
+
+
+def worker_int(worker: Any) -> None:
+    # Runs inside a signal handler: one byte written to shared memory, nothing else.
+    recorder = STATE.recorder
+    if recorder is not None:
+        with contextlib.suppress(Exception):  # logging here could deadlock; the master notices anyway
+            recorder.mark(sb.FLAG_INT_HANDLER)
+
+
+def worker_abort(worker: Any) -> None:
+    # Runs inside a signal handler: one byte written to shared memory, nothing else.
+    recorder = STATE.recorder
+    if recorder is not None:
+        with contextlib.suppress(Exception):  # logging here could deadlock; the master notices anyway
+            recorder.mark(sb.FLAG_ABORT_HANDLER)
+
+
+HOOKS: dict[str, Callable[..., Any]] = {
+    "on_starting": on_starting,
+    "pre_fork": pre_fork,
+    "post_fork": post_fork,
+    "post_worker_init": post_worker_init,
+    "pre_request": pre_request,
+    "post_request": post_request,
+    "worker_int": worker_int,
+    "worker_abort": worker_abort,
+    "child_exit": child_exit,
+    "worker_exit": worker_exit,
+    "on_exit": on_exit,
+}
+ARITY = {"post_request": 4, "post_worker_init": 1, "worker_int": 1, "worker_abort": 1, "on_starting": 1,
+         "on_exit": 1, "pre_fork": 2, "post_fork": 2, "pre_request": 2, "child_exit": 2, "worker_exit": 2}
+for _hook in HOOKS.values():
+    _hook.__gunicorn_insight__ = True  # type: ignore[attr-defined]
+

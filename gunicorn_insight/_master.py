@@ -1,0 +1,279 @@
+"""The master's side: slots for workers, the exporter thread, death reports, the /metrics server.
+
+Two threads of ours run in the master: the exporter (a round every ``interval``) and the HTTP server.
+Everything either of them does that touches shared state (metric files, sockets, logging) happens while
+holding ``_round_lock``. The fork handlers take that lock before gunicorn forks a worker, so a child is
+never born while our thread is half way through a write holding prometheus_client's global lock or an
+I/O buffer lock; waiting is bounded by one round (milliseconds).
+
+``pre_fork`` and ``child_exit`` run on gunicorn's main thread, and on gunicorn 23 ``child_exit`` runs
+inside the SIGCHLD handler, so they take no lock and do no logging: they flip bytes in the scoreboard,
+push to a heap and append to a deque (each atomic under the GIL), and the exporter does the rest.
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from . import _scoreboard as sb
+from ._drain import Drainer, Round
+from ._http import MetricsServer
+from ._prometheus import PrometheusSink, make_registry
+from ._safety import LOG, report
+from ._statsd import StatsdSink
+from .settings import Settings
+
+SLOT_ATTRIBUTE = "_gunicorn_insight_slot"
+RING_RECORDS = 8192
+_MAX_ENTRIES = 64
+
+
+class Sink(Protocol):
+    def publish(self, facts: Round) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """The settings resolved against gunicorn's own configuration, once, when the master starts."""
+
+    settings: Settings
+    worker_kind: str
+    slots: int
+    entries: int
+    connections_limit: int
+    statsd_target: tuple[str, int] | str | None
+    statsd_prefix: str
+    statsd_tags: str
+    statsd_tagged: bool
+    gunicorn_statsd_active: bool
+    prometheus_dir: str | None
+
+    @classmethod
+    def resolve(cls, settings: Settings, cfg: Any, prometheus_dir: str | None) -> Plan:
+        kind = worker_kind(cfg)
+        threads = max(1, int(getattr(cfg, "threads", 1) or 1))
+        worker_connections = int(getattr(cfg, "worker_connections", 1000) or 1000)
+        if kind == "sync":
+            entries, limit = 1, 1
+        elif kind == "gthread":
+            entries, limit = min(threads, _MAX_ENTRIES), worker_connections
+        else:
+            entries, limit = min(worker_connections, _MAX_ENTRIES), worker_connections
+        workers = max(1, int(getattr(cfg, "workers", 1) or 1))
+        gunicorn_target = getattr(cfg, "statsd_host", None)
+        return cls(
+            settings=settings,
+            worker_kind=kind,
+            slots=settings.max_workers or max(16, 4 * workers),
+            entries=entries,
+            connections_limit=limit,
+            statsd_target=settings.statsd_target or gunicorn_target,
+            statsd_prefix=getattr(cfg, "statsd_prefix", "") or "",
+            statsd_tags=getattr(cfg, "dogstatsd_tags", "") or "",
+            statsd_tagged=settings.dogstatsd if settings.dogstatsd is not None
+            else bool(getattr(cfg, "dogstatsd_tags", "")),
+            gunicorn_statsd_active=gunicorn_target is not None and _uses_gunicorn_statsd(cfg),
+            prometheus_dir=prometheus_dir,
+        )
+
+
+def worker_kind(cfg: Any) -> str:
+    """sync, gthread, gevent, eventlet, tornado, asgi, or the class name of a custom worker."""
+    try:
+        worker_class = cfg.worker_class
+    except Exception:
+        return "unknown"
+    names = {
+        "SyncWorker": "sync", "ThreadWorker": "gthread", "GeventWorker": "gevent",
+        "GeventPyWSGIWorker": "gevent", "EventletWorker": "eventlet", "TornadoWorker": "tornado",
+        "ASGIWorker": "asgi",
+    }
+    for klass in worker_class.__mro__:
+        if klass.__name__ in names:
+            return names[klass.__name__]
+    return str(worker_class.__name__)
+
+
+def _uses_gunicorn_statsd(cfg: Any) -> bool:
+    from gunicorn.instrument.statsd import Statsd
+
+    try:
+        return issubclass(cfg.logger_class, Statsd)
+    except Exception:
+        return False
+
+
+@dataclass(frozen=True, slots=True)
+class Death:
+    pid: int
+    slot: int
+    snapshot: bytes
+    at: float
+    aborted: bool
+
+
+class Master:
+    def __init__(self, plan: Plan, run_dir: str) -> None:
+        self.plan = plan
+        self.pid = os.getpid()
+        self.board = sb.Scoreboard.create(
+            os.path.join(run_dir, "scoreboard"), plan.slots, plan.entries, RING_RECORDS, self.pid
+        )
+        self._free_slots = list(range(plan.slots))
+        self._deaths: deque[Death] = deque()
+        self._round_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._drainer = Drainer(self.board)
+        self._sinks: list[Sink] = []
+        self.prometheus: PrometheusSink | None = None
+        self.statsd: StatsdSink | None = None
+        self.http: MetricsServer | None = None
+        settings = plan.settings
+        if plan.prometheus_dir is not None:
+            self.prometheus = PrometheusSink(plan.prometheus_dir, settings.buckets, plan.connections_limit)
+            self._sinks.append(self.prometheus)
+            if settings.serves_metrics:
+                registry = make_registry(plan.prometheus_dir, self.prometheus.files_lock)
+                self.http = MetricsServer(settings.metrics_address, registry, self.run_round)
+        if plan.statsd_target is not None:
+            self.statsd = StatsdSink(
+                plan.statsd_target,
+                prefix=plan.statsd_prefix,
+                constant_tags=plan.statsd_tags,
+                tagged=plan.statsd_tagged,
+                send_request_metrics=not plan.gunicorn_statsd_active,
+                connections_limit=plan.connections_limit,
+            )
+            self._sinks.append(self.statsd)
+        self.in_child = False
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self.http is not None:
+            self.http.start()
+        self._thread = threading.Thread(target=self._run, name="gunicorn-insight-exporter", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Last round (so nothing finished before shutdown is lost), then close everything."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self.run_round()
+        if self.http is not None:
+            self.http.stop()
+        if self.statsd is not None:
+            self.statsd.close()
+        if self.prometheus is not None:
+            self.prometheus.close()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.plan.settings.interval):
+            self.run_round()
+
+    def run_round(self) -> None:
+        with self._round_lock:
+            try:
+                facts = self._drainer.collect()
+            except Exception as error:
+                report("reading the scoreboard", error)
+                return
+            for sink in self._sinks:
+                try:
+                    sink.publish(facts)
+                except Exception as error:
+                    report(f"{type(sink).__name__}.publish", error)
+            while self._deaths:
+                death = self._deaths.popleft()
+                try:
+                    self._bury(death)
+                except Exception as error:
+                    report("reporting a worker exit", error)
+
+    # -- slots (gunicorn's main thread) ---------------------------------------------------------
+
+    def assign_slot(self, worker: Any) -> None:
+        try:
+            slot = heapq.heappop(self._free_slots)
+        except IndexError:
+            LOG.warning(
+                "gunicorn-insight: all %d scoreboard slots are taken; this worker is not tracked. "
+                "Raise GUNICORN_INSIGHT_MAX_WORKERS above the largest worker count you scale to.",
+                self.plan.slots,
+            )
+            return
+        self.board.assign(slot, time.monotonic())
+        setattr(worker, SLOT_ATTRIBUTE, slot)
+
+    def worker_gone(self, worker: Any) -> None:
+        """Signal-handler safe: copy the slot, free it, queue the report for the exporter."""
+        slot = getattr(worker, SLOT_ATTRIBUTE, None)
+        if slot is None:
+            return
+        setattr(worker, SLOT_ATTRIBUTE, None)  # worker_exit after child_exit must not free it twice
+        snapshot = self.board.snapshot(slot)
+        self.board.release(slot)
+        heapq.heappush(self._free_slots, slot)
+        pid = worker.pid if isinstance(worker.pid, int) else 0
+        self._deaths.append(Death(pid, slot, snapshot, time.monotonic(), bool(getattr(worker, "aborted", False))))
+
+    def _bury(self, death: Death) -> None:
+        if self.prometheus is not None and death.pid:
+            self.prometheus.forget_process(death.pid)
+        view = sb.parse_slot(death.slot, death.snapshot, self.board.entries)
+        if not view.requests:
+            return
+        oldest = view.requests[0]
+        others = len(view.requests) - 1 + view.overflow
+        why = "gunicorn timed it out (WORKER TIMEOUT)" if death.aborted else "it exited or was killed"
+        LOG.error(
+            "gunicorn-insight: worker pid=%s slot=%s died while serving %s %s from %s, in flight for %.1fs; "
+            "%s%s",
+            death.pid, death.slot, oldest.method, oldest.path, oldest.client, death.at - oldest.started, why,
+            f" (+{others} more requests in flight)" if others else "",
+        )
+
+    # -- fork safety ----------------------------------------------------------------------------
+
+    def before_fork(self) -> None:
+        self._round_lock.acquire()
+
+    def after_fork_in_parent(self) -> None:
+        self._round_lock.release()
+
+    def after_fork_in_child(self) -> None:
+        self._round_lock.release()
+        self.in_child = True
+        if self.http is not None:
+            self.http.close_in_child()
+        if self.statsd is not None:
+            self.statsd.close()
+
+
+CURRENT: Master | None = None
+
+
+def _before_fork() -> None:
+    if CURRENT is not None and os.getpid() == CURRENT.pid:
+        CURRENT.before_fork()
+
+
+def _after_fork_in_parent() -> None:
+    if CURRENT is not None and os.getpid() == CURRENT.pid:
+        CURRENT.after_fork_in_parent()
+
+
+def _after_fork_in_child() -> None:
+    if CURRENT is not None and not CURRENT.in_child:
+        CURRENT.after_fork_in_child()
+
+
+os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child)

@@ -1,0 +1,240 @@
+"""The shared-memory scoreboard: one slot per worker, written by the worker, read by the master.
+
+The file lives on tmpfs and is mapped by the master before it forks, so every worker inherits the same
+pages. Writers never take a lock that crosses processes: a worker only writes its own slot, and the
+master only writes a slot's ownership fields while no live process owns it.
+
+Layout (little endian)::
+
+    header   64 bytes   magic, version, slots, entries per slot, ring size, master pid
+    slot i   header 128 bytes, then ``entries`` request entries of 256 bytes, then the ring
+
+The ring holds one 24-byte record per finished request. ``head`` counts records ever written to the
+slot and survives worker replacement, so a reader's cursor stays valid across deaths: a request
+finished by a worker that has since died is still read, never lost.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+import os
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+MAGIC = b"GINSIGHT"
+VERSION = 1
+PAGE = mmap.PAGESIZE
+
+HEADER = struct.Struct("<8sIIIII")
+HEADER_SIZE = 64
+
+# Slot header fields, each at a fixed offset so the hot path can write one field with one call.
+GENERATION = struct.Struct("<Q")  # +0: bumped by the master each time the slot gets a new worker
+PID = struct.Struct("<I")  # +8
+STATE = struct.Struct("<B")  # +12
+FLAGS = struct.Struct("<B")  # +13: marks left by the worker's signal handlers
+HEAD_CONNS = struct.Struct("<QI")  # +16: ring head, connections (when the worker class counts them)
+OVERFLOW = struct.Struct("<I")  # +28: requests in flight that found no free entry
+BASE = struct.Struct("<Q")  # +32: ring head when this worker started, so served = head - base
+SPAWNED = struct.Struct("<d")  # +40: monotonic time the master forked it
+BOOTED = struct.Struct("<d")  # +48: monotonic time the app was loaded (0 while booting)
+SLOT_HEADER = struct.Struct("<QIBBxxQIIQdd")
+SLOT_HEADER_SIZE = 128
+OFF_PID, OFF_STATE, OFF_FLAGS, OFF_HEAD, OFF_OVERFLOW, OFF_BASE, OFF_SPAWNED, OFF_BOOTED = (
+    8, 12, 13, 16, 28, 32, 40, 48,
+)
+
+ENTRY = struct.Struct("<B7xdQ8s48s176s")  # in use, start (monotonic), thread, method, client, path
+ENTRY_SIZE = 256
+RING = struct.Struct("<ddHHHxx")  # duration s, queue s (NaN: unknown), status, method, route
+RING_SIZE = RING.size
+
+FREE, BOOTING, READY = 0, 1, 2
+STATE_NAMES = {FREE: "free", BOOTING: "booting", READY: "ready"}
+FLAG_ABORT_HANDLER = 1  # gunicorn's SIGABRT handler ran worker_abort (the timeout path it can see)
+FLAG_INT_HANDLER = 2  # worker_int ran (SIGINT/SIGQUIT)
+FLAG_COUNTS_CONNECTIONS = 4  # the worker class has nr_conns; the connections field is meaningful
+
+METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "CONNECT", "TRACE", "other")
+METHOD_INDEX = {name: index for index, name in enumerate(METHODS)}
+OTHER_METHOD = METHOD_INDEX["other"]
+
+assert SLOT_HEADER.size <= SLOT_HEADER_SIZE
+assert ENTRY.size == ENTRY_SIZE
+
+
+@dataclass(frozen=True, slots=True)
+class InFlight:
+    """A request a worker was serving when the slot was read."""
+
+    method: str
+    path: str
+    client: str
+    started: float  # monotonic, comparable across processes on one host
+    thread: int
+
+
+@dataclass(frozen=True, slots=True)
+class SlotView:
+    """A consistent-enough copy of one slot's header and its requests in flight."""
+
+    index: int
+    generation: int
+    pid: int
+    state: int
+    flags: int
+    head: int
+    connections: int
+    overflow: int
+    base: int
+    spawned: float
+    booted: float
+    requests: tuple[InFlight, ...]
+
+    @property
+    def served(self) -> int:
+        return self.head - self.base
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.requests) + self.overflow
+
+    @property
+    def counts_connections(self) -> bool:
+        return bool(self.flags & FLAG_COUNTS_CONNECTIONS)
+
+    @property
+    def connections_now(self) -> int:
+        """nr_conns when the worker class keeps it, otherwise what the hooks see in flight."""
+        return self.connections if self.counts_connections else self.in_flight
+
+
+def _text(raw: bytes) -> str:
+    return raw.rstrip(b"\0").decode("utf-8", "replace")
+
+
+def parse_slot(index: int, data: bytes, entries: int) -> SlotView:
+    generation, pid, state, flags, head, conns, overflow, base, spawned, booted = SLOT_HEADER.unpack_from(
+        data, 0
+    )
+    requests = []
+    for n in range(entries):
+        offset = SLOT_HEADER_SIZE + n * ENTRY_SIZE
+        if data[offset]:
+            _, started, thread, method, client, path = ENTRY.unpack_from(data, offset)
+            requests.append(InFlight(_text(method), _text(path), _text(client), started, thread))
+    requests.sort(key=lambda r: r.started)
+    return SlotView(
+        index, generation, pid, state, flags, head, conns, overflow, base, spawned, booted, tuple(requests)
+    )
+
+
+class Scoreboard:
+    """The mapped table. Construct with :meth:`create` (master) or :meth:`attach` (readers)."""
+
+    def __init__(self, path: str, buffer: mmap.mmap) -> None:
+        magic, version, slots, entries, ring, master_pid = HEADER.unpack_from(buffer, 0)
+        if magic != MAGIC or version != VERSION:
+            raise ValueError(f"{path} is not a gunicorn-insight scoreboard (version {VERSION})")
+        self.path = path
+        self.buffer = buffer
+        self.slots: int = slots
+        self.entries: int = entries
+        self.ring: int = ring
+        self.master_pid: int = master_pid
+        self.slot_size = slot_size(entries, ring)
+
+    @classmethod
+    def create(cls, path: str, slots: int, entries: int, ring: int, master_pid: int) -> Scoreboard:
+        if ring & (ring - 1):
+            raise ValueError("ring size must be a power of two")
+        size = HEADER_SIZE + slots * slot_size(entries, ring)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            buffer = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        HEADER.pack_into(buffer, 0, MAGIC, VERSION, slots, entries, ring, master_pid)
+        return cls(path, buffer)
+
+    @classmethod
+    def attach(cls, path: str) -> Scoreboard:
+        """Map an existing scoreboard read-only (the CLI, tests)."""
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            buffer = mmap.mmap(fd, 0, mmap.MAP_SHARED, mmap.PROT_READ)
+        finally:
+            os.close(fd)
+        return cls(path, buffer)
+
+    def close(self) -> None:
+        self.buffer.close()
+
+    def offset(self, index: int) -> int:
+        return HEADER_SIZE + index * self.slot_size
+
+    def entries_offset(self, index: int) -> int:
+        return self.offset(index) + SLOT_HEADER_SIZE
+
+    def ring_offset(self, index: int) -> int:
+        return self.offset(index) + SLOT_HEADER_SIZE + self.entries * ENTRY_SIZE
+
+    def snapshot(self, index: int) -> bytes:
+        """Copy the slot's header and entries: a plain memory copy, safe inside a signal handler."""
+        start = self.offset(index)
+        return self.buffer[start : start + SLOT_HEADER_SIZE + self.entries * ENTRY_SIZE]
+
+    def read(self, index: int) -> SlotView:
+        return parse_slot(index, self.snapshot(index), self.entries)
+
+    def __iter__(self) -> Iterator[SlotView]:
+        return (self.read(index) for index in range(self.slots))
+
+    # -- ownership, written by the master only --------------------------------------------------
+
+    def assign(self, index: int, now: float) -> None:
+        """Give the slot to a worker about to be forked. The ring head is kept on purpose."""
+        start = self.offset(index)
+        (generation,) = GENERATION.unpack_from(self.buffer, start)
+        GENERATION.pack_into(self.buffer, start, generation + 1)
+        PID.pack_into(self.buffer, start + OFF_PID, 0)
+        FLAGS.pack_into(self.buffer, start + OFF_FLAGS, 0)
+        OVERFLOW.pack_into(self.buffer, start + OFF_OVERFLOW, 0)
+        SPAWNED.pack_into(self.buffer, start + OFF_SPAWNED, now)
+        BOOTED.pack_into(self.buffer, start + OFF_BOOTED, 0.0)
+        self.buffer[start + SLOT_HEADER_SIZE : self.ring_offset(index)] = bytes(self.entries * ENTRY_SIZE)
+        STATE.pack_into(self.buffer, start + OFF_STATE, BOOTING)
+
+    def release(self, index: int) -> None:
+        """The worker is gone. Entries stay as they were until the next assign (for the CLI's history)."""
+        start = self.offset(index)
+        STATE.pack_into(self.buffer, start + OFF_STATE, FREE)
+        PID.pack_into(self.buffer, start + OFF_PID, 0)
+
+    def head(self, index: int) -> int:
+        return int(HEAD_CONNS.unpack_from(self.buffer, self.offset(index) + OFF_HEAD)[0])
+
+    def read_ring(self, index: int, start: int, stop: int) -> Iterator[tuple[float, float, int, int, int]]:
+        """Records ``start`` to ``stop`` (absolute counts, at most one ring's worth)."""
+        mask = self.ring - 1
+        base = self.ring_offset(index)
+        first, last = start & mask, stop & mask
+        if stop - start == 0:
+            return iter(())
+        if first < last:
+            chunk = self.buffer[base + first * RING_SIZE : base + last * RING_SIZE]
+        else:
+            chunk = self.buffer[base + first * RING_SIZE : base + self.ring * RING_SIZE]
+            chunk += self.buffer[base : base + last * RING_SIZE]
+        return RING.iter_unpack(chunk)
+
+
+def slot_size(entries: int, ring: int) -> int:
+    raw = SLOT_HEADER_SIZE + entries * ENTRY_SIZE + ring * RING_SIZE
+    return -(-raw // PAGE) * PAGE  # whole pages: two workers never write the same page
+
+
+NO_QUEUE_TIME = math.nan

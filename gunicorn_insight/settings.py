@@ -1,0 +1,248 @@
+"""The plugin's settings: one immutable object, validated when it is built.
+
+Each field can be given as a keyword argument to :func:`gunicorn_insight.install` or as an environment
+variable ``GUNICORN_INSIGHT_<FIELD>``; keyword arguments win. Facts gunicorn already has (``statsd_host``,
+``statsd_prefix``, ``dogstatsd_tags``, ``worker_connections``, ``timeout``) are read from gunicorn's own
+configuration when the server starts, never duplicated here.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+__all__ = ["DEFAULT_BUCKETS", "DEFAULT_METRICS_BIND", "ENV_PREFIX", "ConfigurationError", "Settings"]
+
+ENV_PREFIX = "GUNICORN_INSIGHT_"
+DEFAULT_METRICS_BIND = "127.0.0.1:9180"
+DEFAULT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_OFF = frozenset({"off", "none", "false", "0", "no", "disabled"})
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+_HOST_PORT = re.compile(r"^(?:\[(?P<ipv6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9_.-]+)):(?P<port>\d{1,5})$")
+
+
+class ConfigurationError(RuntimeError):
+    """A setting is wrong. The message names the field, the bad value and the fix.
+
+    It derives from RuntimeError because gunicorn turns a RuntimeError raised while the arbiter starts
+    into a one-line ``Error: ...`` and exit status 1 instead of a traceback.
+    """
+
+
+def parse_host_port(field_name: str, value: str, example_port: int) -> tuple[str, int]:
+    """Split ``host:port`` (``[v6]:port`` for IPv6) or raise naming the field."""
+    match = _HOST_PORT.match(value.strip())
+    if match is None:
+        raise ConfigurationError(
+            f"{field_name}={value!r} is not host:port; write it like "
+            f"'127.0.0.1:{example_port}' or '[::1]:{example_port}'"
+        )
+    port = int(match["port"])
+    if not 0 < port < 65536:
+        raise ConfigurationError(f"{field_name}={value!r}: port {port} is outside 1..65535")
+    return (match["ipv6"] or match["host"]), port
+
+
+def _is_unix_path(value: str) -> bool:
+    return value.startswith(("/", "unix:", "./"))
+
+
+def _unix_path(value: str) -> str:
+    return value[len("unix:") :] if value.startswith("unix:") else value
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything gunicorn-insight can be told. Build it with keywords, or from the environment."""
+
+    statsd: str | None = None
+    """``host:port`` or a unix datagram socket path. Unset: gunicorn's ``statsd_host`` if it has one."""
+    prometheus_dir: str | None = None
+    """prometheus_client multiprocess directory. Unset: ``PROMETHEUS_MULTIPROC_DIR``, else a private one."""
+    metrics_bind: str | None = None
+    """Where ``/metrics`` is served, ``host:port``; ``off`` to not serve it."""
+    buckets: tuple[float, ...] = DEFAULT_BUCKETS
+    """Upper bounds (seconds) of the request duration histogram."""
+    redact_query: bool = True
+    """Replace query strings with ``?<redacted>`` wherever a request is named."""
+    max_workers: int | None = None
+    """Scoreboard slots. Unset: four times gunicorn's ``workers``, at least 16."""
+    dogstatsd: bool | None = None
+    """Send per-worker StatsD values as DogStatsD tags. Unset: on when gunicorn's ``dogstatsd_tags`` is."""
+    interval: float = 0.5
+    """Seconds between two rounds of the master's exporter (StatsD flush, gauges, dead-worker merge)."""
+
+    def __post_init__(self) -> None:
+        validators: dict[str, Callable[[Any], Any]] = {
+            "statsd": self._check_statsd,
+            "prometheus_dir": _check_optional_str("prometheus_dir"),
+            "metrics_bind": self._check_metrics_bind,
+            "buckets": _check_buckets,
+            "redact_query": _check_bool("redact_query"),
+            "max_workers": _check_max_workers,
+            "dogstatsd": _check_optional_bool("dogstatsd"),
+            "interval": _check_interval,
+        }
+        for name, check in validators.items():
+            object.__setattr__(self, name, check(getattr(self, name)))
+
+    # -- construction -------------------------------------------------------------------------------
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def build(cls, overrides: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Settings:
+        """Environment variables first, then keyword overrides; unknown names are errors."""
+        names = cls.field_names()
+        unknown = sorted(set(overrides) - set(names))
+        if unknown:
+            raise ConfigurationError(
+                f"unknown setting {', '.join(map(repr, unknown))}; valid settings are: {', '.join(names)}"
+            )
+        values: dict[str, Any] = dict(_from_environ(os.environ if environ is None else environ, names))
+        values.update(overrides)
+        return cls(**values)
+
+    # -- derived facts ------------------------------------------------------------------------------
+
+    @property
+    def serves_metrics(self) -> bool:
+        return self.metrics_bind is None or self.metrics_bind.lower() not in _OFF
+
+    @property
+    def metrics_address(self) -> tuple[str, int]:
+        return parse_host_port("metrics_bind", self.metrics_bind or DEFAULT_METRICS_BIND, 9180)
+
+    @property
+    def prometheus_enabled(self) -> bool:
+        """Prometheus is on unless the user asked for StatsD only (or switched /metrics off, no dir)."""
+        if self.prometheus_dir is not None:
+            return True
+        if self.metrics_bind is not None:
+            return self.serves_metrics
+        return self.statsd is None
+
+    @property
+    def statsd_target(self) -> tuple[str, int] | str | None:
+        """``(host, port)`` for UDP, a path for a unix datagram socket, None when not configured."""
+        if self.statsd is None:
+            return None
+        if _is_unix_path(self.statsd):
+            return _unix_path(self.statsd)
+        return parse_host_port("statsd", self.statsd, 8125)
+
+    # -- validators needing the instance ----------------------------------------------------------
+
+    @staticmethod
+    def _check_statsd(raw: Any) -> str | None:
+        value = _check_optional_str("statsd")(raw)
+        if value is None:
+            return None
+        if _is_unix_path(value):
+            if not _unix_path(value):
+                raise ConfigurationError("statsd='unix:' has no path; give the socket path, e.g. unix:/run/statsd.sock")
+            return value
+        parse_host_port("statsd", value, 8125)
+        return value
+
+    @staticmethod
+    def _check_metrics_bind(raw: Any) -> str | None:
+        value = _check_optional_str("metrics_bind")(raw)
+        if value is None or value.lower() in _OFF:
+            return value
+        parse_host_port("metrics_bind", value, 9180)
+        return value
+
+
+def _from_environ(environ: Mapping[str, str], names: Iterable[str]) -> Iterable[tuple[str, Any]]:
+    known = {ENV_PREFIX + name.upper(): name for name in names}
+    for key, raw in environ.items():
+        if not key.startswith(ENV_PREFIX):
+            continue
+        if key not in known:
+            raise ConfigurationError(
+                f"unknown environment variable {key}; valid ones are: {', '.join(sorted(known))}"
+            )
+        value = raw.strip()
+        if not value:
+            continue  # an empty variable means "not set", as in most shells' ${VAR:-default} idiom
+        name = known[key]
+        yield name, tuple(value.split(",")) if name == "buckets" else value
+
+
+def _check_optional_str(name: str) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            raise ConfigurationError(f"{name}={value!r} must be a string")
+        return value.strip() or None
+
+    return check
+
+
+def _to_bool(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise ConfigurationError(f"{name}={value!r} is not a boolean; use true or false")
+
+
+def _check_bool(name: str) -> Callable[[Any], bool]:
+    return lambda value: _to_bool(name, value)
+
+
+def _check_optional_bool(name: str) -> Callable[[Any], bool | None]:
+    return lambda value: None if value is None else _to_bool(name, value)
+
+
+def _to_float(name: str, value: Any) -> float:
+    if isinstance(value, bool):
+        raise ConfigurationError(f"{name}={value!r} must be a number")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigurationError(f"{name}={value!r} is not a number") from None
+    if not math.isfinite(number):
+        raise ConfigurationError(f"{name}={value!r} must be a finite number")
+    return number
+
+
+def _check_buckets(value: Any) -> tuple[float, ...]:
+    if isinstance(value, str) or not isinstance(value, Iterable):
+        raise ConfigurationError(f"buckets={value!r} must be a list of numbers like 0.1,0.5,1")
+    bounds = tuple(_to_float("buckets", item) for item in value)
+    if not bounds:
+        raise ConfigurationError("buckets is empty; give at least one upper bound in seconds, e.g. 0.1,1")
+    if any(b <= 0 for b in bounds) or list(bounds) != sorted(set(bounds)):
+        raise ConfigurationError(
+            f"buckets={value!r} must be positive and strictly increasing, e.g. 0.01,0.1,1 (+Inf is implied)"
+        )
+    return bounds
+
+
+def _check_max_workers(value: Any) -> int | None:
+    if value is None:
+        return None
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise ConfigurationError(f"max_workers={value!r} is not an integer") from None
+    if not 1 <= number <= 4096:
+        raise ConfigurationError(f"max_workers={value!r} must be between 1 and 4096")
+    return number
+
+
+def _check_interval(value: Any) -> float:
+    number = _to_float("interval", value)
+    if not 0.05 <= number <= 60:
+        raise ConfigurationError(f"interval={value!r} must be between 0.05 and 60 seconds")
+    return number
