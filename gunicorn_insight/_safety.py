@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
 
 LOG = logging.getLogger("gunicorn.error")
 """gunicorn configures this logger in the master and in every worker: our lines land in its error log."""
-
-F = TypeVar("F", bound=Callable[..., Any])
 
 
 class RateLimitedLog:
@@ -45,20 +41,3 @@ def report(where: str, error: BaseException) -> None:
     with contextlib.suppress(Exception):  # a broken log handler must not take the server down either
         ERRORS(where, logging.ERROR, f"internal error in {where} (the server keeps running): {error!r}",
                exc_info=True)
-
-
-def guarded(where: str) -> Callable[[F], F]:
-    """Run the function; on any Exception report it and return None instead of raising."""
-
-    def decorate(function: F) -> F:
-        @functools.wraps(function)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            try:
-                return function(*args, **kwargs)
-            except Exception as error:
-                report(where, error)
-                return None
-
-        return wrapper  # type: ignore[return-value]
-
-    return decorate

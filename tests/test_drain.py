@@ -1,0 +1,68 @@
+"""The master's drain: one Round of facts per call, the single source for every exporter."""
+
+from __future__ import annotations
+
+from fakes import FakeRequest, FakeResponse
+
+from gunicorn_insight import _scoreboard as sb
+from gunicorn_insight._drain import Drainer
+from gunicorn_insight._worker import RequestRecorder
+
+
+class Worker:
+    pass
+
+
+def serve(rec: RequestRecorder, count: int, method: str = "GET", status: str = "200 OK") -> None:
+    for _ in range(count):
+        req = FakeRequest(method)
+        rec.started(req)
+        rec.finished(req, FakeResponse(status))
+
+
+def test_counts_each_request_once(board: sb.Scoreboard) -> None:
+    """Requests are counted by (method, status) once: a second collect returns only new ones."""
+    drainer = Drainer(board)
+    board.assign(0, 0.0)
+    rec = RequestRecorder(board, 0, Worker(), True)
+    serve(rec, 3)
+    serve(rec, 2, "POST", "201 Created")
+    first = drainer.collect()
+    assert first.requests == {("GET", 200): 3, ("POST", 201): 2}
+    assert len(first.durations["GET"]) == 3
+    serve(rec, 1)
+    assert drainer.collect().requests == {("GET", 200): 1}
+
+
+def test_requests_of_a_dead_worker_are_not_lost(board: sb.Scoreboard) -> None:
+    """Records written by a worker that died before the next round are still read after its replacement."""
+    drainer = Drainer(board)
+    board.assign(0, 0.0)
+    serve(RequestRecorder(board, 0, Worker(), True), 2)
+    board.release(0)
+    board.assign(0, 0.0)
+    serve(RequestRecorder(board, 0, Worker(), True), 1)
+    assert drainer.collect().total_requests == 3
+
+
+def test_lapped_ring_is_counted_as_lost(board: sb.Scoreboard) -> None:
+    """If more records arrive than the ring holds between rounds, the excess is reported, not invented."""
+    drainer = Drainer(board)
+    board.assign(0, 0.0)
+    serve(RequestRecorder(board, 0, Worker(), True), 11)  # ring of 8
+    facts = drainer.collect()
+    assert (facts.total_requests, facts.lost) == (8, 3)
+
+
+def test_gauges_track_live_slots_and_zero_departed_ones(board: sb.Scoreboard) -> None:
+    """Workers and in-flight come from live slots; a slot that emptied reports 0 connections, not its last value."""
+    drainer = Drainer(board)
+    board.assign(0, 0.0)
+    board.assign(1, 0.0)
+    rec = RequestRecorder(board, 1, Worker(), True)
+    rec.started(FakeRequest())
+    facts = drainer.collect()
+    assert (facts.workers, facts.in_flight, facts.connections) == (2, 1, {0: 0, 1: 1})
+    board.release(1)
+    facts = drainer.collect()
+    assert (facts.workers, facts.in_flight, facts.connections) == (1, 0, {0: 0, 1: 0})

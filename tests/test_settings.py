@@ -1,0 +1,106 @@
+"""Settings: built from keywords and GUNICORN_INSIGHT_* variables, validated with messages that say the fix."""
+
+from __future__ import annotations
+
+import pytest
+
+from gunicorn_insight.settings import DEFAULT_BUCKETS, ConfigurationError, Settings
+
+
+def build(environ: dict[str, str] | None = None, **overrides: object) -> Settings:
+    return Settings.build(overrides, environ or {})
+
+
+def test_defaults_are_the_embedded_prometheus_setup() -> None:
+    """No settings at all: Prometheus on, /metrics served on the documented loopback port, no StatsD."""
+    settings = build()
+    assert settings.prometheus_enabled
+    assert settings.serves_metrics
+    assert settings.metrics_address == ("127.0.0.1", 9180)
+    assert settings.statsd_target is None
+    assert settings.buckets == DEFAULT_BUCKETS
+
+
+def test_environment_variables_are_read_and_keywords_win() -> None:
+    """GUNICORN_INSIGHT_<NAME> sets a field; a keyword argument overrides it."""
+    env = {"GUNICORN_INSIGHT_STATSD": "10.0.0.1:8125", "GUNICORN_INSIGHT_BUCKETS": "0.1, 1,5"}
+    assert build(env).statsd_target == ("10.0.0.1", 8125)
+    assert build(env).buckets == (0.1, 1.0, 5.0)
+    assert build(env, statsd="localhost:9125").statsd_target == ("localhost", 9125)
+
+
+def test_empty_environment_variable_means_unset() -> None:
+    """An exported but empty variable does not turn into an invalid value."""
+    assert build({"GUNICORN_INSIGHT_STATSD": "  "}).statsd is None
+
+
+@pytest.mark.parametrize(
+    ("value", "target"),
+    [("unix:/run/statsd.sock", "/run/statsd.sock"), ("/run/s.sock", "/run/s.sock"), ("[::1]:8125", ("::1", 8125))],
+)
+def test_statsd_accepts_unix_paths_and_ipv6(value: str, target: object) -> None:
+    """statsd takes host:port, [v6]:port or a unix datagram socket path."""
+    assert build(statsd=value).statsd_target == target
+
+
+def test_statsd_only_turns_prometheus_off() -> None:
+    """Asking for StatsD alone does not also open a /metrics port."""
+    assert not build(statsd="localhost:8125").prometheus_enabled
+    assert build(statsd="localhost:8125", prometheus_dir="/tmp/x").prometheus_enabled
+    assert build(statsd="localhost:8125", metrics_bind="127.0.0.1:9999").prometheus_enabled
+
+
+def test_metrics_bind_off_keeps_files_but_serves_nothing() -> None:
+    """metrics_bind=off with a directory writes files for the user's own exporter and binds no port."""
+    settings = build(metrics_bind="off", prometheus_dir="/tmp/x")
+    assert settings.prometheus_enabled
+    assert not settings.serves_metrics
+    assert not build(metrics_bind="off").prometheus_enabled
+
+
+def test_unknown_keyword_lists_valid_names() -> None:
+    """A typo in a keyword names the typo and every valid setting."""
+    with pytest.raises(ConfigurationError, match=r"unknown setting 'statd'; valid settings are: statsd, prometheus_"):
+        build(statd="x")
+
+
+def test_unknown_environment_variable_lists_valid_names() -> None:
+    """A typo in a GUNICORN_INSIGHT_ variable is an error, not silently ignored."""
+    with pytest.raises(ConfigurationError, match=r"GUNICORN_INSIGHT_STATS;.*GUNICORN_INSIGHT_STATSD"):
+        build({"GUNICORN_INSIGHT_STATS": "x:1"})
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("statsd", "localhost", r"statsd='localhost' is not host:port; write it like '127.0.0.1:8125'"),
+        ("statsd", "host:0", "port 0 is outside 1..65535"),
+        ("metrics_bind", "127.0.0.1:70000", "port 70000 is outside"),
+        ("metrics_bind", "9180", "is not host:port"),
+        ("buckets", (1.0, 0.5), "strictly increasing"),
+        ("buckets", (), "buckets is empty"),
+        ("buckets", "0.1", "must be a list of numbers"),
+        ("buckets", ("a",), "is not a number"),
+        ("redact_query", "maybe", "is not a boolean; use true or false"),
+        ("max_workers", 0, "between 1 and 4096"),
+        ("interval", 0.001, "between 0.05 and 60"),
+        ("interval", float("nan"), "finite"),
+    ],
+)
+def test_bad_values_name_field_value_and_fix(field: str, value: object, message: str) -> None:
+    """Each validation error names the field and the bad value and says what would be accepted."""
+    with pytest.raises(ConfigurationError, match=message):
+        build(**{field: value})
+
+
+def test_booleans_parse_from_environment() -> None:
+    """true/false/1/0/yes/no from the environment become booleans."""
+    assert build({"GUNICORN_INSIGHT_REDACT_QUERY": "false"}).redact_query is False
+    assert build({"GUNICORN_INSIGHT_DOGSTATSD": "YES"}).dogstatsd is True
+
+
+def test_settings_are_immutable() -> None:
+    """The settings object cannot be changed after validation."""
+    settings = build()
+    with pytest.raises(AttributeError):
+        settings.statsd = "x:1"  # type: ignore[misc]

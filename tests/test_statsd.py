@@ -1,0 +1,131 @@
+"""StatsD sink: line format, tags, batching within 1432 bytes, and no exception when the aggregator is away."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from gunicorn_insight import _statsd
+from gunicorn_insight._drain import Round
+from gunicorn_insight._statsd import MAX_DATAGRAM, StatsdSink
+
+
+@pytest.fixture
+def receiver() -> Iterator[socket.socket]:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.settimeout(2)
+    yield sock
+    sock.close()
+
+
+def datagrams(sock: socket.socket) -> list[bytes]:
+    received = [sock.recv(65535)]
+    sock.settimeout(0.2)
+    try:
+        while True:
+            received.append(sock.recv(65535))
+    except TimeoutError:
+        return received
+
+
+def a_round(requests: int = 3) -> Round:
+    facts = Round(requests=Counter({("GET", 200): requests, ("POST", 500): 1}), workers=2, in_flight=1)
+    facts.durations = {"GET": [0.25] * requests, "POST": [1.0]}
+    facts.connections = {0: 1, 1: 0}
+    return facts
+
+
+def make_sink(address: tuple[str, int] | str, **options: object) -> StatsdSink:
+    kwargs: dict[str, object] = {
+        "prefix": "", "constant_tags": "", "tagged": False, "send_request_metrics": True, "connections_limit": 1,
+    }
+    kwargs.update(options)
+    return StatsdSink(address, **kwargs)  # type: ignore[arg-type]
+
+
+def test_lines_follow_gunicorn_names(receiver: socket.socket) -> None:
+    """Counters per round, one timer line per request in ms, gauges, per-worker names with the slot."""
+    make_sink(receiver.getsockname(), prefix="app").publish(a_round())
+    lines = b"\n".join(datagrams(receiver)).decode().splitlines()
+    assert "app.gunicorn.requests:4|c" in lines
+    assert "app.gunicorn.request.status.200:3|c" in lines
+    assert "app.gunicorn.request.status.500:1|c" in lines
+    assert lines.count("app.gunicorn.request.duration:250.000000|ms") == 3
+    assert "app.gunicorn.request.duration:1000.000000|ms" in lines
+    assert "app.gunicorn.workers:2|g" in lines
+    assert "app.gunicorn.requests_in_flight:1|g" in lines
+    assert "app.gunicorn.connections:1|g" in lines
+    assert "app.gunicorn.worker.0.connections:1|g" in lines
+    assert "app.gunicorn.worker.1.connections:0|g" in lines
+
+
+def test_dogstatsd_tags_carry_the_worker(receiver: socket.socket) -> None:
+    """With tags on, per-worker values share one name and differ by a worker tag; constant tags follow."""
+    make_sink(receiver.getsockname(), tagged=True, constant_tags="env:prod, team:web").publish(a_round())
+    lines = b"\n".join(datagrams(receiver)).decode().splitlines()
+    assert "gunicorn.worker.connections:1|g|#worker:0,env:prod,team:web" in lines
+    assert "gunicorn.requests:4|c|#env:prod,team:web" in lines
+
+
+def test_request_metrics_left_to_gunicorn_when_its_statsd_is_on(receiver: socket.socket) -> None:
+    """When gunicorn's own statsd logger sends request metrics, ours does not send them a second time."""
+    make_sink(receiver.getsockname(), send_request_metrics=False).publish(a_round())
+    text = b"\n".join(datagrams(receiver)).decode()
+    assert "gunicorn.requests:" not in text
+    assert "gunicorn.request." not in text
+    assert "gunicorn.workers:2|g" in text
+
+
+def test_datagrams_never_exceed_the_mtu_budget(receiver: socket.socket) -> None:
+    """Many lines are packed into datagrams of at most 1432 bytes, and none is lost."""
+    make_sink(receiver.getsockname()).publish(a_round(requests=500))
+    received = datagrams(receiver)
+    assert len(received) > 1
+    assert max(len(d) for d in received) <= MAX_DATAGRAM
+    lines = b"\n".join(received).decode().splitlines()
+    assert lines.count("gunicorn.request.duration:250.000000|ms") == 500
+
+
+def test_unix_datagram_socket(tmp_path: Path) -> None:
+    """A path target sends datagrams to a unix socket (the statsd package only has stream sockets)."""
+    path = str(tmp_path / "statsd.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.bind(path)
+    server.settimeout(2)
+    make_sink(path).publish(a_round())
+    assert b"gunicorn.requests:4|c" in server.recv(65535)
+    server.close()
+
+
+def test_unresolvable_host_warns_once_and_never_raises(caplog: pytest.LogCaptureFixture) -> None:
+    """A name that does not resolve costs one rate-limited warning, not an exception per round."""
+    _statsd._WARN._last.clear()
+    sink = make_sink(("no-such-host.invalid", 8125))
+    with caplog.at_level(logging.WARNING, logger="gunicorn.error"):
+        for _ in range(20):
+            sink.publish(a_round())
+    warnings = [r for r in caplog.records if "cannot reach StatsD" in r.getMessage()]
+    assert len(warnings) == 1
+
+
+def test_missing_unix_socket_is_counted_not_raised(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Sending to a unix socket nobody listens on fails quietly (rate limited), and resumes when it appears."""
+    _statsd._WARN._last.clear()
+    path = str(tmp_path / "later.sock")
+    sink = make_sink(path)
+    with caplog.at_level(logging.WARNING, logger="gunicorn.error"):
+        sink.publish(a_round())
+        sink.publish(a_round())
+    assert len([r for r in caplog.records if "StatsD send" in r.getMessage()]) == 1
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.bind(path)
+    server.settimeout(2)
+    sink.publish(a_round())
+    assert b"gunicorn.workers:2|g" in server.recv(65535)
+    server.close()
