@@ -1,0 +1,156 @@
+"""Start a real gunicorn with gunicorn-insight and talk to it: requests, /metrics, the scoreboard."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import re
+import sys
+import urllib.request
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import gunicorn
+from prometheus_client.parser import text_string_to_metric_families
+from servers import Process, ProcessFactory, free_port, wait_until
+
+from gunicorn_insight import _scoreboard as sb
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = ROOT / "examples"
+APPS = Path(__file__).resolve().parent / "apps"
+GUNICORN_VERSION = tuple(int(part) for part in gunicorn.__version__.split(".")[:2])
+ANNOUNCE = re.compile(r"gunicorn-insight: (?P<where>.*) \(worker class (?P<kind>\S+), scoreboard (?P<board>\S+)\)")
+
+
+@dataclass
+class Gunicorn:
+    process: Process
+    port: int
+    metrics_port: int | None
+    scoreboard_path: str
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def get(self, path: str = "/", timeout: float = 30) -> int:
+        """One request on a fresh connection; returns the status code."""
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            connection.request("GET", path)
+            response = connection.getresponse()
+            response.read()
+            return response.status
+        finally:
+            connection.close()
+
+    def metrics_text(self) -> str:
+        assert self.metrics_port is not None, "this server was started without /metrics"
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return str(response.read().decode())
+
+    def samples(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        found = {}
+        for family in text_string_to_metric_families(self.metrics_text()):
+            for sample in family.samples:
+                found[sample.name, tuple(sorted(sample.labels.items()))] = sample.value
+        return found
+
+    def value(self, name: str, **labels: str) -> float | None:
+        """The sample with exactly these labels, None when absent."""
+        return self.samples().get((name, tuple(sorted(labels.items()))))
+
+    def total(self, name: str, **labels: str) -> float:
+        """Sum of the samples of `name` whose labels include these."""
+        return sum(
+            value for (sample, sample_labels), value in self.samples().items()
+            if sample == name and set(labels.items()) <= set(sample_labels)
+        )
+
+    def wait_for_value(self, name: str, expected: float, timeout: float = 30, **labels: str) -> None:
+        wait_until(
+            lambda: self.total(name, **labels) == expected,
+            timeout=timeout,
+            what=f"{name}{labels or ''} == {expected}",
+            dump=lambda: f"last value {self.total(name, **labels)}\n{self.process.describe()}",
+        )
+
+    def board(self) -> sb.Scoreboard:
+        return sb.Scoreboard.attach(self.scoreboard_path)
+
+    def ready_workers(self) -> int:
+        board = self.board()
+        try:
+            return sum(1 for view in board if view.state == sb.READY)
+        finally:
+            board.close()
+
+    def wait_for_workers(self, count: int, timeout: float = 60) -> None:
+        wait_until(
+            lambda: self.ready_workers() == count, timeout=timeout,
+            what=f"{count} booted workers in the scoreboard", dump=self.process.describe,
+        )
+
+    def worker_pids(self) -> list[int]:
+        pids = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    stat = Path(f"/proc/{entry}/stat").read_text()
+                except OSError:
+                    continue
+                if int(stat.rsplit(")", 1)[1].split()[1]) == self.pid:
+                    pids.append(int(entry))
+        return pids
+
+
+def clean_environment(extra: Mapping[str, str | None] | None = None) -> dict[str, str | None]:
+    """The test runner's own GUNICORN_INSIGHT_* / PROMETHEUS_MULTIPROC_DIR must not leak into servers."""
+    env: dict[str, str | None] = {
+        key: None for key in os.environ if key.startswith("GUNICORN_INSIGHT_") or key == "PROMETHEUS_MULTIPROC_DIR"
+    }
+    env["GUNICORN_CMD_ARGS"] = None
+    env.update(extra or {})
+    return env
+
+
+def gunicorn_argv(*args: str) -> list[str]:
+    argv = [sys.executable, "-m", "gunicorn", *args]
+    if GUNICORN_VERSION >= (24, 0):
+        argv.insert(3, "--no-control-socket")  # gunicorn >= 24 shares one control socket path per user
+    return argv
+
+
+def start_gunicorn(
+    process_factory: ProcessFactory,
+    *,
+    app: str = "app:app",
+    worker_class: str = "sync",
+    workers: int = 2,
+    args: Sequence[str] = (),
+    env: Mapping[str, str | None] | None = None,
+    config: str = "python:gunicorn_insight.conf",
+    cwd: Path = EXAMPLES,
+    metrics: bool = True,
+    wait: bool = True,
+) -> Gunicorn:
+    """gunicorn on a free port with the plugin; waits until every worker has booted."""
+    port = free_port()
+    metrics_port = free_port() if metrics else None
+    extra: dict[str, str | None] = {"GUNICORN_INSIGHT_METRICS_BIND": f"127.0.0.1:{metrics_port}" if metrics else "off"}
+    extra.update(env or {})
+    argv = gunicorn_argv(
+        "-c", config, "-b", f"127.0.0.1:{port}", "-w", str(workers), "-k", worker_class, "--chdir", str(cwd),
+        "--graceful-timeout", "5", *args, app,
+    )
+    process = process_factory(argv, env=clean_environment(extra), cwd=cwd, name="gunicorn")
+    if not wait:
+        return Gunicorn(process, port, metrics_port, "")
+    announce = process.wait_for_log(ANNOUNCE, timeout=30)
+    server = Gunicorn(process, port, metrics_port, announce["board"])
+    process.wait_for_port(port, timeout=30)
+    server.wait_for_workers(workers)
+    return server

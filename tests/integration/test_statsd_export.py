@@ -1,0 +1,80 @@
+"""StatsD export end to end: real gunicorn, real requests, the reference statsd daemon counting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from harness import start_gunicorn
+from servers import ProcessFactory, StatsdDaemon, free_udp_port, wait_until
+
+
+def rounds_pass(daemon: StatsdDaemon, count: int = 2) -> None:
+    """Wait until the exporter has sent `count` more rounds (each round sends gauges, so packets arrive)."""
+    start = daemon.counters().get("statsd.packets_received", 0)
+    wait_until(lambda: daemon.counters().get("statsd.packets_received", 0) >= start + count, timeout=30,
+               what=f"{count} more StatsD rounds", dump=daemon.dump)
+
+
+@pytest.mark.oldest
+@pytest.mark.parametrize("worker_class", ["sync", "gthread", "gevent"])
+def test_statsd_daemon_gets_exact_counts_and_timings(
+    worker_class: str, process_factory: ProcessFactory, statsd_daemon: StatsdDaemon
+) -> None:
+    """Every request is one count and one timer at the real daemon; per-worker gauges keep separate names."""
+    host, port = statsd_daemon.udp_address
+    server = start_gunicorn(process_factory, worker_class=worker_class, metrics=False,
+                            env={"GUNICORN_INSIGHT_STATSD": f"{host}:{port}"}, args=["--threads", "3"])
+    for _ in range(25):
+        assert server.get("/") == 200
+    for _ in range(3):
+        assert server.get("/status/503") == 503
+    wait_until(lambda: statsd_daemon.counters().get("gunicorn.requests") == 28, timeout=30,
+               what="gunicorn.requests == 28", dump=lambda: repr(statsd_daemon.counters()))
+    rounds_pass(statsd_daemon)
+    counters = statsd_daemon.counters()
+    assert counters["gunicorn.requests"] == 28
+    assert counters["gunicorn.request.status.200"] == 25
+    assert counters["gunicorn.request.status.503"] == 3
+    assert statsd_daemon.timer_counts()["gunicorn.request.duration"] == 28
+    assert all(0 <= ms < 5000 for ms in statsd_daemon.timers()["gunicorn.request.duration"])
+    gauges = statsd_daemon.gauges()
+    assert gauges["gunicorn.workers"] == 2
+    assert {"gunicorn.worker.0.connections", "gunicorn.worker.1.connections", "gunicorn.connections"} <= set(gauges)
+    assert statsd_daemon.bad_lines() == 0
+
+
+@pytest.mark.oldest
+def test_gunicorn_statsd_settings_are_reused_without_double_counting(
+    process_factory: ProcessFactory, statsd_daemon: StatsdDaemon
+) -> None:
+    """With only gunicorn's --statsd-host/--statsd-prefix set, we add our gauges and never re-count requests."""
+    host, port = statsd_daemon.udp_address
+    server = start_gunicorn(process_factory, metrics=False,
+                            args=["--statsd-host", f"{host}:{port}", "--statsd-prefix", "shop"])
+    for _ in range(10):
+        server.get("/")
+    wait_until(lambda: statsd_daemon.counters().get("shop.gunicorn.requests") == 10, timeout=30,
+               what="shop.gunicorn.requests == 10", dump=lambda: repr(statsd_daemon.counters()))
+    rounds_pass(statsd_daemon, 3)
+    assert statsd_daemon.counters()["shop.gunicorn.requests"] == 10
+    assert statsd_daemon.timer_counts()["shop.gunicorn.request.duration"] == 10
+    gauges = statsd_daemon.gauges()
+    assert gauges["shop.gunicorn.workers"] == 2
+    assert "shop.gunicorn.worker.0.connections" in gauges
+
+
+def test_aggregator_down_then_up_resumes_without_hurting_the_server(
+    process_factory: ProcessFactory, tmp_path: Path
+) -> None:
+    """Requests keep flowing while nothing listens; counting resumes by itself when the daemon appears."""
+    port = free_udp_port()
+    server = start_gunicorn(process_factory, metrics=False, env={"GUNICORN_INSIGHT_STATSD": f"127.0.0.1:{port}"})
+    for _ in range(20):
+        assert server.get("/") == 200
+    with StatsdDaemon(tmp_path / "late-statsd", extra_config={"port": port}) as daemon:
+        for _ in range(5):
+            assert server.get("/") == 200
+        wait_until(lambda: daemon.counters().get("gunicorn.requests", 0) >= 5, timeout=30,
+                   what="counts after the daemon came back", dump=daemon.dump)
+    assert "Traceback" not in server.process.output()
