@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import threading
 
@@ -19,10 +20,8 @@ def fire_and_forget(server: Gunicorn, path: str) -> threading.Thread:
     """Send a request whose answer we do not wait for (the worker will die serving it)."""
 
     def send() -> None:
-        try:
+        with contextlib.suppress(OSError, http.client.HTTPException):  # the connection dies with the worker
             server.get(path, timeout=30)
-        except (OSError, http.client.HTTPException):
-            pass  # the connection dies with the worker: expected
 
     thread = threading.Thread(target=send, daemon=True)
     thread.start()
