@@ -1,0 +1,68 @@
+"""Bad input stops gunicorn at startup with one clear line, before any request is served."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+from harness import EXAMPLES, clean_environment, gunicorn_argv
+from servers import ProcessFactory, free_port
+
+
+def start_expecting_failure(process_factory: ProcessFactory, env: dict[str, str], *args: str) -> str:
+    argv = gunicorn_argv("-c", "python:gunicorn_insight.conf", "-b", f"127.0.0.1:{free_port()}", "--chdir",
+                         str(EXAMPLES), *args, "app:app")
+    process = process_factory(argv, env=clean_environment(env), cwd=EXAMPLES, name="gunicorn")
+    assert process.wait(timeout=30) != 0
+    return process.output()
+
+
+@pytest.mark.oldest
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"GUNICORN_INSIGHT_STATSDD": "x:1"}, "unknown environment variable GUNICORN_INSIGHT_STATSDD; valid ones are"),
+        ({"GUNICORN_INSIGHT_STATSD": "localhost"}, "statsd='localhost' is not host:port"),
+        ({"GUNICORN_INSIGHT_METRICS_BIND": "nope"}, "metrics_bind='nope' is not host:port"),
+        ({"GUNICORN_INSIGHT_BUCKETS": "1,0.5"}, "strictly increasing"),
+    ],
+)
+def test_malformed_settings_fail_before_serving(
+    process_factory: ProcessFactory, env: dict[str, str], message: str
+) -> None:
+    """A malformed or unknown setting is refused while gunicorn loads its config, naming it."""
+    assert message in start_expecting_failure(process_factory, env)
+
+
+@pytest.mark.oldest
+def test_metrics_port_in_use_fails_at_startup(process_factory: ProcessFactory) -> None:
+    """A /metrics port someone else holds is a one-line startup error, not a silent missing endpoint."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        output = start_expecting_failure(process_factory, {"GUNICORN_INSIGHT_METRICS_BIND": f"127.0.0.1:{port}"})
+    assert f"Error: metrics_bind=127.0.0.1:{port} cannot be bound (Address already in use)" in output
+    assert "Booting worker" not in output
+
+
+def test_prometheus_dir_that_is_a_file_fails_at_startup(process_factory: ProcessFactory, tmp_path: Path) -> None:
+    """A multiprocess directory that cannot be created or written is refused with the fix."""
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    output = start_expecting_failure(process_factory, {"GUNICORN_INSIGHT_PROMETHEUS_DIR": str(blocker)})
+    assert f"prometheus_dir='{blocker}' is not a writable directory" in output
+
+
+def test_prometheus_client_imported_too_early_fails_at_startup(
+    process_factory: ProcessFactory, tmp_path: Path
+) -> None:
+    """A config that imports prometheus_client before install() gets the error that explains the order."""
+    config = tmp_path / "gunicorn.conf.py"
+    config.write_text("import prometheus_client\nimport gunicorn_insight\ngunicorn_insight.install(globals())\n")
+    argv = gunicorn_argv("-c", str(config), "-b", f"127.0.0.1:{free_port()}", "--chdir", str(EXAMPLES), "app:app")
+    process = process_factory(argv, env=clean_environment({"GUNICORN_INSIGHT_METRICS_BIND": f"127.0.0.1:{free_port()}"}),
+                              cwd=tmp_path, name="gunicorn")
+    assert process.wait(timeout=30) != 0
+    assert "prometheus_client was imported before gunicorn-insight set PROMETHEUS_MULTIPROC_DIR" in process.output()
