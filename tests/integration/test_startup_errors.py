@@ -62,7 +62,7 @@ def test_prometheus_client_imported_too_early_fails_at_startup(
     config = tmp_path / "gunicorn.conf.py"
     config.write_text("import prometheus_client\nimport gunicorn_insight\ngunicorn_insight.install(globals())\n")
     argv = gunicorn_argv("-c", str(config), "-b", f"127.0.0.1:{free_port()}", "--chdir", str(EXAMPLES), "app:app")
-    process = process_factory(argv, env=clean_environment({"GUNICORN_INSIGHT_METRICS_BIND": f"127.0.0.1:{free_port()}"}),
-                              cwd=tmp_path, name="gunicorn")
+    env = clean_environment({"GUNICORN_INSIGHT_METRICS_BIND": f"127.0.0.1:{free_port()}"})
+    process = process_factory(argv, env=env, cwd=tmp_path, name="gunicorn")
     assert process.wait(timeout=30) != 0
     assert "prometheus_client was imported before gunicorn-insight set PROMETHEUS_MULTIPROC_DIR" in process.output()
