@@ -5,12 +5,14 @@
     /stuck       spins in pure Python forever: WORKER TIMEOUT, the abort handler can run
     /stuck-c     hashes in C with a huge iteration count: the worker is SIGKILLed, no handler runs
     /error       raises: a 500
+    /exit?code=7 the worker process exits at once with that code (a crash gunicorn cannot see coming)
     /status/N    answers with status N
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -40,6 +42,8 @@ def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[byte
     if path == "/stuck-c":
         hashlib.pbkdf2_hmac("sha256", b"password", b"salt", 2**31 - 1)  # about half an hour of C
         return _text(start_response, "200 OK", "unreachable\n")
+    if path == "/exit":
+        os._exit(int(query.get("code", ["7"])[0]))  # not 3 or 4: gunicorn reads those as boot failures
     if path == "/error":
         raise RuntimeError("the example's /error endpoint raises on purpose")
     if path.startswith("/status/"):

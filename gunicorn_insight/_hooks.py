@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import logging
 import os
 import shutil
 import tempfile
@@ -20,11 +21,12 @@ from typing import Any
 from . import _master, _prometheus
 from . import _scoreboard as sb
 from ._safety import LOG, report
-from ._worker import RequestRecorder
+from ._watchdog import Monitor, error_log_fd, write_abort_stack
+from ._worker import RequestRecorder, summarize
 from .settings import ConfigurationError, Settings
 
 PROMETHEUS_ENV = "PROMETHEUS_MULTIPROC_DIR"
-_SAMPLE_EVERY = 1.0
+EMBEDDED_ENV = "_GUNICORN_INSIGHT_EMBEDDED_DIR"  # leading underscore: not a setting, never validated as one
 
 
 class _State:
@@ -36,6 +38,7 @@ class _State:
     prometheus_dir: str | None = None
     embedded_prometheus = False
     recorder: RequestRecorder | None = None
+    error_fd = 2
 
 
 STATE = _State()
@@ -77,9 +80,12 @@ def _prepare_directories(settings: Settings) -> None:
         STATE.prometheus_dir = None
         return
     directory = settings.prometheus_dir or os.environ.get(PROMETHEUS_ENV)
+    if directory and directory == os.environ.get(EMBEDDED_ENV) and STATE.run_dir not in directory:
+        directory = None  # a USR2 parent's private directory: it is removed when that master exits
     STATE.embedded_prometheus = not directory or directory == os.path.join(STATE.run_dir, "prometheus")
     if STATE.embedded_prometheus:
         directory = os.path.join(STATE.run_dir, "prometheus")
+        os.environ[EMBEDDED_ENV] = directory
     assert directory is not None
     _prometheus.check_import_order(directory)
     # Only a fresh master may clear: a USR2-forked successor shares the directory with its live parent.
@@ -159,9 +165,10 @@ def on_starting(server: Any) -> None:
     except ConfigurationError:
         raise
     except Exception as error:
-        report("starting (the server runs without gunicorn-insight)", error)
+        report("on_starting, so gunicorn-insight is off for this run", error)
         return
     _master.CURRENT = master
+    logging.getLogger("gunicorn.error").addFilter(master.reaps)
     master.start()
     _announce(master)
 
@@ -200,11 +207,22 @@ def child_exit(server: Any, worker: Any) -> None:
 
 
 def worker_exit(server: Any, worker: Any) -> None:
-    # In the master, gunicorn calls this instead of child_exit when the worker had already vanished.
     try:
         master = _master.CURRENT
         if master is not None and os.getpid() == master.pid:
+            # In the master, gunicorn calls this instead of child_exit when the worker had already vanished.
             master.worker_gone(worker)
+            return
+        recorder = STATE.recorder
+        if recorder is None:
+            return
+        boot_error = recorder.exiting(worker)
+        if not getattr(worker, "booted", True):
+            LOG.error(
+                "gunicorn-insight: worker pid=%s could not load the application: %s. gunicorn shows the "
+                "traceback only with --log-level debug; or start with --preload to see it before any worker forks",
+                os.getpid(), summarize(boot_error),
+            )
     except Exception as error:
         report("worker_exit", error)
 
@@ -226,7 +244,8 @@ def post_fork(server: Any, worker: Any) -> None:
         slot = getattr(worker, _master.SLOT_ATTRIBUTE, None)
         if master is None or slot is None or STATE.settings is None:
             return
-        STATE.recorder = RequestRecorder(master.board, slot, worker, STATE.settings.redact_query)
+        current = _greenlet_getcurrent() if master.plan.worker_kind == "gevent" else threading.get_ident
+        STATE.recorder = RequestRecorder(master.board, slot, worker, STATE.settings.redact_query, current)
     except Exception as error:
         report("post_fork", error)
 
@@ -234,24 +253,17 @@ def post_fork(server: Any, worker: Any) -> None:
 def post_worker_init(worker: Any) -> None:
     try:
         recorder = STATE.recorder
-        if recorder is None:
+        master = _master.CURRENT
+        if recorder is None or master is None:
             return
         recorder.booted()
-        if hasattr(worker, "nr_conns"):
-            threading.Thread(target=_sample_connections, args=(recorder,), name="gunicorn-insight-sampler",
-                             daemon=True).start()
+        STATE.error_fd = error_log_fd()
+        slow_after = master.plan.slow_request_timeout
+        if slow_after > 0 or hasattr(worker, "nr_conns"):
+            Monitor(recorder, worker, slow_after, greenlets=master.plan.worker_kind == "gevent",
+                    loop=getattr(worker, "loop", None) if master.plan.worker_kind == "asgi" else None).start()
     except Exception as error:
         report("post_worker_init", error)
-
-
-def _sample_connections(recorder: RequestRecorder) -> None:
-    # Keep-alive connections open and close between requests, when no hook runs.
-    event = threading.Event()
-    while not event.wait(_SAMPLE_EVERY):
-        try:
-            recorder.refresh_connections()
-        except Exception as error:
-            report("sampling connections", error)
 
 
 def pre_request(worker: Any, req: Any) -> None:
@@ -273,7 +285,7 @@ def post_request(worker: Any, req: Any, environ: Any, resp: Any) -> None:
 
 
 def worker_int(worker: Any) -> None:
-    # Runs inside a signal handler: one byte written to shared memory, nothing else.
+    # Runs inside a signal handler (SIGINT/SIGQUIT): one byte written to shared memory, nothing else.
     recorder = STATE.recorder
     if recorder is not None:
         with contextlib.suppress(Exception):  # logging here could deadlock; the master notices anyway
@@ -281,11 +293,12 @@ def worker_int(worker: Any) -> None:
 
 
 def worker_abort(worker: Any) -> None:
-    # Runs inside a signal handler: one byte written to shared memory, nothing else.
+    # Runs inside a signal handler: a byte in shared memory, then os.write and faulthandler. No logging.
     recorder = STATE.recorder
     if recorder is not None:
         with contextlib.suppress(Exception):  # logging here could deadlock; the master notices anyway
             recorder.mark(sb.FLAG_ABORT_HANDLER)
+            write_abort_stack(STATE.error_fd, recorder, os.getpid())
 
 
 HOOKS: dict[str, Callable[..., Any]] = {
@@ -306,3 +319,9 @@ ARITY = {"post_request": 4, "post_worker_init": 1, "worker_int": 1, "worker_abor
 for _hook in HOOKS.values():
     _hook.__gunicorn_insight__ = True  # type: ignore[attr-defined]
 
+
+
+def _greenlet_getcurrent() -> Callable[[], Any]:
+    from greenlet import getcurrent
+
+    return getcurrent  # type: ignore[no-any-return]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import socket
 import threading
 from collections.abc import Callable, Iterable
@@ -9,7 +11,7 @@ from socketserver import ThreadingMixIn
 from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
-from ._safety import report
+from ._safety import LOG, report
 from .settings import ConfigurationError
 
 if TYPE_CHECKING:
@@ -33,53 +35,77 @@ class _Server6(_Server):
 
 
 class MetricsServer:
-    """Binds at construction, so a port in use is a startup error; serves once :meth:`start` is called."""
+    """Binds at construction, so a port in use is a startup error; serves once :meth:`start` is called.
+
+    A successor master (gunicorn's USR2 upgrade) finds the port held by its parent, which keeps serving
+    until it is told to quit; the successor then takes the port over as soon as it is free.
+    """
 
     def __init__(
-        self, address: tuple[str, int], registry: CollectorRegistry, before_scrape: Callable[[], None]
+        self,
+        address: tuple[str, int],
+        registry: CollectorRegistry,
+        before_scrape: Callable[[], None],
+        *,
+        successor: bool = False,
     ) -> None:
         from prometheus_client import make_wsgi_app
 
         self._inner = make_wsgi_app(registry)
         self._before_scrape = before_scrape
-        host, port = address
-        server_class = _Server6 if ":" in host else _Server
-        try:
-            self._server = server_class((host, port), _QuietHandler)
-        except OSError as error:
-            raise ConfigurationError(
-                f"metrics_bind={host}:{port} cannot be bound ({error.strerror}); pick a free port with "
-                "GUNICORN_INSIGHT_METRICS_BIND=host:port, or 'off' to not serve /metrics"
-            ) from None
-        self._server.set_app(self._app)
-        self.address = self._server.server_address[:2]
+        self.address = address
+        self._server: _Server | None = None
         self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        try:
+            self._bind()
+        except OSError as error:
+            if not (successor and error.errno == errno.EADDRINUSE):
+                host, port = address
+                raise ConfigurationError(
+                    f"metrics_bind={host}:{port} cannot be bound ({error.strerror}); pick a free port with "
+                    "GUNICORN_INSIGHT_METRICS_BIND=host:port, or 'off' to not serve /metrics"
+                ) from None
+            LOG.info("gunicorn-insight: %s is still served by the previous master (USR2 upgrade); taking it "
+                     "over when that master exits", self.url)
+
+    def _bind(self) -> None:
+        host, port = self.address
+        server = (_Server6 if ":" in host else _Server)((host, port), _QuietHandler)
+        server.set_app(self._app)
+        self._server = server
 
     @property
     def url(self) -> str:
         host, port = str(self.address[0]), self.address[1]
         return f"http://[{host}]:{port}/metrics" if ":" in host else f"http://{host}:{port}/metrics"
 
-    def fileno(self) -> int:
-        return self._server.fileno()
-
     def start(self) -> None:
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.5}, name="gunicorn-insight-http",
-            daemon=True,
-        )
+        self._thread = threading.Thread(target=self._serve, name="gunicorn-insight-http", daemon=True)
         self._thread.start()
 
+    def _serve(self) -> None:
+        while self._server is None:
+            if self._stopping.wait(1.0):
+                return
+            with contextlib.suppress(OSError):
+                self._bind()
+        self._server.serve_forever(poll_interval=0.5)
+
     def stop(self) -> None:
+        self._stopping.set()
+        if self._server is not None:
+            if self._thread is not None:
+                self._server.shutdown()
+            self._server.server_close()
         if self._thread is not None:
-            self._server.shutdown()
             self._thread.join(timeout=5)
             self._thread = None
-        self._server.server_close()
 
     def close_in_child(self) -> None:
         """A forked worker must not hold our listening socket open (it would keep the port busy)."""
-        self._server.socket.close()
+        if self._server is not None:
+            self._server.socket.close()
 
     def _app(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         if environ.get("PATH_INFO", "/") not in ("/", "/metrics"):

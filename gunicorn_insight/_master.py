@@ -1,10 +1,11 @@
 """The master's side: slots for workers, the exporter thread, death reports, the /metrics server.
 
 Two threads of ours run in the master: the exporter (a round every ``interval``) and the HTTP server.
-Everything either of them does that touches shared state (metric files, sockets, logging) happens while
-holding ``_round_lock``. The fork handlers take that lock before gunicorn forks a worker, so a child is
-never born while our thread is half way through a write holding prometheus_client's global lock or an
-I/O buffer lock; waiting is bounded by one round (milliseconds).
+Every round (drain, metric files, StatsD sends, logging) runs while holding ``_round_lock``, whoever
+triggers it. The fork handlers take that lock before gunicorn forks a worker, so a child is never born
+while a round is half way through a write or a log call; waiting is bounded by one round (milliseconds).
+Outside a round the HTTP thread only reads files and writes its own socket, which hold no lock a child
+could inherit (the logging module resets its own locks at fork).
 
 ``pre_fork`` and ``child_exit`` run on gunicorn's main thread, and on gunicorn 23 ``child_exit`` runs
 inside the SIGCHLD handler, so they take no lock and do no logging: they flip bytes in the scoreboard,
@@ -23,6 +24,7 @@ from typing import Any, Protocol
 
 from . import _scoreboard as sb
 from ._drain import Drainer, Round
+from ._forensics import EXPECTED, OomCounter, ReapWatcher, classify
 from ._http import MetricsServer
 from ._prometheus import PrometheusSink, make_registry
 from ._safety import LOG, report
@@ -53,6 +55,9 @@ class Plan:
     statsd_tagged: bool
     gunicorn_statsd_active: bool
     prometheus_dir: str | None
+    slow_request_timeout: float
+    successor: bool
+    """Started by gunicorn's USR2 upgrade while the previous master still runs."""
 
     @classmethod
     def resolve(cls, settings: Settings, cfg: Any, prometheus_dir: str | None) -> Plan:
@@ -80,7 +85,17 @@ class Plan:
             else bool(getattr(cfg, "dogstatsd_tags", "")),
             gunicorn_statsd_active=gunicorn_target is not None and _uses_gunicorn_statsd(cfg),
             prometheus_dir=prometheus_dir,
+            slow_request_timeout=_slow_after(settings, cfg),
+            successor="GUNICORN_PID" in os.environ,
         )
+
+
+def _slow_after(settings: Settings, cfg: Any) -> float:
+    """Just before gunicorn's own timeout, so a stuck sync worker's stack is logged before the kill."""
+    if settings.slow_request_timeout is not None:
+        return settings.slow_request_timeout
+    timeout = float(getattr(cfg, "timeout", 30) or 0)
+    return round(0.8 * timeout, 3) if timeout > 0 else 30.0
 
 
 def worker_kind(cfg: Any) -> str:
@@ -141,7 +156,8 @@ class Master:
             self._sinks.append(self.prometheus)
             if settings.serves_metrics:
                 registry = make_registry(plan.prometheus_dir, self.prometheus.files_lock)
-                self.http = MetricsServer(settings.metrics_address, registry, self.run_round)
+                self.http = MetricsServer(settings.metrics_address, registry, self.run_round,
+                                          successor=plan.successor)
         if plan.statsd_target is not None:
             self.statsd = StatsdSink(
                 plan.statsd_target,
@@ -153,6 +169,8 @@ class Master:
             )
             self._sinks.append(self.statsd)
         self.in_child = False
+        self.reaps = ReapWatcher()
+        self._oom = OomCounter()
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
@@ -167,6 +185,7 @@ class Master:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        self.queue_unreaped_exits()
         self.run_round()
         if self.http is not None:
             self.http.stop()
@@ -186,17 +205,17 @@ class Master:
             except Exception as error:
                 report("reading the scoreboard", error)
                 return
+            while self._deaths:
+                death = self._deaths.popleft()
+                try:
+                    facts.exits[self._bury(death)] += 1
+                except Exception as error:
+                    report("reporting a worker exit", error)
             for sink in self._sinks:
                 try:
                     sink.publish(facts)
                 except Exception as error:
                     report(f"{type(sink).__name__}.publish", error)
-            while self._deaths:
-                death = self._deaths.popleft()
-                try:
-                    self._bury(death)
-                except Exception as error:
-                    report("reporting a worker exit", error)
 
     # -- slots (gunicorn's main thread) ---------------------------------------------------------
 
@@ -225,21 +244,41 @@ class Master:
         pid = worker.pid if isinstance(worker.pid, int) else 0
         self._deaths.append(Death(pid, slot, snapshot, time.monotonic(), bool(getattr(worker, "aborted", False))))
 
-    def _bury(self, death: Death) -> None:
+    def _bury(self, death: Death) -> str:
+        """Classify one exit, log it if it needs a human, tidy its files. Returns the cause."""
         if self.prometheus is not None and death.pid:
             self.prometheus.forget_process(death.pid)
         view = sb.parse_slot(death.slot, death.snapshot, self.board.entries)
-        if not view.requests:
-            return
-        oldest = view.requests[0]
-        others = len(view.requests) - 1 + view.overflow
-        why = "gunicorn timed it out (WORKER TIMEOUT)" if death.aborted else "it exited or was killed"
+        signal, exit_code = self.reaps.take(death.pid)
+        verdict = classify(view, aborted=death.aborted, signal=signal, exit_code=exit_code,
+                           oom=signal == "SIGKILL" and not death.aborted and self._oom.confirmed())
+        if verdict.cause in EXPECTED and not view.requests:
+            return verdict.cause
+        request = "none"
+        if view.requests:
+            oldest = view.requests[0]
+            others = len(view.requests) - 1 + view.overflow
+            request = (f'"{oldest.method} {oldest.path}" client={oldest.client} '
+                       f"elapsed={death.at - oldest.started:.1f}s thread={oldest.thread}"
+                       + (f" more_in_flight={others}" if others else ""))
+        uptime = death.at - view.spawned if view.spawned else 0.0
         LOG.error(
-            "gunicorn-insight: worker pid=%s slot=%s died while serving %s %s from %s, in flight for %.1fs; "
-            "%s%s",
-            death.pid, death.slot, oldest.method, oldest.path, oldest.client, death.at - oldest.started, why,
-            f" (+{others} more requests in flight)" if others else "",
+            'gunicorn-insight: worker exited pid=%s slot=%s cause=%s detail="%s" uptime=%.1fs served=%d rss=%s '
+            "request=%s%s",
+            death.pid, death.slot, verdict.cause, verdict.detail, uptime, view.served, _megabytes(view.rss),
+            request, f' stack="{verdict.stack_note}"' if verdict.stack_note else "",
         )
+        return verdict.cause
+
+    def queue_unreaped_exits(self) -> None:
+        """gunicorn halts on a boot failure (exit code 3 or 4) without calling child_exit: find those in the board."""
+        for view in self.board:
+            if view.state == sb.FREE or not view.pid:
+                continue
+            if view.flags & sb.FLAG_BOOT_FAILED or view.pid in self.reaps.exit_codes or view.pid in self.reaps.signals:
+                snapshot = self.board.snapshot(view.index)
+                self.board.release(view.index)
+                self._deaths.append(Death(view.pid, view.index, snapshot, time.monotonic(), False))
 
     # -- fork safety ----------------------------------------------------------------------------
 
@@ -256,6 +295,10 @@ class Master:
             self.http.close_in_child()
         if self.statsd is not None:
             self.statsd.close()
+
+
+def _megabytes(rss: int) -> str:
+    return f"{rss / 1048576:.1f}MiB" if rss else "unknown"
 
 
 CURRENT: Master | None = None

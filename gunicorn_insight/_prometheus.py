@@ -19,6 +19,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from ._drain import Round
+from ._forensics import CAUSES
 from ._safety import report
 from .settings import ConfigurationError
 
@@ -152,7 +153,15 @@ class PrometheusSink:
                                     "Open client connections per worker slot.", ("worker",))
         self._limit = _Family("gauge_livesum", "gunicorn_worker_connections_limit",
                               "Connections one worker accepts at most (worker_connections; 1 for sync).", ())
+        self._exits = _Family("counter", "gunicorn_worker_exits", "Worker exits by cause.", ("cause",))
+        self._slow = _Family("counter", "gunicorn_slow_requests",
+                             "Requests that ran past slow_request_timeout (logged with their stack).", ())
+        self._memory = _Family("gauge_livesum", "gunicorn_worker_memory_bytes",
+                               "Resident memory of the worker in each slot.", ("worker",))
         self._add(self._requests.file_prefix, self._lost.key("_total"), 0)
+        self._add(self._slow.file_prefix, self._slow.key("_total"), 0)
+        for cause in CAUSES:  # present from the start, so rate() and increase() see the first exit
+            self._add(self._exits.file_prefix, self._exits.key("_total", (cause,)), 0)
         self._set(self._limit.file_prefix, self._limit.key(""), connections_limit)
 
     def _file(self, prefix: str) -> Any:
@@ -193,10 +202,15 @@ class PrometheusSink:
             self._add(duration.file_prefix, duration.key("_sum", labels), sum(durations))
         if facts.lost:
             self._add(self._lost.file_prefix, self._lost.key("_total"), facts.lost)
+        if facts.slow:
+            self._add(self._slow.file_prefix, self._slow.key("_total"), facts.slow)
+        for cause, count in facts.exits.items():
+            self._add(self._exits.file_prefix, self._exits.key("_total", (cause,)), count)
         self._set(self._in_flight.file_prefix, self._in_flight.key(""), facts.in_flight)
         self._set(self._workers.file_prefix, self._workers.key(""), facts.workers)
         for slot, connections in facts.connections.items():
             self._set(self._connections.file_prefix, self._connections.key("", (str(slot),)), connections)
+            self._set(self._memory.file_prefix, self._memory.key("", (str(slot),)), facts.memory.get(slot, 0))
 
     def forget_process(self, pid: int) -> None:
         """Fold a dead worker's files into the archive files, then delete them."""
@@ -229,7 +243,8 @@ class PrometheusSink:
 
         found = self._archives.get(prefix)
         if found is None:
-            archive = MmapedDict(os.path.join(self.directory, f"{prefix}_archive.db"))
+            # Per master: during a USR2 upgrade two masters fold dead workers into the same directory.
+            archive = MmapedDict(os.path.join(self.directory, f"{prefix}_archive-{self._pid}.db"))
             found = self._archives[prefix] = (archive, {key for key, _, _ in archive.read_all_values()})
         return found
 

@@ -6,8 +6,8 @@ master only writes a slot's ownership fields while no live process owns it.
 
 Layout (little endian)::
 
-    header   64 bytes   magic, version, slots, entries per slot, ring size, master pid
-    slot i   header 128 bytes, then ``entries`` request entries of 256 bytes, then the ring
+    header   one page   magic, version, slots, entries per slot, ring size, master pid
+    slot i   header 256 bytes, ``entries`` request entries of 256 bytes, the ring; padded to whole pages
 
 The ring holds one 24-byte record per finished request. ``head`` counts records ever written to the
 slot and survives worker replacement, so a reader's cursor stays valid across deaths: a request
@@ -24,11 +24,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 MAGIC = b"GINSIGHT"
-VERSION = 1
+VERSION = 2
 PAGE = mmap.PAGESIZE
 
 HEADER = struct.Struct("<8sIIIII")
-HEADER_SIZE = 64
+HEADER_SIZE = PAGE  # slots start on page boundaries
 
 # Slot header fields, each at a fixed offset so the hot path can write one field with one call.
 GENERATION = struct.Struct("<Q")  # +0: bumped by the master each time the slot gets a new worker
@@ -40,11 +40,16 @@ OVERFLOW = struct.Struct("<I")  # +28: requests in flight that found no free ent
 BASE = struct.Struct("<Q")  # +32: ring head when this worker started, so served = head - base
 SPAWNED = struct.Struct("<d")  # +40: monotonic time the master forked it
 BOOTED = struct.Struct("<d")  # +48: monotonic time the app was loaded (0 while booting)
-SLOT_HEADER = struct.Struct("<QIBBxxQIIQdd")
-SLOT_HEADER_SIZE = 128
+EXIT_CODE = struct.Struct("<i")  # +56: the code the worker passed to sys.exit, when worker_exit ran in it
+SLOW = struct.Struct("<I")  # +60: slow requests reported by the watchdog, ever, in this slot
+RSS = struct.Struct("<Q")  # +64: resident memory in bytes, sampled by the master
+LAST_WORDS = struct.Struct("<128s")  # +128: why the worker is exiting (the boot exception), utf-8
+SLOT_HEADER = struct.Struct("<QIBBxxQIIQddiIQ56x128s")
+SLOT_HEADER_SIZE = 256
 OFF_PID, OFF_STATE, OFF_FLAGS, OFF_HEAD, OFF_OVERFLOW, OFF_BASE, OFF_SPAWNED, OFF_BOOTED = (
     8, 12, 13, 16, 28, 32, 40, 48,
 )
+OFF_EXIT_CODE, OFF_SLOW, OFF_RSS, OFF_LAST_WORDS = 56, 60, 64, 128
 
 ENTRY = struct.Struct("<B7xdQ8s48s176s")  # in use, start (monotonic), thread, method, client, path
 ENTRY_SIZE = 256
@@ -56,12 +61,15 @@ STATE_NAMES = {FREE: "free", BOOTING: "booting", READY: "ready"}
 FLAG_ABORT_HANDLER = 1  # gunicorn's SIGABRT handler ran worker_abort (the timeout path it can see)
 FLAG_INT_HANDLER = 2  # worker_int ran (SIGINT/SIGQUIT)
 FLAG_COUNTS_CONNECTIONS = 4  # the worker class has nr_conns; the connections field is meaningful
+FLAG_EXITED = 8  # worker_exit ran in the worker: it left through Python, with the exit code recorded
+FLAG_MAX_REQUESTS = 16  # it was leaving because it reached max_requests
+FLAG_BOOT_FAILED = 32  # it never finished loading the application
 
 METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "CONNECT", "TRACE", "other")
 METHOD_INDEX = {name: index for index, name in enumerate(METHODS)}
 OTHER_METHOD = METHOD_INDEX["other"]
 
-assert SLOT_HEADER.size <= SLOT_HEADER_SIZE
+assert SLOT_HEADER.size == SLOT_HEADER_SIZE
 assert ENTRY.size == ENTRY_SIZE
 
 
@@ -91,6 +99,10 @@ class SlotView:
     base: int
     spawned: float
     booted: float
+    exit_code: int
+    slow: int
+    rss: int
+    last_words: str
     requests: tuple[InFlight, ...]
 
     @property
@@ -116,9 +128,8 @@ def _text(raw: bytes) -> str:
 
 
 def parse_slot(index: int, data: bytes, entries: int) -> SlotView:
-    generation, pid, state, flags, head, conns, overflow, base, spawned, booted = SLOT_HEADER.unpack_from(
-        data, 0
-    )
+    (generation, pid, state, flags, head, conns, overflow, base, spawned, booted, exit_code, slow, rss,
+     last_words) = SLOT_HEADER.unpack_from(data, 0)
     requests = []
     for n in range(entries):
         offset = SLOT_HEADER_SIZE + n * ENTRY_SIZE
@@ -127,7 +138,8 @@ def parse_slot(index: int, data: bytes, entries: int) -> SlotView:
             requests.append(InFlight(_text(method), _text(path), _text(client), started, thread))
     requests.sort(key=lambda r: r.started)
     return SlotView(
-        index, generation, pid, state, flags, head, conns, overflow, base, spawned, booted, tuple(requests)
+        index, generation, pid, state, flags, head, conns, overflow, base, spawned, booted, exit_code, slow, rss,
+        _text(last_words), tuple(requests),
     )
 
 
@@ -162,7 +174,7 @@ class Scoreboard:
 
     @classmethod
     def attach(cls, path: str) -> Scoreboard:
-        """Map an existing scoreboard read-only (the CLI, tests)."""
+        """Map an existing scoreboard read-only (tools and tests that watch a running server)."""
         fd = os.open(path, os.O_RDONLY)
         try:
             buffer = mmap.mmap(fd, 0, mmap.MAP_SHARED, mmap.PROT_READ)
@@ -196,7 +208,7 @@ class Scoreboard:
     # -- ownership, written by the master only --------------------------------------------------
 
     def assign(self, index: int, now: float) -> None:
-        """Give the slot to a worker about to be forked. The ring head is kept on purpose."""
+        """Give the slot to a worker about to be forked. Ring head and slow count are kept on purpose."""
         start = self.offset(index)
         (generation,) = GENERATION.unpack_from(self.buffer, start)
         GENERATION.pack_into(self.buffer, start, generation + 1)
@@ -205,14 +217,23 @@ class Scoreboard:
         OVERFLOW.pack_into(self.buffer, start + OFF_OVERFLOW, 0)
         SPAWNED.pack_into(self.buffer, start + OFF_SPAWNED, now)
         BOOTED.pack_into(self.buffer, start + OFF_BOOTED, 0.0)
+        EXIT_CODE.pack_into(self.buffer, start + OFF_EXIT_CODE, 0)
+        RSS.pack_into(self.buffer, start + OFF_RSS, 0)
+        LAST_WORDS.pack_into(self.buffer, start + OFF_LAST_WORDS, b"")
         self.buffer[start + SLOT_HEADER_SIZE : self.ring_offset(index)] = bytes(self.entries * ENTRY_SIZE)
         STATE.pack_into(self.buffer, start + OFF_STATE, BOOTING)
 
     def release(self, index: int) -> None:
-        """The worker is gone. Entries stay as they were until the next assign (for the CLI's history)."""
+        """The worker is gone. Its entries stay as they were until the next assign, for post-mortem reads."""
         start = self.offset(index)
         STATE.pack_into(self.buffer, start + OFF_STATE, FREE)
         PID.pack_into(self.buffer, start + OFF_PID, 0)
+
+    def slow(self, index: int) -> int:
+        return int(SLOW.unpack_from(self.buffer, self.offset(index) + OFF_SLOW)[0])
+
+    def set_rss(self, index: int, rss: int) -> None:
+        RSS.pack_into(self.buffer, self.offset(index) + OFF_RSS, rss)
 
     def head(self, index: int) -> int:
         return int(HEAD_CONNS.unpack_from(self.buffer, self.offset(index) + OFF_HEAD)[0])

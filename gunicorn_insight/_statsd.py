@@ -105,35 +105,47 @@ class StatsdSink:
         self._client, self._resolved_at = client, now
         return client
 
+    def _split(self, dotted: str, tagged: str, tag: str, value: object) -> str:
+        """A value per slot or per cause: a DogStatsD tag when tags are on, else a part of the name."""
+        return self._name(tagged, f"{tag}:{value}") if self._tagged else self._name(dotted.format(value))
+
     def publish(self, facts: Round) -> None:
         client = self._ensure_client()
         if client is None:
             return
         pipe = client.pipeline()
-        name = self._name
         if self._send_requests:
-            total = facts.total_requests
-            if total:
-                pipe.incr(name("gunicorn.requests"), total)
-            by_status: dict[int, int] = {}
-            for (_method, status), count in facts.requests.items():
-                by_status[status] = by_status.get(status, 0) + count
-            for status, count in sorted(by_status.items()):
-                pipe.incr(name(f"gunicorn.request.status.{status or 'unknown'}"), count)
-            duration = name("gunicorn.request.duration")
-            for durations in facts.durations.values():
-                for seconds in durations:
-                    pipe.timing(duration, seconds * 1000.0)
+            self._request_lines(pipe, facts)
+        name, split = self._name, self._split
+        if facts.slow:
+            pipe.incr(name("gunicorn.slow_requests"), facts.slow)
+        for cause, count in sorted(facts.exits.items()):
+            pipe.incr(split("gunicorn.worker.exit.{}", "gunicorn.worker.exit", "cause", cause), count)
         pipe.gauge(name("gunicorn.workers"), facts.workers)
         pipe.gauge(name("gunicorn.requests_in_flight"), facts.in_flight)
         pipe.gauge(name("gunicorn.connections"), facts.total_connections)
         pipe.gauge(name("gunicorn.worker.connections_limit"), self._limit)
         for slot, connections in sorted(facts.connections.items()):
-            if self._tagged:
-                pipe.gauge(name("gunicorn.worker.connections", f"worker:{slot}"), connections)
-            else:
-                pipe.gauge(name(f"gunicorn.worker.{slot}.connections"), connections)
+            pipe.gauge(split("gunicorn.worker.{}.connections", "gunicorn.worker.connections", "worker", slot),
+                       connections)
+            pipe.gauge(split("gunicorn.worker.{}.memory", "gunicorn.worker.memory", "worker", slot),
+                       facts.memory.get(slot, 0))
         pipe.send()
+
+    def _request_lines(self, pipe: Any, facts: Round) -> None:
+        name = self._name
+        total = facts.total_requests
+        if total:
+            pipe.incr(name("gunicorn.requests"), total)
+        by_status: dict[int, int] = {}
+        for (_method, status), count in facts.requests.items():
+            by_status[status] = by_status.get(status, 0) + count
+        for status, count in sorted(by_status.items()):
+            pipe.incr(name(f"gunicorn.request.status.{status or 'unknown'}"), count)
+        duration = name("gunicorn.request.duration")
+        for durations in facts.durations.values():
+            for seconds in durations:
+                pipe.timing(duration, seconds * 1000.0)
 
     def close(self) -> None:
         if self._client is not None:

@@ -76,6 +76,8 @@ class Settings:
     """Send per-worker StatsD values as DogStatsD tags. Unset: on when gunicorn's ``dogstatsd_tags`` is."""
     interval: float = 0.5
     """Seconds between two rounds of the master's exporter (StatsD flush, gauges, dead-worker merge)."""
+    slow_request_timeout: float | None = None
+    """Log a request running longer than this, with its stack. Unset: 0.8 x gunicorn's timeout; 0: off."""
 
     def __post_init__(self) -> None:
         validators: dict[str, Callable[[Any], Any]] = {
@@ -87,6 +89,7 @@ class Settings:
             "max_workers": _check_max_workers,
             "dogstatsd": _check_optional_bool("dogstatsd"),
             "interval": _check_interval,
+            "slow_request_timeout": _check_slow_request_timeout,
         }
         for name, check in validators.items():
             object.__setattr__(self, name, check(getattr(self, name)))
@@ -245,4 +248,15 @@ def _check_interval(value: Any) -> float:
     number = _to_float("interval", value)
     if not 0.05 <= number <= 60:
         raise ConfigurationError(f"interval={value!r} must be between 0.05 and 60 seconds")
+    return number
+
+
+def _check_slow_request_timeout(value: Any) -> float | None:
+    if value is None:
+        return None
+    number = _to_float("slow_request_timeout", value)
+    if number < 0:
+        raise ConfigurationError(
+            f"slow_request_timeout={value!r} is negative; give seconds, or 0 to turn the slow-request log off"
+        )
     return number

@@ -98,14 +98,15 @@ def test_dead_worker_files_are_folded_without_changing_totals(tmp_path: Path) ->
         sink = PrometheusSink(directory, (0.1, 1.0), 1)
         for pid in (101, 102, 103):
             sink.forget_process(pid)
-        print(sorted(os.path.basename(p) for p in glob.glob(directory + "/*.db") if "_archive" in p or "_10" in p))
+        print(sorted(os.path.basename(p).replace(f"-{os.getpid()}", "-PID")
+                     for p in glob.glob(directory + "/*.db") if "_archive" in p or "_10" in p))
         text = generate_latest(make_registry(directory, sink.files_lock)).decode()
         for line in text.splitlines():
             if line.startswith("app_"):
                 print(line)
     """
     out = run_python(code, tmp_path)
-    assert "'counter_archive.db', 'gauge_max_archive.db', 'histogram_archive.db'" in out
+    assert "'counter_archive-PID.db', 'gauge_max_archive-PID.db', 'histogram_archive-PID.db'" in out
     assert "_101" not in out.splitlines()[0]
     assert "app_hits_total 9.0" in out
     assert 'app_size_bucket{le="1.0"} 1.0' in out

@@ -117,11 +117,13 @@ def clean_environment(extra: Mapping[str, str | None] | None = None) -> dict[str
     return env
 
 
-def gunicorn_argv(*args: str) -> list[str]:
-    argv = [sys.executable, "-m", "gunicorn", *args]
+def gunicorn_argv(*args: str, script: bool = False) -> list[str]:
+    """``python -m gunicorn``, or the console script: USR2 re-executes argv, and re-running gunicorn's
+    __main__.py by path puts gunicorn's own ``http`` package in front of the standard library's."""
+    command = [str(Path(sys.executable).parent / "gunicorn")] if script else [sys.executable, "-m", "gunicorn"]
     if GUNICORN_VERSION >= (24, 0):
-        argv.insert(3, "--no-control-socket")  # gunicorn >= 24 shares one control socket path per user
-    return argv
+        command.append("--no-control-socket")  # gunicorn >= 24 shares one control socket path per user
+    return [*command, *args]
 
 
 def start_gunicorn(
@@ -136,6 +138,7 @@ def start_gunicorn(
     cwd: Path = EXAMPLES,
     metrics: bool = True,
     wait: bool = True,
+    script: bool = False,
 ) -> Gunicorn:
     """gunicorn on a free port with the plugin; waits until every worker has booted."""
     port = free_port()
@@ -144,7 +147,7 @@ def start_gunicorn(
     extra.update(env or {})
     argv = gunicorn_argv(
         "-c", config, "-b", f"127.0.0.1:{port}", "-w", str(workers), "-k", worker_class, "--chdir", str(cwd),
-        "--graceful-timeout", "5", *args, app,
+        "--graceful-timeout", "5", *args, app, script=script,
     )
     process = process_factory(argv, env=clean_environment(extra), cwd=cwd, name="gunicorn")
     if not wait:

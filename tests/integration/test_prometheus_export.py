@@ -15,7 +15,8 @@ def test_prometheus_server_sees_the_exact_request_count(
     worker_class: str, process_factory: ProcessFactory, prometheus_factory: PrometheusFactory
 ) -> None:
     """A real Prometheus scraping the embedded /metrics answers PromQL with exactly the requests sent."""
-    server = start_gunicorn(process_factory, worker_class=worker_class, args=["--threads", "4"])
+    threads = ["--threads", "4"] if worker_class == "gthread" else []  # --threads turns sync into gthread
+    server = start_gunicorn(process_factory, worker_class=worker_class, args=threads)
     for _ in range(30):
         assert server.get("/") == 200
     for _ in range(7):

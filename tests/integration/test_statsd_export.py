@@ -23,8 +23,9 @@ def test_statsd_daemon_gets_exact_counts_and_timings(
 ) -> None:
     """Every request is one count and one timer at the real daemon; per-worker gauges keep separate names."""
     host, port = statsd_daemon.udp_address
+    threads = ["--threads", "3"] if worker_class == "gthread" else []  # --threads turns sync into gthread
     server = start_gunicorn(process_factory, worker_class=worker_class, metrics=False,
-                            env={"GUNICORN_INSIGHT_STATSD": f"{host}:{port}"}, args=["--threads", "3"])
+                            env={"GUNICORN_INSIGHT_STATSD": f"{host}:{port}"}, args=threads)
     for _ in range(25):
         assert server.get("/") == 200
     for _ in range(3):

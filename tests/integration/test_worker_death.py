@@ -1,78 +1,161 @@
-"""WORKER TIMEOUT names the request: the master reads the dead worker's slot, whatever killed it."""
+"""Every worker exit classified and counted; the request in flight and its stack named, whatever the cause."""
 
 from __future__ import annotations
 
 import contextlib
 import http.client
+import os
+import re
+import signal
 import threading
 
 import pytest
-from harness import Gunicorn, start_gunicorn
-from servers import ProcessFactory
+from harness import APPS, Gunicorn, start_gunicorn
+from servers import ProcessFactory, StatsdDaemon, wait_until
 
-NAMED = (
-    r"gunicorn-insight: worker pid=(?P<pid>\d+) slot=(?P<slot>\d+) died while serving "
-    r"GET (?P<path>\S+) from 127\.0\.0\.1:\d+, in flight for (?P<elapsed>[\d.]+)s; (?P<why>.*)$"
+EXITED = (
+    r"gunicorn-insight: worker exited pid=(?P<pid>\d+) slot=(?P<slot>\d+) cause=(?P<cause>\w+) "
+    r'detail="(?P<detail>[^"]*)" uptime=(?P<uptime>[\d.]+)s served=(?P<served>\d+) rss=(?P<rss>\S+) '
+    r'request=(?:"(?P<method>\S+) (?P<path>\S+)" client=(?P<client>\S+) elapsed=(?P<elapsed>[\d.]+)s '
+    r'thread=(?P<thread>\d+)|none)(?: stack="(?P<stack>[^"]*)")?$'
 )
+SLOW = r'gunicorn-insight: slow request pid=(?P<pid>\d+) slot=\d+ request="GET (?P<path>\S+)" elapsed=[\d.]+s'
 
 
 def fire_and_forget(server: Gunicorn, path: str) -> threading.Thread:
-    """Send a request whose answer we do not wait for (the worker will die serving it)."""
+    """Send a request whose answer we do not wait for (the worker may die serving it)."""
 
     def send() -> None:
         with contextlib.suppress(OSError, http.client.HTTPException):  # the connection dies with the worker
-            server.get(path, timeout=30)
+            server.get(path, timeout=60)
 
     thread = threading.Thread(target=send, daemon=True)
     thread.start()
     return thread
 
 
+def exits(server: Gunicorn, cause: str) -> float:
+    return server.total("gunicorn_worker_exits_total", cause=cause)
+
+
 @pytest.mark.oldest
 def test_request_stuck_in_c_code_is_named_after_sigkill(process_factory: ProcessFactory) -> None:
-    """A sync worker stuck in C never runs its abort handler; it is SIGKILLed and still the request is named."""
+    """Sync worker stuck in C: the watchdog logs its stack first, then SIGKILL is classified timeout_kill."""
     server = start_gunicorn(process_factory, workers=1, args=["--timeout", "2"])
     fire_and_forget(server, "/stuck-c?token=hunter2")
-    match = server.process.wait_for_log(NAMED, timeout=30)
+    slow = server.process.wait_for_log(SLOW, timeout=30)
+    match = server.process.wait_for_log(EXITED, timeout=30)
     output = server.process.output()
-    assert "SIGKILL" in output  # gunicorn's own line: the handler could not run
-    assert match["path"] == "/stuck-c?<redacted>"
+    assert "SIGKILL" in output
+    assert match["cause"] == "timeout_kill"
+    assert (match["path"], slow["path"]) == ("/stuck-c?<redacted>", "/stuck-c?<redacted>")
     assert float(match["elapsed"]) >= 2
-    assert "WORKER TIMEOUT" in match["why"]
+    assert "no stack" in match["stack"]
+    assert "pbkdf2_hmac" in output[slow.end():match.start()]  # the stack, taken before the kill
     assert "hunter2" not in output
+    server.wait_for_value("gunicorn_worker_exits_total", 1, cause="timeout_kill")
+    server.wait_for_value("gunicorn_slow_requests_total", 1)
 
 
 @pytest.mark.oldest
-def test_request_stuck_in_python_is_named_after_abort(process_factory: ProcessFactory) -> None:
-    """A sync worker stuck in Python gets SIGABRT; its request is kept visible through post_request and named."""
-    server = start_gunicorn(process_factory, workers=1, args=["--timeout", "2"])
+def test_request_stuck_in_python_is_aborted_with_its_stack(process_factory: ProcessFactory) -> None:
+    """Sync worker stuck in Python: worker_abort writes the stack signal-safely; cause is timeout."""
+    server = start_gunicorn(process_factory, workers=1, args=["--timeout", "2"],
+                            env={"GUNICORN_INSIGHT_SLOW_REQUEST_TIMEOUT": "0"})
     fire_and_forget(server, "/stuck")
-    match = server.process.wait_for_log(NAMED, timeout=30)
+    header = server.process.wait_for_log(r"worker pid=\d+ aborted \(WORKER TIMEOUT\) while serving GET /stuck; stack:",
+                                         timeout=30)
+    match = server.process.wait_for_log(EXITED, timeout=30)
+    assert match["cause"] == "timeout"
     assert match["path"] == "/stuck"
-    assert "WORKER TIMEOUT" in match["why"]
-    assert "SIGKILL" not in server.process.output()
+    assert re.search(r'File "[^"]*examples/app.py", line \d+ in app', server.process.output()[header.end():])
+    assert "slow request" not in server.process.output()  # slow_request_timeout=0 turned the watchdog off
+    server.wait_for_value("gunicorn_worker_exits_total", 1, cause="timeout")
 
 
-def test_externally_killed_worker_names_its_request(process_factory: ProcessFactory) -> None:
-    """kill -9 from outside (an OOM killer, an operator) still leaves a line naming the request."""
-    import os
-    import signal
+def test_gthread_stuck_thread_is_reported_not_killed(process_factory: ProcessFactory) -> None:
+    """gthread never times out a stuck thread: the watchdog logs it once with the app's frame, and counts it."""
+    server = start_gunicorn(process_factory, worker_class="gthread", workers=1, args=["--threads", "2"],
+                            env={"GUNICORN_INSIGHT_SLOW_REQUEST_TIMEOUT": "1"})
+    fire_and_forget(server, "/stuck")
+    slow = server.process.wait_for_log(SLOW, timeout=30)
+    assert slow["path"] == "/stuck"
+    assert re.search(r'File "[^"]*examples/app.py", line \d+, in app', server.process.output()[slow.end():])
+    server.wait_for_value("gunicorn_slow_requests_total", 1)
+    assert server.get("/") == 200  # the other thread still serves
+    assert server.process.output().count("slow request") == 1
+    assert "worker exited" not in server.process.output()
 
+
+def test_gevent_stuck_greenlet_stack_and_timeout(process_factory: ProcessFactory) -> None:
+    """gevent: a real thread reports the stuck greenlet's stack; gunicorn's abort is classified timeout."""
+    server = start_gunicorn(process_factory, worker_class="gevent", workers=1, args=["--timeout", "3"],
+                            env={"GUNICORN_INSIGHT_SLOW_REQUEST_TIMEOUT": "1"})
+    fire_and_forget(server, "/stuck")
+    slow = server.process.wait_for_log(SLOW + r" greenlet=0x[0-9a-f]+", timeout=30)
+    assert re.search(r"in app\n", server.process.output()[slow.end():])
+    match = server.process.wait_for_log(EXITED, timeout=30)
+    assert match["cause"] in ("timeout", "timeout_kill")
+    assert match["path"] == "/stuck"
+    server.wait_for_value("gunicorn_slow_requests_total", 1)
+
+
+def test_external_kill_of_a_busy_worker(process_factory: ProcessFactory) -> None:
+    """kill -9 from outside: cause killed, no OOM claimed without the cgroup's word, the request named."""
     server = start_gunicorn(process_factory, workers=1)
-    fire_and_forget(server, "/slow?s=20")
+    fire_and_forget(server, "/slow?s=30")
     server.wait_for_value("gunicorn_requests_in_flight", 1)
     (pid,) = server.worker_pids()
     os.kill(pid, signal.SIGKILL)
-    match = server.process.wait_for_log(NAMED, timeout=30)
-    assert (int(match["pid"]), match["path"]) == (pid, "/slow?<redacted>")
-    assert "exited or was killed" in match["why"]
+    match = server.process.wait_for_log(EXITED, timeout=30)
+    assert (int(match["pid"]), match["cause"], match["path"]) == (pid, "killed", "/slow?<redacted>")
+    assert "from outside gunicorn (OOM killer not confirmed" in match["detail"]
+    assert match["rss"].endswith("MiB")
+    server.wait_for_value("gunicorn_worker_exits_total", 1, cause="killed")
 
 
-def test_idle_worker_death_is_not_reported_as_a_request(process_factory: ProcessFactory) -> None:
-    """A worker recycled between requests (max_requests) produces no 'died while serving' line."""
+def test_max_requests_recycling_is_counted_quietly(process_factory: ProcessFactory) -> None:
+    """Workers recycled by max_requests are counted under max_requests and log no death line."""
     server = start_gunicorn(process_factory, workers=1, args=["--max-requests", "1"])
     for _ in range(3):
         assert server.get("/") == 200
-    server.wait_for_value("gunicorn_requests_total", 3)
-    server.wait_for_workers(1)
-    assert "died while serving" not in server.process.output()
+    server.wait_for_value("gunicorn_worker_exits_total", 3, cause="max_requests")
+    assert "worker exited" not in server.process.output()
+
+
+def test_worker_exiting_non_zero_is_a_crash(process_factory: ProcessFactory) -> None:
+    """A worker process that exits with a code (os._exit) is a crash with that code, its request named."""
+    server = start_gunicorn(process_factory, workers=1)
+    fire_and_forget(server, "/exit?code=7")
+    match = server.process.wait_for_log(EXITED, timeout=30)
+    assert (match["cause"], match["path"]) == ("crash", "/exit?<redacted>")
+    assert "exited with code 7" in match["detail"]
+    server.wait_for_value("gunicorn_worker_exits_total", 1, cause="crash")
+
+
+def test_graceful_shutdown_is_not_an_incident(process_factory: ProcessFactory, statsd_daemon: StatsdDaemon) -> None:
+    """TERM to the master: every worker exit is counted graceful, in the last round, with no death line."""
+    host, port = statsd_daemon.udp_address
+    server = start_gunicorn(process_factory, workers=2, metrics=False,
+                            env={"GUNICORN_INSIGHT_STATSD": f"{host}:{port}"})
+    server.process.stop()
+    assert statsd_daemon.counters().get("gunicorn.worker.exit.graceful") == 2
+    assert "worker exited" not in server.process.output()
+
+
+@pytest.mark.oldest
+def test_app_failing_at_import_is_a_boot_failure(process_factory: ProcessFactory, statsd_daemon: StatsdDaemon) -> None:
+    """An import error: one line with the exception's summary and the hint, counted boot_failure at StatsD."""
+    host, port = statsd_daemon.udp_address
+    server = start_gunicorn(process_factory, app="broken_app:app", cwd=APPS, workers=1, metrics=False, wait=False,
+                            env={"GUNICORN_INSIGHT_STATSD": f"{host}:{port}"})
+    assert server.process.wait(timeout=60) != 0
+    output = server.process.output()
+    assert re.search(r"gunicorn-insight: worker pid=\d+ could not load the application: RuntimeError: "
+                     r"DATABASE_URL is not set\. gunicorn shows the traceback only with --log-level debug", output)
+    assert "second line" not in output.split("could not load the application")[1].splitlines()[0]
+    match = re.search(EXITED, output, re.MULTILINE)
+    assert match is not None
+    assert match["cause"] == "boot_failure"
+    wait_until(lambda: statsd_daemon.counters().get("gunicorn.worker.exit.boot_failure") == 1, timeout=10,
+               what="the boot failure counted at StatsD", dump=statsd_daemon.dump)

@@ -1,0 +1,171 @@
+"""The worker's monitor thread: slow requests with their stacks, a blocked asyncio loop, live connections.
+
+gunicorn never times out a stuck gthread request (the main loop keeps the heartbeat fresh), and a sync
+worker stuck in C code is SIGKILLed before any handler runs. A thread of our own sees both in time: every
+tick it looks at the requests in flight and, for each that has run past ``slow_request_timeout``, logs the
+request and the stack of the thread (or greenlet) serving it, once, like PHP-FPM's slowlog. Nothing is
+killed. With nothing slow a tick costs one dict copy.
+
+It also writes the stack for ``worker_abort``: that runs inside a signal handler, so it uses only
+``os.write`` and ``faulthandler`` (both async-signal-safe) on the error log's file descriptor.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import logging
+import os
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
+
+from ._safety import LOG, report
+from ._worker import RequestRecorder
+
+_MAX_TICK = 1.0
+
+
+def error_log_fd() -> int:
+    """The file descriptor gunicorn's error log writes to (stderr unless --error-logfile says otherwise)."""
+    for handler in logging.getLogger("gunicorn.error").handlers:
+        stream = getattr(handler, "stream", None)
+        try:
+            if stream is not None:
+                return int(stream.fileno())
+        except (OSError, ValueError, AttributeError):
+            continue
+    return 2
+
+
+def write_abort_stack(fd: int, recorder: RequestRecorder | None, pid: int) -> None:
+    """Signal-handler safe: one os.write for the header, faulthandler for the frames. No locks, no logging."""
+    requests = list(recorder.in_flight.values()) if recorder is not None else []
+    serving = ", ".join(f"{method} {path}" for _, _, _, method, path in requests) or "no request"
+    header = f"gunicorn-insight: worker pid={pid} aborted (WORKER TIMEOUT) while serving {serving}; stack:\n"
+    os.write(fd, header.encode("utf-8", "replace"))
+    faulthandler.dump_traceback(file=fd, all_threads=True)
+
+
+class Monitor:
+    """One per worker process; runs :meth:`tick` every ``interval`` seconds on a real OS thread."""
+
+    def __init__(
+        self,
+        recorder: RequestRecorder,
+        worker: Any,
+        slow_after: float,
+        *,
+        greenlets: bool = False,
+        loop: Any = None,
+    ) -> None:
+        self._recorder = recorder
+        self._worker = worker
+        self._slow_after = slow_after
+        self._greenlets = greenlets
+        self._loop = loop
+        self._reported: set[int] = set()
+        self._loop_beat = time.monotonic()
+        self._loop_blocked_reported = False
+        self._main_thread = threading.main_thread().ident or 0
+        self.interval = min(_MAX_TICK, slow_after / 4) if slow_after > 0 else _MAX_TICK
+
+    def start(self) -> None:
+        start_thread, sleep = _real_threads() if self._greenlets else (_start_daemon, time.sleep)
+        if self._greenlets:
+            self._main_thread = _real_get_ident()
+
+        def run() -> None:
+            while True:
+                sleep(self.interval)
+                try:
+                    self.tick()
+                except Exception as error:
+                    report("the worker's watchdog", error)
+
+        start_thread(run)
+
+    def tick(self) -> None:
+        self._recorder.refresh_connections()
+        if self._slow_after <= 0:
+            return
+        now = time.monotonic()
+        in_flight = self._recorder.in_flight.copy()
+        self._reported &= in_flight.keys()
+        for key, (start, _entry, current, method, path) in in_flight.items():
+            if key not in self._reported and now - start >= self._slow_after:
+                self._reported.add(key)
+                self._recorder.count_slow()
+                self._report_slow(method, path, now - start, current)
+        if self._loop is not None:
+            self._watch_loop(now)
+
+    def _report_slow(self, method: str, path: str, elapsed: float, current: Any) -> None:
+        where, stack = self._stack_of(current)
+        LOG.warning(
+            "gunicorn-insight: slow request pid=%s slot=%s request=\"%s %s\" elapsed=%.1fs %s (not killed; "
+            "threshold slow_request_timeout=%ss); stack, most recent call last:\n%s",
+            os.getpid(), self._recorder.slot, method, path, elapsed, where, _plain(self._slow_after), stack,
+        )
+
+    def _stack_of(self, current: Any) -> tuple[str, str]:
+        frames = sys._current_frames()
+        if self._loop is not None:
+            return "task=asyncio", "  (an asyncio task has no thread of its own; a blocked loop is reported apart)\n"
+        if self._greenlets:
+            frame = getattr(current, "gr_frame", None)
+            if frame is None:  # the greenlet is the one running: its frames are the main thread's
+                frame = frames.get(self._main_thread)
+            return f"greenlet={id(current):#x}", _format(frame)
+        return f"thread={current}", _format(frames.get(current))
+
+    def _watch_loop(self, now: float) -> None:
+        loop = self._loop
+        if loop.is_closed():
+            return
+        loop.call_soon_threadsafe(self._beat)
+        blocked_for = now - self._loop_beat
+        if blocked_for < self._slow_after:
+            self._loop_blocked_reported = False
+        elif not self._loop_blocked_reported:
+            self._loop_blocked_reported = True
+            LOG.warning(
+                "gunicorn-insight: event loop blocked pid=%s slot=%s for %.1fs (no callback ran; every request "
+                "of this worker waits); loop thread stack, most recent call last:\n%s",
+                os.getpid(), self._recorder.slot, blocked_for, _format(sys._current_frames().get(self._main_thread)),
+            )
+
+    def _beat(self) -> None:
+        self._loop_beat = time.monotonic()
+
+
+def _format(frame: FrameType | None) -> str:
+    if frame is None:
+        return "  (no Python frame: the thread has finished or is outside Python)\n"
+    return "".join(traceback.format_stack(frame))
+
+
+def _plain(number: float) -> str:
+    return f"{number:g}"
+
+
+def _start_daemon(target: Callable[[], None]) -> None:
+    threading.Thread(target=target, name="gunicorn-insight-watchdog", daemon=True).start()
+
+
+def _real_threads() -> tuple[Callable[[Callable[[], None]], None], Callable[[float], None]]:
+    """gevent patches threading into greenlets; a watchdog must be a real thread to see a stuck hub."""
+    from gevent import monkey
+
+    start_new_thread = monkey.get_original("_thread", "start_new_thread")
+    sleep = monkey.get_original("time", "sleep")
+    return (lambda target: start_new_thread(target, ())), sleep
+
+
+def _real_get_ident() -> int:
+    from gevent import monkey
+
+    return int(monkey.get_original("_thread", "get_ident")())

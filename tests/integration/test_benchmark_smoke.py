@@ -1,0 +1,58 @@
+"""The benchmark command (benchmarks/bench.py) still runs end to end; its numbers are not judged here."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY_ROWS = ["sync:both", "ref:gunicorn-statsd"]
+TINY_RESTARTS = [0, 20]
+MODES = ["gunicorn-insight", "plain prometheus_client"]
+PER_ROW = (
+    "bare_cpu_us_per_request", "instrumented_cpu_us_per_request", "bare_rps", "instrumented_rps", "cpu_ratio",
+    "throughput_ratio",
+)
+
+
+def test_tiny_benchmark_reports_every_row_and_the_scrape_section(tmp_path: Path) -> None:
+    """`bench.py --tiny` exits 0 with JSON holding both tiny rows (positive numbers) and every scrape point."""
+    argv = [sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--tiny", "--json", str(tmp_path / "r.json")]
+    plotting = importlib.util.find_spec("matplotlib") is not None  # without it the benchmark skips the plot
+    if plotting:
+        argv += ["--plot", str(tmp_path / "p.png")]
+    bench = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        output, _ = bench.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        # SIGTERM, not SIGKILL: the benchmark then stops the gunicorn process groups it started.
+        bench.send_signal(signal.SIGTERM)
+        output, _ = bench.communicate(timeout=60)
+        raise AssertionError(f"bench.py --tiny did not finish in 240 s\n{output}") from None
+    assert bench.returncode == 0, output
+
+    report = json.loads((tmp_path / "r.json").read_text())
+    rows = {row["row"]: row for row in report["rows"]}
+    assert list(rows) == TINY_ROWS, output
+    for name, row in rows.items():
+        assert row["pairs"] == 1, (name, row)
+        for key in PER_ROW:
+            assert row[key]["median"] > 0, (name, key, row[key])
+    assert report["memory"]["rss_kib_bare_median"] > 0
+    assert report["memory"]["rss_kib_instrumented_median"] > 0
+
+    points = report["scrape"]["points"]
+    assert [(point["mode"], point["target_restarts"]) for point in points] == [
+        (mode, target) for mode in MODES for target in TINY_RESTARTS
+    ]
+    for point in points:
+        assert point["restarts"] >= point["target_restarts"], point
+        assert point["db_files"] > 0, point
+        assert point["response_bytes"] > 0, point
+        assert point["scrape_ms"]["median"] > 0, point
+    if plotting:
+        assert (tmp_path / "p.png").stat().st_size > 0

@@ -1,0 +1,117 @@
+"""Exit classification: one cause per worker exit from the marks, gunicorn's reap line and the cgroup."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from gunicorn_insight import _scoreboard as sb
+from gunicorn_insight._forensics import OomCounter, ReapWatcher, classify
+
+BLANK = sb.SlotView(0, 1, 42, sb.READY, 0, 0, 0, 0, 0, 1.0, 2.0, 0, 0, 0, "", ())
+
+
+def view(flags: int = 0, exit_code: int = 0, last_words: str = "") -> sb.SlotView:
+    return replace(BLANK, flags=flags, exit_code=exit_code, last_words=last_words)
+
+
+EXITED = sb.FLAG_EXITED
+
+
+@pytest.mark.parametrize(
+    ("slot", "aborted", "signal", "exit_code", "oom", "cause"),
+    [
+        (view(sb.FLAG_ABORT_HANDLER | EXITED, 1), True, None, 1, False, "timeout"),
+        (view(sb.FLAG_ABORT_HANDLER), True, "SIGKILL", None, False, "timeout"),  # gevent: handler ran, then KILL
+        (view(), True, "SIGKILL", None, False, "timeout_kill"),
+        (view(), False, "SIGKILL", None, False, "killed"),
+        (view(), False, "SIGKILL", None, True, "killed"),
+        (view(), False, "SIGSEGV", None, False, "signal"),
+        (view(EXITED, 255), False, None, 255, False, "crash"),
+        (view(), False, None, 7, False, "crash"),
+        (view(EXITED | sb.FLAG_MAX_REQUESTS), False, None, None, False, "max_requests"),
+        (view(EXITED), False, None, None, False, "graceful"),
+        (view(), False, "SIGTERM", None, False, "graceful"),
+        (view(EXITED | sb.FLAG_BOOT_FAILED, 3, "ImportError: no app"), False, None, 3, False, "boot_failure"),
+    ],
+)
+def test_each_exit_gets_one_cause(
+    slot: sb.SlotView, aborted: bool, signal: str | None, exit_code: int | None, oom: bool, cause: str
+) -> None:
+    """The decision table: marks first, then gunicorn's abort flag, then its reap line."""
+    assert classify(slot, aborted=aborted, signal=signal, exit_code=exit_code, oom=oom).cause == cause
+
+
+def test_oom_is_only_claimed_when_confirmed() -> None:
+    """'OOM killer' appears only with the cgroup's confirmation; otherwise 'from outside gunicorn'."""
+    confirmed = classify(view(), aborted=False, signal="SIGKILL", exit_code=None, oom=True)
+    unconfirmed = classify(view(), aborted=False, signal="SIGKILL", exit_code=None, oom=False)
+    assert "OOM killer (the cgroup's oom_kill count rose)" in confirmed.detail
+    assert "not confirmed" in unconfirmed.detail
+
+
+def test_boot_failure_carries_the_exception_summary() -> None:
+    """The worker's last words (the boot exception) are the detail of a boot_failure."""
+    verdict = classify(view(EXITED | sb.FLAG_BOOT_FAILED, 3, "RuntimeError: no DB"), aborted=False, signal=None,
+                       exit_code=3, oom=False)
+    assert verdict.detail == "could not load the application: RuntimeError: no DB"
+
+
+@pytest.mark.parametrize(
+    ("message", "args"),
+    [
+        ("Worker (pid:%s) was sent %s!", (123, "SIGKILL")),  # gunicorn 27
+        ("Worker (pid:123) was sent SIGKILL! Perhaps out of memory?", ()),  # gunicorn 23 formats first
+    ],
+)
+def test_reap_watcher_reads_both_gunicorn_styles(message: str, args: tuple[object, ...]) -> None:
+    """The reap line is understood whether gunicorn passes arguments or pre-formats the message."""
+    watcher = ReapWatcher()
+    record = logging.LogRecord("gunicorn.error", logging.ERROR, __file__, 1, message, args, None)
+    assert watcher.filter(record)
+    assert watcher.take(123) == ("SIGKILL", None)
+    assert watcher.take(123) == (None, None)
+
+
+def test_reap_watcher_reads_exit_codes() -> None:
+    """'exited with code N' gives the exit status gunicorn does not pass to child_exit."""
+    watcher = ReapWatcher()
+    watcher.filter(logging.LogRecord("g", logging.ERROR, __file__, 1, "Worker (pid:%s) exited with code %s.",
+                                     (9, 7), None))
+    assert watcher.take(9) == (None, 7)
+
+
+def test_oom_counter_reads_cgroup_v2(tmp_path: Path) -> None:
+    """memory.events' oom_kill counter rising between two reads confirms an OOM kill."""
+    proc = tmp_path / "cgroup"
+    proc.write_text("0::/app.slice\n")
+    events = tmp_path / "root" / "app.slice" / "memory.events"
+    events.parent.mkdir(parents=True)
+    events.write_text("low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n")
+    counter = OomCounter(str(proc), str(tmp_path / "root"))
+    assert not counter.confirmed()
+    events.write_text("low 0\nhigh 0\nmax 4\noom 2\noom_kill 2\n")
+    assert counter.confirmed()
+    assert not counter.confirmed()
+
+
+def test_oom_counter_reads_cgroup_v1(tmp_path: Path) -> None:
+    """cgroup v1 keeps the count in memory.oom_control."""
+    proc = tmp_path / "cgroup"
+    proc.write_text("5:cpu:/x\n4:memory:/docker/abc\n")
+    control = tmp_path / "root" / "memory" / "docker" / "abc" / "memory.oom_control"
+    control.parent.mkdir(parents=True)
+    control.write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 0\n")
+    counter = OomCounter(str(proc), str(tmp_path / "root"))
+    control.write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 5\n")
+    assert counter.confirmed()
+
+
+def test_no_cgroup_means_never_confirmed(tmp_path: Path) -> None:
+    """Without a readable cgroup the counter never claims an OOM kill."""
+    counter = OomCounter(str(tmp_path / "missing"), str(tmp_path))
+    assert counter.path is None
+    assert not counter.confirmed()
