@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Callable, MutableMapping
 from typing import Any
 
@@ -169,8 +170,34 @@ def on_starting(server: Any) -> None:
         return
     _master.CURRENT = master
     logging.getLogger("gunicorn.error").addFilter(master.reaps)
+    try:
+        master.status.write_server(_describe(server, master))
+    except Exception as error:
+        report("writing server.json", error)
     master.start()
     _announce(master)
+
+
+def _describe(server: Any, master: _master.Master) -> dict[str, Any]:
+    """What a tool needs to find and label this server (see gunicorn_insight._status)."""
+    cfg = server.cfg
+    plan = master.plan
+    return {
+        "master_pid": master.pid,
+        "proc_name": getattr(cfg, "proc_name", None) or "gunicorn",
+        "started": time.time(),
+        "binds": list(getattr(cfg, "bind", []) or []),
+        "pidfile": getattr(cfg, "pidfile", None),
+        "worker_class": plan.worker_kind,
+        "workers": getattr(cfg, "workers", None),
+        "threads": getattr(cfg, "threads", None),
+        "worker_connections": plan.connections_limit,
+        "timeout": getattr(cfg, "timeout", None),
+        "scoreboard": master.board.path,
+        "prometheus_dir": plan.prometheus_dir,
+        "metrics_url": master.http.url if master.http is not None else None,
+        "statsd": repr(plan.statsd_target) if plan.statsd_target is not None else None,
+    }
 
 
 def _announce(master: _master.Master) -> None:

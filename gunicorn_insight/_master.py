@@ -29,6 +29,7 @@ from ._http import MetricsServer
 from ._prometheus import PrometheusSink, make_registry
 from ._safety import LOG, report
 from ._statsd import StatsdSink
+from ._status import StatusFiles
 from .settings import Settings
 
 SLOT_ATTRIBUTE = "_gunicorn_insight_slot"
@@ -171,6 +172,7 @@ class Master:
         self.in_child = False
         self.reaps = ReapWatcher()
         self._oom = OomCounter()
+        self.status = StatusFiles(run_dir)
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
@@ -216,6 +218,10 @@ class Master:
                     sink.publish(facts)
                 except Exception as error:
                     report(f"{type(sink).__name__}.publish", error)
+            try:
+                self.status.write_round(facts, {})
+            except Exception as error:
+                report("writing status.json", error)
 
     # -- slots (gunicorn's main thread) ---------------------------------------------------------
 
@@ -252,16 +258,22 @@ class Master:
         signal, exit_code = self.reaps.take(death.pid)
         verdict = classify(view, aborted=death.aborted, signal=signal, exit_code=exit_code,
                            oom=signal == "SIGKILL" and not death.aborted and self._oom.confirmed())
-        if verdict.cause in EXPECTED and not view.requests:
+        uptime = death.at - view.spawned if view.spawned else 0.0
+        oldest = view.requests[0] if view.requests else None
+        self.status.record_exit(
+            pid=death.pid, slot=death.slot, cause=verdict.cause, detail=verdict.detail, uptime=round(uptime, 3),
+            served=view.served, rss=view.rss,
+            request=None if oldest is None else f"{oldest.method} {oldest.path}",
+            elapsed=None if oldest is None else round(death.at - oldest.started, 3),
+        )
+        if verdict.cause in EXPECTED and oldest is None:
             return verdict.cause
         request = "none"
-        if view.requests:
-            oldest = view.requests[0]
+        if oldest is not None:
             others = len(view.requests) - 1 + view.overflow
             request = (f'"{oldest.method} {oldest.path}" client={oldest.client} '
                        f"elapsed={death.at - oldest.started:.1f}s thread={oldest.thread}"
                        + (f" more_in_flight={others}" if others else ""))
-        uptime = death.at - view.spawned if view.spawned else 0.0
         LOG.error(
             'gunicorn-insight: worker exited pid=%s slot=%s cause=%s detail="%s" uptime=%.1fs served=%d rss=%s '
             "request=%s%s",

@@ -1,0 +1,56 @@
+"""Files next to the scoreboard that let tools find a running server and read the master's own facts.
+
+``server.json`` is written once when the master starts; ``status.json`` after every round (atomically,
+by rename, on tmpfs). Per-worker facts stay in the scoreboard itself; these files hold what only the
+master knows: the listen backlog, totals, and the recent worker exits with their causes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import deque
+from typing import Any
+
+from ._drain import Round
+
+SERVER_FILE = "server.json"
+STATUS_FILE = "status.json"
+FORMAT = 1
+RECENT_EXITS = 20
+
+
+def write_json(path: str, payload: dict[str, Any]) -> None:
+    temporary = f"{path}.{os.getpid()}.tmp"
+    with open(temporary, "w") as handle:
+        json.dump(payload, handle, separators=(",", ":"))
+    os.replace(temporary, path)
+
+
+class StatusFiles:
+    def __init__(self, run_dir: str) -> None:
+        self.run_dir = run_dir
+        self.exits: deque[dict[str, Any]] = deque(maxlen=RECENT_EXITS)
+
+    def write_server(self, description: dict[str, Any]) -> None:
+        write_json(os.path.join(self.run_dir, SERVER_FILE), {"format": FORMAT, **description})
+
+    def record_exit(self, **fields: Any) -> None:
+        self.exits.append({"time": time.time(), **fields})
+
+    def write_round(self, facts: Round, extra: dict[str, Any]) -> None:
+        write_json(
+            os.path.join(self.run_dir, STATUS_FILE),
+            {
+                "format": FORMAT,
+                "time": time.time(),
+                "monotonic": facts.at,
+                "workers": facts.workers,
+                "in_flight": facts.in_flight,
+                "connections": facts.total_connections,
+                "lost_requests": facts.lost,
+                "recent_exits": list(self.exits),
+                **extra,
+            },
+        )
