@@ -5,28 +5,47 @@ This is the single place where a number is computed: the StatsD and Prometheus s
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from math import isnan
 
 from . import _scoreboard as sb
+from ._safety import RateLimitedLog
 
 
 @dataclass(slots=True)
 class Round:
     """What happened since the previous round (counts, durations) and how things are now (gauges)."""
 
-    requests: Counter[tuple[str, int]] = field(default_factory=Counter)
-    """(method, status) -> requests finished this round."""
-    durations: dict[str, list[float]] = field(default_factory=dict)
-    """method -> durations in seconds of the requests finished this round."""
+    requests: Counter[tuple[str, int, str]] = field(default_factory=Counter)
+    """(method, status, route) -> requests finished this round; route is "" without route labels."""
+    durations: dict[tuple[str, str], list[float]] = field(default_factory=dict)
+    """(method, route) -> durations in seconds of the requests finished this round."""
+    queue_times: list[float] = field(default_factory=list)
+    """Seconds each request waited before a worker picked it up (from X-Request-Start), this round."""
+    queue_invalid: int = 0
+    """Requests whose X-Request-Start could not be right (garbage, future, clock skew), this round."""
     lost: int = 0
     """Records overwritten before they were read (a ring lapped between two rounds)."""
     workers: int = 0
+    busy_workers: int = 0
+    capacity: int = 0
+    """Requests the live workers can run at once (filled in by the master, which knows the worker class)."""
     in_flight: int = 0
+    waiting: int = 0
+    """gthread: connections accepted but waiting for a free thread."""
     connections: dict[int, int] = field(default_factory=dict)
     """slot -> open connections, for every slot that has ever had a worker (0 once it is gone)."""
+    busy_seconds: dict[int, float] = field(default_factory=dict)
+    """slot -> request-seconds ever spent by its workers, including requests still running (a counter)."""
+    cpu_seconds: dict[int, float] = field(default_factory=dict)
+    """slot -> CPU seconds (user + system) ever used by its workers (a counter)."""
+    listeners: dict[str, tuple[int, int]] = field(default_factory=dict)
+    """listener -> (connections waiting in the accept queue, the queue's limit) (filled in by the master)."""
+    listen_overflows: int = 0
     memory: dict[int, int] = field(default_factory=dict)
     """slot -> resident bytes of its live worker, read from /proc by the master this round."""
     slow: int = 0
@@ -62,50 +81,131 @@ def resident_bytes(pid: int) -> int:
 class Drainer:
     """Keeps a read cursor per slot; each :meth:`collect` returns what is new since the last one."""
 
-    def __init__(self, board: sb.Scoreboard) -> None:
+    def __init__(self, board: sb.Scoreboard, max_routes: int = 0) -> None:
         self._board = board
-        self._cursors = [board.head(index) for index in range(board.slots)]
-        self._slow_cursors = [board.slow(index) for index in range(board.slots)]
+        slots = range(board.slots)
+        self._cursors = [board.head(index) for index in slots]
+        self._slow_cursors = [board.slow(index) for index in slots]
         self._seen: set[int] = set()
+        self._completed = [0.0 for _ in slots]
+        self._busy = [0.0 for _ in slots]
+        self._cpu_base = [0.0 for _ in slots]
+        self._cpu_pid = [0 for _ in slots]
+        self._cpu_last = [0.0 for _ in slots]
+        self._route_names: list[list[str]] = [[] for _ in slots]
+        self._labels: set[str] = set()
+        self._max_routes = max_routes
 
     def collect(self) -> Round:
         board = self._board
         result = Round(at=time.monotonic())
-        requests = result.requests
-        durations = result.durations
-        methods = sb.METHODS
         for index in range(board.slots):
-            head = board.head(index)
-            cursor = self._cursors[index]
-            if head != cursor:
-                if head - cursor > board.ring:
-                    result.lost += head - cursor - board.ring
-                    cursor = head - board.ring
-                for duration, _queue, status, method, _route in board.read_ring(index, cursor, head):
-                    name = methods[method] if method < len(methods) else "other"
-                    requests[name, status] += 1
-                    bucket = durations.get(name)
-                    if bucket is None:
-                        bucket = durations[name] = []
-                    bucket.append(duration)
-                self._cursors[index] = head
+            self._drain_ring(index, result)
             slow = board.slow(index)
             result.slow += slow - self._slow_cursors[index]
             self._slow_cursors[index] = slow
             if board.buffer[board.offset(index) + sb.OFF_STATE] == sb.FREE:
                 if index in self._seen:
-                    result.connections[index] = 0
+                    self._departed(index, result)
                 continue
             view = board.read(index)
-            if view.state != sb.FREE:
-                self._seen.add(index)
-                result.workers += 1
-                result.in_flight += view.in_flight
-                result.slots.append(view)
-                rss = resident_bytes(view.pid)
-                if rss:
-                    board.set_rss(index, rss)
-                    result.memory[index] = rss
-            if index in self._seen:
-                result.connections[index] = view.connections_now if view.state != sb.FREE else 0
+            if view.state == sb.FREE:
+                self._departed(index, result)
+                continue
+            self._seen.add(index)
+            result.workers += 1
+            result.in_flight += view.in_flight
+            result.waiting += view.waiting
+            result.busy_workers += 1 if view.in_flight else 0
+            result.slots.append(view)
+            result.connections[index] = view.connections_now
+            running = sum(result.at - request.started for request in view.requests)
+            result.busy_seconds[index] = self._busy[index] = max(self._busy[index], self._completed[index] + running)
+            rss = resident_bytes(view.pid)
+            if rss:
+                board.set_rss(index, rss)
+                result.memory[index] = rss
+            result.cpu_seconds[index] = self._cpu(index, view.pid)
         return result
+
+    def _drain_ring(self, index: int, result: Round) -> None:
+        board = self._board
+        head = board.head(index)
+        cursor = self._cursors[index]
+        if head == cursor:
+            return
+        if head - cursor > board.ring:
+            result.lost += head - cursor - board.ring
+            cursor = head - board.ring
+        requests, durations, queue_times = result.requests, result.durations, result.queue_times
+        methods = sb.METHODS
+        completed = 0.0
+        for duration, queue, status, method, route in board.read_ring(index, cursor, head):
+            name = methods[method] if method < len(methods) else "other"
+            label = self._route_label(index, route) if route else ""
+            requests[name, status, label] += 1
+            bucket = durations.get((name, label))
+            if bucket is None:
+                bucket = durations[name, label] = []
+            bucket.append(duration)
+            completed += duration
+            if not isnan(queue):  # the request carried a queue-start header
+                if queue >= 0:
+                    queue_times.append(queue)
+                else:
+                    result.queue_invalid += 1
+        self._completed[index] += completed
+        self._cursors[index] = head
+
+    def _departed(self, index: int, result: Round) -> None:
+        """A slot without a live worker keeps its counters and reports no connections."""
+        result.connections[index] = 0
+        result.busy_seconds[index] = self._busy[index] = max(self._busy[index], self._completed[index])
+        result.cpu_seconds[index] = self._cpu_base[index] + self._cpu_last[index]
+
+    def _cpu(self, index: int, pid: int) -> float:
+        if pid != self._cpu_pid[index]:
+            # A new worker in the slot: what its predecessor used stays in the slot's counter.
+            self._cpu_base[index] += self._cpu_last[index]
+            self._cpu_pid[index], self._cpu_last[index] = pid, 0.0
+        used = cpu_seconds(pid)
+        if used is not None:
+            self._cpu_last[index] = max(self._cpu_last[index], used)
+        return self._cpu_base[index] + self._cpu_last[index]
+
+    def _route_label(self, index: int, number: int) -> str:
+        names = self._route_names[index]
+        if number > len(names) and number != sb.OVER_ROUTE_CAP:
+            names.extend(self._board.route_names(index, len(names)))
+        if number > len(names):  # past the worker's own table (OVER_ROUTE_CAP), or never written
+            return self._over_cap("a route the worker could not store")
+        name = names[number - 1]
+        if name not in self._labels:
+            if len(self._labels) >= self._max_routes:
+                return self._over_cap(repr(name))
+            self._labels.add(name)
+        return name
+
+    def _over_cap(self, example: str) -> str:
+        ROUTE_CAP_WARNING("route-cap", logging.WARNING,
+                          f"more than max_routes={self._max_routes} distinct routes; the rest are counted as "
+                          f"route=\"{OTHER_ROUTE}\" (e.g. {example}). Raise GUNICORN_INSIGHT_MAX_ROUTES if "
+                          "these are real templates, or check that the resolver returns templates, not raw paths")
+        return OTHER_ROUTE
+
+
+OTHER_ROUTE = "other"
+ROUTE_CAP_WARNING = RateLimitedLog(period=3600.0)
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """utime + stime of a process from /proc/<pid>/stat; None when it is gone."""
+    if not pid:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            fields = handle.read().rsplit(b")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _TICKS
+    except (OSError, ValueError, IndexError):
+        return None

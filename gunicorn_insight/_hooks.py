@@ -21,6 +21,7 @@ from typing import Any
 
 from . import _master, _prometheus
 from . import _scoreboard as sb
+from ._routes import hook_frameworks
 from ._safety import LOG, report
 from ._watchdog import Monitor, error_log_fd, write_abort_stack
 from ._worker import RequestRecorder, summarize
@@ -170,6 +171,7 @@ def on_starting(server: Any) -> None:
         return
     _master.CURRENT = master
     logging.getLogger("gunicorn.error").addFilter(master.reaps)
+    master.watch_listeners(lambda: list(server.LISTENERS))
     try:
         master.status.write_server(_describe(server, master))
     except Exception as error:
@@ -272,7 +274,7 @@ def post_fork(server: Any, worker: Any) -> None:
         if master is None or slot is None or STATE.settings is None:
             return
         current = _greenlet_getcurrent() if master.plan.worker_kind == "gevent" else threading.get_ident
-        STATE.recorder = RequestRecorder(master.board, slot, worker, STATE.settings.redact_query, current)
+        STATE.recorder = RequestRecorder(master.board, slot, worker, master.plan.recorder, current)
     except Exception as error:
         report("post_fork", error)
 
@@ -285,6 +287,8 @@ def post_worker_init(worker: Any) -> None:
             return
         recorder.booted()
         STATE.error_fd = error_log_fd()
+        if master.plan.recorder.routes:
+            hook_frameworks()
         slow_after = master.plan.slow_request_timeout
         if slow_after > 0 or hasattr(worker, "nr_conns"):
             Monitor(recorder, worker, slow_after, greenlets=master.plan.worker_kind == "gevent",
@@ -306,7 +310,7 @@ def post_request(worker: Any, req: Any, environ: Any, resp: Any) -> None:
     recorder = STATE.recorder
     if recorder is not None:
         try:
-            recorder.finished(req, resp)
+            recorder.finished(req, environ, resp)
         except Exception as error:
             report("post_request", error)
 

@@ -19,10 +19,12 @@ import os
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from . import _scoreboard as sb
+from ._backlog import backlog, listen_overflows
 from ._drain import Drainer, Round
 from ._forensics import EXPECTED, OomCounter, ReapWatcher, classify
 from ._http import MetricsServer
@@ -30,6 +32,7 @@ from ._prometheus import PrometheusSink, make_registry
 from ._safety import LOG, report
 from ._statsd import StatsdSink
 from ._status import StatusFiles
+from ._worker import RecorderOptions
 from .settings import Settings
 
 SLOT_ATTRIBUTE = "_gunicorn_insight_slot"
@@ -59,6 +62,9 @@ class Plan:
     slow_request_timeout: float
     successor: bool
     """Started by gunicorn's USR2 upgrade while the previous master still runs."""
+    recorder: RecorderOptions
+    per_worker_capacity: int
+    """Requests one worker runs at once: 1 (sync), threads (gthread), worker_connections (async)."""
 
     @classmethod
     def resolve(cls, settings: Settings, cfg: Any, prometheus_dir: str | None) -> Plan:
@@ -88,6 +94,15 @@ class Plan:
             prometheus_dir=prometheus_dir,
             slow_request_timeout=_slow_after(settings, cfg),
             successor="GUNICORN_PID" in os.environ,
+            recorder=RecorderOptions(
+                redact_query=settings.redact_query,
+                queue_time=settings.queue_time,
+                exclude_paths=frozenset(settings.exclude_paths),
+                routes=settings.route_label,
+                route_resolver=settings.route_resolver,
+                access_log_atoms=settings.access_log_atoms,
+            ),
+            per_worker_capacity=1 if kind == "sync" else threads if kind == "gthread" else worker_connections,
         )
 
 
@@ -139,21 +154,25 @@ class Master:
         self.plan = plan
         self.pid = os.getpid()
         self.board = sb.Scoreboard.create(
-            os.path.join(run_dir, "scoreboard"), plan.slots, plan.entries, RING_RECORDS, self.pid
+            os.path.join(run_dir, "scoreboard"), plan.slots, plan.entries, RING_RECORDS, master_pid=self.pid,
+            routes=plan.settings.max_routes if plan.settings.route_label else 0,
         )
         self._free_slots = list(range(plan.slots))
         self._deaths: deque[Death] = deque()
         self._round_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._drainer = Drainer(self.board)
+        self._drainer = Drainer(self.board, plan.settings.max_routes)
+        self._listeners: Callable[[], list[Any]] = list
+        self._overflows = listen_overflows()
         self._sinks: list[Sink] = []
         self.prometheus: PrometheusSink | None = None
         self.statsd: StatsdSink | None = None
         self.http: MetricsServer | None = None
         settings = plan.settings
         if plan.prometheus_dir is not None:
-            self.prometheus = PrometheusSink(plan.prometheus_dir, settings.buckets, plan.connections_limit)
+            self.prometheus = PrometheusSink(plan.prometheus_dir, settings.buckets, plan.connections_limit,
+                                             routes=settings.route_label)
             self._sinks.append(self.prometheus)
             if settings.serves_metrics:
                 registry = make_registry(plan.prometheus_dir, self.prometheus.files_lock)
@@ -204,6 +223,8 @@ class Master:
         with self._round_lock:
             try:
                 facts = self._drainer.collect()
+                facts.capacity = facts.workers * self.plan.per_worker_capacity
+                self._sample_listeners(facts)
             except Exception as error:
                 report("reading the scoreboard", error)
                 return
@@ -222,6 +243,21 @@ class Master:
                 self.status.write_round(facts, {})
             except Exception as error:
                 report("writing status.json", error)
+
+    def watch_listeners(self, listeners: Callable[[], list[Any]]) -> None:
+        """gunicorn's listening sockets, re-read every round (a HUP can replace them)."""
+        self._listeners = listeners
+
+    def _sample_listeners(self, facts: Round) -> None:
+        for listener in self._listeners():
+            sock = getattr(listener, "sock", None)
+            measured = backlog(sock) if sock is not None else None
+            if measured is not None:
+                facts.listeners[str(listener)] = measured
+        overflows = listen_overflows()
+        if overflows is not None and self._overflows is not None:
+            facts.listen_overflows = max(0, overflows - self._overflows)
+        self._overflows = overflows
 
     # -- slots (gunicorn's main thread) ---------------------------------------------------------
 

@@ -98,10 +98,13 @@ def make_registry(directory: str, lock: threading.Lock) -> CollectorRegistry:
     return registry
 
 
+QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
 class _Family:
     """One metric as prometheus_client's multiprocess files store it: a file prefix and a key per sample."""
 
-    def __init__(self, file_prefix: str, name: str, documentation: str, labelnames: tuple[str, ...]) -> None:
+    def __init__(self, file_prefix: str, name: str, documentation: str, labelnames: tuple[str, ...] = ()) -> None:
         self.file_prefix = file_prefix
         self.name = name
         self.documentation = documentation
@@ -120,6 +123,25 @@ class _Family:
         return key
 
 
+def _counter(name: str, documentation: str, labelnames: tuple[str, ...] = ()) -> _Family:
+    return _Family("counter", name, documentation, labelnames)
+
+
+def _gauge(name: str, documentation: str, labelnames: tuple[str, ...] = ()) -> _Family:
+    # livesum: the master is the only writer, and its file goes away with it like a live gauge should.
+    return _Family("gauge_livesum", name, documentation, labelnames)
+
+
+class _Histogram(_Family):
+    def __init__(self, name: str, documentation: str, labelnames: tuple[str, ...], bounds: tuple[float, ...]) -> None:
+        from prometheus_client.utils import floatToGoString
+
+        super().__init__("histogram", name, documentation, labelnames)
+        self.bounds = bounds
+        self.les = (*(floatToGoString(bound) for bound in bounds), "+Inf")
+        self.seen: set[tuple[str, ...]] = set()
+
+
 class PrometheusSink:
     """Writes each round into the master's own multiprocess files, in prometheus_client's format.
 
@@ -129,40 +151,60 @@ class PrometheusSink:
     each worker's pid).
     """
 
-    def __init__(self, directory: str, buckets: tuple[float, ...], connections_limit: int) -> None:
-        from prometheus_client.utils import floatToGoString
-
+    def __init__(
+        self, directory: str, buckets: tuple[float, ...], connections_limit: int, *, routes: bool = False
+    ) -> None:
         self.directory = directory
         self.files_lock = threading.Lock()
         self._pid = os.getpid()
         self._archives: dict[str, tuple[Any, set[str]]] = {}
         self._files: dict[str, Any] = {}
         self._totals: dict[tuple[str, str], float] = {}
-        self._bounds = buckets
-        self._histogram_labels: set[tuple[str, ...]] = set()
-        self._les = (*(floatToGoString(bound) for bound in buckets), "+Inf")
-        self._requests = _Family("counter", "gunicorn_requests", "Requests finished, by method and status.",
-                                 ("method", "status"))
-        self._duration = _Family("histogram", "gunicorn_request_duration_seconds",
-                                 "Time from pre_request to post_request, by method.", ("method",))
-        self._lost = _Family("counter", "gunicorn_insight_lost_requests",
-                             "Finished requests the master could not read in time (a ring wrapped); stays 0.", ())
-        self._in_flight = _Family("gauge_livesum", "gunicorn_requests_in_flight", "Requests being served now.", ())
-        self._workers = _Family("gauge_livesum", "gunicorn_workers", "Live worker processes.", ())
-        self._connections = _Family("gauge_livesum", "gunicorn_worker_connections",
-                                    "Open client connections per worker slot.", ("worker",))
-        self._limit = _Family("gauge_livesum", "gunicorn_worker_connections_limit",
-                              "Connections one worker accepts at most (worker_connections; 1 for sync).", ())
-        self._exits = _Family("counter", "gunicorn_worker_exits", "Worker exits by cause.", ("cause",))
-        self._slow = _Family("counter", "gunicorn_slow_requests",
-                             "Requests that ran past slow_request_timeout (logged with their stack).", ())
-        self._memory = _Family("gauge_livesum", "gunicorn_worker_memory_bytes",
-                               "Resident memory of the worker in each slot.", ("worker",))
-        self._add(self._requests.file_prefix, self._lost.key("_total"), 0)
-        self._add(self._slow.file_prefix, self._slow.key("_total"), 0)
-        for cause in CAUSES:  # present from the start, so rate() and increase() see the first exit
-            self._add(self._exits.file_prefix, self._exits.key("_total", (cause,)), 0)
-        self._set(self._limit.file_prefix, self._limit.key(""), connections_limit)
+        self._routes = routes
+        route = ("route",) if routes else ()
+        self._requests = _counter("gunicorn_requests", "Requests finished, by method and status.",
+                                  ("method", "status", *route))
+        self._duration = _Histogram("gunicorn_request_duration_seconds",
+                                    "Time from pre_request to post_request, by method.", ("method", *route), buckets)
+        self._queue = _Histogram("gunicorn_request_queue_seconds",
+                                 "Time from the proxy's X-Request-Start to a worker picking the request up.", (),
+                                 QUEUE_BUCKETS)
+        self._queue_invalid = _counter("gunicorn_request_queue_invalid",
+                                       "X-Request-Start headers ignored: unparseable, in the future, or too old.")
+        self._lost = _counter("gunicorn_insight_lost_requests",
+                              "Finished requests the master could not read in time (a ring wrapped); stays 0.")
+        self._slow = _counter("gunicorn_slow_requests",
+                              "Requests that ran past slow_request_timeout (logged with their stack).")
+        self._exits = _counter("gunicorn_worker_exits", "Worker exits by cause.", ("cause",))
+        self._busy_seconds = _counter("gunicorn_worker_busy_seconds",
+                                      "Request-seconds spent by the workers of each slot (rate = busy fraction).",
+                                      ("worker",))
+        self._cpu = _counter("gunicorn_worker_cpu_seconds", "CPU seconds (user + system) of each slot's workers.",
+                             ("worker",))
+        self._overflows = _counter("gunicorn_listen_overflows",
+                                   "Connections the kernel dropped because an accept queue was full (whole "
+                                   "network namespace, since gunicorn started).")
+        self._in_flight = _gauge("gunicorn_requests_in_flight", "Requests being served now.")
+        self._workers = _gauge("gunicorn_workers", "Live worker processes.")
+        self._busy = _gauge("gunicorn_workers_busy", "Workers with at least one request in flight.")
+        self._capacity = _gauge("gunicorn_capacity", "Requests the live workers can run at once.")
+        self._waiting = _gauge("gunicorn_requests_waiting",
+                               "gthread: connections accepted, waiting for a free thread.")
+        self._connections = _gauge("gunicorn_worker_connections", "Open client connections per worker slot.",
+                                   ("worker",))
+        self._limit = _gauge("gunicorn_worker_connections_limit",
+                             "Connections one worker accepts at most (worker_connections; 1 for sync).")
+        self._memory = _gauge("gunicorn_worker_memory_bytes", "Resident memory of the worker in each slot.",
+                              ("worker",))
+        self._backlog = _gauge("gunicorn_listen_backlog", "Connections waiting in a listener's accept queue.",
+                               ("listener",))
+        self._backlog_max = _gauge("gunicorn_listen_backlog_max", "The accept queue's limit (backlog, capped "
+                                   "by somaxconn).", ("listener",))
+        for family in (self._lost, self._slow, self._queue_invalid, self._overflows):
+            self._add(family, family.key("_total"), 0)  # present from the start, so rate() sees the first one
+        for cause in CAUSES:
+            self._add(self._exits, self._exits.key("_total", (cause,)), 0)
+        self._set(self._limit, self._limit.key(""), connections_limit)
 
     def _file(self, prefix: str) -> Any:
         mmaped = self._files.get(prefix)
@@ -172,45 +214,58 @@ class PrometheusSink:
             mmaped = self._files[prefix] = MmapedDict(os.path.join(self.directory, f"{prefix}_{self._pid}.db"))
         return mmaped
 
-    def _add(self, prefix: str, key: str, amount: float) -> None:
-        total = self._totals.get((prefix, key), 0.0) + amount
-        self._totals[prefix, key] = total
-        self._file(prefix).write_value(key, total, 0.0)
+    def _add(self, family: _Family, key: str, amount: float) -> None:
+        total = self._totals.get((family.file_prefix, key), 0.0) + amount
+        self._totals[family.file_prefix, key] = total
+        self._file(family.file_prefix).write_value(key, total, 0.0)
 
-    def _set(self, prefix: str, key: str, value: float) -> None:
-        if self._totals.get((prefix, key)) != value:
-            self._totals[prefix, key] = value
-            self._file(prefix).write_value(key, value, 0.0)
+    def _set(self, family: _Family, key: str, value: float) -> None:
+        if self._totals.get((family.file_prefix, key)) != value:
+            self._totals[family.file_prefix, key] = value
+            self._file(family.file_prefix).write_value(key, value, 0.0)
+
+    def _observe(self, histogram: _Histogram, labels: tuple[str, ...], values: list[float]) -> None:
+        """Many observations at once: one write per bucket that changed (multiprocess files keep buckets
+        non-cumulative; the collector adds them up)."""
+        counts = [0] * len(histogram.les)
+        for value in values:
+            counts[bisect_left(histogram.bounds, value)] += 1
+        # Every bucket must exist in the file, or the collector's cumulative sums miss the +Inf bucket.
+        new = labels not in histogram.seen
+        histogram.seen.add(labels)
+        for le, count in zip(histogram.les, counts, strict=True):
+            if count or new:
+                self._add(histogram, histogram.key("_bucket", labels, (("le", le),)), count)
+        self._add(histogram, histogram.key("_sum", labels), sum(values))
 
     def publish(self, facts: Round) -> None:
-        requests, duration = self._requests, self._duration
-        for (method, status), count in facts.requests.items():
-            self._add(requests.file_prefix, requests.key("_total", (method, str(status) if status else "unknown")),
-                      count)
-        bounds = self._bounds
-        for method, durations in facts.durations.items():
-            counts = [0] * (len(bounds) + 1)
-            for seconds in durations:
-                counts[bisect_left(bounds, seconds)] += 1
-            labels = (method,)
-            # Every bucket must exist in the file, or the collector's cumulative sums miss the +Inf bucket.
-            new = labels not in self._histogram_labels
-            self._histogram_labels.add(labels)
-            for le, count in zip(self._les, counts, strict=True):
-                if count or new:
-                    self._add(duration.file_prefix, duration.key("_bucket", labels, (("le", le),)), count)
-            self._add(duration.file_prefix, duration.key("_sum", labels), sum(durations))
-        if facts.lost:
-            self._add(self._lost.file_prefix, self._lost.key("_total"), facts.lost)
-        if facts.slow:
-            self._add(self._slow.file_prefix, self._slow.key("_total"), facts.slow)
+        requests = self._requests
+        for (method, status, route), count in facts.requests.items():
+            labels = (method, str(status) if status else "unknown", *((route or "none",) if self._routes else ()))
+            self._add(requests, requests.key("_total", labels), count)
+        for (method, route), durations in facts.durations.items():
+            self._observe(self._duration, (method, *((route or "none",) if self._routes else ())), durations)
+        if facts.queue_times:
+            self._observe(self._queue, (), facts.queue_times)
+        for family, amount in ((self._queue_invalid, facts.queue_invalid), (self._lost, facts.lost),
+                               (self._slow, facts.slow), (self._overflows, facts.listen_overflows)):
+            if amount:
+                self._add(family, family.key("_total"), amount)
         for cause, count in facts.exits.items():
-            self._add(self._exits.file_prefix, self._exits.key("_total", (cause,)), count)
-        self._set(self._in_flight.file_prefix, self._in_flight.key(""), facts.in_flight)
-        self._set(self._workers.file_prefix, self._workers.key(""), facts.workers)
+            self._add(self._exits, self._exits.key("_total", (cause,)), count)
+        for family, value in ((self._in_flight, facts.in_flight), (self._workers, facts.workers),
+                              (self._busy, facts.busy_workers), (self._capacity, facts.capacity),
+                              (self._waiting, facts.waiting)):
+            self._set(family, family.key(""), value)
         for slot, connections in facts.connections.items():
-            self._set(self._connections.file_prefix, self._connections.key("", (str(slot),)), connections)
-            self._set(self._memory.file_prefix, self._memory.key("", (str(slot),)), facts.memory.get(slot, 0))
+            worker = (str(slot),)
+            self._set(self._connections, self._connections.key("", worker), connections)
+            self._set(self._memory, self._memory.key("", worker), facts.memory.get(slot, 0))
+            self._set(self._busy_seconds, self._busy_seconds.key("_total", worker), facts.busy_seconds.get(slot, 0))
+            self._set(self._cpu, self._cpu.key("_total", worker), facts.cpu_seconds.get(slot, 0))
+        for listener, (queued, limit) in facts.listeners.items():
+            self._set(self._backlog, self._backlog.key("", (listener,)), queued)
+            self._set(self._backlog_max, self._backlog_max.key("", (listener,)), limit)
 
     def forget_process(self, pid: int) -> None:
         """Fold a dead worker's files into the archive files, then delete them."""

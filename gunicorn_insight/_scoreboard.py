@@ -24,10 +24,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 MAGIC = b"GINSIGHT"
-VERSION = 2
+VERSION = 3
 PAGE = mmap.PAGESIZE
 
-HEADER = struct.Struct("<8sIIIII")
+HEADER = struct.Struct("<8sIIIIII")  # magic, version, slots, entries, ring, master pid, routes
 HEADER_SIZE = PAGE  # slots start on page boundaries
 
 # Slot header fields, each at a fixed offset so the hot path can write one field with one call.
@@ -43,18 +43,23 @@ BOOTED = struct.Struct("<d")  # +48: monotonic time the app was loaded (0 while 
 EXIT_CODE = struct.Struct("<i")  # +56: the code the worker passed to sys.exit, when worker_exit ran in it
 SLOW = struct.Struct("<I")  # +60: slow requests reported by the watchdog, ever, in this slot
 RSS = struct.Struct("<Q")  # +64: resident memory in bytes, sampled by the master
+WAITING = struct.Struct("<I")  # +72: gthread: accepted connections waiting for a free thread
+ROUTES_USED = struct.Struct("<I")  # +76: entries filled in this slot's route table (it outlives workers)
 LAST_WORDS = struct.Struct("<128s")  # +128: why the worker is exiting (the boot exception), utf-8
-SLOT_HEADER = struct.Struct("<QIBBxxQIIQddiIQ56x128s")
+SLOT_HEADER = struct.Struct("<QIBBxxQIIQddiIQII48x128s")
 SLOT_HEADER_SIZE = 256
 OFF_PID, OFF_STATE, OFF_FLAGS, OFF_HEAD, OFF_OVERFLOW, OFF_BASE, OFF_SPAWNED, OFF_BOOTED = (
     8, 12, 13, 16, 28, 32, 40, 48,
 )
-OFF_EXIT_CODE, OFF_SLOW, OFF_RSS, OFF_LAST_WORDS = 56, 60, 64, 128
+OFF_EXIT_CODE, OFF_SLOW, OFF_RSS, OFF_WAITING, OFF_ROUTES_USED, OFF_LAST_WORDS = 56, 60, 64, 72, 76, 128
 
 ENTRY = struct.Struct("<B7xdQ8s48s176s")  # in use, start (monotonic), thread, method, client, path
 ENTRY_SIZE = 256
-RING = struct.Struct("<ddHHHxx")  # duration s, queue s (NaN: unknown), status, method, route
+RING = struct.Struct("<ddHHHxx")  # duration s, queue s (NaN: none, negative: invalid), status, method, route
 RING_SIZE = RING.size
+ROUTE = struct.Struct("<64s")  # one route template, utf-8; ring records refer to it as index + 1
+ROUTE_SIZE = ROUTE.size
+NO_ROUTE, OVER_ROUTE_CAP = 0, 0xFFFF
 
 FREE, BOOTING, READY = 0, 1, 2
 STATE_NAMES = {FREE: "free", BOOTING: "booting", READY: "ready"}
@@ -102,6 +107,8 @@ class SlotView:
     exit_code: int
     slow: int
     rss: int
+    waiting: int
+    routes_used: int
     last_words: str
     requests: tuple[InFlight, ...]
 
@@ -128,8 +135,8 @@ def _text(raw: bytes) -> str:
 
 
 def parse_slot(index: int, data: bytes, entries: int) -> SlotView:
-    (generation, pid, state, flags, head, conns, overflow, base, spawned, booted, exit_code, slow, rss,
-     last_words) = SLOT_HEADER.unpack_from(data, 0)
+    (generation, pid, state, flags, head, conns, overflow, base, spawned, booted, exit_code, slow, rss, waiting,
+     routes_used, last_words) = SLOT_HEADER.unpack_from(data, 0)
     requests = []
     for n in range(entries):
         offset = SLOT_HEADER_SIZE + n * ENTRY_SIZE
@@ -139,7 +146,7 @@ def parse_slot(index: int, data: bytes, entries: int) -> SlotView:
     requests.sort(key=lambda r: r.started)
     return SlotView(
         index, generation, pid, state, flags, head, conns, overflow, base, spawned, booted, exit_code, slow, rss,
-        _text(last_words), tuple(requests),
+        waiting, routes_used, _text(last_words), tuple(requests),
     )
 
 
@@ -147,7 +154,7 @@ class Scoreboard:
     """The mapped table. Construct with :meth:`create` (master) or :meth:`attach` (readers)."""
 
     def __init__(self, path: str, buffer: mmap.mmap) -> None:
-        magic, version, slots, entries, ring, master_pid = HEADER.unpack_from(buffer, 0)
+        magic, version, slots, entries, ring, master_pid, routes = HEADER.unpack_from(buffer, 0)
         if magic != MAGIC or version != VERSION:
             raise ValueError(f"{path} is not a gunicorn-insight scoreboard (version {VERSION})")
         self.path = path
@@ -156,20 +163,24 @@ class Scoreboard:
         self.entries: int = entries
         self.ring: int = ring
         self.master_pid: int = master_pid
-        self.slot_size = slot_size(entries, ring)
+        self.routes: int = routes
+        self.slot_size = slot_size(entries, ring, routes)
+        self._entry_flags: list[list[int]] | None = None
 
     @classmethod
-    def create(cls, path: str, slots: int, entries: int, ring: int, master_pid: int) -> Scoreboard:
+    def create(
+        cls, path: str, slots: int, entries: int, ring: int, *, master_pid: int, routes: int = 0
+    ) -> Scoreboard:
         if ring & (ring - 1):
             raise ValueError("ring size must be a power of two")
-        size = HEADER_SIZE + slots * slot_size(entries, ring)
+        size = HEADER_SIZE + slots * slot_size(entries, ring, routes)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             os.ftruncate(fd, size)
             buffer = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
             os.close(fd)
-        HEADER.pack_into(buffer, 0, MAGIC, VERSION, slots, entries, ring, master_pid)
+        HEADER.pack_into(buffer, 0, MAGIC, VERSION, slots, entries, ring, master_pid, routes)
         return cls(path, buffer)
 
     @classmethod
@@ -193,6 +204,19 @@ class Scoreboard:
 
     def ring_offset(self, index: int) -> int:
         return self.offset(index) + SLOT_HEADER_SIZE + self.entries * ENTRY_SIZE
+
+    def routes_offset(self, index: int) -> int:
+        return self.ring_offset(index) + self.ring * RING_SIZE
+
+    def route_names(self, index: int, start: int = 0) -> list[str]:
+        """The slot's route table from entry ``start`` on (only complete entries: ``routes_used`` is
+        published after the entry is written)."""
+        (used,) = ROUTES_USED.unpack_from(self.buffer, self.offset(index) + OFF_ROUTES_USED)
+        base = self.routes_offset(index)
+        return [
+            _text(ROUTE.unpack_from(self.buffer, base + n * ROUTE_SIZE)[0])
+            for n in range(start, min(used, self.routes))
+        ]
 
     def snapshot(self, index: int) -> bytes:
         """Copy the slot's header and entries: a plain memory copy, safe inside a signal handler."""
@@ -219,6 +243,7 @@ class Scoreboard:
         BOOTED.pack_into(self.buffer, start + OFF_BOOTED, 0.0)
         EXIT_CODE.pack_into(self.buffer, start + OFF_EXIT_CODE, 0)
         RSS.pack_into(self.buffer, start + OFF_RSS, 0)
+        WAITING.pack_into(self.buffer, start + OFF_WAITING, 0)
         LAST_WORDS.pack_into(self.buffer, start + OFF_LAST_WORDS, b"")
         self.buffer[start + SLOT_HEADER_SIZE : self.ring_offset(index)] = bytes(self.entries * ENTRY_SIZE)
         STATE.pack_into(self.buffer, start + OFF_STATE, BOOTING)
@@ -234,6 +259,17 @@ class Scoreboard:
 
     def set_rss(self, index: int, rss: int) -> None:
         RSS.pack_into(self.buffer, self.offset(index) + OFF_RSS, rss)
+
+    def busy_workers(self) -> int:
+        """Slots with a request in flight right now, read straight from the entries (no master lag)."""
+        buffer = self.buffer
+        offsets = self._entry_flags
+        if offsets is None:
+            offsets = self._entry_flags = [
+                [self.entries_offset(index) + n * ENTRY_SIZE for n in range(self.entries)]
+                for index in range(self.slots)
+            ]
+        return sum(1 for slot in offsets if any(buffer[offset] for offset in slot))
 
     def head(self, index: int) -> int:
         return int(HEAD_CONNS.unpack_from(self.buffer, self.offset(index) + OFF_HEAD)[0])
@@ -253,8 +289,8 @@ class Scoreboard:
         return RING.iter_unpack(chunk)
 
 
-def slot_size(entries: int, ring: int) -> int:
-    raw = SLOT_HEADER_SIZE + entries * ENTRY_SIZE + ring * RING_SIZE
+def slot_size(entries: int, ring: int, routes: int = 0) -> int:
+    raw = SLOT_HEADER_SIZE + entries * ENTRY_SIZE + ring * RING_SIZE + routes * ROUTE_SIZE
     return -(-raw // PAGE) * PAGE  # whole pages: two workers never write the same page
 
 

@@ -8,6 +8,7 @@ are rate limited instead of a traceback per failed send.
 from __future__ import annotations
 
 import logging
+import re
 import socket
 import time
 from typing import Any
@@ -20,6 +21,12 @@ from ._safety import RateLimitedLog
 MAX_DATAGRAM = 1432
 RESOLVE_EVERY = 60.0
 _WARN = RateLimitedLog()
+_TAG_UNSAFE = re.compile(r"[^A-Za-z0-9_./-]")
+
+
+def clean_tag(value: str) -> str:
+    """Tag values and name parts must not carry the datagram's separators (``,|:#``), spaces or dots' kin."""
+    return _TAG_UNSAFE.sub("_", value)
 
 
 class _Pipeline(statsd.client.udp.Pipeline):  # type: ignore[misc]
@@ -85,6 +92,7 @@ class StatsdSink:
         self._clock = clock
         self._client: _Client | None = None
         self._resolved_at = 0.0
+        self._last_busy: tuple[float, float] | None = None
 
     def _name(self, name: str, tags: str = "") -> str:
         tags = ",".join(filter(None, (tags, self._tags)))
@@ -117,14 +125,29 @@ class StatsdSink:
         if self._send_requests:
             self._request_lines(pipe, facts)
         name, split = self._name, self._split
-        if facts.slow:
-            pipe.incr(name("gunicorn.slow_requests"), facts.slow)
+        for metric, count in (("gunicorn.slow_requests", facts.slow),
+                              ("gunicorn.request.queue_invalid", facts.queue_invalid),
+                              ("gunicorn.listen_overflows", facts.listen_overflows)):
+            if count:
+                pipe.incr(name(metric), count)
+        queue = name("gunicorn.request.queue")
+        for seconds in facts.queue_times:
+            pipe.timing(queue, seconds * 1000.0)
         for cause, count in sorted(facts.exits.items()):
             pipe.incr(split("gunicorn.worker.exit.{}", "gunicorn.worker.exit", "cause", cause), count)
-        pipe.gauge(name("gunicorn.workers"), facts.workers)
-        pipe.gauge(name("gunicorn.requests_in_flight"), facts.in_flight)
-        pipe.gauge(name("gunicorn.connections"), facts.total_connections)
-        pipe.gauge(name("gunicorn.worker.connections_limit"), self._limit)
+        for metric, value in (("gunicorn.workers", facts.workers), ("gunicorn.workers_busy", facts.busy_workers),
+                              ("gunicorn.capacity", facts.capacity), ("gunicorn.requests_in_flight", facts.in_flight),
+                              ("gunicorn.requests_waiting", facts.waiting),
+                              ("gunicorn.connections", facts.total_connections),
+                              ("gunicorn.worker.connections_limit", self._limit),
+                              ("gunicorn.utilization", self._utilization(facts))):
+            pipe.gauge(name(metric), value)
+        for listener, (queued, limit) in sorted(facts.listeners.items()):
+            tag = clean_tag(listener)
+            pipe.gauge(self._name("gunicorn.listen_backlog", f"listener:{tag}") if self._tagged
+                       else name(f"gunicorn.listener.{tag}.backlog"), queued)
+            pipe.gauge(self._name("gunicorn.listen_backlog_max", f"listener:{tag}") if self._tagged
+                       else name(f"gunicorn.listener.{tag}.backlog_max"), limit)
         for slot, connections in sorted(facts.connections.items()):
             pipe.gauge(split("gunicorn.worker.{}.connections", "gunicorn.worker.connections", "worker", slot),
                        connections)
@@ -132,13 +155,30 @@ class StatsdSink:
                        facts.memory.get(slot, 0))
         pipe.send()
 
+    def _utilization(self, facts: Round) -> float:
+        """Busy request-seconds per second of capacity since the last round: the StatsD view of
+        rate(gunicorn_worker_busy_seconds_total) / gunicorn_capacity."""
+        busy = sum(facts.busy_seconds.values())
+        previous, self._last_busy = self._last_busy, (facts.at, busy)
+        if previous is None or not facts.capacity or facts.at <= previous[0]:
+            return 0.0
+        return round(max(0.0, busy - previous[1]) / ((facts.at - previous[0]) * facts.capacity), 4)
+
     def _request_lines(self, pipe: Any, facts: Round) -> None:
         name = self._name
+        if self._tagged:
+            for (method, status, route), count in sorted(facts.requests.items()):
+                pipe.incr(name("gunicorn.requests", self._request_tags(method, status, route)), count)
+            for (method, route), durations in facts.durations.items():
+                timer = name("gunicorn.request.duration", self._request_tags(method, None, route))
+                for seconds in durations:
+                    pipe.timing(timer, seconds * 1000.0)
+            return
         total = facts.total_requests
         if total:
             pipe.incr(name("gunicorn.requests"), total)
         by_status: dict[int, int] = {}
-        for (_method, status), count in facts.requests.items():
+        for (_method, status, _route), count in facts.requests.items():
             by_status[status] = by_status.get(status, 0) + count
         for status, count in sorted(by_status.items()):
             pipe.incr(name(f"gunicorn.request.status.{status or 'unknown'}"), count)
@@ -146,6 +186,15 @@ class StatsdSink:
         for durations in facts.durations.values():
             for seconds in durations:
                 pipe.timing(duration, seconds * 1000.0)
+
+    @staticmethod
+    def _request_tags(method: str, status: int | None, route: str) -> str:
+        tags = [f"method:{clean_tag(method)}"]
+        if status is not None:
+            tags.append(f"status:{status or 'unknown'}")
+        if route:
+            tags.append(f"route:{clean_tag(route)}")
+        return ",".join(tags)
 
     def close(self) -> None:
         if self._client is not None:

@@ -44,7 +44,7 @@ def error_log_fd() -> int:
 def write_abort_stack(fd: int, recorder: RequestRecorder | None, pid: int) -> None:
     """Signal-handler safe: one os.write for the header, faulthandler for the frames. No locks, no logging."""
     requests = list(recorder.in_flight.values()) if recorder is not None else []
-    serving = ", ".join(f"{method} {path}" for _, _, _, method, path in requests) or "no request"
+    serving = ", ".join(f"{request[3]} {request[4]}" for request in requests) or "no request"
     header = f"gunicorn-insight: worker pid={pid} aborted (WORKER TIMEOUT) while serving {serving}; stack:\n"
     os.write(fd, header.encode("utf-8", "replace"))
     faulthandler.dump_traceback(file=fd, all_threads=True)
@@ -95,7 +95,7 @@ class Monitor:
         now = time.monotonic()
         in_flight = self._recorder.in_flight.copy()
         self._reported &= in_flight.keys()
-        for key, (start, _entry, current, method, path) in in_flight.items():
+        for key, (start, _entry, current, method, path, _queue) in in_flight.items():
             if key not in self._reported and now - start >= self._slow_after:
                 self._reported.add(key)
                 self._recorder.count_slow()

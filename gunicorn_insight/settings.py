@@ -8,6 +8,7 @@ configuration when the server starts, never duplicated here.
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 import re
@@ -78,6 +79,19 @@ class Settings:
     """Seconds between two rounds of the master's exporter (StatsD flush, gauges, dead-worker merge)."""
     slow_request_timeout: float | None = None
     """Log a request running longer than this, with its stack. Unset: 0.8 x gunicorn's timeout; 0: off."""
+    queue_time: bool = True
+    """Measure time spent before a worker picked the request up, from X-Request-Start / X-Queue-Start."""
+    exclude_paths: tuple[str, ...] = ()
+    """Exact paths (health checks) left out of every request metric."""
+    route_label: bool = False
+    """Add a ``route`` label (the route template, never the raw path) to request metrics."""
+    route_resolver: Callable[[Any], str | None] | None = None
+    """``callable(environ) -> template``, or ``module:function`` from the environment. Unset: the
+    ``gunicorn_insight.route`` environ key, which Flask apps and the Django middleware fill in."""
+    max_routes: int = 100
+    """Distinct route values at most; more are counted as ``other`` (and warned about once)."""
+    access_log_atoms: bool = False
+    """Add X-Gunicorn-Busy and X-Gunicorn-Queue-Ms request headers for gunicorn's access_log_format."""
 
     def __post_init__(self) -> None:
         validators: dict[str, Callable[[Any], Any]] = {
@@ -90,6 +104,12 @@ class Settings:
             "dogstatsd": _check_optional_bool("dogstatsd"),
             "interval": _check_interval,
             "slow_request_timeout": _check_slow_request_timeout,
+            "queue_time": _check_bool("queue_time"),
+            "exclude_paths": _check_paths,
+            "route_label": _check_bool("route_label"),
+            "route_resolver": _check_resolver,
+            "max_routes": _check_max_routes,
+            "access_log_atoms": _check_bool("access_log_atoms"),
         }
         for name, check in validators.items():
             object.__setattr__(self, name, check(getattr(self, name)))
@@ -177,7 +197,7 @@ def _from_environ(environ: Mapping[str, str], names: Iterable[str]) -> Iterable[
         if not value:
             continue  # an empty variable means "not set", as in most shells' ${VAR:-default} idiom
         name = known[key]
-        yield name, tuple(value.split(",")) if name == "buckets" else value
+        yield name, tuple(value.split(",")) if name in ("buckets", "exclude_paths") else value
 
 
 def _check_optional_str(name: str) -> Callable[[Any], str | None]:
@@ -260,3 +280,40 @@ def _check_slow_request_timeout(value: Any) -> float | None:
             f"slow_request_timeout={value!r} is negative; give seconds, or 0 to turn the slow-request log off"
         )
     return number
+
+
+def _check_paths(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str) or not isinstance(value, Iterable):
+        raise ConfigurationError(f"exclude_paths={value!r} must be a list of paths like /health,/ping")
+    paths = tuple(str(item).strip() for item in value if str(item).strip())
+    bad = [path for path in paths if not path.startswith("/")]
+    if bad:
+        raise ConfigurationError(f"exclude_paths: {bad[0]!r} is not a path; write it as gunicorn sees it, e.g. /health")
+    return paths
+
+
+def _check_max_routes(value: Any) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise ConfigurationError(f"max_routes={value!r} is not an integer") from None
+    if not 1 <= number <= 10000:
+        raise ConfigurationError(f"max_routes={value!r} must be between 1 and 10000 (it bounds label cardinality)")
+    return number
+
+
+def _check_resolver(value: Any) -> Callable[[Any], str | None] | None:
+    if value is None or callable(value):
+        return value  # type: ignore[no-any-return]
+    if not isinstance(value, str) or ":" not in value:
+        raise ConfigurationError(
+            f"route_resolver={value!r} must be a callable(environ) or 'package.module:function'"
+        )
+    module_name, _, attribute = value.partition(":")
+    try:
+        resolver = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as error:
+        raise ConfigurationError(f"route_resolver={value!r} cannot be imported: {error}") from None
+    if not callable(resolver):
+        raise ConfigurationError(f"route_resolver={value!r} is not callable")
+    return resolver  # type: ignore[no-any-return]

@@ -6,11 +6,15 @@ from __future__ import annotations
 class FakeRequest:
     """The attributes of gunicorn's Request that the recorder reads."""
 
-    def __init__(self, method: str = "GET", path: str = "/", query: str = "", peer: object = ("10.1.2.3", 4567)):
+    def __init__(
+        self, method: str = "GET", path: str = "/", query: str = "", peer: object = ("10.1.2.3", 4567),
+        headers: list[tuple[str, str]] | None = None,
+    ) -> None:
         self.method = method
         self.path = path
         self.query = query
         self.peer_addr = peer
+        self.headers = headers if headers is not None else [("HOST", "example.com")]
 
 
 class FakeResponse:

@@ -17,31 +17,31 @@ def serve(rec: RequestRecorder, count: int, method: str = "GET", status: str = "
     for _ in range(count):
         req = FakeRequest(method)
         rec.started(req)
-        rec.finished(req, FakeResponse(status))
+        rec.finished(req, {}, FakeResponse(status))
 
 
 def test_counts_each_request_once(board: sb.Scoreboard) -> None:
     """Requests are counted by (method, status) once: a second collect returns only new ones."""
     drainer = Drainer(board)
     board.assign(0, 0.0)
-    rec = RequestRecorder(board, 0, Worker(), True)
+    rec = RequestRecorder(board, 0, Worker())
     serve(rec, 3)
     serve(rec, 2, "POST", "201 Created")
     first = drainer.collect()
-    assert first.requests == {("GET", 200): 3, ("POST", 201): 2}
-    assert len(first.durations["GET"]) == 3
+    assert first.requests == {("GET", 200, ""): 3, ("POST", 201, ""): 2}
+    assert len(first.durations["GET", ""]) == 3
     serve(rec, 1)
-    assert drainer.collect().requests == {("GET", 200): 1}
+    assert drainer.collect().requests == {("GET", 200, ""): 1}
 
 
 def test_requests_of_a_dead_worker_are_not_lost(board: sb.Scoreboard) -> None:
     """Records written by a worker that died before the next round are still read after its replacement."""
     drainer = Drainer(board)
     board.assign(0, 0.0)
-    serve(RequestRecorder(board, 0, Worker(), True), 2)
+    serve(RequestRecorder(board, 0, Worker()), 2)
     board.release(0)
     board.assign(0, 0.0)
-    serve(RequestRecorder(board, 0, Worker(), True), 1)
+    serve(RequestRecorder(board, 0, Worker()), 1)
     assert drainer.collect().total_requests == 3
 
 
@@ -49,7 +49,7 @@ def test_lapped_ring_is_counted_as_lost(board: sb.Scoreboard) -> None:
     """If more records arrive than the ring holds between rounds, the excess is reported, not invented."""
     drainer = Drainer(board)
     board.assign(0, 0.0)
-    serve(RequestRecorder(board, 0, Worker(), True), 11)  # ring of 8
+    serve(RequestRecorder(board, 0, Worker()), 11)  # ring of 8
     facts = drainer.collect()
     assert (facts.total_requests, facts.lost) == (8, 3)
 
@@ -59,7 +59,7 @@ def test_gauges_track_live_slots_and_zero_departed_ones(board: sb.Scoreboard) ->
     drainer = Drainer(board)
     board.assign(0, 0.0)
     board.assign(1, 0.0)
-    rec = RequestRecorder(board, 1, Worker(), True)
+    rec = RequestRecorder(board, 1, Worker())
     rec.started(FakeRequest())
     facts = drainer.collect()
     assert (facts.workers, facts.in_flight, facts.connections) == (2, 1, {0: 0, 1: 1})

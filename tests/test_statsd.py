@@ -35,8 +35,8 @@ def datagrams(sock: socket.socket) -> list[bytes]:
 
 
 def a_round(requests: int = 3) -> Round:
-    facts = Round(requests=Counter({("GET", 200): requests, ("POST", 500): 1}), workers=2, in_flight=1)
-    facts.durations = {"GET": [0.25] * requests, "POST": [1.0]}
+    facts = Round(requests=Counter({("GET", 200, ""): requests, ("POST", 500, ""): 1}), workers=2, in_flight=1)
+    facts.durations = {("GET", ""): [0.25] * requests, ("POST", ""): [1.0]}
     facts.connections = {0: 1, 1: 0}
     return facts
 
@@ -66,11 +66,13 @@ def test_lines_follow_gunicorn_names(receiver: socket.socket) -> None:
 
 
 def test_dogstatsd_tags_carry_the_worker(receiver: socket.socket) -> None:
-    """With tags on, per-worker values share one name and differ by a worker tag; constant tags follow."""
+    """With tags on, per-worker values share a name and differ by a worker tag; requests carry method/status
+    tags; constant tags follow."""
     make_sink(receiver.getsockname(), tagged=True, constant_tags="env:prod, team:web").publish(a_round())
     lines = b"\n".join(datagrams(receiver)).decode().splitlines()
     assert "gunicorn.worker.connections:1|g|#worker:0,env:prod,team:web" in lines
-    assert "gunicorn.requests:4|c|#env:prod,team:web" in lines
+    assert "gunicorn.requests:3|c|#method:GET,status:200,env:prod,team:web" in lines
+    assert "gunicorn.request.duration:1000.000000|ms|#method:POST,env:prod,team:web" in lines
 
 
 def test_request_metrics_left_to_gunicorn_when_its_statsd_is_on(receiver: socket.socket) -> None:

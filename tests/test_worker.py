@@ -8,7 +8,7 @@ import threading
 from fakes import FakeRequest, FakeResponse
 
 from gunicorn_insight import _scoreboard as sb
-from gunicorn_insight._worker import RequestRecorder, describe_client, status_code
+from gunicorn_insight._worker import RecorderOptions, RequestRecorder, describe_client, status_code
 
 
 class FakeWorker:
@@ -19,9 +19,9 @@ class ThreadWorker:
     nr_conns = 5
 
 
-def recorder(board: sb.Scoreboard, slot: int = 0, worker: object = None, redact: bool = True) -> RequestRecorder:
+def recorder(board: sb.Scoreboard, slot: int = 0, worker: object = None, **options: object) -> RequestRecorder:
     board.assign(slot, now=1.0)
-    return RequestRecorder(board, slot, worker or FakeWorker(), redact_query=redact)
+    return RequestRecorder(board, slot, worker or FakeWorker(), RecorderOptions(**options))  # type: ignore[arg-type]
 
 
 def test_request_in_flight_is_visible_with_redacted_query(board: sb.Scoreboard) -> None:
@@ -36,7 +36,7 @@ def test_request_in_flight_is_visible_with_redacted_query(board: sb.Scoreboard) 
 
 def test_query_kept_when_redaction_is_off(board: sb.Scoreboard) -> None:
     """redact_query=False keeps the query string (the operator's explicit choice)."""
-    rec = recorder(board, redact=False)
+    rec = recorder(board, redact_query=False)
     rec.started(FakeRequest(path="/search", query="q=x"))
     assert board.read(0).requests[0].path == "/search?q=x"
 
@@ -46,7 +46,7 @@ def test_finished_request_lands_in_the_ring(board: sb.Scoreboard) -> None:
     rec = recorder(board)
     req = FakeRequest("DELETE", "/x")
     rec.started(req)
-    rec.finished(req, FakeResponse("404 Not Found"))
+    rec.finished(req, {}, FakeResponse("404 Not Found"))
     view = board.read(0)
     assert view.requests == ()
     assert view.head == 1
@@ -62,7 +62,7 @@ def test_unknown_methods_are_bounded(board: sb.Scoreboard) -> None:
     rec = recorder(board)
     req = FakeRequest("BREW", "/pot")
     rec.started(req)
-    rec.finished(req, FakeResponse("418 I'm a teapot"))
+    rec.finished(req, {}, FakeResponse("418 I'm a teapot"))
     ((_, _, _, method, _),) = board.read_ring(0, 0, 1)
     assert sb.METHODS[method] == "other"
 
@@ -76,7 +76,7 @@ def test_more_requests_than_entries_overflow_without_losing_counts(board: sb.Sco
     view = board.read(0)
     assert (len(view.requests), view.overflow, view.in_flight) == (3, 2, 5)
     for req in requests:
-        rec.finished(req, FakeResponse("200 OK"))
+        rec.finished(req, {}, FakeResponse("200 OK"))
     view = board.read(0)
     assert (view.in_flight, view.head) == (0, 5)
 
@@ -87,7 +87,7 @@ def test_signal_mark_keeps_the_interrupted_request(board: sb.Scoreboard) -> None
     req = FakeRequest(path="/stuck")
     rec.started(req)
     rec.mark(sb.FLAG_ABORT_HANDLER)
-    rec.finished(req, FakeResponse(None))
+    rec.finished(req, {}, FakeResponse(None))
     view = board.read(0)
     assert view.flags & sb.FLAG_ABORT_HANDLER
     assert [r.path for r in view.requests] == ["/stuck"]
@@ -100,7 +100,7 @@ def test_new_worker_continues_the_slot_ring(board: sb.Scoreboard) -> None:
     for _ in range(3):
         req = FakeRequest()
         rec.started(req)
-        rec.finished(req, FakeResponse("200 OK"))
+        rec.finished(req, {}, FakeResponse("200 OK"))
     board.release(0)
     rec = recorder(board)
     view = board.read(0)
@@ -116,7 +116,7 @@ def test_connections_come_from_nr_conns_when_the_worker_has_it(board: sb.Scorebo
     worker.nr_conns = 2
     req = FakeRequest()
     rec.started(req)
-    rec.finished(req, FakeResponse("200 OK"))
+    rec.finished(req, {}, FakeResponse("200 OK"))
     assert board.read(0).connections_now == 2
 
 

@@ -1,0 +1,101 @@
+"""Listen-queue depth of each listening socket, read by the master (Linux).
+
+TCP: ``getsockopt(TCP_INFO)`` on a listening socket reports the accept queue in ``tcpi_unacked`` and its
+limit in ``tcpi_sacked``. Unix sockets: the kernel's sock_diag netlink interface answers, for one socket
+inode, ``UNIX_DIAG_RQLEN`` = (queued connections, limit). Elsewhere the values are simply absent.
+Overflows (connections the kernel dropped because the queue was full) are a TCP counter of the network
+namespace, ``TcpExt: ListenOverflows`` in /proc/net/netstat.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import sys
+
+_TCP_INFO = struct.Struct("8B24I")
+_UNACKED, _SACKED = 8 + 4, 8 + 5  # field positions after the eight one-byte fields
+
+_NETLINK_SOCK_DIAG = 4
+_SOCK_DIAG_BY_FAMILY = 20
+_NLM_F_REQUEST = 1
+_NLMSG_ERROR = 2
+_TCP_LISTEN = 10
+_UDIAG_SHOW_RQLEN = 0x10
+_UNIX_DIAG_RQLEN = 4
+_NLMSGHDR = struct.Struct("=IHHII")
+_UNIX_DIAG_REQ = struct.Struct("=BBHIIIII")  # family, protocol, pad, states, inode, show, cookie[2]
+_UNIX_DIAG_MSG = struct.Struct("=BBBBIII")  # family, type, state, pad, inode, cookie[2]
+_RTATTR = struct.Struct("=HH")
+_NO_COOKIE = 0xFFFFFFFF
+
+
+def tcp_backlog(sock: socket.socket) -> tuple[int, int] | None:
+    if not hasattr(socket, "TCP_INFO"):
+        return None
+    try:
+        info = _TCP_INFO.unpack(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO.size))
+    except (OSError, struct.error):
+        return None
+    return info[_UNACKED], info[_SACKED]
+
+
+def unix_backlog(sock: socket.socket) -> tuple[int, int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        inode = os.fstat(sock.fileno()).st_ino
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_SOCK_DIAG) as netlink:
+            netlink.settimeout(1.0)
+            request = _UNIX_DIAG_REQ.pack(
+                socket.AF_UNIX, 0, 0, 1 << _TCP_LISTEN, inode, _UDIAG_SHOW_RQLEN, _NO_COOKIE, _NO_COOKIE
+            )
+            header = _NLMSGHDR.pack(_NLMSGHDR.size + len(request), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST, 1, 0)
+            netlink.send(header + request)
+            return _parse_unix_diag(netlink.recv(65536))
+    except (OSError, struct.error):
+        return None
+
+
+def _parse_unix_diag(data: bytes) -> tuple[int, int] | None:
+    length, kind, _flags, _seq, _pid = _NLMSGHDR.unpack_from(data, 0)
+    if kind == _NLMSG_ERROR:
+        return None
+    offset = _NLMSGHDR.size + _UNIX_DIAG_MSG.size
+    end = min(length, len(data))
+    while offset + _RTATTR.size <= end:
+        size, attribute = _RTATTR.unpack_from(data, offset)
+        if size < _RTATTR.size:
+            return None
+        if attribute == _UNIX_DIAG_RQLEN:
+            queued, limit = struct.unpack_from("=II", data, offset + _RTATTR.size)
+            return queued, limit
+        offset += (size + 3) & ~3
+    return None
+
+
+def backlog(sock: socket.socket) -> tuple[int, int] | None:
+    """(connections waiting to be accepted, the queue's limit), or None where the platform cannot tell."""
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        return tcp_backlog(sock)
+    if sock.family == socket.AF_UNIX:
+        return unix_backlog(sock)
+    return None
+
+
+def listen_overflows(path: str = "/proc/net/netstat") -> int | None:
+    """The network namespace's count of connections dropped because an accept queue was full."""
+    try:
+        with open(path) as handle:
+            lines = handle.read().splitlines()
+    except OSError:
+        return None
+    for names, values in zip(lines[::2], lines[1::2], strict=False):
+        if names.startswith("TcpExt:"):
+            fields = dict(zip(names.split()[1:], values.split()[1:], strict=False))
+            try:
+                return int(fields["ListenOverflows"])
+            except (KeyError, ValueError):
+                return None
+    return None
