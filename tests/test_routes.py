@@ -1,0 +1,88 @@
+"""Routes: per-slot tables that outlive workers, the cap, and the framework adapters."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from fakes import FakeRequest, FakeResponse
+
+from gunicorn_insight import _scoreboard as sb
+from gunicorn_insight._drain import ROUTE_CAP_WARNING, Drainer
+from gunicorn_insight._routes import ROUTE_KEY
+from gunicorn_insight._worker import RecorderOptions, RequestRecorder
+from gunicorn_insight.django import RouteMiddleware
+
+
+@pytest.fixture
+def routed(tmp_path: object) -> sb.Scoreboard:
+    return sb.Scoreboard.create(f"{tmp_path}/board", slots=2, entries=1, ring=64, master_pid=1, routes=3)
+
+
+def serve(recorder: RequestRecorder, route: str | None, path: str = "/x") -> None:
+    req = FakeRequest(path=path)
+    recorder.started(req)
+    recorder.finished(req, {ROUTE_KEY: route} if route else {"PATH_INFO": path}, FakeResponse("200 OK"))
+
+
+def recorder(board: sb.Scoreboard, slot: int = 0) -> RequestRecorder:
+    board.assign(slot, 0.0)
+    return RequestRecorder(board, slot, object(), RecorderOptions(routes=True))
+
+
+def test_routes_become_labels_and_none_when_unknown(routed: sb.Scoreboard) -> None:
+    """The template is the label; a request without one is counted under an empty route."""
+    drainer = Drainer(routed, max_routes=10)
+    rec = recorder(routed)
+    serve(rec, "/items/<id>")
+    serve(rec, "/items/<id>")
+    serve(rec, None)
+    assert drainer.collect().requests == {
+        ("GET", 200, "/items/<id>"): 2, ("GET", 200, ""): 1,
+    }
+
+
+def test_route_numbers_survive_worker_replacement(routed: sb.Scoreboard) -> None:
+    """A new worker in the slot reuses the table, so records written before the handover still decode."""
+    drainer = Drainer(routed, max_routes=10)
+    serve(recorder(routed), "/a")
+    routed.release(0)
+    rec = recorder(routed)
+    serve(rec, "/b")
+    serve(rec, "/a")
+    assert drainer.collect().requests == {("GET", 200, "/a"): 2, ("GET", 200, "/b"): 1}
+
+
+def test_cap_counts_the_rest_as_other_and_warns_once(
+    routed: sb.Scoreboard, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Past max_routes (per slot table, and across slots) values become 'other' with one warning."""
+    ROUTE_CAP_WARNING._last.clear()
+    drainer = Drainer(routed, max_routes=2)
+    rec = recorder(routed)
+    for n in range(6):
+        serve(rec, f"/r{n}")
+    with caplog.at_level(logging.WARNING, logger="gunicorn.error"):
+        facts = drainer.collect()
+    assert facts.requests[("GET", 200, "other")] == 4
+    assert len({route for _, _, route in facts.requests}) == 3
+    assert caplog.text.count("distinct routes") == 1
+
+
+def test_django_middleware_puts_the_pattern_in_the_environ() -> None:
+    """process_view copies resolver_match.route into the environ, with a leading slash."""
+
+    class Match:
+        route = "items/<int:pk>/"
+
+    class Request:
+        resolver_match = Match()
+
+        def __init__(self) -> None:
+            self.environ: dict[str, str] = {}
+
+    request = Request()
+    middleware = RouteMiddleware(lambda request: "response")
+    assert middleware(request) == "response"
+    middleware.process_view(request, None, (), {})
+    assert request.environ[ROUTE_KEY] == "/items/<int:pk>/"
