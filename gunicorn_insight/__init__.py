@@ -11,7 +11,7 @@ or, with no config file of your own: ``gunicorn -c python:gunicorn_insight.conf 
 from __future__ import annotations
 
 from ._hooks import install
+from ._version import __version__
 from .settings import ConfigurationError, Settings
 
 __all__ = ["ConfigurationError", "Settings", "__version__", "install"]
-__version__ = "0.1.0"

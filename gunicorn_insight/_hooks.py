@@ -23,6 +23,7 @@ from . import _master, _prometheus
 from . import _scoreboard as sb
 from ._routes import hook_frameworks
 from ._safety import LOG, report
+from ._version import __version__
 from ._watchdog import Monitor, error_log_fd, write_abort_stack
 from ._worker import RequestRecorder, summarize
 from .settings import ConfigurationError, Settings
@@ -194,7 +195,11 @@ def _describe(server: Any, master: _master.Master) -> dict[str, Any]:
         "workers": getattr(cfg, "workers", None),
         "threads": getattr(cfg, "threads", None),
         "worker_connections": plan.connections_limit,
+        "per_worker_capacity": plan.per_worker_capacity,
         "timeout": getattr(cfg, "timeout", None),
+        "interval": plan.settings.interval,
+        "version": __version__,
+        "scoreboard_version": sb.VERSION,
         "scoreboard": master.board.path,
         "prometheus_dir": plan.prometheus_dir,
         "metrics_url": master.http.url if master.http is not None else None,

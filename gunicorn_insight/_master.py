@@ -240,7 +240,7 @@ class Master:
                 except Exception as error:
                     report(f"{type(sink).__name__}.publish", error)
             try:
-                self.status.write_round(facts, {})
+                self.status.write_round(facts)
             except Exception as error:
                 report("writing status.json", error)
 

@@ -1,6 +1,6 @@
 """Files next to the scoreboard that let tools find a running server and read the master's own facts.
 
-``server.json`` is written once when the master starts; ``status.json`` after every round (atomically,
+``server.json`` is written once when the master starts; ```status.json`` after every round (atomically,
 by rename, on tmpfs). Per-worker facts stay in the scoreboard itself; these files hold what only the
 master knows: the listen backlog, totals, and the recent worker exits with their causes.
 """
@@ -32,6 +32,7 @@ class StatusFiles:
     def __init__(self, run_dir: str) -> None:
         self.run_dir = run_dir
         self.exits: deque[dict[str, Any]] = deque(maxlen=RECENT_EXITS)
+        self.listen_overflows = 0
 
     def write_server(self, description: dict[str, Any]) -> None:
         write_json(os.path.join(self.run_dir, SERVER_FILE), {"format": FORMAT, **description})
@@ -39,7 +40,8 @@ class StatusFiles:
     def record_exit(self, **fields: Any) -> None:
         self.exits.append({"time": time.time(), **fields})
 
-    def write_round(self, facts: Round, extra: dict[str, Any]) -> None:
+    def write_round(self, facts: Round) -> None:
+        self.listen_overflows += facts.listen_overflows
         write_json(
             os.path.join(self.run_dir, STATUS_FILE),
             {
@@ -47,10 +49,17 @@ class StatusFiles:
                 "time": time.time(),
                 "monotonic": facts.at,
                 "workers": facts.workers,
+                "busy_workers": facts.busy_workers,
                 "in_flight": facts.in_flight,
+                "capacity": facts.capacity,
+                "waiting": facts.waiting,
                 "connections": facts.total_connections,
+                "listeners": [
+                    {"name": name, "backlog": queued, "backlog_max": limit}
+                    for name, (queued, limit) in sorted(facts.listeners.items())
+                ],
+                "listen_overflows": self.listen_overflows,
                 "lost_requests": facts.lost,
                 "recent_exits": list(self.exits),
-                **extra,
             },
         )

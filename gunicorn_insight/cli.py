@@ -1,0 +1,274 @@
+"""The ``gunicorn-insight`` command: ``status``, ``top`` and ``doctor``.
+
+``status`` and ``top`` only read: the scoreboard is mapped read-only and the JSON files are opened for
+reading, so pointing them at a production server cannot disturb it. Exit status: 0 success, 1 nothing to
+show (no server, permission denied, the server went away, doctor found an error), 2 a usage problem
+(including several servers and no selector).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from rich import box
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from . import _discovery, _doctor, _views
+from . import _scoreboard as sb
+from ._discovery import DiscoveryError, Selector, Server
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _selectors(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("choosing the server (default: the only one running)")
+    choice = group.add_mutually_exclusive_group()
+    choice.add_argument("--pid", type=int, help="pid of the master or of one of its workers")
+    choice.add_argument("--pidfile", metavar="PATH", help="gunicorn's pidfile (--pid option of gunicorn)")
+    choice.add_argument("--name", metavar="PROC_NAME", help="gunicorn's proc_name (-n)")
+    choice.add_argument("--prometheus-dir", metavar="DIR", help="the server's Prometheus multiprocess directory")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gunicorn-insight", description="Look inside running gunicorn servers that use gunicorn-insight."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    status = commands.add_parser("status", help="workers, requests in flight and recent exits, once")
+    _selectors(status)
+    status.add_argument("--json", action="store_true", help="print one JSON object (keys: see docs/cli.md)")
+    status.set_defaults(handler=run_status)
+
+    top = commands.add_parser("top", help="the status view, refreshed until Ctrl-C")
+    _selectors(top)
+    top.add_argument("--interval", type=float, default=1.0, metavar="SECONDS", help="seconds between refreshes")
+    top.add_argument("--iterations", type=int, default=None, metavar="N", help="stop after N frames (scripts, tests)")
+    top.set_defaults(handler=run_top)
+
+    doctor = commands.add_parser("doctor", help="check a gunicorn configuration for known trouble")
+    doctor.add_argument("-c", "--config", metavar="CONFIG",
+                        help="gunicorn config file, or python:module (default: as gunicorn picks it)")
+    doctor.add_argument("--worker-memory-mb", type=int, default=_doctor.DEFAULT_WORKER_MEMORY_MB, metavar="MB",
+                        help="memory one worker needs, for the memory check (default %(default)s)")
+    doctor.add_argument("--json", action="store_true", help="print findings as one JSON object")
+    doctor.set_defaults(handler=run_doctor)
+    return parser
+
+
+def _console() -> Console:
+    console = Console(highlight=False)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        # rich assumes 80 columns for pipes and files; logs and scripts are better served by full rows.
+        console.width = 120
+    return console
+
+
+def _error(message: str) -> None:
+    print(f"gunicorn-insight: {message}", file=sys.stderr)
+
+
+def _selector(args: argparse.Namespace) -> Selector:
+    return Selector(pid=args.pid, pidfile=args.pidfile, name=args.name, prometheus_dir=args.prometheus_dir)
+
+
+def _attach(server: Server) -> sb.Scoreboard:
+    """The server's scoreboard, or a DiscoveryError saying why not and what to do."""
+    path = server.scoreboard_path
+    try:
+        return sb.Scoreboard.attach(path)
+    except PermissionError:
+        owner = _discovery.user_name(_owner(path))
+        raise DiscoveryError(
+            f"permission denied reading the scoreboard {path} (owned by {owner}); "
+            f"run as the server's user (sudo -u {owner} gunicorn-insight ...) or as root"
+        ) from None
+    except FileNotFoundError:
+        raise DiscoveryError(
+            f"the scoreboard {path} is gone: the server (pid {server.master_pid}) has just exited"
+        ) from None
+    except ValueError as error:
+        raise DiscoveryError(
+            f"{error}; this gunicorn-insight is a different version from the server's: run the "
+            "gunicorn-insight command from the server's own environment"
+        ) from None
+
+
+def _owner(path: str) -> int:
+    for candidate in (path, os.path.dirname(path)):
+        try:
+            return os.stat(candidate).st_uid
+        except OSError:
+            continue
+    return -1
+
+
+def _open(args: argparse.Namespace) -> tuple[Server, sb.Scoreboard]:
+    server = _discovery.select(_selector(args))
+    return server, _attach(server)
+
+
+def run_status(args: argparse.Namespace) -> int:
+    try:
+        server, board = _open(args)
+    except DiscoveryError as error:
+        _error(str(error))
+        return error.code
+    try:
+        snap = _views.snapshot(_views.take_reading(server, board))
+    finally:
+        board.close()
+    if args.json:
+        print(json.dumps(snap, indent=2))
+    else:
+        _console().print(_views.render(snap))
+    return EXIT_OK
+
+
+def _frame(snap: dict[str, Any], interval: float) -> Group:
+    title = Text(f"gunicorn-insight top  {time.strftime('%H:%M:%S')}  every {interval:g}s  Ctrl-C to quit",
+                 style="reverse")
+    return Group(title, _views.render(snap, max_exits=5))
+
+
+def run_top(args: argparse.Namespace) -> int:
+    if args.interval <= 0:
+        _error(f"--interval {args.interval} must be a positive number of seconds, e.g. --interval 1")
+        return EXIT_USAGE
+    if args.iterations is not None and args.iterations < 1:
+        _error(f"--iterations {args.iterations} must be at least 1 (leave it out to run until Ctrl-C)")
+        return EXIT_USAGE
+    try:
+        server, board = _open(args)
+    except DiscoveryError as error:
+        _error(str(error))
+        return error.code
+    console = _console()
+    try:
+        if console.is_terminal:
+            return _top_live(console, server, board, args)
+        return _top_batch(console, server, board, args)
+    except KeyboardInterrupt:
+        return EXIT_OK  # Ctrl-C is how top is meant to end
+    finally:
+        board.close()
+
+
+def _gone(server: Server) -> str:
+    return f"gunicorn (master pid {server.master_pid}, {server.proc_name}) has exited; nothing left to watch"
+
+
+def _frames(server: Server, board: sb.Scoreboard, args: argparse.Namespace) -> Any:
+    """Snapshots every interval; stops after --iterations, or when the master is gone (yields None)."""
+    count = 0
+    while args.iterations is None or count < args.iterations:
+        if count:
+            time.sleep(args.interval)
+        # The mapping outlives the file, so only the master's pid says whether anyone still writes it.
+        if not _discovery.pid_alive(server.master_pid):
+            yield None
+            return
+        yield _views.snapshot(_views.take_reading(server, board))
+        count += 1
+
+
+def _top_live(console: Console, server: Server, board: sb.Scoreboard, args: argparse.Namespace) -> int:
+    with Live(console=console, auto_refresh=False, screen=False, transient=False) as live:
+        for snap in _frames(server, board, args):
+            if snap is None:
+                live.stop()
+                _error(_gone(server))
+                return EXIT_FAILED
+            live.update(_frame(snap, args.interval), refresh=True)
+    return EXIT_OK
+
+
+def _top_batch(console: Console, server: Server, board: sb.Scoreboard, args: argparse.Namespace) -> int:
+    """No terminal (a pipe, a test): print frame after frame, like top -b, instead of redrawing."""
+    for snap in _frames(server, board, args):
+        if snap is None:
+            _error(_gone(server))
+            return EXIT_FAILED
+        console.print(_frame(snap, args.interval))
+        console.print()
+        console.file.flush()
+    return EXIT_OK
+
+
+_SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
+
+
+def run_doctor(args: argparse.Namespace) -> int:
+    if args.worker_memory_mb <= 0:
+        _error(f"--worker-memory-mb {args.worker_memory_mb} must be a positive number of megabytes")
+        return EXIT_USAGE
+    try:
+        loaded, ctx, findings = _doctor.diagnose(args.config, args.worker_memory_mb)
+    except _doctor.ConfigLoadError as error:
+        _error(str(error))
+        return EXIT_FAILED
+    errors = sum(1 for finding in findings if finding.severity == "error")
+    if args.json:
+        document = {
+            "facts": _doctor.facts(loaded, ctx),
+            "findings": [finding.as_dict() for finding in findings],
+            "errors": errors,
+            "warnings": sum(1 for finding in findings if finding.severity == "warning"),
+        }
+        print(json.dumps(document, indent=2))
+    else:
+        _print_doctor(_console(), _doctor.facts(loaded, ctx), findings)
+    return EXIT_FAILED if errors else EXIT_OK
+
+
+def _print_doctor(console: Console, facts: dict[str, Any], findings: Sequence[_doctor.Finding]) -> None:
+    source = facts["config"] or "no config file (gunicorn defaults)"
+    if facts["gunicorn_cmd_args"]:
+        source += f" + GUNICORN_CMD_ARGS={facts['gunicorn_cmd_args']!r}"
+    console.print(Text(f"config: {source}", style="bold"))
+    memory = facts["mem_available_mb"]
+    console.print(
+        f"{facts['worker_class']} x {facts['workers']} workers, threads {facts['threads']}, "
+        f"timeout {facts['timeout']}s, keepalive {facts['keepalive']}s, backlog {facts['backlog']}; "
+        f"host: {facts['cpus']} CPUs, {'?' if memory is None else memory} MB available, "
+        f"somaxconn {facts['somaxconn'] if facts['somaxconn'] is not None else '?'}"
+    )
+    if not findings:
+        console.print(Text("no problems found", style="green"))
+        return
+    # What, why and fix stacked in one cell: three prose columns side by side read badly in 80 columns.
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_lines=True)
+    table.add_column("severity", no_wrap=True)
+    table.add_column("check", no_wrap=True)
+    table.add_column("finding", overflow="fold")
+    for finding in findings:
+        detail = Text(finding.what, style="bold")
+        detail.append(f"\nwhy: {finding.why}\nfix: {finding.fix}")
+        table.add_row(Text(finding.severity, style=_SEVERITY_STYLE[finding.severity]), finding.check, detail)
+    console.print(table)
+    counts = {severity: sum(1 for f in findings if f.severity == severity) for severity in _doctor.SEVERITIES}
+    console.print(f"{counts['error']} error(s), {counts['warning']} warning(s), {counts['info']} info")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = args.handler
+    try:
+        return int(handler(args))
+    except BrokenPipeError:
+        # `gunicorn-insight status | head`: the reader left; that is not an error worth a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
