@@ -1,0 +1,308 @@
+"""status and top against a fake server: a real scoreboard, a recorder writing a request, JSON files beside it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fakes import FakeRequest
+from rich.console import Console
+
+from gunicorn_insight import _discovery, _views, cli
+from gunicorn_insight import _scoreboard as sb
+from gunicorn_insight._worker import RequestRecorder
+
+
+class FakeWorker:
+    pass
+
+
+class ThreadWorker:
+    nr_conns = 3
+
+
+@dataclass
+class FakeServer:
+    root: Path
+    run_dir: Path
+    board: sb.Scoreboard
+    recorder: RequestRecorder
+
+    def write_status(self, **fields: Any) -> None:
+        status = {"format": 1, "time": time.time(), "workers": 2, "in_flight": 1, "connections": 1,
+                  "recent_exits": [], **fields}
+        (self.run_dir / "status.json").write_text(json.dumps(status))
+
+    def server(self) -> _discovery.Server:
+        (server,) = _discovery.scan([str(self.root)]).servers
+        return server
+
+
+def fake_server(root: Path, *, master_pid: int, worker_class: str = "gthread", threads: int = 4,
+                connections: int = 100) -> FakeServer:
+    run_dir = root / "gunicorn-insight-test"
+    run_dir.mkdir()
+    board = sb.Scoreboard.create(str(run_dir / "scoreboard"), 4, 4, 8, master_pid=master_pid)
+    # Slot 0: a booted gthread-like worker (this process) serving one request; slot 1: still booting.
+    board.assign(0, now=time.monotonic() - 90)
+    recorder = RequestRecorder(board, 0, ThreadWorker())  # default options: the query is redacted
+    recorder.booted()
+    sb.RSS.pack_into(board.buffer, board.offset(0) + sb.OFF_RSS, 50 * 1048576)
+    board.assign(1, now=time.monotonic())
+    server_json = {
+        "format": 1, "master_pid": master_pid, "proc_name": "shop", "started": time.time(),
+        "binds": ["127.0.0.1:8000"], "pidfile": None, "worker_class": worker_class, "workers": 2,
+        "threads": threads, "worker_connections": connections, "timeout": 30, "scoreboard": str(run_dir / "scoreboard"),
+        "prometheus_dir": None, "metrics_url": "http://127.0.0.1:9180/metrics", "statsd": None,
+    }
+    (run_dir / "server.json").write_text(json.dumps(server_json))
+    return FakeServer(root, run_dir, board, recorder)
+
+
+@pytest.fixture
+def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeServer]:
+    """A fake live server (master pid: this process) that the CLI's discovery finds."""
+    fake = fake_server(tmp_path, master_pid=os.getpid())
+    fake.recorder.started(FakeRequest("POST", "/checkout", query="card=4111"))
+    monkeypatch.setattr(_discovery, "search_roots", lambda: [str(tmp_path)])
+    yield fake
+    fake.board.close()
+
+
+def snapshot_of(fake: FakeServer) -> dict[str, Any]:
+    reader = sb.Scoreboard.attach(str(fake.run_dir / "scoreboard"))
+    try:
+        return _views.snapshot(_views.take_reading(fake.server(), reader))
+    finally:
+        reader.close()
+
+
+def rendered(snap: dict[str, Any], width: int = 160) -> str:
+    console = Console(width=width, record=True, file=open(os.devnull, "w"))  # noqa: SIM115 - closed with console
+    console.print(_views.render(snap))
+    text = console.export_text()
+    console.file.close()
+    return text
+
+
+# -- the snapshot ---------------------------------------------------------------------------------------------
+
+
+def test_busy_worker_shows_its_request_and_elapsed_time(server: FakeServer) -> None:
+    """A request in flight makes its worker busy, named by method and redacted path, with elapsed = now - started."""
+    time.sleep(0.05)
+    snap = snapshot_of(server)
+    busy, booting = snap["workers"]
+    assert (busy["slot"], busy["pid"], busy["state"]) == (0, os.getpid(), "busy")
+    (request,) = busy["requests"]
+    assert (request["method"], request["path"], request["client"]) == ("POST", "/checkout?<redacted>", "10.1.2.3:4567")
+    assert 0.05 <= request["elapsed"] < 5
+    assert (busy["connections"], busy["connections_limit"], busy["rss_bytes"]) == (0, 100, 50 * 1048576)
+    assert 89 < busy["age"] < 95
+    assert (booting["state"], booting["pid"], booting["requests"]) == ("booting", None, [])
+
+
+def test_capacity_is_derived_from_the_worker_class_without_status(server: FakeServer) -> None:
+    """Without busy/capacity in status.json: gthread capacity = workers x threads, busy = requests in flight."""
+    totals = snapshot_of(server)["totals"]
+    assert (totals["workers"], totals["booting"], totals["busy"], totals["capacity"], totals["in_flight"],
+            totals["busy_workers"]) == (2, 1, 1, 8, 1, 1)
+
+
+@pytest.mark.parametrize(
+    ("worker_class", "expected"),
+    [("sync", 1), ("gthread", 4), ("gevent", 100), ("asgi", 100)],
+)
+def test_per_worker_capacity_by_worker_class(worker_class: str, expected: int) -> None:
+    """sync serves one request, gthread one per thread, the async classes up to worker_connections."""
+    assert _views.per_worker_capacity(worker_class, threads=4, worker_connections=100) == expected
+
+
+def test_capacity_and_listeners_come_from_status_json_when_written(server: FakeServer) -> None:
+    """The master's capacity and listeners are used and rendered; busy stays the scoreboard's live count."""
+    server.write_status(busy=3, capacity=16, listeners=[{"name": "127.0.0.1:8000", "backlog": 7, "backlog_max": 2048}])
+    snap = snapshot_of(server)
+    assert (snap["totals"]["busy"], snap["totals"]["capacity"]) == (1, 16)
+    assert snap["listeners"] == [{"name": "127.0.0.1:8000", "backlog": 7, "backlog_max": 2048}]
+    assert "backlog 127.0.0.1:8000 7/2048" in rendered(snap)
+    assert snap["warnings"] == []
+
+
+def test_missing_listeners_are_unknown_not_empty(server: FakeServer) -> None:
+    """A status.json without listeners gives listeners=null: unknown, which is not 'no backlog'."""
+    server.write_status()
+    snap = snapshot_of(server)
+    assert snap["listeners"] is None
+    assert "backlog" not in rendered(snap)
+
+
+def test_recent_exits_are_listed_newest_first(server: FakeServer) -> None:
+    """recent_exits from status.json appear newest first, with cause and the request that died."""
+    older = {"time": time.time() - 60, "pid": 11, "slot": 1, "cause": "max_requests", "detail": "recycled",
+             "request": None, "elapsed": None, "uptime": 600.0, "served": 1000, "rss": 0}
+    newer = {"time": time.time() - 5, "pid": 12, "slot": 0, "cause": "timeout_kill", "detail": "WORKER TIMEOUT",
+             "request": "GET /report", "elapsed": 31.5, "uptime": 40.0, "served": 3, "rss": 0}
+    server.write_status(recent_exits=[older, newer])
+    snap = snapshot_of(server)
+    assert [item["pid"] for item in snap["recent_exits"]] == [12, 11]
+    text = rendered(snap)
+    assert "timeout_kill" in text
+    assert "GET /report" in text
+    assert "31.5s" in text
+
+
+def test_stale_or_missing_status_json_is_a_warning(server: FakeServer) -> None:
+    """No status.json, or one not rewritten for a while, is said in the warnings, not hidden."""
+    assert "not written yet" in snapshot_of(server)["warnings"][0]
+    server.write_status(time=time.time() - 30)
+    (warning,) = snapshot_of(server)["warnings"]
+    assert "last written 30s ago" in warning
+
+
+def test_status_age_is_judged_against_the_round_interval(server: FakeServer) -> None:
+    """With a 20 s exporter interval (server.json), a 30 s old status.json is normal, 70 s is stale."""
+    info = json.loads((server.run_dir / "server.json").read_text())
+    (server.run_dir / "server.json").write_text(json.dumps({**info, "interval": 20}))
+    server.write_status(time=time.time() - 30)
+    assert snapshot_of(server)["warnings"] == []
+    server.write_status(time=time.time() - 70)
+    assert len(snapshot_of(server)["warnings"]) == 1
+
+
+def test_human_rendering_has_every_column(server: FakeServer) -> None:
+    """The table shows slot, pid, state, request, elapsed, served, conns/limit, RSS MiB and age."""
+    text = rendered(snapshot_of(server))
+    assert "shop  master" in text
+    assert "busy 1/8" in text
+    for header in ("slot", "pid", "state", "request", "elapsed", "served", "conns", "RSS MiB", "age"):
+        assert header in text
+    row = next(line for line in text.splitlines() if "/checkout" in line)
+    assert "busy" in row
+    assert "0/100" in row
+    assert "50.0" in row
+    assert "1m3" in row  # age 1m30s-ish
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(None, "-"), (0.04, "0.0s"), (12.34, "12.3s"), (65, "1m05s"), (3725, "1h02m"), (3 * 86400 + 7200, "3d02h")],
+)
+def test_durations_are_short_and_readable(seconds: float | None, text: str) -> None:
+    """Durations keep two units at most, so table columns stay narrow."""
+    assert _views.duration(seconds) == text
+
+
+# -- the command ------------------------------------------------------------------------------------------------
+
+
+def test_status_json_has_the_documented_keys(server: FakeServer, capsys: pytest.CaptureFixture[str]) -> None:
+    """status --json prints one object with the top-level and per-worker keys docs/cli.md documents."""
+    assert cli.main(["status", "--json"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert list(document) == ["format", "time", "server", "totals", "listeners", "workers", "recent_exits",
+                              "status_age", "warnings"]
+    assert list(document["workers"][0]) == [
+        "slot", "pid", "state", "requests", "in_flight", "untracked_in_flight", "waiting", "served", "connections",
+        "connections_limit", "rss_bytes", "age", "booted_after", "slow_requests", "marks",
+    ]
+    assert list(document["totals"]) == ["workers", "booting", "busy", "capacity", "busy_workers", "in_flight",
+                                        "waiting", "connections", "served"]
+    assert document["workers"][0]["requests"][0]["path"] == "/checkout?<redacted>"
+    assert document["server"]["run_dir"] == str(server.run_dir)
+
+
+def test_status_selects_by_worker_pid(server: FakeServer, capsys: pytest.CaptureFixture[str]) -> None:
+    """status --pid accepts a worker's pid (here this process, which the fake scoreboard has in slot 0)."""
+    assert cli.main(["status", "--pid", str(os.getpid())]) == 0
+    assert "/checkout?<redacted>" in capsys.readouterr().out
+
+
+def test_status_without_server_exits_1(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """No server: exit 1 and the plugin hint on stderr."""
+    monkeypatch.setattr(_discovery, "search_roots", lambda: [str(tmp_path)])
+    assert cli.main(["status"]) == 1
+    assert "is it started with the plugin?" in capsys.readouterr().err
+
+
+def test_permission_denied_on_the_scoreboard_says_who_to_run_as(
+    server: FakeServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A scoreboard this user may not read: exit 1, naming the file and suggesting the owner or root."""
+
+    def denied(path: str) -> sb.Scoreboard:
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(sb.Scoreboard, "attach", denied)
+    assert cli.main(["status"]) == 1
+    error = capsys.readouterr().err
+    assert "permission denied reading the scoreboard" in error
+    assert "run as the server's user" in error
+    assert "or as root" in error
+
+
+def test_top_renders_the_requested_number_of_frames(server: FakeServer, capsys: pytest.CaptureFixture[str]) -> None:
+    """top --iterations N without a terminal prints N frames one after the other, then exits 0."""
+    assert cli.main(["top", "--iterations", "2", "--interval", "0.05"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("gunicorn-insight top") == 2
+    assert out.count("/checkout?<redacted>") == 2
+
+
+def test_top_exits_0_on_ctrl_c(server: FakeServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C is how top ends: exit status 0, no traceback."""
+
+    def interrupted(seconds: float) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("gunicorn_insight.cli.time.sleep", interrupted)
+    assert cli.main(["top"]) == 0
+
+
+def test_top_exits_1_when_the_server_goes_away(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """When the master exits while top watches, top says so and exits 1."""
+    master = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    fake = fake_server(tmp_path, master_pid=master.pid)
+    monkeypatch.setattr(_discovery, "search_roots", lambda: [str(tmp_path)])
+
+    def stop() -> None:
+        master.kill()
+        master.wait()  # reaped: a zombie would still answer kill(pid, 0)
+
+    timer = threading.Timer(0.3, stop)
+    timer.start()
+    try:
+        assert cli.main(["top", "--interval", "0.05"]) == 1
+    finally:
+        timer.cancel()
+        stop()
+        fake.board.close()
+    assert f"gunicorn (master pid {master.pid}, shop) has exited" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [(["--interval", "0"], "must be a positive number of seconds"), (["--iterations", "0"], "must be at least 1")],
+)
+def test_top_refuses_nonsense_options(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """--interval 0 or --iterations 0 is a usage error (exit 2) that says what to give instead."""
+    assert cli.main(["top", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_selectors_are_mutually_exclusive(capsys: pytest.CaptureFixture[str]) -> None:
+    """--pid and --name together are refused by the parser (exit 2)."""
+    with pytest.raises(SystemExit) as caught:
+        cli.main(["status", "--pid", "1", "--name", "x"])
+    assert caught.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err
