@@ -190,8 +190,6 @@ def _quarantine() -> Iterator[list[str]]:
 
     errors: list[str] = []
     original_install = gunicorn_insight.install
-    original_prepare = _hooks._prepare_directories
-    saved_settings = _hooks.STATE.settings
     saved_environ = dict(os.environ)
     saved_path = list(sys.path)
 
@@ -202,17 +200,12 @@ def _quarantine() -> Iterator[list[str]]:
             errors.append(str(error))
             return None
 
-    def prepare(settings: Any) -> None:
-        return None  # no run dir, no Prometheus directory created or cleared: nothing is started
-
     gunicorn_insight.install = install
-    _hooks._prepare_directories = prepare
     try:
-        yield errors
+        with _hooks.inspecting():  # no run dir, no Prometheus directory created or cleared
+            yield errors
     finally:
         gunicorn_insight.install = original_install
-        _hooks._prepare_directories = original_prepare
-        _hooks.STATE.settings = saved_settings
         os.environ.clear()
         os.environ.update(saved_environ)
         sys.path[:] = saved_path

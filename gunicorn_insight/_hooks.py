@@ -16,7 +16,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping
 from typing import Any
 
 from . import _master, _prometheus
@@ -42,6 +42,7 @@ class _State:
     embedded_prometheus = False
     recorder: RequestRecorder | None = None
     error_fd = 2
+    inspecting = False
 
 
 STATE = _State()
@@ -57,7 +58,9 @@ def install(namespace: MutableMapping[str, Any], **settings: Any) -> Settings:
     end of ``gunicorn.conf.py``, after your own hooks.
     """
     built = Settings.build(settings)
-    if _master.CURRENT is None:
+    if STATE.inspecting:
+        STATE.settings = built
+    elif _master.CURRENT is None:
         STATE.settings = built
         _prepare_directories(built)
     elif built != STATE.settings:
@@ -95,6 +98,17 @@ def _prepare_directories(settings: Settings) -> None:
     _prometheus.prepare_directory(directory, clear="GUNICORN_PID" not in os.environ)
     os.environ[PROMETHEUS_ENV] = directory
     STATE.prometheus_dir = directory
+
+
+@contextlib.contextmanager
+def inspecting() -> Iterator[None]:
+    """Load a config that calls install() without creating, clearing or exporting anything (the doctor)."""
+    before = STATE.inspecting, STATE.settings
+    STATE.inspecting = True
+    try:
+        yield
+    finally:
+        STATE.inspecting, STATE.settings = before
 
 
 def _remove_run_dir() -> None:
