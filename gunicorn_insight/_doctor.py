@@ -29,6 +29,7 @@ from types import SimpleNamespace
 from typing import Any, Literal
 
 from . import _discovery
+from ._cgroup import memory_cgroup_dirs
 
 Severity = Literal["error", "warning", "info"]
 SEVERITIES: tuple[Severity, ...] = ("error", "warning", "info")
@@ -140,24 +141,11 @@ def _meminfo_available(path: str = "/proc/meminfo") -> int | None:
 
 def _cgroup_headroom(proc_self_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> int | None:
     """Bytes the memory cgroup still allows: in a container MemAvailable shows the whole host."""
-    try:
-        with open(proc_self_cgroup) as handle:
-            lines = handle.read().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        hierarchy, controllers, path = line.split(":", 2)
-        if hierarchy == "0" and controllers == "":
-            names, bases = ("memory.max", "memory.current"), [os.path.join(root, path.lstrip("/")), root]
-        elif "memory" in controllers.split(","):
-            names = ("memory.limit_in_bytes", "memory.usage_in_bytes")
-            bases = [os.path.join(root, "memory", path.lstrip("/")), os.path.join(root, "memory")]
-        else:
-            continue
-        for base in bases:
-            limit, usage = _read_int(os.path.join(base, names[0])), _read_int(os.path.join(base, names[1]))
-            if limit is not None and usage is not None and limit < _UNLIMITED:
-                return max(0, limit - usage)
+    for version, base in memory_cgroup_dirs(proc_self_cgroup, root):
+        names = ("memory.max", "memory.current") if version == 2 else ("memory.limit_in_bytes", "memory.usage_in_bytes")
+        limit, usage = _read_int(os.path.join(base, names[0])), _read_int(os.path.join(base, names[1]))
+        if limit is not None and usage is not None and limit < _UNLIMITED:
+            return max(0, limit - usage)
     return None
 
 

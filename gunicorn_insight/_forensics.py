@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass
 
 from . import _scoreboard as sb
+from ._cgroup import memory_cgroup_dirs
 
 CAUSES = ("timeout", "timeout_kill", "killed", "signal", "crash", "max_requests", "graceful", "boot_failure")
 EXPECTED = frozenset({"max_requests", "graceful"})
@@ -80,19 +81,8 @@ class OomCounter:
 
 
 def _find_oom_file(proc_self_cgroup: str, cgroup_root: str) -> str | None:
-    try:
-        with open(proc_self_cgroup) as handle:
-            lines = handle.read().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        hierarchy, controllers, path = line.split(":", 2)
-        if hierarchy == "0" and controllers == "":
-            candidate = os.path.join(cgroup_root, path.lstrip("/"), "memory.events")
-        elif "memory" in controllers.split(","):
-            candidate = os.path.join(cgroup_root, "memory", path.lstrip("/"), "memory.oom_control")
-        else:
-            continue
+    for version, directory in memory_cgroup_dirs(proc_self_cgroup, cgroup_root):
+        candidate = os.path.join(directory, "memory.events" if version == 2 else "memory.oom_control")
         if os.path.exists(candidate):
             return candidate
     return None

@@ -252,16 +252,18 @@ def _check_buckets(value: Any) -> tuple[float, ...]:
     return bounds
 
 
-def _check_max_workers(value: Any) -> int | None:
-    if value is None:
-        return None
+def _int_between(name: str, value: Any, low: int, high: int, why: str = "") -> int:
     try:
         number = int(value)
     except (TypeError, ValueError):
-        raise ConfigurationError(f"max_workers={value!r} is not an integer") from None
-    if not 1 <= number <= 4096:
-        raise ConfigurationError(f"max_workers={value!r} must be between 1 and 4096")
+        raise ConfigurationError(f"{name}={value!r} is not an integer") from None
+    if not low <= number <= high:
+        raise ConfigurationError(f"{name}={value!r} must be between {low} and {high}{why}")
     return number
+
+
+def _check_max_workers(value: Any) -> int | None:
+    return None if value is None else _int_between("max_workers", value, 1, 4096)
 
 
 def _check_interval(value: Any) -> float:
@@ -293,13 +295,7 @@ def _check_paths(value: Any) -> tuple[str, ...]:
 
 
 def _check_max_routes(value: Any) -> int:
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        raise ConfigurationError(f"max_routes={value!r} is not an integer") from None
-    if not 1 <= number <= 10000:
-        raise ConfigurationError(f"max_routes={value!r} must be between 1 and 10000 (it bounds label cardinality)")
-    return number
+    return _int_between("max_routes", value, 1, 10000, " (it bounds label cardinality)")
 
 
 def _check_resolver(value: Any) -> Callable[[Any], str | None] | None:
