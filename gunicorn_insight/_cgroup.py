@@ -6,9 +6,10 @@ import os
 
 
 def memory_cgroup_dirs(
-    proc_self_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup"
+    proc_self_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup", *, include_root: bool = True
 ) -> list[tuple[int, str]]:
-    """(cgroup version, directory) of the memory controller, the process's own group first, then the root."""
+    """(cgroup version, directory) of the memory controller: the process's own group, then (unless told
+    not to) the hierarchy's root, where a container's limits often live."""
     try:
         with open(proc_self_cgroup) as handle:
             lines = handle.read().splitlines()
@@ -18,7 +19,14 @@ def memory_cgroup_dirs(
     for line in lines:
         hierarchy, controllers, path = line.split(":", 2)
         if hierarchy == "0" and controllers == "":
-            found += [(2, os.path.join(root, path.lstrip("/"))), (2, root)]
+            own, top = os.path.join(root, path.lstrip("/")), root
+            version = 2
         elif "memory" in controllers.split(","):
-            found += [(1, os.path.join(root, "memory", path.lstrip("/"))), (1, os.path.join(root, "memory"))]
+            own, top = os.path.join(root, "memory", path.lstrip("/")), os.path.join(root, "memory")
+            version = 1
+        else:
+            continue
+        found.append((version, own))
+        if include_root:
+            found.append((version, top))
     return found

@@ -539,9 +539,12 @@ def check_loglevel(ctx: Context) -> Iterable[Finding]:
     if quiet == 1:
         lost = ("gunicorn's 'Booting worker' and 'Worker exiting' lines and gunicorn-insight's startup line are "
                 "logged at info and vanish, so worker churn leaves no trace.")
+    elif quiet == 2:
+        lost = ("gunicorn's worker boot and exit lines (info) vanish; the error-level lines, including "
+                "gunicorn-insight's worker-exit and boot-failure reports, still show.")
     else:
-        lost = (f"with {level!r}, boot-failure hints and worker exits (logged at info and error by gunicorn and "
-                "gunicorn-insight) vanish, so a crash-looping worker is silent.")
+        lost = ("with 'critical', boot-failure hints and worker-exit reports (logged at error by gunicorn and "
+                "gunicorn-insight) vanish too, so a crash-looping worker is silent.")
     yield Finding("loglevel", "warning", f"loglevel={level}", lost, "use loglevel=info")
 
 

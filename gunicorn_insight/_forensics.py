@@ -12,53 +12,86 @@ gunicorn does not pass the exit status to ``child_exit``. The decision uses, mos
 
 from __future__ import annotations
 
-import logging
 import os
 import re
+import signal
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from . import _scoreboard as sb
 from ._cgroup import memory_cgroup_dirs
 
 CAUSES = ("timeout", "timeout_kill", "killed", "signal", "crash", "max_requests", "graceful", "boot_failure")
 EXPECTED = frozenset({"max_requests", "graceful"})
-_SENT = re.compile(r"Worker \(pid:(\d+)\) was sent (\w+)")
+_SENT = re.compile(r"Worker \(pid:(\d+)\) was sent (?:code (\d+)|(\w+))")
 _EXITED = re.compile(r"Worker \(pid:(\d+)\) exited with code (-?\d+)")
 
 
-class ReapWatcher(logging.Filter):
-    """Reads gunicorn's reap lines as they are logged. Lock-free: it only stores into dicts.
+class ReapWatcher:
+    """Reads gunicorn's reap lines as gunicorn logs them, before any log level can drop them.
 
-    On gunicorn 23 these lines are logged inside the SIGCHLD handler, so nothing here may block.
+    It wraps the error/warning/info methods of gunicorn's logger object (the records would never exist
+    with ``--log-level critical`` if we listened as a logging filter). On gunicorn 23 these lines are
+    logged inside the SIGCHLD handler, so observing takes no lock: a regex and a dict store.
     """
 
     def __init__(self) -> None:
-        super().__init__()
         self.signals: dict[int, str] = {}
         self.exit_codes: dict[int, int] = {}
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno >= logging.INFO and isinstance(record.msg, str) and record.msg.startswith("Worker (pid:"):
-            try:
-                message = record.getMessage()
-            except Exception:
-                return True
-            if match := _SENT.match(message):
-                self.signals[int(match[1])] = match[2]
-            elif match := _EXITED.match(message):
-                self.exit_codes[int(match[1])] = int(match[2])
-        return True
+    def watch(self, log: Any) -> None:
+        for level in ("error", "warning", "info"):
+            original = getattr(log, level, None)
+            if original is None or getattr(original, "__gunicorn_insight__", False):
+                continue
+            setattr(log, level, self._observing(original))
+
+    def _observing(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        def observed(msg: Any, *args: Any, **kwargs: Any) -> Any:
+            self.observe(msg, args)
+            return original(msg, *args, **kwargs)
+
+        observed.__gunicorn_insight__ = True  # type: ignore[attr-defined]
+        return observed
+
+    def observe(self, msg: Any, args: tuple[Any, ...]) -> None:
+        if not (isinstance(msg, str) and msg.startswith("Worker (pid:")):
+            return
+        try:
+            message = msg % args if args else msg
+        except (TypeError, ValueError):
+            return
+        if match := _SENT.match(message):
+            self.signals[int(match[1])] = match[3] or _signal_name(int(match[2]))
+        elif match := _EXITED.match(message):
+            self.exit_codes[int(match[1])] = int(match[2])
 
     def take(self, pid: int) -> tuple[str | None, int | None]:
         return self.signals.pop(pid, None), self.exit_codes.pop(pid, None)
 
 
+def _signal_name(status: int) -> str:
+    """gunicorn 23 logs "was sent code 139!" for a wait status it cannot name: 128 is the core-dump bit."""
+    number = status & 0x7F
+    try:
+        name = signal.Signals(number).name
+    except ValueError:
+        name = f"signal {number}"
+    return f"{name} (core dumped)" if status & 0x80 else name
+
+
 class OomCounter:
-    """The kernel's count of OOM kills in our cgroup (v2 memory.events, or v1 memory.oom_control)."""
+    """The kernel's count of OOM kills in our own cgroup (v2 memory.events, or v1 memory.oom_control).
+
+    :meth:`poll` runs every round; the kills it finds are a budget that SIGKILLs seen in the same round
+    may claim, so an OOM kill from hours ago is never blamed for today's ``kill -9``.
+    """
 
     def __init__(self, proc_self_cgroup: str = "/proc/self/cgroup", cgroup_root: str = "/sys/fs/cgroup") -> None:
         self.path = _find_oom_file(proc_self_cgroup, cgroup_root)
         self.last = self.read()
+        self.unclaimed = 0
 
     def read(self) -> int | None:
         if self.path is None:
@@ -73,15 +106,22 @@ class OomCounter:
             return None
         return None
 
-    def confirmed(self) -> bool:
-        """Did the kernel OOM-kill something in our cgroup since the last call?"""
+    def poll(self) -> None:
+        """Kills since the previous round become claimable; older unclaimed ones expire."""
         now = self.read()
         before, self.last = self.last, now
-        return now is not None and before is not None and now > before
+        self.unclaimed = max(0, now - before) if now is not None and before is not None else 0
+
+    def claim(self) -> bool:
+        """Did the kernel OOM-kill something in our cgroup this round that no other exit has claimed?"""
+        if self.unclaimed <= 0:
+            return False
+        self.unclaimed -= 1
+        return True
 
 
 def _find_oom_file(proc_self_cgroup: str, cgroup_root: str) -> str | None:
-    for version, directory in memory_cgroup_dirs(proc_self_cgroup, cgroup_root):
+    for version, directory in memory_cgroup_dirs(proc_self_cgroup, cgroup_root, include_root=False):
         candidate = os.path.join(directory, "memory.events" if version == 2 else "memory.oom_control")
         if os.path.exists(candidate):
             return candidate
@@ -96,7 +136,8 @@ class Verdict:
 
 
 def classify(  # noqa: PLR0911 - one return per cause reads as the decision table it is
-    view: sb.SlotView, *, aborted: bool, signal: str | None, exit_code: int | None, oom: bool
+    view: sb.SlotView, *, aborted: bool, signal: str | None, exit_code: int | None, oom: bool,
+    shutdown: bool = False,
 ) -> Verdict:
     """The one cause of this exit, a human detail, and what to expect about a stack trace."""
     flags = view.flags
@@ -110,6 +151,11 @@ def classify(  # noqa: PLR0911 - one return per cause reads as the decision tabl
         return Verdict("timeout_kill", "gunicorn timed it out (WORKER TIMEOUT), the abort handler never ran, "
                        "then gunicorn sent SIGKILL", "no stack: stuck where Python code cannot run (C code, a "
                        "blocked event loop), SIGKILL leaves no chance; see a slow-request report above if any")
+    if shutdown and not flags & sb.FLAG_EXITED:
+        if view.requests:
+            return Verdict("graceful", "stopped at shutdown: gunicorn SIGKILLed it when graceful_timeout ran out "
+                           "before its requests finished", "no stack: SIGKILL runs no Python code")
+        return Verdict("graceful", "stopped at shutdown", "")
     if flags & sb.FLAG_EXITED:
         if flags & sb.FLAG_MAX_REQUESTS:
             return Verdict("max_requests", "recycled after max_requests", "")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import logging
 import os
 import shutil
 import tempfile
@@ -63,7 +62,7 @@ def install(namespace: MutableMapping[str, Any], **settings: Any) -> Settings:
     elif _master.CURRENT is None:
         STATE.settings = built
         _prepare_directories(built)
-    elif built != STATE.settings:
+    elif STATE.settings is not None and not built.same_as(STATE.settings):
         # A HUP re-reads the config in the running master; the directories and sockets stay as they are.
         LOG.warning("gunicorn-insight: settings changed on reload; they take effect at the next restart")
     for name, ours in HOOKS.items():
@@ -185,7 +184,7 @@ def on_starting(server: Any) -> None:
         report("on_starting, so gunicorn-insight is off for this run", error)
         return
     _master.CURRENT = master
-    logging.getLogger("gunicorn.error").addFilter(master.reaps)
+    master.watch_logger(server.log)
     master.watch_listeners(lambda: list(server.LISTENERS))
     try:
         master.status.write_server(_describe(server, master))
@@ -208,7 +207,8 @@ def _describe(server: Any, master: _master.Master) -> dict[str, Any]:
         "worker_class": plan.worker_kind,
         "workers": getattr(cfg, "workers", None),
         "threads": getattr(cfg, "threads", None),
-        "worker_connections": plan.connections_limit,
+        "worker_connections": getattr(cfg, "worker_connections", None),
+        "connections_limit": plan.connections_limit,
         "per_worker_capacity": plan.per_worker_capacity,
         "timeout": getattr(cfg, "timeout", None),
         "interval": plan.settings.interval,
@@ -267,9 +267,10 @@ def worker_exit(server: Any, worker: Any) -> None:
         boot_error = recorder.exiting(worker)
         if not getattr(worker, "booted", True):
             LOG.error(
-                "gunicorn-insight: worker pid=%s could not load the application: %s. gunicorn shows the "
-                "traceback only with --log-level debug; or start with --preload to see it before any worker forks",
-                os.getpid(), summarize(boot_error),
+                "gunicorn-insight: worker pid=%s could not load the application: %s; if no traceback is above "
+                "(gunicorn logs an import failure's only at --log-level debug), rerun with --log-level debug, "
+                "or with --preload to fail at startup with the full traceback",
+                os.getpid(), summarize(boot_error).rstrip("."),
             )
     except Exception as error:
         report("worker_exit", error)

@@ -147,6 +147,7 @@ class Death:
     snapshot: bytes
     at: float
     aborted: bool
+    shutdown: bool = False
 
 
 class Master:
@@ -228,6 +229,7 @@ class Master:
             except Exception as error:
                 report("reading the scoreboard", error)
                 return
+            self._oom.poll()
             while self._deaths:
                 death = self._deaths.popleft()
                 try:
@@ -243,6 +245,9 @@ class Master:
                 self.status.write_round(facts)
             except Exception as error:
                 report("writing status.json", error)
+
+    def watch_logger(self, log: Any) -> None:
+        self.reaps.watch(log)
 
     def watch_listeners(self, listeners: Callable[[], list[Any]]) -> None:
         """gunicorn's listening sockets, re-read every round (a HUP can replace them)."""
@@ -293,7 +298,8 @@ class Master:
         view = sb.parse_slot(death.slot, death.snapshot, self.board.entries)
         signal, exit_code = self.reaps.take(death.pid)
         verdict = classify(view, aborted=death.aborted, signal=signal, exit_code=exit_code,
-                           oom=signal == "SIGKILL" and not death.aborted and self._oom.confirmed())
+                           oom=signal == "SIGKILL" and not death.aborted and self._oom.claim(),
+                           shutdown=death.shutdown)
         uptime = death.at - view.spawned if view.spawned else 0.0
         oldest = view.requests[0] if view.requests else None
         self.status.record_exit(
@@ -319,14 +325,15 @@ class Master:
         return verdict.cause
 
     def queue_unreaped_exits(self) -> None:
-        """gunicorn halts on a boot failure (exit code 3 or 4) without calling child_exit: find those in the board."""
+        """Exits gunicorn never passed to child_exit, found in the board when the master stops: a boot
+        failure (gunicorn halts on exit code 3 or 4) and workers SIGKILLed when graceful_timeout ran out."""
         for view in self.board:
             if view.state == sb.FREE or not view.pid:
                 continue
-            if view.flags & sb.FLAG_BOOT_FAILED or view.pid in self.reaps.exit_codes or view.pid in self.reaps.signals:
-                snapshot = self.board.snapshot(view.index)
-                self.board.release(view.index)
-                self._deaths.append(Death(view.pid, view.index, snapshot, time.monotonic(), False))
+            snapshot = self.board.snapshot(view.index)
+            self.board.release(view.index)
+            known = bool(view.flags & sb.FLAG_BOOT_FAILED) or view.pid in self.reaps.exit_codes
+            self._deaths.append(Death(view.pid, view.index, snapshot, time.monotonic(), False, shutdown=not known))
 
     # -- fork safety ----------------------------------------------------------------------------
 

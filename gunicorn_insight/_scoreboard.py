@@ -269,7 +269,10 @@ class Scoreboard:
                 [self.entries_offset(index) + n * ENTRY_SIZE for n in range(self.entries)]
                 for index in range(self.slots)
             ]
-        return sum(1 for slot in offsets if any(buffer[offset] for offset in slot))
+        return sum(
+            1 for index, slot in enumerate(offsets)
+            if buffer[self.offset(index) + OFF_STATE] == READY and any(buffer[offset] for offset in slot)
+        )
 
     def head(self, index: int) -> int:
         return int(HEAD_CONNS.unpack_from(self.buffer, self.offset(index) + OFF_HEAD)[0])

@@ -25,9 +25,17 @@ _WARN = RateLimitedLog()
 _TAG_UNSAFE = re.compile(r"[^A-Za-z0-9_./-]")
 
 
+_NAME_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+
+
 def clean_tag(value: str) -> str:
-    """Tag values and name parts must not carry the datagram's separators (``,|:#``), spaces or dots' kin."""
+    """Tag values must not carry the datagram's separators (``,|:#``) or spaces."""
     return _TAG_UNSAFE.sub("_", value)
+
+
+def name_part(value: str) -> str:
+    """One level of a dotted name: no dots (they would add Graphite levels) and no separators."""
+    return _NAME_UNSAFE.sub("_", value).strip("_")
 
 
 class _Pipeline(statsd.client.udp.Pipeline):  # type: ignore[misc]
@@ -149,11 +157,11 @@ class StatsdSink:
                               ("gunicorn.utilization", self._utilization(facts))):
             pipe.gauge(name(metric), value)
         for listener, (queued, limit) in sorted(facts.listeners.items()):
-            tag = clean_tag(listener)
+            tag, part = clean_tag(listener), name_part(listener)
             pipe.gauge(self._name("gunicorn.listen_backlog", f"listener:{tag}") if self._tagged
-                       else name(f"gunicorn.listener.{tag}.backlog"), queued)
+                       else name(f"gunicorn.listener.{part}.backlog"), queued)
             pipe.gauge(self._name("gunicorn.listen_backlog_max", f"listener:{tag}") if self._tagged
-                       else name(f"gunicorn.listener.{tag}.backlog_max"), limit)
+                       else name(f"gunicorn.listener.{part}.backlog_max"), limit)
         for slot, connections in sorted(facts.connections.items()):
             pipe.gauge(split("gunicorn.worker.{}.connections", "gunicorn.worker.connections", "worker", slot),
                        connections)

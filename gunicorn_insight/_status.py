@@ -1,6 +1,6 @@
 """Files next to the scoreboard that let tools find a running server and read the master's own facts.
 
-``server.json`` is written once when the master starts; ```status.json`` after every round (atomically,
+``server.json`` is written once when the master starts; ``status.json`` after every round (atomically,
 by rename, on tmpfs). Per-worker facts stay in the scoreboard itself; these files hold what only the
 master knows: the listen backlog, totals, and the recent worker exits with their causes.
 """

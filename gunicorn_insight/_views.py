@@ -41,7 +41,7 @@ _MARKS = (
     (sb.FLAG_BOOT_FAILED, "boot_failed"),
 )
 _SERVER_KEYS = (
-    "master_pid", "proc_name", "binds", "pidfile", "worker_class", "workers", "threads", "worker_connections",
+    "master_pid", "proc_name", "binds", "pidfile", "worker_class", "workers", "threads", "connections_limit",
     "timeout", "started", "scoreboard", "prometheus_dir", "metrics_url", "statsd",
 )
 
@@ -140,7 +140,7 @@ def snapshot(reading: Reading) -> dict[str, Any]:
     status = reading.status or {}
     worker_class = str(info.get("worker_class") or "unknown")
     threads = _int(info.get("threads"), 1)
-    limit = _int(info.get("worker_connections"), 1)
+    limit = _int(info.get("connections_limit", info.get("worker_connections")), 1)
     per_worker = per_worker_capacity(worker_class, threads, limit)
     workers = [_worker(view, reading.monotonic, limit) for view in reading.slots if view.state != sb.FREE]
     # busy is counted here from the scoreboard, in requests like capacity, and fresh: status.json is up to a

@@ -30,6 +30,7 @@ queue time (NaN: no header, negative: an unusable header)."""
 
 QUEUE_HEADERS = frozenset({"X-REQUEST-START", "X-QUEUE-START"})
 _MAX_QUEUE = 3600.0
+_SKEW_TOLERANCE = 0.005
 
 
 def request_queue_time(headers: Any, now: float) -> float:
@@ -60,6 +61,8 @@ def parse_request_start(value: str, now: float) -> float:
             stamp /= divisor
             break
     queued = now - stamp
+    if -_SKEW_TOLERANCE <= queued < 0.0:
+        return 0.0  # millisecond stamps and NTP-disciplined clocks a few ms apart: not skew worth discarding
     return queued if 0.0 <= queued <= _MAX_QUEUE else -1.0
 
 

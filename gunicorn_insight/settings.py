@@ -13,7 +13,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 __all__ = ["DEFAULT_BUCKETS", "DEFAULT_METRICS_BIND", "ENV_PREFIX", "ConfigurationError", "Settings"]
@@ -89,7 +89,7 @@ class Settings:
     """``callable(environ) -> template``, or ``module:function`` from the environment. Unset: the
     ``gunicorn_insight.route`` environ key, which Flask apps and the Django middleware fill in."""
     max_routes: int = 100
-    """Distinct route values at most; more are counted as ``other`` (and warned about once)."""
+    """Distinct route values at most; more are counted as ``other`` (warned about at most once an hour)."""
     access_log_atoms: bool = False
     """Add X-Gunicorn-Busy and X-Gunicorn-Queue-Ms request headers for gunicorn's access_log_format."""
 
@@ -113,6 +113,13 @@ class Settings:
         }
         for name, check in validators.items():
             object.__setattr__(self, name, check(getattr(self, name)))
+
+    def same_as(self, other: Settings) -> bool:
+        """Equal, counting a resolver function re-created by a config reload as the same resolver."""
+        mine, theirs = self.route_resolver, other.route_resolver
+        if mine is not None and theirs is not None and _qualified(mine) == _qualified(theirs):
+            return replace(self, route_resolver=None) == replace(other, route_resolver=None)
+        return self == other
 
     # -- construction -------------------------------------------------------------------------------
 
@@ -313,3 +320,7 @@ def _check_resolver(value: Any) -> Callable[[Any], str | None] | None:
     if not callable(resolver):
         raise ConfigurationError(f"route_resolver={value!r} is not callable")
     return resolver  # type: ignore[no-any-return]
+
+
+def _qualified(function: Callable[..., Any]) -> str:
+    return f"{getattr(function, '__module__', '')}.{getattr(function, '__qualname__', repr(function))}"

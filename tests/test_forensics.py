@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import replace
 from pathlib import Path
 
@@ -61,27 +60,43 @@ def test_boot_failure_carries_the_exception_summary() -> None:
 
 
 @pytest.mark.parametrize(
-    ("message", "args"),
+    ("message", "args", "signal"),
     [
-        ("Worker (pid:%s) was sent %s!", (123, "SIGKILL")),  # gunicorn 27
-        ("Worker (pid:123) was sent SIGKILL! Perhaps out of memory?", ()),  # gunicorn 23 formats first
+        ("Worker (pid:%s) was sent %s!", (123, "SIGKILL"), "SIGKILL"),  # gunicorn 27
+        ("Worker (pid:123) was sent SIGKILL! Perhaps out of memory?", (), "SIGKILL"),  # gunicorn 23 formats first
+        ("Worker (pid:123) was sent code 139!", (), "SIGSEGV (core dumped)"),  # gunicorn 23, a raw wait status
     ],
 )
-def test_reap_watcher_reads_both_gunicorn_styles(message: str, args: tuple[object, ...]) -> None:
+def test_reap_watcher_reads_both_gunicorn_styles(message: str, args: tuple[object, ...], signal: str) -> None:
     """The reap line is understood whether gunicorn passes arguments or pre-formats the message."""
     watcher = ReapWatcher()
-    record = logging.LogRecord("gunicorn.error", logging.ERROR, __file__, 1, message, args, None)
-    assert watcher.filter(record)
-    assert watcher.take(123) == ("SIGKILL", None)
+    watcher.observe(message, args)
+    assert watcher.take(123) == (signal, None)
     assert watcher.take(123) == (None, None)
 
 
 def test_reap_watcher_reads_exit_codes() -> None:
     """'exited with code N' gives the exit status gunicorn does not pass to child_exit."""
     watcher = ReapWatcher()
-    watcher.filter(logging.LogRecord("g", logging.ERROR, __file__, 1, "Worker (pid:%s) exited with code %s.",
-                                     (9, 7), None))
+    watcher.observe("Worker (pid:%s) exited with code %s.", (9, 7))
     assert watcher.take(9) == (None, 7)
+
+
+def test_reap_watcher_sees_lines_a_log_level_would_drop() -> None:
+    """It wraps the logger's methods, so even at --log-level critical the reap lines are read."""
+    logged: list[str] = []
+
+    class Log:
+        def error(self, msg: str, *args: object) -> None:
+            logged.append(msg % args)
+
+    log = Log()
+    watcher = ReapWatcher()
+    watcher.watch(log)
+    watcher.watch(log)  # a second watch (a HUP re-running on_starting's path) must not wrap twice
+    log.error("Worker (pid:%s) was sent %s!", 5, "SIGTERM")
+    assert logged == ["Worker (pid:5) was sent SIGTERM!"]
+    assert watcher.take(5) == ("SIGTERM", None)
 
 
 def test_oom_counter_reads_cgroup_v2(tmp_path: Path) -> None:
@@ -92,10 +107,15 @@ def test_oom_counter_reads_cgroup_v2(tmp_path: Path) -> None:
     events.parent.mkdir(parents=True)
     events.write_text("low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n")
     counter = OomCounter(str(proc), str(tmp_path / "root"))
-    assert not counter.confirmed()
-    events.write_text("low 0\nhigh 0\nmax 4\noom 2\noom_kill 2\n")
-    assert counter.confirmed()
-    assert not counter.confirmed()
+    counter.poll()
+    assert not counter.claim()
+    events.write_text("low 0\nhigh 0\nmax 4\noom 3\noom_kill 3\n")
+    counter.poll()
+    assert counter.claim()
+    assert counter.claim()  # two kills this round: two exits may say OOM
+    assert not counter.claim()
+    counter.poll()
+    assert not counter.claim()  # nothing new: an old kill is never blamed for a later SIGKILL
 
 
 def test_oom_counter_reads_cgroup_v1(tmp_path: Path) -> None:
@@ -107,11 +127,23 @@ def test_oom_counter_reads_cgroup_v1(tmp_path: Path) -> None:
     control.write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 0\n")
     counter = OomCounter(str(proc), str(tmp_path / "root"))
     control.write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 5\n")
-    assert counter.confirmed()
+    counter.poll()
+    assert counter.claim()
 
 
 def test_no_cgroup_means_never_confirmed(tmp_path: Path) -> None:
     """Without a readable cgroup the counter never claims an OOM kill."""
     counter = OomCounter(str(tmp_path / "missing"), str(tmp_path))
+    counter.poll()
     assert counter.path is None
-    assert not counter.confirmed()
+    assert not counter.claim()
+
+
+def test_shutdown_kill_names_the_cut_off_request() -> None:
+    """A worker SIGKILLed when graceful_timeout ran out is a graceful exit that says what was cut off."""
+    busy = replace(BLANK, requests=(sb.InFlight("GET", "/slow", "1.2.3.4:5", 1.0, 7),))
+    verdict = classify(busy, aborted=False, signal=None, exit_code=None, oom=False, shutdown=True)
+    assert verdict.cause == "graceful"
+    assert "graceful_timeout ran out" in verdict.detail
+    quiet = classify(BLANK, aborted=False, signal=None, exit_code=None, oom=False, shutdown=True)
+    assert (quiet.cause, quiet.detail) == ("graceful", "stopped at shutdown")

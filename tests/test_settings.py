@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from gunicorn_insight.settings import DEFAULT_BUCKETS, ConfigurationError, Settings
@@ -104,3 +106,28 @@ def test_settings_are_immutable() -> None:
     settings = build()
     with pytest.raises(AttributeError):
         settings.statsd = "x:1"  # type: ignore[misc]
+
+
+def test_reloaded_resolver_function_counts_as_unchanged() -> None:
+    """A HUP re-creates a config's resolver function; the same qualified name is not a settings change."""
+
+    def make() -> object:
+        def resolver(environ: object) -> str:
+            return "/"
+
+        return resolver
+
+    first, second = build(route_resolver=make()), build(route_resolver=make())
+    assert first != second
+    assert first.same_as(second)
+    assert not first.same_as(build(route_resolver=make(), max_routes=5))
+
+
+def test_resolver_from_environment_is_imported() -> None:
+    """GUNICORN_INSIGHT_ROUTE_RESOLVER=module:function is imported at startup; a bad one says why."""
+    resolver = build({"GUNICORN_INSIGHT_ROUTE_RESOLVER": "os.path:basename"}).route_resolver
+    assert resolver is os.path.basename
+    with pytest.raises(ConfigurationError, match="cannot be imported"):
+        build({"GUNICORN_INSIGHT_ROUTE_RESOLVER": "no_such_module:f"})
+    with pytest.raises(ConfigurationError, match="must be a callable"):
+        build(route_resolver="nocolon")

@@ -36,6 +36,7 @@ def datagrams(sock: socket.socket) -> list[bytes]:
 
 def a_round(requests: int = 3) -> Round:
     facts = Round(requests=Counter({("GET", 200, ""): requests, ("POST", 500, ""): 1}), workers=2, in_flight=1)
+    facts.listeners = {"http://127.0.0.1:8000": (3, 128)}
     facts.durations = {("GET", ""): [0.25] * requests, ("POST", ""): [1.0]}
     facts.connections = {0: 1, 1: 0}
     return facts
@@ -63,6 +64,7 @@ def test_lines_follow_gunicorn_names(receiver: socket.socket) -> None:
     assert "app.gunicorn.connections:1|g" in lines
     assert "app.gunicorn.worker.0.connections:1|g" in lines
     assert "app.gunicorn.worker.1.connections:0|g" in lines
+    assert "app.gunicorn.listener.http_127_0_0_1_8000.backlog:3|g" in lines  # one name level, no dots
 
 
 def test_dogstatsd_tags_carry_the_worker(receiver: socket.socket) -> None:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import glob
 import http.client
+import json
 import os
-import re
 import sys
+import tempfile
 import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -21,7 +23,6 @@ ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
 APPS = Path(__file__).resolve().parent / "apps"
 GUNICORN_VERSION = tuple(int(part) for part in gunicorn.__version__.split(".")[:2])
-ANNOUNCE = re.compile(r"gunicorn-insight: (?P<where>.*) \(worker class (?P<kind>\S+), scoreboard (?P<board>\S+)\)")
 
 
 @dataclass
@@ -107,6 +108,21 @@ class Gunicorn:
         return pids
 
 
+def scoreboard_of(process: Process) -> str | None:
+    """The scoreboard of the master with this pid, found the way the CLI finds it: its server.json."""
+    process.assert_alive("its server.json")
+    for path in glob.glob("/dev/shm/gunicorn-insight-*/server.json") + glob.glob(
+        os.path.join(tempfile.gettempdir(), "gunicorn-insight-*", "server.json")
+    ):
+        try:
+            info = json.loads(Path(path).read_text())
+        except (OSError, ValueError):
+            continue
+        if info.get("master_pid") == process.pid:
+            return str(info["scoreboard"])
+    return None
+
+
 def clean_environment(extra: Mapping[str, str | None] | None = None) -> dict[str, str | None]:
     """The test runner's own GUNICORN_INSIGHT_* / PROMETHEUS_MULTIPROC_DIR must not leak into servers."""
     env: dict[str, str | None] = {
@@ -152,8 +168,9 @@ def start_gunicorn(
     process = process_factory(argv, env=clean_environment(extra), cwd=cwd, name="gunicorn")
     if not wait:
         return Gunicorn(process, port, metrics_port, "")
-    announce = process.wait_for_log(ANNOUNCE, timeout=30)
-    server = Gunicorn(process, port, metrics_port, announce["board"])
+    board = wait_until(lambda: scoreboard_of(process), timeout=30, what="the master's server.json",
+                       dump=process.describe)
+    server = Gunicorn(process, port, metrics_port, board)
     process.wait_for_port(port, timeout=30)
     server.wait_for_workers(workers)
     return server

@@ -152,10 +152,35 @@ def test_app_failing_at_import_is_a_boot_failure(process_factory: ProcessFactory
     assert server.process.wait(timeout=60) != 0
     output = server.process.output()
     assert re.search(r"gunicorn-insight: worker pid=\d+ could not load the application: RuntimeError: "
-                     r"DATABASE_URL is not set\. gunicorn shows the traceback only with --log-level debug", output)
+                     r"DATABASE_URL is not set; if no traceback is above .* rerun with --log-level debug", output)
     assert "second line" not in output.split("could not load the application")[1].splitlines()[0]
     match = re.search(EXITED, output, re.MULTILINE)
     assert match is not None
     assert match["cause"] == "boot_failure"
     wait_until(lambda: statsd_daemon.counters().get("gunicorn.worker.exit.boot_failure") == 1, timeout=10,
                what="the boot failure counted at StatsD", dump=statsd_daemon.dump)
+
+
+def test_kill_is_classified_even_when_gunicorn_logs_nothing(process_factory: ProcessFactory) -> None:
+    """With --log-level critical gunicorn's reap line is never emitted as a record; the cause is still killed."""
+    server = start_gunicorn(process_factory, workers=1, args=["--log-level", "critical"])
+    (pid,) = server.worker_pids()
+    os.kill(pid, signal.SIGKILL)
+    server.wait_for_value("gunicorn_worker_exits_total", 1, cause="killed")
+    assert server.total("gunicorn_worker_exits_total", cause="crash") == 0
+
+
+def test_request_cut_off_at_shutdown_is_named(process_factory: ProcessFactory, statsd_daemon: StatsdDaemon) -> None:
+    """A worker SIGKILLed when graceful_timeout runs out at shutdown: counted graceful, its request named."""
+    host, port = statsd_daemon.udp_address
+    server = start_gunicorn(process_factory, workers=1, metrics=False, args=["--graceful-timeout", "1"],
+                            env={"GUNICORN_INSIGHT_STATSD": f"{host}:{port}"})
+    fire_and_forget(server, "/slow?s=30")
+    wait_until(lambda: statsd_daemon.gauges().get("gunicorn.requests_in_flight") == 1, timeout=20,
+               what="the slow request in flight", dump=statsd_daemon.dump)
+    server.process.stop()
+    match = re.search(EXITED, server.process.output(), re.MULTILINE)
+    assert match is not None, server.process.output()
+    assert (match["cause"], match["path"]) == ("graceful", "/slow?<redacted>")
+    assert "graceful_timeout ran out" in match["detail"]
+    assert statsd_daemon.counters().get("gunicorn.worker.exit.graceful") == 1
