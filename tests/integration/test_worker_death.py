@@ -184,3 +184,27 @@ def test_request_cut_off_at_shutdown_is_named(process_factory: ProcessFactory, s
     assert (match["cause"], match["path"]) == ("graceful", "/slow?<redacted>")
     assert "graceful_timeout ran out" in match["detail"]
     assert statsd_daemon.counters().get("gunicorn.worker.exit.graceful") == 1
+
+
+def test_worker_killed_by_another_signal(process_factory: ProcessFactory) -> None:
+    """A worker ended by a signal other than SIGKILL/SIGTERM (here SIGSEGV) is cause signal, named in detail."""
+    server = start_gunicorn(process_factory, workers=1)
+    (pid,) = server.worker_pids()
+    os.kill(pid, signal.SIGSEGV)
+    match = server.process.wait_for_log(EXITED, timeout=30)
+    assert (int(match["pid"]), match["cause"]) == (pid, "signal")
+    assert "SIGSEGV" in match["detail"]
+    server.wait_for_value("gunicorn_worker_exits_total", 1, cause="signal")
+
+
+def test_blocked_asyncio_loop_is_reported_with_its_stack(process_factory: ProcessFactory) -> None:
+    """asgi: a blocking call inside a coroutine stops the loop; the watchdog logs the loop thread's stack."""
+    from harness import GUNICORN_VERSION
+
+    if GUNICORN_VERSION < (24, 0):
+        pytest.fail("the asgi worker needs gunicorn >= 24; this test is not marked oldest")
+    server = start_gunicorn(process_factory, app="asgi_app:app", worker_class="asgi", cwd=APPS, workers=1,
+                            env={"GUNICORN_INSIGHT_SLOW_REQUEST_TIMEOUT": "1"})
+    fire_and_forget(server, "/block")
+    blocked = server.process.wait_for_log(r"event loop blocked pid=\d+ slot=0 for [\d.]+s", timeout=30)
+    assert re.search(r"asgi_app.py\", line \d+, in app\n\s+time\.sleep\(3\)", server.process.output()[blocked.end():])

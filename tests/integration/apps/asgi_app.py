@@ -1,7 +1,9 @@
-"""A minimal ASGI application answering 201."""
+"""A minimal ASGI application answering 201; /block blocks the event loop the way a sync call in a
+coroutine does."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -18,5 +20,7 @@ async def app(scope: dict[str, Any], receive: Receive, send: Send) -> None:
             elif message["type"] == "lifespan.shutdown":
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+    if scope.get("path") == "/block":
+        time.sleep(3)  # a blocking call inside a coroutine: the whole event loop stops for 3 s
     await send({"type": "http.response.start", "status": 201, "headers": [(b"content-type", b"text/plain")]})
     await send({"type": "http.response.body", "body": b"created\n"})
