@@ -22,6 +22,7 @@ from ._routes import ROUTE_KEY
 _PATH_BYTES = 176
 _DYING = sb.FLAG_ABORT_HANDLER | sb.FLAG_INT_HANDLER
 _CLIENT_BYTES = 48
+_METHOD_BYTES = {method: method.encode() for method in sb.METHODS}
 
 
 InFlightRequest = tuple[float, int, Any, str, str, float]
@@ -33,7 +34,7 @@ _MAX_QUEUE = 3600.0
 _SKEW_TOLERANCE = 0.005
 
 
-def request_queue_time(headers: Any, now: float) -> float:
+def request_queue_time(headers: Any, now: float | None = None) -> float:
     """Seconds between the proxy stamping X-Request-Start / X-Queue-Start and now.
 
     Accepts nginx's ``t=1700000000.123``, Apache's ``t=1700000000123456`` (microseconds), and plain
@@ -42,7 +43,7 @@ def request_queue_time(headers: Any, now: float) -> float:
     """
     for name, value in headers:
         if name in QUEUE_HEADERS:
-            return parse_request_start(value, now)
+            return parse_request_start(value, time.time() if now is None else now)
     return sb.NO_QUEUE_TIME
 
 
@@ -97,8 +98,8 @@ def status_code(resp: Any) -> int:
 
 
 def describe_client(peer: Any) -> str:
-    if isinstance(peer, tuple) and len(peer) >= 2:
-        host = str(peer[0])
+    if type(peer) is tuple and len(peer) >= 2:
+        host = peer[0]
         return f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
     if isinstance(peer, bytes):
         return peer.decode("utf-8", "replace") or "unix"
@@ -176,7 +177,7 @@ class RequestRecorder:
         path = req.path or ""
         if path in self._excluded:
             return
-        queue = request_queue_time(req.headers, time.time()) if self._queue else sb.NO_QUEUE_TIME
+        queue = request_queue_time(req.headers) if self._queue else sb.NO_QUEUE_TIME
         try:
             entry = self._free.pop()
         except IndexError:
@@ -196,7 +197,7 @@ class RequestRecorder:
                 1,
                 now,
                 current if type(current) is int else id(current),
-                method.encode("ascii", "replace"),
+                _METHOD_BYTES.get(method) or method.encode("ascii", "replace"),
                 describe_client(getattr(req, "peer_addr", None)).encode("utf-8", "replace")[:_CLIENT_BYTES],
                 path.encode("utf-8", "replace")[:_PATH_BYTES],
             )
