@@ -11,8 +11,9 @@ import itertools
 import os
 import shutil
 import tempfile
-from collections.abc import Generator, Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 from servers import (
@@ -24,6 +25,7 @@ from servers import (
     PrometheusFactory,
     PrometheusServer,
     StatsdDaemon,
+    process_starter,
 )
 
 _REPORTS = pytest.StashKey[dict[str, pytest.TestReport]]()
@@ -93,23 +95,8 @@ def statsd_daemon(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[St
 def process_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ProcessFactory]:
     """Start processes with output captured to files under tmp_path; all are stopped at teardown."""
     processes: list[Process] = []
-    serial = itertools.count(1)
-
-    def start(
-        argv: Sequence[str | os.PathLike[str]],
-        env: Mapping[str, str | None] | None = None,
-        cwd: str | os.PathLike[str] | None = None,
-        *,
-        name: str | None = None,
-    ) -> Process:
-        label = name or Path(os.fspath(argv[0])).name
-        log_path = tmp_path / f"process-{next(serial)}-{label}.log"
-        process = Process(argv, env=env, cwd=cwd, log_path=log_path, name=label)
-        processes.append(process)
-        return process
-
     try:
-        yield start
+        yield process_starter(tmp_path, processes)
     finally:
         with contextlib.ExitStack() as stack:
             for process in processes:
@@ -119,33 +106,12 @@ def process_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[
                 _print_dump(f"process {process.name} pid {process.pid}", process.describe())
 
 
-@pytest.fixture
-def prometheus_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[PrometheusFactory]:
-    """Start real Prometheus servers scraping given targets; all are stopped at teardown."""
-    _require_binary("prometheus")
-    servers: list[PrometheusServer] = []
-    serial = itertools.count(1)
-
-    def start(
-        targets: Sequence[str],
-        *,
-        job_name: str = "test",
-        scrape_interval: float = 1.0,
-        metrics_path: str = "/metrics",
-    ) -> PrometheusServer:
-        server = PrometheusServer(
-            targets,
-            job_name=job_name,
-            scrape_interval=scrape_interval,
-            metrics_path=metrics_path,
-            workdir=tmp_path / f"prometheus-{next(serial)}",
-        )
-        servers.append(server)
-        server.start()
-        return server
-
+@contextlib.contextmanager
+def _fleet(request: pytest.FixtureRequest, label: str) -> Iterator[list[Any]]:
+    """The servers a factory fixture started: all stopped at teardown, their output shown if the test failed."""
+    servers: list[Any] = []
     try:
-        yield start
+        yield servers
     finally:
         with contextlib.ExitStack() as stack:
             for server in servers:
@@ -153,39 +119,58 @@ def prometheus_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterat
         if _test_failed(request):
             for server in servers:
                 if server.start_error is None:  # a failed start already raised with the full dump
-                    _print_dump(f"prometheus on port {server.port}", server.dump())
+                    _print_dump(f"{label} on port {server.port}", server.dump())
+
+
+@pytest.fixture
+def prometheus_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[PrometheusFactory]:
+    """Start real Prometheus servers scraping given targets; all are stopped at teardown."""
+    _require_binary("prometheus")
+    serial = itertools.count(1)
+    with _fleet(request, "prometheus") as servers:
+
+        def start(
+            targets: Sequence[str],
+            *,
+            job_name: str = "test",
+            scrape_interval: float = 1.0,
+            metrics_path: str = "/metrics",
+        ) -> PrometheusServer:
+            server = PrometheusServer(
+                targets,
+                job_name=job_name,
+                scrape_interval=scrape_interval,
+                metrics_path=metrics_path,
+                workdir=tmp_path / f"prometheus-{next(serial)}",
+            )
+            servers.append(server)
+            server.start()
+            return server
+
+        yield start
 
 
 @pytest.fixture
 def nginx_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[NginxFactory]:
     """Start real nginx reverse proxies in front of an upstream; all are stopped at teardown."""
     _require_binary("nginx")
-    servers: list[Nginx] = []
     serial = itertools.count(1)
+    with _fleet(request, "nginx") as servers:
 
-    def start(
-        upstream: str,
-        *,
-        extra_location_directives: str = "",
-        extra_server_directives: str = "",
-    ) -> Nginx:
-        server = Nginx(
-            upstream,
-            extra_location_directives=extra_location_directives,
-            extra_server_directives=extra_server_directives,
-            workdir=tmp_path / f"nginx-{next(serial)}",
-        )
-        servers.append(server)
-        server.start()
-        return server
+        def start(
+            upstream: str,
+            *,
+            extra_location_directives: str = "",
+            extra_server_directives: str = "",
+        ) -> Nginx:
+            server = Nginx(
+                upstream,
+                extra_location_directives=extra_location_directives,
+                extra_server_directives=extra_server_directives,
+                workdir=tmp_path / f"nginx-{next(serial)}",
+            )
+            servers.append(server)
+            server.start()
+            return server
 
-    try:
         yield start
-    finally:
-        with contextlib.ExitStack() as stack:
-            for server in servers:
-                stack.callback(server.stop)
-        if _test_failed(request):
-            for server in servers:
-                if server.start_error is None:  # a failed start already raised with the full dump
-                    _print_dump(f"nginx on port {server.port}", server.dump())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import itertools
 import json
 import math
 import os
@@ -958,3 +959,24 @@ class NginxFactory(Protocol):
         extra_location_directives: str = "",
         extra_server_directives: str = "",
     ) -> Nginx: ...
+
+
+def process_starter(workdir: Path, processes: list[Process]) -> ProcessFactory:
+    """A ProcessFactory logging each process to its own file under ``workdir`` and keeping it in
+    ``processes`` so whoever owns the list can stop them all."""
+    serial = itertools.count(1)
+
+    def start(
+        argv: Sequence[str | os.PathLike[str]],
+        env: Mapping[str, str | None] | None = None,
+        cwd: str | os.PathLike[str] | None = None,
+        *,
+        name: str | None = None,
+    ) -> Process:
+        label = name or Path(os.fspath(argv[0])).name
+        process = Process(argv, env=env, cwd=cwd, log_path=workdir / f"process-{next(serial)}-{label}.log",
+                          name=label)
+        processes.append(process)
+        return process
+
+    return start

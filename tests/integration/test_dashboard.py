@@ -13,13 +13,12 @@ import contextlib
 import http.client
 import json
 import math
-import os
 import re
 import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from typing import Any
 import pytest
 import yaml
 from harness import ROOT, Gunicorn, start_gunicorn
-from servers import Nginx, Process, PrometheusServer, wait_until
+from servers import Nginx, Process, PrometheusServer, process_starter, wait_until
 
 DASHBOARD = ROOT / "dashboards" / "gunicorn-insight.json"
 RULES = ROOT / "alerts" / "gunicorn-insight.rules.yml"
@@ -278,17 +277,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     workdir = tmp_path_factory.mktemp("dashboard")
     processes: list[Process] = []
 
-    def process_factory(
-        argv: Sequence[str | os.PathLike[str]],
-        env: Mapping[str, str | None] | None = None,
-        cwd: str | os.PathLike[str] | None = None,
-        *,
-        name: str | None = None,
-    ) -> Process:
-        label = name or Path(os.fspath(argv[0])).name
-        process = Process(argv, env=env, cwd=cwd, log_path=workdir / f"{label}-{len(processes)}.log", name=label)
-        processes.append(process)
-        return process
+    process_factory = process_starter(workdir, processes)
 
     def stop_processes() -> None:
         for process in processes:
