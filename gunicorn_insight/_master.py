@@ -21,19 +21,21 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from . import _scoreboard as sb
 from ._backlog import backlog, listen_overflows
 from ._drain import Drainer, Round
 from ._forensics import EXPECTED, OomCounter, ReapWatcher, classify
-from ._http import MetricsServer
-from ._prometheus import PrometheusSink, make_registry
 from ._safety import LOG, report
 from ._statsd import StatsdSink
 from ._status import StatusFiles
 from ._worker import RecorderOptions
 from .settings import Settings
+
+if TYPE_CHECKING:
+    from ._http import MetricsServer
+    from ._prometheus import PrometheusSink
 
 SLOT_ATTRIBUTE = "_gunicorn_insight_slot"
 RING_RECORDS = 8192
@@ -172,6 +174,11 @@ class Master:
         self.http: MetricsServer | None = None
         settings = plan.settings
         if plan.prometheus_dir is not None:
+            # Imported only here: they bring prometheus_client and the stdlib HTTP stack, and every worker
+            # forked from this master carries whatever the master imported.
+            from ._http import MetricsServer
+            from ._prometheus import PrometheusSink, make_registry
+
             self.prometheus = PrometheusSink(plan.prometheus_dir, settings.buckets, plan.connections_limit,
                                              routes=settings.route_label)
             self._sinks.append(self.prometheus)
