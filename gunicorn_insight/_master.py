@@ -102,7 +102,8 @@ class Plan:
                 exclude_paths=frozenset(settings.exclude_paths),
                 routes=settings.route_label,
                 route_resolver=settings.route_resolver,
-                access_log_atoms=settings.access_log_atoms,
+                # The atoms cost a scan of the scoreboard per request: pay it only if an access log uses them.
+                access_log_atoms=settings.access_log_atoms and bool(getattr(cfg, "accesslog", None)),
             ),
             per_worker_capacity=1 if kind == "sync" else threads if kind == "gthread" else worker_connections,
         )

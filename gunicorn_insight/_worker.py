@@ -85,6 +85,9 @@ def status_code(resp: Any) -> int:
     """The HTTP status of a finished request; 0 when gunicorn does not tell (ASGI without access log)."""
     if resp is None:
         return 0
+    code = getattr(resp, "status_code", None)  # gunicorn's WSGI Response parses it once already
+    if type(code) is int:
+        return code
     status = resp.status
     if isinstance(status, int):
         return status
