@@ -129,3 +129,25 @@ def test_truncated_file_does_not_break_scrapes(tmp_path: Path) -> None:
         print(generate_latest(make_registry(directory, threading.Lock())).decode())
     """
     assert "ok_total 1.0" in run_python(code, tmp_path)
+
+
+def test_sink_writes_every_bucket_so_inf_and_count_are_right(tmp_path: Path) -> None:
+    """Durations all under the first bound still yield a cumulative +Inf bucket and a count equal to them."""
+    code = """
+        import os, threading
+        from collections import Counter
+        from prometheus_client import generate_latest
+        from gunicorn_insight._drain import Round
+        from gunicorn_insight._prometheus import PrometheusSink, make_registry
+        directory = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+        sink = PrometheusSink(directory, (0.1, 1.0), 1)
+        facts = Round(requests=Counter({("GET", 200, ""): 3}))
+        facts.durations = {("GET", ""): [0.01, 0.02, 0.1]}
+        sink.publish(facts)
+        print(generate_latest(make_registry(directory, sink.files_lock)).decode())
+    """
+    out = run_python(code, tmp_path)
+    assert 'gunicorn_request_duration_seconds_bucket{le="0.1",method="GET"} 3.0' in out
+    assert 'gunicorn_request_duration_seconds_bucket{le="+Inf",method="GET"} 3.0' in out
+    assert 'gunicorn_request_duration_seconds_count{method="GET"} 3.0' in out
+    assert 'gunicorn_requests_total{method="GET",status="200"} 3.0' in out
