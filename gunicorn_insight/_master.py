@@ -73,19 +73,20 @@ class Plan:
         kind = worker_kind(cfg)
         threads = max(1, int(getattr(cfg, "threads", 1) or 1))
         worker_connections = int(getattr(cfg, "worker_connections", 1000) or 1000)
+        # Requests one worker runs at once; the scoreboard names at most _MAX_ENTRIES of them.
         if kind == "sync":
-            entries, limit = 1, 1
+            concurrency, limit = 1, 1
         elif kind == "gthread":
-            entries, limit = min(threads, _MAX_ENTRIES), worker_connections
+            concurrency, limit = threads, worker_connections
         else:
-            entries, limit = min(worker_connections, _MAX_ENTRIES), worker_connections
+            concurrency, limit = worker_connections, worker_connections
         workers = max(1, int(getattr(cfg, "workers", 1) or 1))
         gunicorn_target = getattr(cfg, "statsd_host", None)
         return cls(
             settings=settings,
             worker_kind=kind,
             slots=settings.max_workers or max(16, 4 * workers),
-            entries=entries,
+            entries=min(concurrency, _MAX_ENTRIES),
             connections_limit=limit,
             statsd_target=settings.statsd_target or gunicorn_target,
             statsd_prefix=getattr(cfg, "statsd_prefix", "") or "",
@@ -105,7 +106,7 @@ class Plan:
                 # The atoms cost a scan of the scoreboard per request: pay it only if an access log uses them.
                 access_log_atoms=settings.access_log_atoms and bool(getattr(cfg, "accesslog", None)),
             ),
-            per_worker_capacity=1 if kind == "sync" else threads if kind == "gthread" else worker_connections,
+            per_worker_capacity=concurrency,
         )
 
 

@@ -130,8 +130,11 @@ class StatsdSink:
         return client
 
     def _split(self, dotted: str, tagged: str, tag: str, value: object) -> str:
-        """A value per slot or per cause: a DogStatsD tag when tags are on, else a part of the name."""
-        return self._name(tagged, f"{tag}:{value}") if self._tagged else self._name(dotted.format(value))
+        """A value per slot, cause or listener: a DogStatsD tag when tags are on, else one level of the name."""
+        text = str(value)
+        if self._tagged:
+            return self._name(tagged, f"{tag}:{clean_tag(text)}")
+        return self._name(dotted.format(name_part(text)))
 
     def publish(self, facts: Round) -> None:
         client = self._ensure_client()
@@ -157,11 +160,9 @@ class StatsdSink:
                               ("gunicorn.utilization", self._utilization(facts))):
             pipe.gauge(name(metric), value)
         for listener, (queued, limit) in sorted(facts.listeners.items()):
-            tag, part = clean_tag(listener), name_part(listener)
-            pipe.gauge(self._name("gunicorn.listen_backlog", f"listener:{tag}") if self._tagged
-                       else name(f"gunicorn.listener.{part}.backlog"), queued)
-            pipe.gauge(self._name("gunicorn.listen_backlog_max", f"listener:{tag}") if self._tagged
-                       else name(f"gunicorn.listener.{part}.backlog_max"), limit)
+            pipe.gauge(split("gunicorn.listener.{}.backlog", "gunicorn.listen_backlog", "listener", listener), queued)
+            pipe.gauge(split("gunicorn.listener.{}.backlog_max", "gunicorn.listen_backlog_max", "listener", listener),
+                       limit)
         for slot, connections in sorted(facts.connections.items()):
             pipe.gauge(split("gunicorn.worker.{}.connections", "gunicorn.worker.connections", "worker", slot),
                        connections)

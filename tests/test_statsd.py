@@ -73,6 +73,7 @@ def test_dogstatsd_tags_carry_the_worker(receiver: socket.socket) -> None:
     make_sink(receiver.getsockname(), tagged=True, constant_tags="env:prod, team:web").publish(a_round())
     lines = b"\n".join(datagrams(receiver)).decode().splitlines()
     assert "gunicorn.worker.connections:1|g|#worker:0,env:prod,team:web" in lines
+    assert "gunicorn.listen_backlog:3|g|#listener:http_//127.0.0.1_8000,env:prod,team:web" in lines
     assert "gunicorn.requests:3|c|#method:GET,status:200,env:prod,team:web" in lines
     assert "gunicorn.request.duration:1000.000|ms|#method:POST,env:prod,team:web" in lines
 
