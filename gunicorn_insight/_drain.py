@@ -52,7 +52,6 @@ class Round:
     """Requests the workers' watchdogs reported slow this round."""
     exits: Counter[str] = field(default_factory=Counter)
     """cause -> workers that exited this round (filled in by the master after the drain)."""
-    slots: list[sb.SlotView] = field(default_factory=list)
     at: float = 0.0
 
     @property
@@ -117,7 +116,6 @@ class Drainer:
             result.in_flight += view.in_flight
             result.waiting += view.waiting
             result.busy_workers += 1 if view.in_flight else 0
-            result.slots.append(view)
             result.connections[index] = view.connections_now
             running = sum(result.at - request.started for request in view.requests)
             result.busy_seconds[index] = self._busy[index] = max(self._busy[index], self._completed[index] + running)

@@ -38,7 +38,6 @@ class _State:
     run_dir: str | None = None
     run_dir_owner = 0
     prometheus_dir: str | None = None
-    embedded_prometheus = False
     recorder: RequestRecorder | None = None
     error_fd = 2
     inspecting = False
@@ -87,8 +86,7 @@ def _prepare_directories(settings: Settings) -> None:
     directory = settings.prometheus_dir or os.environ.get(PROMETHEUS_ENV)
     if directory and directory == os.environ.get(EMBEDDED_ENV) and STATE.run_dir not in directory:
         directory = None  # a USR2 parent's private directory: it is removed when that master exits
-    STATE.embedded_prometheus = not directory or directory == os.path.join(STATE.run_dir, "prometheus")
-    if STATE.embedded_prometheus:
+    if not directory or directory == os.path.join(STATE.run_dir, "prometheus"):
         directory = os.path.join(STATE.run_dir, "prometheus")
         os.environ[EMBEDDED_ENV] = directory
     assert directory is not None

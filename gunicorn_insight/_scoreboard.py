@@ -62,7 +62,6 @@ ROUTE_SIZE = ROUTE.size
 NO_ROUTE, OVER_ROUTE_CAP = 0, 0xFFFF
 
 FREE, BOOTING, READY = 0, 1, 2
-STATE_NAMES = {FREE: "free", BOOTING: "booting", READY: "ready"}
 FLAG_ABORT_HANDLER = 1  # gunicorn's SIGABRT handler ran worker_abort (the timeout path it can see)
 FLAG_INT_HANDLER = 2  # worker_int ran (SIGINT/SIGQUIT)
 FLAG_COUNTS_CONNECTIONS = 4  # the worker class has nr_conns; the connections field is meaningful
