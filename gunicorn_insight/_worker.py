@@ -128,7 +128,7 @@ class RequestRecorder:
         "_atoms", "_board", "_buffer", "_current", "_entries_offset", "_excluded", "_flags_offset", "_free",
         "_head", "_head_offset", "_lock", "_mask", "_max_routes", "_overflow", "_overflow_offset", "_queue",
         "_redact", "_resolve", "_ring_offset", "_route_ids", "_routes", "_routes_offset", "_routes_used",
-        "_worker", "in_flight", "slot",
+        "_start", "_worker", "in_flight", "slot",
     )
 
     def __init__(
@@ -139,7 +139,7 @@ class RequestRecorder:
         self._board = board
         self._current = current
         self._buffer = board.buffer
-        start = board.offset(slot)
+        self._start = start = board.offset(slot)
         self._head_offset = start + sb.OFF_HEAD
         self._overflow_offset = start + sb.OFF_OVERFLOW
         self._flags_offset = start + sb.OFF_FLAGS
@@ -171,7 +171,7 @@ class RequestRecorder:
         sb.PID.pack_into(self._buffer, start + sb.OFF_PID, os.getpid())
 
     def booted(self) -> None:
-        start = self._head_offset - sb.OFF_HEAD
+        start = self._start
         sb.BOOTED.pack_into(self._buffer, start + sb.OFF_BOOTED, time.monotonic())
         sb.STATE.pack_into(self._buffer, start + sb.OFF_STATE, sb.READY)
 
@@ -265,7 +265,7 @@ class RequestRecorder:
                                        str(name).encode("utf-8", "replace")[: sb.ROUTE_SIZE])
                     self._routes_used += 1
                     number = self._routes_used
-                    sb.ROUTES_USED.pack_into(self._buffer, self._head_offset - sb.OFF_HEAD + sb.OFF_ROUTES_USED,
+                    sb.ROUTES_USED.pack_into(self._buffer, self._start + sb.OFF_ROUTES_USED,
                                              self._routes_used)
                 self._route_ids[name] = number
         return number
@@ -287,17 +287,17 @@ class RequestRecorder:
             sb.HEAD_CONNS.pack_into(self._buffer, self._head_offset, self._head, worker.nr_conns)
         queue = getattr(getattr(worker, "tpool", None), "_work_queue", None)  # gthread's ThreadPoolExecutor
         if queue is not None:
-            sb.WAITING.pack_into(self._buffer, self._head_offset - sb.OFF_HEAD + sb.OFF_WAITING, queue.qsize())
+            sb.WAITING.pack_into(self._buffer, self._start + sb.OFF_WAITING, queue.qsize())
 
     def count_slow(self) -> None:
         """One more slow request (only the watchdog thread calls this, so the count needs no lock)."""
-        offset = self._head_offset - sb.OFF_HEAD + sb.OFF_SLOW
+        offset = self._start + sb.OFF_SLOW
         (slow,) = sb.SLOW.unpack_from(self._buffer, offset)
         sb.SLOW.pack_into(self._buffer, offset, slow + 1)
 
     def exiting(self, worker: Any) -> BaseException | None:
         """worker_exit ran in the worker: record how it is leaving. Returns the boot error, if that is why."""
-        start = self._head_offset - sb.OFF_HEAD
+        start = self._start
         error = sys.exc_info()[1]
         code = 0
         if isinstance(error, SystemExit):
