@@ -107,8 +107,8 @@ class Monitor:
         where, stack = self._stack_of(current)
         LOG.warning(
             "gunicorn-insight: slow request pid=%s slot=%s request=\"%s %s\" elapsed=%.1fs %s (not killed; "
-            "threshold slow_request_timeout=%ss); stack, most recent call last:\n%s",
-            os.getpid(), self._recorder.slot, method, path, elapsed, where, _plain(self._slow_after), stack,
+            "threshold slow_request_timeout=%gs); stack, most recent call last:\n%s",
+            os.getpid(), self._recorder.slot, method, path, elapsed, where, self._slow_after, stack,
         )
 
     def _stack_of(self, current: Any) -> tuple[str, str]:
@@ -146,10 +146,6 @@ def _format(frame: FrameType | None) -> str:
     if frame is None:
         return "  (no Python frame: the thread has finished or is outside Python)\n"
     return "".join(traceback.format_stack(frame))
-
-
-def _plain(number: float) -> str:
-    return f"{number:g}"
 
 
 def _start_daemon(target: Callable[[], None]) -> None:
