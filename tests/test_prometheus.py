@@ -99,7 +99,8 @@ def test_dead_worker_files_are_folded_without_changing_totals(tmp_path: Path) ->
         for pid in (101, 102, 103):
             sink.forget_process(pid)
         print(sorted(os.path.basename(p).replace(f"-{os.getpid()}", "-PID")
-                     for p in glob.glob(directory + "/*.db") if "_archive" in p or "_10" in p))
+                     for p in glob.glob(directory + "/*.db")
+                     if "_archive" in p or p.endswith(("_101.db", "_102.db", "_103.db"))))
         text = generate_latest(make_registry(directory, sink.files_lock)).decode()
         for line in text.splitlines():
             if line.startswith("app_"):
