@@ -376,19 +376,25 @@ def busiest_worker_share(before: CpuSnapshot, after: CpuSnapshot) -> float:
 
 
 def cpu_snapshot(master: int, workers: Sequence[int]) -> CpuSnapshot:
-    """utime+stime of the master and its workers, plus the master's reaped children (cutime+cstime).
+    """utime+stime of the master and every live child (the workers and the plugin's /metrics process),
+    plus the master's reaped children (cutime+cstime).
 
     Fields after the command name: state is [0], utime [11], stime [12], cutime [13], cstime [14].
-    The reaped-children part only moves if a worker dies during the window (then its time still counts).
+    The reaped-children part only moves if a child dies during the window (then its time still counts).
     """
     fields = _stat_fields(master)
     ticks = int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])
     per_worker = {}
-    for pid in workers:
+    helpers = 0
+    for pid in {*workers, *children(master)}:
         with contextlib.suppress(FileNotFoundError, ProcessLookupError):
-            worker = _stat_fields(pid)
-            per_worker[pid] = int(worker[11]) + int(worker[12])
-    return CpuSnapshot(ticks + sum(per_worker.values()), per_worker)
+            child = _stat_fields(pid)
+            used = int(child[11]) + int(child[12])
+            if pid in workers:
+                per_worker[pid] = used
+            else:
+                helpers += used
+    return CpuSnapshot(ticks + helpers + sum(per_worker.values()), per_worker)
 
 
 def machine_busy_ticks() -> int:
@@ -638,10 +644,9 @@ class GunicornServer:
         def booted() -> list[int] | None:
             if not process.alive():
                 raise BenchError(f"gunicorn exited while starting\n{process.describe()}")
-            pids = children(process.pid)
-            if len(pids) == self.workers and all((self.ready_dir / str(pid)).exists() for pid in pids):
-                return sorted(pids)
-            return None
+            # Other children (the plugin's /metrics process) leave no marker; cpu_snapshot counts them too.
+            pids = [pid for pid in children(process.pid) if (self.ready_dir / str(pid)).exists()]
+            return sorted(pids) if len(pids) == self.workers else None
 
         try:
             pids = wait_until(booted, timeout=timeout, what=f"{self.workers} booted gunicorn workers")
@@ -849,7 +854,7 @@ def measure_run(ctx: Context, row: Row, instrumented: bool, pair: int) -> Run:
         load = ctx.load.run(server.url, ctx.duration)
         after = cpu_snapshot(server.pid, workers)
         ours_after, busy_after = own_cpu_seconds(ctx.sink), machine_busy_ticks()
-        changed = sorted(children(server.pid)) != workers
+        changed = not set(workers) <= set(children(server.pid))
     if load.requests <= 0:
         raise BenchError(f"{row.name} ({'instrumented' if instrumented else 'bare'}): no request completed")
     cpu = (after.ticks - before.ticks) / CLK_TCK

@@ -175,7 +175,8 @@ def on_starting(server: Any) -> None:
         return
     try:
         plan = _master.Plan.resolve(settings, server.cfg, STATE.prometheus_dir)
-        master = _master.Master(plan, STATE.run_dir)
+        title = f"gunicorn-insight: metrics [{getattr(server, 'proc_name', None) or 'gunicorn'}]"
+        master = _master.Master(plan, STATE.run_dir, title)
     except ConfigurationError:
         raise
     except Exception as error:
@@ -214,7 +215,7 @@ def _describe(server: Any, master: _master.Master) -> dict[str, Any]:
         "scoreboard_version": sb.VERSION,
         "scoreboard": master.board.path,
         "prometheus_dir": plan.prometheus_dir,
-        "metrics_url": master.http.url if master.http is not None else None,
+        "metrics_url": master.endpoint.url if master.endpoint is not None else None,
         "statsd": repr(plan.statsd_target) if plan.statsd_target is not None else None,
     }
 
@@ -222,8 +223,8 @@ def _describe(server: Any, master: _master.Master) -> dict[str, Any]:
 def _announce(master: _master.Master) -> None:
     plan = master.plan
     where = []
-    if master.http is not None:
-        where.append(f"Prometheus metrics at {master.http.url}")
+    if master.endpoint is not None:
+        where.append(f"Prometheus metrics at {master.endpoint.url}")
     elif plan.prometheus_dir is not None:
         where.append(f"Prometheus files in {plan.prometheus_dir}")
     if plan.statsd_target is not None:

@@ -1,11 +1,10 @@
-"""The master's side: slots for workers, the exporter thread, death reports, the /metrics server.
+"""The master's side: slots for workers, the exporter thread, death reports, the /metrics process.
 
-Two threads of ours run in the master: the exporter (a round every ``interval``) and the HTTP server.
-Every round (drain, metric files, StatsD sends, logging) runs while holding ``_round_lock``, whoever
-triggers it. The fork handlers take that lock before gunicorn forks a worker, so a child is never born
-while a round is half way through a write or a log call; waiting is bounded by one round (milliseconds).
-Outside a round the HTTP thread only reads files and writes its own socket, which hold no lock a child
-could inherit (the logging module resets its own locks at fork).
+One thread of ours runs in the master: the exporter, which runs a round every ``interval`` and whenever
+the /metrics process (see _endpoint and _http) asks for one before a scrape. Every round (drain, metric
+files, StatsD sends, logging) runs while holding ``_round_lock``. The fork handlers take that lock
+before gunicorn forks a worker, so a child is never born while a round is half way through a write or a
+log call; waiting is bounded by one round (milliseconds).
 
 ``pre_fork`` and ``child_exit`` run on gunicorn's main thread, and on gunicorn 23 ``child_exit`` runs
 inside the SIGCHLD handler, so they take no lock and do no logging: they flip bytes in the scoreboard,
@@ -26,15 +25,16 @@ from typing import TYPE_CHECKING, Any, Protocol
 from . import _scoreboard as sb
 from ._backlog import backlog, listen_overflows
 from ._drain import Drainer, Round
+from ._endpoint import MetricsEndpoint, wait_readable
 from ._forensics import EXPECTED, OomCounter, ReapWatcher, classify
 from ._safety import LOG, report
 from ._statsd import StatsdSink
 from ._status import StatusFiles
+from ._watchdog import error_log_fd
 from ._worker import RecorderOptions
 from .settings import Settings
 
 if TYPE_CHECKING:
-    from ._http import MetricsServer
     from ._prometheus import PrometheusSink
 
 SLOT_ATTRIBUTE = "_gunicorn_insight_slot"
@@ -155,7 +155,7 @@ class Death:
 
 
 class Master:
-    def __init__(self, plan: Plan, run_dir: str) -> None:
+    def __init__(self, plan: Plan, run_dir: str, title: str = "gunicorn-insight: metrics") -> None:
         self.plan = plan
         self.pid = os.getpid()
         self.board = sb.Scoreboard.create(
@@ -173,21 +173,17 @@ class Master:
         self._sinks: list[Sink] = []
         self.prometheus: PrometheusSink | None = None
         self.statsd: StatsdSink | None = None
-        self.http: MetricsServer | None = None
+        self.endpoint: MetricsEndpoint | None = None
         settings = plan.settings
         if plan.prometheus_dir is not None:
-            # Imported only here: they bring prometheus_client and the stdlib HTTP stack, and every worker
-            # forked from this master carries whatever the master imported.
-            from ._http import MetricsServer
-            from ._prometheus import PrometheusSink, make_registry
+            from ._prometheus import PrometheusSink  # not needed by a StatsD-only master
 
             self.prometheus = PrometheusSink(plan.prometheus_dir, settings.buckets, plan.connections_limit,
                                              routes=settings.route_label)
             self._sinks.append(self.prometheus)
             if settings.serves_metrics:
-                registry = make_registry(plan.prometheus_dir, self.prometheus.files_lock)
-                self.http = MetricsServer(settings.metrics_address, registry, self.run_round,
-                                          successor=plan.successor)
+                self.endpoint = MetricsEndpoint(settings.metrics_address, plan.prometheus_dir,
+                                                successor=plan.successor, error_fd=error_log_fd(), title=title)
         if plan.statsd_target is not None:
             self.statsd = StatsdSink(
                 plan.statsd_target,
@@ -206,8 +202,6 @@ class Master:
     # -- lifecycle ----------------------------------------------------------------------------------
 
     def start(self) -> None:
-        if self.http is not None:
-            self.http.start()
         self._thread = threading.Thread(target=self._run, name="gunicorn-insight-exporter", daemon=True)
         self._thread.start()
 
@@ -218,16 +212,27 @@ class Master:
             self._thread.join(timeout=5)
         self.queue_unreaped_exits()
         self.run_round()
-        if self.http is not None:
-            self.http.stop()
+        if self.endpoint is not None:
+            self.endpoint.close()
         if self.statsd is not None:
             self.statsd.close()
         if self.prometheus is not None:
             self.prometheus.close()
 
     def _run(self) -> None:
-        while not self._stop.wait(self.plan.settings.interval):
-            self.run_round()
+        interval = self.plan.settings.interval
+        next_round = time.monotonic() + interval
+        while not self._stop.is_set():
+            wait_readable(self.endpoint, max(0.0, next_round - time.monotonic()))
+            if self._stop.is_set():
+                return
+            if self.endpoint is not None:
+                self.endpoint.serve_requests(self.run_round)
+                with self._round_lock:
+                    self.endpoint.restart_if_gone()
+            if time.monotonic() >= next_round:
+                self.run_round()
+                next_round = time.monotonic() + interval
 
     def run_round(self) -> None:
         with self._round_lock:
@@ -355,8 +360,8 @@ class Master:
     def after_fork_in_child(self) -> None:
         self._round_lock.release()
         self.in_child = True
-        if self.http is not None:
-            self.http.close_in_child()
+        if self.endpoint is not None:
+            self.endpoint.close_in_child()
         if self.statsd is not None:
             self.statsd.close()
 

@@ -1,33 +1,31 @@
 """Prometheus export through prometheus_client's multiprocess files.
 
 The master writes the plugin's metrics into the multiprocess directory, where the application's own
-metrics (written by the workers) already are, and serves both. Files of dead workers are folded into
-one ``*_archive.db`` file per type so the directory, and therefore scrape time, stays bounded however
-many workers have come and gone.
+metrics (written by the workers) already are; the /metrics process (_http) serves both. Files of dead
+workers are folded into one ``*_archive-<master pid>.db`` file per type so the directory, and therefore
+scrape time, stays bounded however many workers have come and gone. This module never imports
+prometheus_client: the master writes the format itself (_mmapfile).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import glob
 import os
-import struct
 import sys
-import threading
 from bisect import bisect_left
-from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator
 
 from ._drain import Round
 from ._forensics import CAUSES
+from ._mmapfile import MetricFile, go_float, read_file, sample_key
 from ._safety import report
 from .settings import ConfigurationError
 
-if TYPE_CHECKING:
-    from prometheus_client.registry import CollectorRegistry
-
 _MIN_FILE = 8  # a file shorter than its own header was cut short by a kill and would break every scrape
 _SUMMED = {"counter", "histogram", "summary", "gauge_sum"}
+MERGE_LOCK = ".gunicorn-insight.lock"
 
 
 def check_import_order(directory: str) -> None:
@@ -62,19 +60,22 @@ def prepare_directory(directory: str, *, clear: bool) -> None:
             os.remove(path)
 
 
-class DirectoryCollector:
-    """Like prometheus_client's MultiProcessCollector, but a truncated file is skipped, not fatal."""
+@contextlib.contextmanager
+def merge_lock(directory: str, *, shared: bool) -> Iterator[None]:
+    """Held exclusively while the master folds a dead worker's file into an archive (the values are in
+    both files for a moment) and shared while the /metrics process reads the directory, so no scrape
+    counts them twice. Opened per use: a worker forked meanwhile must not inherit the lock."""
+    fd = os.open(os.path.join(directory, MERGE_LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
-    def __init__(self, directory: str, lock: threading.Lock) -> None:
-        self._directory = directory
-        self._lock = lock
 
-    def collect(self) -> Iterable[Any]:
-        from prometheus_client.multiprocess import MultiProcessCollector
-
-        with self._lock:
-            files = [path for path in glob.glob(os.path.join(self._directory, "*.db")) if _usable(path)]
-            return list(MultiProcessCollector.merge(files, accumulate=True))
+def usable_files(directory: str) -> list[str]:
+    """The directory's metric files, without those a kill cut short before their header was written."""
+    return [path for path in glob.glob(os.path.join(directory, "*.db")) if _usable(path)]
 
 
 def _usable(path: str) -> bool:
@@ -82,20 +83,6 @@ def _usable(path: str) -> bool:
         return os.path.getsize(path) >= _MIN_FILE
     except OSError:
         return False  # removed between glob and stat by a merge
-
-
-def _read_values(path: str) -> list[tuple[str, float, float, int]]:
-    from prometheus_client.mmap_dict import MmapedDict
-
-    return list(MmapedDict.read_all_values_from_file(path)) if _usable(path) else []
-
-
-def make_registry(directory: str, lock: threading.Lock) -> CollectorRegistry:
-    from prometheus_client import CollectorRegistry
-
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(DirectoryCollector(directory, lock))
-    return registry
 
 
 QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -115,11 +102,9 @@ class _Family:
         cache_key = (sample, labelvalues + tuple(value for _, value in extra))
         key = self._keys.get(cache_key)
         if key is None:
-            from prometheus_client.mmap_dict import mmap_key
-
-            names = list(self.labelnames) + [name for name, _ in extra]
-            values = list(labelvalues) + [value for _, value in extra]
-            key = self._keys[cache_key] = mmap_key(self.name, self.name + sample, names, values, self.documentation)
+            labels = dict(zip(self.labelnames, labelvalues, strict=True))
+            labels.update(extra)
+            key = self._keys[cache_key] = sample_key(self.name, self.name + sample, labels, self.documentation)
         return key
 
 
@@ -134,11 +119,9 @@ def _gauge(name: str, documentation: str, labelnames: tuple[str, ...] = ()) -> _
 
 class _Histogram(_Family):
     def __init__(self, name: str, documentation: str, labelnames: tuple[str, ...], bounds: tuple[float, ...]) -> None:
-        from prometheus_client.utils import floatToGoString
-
         super().__init__("histogram", name, documentation, labelnames)
         self.bounds = bounds
-        self.les = (*(floatToGoString(bound) for bound in bounds), "+Inf")
+        self.les = (*(go_float(bound) for bound in bounds), "+Inf")
         self.seen: set[tuple[str, ...]] = set()
 
 
@@ -155,10 +138,9 @@ class PrometheusSink:
         self, directory: str, buckets: tuple[float, ...], connections_limit: int, *, routes: bool = False
     ) -> None:
         self.directory = directory
-        self.files_lock = threading.Lock()
         self._pid = os.getpid()
-        self._archives: dict[str, tuple[Any, set[str]]] = {}
-        self._files: dict[str, Any] = {}
+        self._archives: dict[str, tuple[MetricFile, set[str]]] = {}
+        self._files: dict[str, MetricFile] = {}
         self._totals: dict[tuple[str, str], float] = {}
         self._routes = routes
         route = ("route",) if routes else ()
@@ -206,23 +188,21 @@ class PrometheusSink:
             self._add(self._exits, self._exits.key("_total", (cause,)), 0)
         self._set(self._limit, self._limit.key(""), connections_limit)
 
-    def _file(self, prefix: str) -> Any:
-        mmaped = self._files.get(prefix)
-        if mmaped is None:
-            from prometheus_client.mmap_dict import MmapedDict
-
-            mmaped = self._files[prefix] = MmapedDict(os.path.join(self.directory, f"{prefix}_{self._pid}.db"))
-        return mmaped
+    def _file(self, prefix: str) -> MetricFile:
+        found = self._files.get(prefix)
+        if found is None:
+            found = self._files[prefix] = MetricFile(os.path.join(self.directory, f"{prefix}_{self._pid}.db"))
+        return found
 
     def _add(self, family: _Family, key: str, amount: float) -> None:
         total = self._totals.get((family.file_prefix, key), 0.0) + amount
         self._totals[family.file_prefix, key] = total
-        self._file(family.file_prefix).write_value(key, total, 0.0)
+        self._file(family.file_prefix).write(key, total)
 
     def _set(self, family: _Family, key: str, value: float) -> None:
         if self._totals.get((family.file_prefix, key)) != value:
             self._totals[family.file_prefix, key] = value
-            self._file(family.file_prefix).write_value(key, value, 0.0)
+            self._file(family.file_prefix).write(key, value)
 
     def _observe(self, histogram: _Histogram, labels: tuple[str, ...], values: list[float]) -> None:
         """Many observations at once: one write per bucket that changed (multiprocess files keep buckets
@@ -270,7 +250,7 @@ class PrometheusSink:
     def forget_process(self, pid: int) -> None:
         """Fold a dead worker's files into the archive files, then delete them."""
         suffix = f"_{pid}.db"
-        with self.files_lock:
+        with merge_lock(self.directory, shared=False):
             for path in glob.glob(os.path.join(self.directory, f"*{suffix}")):
                 prefix = os.path.basename(path)[: -len(suffix)]
                 if prefix.startswith("gauge_live"):
@@ -279,34 +259,32 @@ class PrometheusSink:
                 if prefix == "gauge_all":
                     continue  # one series per pid by the user's choice: nothing to merge into
                 try:
-                    values = _read_values(path)
-                except (OSError, struct.error, UnicodeDecodeError, ValueError) as error:
+                    values = read_file(path)
+                except (OSError, UnicodeDecodeError, ValueError) as error:
                     report(f"reading {path}", error)
                     values = []
                 archive, keys = self._archive(prefix)
-                for key, value, timestamp, _ in values:
+                for key, value, timestamp in values:
                     merged = (value, timestamp)
                     if key in keys:
-                        old_value, old_timestamp = archive.read_value(key)
+                        old_value, old_timestamp = archive.read(key)
                         merged = _combine(prefix, old_value, old_timestamp, value, timestamp)
-                    archive.write_value(key, *merged)
+                    archive.write(key, *merged)
                     keys.add(key)
                 os.remove(path)
 
-    def _archive(self, prefix: str) -> tuple[Any, set[str]]:
-        from prometheus_client.mmap_dict import MmapedDict
-
+    def _archive(self, prefix: str) -> tuple[MetricFile, set[str]]:
         found = self._archives.get(prefix)
         if found is None:
             # Per master: during a USR2 upgrade two masters fold dead workers into the same directory.
-            archive = MmapedDict(os.path.join(self.directory, f"{prefix}_archive-{self._pid}.db"))
-            found = self._archives[prefix] = (archive, {key for key, _, _ in archive.read_all_values()})
+            archive = MetricFile(os.path.join(self.directory, f"{prefix}_archive-{self._pid}.db"))
+            found = self._archives[prefix] = (archive, archive.keys())
         return found
 
     def close(self) -> None:
         """The master is going away: its live gauges go with it, its counters stay for the last scrape."""
-        for mmaped in [*self._files.values(), *(archive for archive, _ in self._archives.values())]:
-            mmaped.close()
+        for file in [*self._files.values(), *(archive for archive, _ in self._archives.values())]:
+            file.close()
         self._files.clear()
         self._archives.clear()
         with contextlib.suppress(OSError):

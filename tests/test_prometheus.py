@@ -76,7 +76,8 @@ def test_dead_worker_files_are_folded_without_changing_totals(tmp_path: Path) ->
         import os, glob
         from prometheus_client import Counter, Gauge, Histogram
         from prometheus_client.values import ValueClass
-        from gunicorn_insight._prometheus import PrometheusSink, make_registry
+        from gunicorn_insight._prometheus import PrometheusSink
+        from gunicorn_insight._http import make_registry
         from prometheus_client import generate_latest
 
         import prometheus_client.values as values
@@ -101,7 +102,7 @@ def test_dead_worker_files_are_folded_without_changing_totals(tmp_path: Path) ->
         print(sorted(os.path.basename(p).replace(f"-{os.getpid()}", "-PID")
                      for p in glob.glob(directory + "/*.db")
                      if "_archive" in p or p.endswith(("_101.db", "_102.db", "_103.db"))))
-        text = generate_latest(make_registry(directory, sink.files_lock)).decode()
+        text = generate_latest(make_registry(directory)).decode()
         for line in text.splitlines():
             if line.startswith("app_"):
                 print(line)
@@ -123,11 +124,11 @@ def test_truncated_file_does_not_break_scrapes(tmp_path: Path) -> None:
     code = """
         import os, threading
         from prometheus_client import Counter, generate_latest
-        from gunicorn_insight._prometheus import make_registry
+        from gunicorn_insight._http import make_registry
         directory = os.environ["PROMETHEUS_MULTIPROC_DIR"]
         Counter("ok", "o", registry=None).inc()
         open(os.path.join(directory, "counter_999.db"), "wb").close()
-        print(generate_latest(make_registry(directory, threading.Lock())).decode())
+        print(generate_latest(make_registry(directory)).decode())
     """
     assert "ok_total 1.0" in run_python(code, tmp_path)
 
@@ -139,13 +140,14 @@ def test_sink_writes_every_bucket_so_inf_and_count_are_right(tmp_path: Path) -> 
         from collections import Counter
         from prometheus_client import generate_latest
         from gunicorn_insight._drain import Round
-        from gunicorn_insight._prometheus import PrometheusSink, make_registry
+        from gunicorn_insight._prometheus import PrometheusSink
+        from gunicorn_insight._http import make_registry
         directory = os.environ["PROMETHEUS_MULTIPROC_DIR"]
         sink = PrometheusSink(directory, (0.1, 1.0), 1)
         facts = Round(requests=Counter({("GET", 200, ""): 3}))
         facts.durations = {("GET", ""): [0.01, 0.02, 0.1]}
         sink.publish(facts)
-        print(generate_latest(make_registry(directory, sink.files_lock)).decode())
+        print(generate_latest(make_registry(directory)).decode())
     """
     out = run_python(code, tmp_path)
     assert 'gunicorn_request_duration_seconds_bucket{le="0.1",method="GET"} 3.0' in out

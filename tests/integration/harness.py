@@ -95,7 +95,8 @@ class Gunicorn:
             what=f"{count} booted workers in the scoreboard", dump=self.process.describe,
         )
 
-    def worker_pids(self) -> list[int]:
+    def children(self) -> list[int]:
+        """Every live child of the master: the workers and the plugin's /metrics process."""
         pids = []
         for entry in os.listdir("/proc"):
             if entry.isdigit():
@@ -103,9 +104,27 @@ class Gunicorn:
                     stat = Path(f"/proc/{entry}/stat").read_text()
                 except OSError:
                     continue
-                if int(stat.rsplit(")", 1)[1].split()[1]) == self.pid:
+                state, parent = stat.rsplit(")", 1)[1].split()[:2]
+                if int(parent) == self.pid and state != "Z":
                     pids.append(int(entry))
         return pids
+
+    def worker_pids(self) -> list[int]:
+        """The children that are workers, not the /metrics process."""
+        return [pid for pid in self.children() if not _is_metrics_process(pid)]
+
+    def metrics_pid(self) -> int:
+        (pid,) = [pid for pid in self.children() if _is_metrics_process(pid)]
+        return pid
+
+
+def _is_metrics_process(pid: int) -> bool:
+    """Its command line names its module, or (with setproctitle installed) its title says what it is."""
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"gunicorn_insight._http" in command or b"gunicorn-insight: metrics" in command
 
 
 def scoreboard_of(process: Process) -> str | None:

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import socket
+from pathlib import Path
+
 import pytest
 from harness import start_gunicorn
 from servers import ProcessFactory, PrometheusFactory, wait_until
@@ -84,3 +90,49 @@ def test_asgi_worker_counts_requests(process_factory: ProcessFactory) -> None:
     for _ in range(6):
         server.get("/")
     assert server.value("gunicorn_requests_total", method="GET", status="201") == 6
+
+
+MODULES_CONFIG = """
+import json, sys
+import gunicorn_insight
+
+def when_ready(server):
+    with open({marks!r}, "w") as marks:
+        json.dump({{name: name in sys.modules for name in ("prometheus_client", "http.server", "wsgiref")}}, marks)
+
+gunicorn_insight.install(globals())
+"""
+
+
+def test_master_serves_metrics_without_importing_prometheus_client(process_factory: ProcessFactory,
+                                                                   tmp_path: Path) -> None:
+    """prometheus_client and the HTTP stack stay out of the master (and so out of every worker it forks)."""
+    marks = tmp_path / "modules.json"
+    config = tmp_path / "gunicorn.conf.py"
+    config.write_text(MODULES_CONFIG.format(marks=str(marks)))
+    server = start_gunicorn(process_factory, config=str(config))
+    server.get("/")
+    assert server.total("gunicorn_requests_total") == 1
+    assert json.loads(marks.read_text()) == {"prometheus_client": False, "http.server": False, "wsgiref": False}
+
+
+@pytest.mark.oldest
+def test_metrics_process_exits_when_the_master_is_killed(process_factory: ProcessFactory) -> None:
+    """SIGKILL the master: its /metrics process sees the socket close, exits, and frees the port."""
+    server = start_gunicorn(process_factory, workers=1)
+    metrics_pid = server.metrics_pid()
+    assert server.metrics_port is not None
+    assert server.total("gunicorn_workers") == 1
+    os.kill(server.pid, signal.SIGKILL)
+    wait_until(lambda: not Path(f"/proc/{metrics_pid}").exists() or _zombie(metrics_pid), timeout=20,
+               what="the /metrics process to exit after its master was killed", dump=server.process.describe)
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(("127.0.0.1", server.metrics_port))
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True

@@ -1,0 +1,140 @@
+"""prometheus_client's multiprocess file format, written and read without importing prometheus_client.
+
+The master writes its metrics into these files and folds dead workers' files into archives. Importing
+prometheus_client there would put its 1.5 MB of module objects into every worker gunicorn forks, so the
+master speaks the format itself; only the /metrics process (see _http) imports the library.
+``tests/test_mmapfile.py`` checks each direction against the installed prometheus_client.
+
+The format: a 4-byte little-endian count of bytes used (from the start of the file), 4 bytes of padding,
+then entries. An entry is a 4-byte key length, the UTF-8 key, spaces up to 8-byte alignment (always at
+least one byte of them), and two doubles: the value and a timestamp.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import os
+import struct
+
+_USED = struct.Struct("<i")
+_VALUE = struct.Struct("<dd")
+_HEADER = 8
+_INITIAL_SIZE = 1 << 16
+
+
+def sample_key(metric: str, sample: str, labels: dict[str, str], documentation: str) -> str:
+    """The key prometheus_client stores for one sample (sorted, so equal samples share one key)."""
+    return json.dumps([metric, sample, labels, documentation], sort_keys=True)
+
+
+def go_float(value: float) -> str:
+    """A bucket bound as prometheus_client writes its ``le`` label (Go's formatting of a float)."""
+    if value == math.inf:
+        return "+Inf"
+    text = repr(float(value))
+    dot = text.find(".")
+    if value > 0 and dot > 6:  # Go switches to an exponent where Python still writes digits
+        mantissa = f"{text[0]}.{text[1:dot]}{text[dot + 1:]}".rstrip("0.")
+        return f"{mantissa}e+{dot - 1:02d}"
+    return text
+
+
+def _entry(key: str) -> bytes:
+    encoded = key.encode("utf-8")
+    padding = 8 - (len(encoded) + 4) % 8
+    return _USED.pack(len(encoded)) + encoded + b" " * padding + _VALUE.pack(0.0, 0.0)
+
+
+def parse(data: bytes | mmap.mmap, used: int) -> list[tuple[str, float, float]]:
+    """Every (key, value, timestamp) in the first ``used`` bytes; ValueError when an entry overruns."""
+    found = []
+    position = _HEADER
+    while position < used:
+        (length,) = _USED.unpack_from(data, position)
+        if length < 0 or position + 4 + length + 16 > used:
+            raise ValueError(f"an entry at byte {position} runs past the {used} bytes in use: the file is corrupt")
+        key = bytes(data[position + 4 : position + 4 + length]).decode("utf-8")
+        position += 4 + length + 8 - (length + 4) % 8
+        value, timestamp = _VALUE.unpack_from(data, position)
+        found.append((key, value, timestamp))
+        position += 16
+    return found
+
+
+def read_file(path: str) -> list[tuple[str, float, float]]:
+    """A file's samples, read without mapping it (a writer may be growing it)."""
+    with open(path, "rb") as handle:
+        data = handle.read(mmap.PAGESIZE)
+        if len(data) < _HEADER:
+            return []  # cut short by a kill before its header was written
+        (used,) = _USED.unpack_from(data, 0)
+        if used > len(data):
+            data += handle.read(used - len(data))
+    return parse(data, min(used, len(data)))
+
+
+class MetricFile:
+    """One writer's file: values are written in place, new keys are appended, then published in the header."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        size = os.fstat(self._fd).st_size
+        if size < _INITIAL_SIZE:
+            os.ftruncate(self._fd, _INITIAL_SIZE)
+            size = _INITIAL_SIZE
+        self._map = mmap.mmap(self._fd, size)
+        (used,) = _USED.unpack_from(self._map, 0)
+        self._used = used if used >= _HEADER else _HEADER
+        self._positions: dict[str, int] = {}
+        if used >= _HEADER:
+            position = _HEADER
+            for key, _, _ in parse(self._map, used):
+                length = len(key.encode("utf-8"))
+                position += 4 + length + 8 - (length + 4) % 8
+                self._positions[key] = position
+                position += 16
+        else:
+            self._map[0:4] = _USED.pack(self._used)
+
+    def keys(self) -> set[str]:
+        return set(self._positions)
+
+    def read(self, key: str) -> tuple[float, float]:
+        position = self._positions.get(key)
+        if position is None:
+            return 0.0, 0.0
+        value, timestamp = _VALUE.unpack_from(self._map, position)
+        return value, timestamp
+
+    def write(self, key: str, value: float, timestamp: float = 0.0) -> None:
+        position = self._positions.get(key)
+        if position is None:
+            position = self._append(key)
+        # One slice assignment, not pack_into: a reader must never see the value half written.
+        self._map[position : position + 16] = _VALUE.pack(value, timestamp)
+
+    def _append(self, key: str) -> int:
+        entry = _entry(key)
+        end = self._used + len(entry)
+        if end > len(self._map):
+            size = len(self._map)
+            while size < end:
+                size *= 2
+            os.ftruncate(self._fd, size)
+            self._map.close()
+            self._map = mmap.mmap(self._fd, size)
+        self._map[self._used : end] = entry
+        # The header moves last, so a reader sees either the old entries or all of the new one.
+        self._map[0:4] = _USED.pack(end)
+        self._used = end
+        self._positions[key] = end - 16
+        return end - 16
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            self._map.close()
+            os.close(self._fd)
+            self._fd = -1
