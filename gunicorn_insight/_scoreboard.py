@@ -56,6 +56,7 @@ OFF_EXIT_CODE, OFF_SLOW, OFF_RSS, OFF_WAITING, OFF_ROUTES_USED, OFF_LAST_WORDS =
 ENTRY = struct.Struct("<B7xdQ8s48s176s")  # in use, start (monotonic), thread, method, client, path
 ENTRY_SIZE = 256
 RING = struct.Struct("<ddHHHxx")  # duration s, queue s (NaN: none, negative: invalid), status, method, route
+# The drain reads the third 8-byte word of a record as one number: status | method << 16 | route << 32.
 RING_SIZE = RING.size
 ROUTE = struct.Struct("<64s")  # one route template, utf-8; ring records refer to it as index + 1
 ROUTE_SIZE = ROUTE.size
@@ -284,17 +285,20 @@ class Scoreboard:
 
     def read_ring(self, index: int, start: int, stop: int) -> Iterator[tuple[float, float, int, int, int]]:
         """Records ``start`` to ``stop`` (absolute counts, at most one ring's worth)."""
+        return RING.iter_unpack(self.ring_bytes(index, start, stop))
+
+    def ring_bytes(self, index: int, start: int, stop: int) -> bytes:
+        """The raw records ``start`` to ``stop``, in order, as one copy."""
         mask = self.ring - 1
         base = self.ring_offset(index)
         first, last = start & mask, stop & mask
         if stop - start == 0:
-            return iter(())
+            return b""
         if first < last:
-            chunk = self.buffer[base + first * RING_SIZE : base + last * RING_SIZE]
-        else:
-            chunk = self.buffer[base + first * RING_SIZE : base + self.ring * RING_SIZE]
-            chunk += self.buffer[base : base + last * RING_SIZE]
-        return RING.iter_unpack(chunk)
+            return self.buffer[base + first * RING_SIZE : base + last * RING_SIZE]
+        return self.buffer[base + first * RING_SIZE : base + self.ring * RING_SIZE] + self.buffer[
+            base : base + last * RING_SIZE
+        ]
 
 
 def slot_size(entries: int, ring: int, routes: int = 0) -> int:

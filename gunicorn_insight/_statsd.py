@@ -11,7 +11,7 @@ import logging
 import re
 import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Sequence
 from typing import Any
 
 import statsd
@@ -20,6 +20,7 @@ from ._drain import Round
 from ._safety import RateLimitedLog
 
 MAX_DATAGRAM = 1432
+_WIDEST_MS = 12  # "%.3f" of a duration under 27 hours, the newline, and the 4 of "%.3f" as slack
 RESOLVE_EVERY = 60.0
 _WARN = RateLimitedLog()
 _TAG_UNSAFE = re.compile(r"[^A-Za-z0-9_./-]")
@@ -46,12 +47,22 @@ class _Pipeline(statsd.client.udp.Pipeline):  # type: ignore[misc]
         line: str = super()._prepare(name, value, rate)
         return f"{line}|#{tags}" if tags else line
 
-    def timings(self, stat: str, seconds: Iterable[float]) -> None:
-        """One timer line per value, formatted in one pass: a round can carry thousands of them, and the
-        generic per-call path costs several microseconds each."""
+    def timings(self, stat: str, seconds: Sequence[float]) -> None:
+        """Timer lines for many values, a datagram's worth at a time: one ``%`` formatting per datagram
+        instead of a string per value. A round can carry thousands of values, one per request."""
         name, _, tags = stat.partition("|#")
-        tail = f"|ms|#{tags}" if tags else "|ms"
-        self._stats.extend([f"{name}:{value * 1000.0:.3f}{tail}" for value in seconds])
+        line = f"{name}:%.3f|ms|#{tags}" if tags else f"{name}:%.3f|ms"
+        line = line.replace("%", "%%").replace("%%.3f", "%.3f", 1)
+        per_datagram = max(1, MAX_DATAGRAM // (len(line) + _WIDEST_MS))
+        template = "\n".join([line] * per_datagram)
+        milliseconds = [value * 1000.0 for value in seconds]
+        full = len(milliseconds) - len(milliseconds) % per_datagram
+        stats = self._stats
+        for start in range(0, full, per_datagram):
+            stats.append(template % tuple(milliseconds[start : start + per_datagram]))
+        if full < len(milliseconds):
+            rest = milliseconds[full:]
+            stats.append("\n".join([line] * len(rest)) % tuple(rest))
 
 
 class _Client(statsd.StatsClient):  # type: ignore[misc]

@@ -23,6 +23,13 @@ _PATH_BYTES = 176
 _DYING = sb.FLAG_ABORT_HANDLER | sb.FLAG_INT_HANDLER
 _CLIENT_BYTES = 48
 _METHOD_BYTES = {method: method.encode() for method in sb.METHODS}
+# Bound once: the hooks run with cold caches between requests, and every lookup there is a cache miss.
+_monotonic = time.monotonic
+_pack_entry = sb.ENTRY.pack_into
+_pack_ring = sb.RING.pack_into
+_pack_head = sb.HEAD_CONNS.pack_into
+_ENTRY_SIZE = sb.ENTRY_SIZE
+_RING_SIZE = sb.RING_SIZE
 
 
 InFlightRequest = tuple[float, int, Any, str, str, float]
@@ -176,14 +183,16 @@ class RequestRecorder:
         sb.STATE.pack_into(self._buffer, start + sb.OFF_STATE, sb.READY)
 
     def started(self, req: Any) -> None:
-        now = time.monotonic()
+        now = _monotonic()
         path = req.path or ""
-        if path in self._excluded:
+        excluded = self._excluded
+        if excluded and path in excluded:
             return
         queue = request_queue_time(req.headers) if self._queue else sb.NO_QUEUE_TIME
-        try:
-            entry = self._free.pop()
-        except IndexError:
+        free = self._free
+        if free:
+            entry = free.pop()
+        else:
             entry = -1
             self._overflow += 1
             sb.OVERFLOW.pack_into(self._buffer, self._overflow_offset, self._overflow)
@@ -194,9 +203,9 @@ class RequestRecorder:
         current = self._current()
         self.in_flight[id(req)] = (now, entry, current, method, path, queue)
         if entry >= 0:
-            sb.ENTRY.pack_into(
+            _pack_entry(
                 self._buffer,
-                self._entries_offset + entry * sb.ENTRY_SIZE,
+                self._entries_offset + entry * _ENTRY_SIZE,
                 1,
                 now,
                 current if type(current) is int else id(current),
@@ -208,32 +217,27 @@ class RequestRecorder:
             self._add_log_atoms(req, queue)
 
     def finished(self, req: Any, environ: Any, resp: Any) -> None:
-        now = time.monotonic()
+        now = _monotonic()
         started = self.in_flight.pop(id(req), None)
         if started is None:
             return  # not recorded: an excluded path, or pre_request never ran for it
-        start, entry, queue = started[0], started[1], started[5]
-        method = sb.METHOD_INDEX.get(req.method, sb.OTHER_METHOD)
+        code = getattr(resp, "status_code", None)  # gunicorn's WSGI Response has parsed it already
+        if type(code) is not int:
+            code = status_code(resp)
         route = self._route(environ) if self._routes else sb.NO_ROUTE
         conns = self._worker.nr_conns if self._worker is not None else 0
         with self._lock:
             head = self._head
-            sb.RING.pack_into(
-                self._buffer,
-                self._ring_offset + (head & self._mask) * sb.RING_SIZE,
-                now - start,
-                queue,
-                status_code(resp),
-                method,
-                route,
-            )
+            _pack_ring(self._buffer, self._ring_offset + (head & self._mask) * _RING_SIZE, now - started[0],
+                       started[5], code, sb.METHOD_INDEX.get(req.method, sb.OTHER_METHOD), route)
             self._head = head + 1
             # Publishing the head after the record is what makes the record visible to the master.
-            sb.HEAD_CONNS.pack_into(self._buffer, self._head_offset, head + 1, conns)
+            _pack_head(self._buffer, self._head_offset, head + 1, conns)
+        entry = started[1]
         if entry >= 0:
             if self._buffer[self._flags_offset] & _DYING:
                 return  # the request was cut short by a signal: keep it visible for the master's report
-            self._buffer[self._entries_offset + entry * sb.ENTRY_SIZE] = 0
+            self._buffer[self._entries_offset + entry * _ENTRY_SIZE] = 0
             self._free.append(entry)
         else:
             self._overflow -= 1
