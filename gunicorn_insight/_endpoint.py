@@ -154,7 +154,14 @@ def wait_readable(endpoint: MetricsEndpoint | None, timeout: float) -> None:
     if fd < 0:
         time.sleep(timeout)
         return
-    select.select([fd], [], [], timeout)
+    _readable(fd, timeout)
+
+
+def _readable(fd: int, timeout: float) -> bool:
+    """poll(), not select(): select() refuses descriptors above 1023, and a master may hold that many."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(timeout * 1000.0))
 
 
 def _first_line(sock: socket.socket, deadline: float) -> tuple[str, bytes]:
@@ -165,8 +172,7 @@ def _first_line(sock: socket.socket, deadline: float) -> tuple[str, bytes]:
         left = give_up - time.monotonic()
         if left <= 0:
             raise EndpointError(f"the /metrics process did not report in {deadline:.0f}s")
-        readable, _, _ = select.select([sock], [], [], left)
-        if readable:
+        if _readable(sock.fileno(), left):
             chunk = sock.recv(4096)
             if not chunk:
                 return "", b""

@@ -19,9 +19,7 @@ from typing import Any
 from . import _scoreboard as sb
 from ._routes import ROUTE_KEY
 
-_PATH_BYTES = 176
 _DYING = sb.FLAG_ABORT_HANDLER | sb.FLAG_INT_HANDLER
-_CLIENT_BYTES = 48
 _METHOD_BYTES = {method: method.encode() for method in sb.METHODS}
 # Bound once: the hooks run with cold caches between requests, and every lookup there is a cache miss.
 _monotonic = time.monotonic
@@ -134,8 +132,8 @@ class RequestRecorder:
     __slots__ = (
         "_atoms", "_board", "_buffer", "_current", "_entries_offset", "_excluded", "_flags_offset", "_free",
         "_head", "_head_offset", "_lock", "_mask", "_max_routes", "_overflow", "_overflow_offset", "_queue",
-        "_redact", "_resolve", "_ring_offset", "_route_ids", "_routes", "_routes_offset", "_routes_used",
-        "_start", "_worker", "in_flight", "slot",
+        "_redact", "_resolve", "_resolves_by_key", "_ring_offset", "_route_ids", "_routes", "_routes_offset",
+        "_routes_used", "_start", "_worker", "in_flight", "slot",
     )
 
     def __init__(
@@ -167,6 +165,7 @@ class RequestRecorder:
         self._atoms = options.access_log_atoms
         self._routes = options.routes and board.routes > 0
         self._resolve = options.route_resolver or default_route
+        self._resolves_by_key = options.route_resolver is None
         self._max_routes = board.routes
         # The route table belongs to the slot, not the worker: keep the numbers a predecessor gave out.
         self._route_ids = {name: n + 1 for n, name in enumerate(board.route_names(slot))}
@@ -210,8 +209,9 @@ class RequestRecorder:
                 now,
                 current if type(current) is int else id(current),
                 _METHOD_BYTES.get(method) or method.encode("ascii", "replace"),
-                describe_client(getattr(req, "peer_addr", None)).encode("utf-8", "replace")[:_CLIENT_BYTES],
-                path.encode("utf-8", "replace")[:_PATH_BYTES],
+                # struct's "s" truncates to the field's width; the reader decodes with errors="replace".
+                describe_client(getattr(req, "peer_addr", None)).encode("utf-8", "replace"),
+                path.encode("utf-8", "replace"),
             )
         if self._atoms:
             self._add_log_atoms(req, queue)
@@ -224,7 +224,12 @@ class RequestRecorder:
         code = getattr(resp, "status_code", None)  # gunicorn's WSGI Response has parsed it already
         if type(code) is not int:
             code = status_code(resp)
-        route = self._route(environ) if self._routes else sb.NO_ROUTE
+        route = sb.NO_ROUTE
+        if self._routes:
+            # A route this slot has seen, put in the environ by the framework hook: one dict lookup.
+            key = environ.get(ROUTE_KEY) if self._resolves_by_key and environ else None
+            known = self._route_ids.get(key) if type(key) is str else None
+            route = self._route(environ) if known is None else known
         conns = self._worker.nr_conns if self._worker is not None else 0
         with self._lock:
             head = self._head

@@ -42,6 +42,17 @@ def test_routes_become_labels_and_none_when_unknown(routed: sb.Scoreboard) -> No
     }
 
 
+def test_route_value_that_is_not_a_string_still_counts(routed: sb.Scoreboard) -> None:
+    """A framework putting a non-string (even unhashable) route in the environ gets its str(), no lost record."""
+    drainer = Drainer(routed, max_routes=10)
+    rec = recorder(routed)
+    for route in (["/list"], ["/list"], 7):
+        req = FakeRequest()
+        rec.started(req)
+        rec.finished(req, {ROUTE_KEY: route}, FakeResponse("200 OK"))
+    assert drainer.collect().requests == {("GET", 200, "['/list']"): 2, ("GET", 200, "7"): 1}
+
+
 def test_route_numbers_survive_worker_replacement(routed: sb.Scoreboard) -> None:
     """A new worker in the slot reuses the table, so records written before the handover still decode."""
     drainer = Drainer(routed, max_routes=10)

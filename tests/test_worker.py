@@ -142,3 +142,12 @@ def test_describe_client() -> None:
     assert describe_client(("::1", 80, 0, 0)) == "[::1]:80"
     assert describe_client("") == "unix"
     assert describe_client(b"") == "unix"
+
+
+def test_long_path_and_client_are_cut_to_their_fields(board: sb.Scoreboard) -> None:
+    """A path past 176 bytes and a client past 48 are cut there; a split UTF-8 character reads as U+FFFD."""
+    rec = recorder(board)
+    rec.started(FakeRequest(path="/" + "a" * 174 + "é" * 3, peer=("b" * 60, 1)))
+    (request,) = board.read(0).requests
+    assert request.path == "/" + "a" * 174 + "\ufffd"
+    assert request.client == "b" * 48
