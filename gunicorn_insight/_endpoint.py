@@ -24,7 +24,11 @@ RESTART_EVERY = 5.0
 
 _WARN = RateLimitedLog(period=300.0)
 _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_BOOTSTRAP = "import sys; sys.path.insert(0, sys.argv.pop(1)); from gunicorn_insight._http import run; run()"
+# The master's own sys.path, first: whatever --pythonpath, --chdir or the config added, the process imports
+# the same gunicorn_insight and prometheus_client as the master.
+_BOOTSTRAP = (
+    "import sys; sys.path[:0] = sys.argv.pop(1).split('\\n'); from gunicorn_insight._http import run; run()"
+)
 
 
 class EndpointError(Exception):
@@ -63,7 +67,8 @@ class MetricsEndpoint:
             raise EndpointError("cannot start the /metrics process: sys.executable is empty; set "
                                 "GUNICORN_INSIGHT_METRICS_BIND=off and serve the directory another way")
         ours, theirs = socket.socketpair()
-        argv = [sys.executable, "-c", _BOOTSTRAP, _PACKAGE_PARENT, "--directory", self._directory,
+        search_path = "\n".join([_PACKAGE_PARENT, *(os.path.abspath(entry or ".") for entry in sys.path)])
+        argv = [sys.executable, "-c", _BOOTSTRAP, search_path, "--directory", self._directory,
                 "--bind", self._bind, "--title", self._title, *(["--successor"] if self._successor else [])]
         # stderr first: the error log may itself be descriptor 3.
         actions: list[tuple[int, ...]] = [(os.POSIX_SPAWN_DUP2, self._error_fd, 2),
