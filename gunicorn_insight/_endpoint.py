@@ -75,7 +75,10 @@ class MetricsEndpoint:
                                           (os.POSIX_SPAWN_DUP2, theirs.fileno(), 3)]
         actions += [(os.POSIX_SPAWN_CLOSE, fd) for fd in _inheritable_fds() if fd > 3]
         try:
-            self.pid = os.posix_spawn(sys.executable, argv, dict(os.environ), file_actions=actions)
+            # A process group of its own: Ctrl-C or a supervisor's signal to gunicorn's group must stop the
+            # master, not kill this process under it (the master would restart it while shutting down).
+            # It leaves when the master does, through the socket pair.
+            self.pid = os.posix_spawn(sys.executable, argv, dict(os.environ), file_actions=actions, setpgroup=0)
         except OSError as error:
             ours.close()
             raise EndpointError(f"cannot start the /metrics process ({sys.executable}): {error}") from None

@@ -131,6 +131,21 @@ def test_metrics_process_exits_when_the_master_is_killed(process_factory: Proces
         probe.bind(("127.0.0.1", server.metrics_port))
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_to_the_whole_group_stops_gunicorn_without_restarting_metrics(
+    sig: int, process_factory: ProcessFactory
+) -> None:
+    """Ctrl-C (SIGINT) or a supervisor's SIGTERM to gunicorn's process group: a clean stop, no restart, no trace."""
+    server = start_gunicorn(process_factory, workers=1)
+    metrics_pid = server.metrics_pid()
+    server.process.stop(sig)
+    wait_until(lambda: not Path(f"/proc/{metrics_pid}").exists() or _zombie(metrics_pid), timeout=20,
+               what="the /metrics process to exit with its master", dump=server.process.describe)
+    output = server.process.output()
+    assert "restarting it" not in output
+    assert "Traceback" not in output
+
+
 def _zombie(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
