@@ -135,7 +135,9 @@ def test_metrics_process_exits_when_the_master_is_killed(process_factory: Proces
 def test_signal_to_the_whole_group_stops_gunicorn_without_restarting_metrics(
     sig: int, process_factory: ProcessFactory
 ) -> None:
-    """Ctrl-C (SIGINT) or a supervisor's SIGTERM to gunicorn's process group: a clean stop, no restart, no trace."""
+    """Ctrl-C (SIGINT) or a supervisor's SIGTERM to gunicorn's process group: no restart, no trace of ours.
+
+    (gunicorn's sync worker may log its own traceback when SIGINT lands while it accepts a connection.)"""
     server = start_gunicorn(process_factory, workers=1)
     metrics_pid = server.metrics_pid()
     server.process.stop(sig)
@@ -143,7 +145,8 @@ def test_signal_to_the_whole_group_stops_gunicorn_without_restarting_metrics(
                what="the /metrics process to exit with its master", dump=server.process.describe)
     output = server.process.output()
     assert "restarting it" not in output
-    assert "Traceback" not in output
+    assert "gunicorn_insight/_http.py" not in output
+    assert "KeyboardInterrupt" not in output
 
 
 def _zombie(pid: int) -> bool:
