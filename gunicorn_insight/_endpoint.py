@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 
 from ._safety import LOG, RateLimitedLog
-from .settings import ConfigurationError
+from .settings import ConfigurationError, join_host_port
 
 STARTUP_DEADLINE = 30.0
 RESTART_EVERY = 5.0
@@ -40,9 +40,7 @@ class MetricsEndpoint:
 
     def __init__(self, address: tuple[str, int], directory: str, *, successor: bool, error_fd: int,
                  title: str) -> None:
-        host, port = address
-        self.address = address
-        self._bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self._bind = join_host_port(*address)
         self._directory = directory
         self._successor = successor
         self._error_fd = error_fd

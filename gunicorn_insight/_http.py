@@ -27,7 +27,7 @@ from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 from ._prometheus import merge_lock, usable_files
-from .settings import parse_host_port
+from .settings import join_host_port, parse_host_port
 
 LINK_FD = 3
 SCRAPE_WAIT = 2.0
@@ -37,8 +37,7 @@ StartResponse = Callable[..., Any]
 
 
 def metrics_url(address: tuple[str, int]) -> str:
-    host, port = address
-    return f"http://[{host}]:{port}/metrics" if ":" in host else f"http://{host}:{port}/metrics"
+    return f"http://{join_host_port(*address)}/metrics"
 
 
 class DirectoryCollector:

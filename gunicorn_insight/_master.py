@@ -20,22 +20,20 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from . import _scoreboard as sb
 from ._backlog import backlog, listen_overflows
 from ._drain import Drainer, Round
 from ._endpoint import MetricsEndpoint, wait_readable
 from ._forensics import EXPECTED, OomCounter, ReapWatcher, classify
+from ._prometheus import PrometheusSink
 from ._safety import LOG, report
 from ._statsd import StatsdSink
 from ._status import StatusFiles
 from ._watchdog import error_log_fd
 from ._worker import RecorderOptions
 from .settings import Settings
-
-if TYPE_CHECKING:
-    from ._prometheus import PrometheusSink
 
 SLOT_ATTRIBUTE = "_gunicorn_insight_slot"
 RING_RECORDS = 8192
@@ -155,7 +153,7 @@ class Death:
 
 
 class Master:
-    def __init__(self, plan: Plan, run_dir: str, title: str = "gunicorn-insight: metrics") -> None:
+    def __init__(self, plan: Plan, run_dir: str, title: str) -> None:
         self.plan = plan
         self.pid = os.getpid()
         self.board = sb.Scoreboard.create(
@@ -176,8 +174,6 @@ class Master:
         self.endpoint: MetricsEndpoint | None = None
         settings = plan.settings
         if plan.prometheus_dir is not None:
-            from ._prometheus import PrometheusSink  # not needed by a StatsD-only master
-
             self.prometheus = PrometheusSink(plan.prometheus_dir, settings.buckets, plan.connections_limit,
                                              routes=settings.route_label)
             self._sinks.append(self.prometheus)

@@ -41,26 +41,32 @@ def go_float(value: float) -> str:
     return text
 
 
+def _key_field(length: int) -> int:
+    """Bytes from an entry's start to its value: the length, the key, and 1 to 8 bytes of padding."""
+    return 4 + length + 8 - (length + 4) % 8
+
+
 def _entry(key: str) -> bytes:
     encoded = key.encode("utf-8")
-    padding = 8 - (len(encoded) + 4) % 8
-    return _USED.pack(len(encoded)) + encoded + b" " * padding + _VALUE.pack(0.0, 0.0)
+    return _USED.pack(len(encoded)) + encoded.ljust(_key_field(len(encoded)) - 4, b" ") + _VALUE.pack(0.0, 0.0)
 
 
-def parse(data: bytes | mmap.mmap, used: int) -> list[tuple[str, float, float]]:
-    """Every (key, value, timestamp) in the first ``used`` bytes; ValueError when an entry overruns."""
+def _scan(data: bytes | mmap.mmap, used: int) -> list[tuple[str, int]]:
+    """Every key in the first ``used`` bytes with the position of its value; ValueError when one overruns."""
     found = []
     position = _HEADER
     while position < used:
         (length,) = _USED.unpack_from(data, position)
         if length < 0 or position + 4 + length + 16 > used:
             raise ValueError(f"an entry at byte {position} runs past the {used} bytes in use: the file is corrupt")
-        key = bytes(data[position + 4 : position + 4 + length]).decode("utf-8")
-        position += 4 + length + 8 - (length + 4) % 8
-        value, timestamp = _VALUE.unpack_from(data, position)
-        found.append((key, value, timestamp))
-        position += 16
+        found.append((bytes(data[position + 4 : position + 4 + length]).decode("utf-8"), position + _key_field(length)))
+        position += _key_field(length) + 16
     return found
+
+
+def parse(data: bytes | mmap.mmap, used: int) -> list[tuple[str, float, float]]:
+    """Every (key, value, timestamp) in the first ``used`` bytes; ValueError when an entry overruns."""
+    return [(key, *_VALUE.unpack_from(data, position)) for key, position in _scan(data, used)]
 
 
 def read_file(path: str) -> list[tuple[str, float, float]]:
@@ -88,15 +94,8 @@ class MetricFile:
         self._map = mmap.mmap(self._fd, size)
         (used,) = _USED.unpack_from(self._map, 0)
         self._used = used if used >= _HEADER else _HEADER
-        self._positions: dict[str, int] = {}
-        if used >= _HEADER:
-            position = _HEADER
-            for key, _, _ in parse(self._map, used):
-                length = len(key.encode("utf-8"))
-                position += 4 + length + 8 - (length + 4) % 8
-                self._positions[key] = position
-                position += 16
-        else:
+        self._positions = dict(_scan(self._map, used)) if used >= _HEADER else {}
+        if used < _HEADER:
             self._map[0:4] = _USED.pack(self._used)
 
     def keys(self) -> set[str]:

@@ -50,19 +50,14 @@ class _Pipeline(statsd.client.udp.Pipeline):  # type: ignore[misc]
     def timings(self, stat: str, seconds: Sequence[float]) -> None:
         """Timer lines for many values, a datagram's worth at a time: one ``%`` formatting per datagram
         instead of a string per value. A round can carry thousands of values, one per request."""
-        name, _, tags = stat.partition("|#")
+        name, _, tags = stat.replace("%", "%%").partition("|#")
         line = f"{name}:%.3f|ms|#{tags}" if tags else f"{name}:%.3f|ms"
-        line = line.replace("%", "%%").replace("%%.3f", "%.3f", 1)
         per_datagram = max(1, MAX_DATAGRAM // (len(line) + _WIDEST_MS))
         template = "\n".join([line] * per_datagram)
         milliseconds = [value * 1000.0 for value in seconds]
-        full = len(milliseconds) - len(milliseconds) % per_datagram
-        stats = self._stats
-        for start in range(0, full, per_datagram):
-            stats.append(template % tuple(milliseconds[start : start + per_datagram]))
-        if full < len(milliseconds):
-            rest = milliseconds[full:]
-            stats.append("\n".join([line] * len(rest)) % tuple(rest))
+        for start in range(0, len(milliseconds), per_datagram):
+            chunk = tuple(milliseconds[start : start + per_datagram])
+            self._stats.append((template if len(chunk) == per_datagram else "\n".join([line] * len(chunk))) % chunk)
 
 
 class _Client(statsd.StatsClient):  # type: ignore[misc]

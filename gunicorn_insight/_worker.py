@@ -21,13 +21,6 @@ from ._routes import ROUTE_KEY
 
 _DYING = sb.FLAG_ABORT_HANDLER | sb.FLAG_INT_HANDLER
 _METHOD_BYTES = {method: method.encode() for method in sb.METHODS}
-# Bound once: the hooks run with cold caches between requests, and every lookup there is a cache miss.
-_monotonic = time.monotonic
-_pack_entry = sb.ENTRY.pack_into
-_pack_ring = sb.RING.pack_into
-_pack_head = sb.HEAD_CONNS.pack_into
-_ENTRY_SIZE = sb.ENTRY_SIZE
-_RING_SIZE = sb.RING_SIZE
 
 
 InFlightRequest = tuple[float, int, Any, str, str, float]
@@ -182,16 +175,15 @@ class RequestRecorder:
         sb.STATE.pack_into(self._buffer, start + sb.OFF_STATE, sb.READY)
 
     def started(self, req: Any) -> None:
-        now = _monotonic()
+        now = time.monotonic()
         path = req.path or ""
         excluded = self._excluded
         if excluded and path in excluded:
             return
         queue = request_queue_time(req.headers) if self._queue else sb.NO_QUEUE_TIME
-        free = self._free
-        if free:
-            entry = free.pop()
-        else:
+        try:
+            entry = self._free.pop()
+        except IndexError:
             entry = -1
             self._overflow += 1
             sb.OVERFLOW.pack_into(self._buffer, self._overflow_offset, self._overflow)
@@ -202,9 +194,9 @@ class RequestRecorder:
         current = self._current()
         self.in_flight[id(req)] = (now, entry, current, method, path, queue)
         if entry >= 0:
-            _pack_entry(
+            sb.ENTRY.pack_into(
                 self._buffer,
-                self._entries_offset + entry * _ENTRY_SIZE,
+                self._entries_offset + entry * sb.ENTRY_SIZE,
                 1,
                 now,
                 current if type(current) is int else id(current),
@@ -217,32 +209,32 @@ class RequestRecorder:
             self._add_log_atoms(req, queue)
 
     def finished(self, req: Any, environ: Any, resp: Any) -> None:
-        now = _monotonic()
+        now = time.monotonic()
         started = self.in_flight.pop(id(req), None)
         if started is None:
             return  # not recorded: an excluded path, or pre_request never ran for it
-        code = getattr(resp, "status_code", None)  # gunicorn's WSGI Response has parsed it already
-        if type(code) is not int:
-            code = status_code(resp)
-        route = sb.NO_ROUTE
-        if self._routes:
-            # A route this slot has seen, put in the environ by the framework hook: one dict lookup.
-            key = environ.get(ROUTE_KEY) if self._resolves_by_key and environ else None
-            known = self._route_ids.get(key) if type(key) is str else None
-            route = self._route(environ) if known is None else known
+        start, entry, queue = started[0], started[1], started[5]
+        method = sb.METHOD_INDEX.get(req.method, sb.OTHER_METHOD)
+        route = self._route(environ) if self._routes else sb.NO_ROUTE
         conns = self._worker.nr_conns if self._worker is not None else 0
         with self._lock:
             head = self._head
-            _pack_ring(self._buffer, self._ring_offset + (head & self._mask) * _RING_SIZE, now - started[0],
-                       started[5], code, sb.METHOD_INDEX.get(req.method, sb.OTHER_METHOD), route)
+            sb.RING.pack_into(
+                self._buffer,
+                self._ring_offset + (head & self._mask) * sb.RING_SIZE,
+                now - start,
+                queue,
+                status_code(resp),
+                method,
+                route,
+            )
             self._head = head + 1
             # Publishing the head after the record is what makes the record visible to the master.
-            _pack_head(self._buffer, self._head_offset, head + 1, conns)
-        entry = started[1]
+            sb.HEAD_CONNS.pack_into(self._buffer, self._head_offset, head + 1, conns)
         if entry >= 0:
             if self._buffer[self._flags_offset] & _DYING:
                 return  # the request was cut short by a signal: keep it visible for the master's report
-            self._buffer[self._entries_offset + entry * _ENTRY_SIZE] = 0
+            self._buffer[self._entries_offset + entry * sb.ENTRY_SIZE] = 0
             self._free.append(entry)
         else:
             self._overflow -= 1
@@ -252,6 +244,12 @@ class RequestRecorder:
         """The route's number in this slot's table: 0 when unknown, OVER_ROUTE_CAP past max_routes."""
         if not environ:
             return sb.NO_ROUTE
+        if self._resolves_by_key:
+            # A route this slot has seen, put in the environ by the framework hook: one dict lookup.
+            key = environ.get(ROUTE_KEY)
+            known = self._route_ids.get(key) if type(key) is str else None
+            if known is not None:
+                return known
         try:
             name = self._resolve(environ)
         except Exception as error:  # a user's resolver must not cost the request its record

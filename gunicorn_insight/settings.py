@@ -49,6 +49,11 @@ def parse_host_port(field_name: str, value: str, example_port: int) -> tuple[str
     return (match["ipv6"] or match["host"]), port
 
 
+def join_host_port(host: str, port: int) -> str:
+    """The inverse of :func:`parse_host_port`: ``host:port``, ``[v6]:port``."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _is_unix_path(value: str) -> bool:
     return value.startswith(("/", "unix:", "./"))
 
