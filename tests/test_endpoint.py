@@ -47,6 +47,7 @@ class _Exporter:
     def __init__(self, endpoint: MetricsEndpoint, directory: Path) -> None:
         self.endpoint = endpoint
         self.rounds = 0
+        self.round_seconds = 0.0  # a slow master: a scrape that did not wait would miss the round
         self._file = MetricFile(str(directory / "counter_1.db"))
         self._key = sample_key("rounds", "rounds_total", {}, "rounds run")
         self._stop = threading.Event()
@@ -54,6 +55,7 @@ class _Exporter:
         self._thread.start()
 
     def _round(self) -> None:
+        time.sleep(self.round_seconds)
         self.rounds += 1
         self._file.write(self._key, float(self.rounds))
 
@@ -92,7 +94,8 @@ def _serves(url: str) -> bool:
 
 
 def test_each_scrape_waits_for_a_fresh_round(exporter: _Exporter) -> None:
-    """A scrape shows the round the master ran for it: two scrapes, two rounds, the counter says so."""
+    """A scrape shows the round the master ran for it, even a slow one: two scrapes, two rounds."""
+    exporter.round_seconds = 0.5
     assert "rounds_total 1.0" in _scrape(exporter.endpoint.url)
     assert "rounds_total 2.0" in _scrape(exporter.endpoint.url)
     assert exporter.rounds == 2

@@ -154,3 +154,25 @@ def test_sink_writes_every_bucket_so_inf_and_count_are_right(tmp_path: Path) -> 
     assert 'gunicorn_request_duration_seconds_bucket{le="+Inf",method="GET"} 3.0' in out
     assert 'gunicorn_request_duration_seconds_count{method="GET"} 3.0' in out
     assert 'gunicorn_requests_total{method="GET",status="200"} 3.0' in out
+
+
+def test_merge_waits_for_a_scrape_reading_the_directory(tmp_path: Path) -> None:
+    """While the /metrics process holds the shared lock, folding a dead worker's file does not start."""
+    import threading
+
+    from gunicorn_insight._mmapfile import MetricFile, sample_key
+    from gunicorn_insight._prometheus import PrometheusSink, merge_lock
+
+    dead = MetricFile(str(tmp_path / "counter_4242.db"))
+    dead.write(sample_key("hits", "hits_total", {}, "h"), 3.0)
+    dead.close()
+    sink = PrometheusSink(str(tmp_path), (0.1,), 1)
+    merged = threading.Event()
+    with merge_lock(str(tmp_path), shared=True):
+        merger = threading.Thread(target=lambda: (sink.forget_process(4242), merged.set()))
+        merger.start()
+        assert not merged.wait(0.5)
+        assert (tmp_path / "counter_4242.db").exists()
+    assert merged.wait(10)
+    merger.join()
+    assert not (tmp_path / "counter_4242.db").exists()
