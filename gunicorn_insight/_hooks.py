@@ -18,13 +18,13 @@ import time
 from collections.abc import Callable, Iterator, MutableMapping
 from typing import Any
 
-from . import _master, _prometheus
+from . import _master, _prometheus, _worker
 from . import _scoreboard as sb
 from ._routes import hook_frameworks
 from ._safety import LOG, report
 from ._version import __version__
 from ._watchdog import Monitor, error_log_fd, write_abort_stack
-from ._worker import RequestRecorder, summarize
+from ._worker import RequestRecorder, post_request, pre_request, summarize
 from .settings import ConfigurationError, Settings
 
 PROMETHEUS_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -38,7 +38,6 @@ class _State:
     run_dir: str | None = None
     run_dir_owner = 0
     prometheus_dir: str | None = None
-    recorder: RequestRecorder | None = None
     error_fd = 2
     inspecting = False
 
@@ -260,7 +259,7 @@ def worker_exit(server: Any, worker: Any) -> None:
             # In the master, gunicorn calls this instead of child_exit when the worker had already vanished.
             master.worker_gone(worker)
             return
-        recorder = STATE.recorder
+        recorder = _worker.RECORDER
         if recorder is None:
             return
         boot_error = recorder.exiting(worker)
@@ -293,14 +292,14 @@ def post_fork(server: Any, worker: Any) -> None:
         if master is None or slot is None or STATE.settings is None:
             return
         current = _greenlet_getcurrent() if master.plan.worker_kind == "gevent" else threading.get_ident
-        STATE.recorder = RequestRecorder(master.board, slot, worker, master.plan.recorder, current)
+        _worker.RECORDER = RequestRecorder(master.board, slot, worker, master.plan.recorder, current)
     except Exception as error:
         report("post_fork", error)
 
 
 def post_worker_init(worker: Any) -> None:
     try:
-        recorder = STATE.recorder
+        recorder = _worker.RECORDER
         master = _master.CURRENT
         if recorder is None or master is None:
             return
@@ -316,27 +315,9 @@ def post_worker_init(worker: Any) -> None:
         report("post_worker_init", error)
 
 
-def pre_request(worker: Any, req: Any) -> None:
-    recorder = STATE.recorder
-    if recorder is not None:
-        try:
-            recorder.started(req)
-        except Exception as error:
-            report("pre_request", error)
-
-
-def post_request(worker: Any, req: Any, environ: Any, resp: Any) -> None:
-    recorder = STATE.recorder
-    if recorder is not None:
-        try:
-            recorder.finished(req, environ, resp)
-        except Exception as error:
-            report("post_request", error)
-
-
 def worker_int(worker: Any) -> None:
     # Runs inside a signal handler (SIGINT/SIGQUIT): one byte written to shared memory, nothing else.
-    recorder = STATE.recorder
+    recorder = _worker.RECORDER
     if recorder is not None:
         with contextlib.suppress(Exception):  # logging here could deadlock; the master notices anyway
             recorder.mark(sb.FLAG_INT_HANDLER)
@@ -344,7 +325,7 @@ def worker_int(worker: Any) -> None:
 
 def worker_abort(worker: Any) -> None:
     # Runs inside a signal handler: a byte in shared memory, then os.write and faulthandler. No logging.
-    recorder = STATE.recorder
+    recorder = _worker.RECORDER
     if recorder is not None:
         with contextlib.suppress(Exception):  # logging here could deadlock; the master notices anyway
             recorder.mark(sb.FLAG_ABORT_HANDLER)

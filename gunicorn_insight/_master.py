@@ -103,6 +103,7 @@ class Plan:
                 route_resolver=settings.route_resolver,
                 # The atoms cost a scan of the scoreboard per request: pay it only if an access log uses them.
                 access_log_atoms=settings.access_log_atoms and bool(getattr(cfg, "accesslog", None)),
+                threaded=kind not in ONE_THREAD_KINDS,
             ),
             per_worker_capacity=concurrency,
         )
@@ -114,6 +115,11 @@ def _slow_after(settings: Settings, cfg: Any) -> float:
         return settings.slow_request_timeout
     timeout = float(getattr(cfg, "timeout", 30) or 0)
     return round(0.8 * timeout, 3) if timeout > 0 else 30.0
+
+
+# Worker classes that call pre_request and post_request from one OS thread (greenlets and coroutines never
+# switch inside a hook): their recorder needs no lock. Custom classes are not assumed to be among them.
+ONE_THREAD_KINDS = frozenset({"sync", "gevent", "eventlet", "tornado", "asgi"})
 
 
 def worker_kind(cfg: Any) -> str:

@@ -23,8 +23,10 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from .settings import join_host_port
+
 MAGIC = b"GINSIGHT"
-VERSION = 3
+VERSION = 4
 PAGE = mmap.PAGESIZE
 
 HEADER = struct.Struct("<8sIIIIII")  # magic, version, slots, entries, ring, master pid, routes
@@ -36,6 +38,7 @@ PID = struct.Struct("<I")  # +8
 STATE = struct.Struct("<B")  # +12
 FLAGS = struct.Struct("<B")  # +13: marks left by the worker's signal handlers
 HEAD_CONNS = struct.Struct("<QI")  # +16: ring head, connections (when the worker class counts them)
+CONNS = struct.Struct("<I")  # +24: the connections alone, written by the worker's monitor thread
 OVERFLOW = struct.Struct("<I")  # +28: requests in flight that found no free entry
 BASE = struct.Struct("<Q")  # +32: ring head when this worker started, so served = head - base
 SPAWNED = struct.Struct("<d")  # +40: monotonic time the master forked it
@@ -48,12 +51,13 @@ ROUTES_USED = struct.Struct("<I")  # +76: entries filled in this slot's route ta
 LAST_WORDS = struct.Struct("<128s")  # +128: why the worker is exiting (the boot exception), utf-8
 SLOT_HEADER = struct.Struct("<QIBBxxQIIQddiIQII48x128s")
 SLOT_HEADER_SIZE = 256
-OFF_PID, OFF_STATE, OFF_FLAGS, OFF_HEAD, OFF_OVERFLOW, OFF_BASE, OFF_SPAWNED, OFF_BOOTED = (
-    8, 12, 13, 16, 28, 32, 40, 48,
+OFF_PID, OFF_STATE, OFF_FLAGS, OFF_HEAD, OFF_CONNS, OFF_OVERFLOW, OFF_BASE, OFF_SPAWNED, OFF_BOOTED = (
+    8, 12, 13, 16, 24, 28, 32, 40, 48,
 )
 OFF_EXIT_CODE, OFF_SLOW, OFF_RSS, OFF_WAITING, OFF_ROUTES_USED, OFF_LAST_WORDS = 56, 60, 64, 72, 76, 128
 
-ENTRY = struct.Struct("<B7xdQ8s48s176s")  # in use, start (monotonic), thread, method, client, path
+# In use, start (monotonic), thread, method, client host, client port (0: not TCP), path.
+ENTRY = struct.Struct("<B7xdQ8s46sH176s")
 ENTRY_SIZE = 256
 RING = struct.Struct("<ddHHHxx")  # duration s, queue s (NaN: none, negative: invalid), status, method, route
 # The drain reads the third 8-byte word of a record as one number: status | method << 16 | route << 32.
@@ -130,6 +134,11 @@ class SlotView:
         return self.connections if self.counts_connections else self.in_flight
 
 
+def client_address(host: str, port: int) -> str:
+    """``host:port`` as a browser would write it (IPv6 in brackets); the host alone when not TCP."""
+    return join_host_port(host, port) if port else host
+
+
 def _text(raw: bytes) -> str:
     return raw.rstrip(b"\0").decode("utf-8", "replace")
 
@@ -141,8 +150,9 @@ def parse_slot(index: int, data: bytes, entries: int) -> SlotView:
     for n in range(entries):
         offset = SLOT_HEADER_SIZE + n * ENTRY_SIZE
         if data[offset]:
-            _, started, thread, method, client, path = ENTRY.unpack_from(data, offset)
-            requests.append(InFlight(_text(method), _text(path), _text(client), started, thread))
+            _, started, thread, method, host, port, path = ENTRY.unpack_from(data, offset)
+            requests.append(InFlight(_text(method), _text(path), client_address(_text(host), port), started,
+                                     thread))
     requests.sort(key=lambda r: r.started)
     return SlotView(
         index, generation, pid, state, flags, head, conns, overflow, base, spawned, booted, exit_code, slow, rss,

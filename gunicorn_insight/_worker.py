@@ -1,8 +1,10 @@
 """The worker's side: write what each request is doing into the worker's own scoreboard slot.
 
-This is the only code on the request path, so it does the least it can: a clock read, a dict entry,
-two ``pack_into`` calls per request and nothing else. No metric library, no I/O, no allocation beyond
-the few encoded strings. The master turns these plain numbers into metrics.
+``pre_request`` and ``post_request`` here are the only code on the request path, so they do the least
+they can: a clock read, a dict entry, three ``pack_into`` calls per request and nothing else. No metric
+library, no I/O, no allocation beyond the few encoded strings; the master turns these plain numbers into
+metrics. Each Python call level costs as much as a dozen lines here (see docs/performance.md), which is
+why the two hooks are written out inline rather than as methods behind the hook functions.
 """
 
 from __future__ import annotations
@@ -14,20 +16,22 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from math import isnan
+from time import monotonic
 from typing import Any
 
 from . import _scoreboard as sb
 from ._routes import ROUTE_KEY
+from ._safety import report
 
 _DYING = sb.FLAG_ABORT_HANDLER | sb.FLAG_INT_HANDLER
+_pack_entry, _pack_record, _pack_head = sb.ENTRY.pack_into, sb.RING.pack_into, sb.HEAD_CONNS.pack_into
 _METHOD_BYTES = {method: method.encode() for method in sb.METHODS}
 
 
-InFlightRequest = tuple[float, int, Any, str, str, float]
-"""start (monotonic), scoreboard entry (-1: none free), thread ident or greenlet, method, display path,
-queue time (NaN: no header, negative: an unusable header)."""
+InFlightRequest = tuple[float, int, Any, str, str]
+"""start (monotonic), scoreboard entry's byte offset (-1: none free), thread ident or greenlet, method, display path."""
 
-QUEUE_HEADERS = frozenset({"X-REQUEST-START", "X-QUEUE-START"})
+_REQUEST_START_KEY, _QUEUE_START_KEY = "HTTP_X_REQUEST_START", "HTTP_X_QUEUE_START"  # in a WSGI environ
 _MAX_QUEUE = 3600.0
 _SKEW_TOLERANCE = 0.005
 
@@ -39,14 +43,23 @@ def request_queue_time(headers: Any, now: float | None = None) -> float:
     seconds, milliseconds or microseconds. Returns NaN when there is no header, -1.0 when there is one
     that cannot be right (garbage, in the future, more than an hour old), so it is counted, never used.
     """
+    stamp = queue_header(headers)
+    return sb.NO_QUEUE_TIME if stamp is None else parse_request_start(stamp, time.time() if now is None else now)
+
+
+def queue_header(headers: Any) -> str | None:
+    """X-Request-Start's value among raw request headers, else X-Queue-Start's, like the environ lookup."""
+    queue_start = None
     for name, value in headers:
-        if name in QUEUE_HEADERS:
-            return parse_request_start(value, time.time() if now is None else now)
-    return sb.NO_QUEUE_TIME
+        if name == "X-REQUEST-START":
+            return str(value)
+        if name == "X-QUEUE-START" and queue_start is None:
+            queue_start = str(value)
+    return queue_start
 
 
 def parse_request_start(value: str, now: float) -> float:
-    text = value.strip()
+    text = value.partition(",")[0].strip()  # gunicorn's environ joins a repeated header's values with ","
     if text.startswith("t="):
         text = text[2:]
     try:
@@ -79,18 +92,16 @@ def summarize(error: BaseException | None) -> str:
     return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
-def status_code(resp: Any) -> int:
-    """The HTTP status of a finished request; 0 when gunicorn does not tell (ASGI without access log)."""
+def parse_status(resp: Any) -> int:
+    """The HTTP status of a finished request whose status gunicorn did not parse: an int (ASGI), a
+    ``"404 Not Found"`` string, 500 when the application raised before start_response (gunicorn answers
+    500), 0 when there is no response to ask (ASGI without an access log)."""
     if resp is None:
         return 0
-    code = getattr(resp, "status_code", None)  # gunicorn's WSGI Response parses it once already
-    if type(code) is int:
-        return code
     status = resp.status
     if isinstance(status, int):
         return status
     if not status:
-        # The application raised before start_response: gunicorn answers 500.
         return 500
     try:
         return int(str(status)[:3])
@@ -98,13 +109,11 @@ def status_code(resp: Any) -> int:
         return 0
 
 
-def describe_client(peer: Any) -> str:
-    if type(peer) is tuple and len(peer) >= 2:
-        host = peer[0]
-        return f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
+def describe_peer(peer: Any) -> bytes:
+    """The client of a request that did not come over TCP: the unix socket's name, if it has one."""
     if isinstance(peer, bytes):
-        return peer.decode("utf-8", "replace") or "unix"
-    return str(peer) if peer else "unix"
+        return peer or b"unix"
+    return str(peer).encode("utf-8", "replace") if peer else b"unix"
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,16 +126,23 @@ class RecorderOptions:
     routes: bool = False
     route_resolver: Callable[[Any], str | None] | None = None
     access_log_atoms: bool = False
+    threaded: bool = True  # the worker class runs requests on several OS threads (gthread, unknown classes)
 
 
 class RequestRecorder:
-    """Owns one slot for the lifetime of one worker process."""
+    """Owns one slot for the lifetime of one worker process: the state the two request hooks share.
+
+    sync, gevent, eventlet, tornado and asgi workers call the hooks from one thread, and a greenlet or
+    a coroutine never switches inside them, so the ring and the route table need no lock there; other
+    worker classes get ``lock``. The monitor thread writes only fields of its own (connections,
+    waiting, slow).
+    """
 
     __slots__ = (
-        "_atoms", "_board", "_buffer", "_current", "_entries_offset", "_excluded", "_flags_offset", "_free",
-        "_head", "_head_offset", "_lock", "_mask", "_max_routes", "_overflow", "_overflow_offset", "_queue",
+        "_atoms", "_board", "_buffer", "_conns_offset", "_current", "_excluded", "_flags_offset", "_free",
+        "_head", "_head_offset", "_mask", "_max_routes", "_overflow", "_overflow_offset", "_queue",
         "_redact", "_resolve", "_resolves_by_key", "_ring_offset", "_route_ids", "_routes", "_routes_offset",
-        "_routes_used", "_start", "_worker", "in_flight", "slot",
+        "_routes_used", "_start", "_worker", "in_flight", "lock", "slot",
     )
 
     def __init__(
@@ -139,19 +155,21 @@ class RequestRecorder:
         self._buffer = board.buffer
         self._start = start = board.offset(slot)
         self._head_offset = start + sb.OFF_HEAD
+        self._conns_offset = start + sb.OFF_CONNS
         self._overflow_offset = start + sb.OFF_OVERFLOW
         self._flags_offset = start + sb.OFF_FLAGS
-        self._entries_offset = board.entries_offset(slot)
         self._ring_offset = board.ring_offset(slot)
         self._routes_offset = board.routes_offset(slot)
         self._mask = board.ring - 1
         self._head = board.head(slot)
-        # pop() and append() on a list are atomic under the GIL, so gthread's pool threads share it safely.
-        self._free = list(range(board.entries - 1, -1, -1))
+        # Byte offsets of the free entries. pop() and append() on a list are atomic under the GIL, so
+        # gthread's pool threads share it safely.
+        self._free = [board.entries_offset(slot) + n * sb.ENTRY_SIZE for n in range(board.entries - 1, -1, -1)]
         self.in_flight: dict[int, InFlightRequest] = {}
         self._overflow = 0
-        # Only ring and route-table writes need ordering between threads; uncontended this is ~0.1 us.
-        self._lock = threading.Lock()
+        # Ring records and route numbers are handed out in order under it, so the head the master reads
+        # never passes a record another thread is still writing.
+        self.lock = threading.Lock() if options.threaded else None
         self._redact = options.redact_query
         self._queue = options.queue_time
         self._excluded = options.exclude_paths
@@ -171,115 +189,43 @@ class RequestRecorder:
 
     def booted(self) -> None:
         start = self._start
-        sb.BOOTED.pack_into(self._buffer, start + sb.OFF_BOOTED, time.monotonic())
+        sb.BOOTED.pack_into(self._buffer, start + sb.OFF_BOOTED, monotonic())
         sb.STATE.pack_into(self._buffer, start + sb.OFF_STATE, sb.READY)
 
-    def started(self, req: Any) -> None:
-        now = time.monotonic()
-        path = req.path or ""
-        excluded = self._excluded
-        if excluded and path in excluded:
-            return
-        queue = request_queue_time(req.headers) if self._queue else sb.NO_QUEUE_TIME
-        try:
-            entry = self._free.pop()
-        except IndexError:
-            entry = -1
-            self._overflow += 1
-            sb.OVERFLOW.pack_into(self._buffer, self._overflow_offset, self._overflow)
-        query = req.query
-        if query:
-            path = f"{path}?<redacted>" if self._redact else f"{path}?{query}"
-        method = req.method or ""
-        current = self._current()
-        self.in_flight[id(req)] = (now, entry, current, method, path, queue)
-        if entry >= 0:
-            sb.ENTRY.pack_into(
-                self._buffer,
-                self._entries_offset + entry * sb.ENTRY_SIZE,
-                1,
-                now,
-                current if type(current) is int else id(current),
-                _METHOD_BYTES.get(method) or method.encode("ascii", "replace"),
-                # struct's "s" truncates to the field's width; the reader decodes with errors="replace".
-                describe_client(getattr(req, "peer_addr", None)).encode("utf-8", "replace"),
-                path.encode("utf-8", "replace"),
-            )
-        if self._atoms:
-            self._add_log_atoms(req, queue)
-
-    def finished(self, req: Any, environ: Any, resp: Any) -> None:
-        now = time.monotonic()
-        started = self.in_flight.pop(id(req), None)
-        if started is None:
-            return  # not recorded: an excluded path, or pre_request never ran for it
-        start, entry, queue = started[0], started[1], started[5]
-        method = sb.METHOD_INDEX.get(req.method, sb.OTHER_METHOD)
-        route = self._route(environ) if self._routes else sb.NO_ROUTE
-        conns = self._worker.nr_conns if self._worker is not None else 0
-        with self._lock:
-            head = self._head
-            sb.RING.pack_into(
-                self._buffer,
-                self._ring_offset + (head & self._mask) * sb.RING_SIZE,
-                now - start,
-                queue,
-                status_code(resp),
-                method,
-                route,
-            )
-            self._head = head + 1
-            # Publishing the head after the record is what makes the record visible to the master.
-            sb.HEAD_CONNS.pack_into(self._buffer, self._head_offset, head + 1, conns)
-        if entry >= 0:
-            if self._buffer[self._flags_offset] & _DYING:
-                return  # the request was cut short by a signal: keep it visible for the master's report
-            self._buffer[self._entries_offset + entry * sb.ENTRY_SIZE] = 0
-            self._free.append(entry)
-        else:
-            self._overflow -= 1
-            sb.OVERFLOW.pack_into(self._buffer, self._overflow_offset, self._overflow)
-
-    def _route(self, environ: Any) -> int:
-        """The route's number in this slot's table: 0 when unknown, OVER_ROUTE_CAP past max_routes."""
+    def route_number(self, environ: Any) -> int:
+        """A route post_request did not find by key: resolve it and give it the next number in this
+        slot's table (OVER_ROUTE_CAP past max_routes, 0 when there is no route)."""
         if not environ:
             return sb.NO_ROUTE
-        if self._resolves_by_key:
-            # A route this slot has seen, put in the environ by the framework hook: one dict lookup.
-            key = environ.get(ROUTE_KEY)
-            known = self._route_ids.get(key) if type(key) is str else None
-            if known is not None:
-                return known
         try:
             name = self._resolve(environ)
         except Exception as error:  # a user's resolver must not cost the request its record
-            from ._safety import report
-
             report("the route resolver", error)
             return sb.NO_ROUTE
         if not name:
             return sb.NO_ROUTE
         number = self._route_ids.get(name)
-        if number is not None:
-            return number
-        with self._lock:
-            number = self._route_ids.get(name)
-            if number is None:
-                if self._routes_used >= self._max_routes:
-                    number = sb.OVER_ROUTE_CAP
-                else:
-                    sb.ROUTE.pack_into(self._buffer, self._routes_offset + self._routes_used * sb.ROUTE_SIZE,
-                                       str(name).encode("utf-8", "replace")[: sb.ROUTE_SIZE])
-                    self._routes_used += 1
-                    number = self._routes_used
-                    sb.ROUTES_USED.pack_into(self._buffer, self._start + sb.OFF_ROUTES_USED,
-                                             self._routes_used)
-                self._route_ids[name] = number
+        if number is None:
+            if self._routes_used >= self._max_routes:
+                number = sb.OVER_ROUTE_CAP
+            else:
+                sb.ROUTE.pack_into(self._buffer, self._routes_offset + self._routes_used * sb.ROUTE_SIZE,
+                                   str(name).encode("utf-8", "replace")[: sb.ROUTE_SIZE])
+                self._routes_used += 1
+                number = self._routes_used
+                sb.ROUTES_USED.pack_into(self._buffer, self._start + sb.OFF_ROUTES_USED, self._routes_used)
+            self._route_ids[name] = number
         return number
 
-    def _add_log_atoms(self, req: Any, queue: float) -> None:
+    def add_overflow(self, change: int) -> None:
+        """Requests in flight without an entry of their own (more at once than the slot has entries)."""
+        self._overflow += change
+        sb.OVERFLOW.pack_into(self._buffer, self._overflow_offset, self._overflow)
+
+    def add_log_atoms(self, req: Any) -> None:
         """Make busy workers and queue time usable in access_log_format as %({x-gunicorn-busy}i)s etc."""
         busy = self._board.busy_workers()
+        queue = request_queue_time(req.headers)
         queue_ms = f"{queue * 1000:.1f}" if queue >= 0 else "-"
         req.headers.append(("X-GUNICORN-BUSY", str(busy)))
         req.headers.append(("X-GUNICORN-QUEUE-MS", queue_ms))
@@ -290,8 +236,7 @@ class RequestRecorder:
         worker = self._worker
         if worker is None:
             return
-        with self._lock:
-            sb.HEAD_CONNS.pack_into(self._buffer, self._head_offset, self._head, worker.nr_conns)
+        sb.CONNS.pack_into(self._buffer, self._conns_offset, worker.nr_conns)
         queue = getattr(getattr(worker, "tpool", None), "_work_queue", None)  # gthread's ThreadPoolExecutor
         if queue is not None:
             sb.WAITING.pack_into(self._buffer, self._start + sb.OFF_WAITING, queue.qsize())
@@ -325,3 +270,114 @@ class RequestRecorder:
     def mark(self, flag: int) -> None:
         """Leave a mark for the master. Safe in a signal handler: one byte read, one byte written."""
         self._buffer[self._flags_offset] = self._buffer[self._flags_offset] | flag
+
+
+RECORDER: RequestRecorder | None = None
+"""This worker's recorder, set by post_fork; None in the master and when the plugin is off."""
+
+
+def pre_request(worker: Any, req: Any) -> None:
+    rec = RECORDER
+    if rec is None:
+        return
+    try:
+        now = monotonic()
+        path = req.path or ""
+        excluded = rec._excluded
+        if excluded and path in excluded:
+            return
+        try:
+            entry = rec._free.pop()
+        except IndexError:
+            entry = -1
+            lock = rec.lock
+            if lock is None:
+                rec.add_overflow(1)
+            else:
+                with lock:
+                    rec.add_overflow(1)
+        query = req.query
+        if query:
+            path = f"{path}?<redacted>" if rec._redact else f"{path}?{query}"
+        method = req.method or ""
+        current = rec._current()
+        rec.in_flight[id(req)] = (now, entry, current, method, path)
+        if entry >= 0:
+            peer = getattr(req, "peer_addr", None)
+            if type(peer) is tuple:  # (host, port), or IPv6's (host, port, flowinfo, scope_id)
+                host, port = peer[0].encode(), peer[1]
+            else:
+                host, port = describe_peer(peer), 0
+            _pack_entry(
+                rec._buffer,
+                entry,
+                1,
+                now,
+                current if type(current) is int else id(current),
+                _METHOD_BYTES.get(method) or method.encode("ascii", "replace"),
+                # struct's "s" truncates to the field's width; the reader decodes with errors="replace".
+                host,
+                port,
+                path.encode("utf-8", "replace"),
+            )
+        if rec._atoms:
+            rec.add_log_atoms(req)
+    except Exception as error:
+        report("pre_request", error)
+
+
+def post_request(worker: Any, req: Any, environ: Any, resp: Any) -> None:  # noqa: PLR0912 -- inline on purpose: every helper call would cost more than its branches
+    rec = RECORDER
+    if rec is None:
+        return
+    lock = rec.lock
+    if lock is not None:
+        lock.acquire()
+    try:
+        now = monotonic()
+        started = rec.in_flight.pop(id(req), None)
+        if started is None:
+            return  # not recorded: an excluded path, or pre_request never ran for it
+        start, entry = started[0], started[1]
+        queue = sb.NO_QUEUE_TIME
+        if rec._queue:
+            # Looked up here, not in pre_request: the environ has the headers hashed already. ASGI workers
+            # pass no environ when there is no access log.
+            stamp = (environ.get(_REQUEST_START_KEY) or environ.get(_QUEUE_START_KEY) if environ
+                     else queue_header(getattr(req, "headers", ())))
+            if stamp:
+                queue = parse_request_start(stamp, time.time() - (now - start))
+        status = getattr(resp, "status_code", None)  # gunicorn's WSGI Response parses it once already
+        if type(status) is not int:
+            status = parse_status(resp)
+        route = sb.NO_ROUTE
+        if rec._routes:
+            # A route this slot has seen, put in the environ by a framework hook: one dict lookup.
+            key = environ.get(ROUTE_KEY) if environ and rec._resolves_by_key else None
+            known = rec._route_ids.get(key) if type(key) is str else None
+            route = rec.route_number(environ) if known is None else known
+        head = rec._head
+        _pack_record(
+            rec._buffer,
+            rec._ring_offset + (head & rec._mask) * sb.RING_SIZE,
+            now - start,
+            queue,
+            status,
+            sb.METHOD_INDEX.get(req.method, sb.OTHER_METHOD),
+            route,
+        )
+        rec._head = head = head + 1
+        # Publishing the head after the record is what makes the record visible to the master.
+        _pack_head(rec._buffer, rec._head_offset, head, rec._worker.nr_conns if rec._worker is not None else 0)
+        if entry >= 0:
+            if rec._buffer[rec._flags_offset] & _DYING:
+                return  # the request was cut short by a signal: keep it visible for the master's report
+            rec._buffer[entry] = 0
+            rec._free.append(entry)
+        else:
+            rec.add_overflow(-1)
+    except Exception as error:
+        report("post_request", error)
+    finally:
+        if lock is not None:
+            lock.release()

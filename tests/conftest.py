@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from gunicorn_insight import _scoreboard as sb
+from gunicorn_insight import _worker
 
 
 @pytest.fixture
@@ -16,3 +17,10 @@ def board(tmp_path: Path) -> Iterator[sb.Scoreboard]:
     scoreboard = sb.Scoreboard.create(str(tmp_path / "scoreboard"), slots=4, entries=3, ring=8, master_pid=1)
     yield scoreboard
     scoreboard.close()
+
+
+@pytest.fixture(autouse=True)
+def no_recorder_left_behind() -> Iterator[None]:
+    """Tests that play a worker set the worker's recorder; the next test starts without one."""
+    yield
+    _worker.RECORDER = None

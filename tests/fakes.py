@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from gunicorn_insight import _worker
+from gunicorn_insight._worker import RequestRecorder
+
 
 class FakeRequest:
     """The attributes of gunicorn's Request that the recorder reads."""
@@ -20,3 +23,15 @@ class FakeRequest:
 class FakeResponse:
     def __init__(self, status: object) -> None:
         self.status = status
+
+
+def start(recorder: RequestRecorder, req: object) -> None:
+    """gunicorn calling pre_request in the worker that owns ``recorder``."""
+    _worker.RECORDER = recorder
+    _worker.pre_request(None, req)
+
+
+def finish(recorder: RequestRecorder, req: object, environ: object, resp: object) -> None:
+    """gunicorn calling post_request in the worker that owns ``recorder``."""
+    _worker.RECORDER = recorder
+    _worker.post_request(None, req, environ, resp)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fakes import FakeRequest
+from fakes import FakeRequest, start
 from rich.console import Console
 
 from gunicorn_insight import _discovery, _views, cli
@@ -72,7 +72,7 @@ def fake_server(root: Path, *, master_pid: int, worker_class: str = "gthread", t
 def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeServer]:
     """A fake live server (master pid: this process) that the CLI's discovery finds."""
     fake = fake_server(tmp_path, master_pid=os.getpid())
-    fake.recorder.started(FakeRequest("POST", "/checkout", query="card=4111"))
+    start(fake.recorder, FakeRequest("POST", "/checkout", query="card=4111"))
     monkeypatch.setattr(_discovery, "search_roots", lambda: [str(tmp_path)])
     yield fake
     fake.board.close()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fakes import FakeRequest, FakeResponse
+from fakes import FakeRequest, FakeResponse, finish, start
 
 from gunicorn_insight import _scoreboard as sb
 from gunicorn_insight._drain import Drainer
@@ -16,8 +16,8 @@ class Worker:
 def serve(rec: RequestRecorder, count: int, method: str = "GET", status: str = "200 OK") -> None:
     for _ in range(count):
         req = FakeRequest(method)
-        rec.started(req)
-        rec.finished(req, {}, FakeResponse(status))
+        start(rec, req)
+        finish(rec, req, {}, FakeResponse(status))
 
 
 def test_counts_each_request_once(board: sb.Scoreboard) -> None:
@@ -60,7 +60,7 @@ def test_gauges_track_live_slots_and_zero_departed_ones(board: sb.Scoreboard) ->
     board.assign(0, 0.0)
     board.assign(1, 0.0)
     rec = RequestRecorder(board, 1, Worker())
-    rec.started(FakeRequest())
+    start(rec, FakeRequest())
     facts = drainer.collect()
     assert (facts.workers, facts.in_flight, facts.connections) == (2, 1, {0: 0, 1: 1})
     board.release(1)

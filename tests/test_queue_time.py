@@ -21,6 +21,7 @@ NOW = 1_800_000_000.5
         ("1800000000250000000", 0.25),  # nanoseconds
         ("  t=1800000000.5 ", 0.0),
         ("t=1800000000.503", 0.0),  # 3 ms ahead: clocks a few ms apart are not worth discarding
+        ("t=1800000000.250,t=1800000000.4", 0.25),  # sent twice: gunicorn's environ joins them, the first counts
     ],
 )
 def test_formats(header: str, expected: float) -> None:
@@ -40,3 +41,5 @@ def test_header_lookup() -> None:
     """Either header name works; without one the result is NaN (no observation, not invalid)."""
     assert request_queue_time([("HOST", "x"), ("X-QUEUE-START", "t=1800000000.0")], NOW) == pytest.approx(0.5)
     assert math.isnan(request_queue_time([("HOST", "x")], NOW))
+    both = [("X-QUEUE-START", "t=1800000000.4"), ("X-REQUEST-START", "t=1800000000.0")]
+    assert request_queue_time(both, NOW) == pytest.approx(0.5)  # X-Request-Start first, as in the environ

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 import pytest
-from fakes import FakeRequest, FakeResponse
+from fakes import FakeRequest, FakeResponse, finish, start
 
 from gunicorn_insight import _scoreboard as sb
 from gunicorn_insight._drain import ROUTE_CAP_WARNING, Drainer
@@ -21,8 +21,8 @@ def routed(tmp_path: object) -> sb.Scoreboard:
 
 def serve(recorder: RequestRecorder, route: str | None, path: str = "/x") -> None:
     req = FakeRequest(path=path)
-    recorder.started(req)
-    recorder.finished(req, {ROUTE_KEY: route} if route else {"PATH_INFO": path}, FakeResponse("200 OK"))
+    start(recorder, req)
+    finish(recorder, req, {ROUTE_KEY: route} if route else {"PATH_INFO": path}, FakeResponse("200 OK"))
 
 
 def recorder(board: sb.Scoreboard, slot: int = 0) -> RequestRecorder:
@@ -48,8 +48,8 @@ def test_route_value_that_is_not_a_string_still_counts(routed: sb.Scoreboard) ->
     rec = recorder(routed)
     for route in (["/list"], ["/list"], 7):
         req = FakeRequest()
-        rec.started(req)
-        rec.finished(req, {ROUTE_KEY: route}, FakeResponse("200 OK"))
+        start(rec, req)
+        finish(rec, req, {ROUTE_KEY: route}, FakeResponse("200 OK"))
     assert drainer.collect().requests == {("GET", 200, "['/list']"): 2, ("GET", 200, "7"): 1}
 
 
