@@ -56,3 +56,11 @@ def test_tiny_benchmark_reports_every_row_and_the_scrape_section(tmp_path: Path)
         assert point["scrape_ms"]["median"] > 0, point
     if plotting:
         assert (tmp_path / "p.png").stat().st_size > 0
+
+
+def test_request_path_loop_records_every_request() -> None:
+    """benchmarks/request_path.py's loop (run natively, without cachegrind) puts each request through the hooks."""
+    for mode in ("bare", "plugin"):
+        argv = [sys.executable, str(ROOT / "benchmarks" / "request_path.py"), "--child", mode, "--requests", "20"]
+        done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+        assert done.returncode == 0, f"{mode}: {done.stdout}{done.stderr}"

@@ -1,0 +1,155 @@
+#!/usr/bin/env python3
+"""What the plugin's two request hooks cost, counted by cachegrind instead of timed.
+
+    python benchmarks/request_path.py [--proxy] [--requests 1000]
+
+bench.py measures the overhead end to end, but on a small VM its pair-to-pair noise (a few percent) is
+wider than a request-path change is worth. This counts instead: one process does what gunicorn's sync
+worker does per request (parse the request from a socket, build the environ, call the application,
+write the response) with gunicorn-insight's hooks configured like bench.py's ``sync:everything`` row,
+and once with gunicorn's default hooks. Each runs under ``valgrind --tool=cachegrind`` twice, for a
+short and a long loop, so interpreter start-up cancels out; the difference divided by the extra requests
+is the cost per request: instructions, first-level cache misses (instructions and data) and last-level
+misses. The counts are deterministic (hash seed fixed); the "cycles" column is only the usual estimate,
+instructions + 10 x L1 misses + 100 x LL misses.
+
+``--proxy`` sends what a request behind nginx carries: a query string, an ``X-Request-Start`` stamp and
+the usual forwarding headers. Needs valgrind (Debian package ``valgrind``). Compare two commits by
+running the script of one with ``PYTHONPATH`` pointing at the other's checkout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+WARMUP = 200
+EVENTS = {"I refs": "instructions", "I1  misses": "L1i misses", "D1  misses": "L1d misses", "LL misses": "LL misses"}
+
+PLAIN_REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n\r\n"  # what wrk sends
+
+
+def proxied_request() -> bytes:
+    return (b"GET /?page=2 HTTP/1.1\r\nHost: example.com\r\nX-Real-IP: 10.0.0.1\r\nX-Forwarded-For: 10.0.0.1\r\n"
+            b"X-Forwarded-Proto: https\r\nX-Request-Start: t=%.3f\r\nUser-Agent: curl/8.5.0\r\nAccept: */*\r\n"
+            b"Connection: close\r\n\r\n" % time.time())
+
+
+def request_loop(mode: str, requests: int, raw_request: bytes) -> None:
+    """The child: a sync worker's per-request work, ``requests`` times after a warm-up."""
+    from gunicorn.config import Config
+    from gunicorn.glogging import Logger
+    from gunicorn.http import RequestParser, wsgi
+
+    cfg = Config()
+
+    class Worker:  # the attributes gunicorn's default hooks and gunicorn-insight's read
+        log = Logger(cfg)
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        environ["gunicorn_insight.route"] = "/"  # as benchmarks/hello.py does, bare or not
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "5")])
+        return [b"hello"]
+
+    worker = Worker()
+    pre_request, post_request = cfg.pre_request, cfg.post_request
+    if mode == "plugin":
+        from gunicorn_insight import _scoreboard as sb
+        from gunicorn_insight import _worker
+
+        board = sb.Scoreboard.create(os.path.join(tempfile.mkdtemp(), "scoreboard"), slots=2, entries=1,
+                                     ring=8192, master_pid=os.getpid(), routes=100)
+        board.assign(0, time.monotonic())
+        options = _worker.RecorderOptions(routes=True, exclude_paths=frozenset({"/healthz"}), threaded=False)
+        _worker.RECORDER = _worker.RequestRecorder(board, 0, worker, options)
+        pre_request, post_request = _worker.pre_request, _worker.post_request
+
+    listener, peer = ("127.0.0.1", 8000), ("127.0.0.1", 45678)
+
+    def serve_one() -> None:
+        client, server = socket.socketpair()
+        with client, server:
+            client.sendall(raw_request)
+            req = next(RequestParser(cfg, server, peer))
+            environ = resp = None
+            try:
+                pre_request(worker, req)
+                resp, environ = wsgi.create(req, server, peer, listener, cfg)
+                for chunk in app(environ, resp.start_response):
+                    resp.write(chunk)
+                resp.close()
+            finally:
+                post_request(worker, req, environ, resp)
+            client.recv(65536)
+
+    for _ in range(WARMUP + requests):
+        serve_one()
+    if mode == "plugin":
+        recorded = board.read(0).head
+        if recorded != WARMUP + requests:  # the count would be meaningless if the hooks had bailed out
+            sys.exit(f"request_path: the hooks recorded {recorded} of {WARMUP + requests} requests")
+
+
+def cachegrind(mode: str, requests: int, proxy: bool) -> dict[str, int]:
+    command = ["valgrind", "--tool=cachegrind", "--cache-sim=yes", "--cachegrind-out-file=/dev/null",
+               sys.executable, __file__, "--child", mode, "--requests", str(requests)] + (["--proxy"] if proxy else [])
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": "0"},
+                          check=False)
+    counts = {}
+    for event in EVENTS:
+        match = re.search(rf"==\d+== {re.escape(event)}:\s+([\d,]+)", done.stderr)
+        if match:
+            counts[event] = int(match.group(1).replace(",", ""))
+    if done.returncode != 0 or len(counts) != len(EVENTS):
+        sys.exit(f"request_path: cachegrind run failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    return counts
+
+
+def per_request(mode: str, requests: int, proxy: bool) -> dict[str, float]:
+    short, long = cachegrind(mode, 100, proxy), cachegrind(mode, 100 + requests, proxy)
+    return {event: (long[event] - short[event]) / requests for event in EVENTS}
+
+
+def estimated_cycles(counts: dict[str, float]) -> float:
+    return counts["I refs"] + 10 * (counts["I1  misses"] + counts["D1  misses"]) + 100 * counts["LL misses"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=1000, help="requests counted per mode (default 1000)")
+    parser.add_argument("--proxy", action="store_true", help="a request as nginx forwards it (query, X-Request-Start)")
+    parser.add_argument("--child", choices=("bare", "plugin"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.requests < 1:
+        parser.error(f"--requests must be at least 1, got {args.requests}")
+    raw_request = proxied_request() if args.proxy else PLAIN_REQUEST
+    if args.child:
+        request_loop(args.child, args.requests, raw_request)
+        return
+    if shutil.which("valgrind") is None:
+        sys.exit("request_path: valgrind is not installed (Debian: apt-get install valgrind)")
+    import gunicorn_insight
+
+    print(f"gunicorn-insight from {os.path.dirname(gunicorn_insight.__file__)}; "
+          f"{'proxied' if args.proxy else 'plain (wrk-like)'} request; {args.requests} requests per mode")
+    bare, plugin = per_request("bare", args.requests, args.proxy), per_request("plugin", args.requests, args.proxy)
+    print(f"{'per request':<16}{'bare':>12}{'plugin':>12}{'added':>12}{'added %':>10}")
+    rows = [(EVENTS[event], bare[event], plugin[event]) for event in EVENTS]
+    rows.append(("est. cycles", estimated_cycles(bare), estimated_cycles(plugin)))
+    for name, without, with_plugin in rows:
+        added = with_plugin - without
+        share = f"{100 * added / without:.1f}" if without >= 1 else "-"
+        print(f"{name:<16}{without:>12,.0f}{with_plugin:>12,.0f}{added:>12,.0f}{share:>10}")
+
+
+if __name__ == "__main__":
+    main()
