@@ -8,6 +8,7 @@ are rate limited instead of a traceback per failed send.
 from __future__ import annotations
 
 import logging
+import random
 import re
 import socket
 import time
@@ -47,11 +48,20 @@ class _Pipeline(statsd.client.udp.Pipeline):  # type: ignore[misc]
         line: str = super()._prepare(name, value, rate)
         return f"{line}|#{tags}" if tags else line
 
-    def timings(self, stat: str, seconds: Sequence[float]) -> None:
+    def timings(self, stat: str, seconds: Sequence[float], limit: int = 0) -> None:
         """Timer lines for many values, a datagram's worth at a time: one ``%`` formatting per datagram
-        instead of a string per value. A round can carry thousands of values, one per request."""
+        instead of a string per value. A round can carry thousands of values, one per request.
+
+        Past ``limit`` values (0: none), ``limit`` of them are sent: a uniform random sample plus the
+        fastest and the slowest, each line marked ``|@rate`` with rate = limit / values, so that an
+        aggregator's count (values / rate) is the exact number of requests.
+        """
         name, _, tags = stat.replace("%", "%%").partition("|#")
-        line = f"{name}:%.3f|ms|#{tags}" if tags else f"{name}:%.3f|ms"
+        rate = ""
+        if 2 <= limit < len(seconds):
+            rate = "|@" + f"{limit / len(seconds):.9f}".rstrip("0")  # plain digits: statsd reads no exponent
+            seconds = [*random.sample(seconds, limit - 2), min(seconds), max(seconds)]
+        line = f"{name}:%.3f|ms{rate}|#{tags}" if tags else f"{name}:%.3f|ms{rate}"
         per_datagram = max(1, MAX_DATAGRAM // (len(line) + _WIDEST_MS))
         template = "\n".join([line] * per_datagram)
         milliseconds = [value * 1000.0 for value in seconds]
@@ -103,6 +113,8 @@ class StatsdSink:
         tagged: bool,
         send_request_metrics: bool,
         connections_limit: int,
+        timers_per_second: int = 0,
+        interval: float = 0.5,
         clock: Any = time.monotonic,
     ) -> None:
         self.target = target
@@ -111,6 +123,9 @@ class StatsdSink:
         self._tagged = tagged
         self._send_requests = send_request_metrics
         self._limit = connections_limit
+        self._timers_per_second = timers_per_second
+        self._interval = interval
+        self._last_round_at: float | None = None
         self._clock = clock
         self._client: _Client | None = None
         self._resolved_at = 0.0
@@ -147,15 +162,16 @@ class StatsdSink:
         if client is None:
             return
         pipe = client.pipeline()
+        timers = self._timer_limit(facts)
         if self._send_requests:
-            self._request_lines(pipe, facts)
+            self._request_lines(pipe, facts, timers)
         name, split = self._name, self._split
         for metric, count in (("gunicorn.slow_requests", facts.slow),
                               ("gunicorn.request.queue_invalid", facts.queue_invalid),
                               ("gunicorn.listen_overflows", facts.listen_overflows)):
             if count:
                 pipe.incr(name(metric), count)
-        pipe.timings(name("gunicorn.request.queue"), facts.queue_times)
+        pipe.timings(name("gunicorn.request.queue"), facts.queue_times, timers)
         for cause, count in sorted(facts.exits.items()):
             pipe.incr(split("gunicorn.worker.exit.{}", "gunicorn.worker.exit", "cause", cause), count)
         for metric, value in (("gunicorn.workers", facts.workers), ("gunicorn.workers_busy", facts.busy_workers),
@@ -185,13 +201,23 @@ class StatsdSink:
             return 0.0
         return round(max(0.0, busy - previous[1]) / ((facts.at - previous[0]) * facts.capacity), 4)
 
-    def _request_lines(self, pipe: Any, facts: Round) -> None:
+    def _timer_limit(self, facts: Round) -> int:
+        """Values per timer metric this round may carry: the per-second cap times the round's length
+        (a scrape can start a round early). 0: no cap."""
+        previous, self._last_round_at = self._last_round_at, facts.at
+        if not self._timers_per_second:
+            return 0
+        elapsed = facts.at - previous if previous is not None and facts.at > previous else self._interval
+        return max(2, round(self._timers_per_second * elapsed))
+
+    def _request_lines(self, pipe: Any, facts: Round, timers: int) -> None:
         name = self._name
         if self._tagged:
             for (method, status, route), count in sorted(facts.requests.items()):
                 pipe.incr(name("gunicorn.requests", self._request_tags(method, status, route)), count)
             for (method, route), durations in facts.durations.items():
-                pipe.timings(name("gunicorn.request.duration", self._request_tags(method, None, route)), durations)
+                pipe.timings(name("gunicorn.request.duration", self._request_tags(method, None, route)), durations,
+                             timers)
             return
         total = facts.total_requests
         if total:
@@ -202,8 +228,8 @@ class StatsdSink:
         for status, count in sorted(by_status.items()):
             pipe.incr(name(f"gunicorn.request.status.{status or 'unknown'}"), count)
         duration = name("gunicorn.request.duration")
-        for durations in facts.durations.values():
-            pipe.timings(duration, durations)
+        # One timer for every method and route: their durations are one population to sample from.
+        pipe.timings(duration, [value for durations in facts.durations.values() for value in durations], timers)
 
     @staticmethod
     def _request_tags(method: str, status: int | None, route: str) -> str:

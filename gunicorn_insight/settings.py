@@ -97,6 +97,9 @@ class Settings:
     """Distinct route values at most; more are counted as ``other`` (warned about at most once an hour)."""
     access_log_atoms: bool = False
     """Add X-Gunicorn-Busy and X-Gunicorn-Queue-Ms request headers for gunicorn's access_log_format."""
+    statsd_timers_per_second: int = 500
+    """StatsD timer values sent per timer metric per second at most. Past it, a random sample that keeps
+    the fastest and the slowest, each line marked with its sample rate; 0: every value."""
 
     def __post_init__(self) -> None:
         validators: dict[str, Callable[[Any], Any]] = {
@@ -115,6 +118,7 @@ class Settings:
             "route_resolver": _check_resolver,
             "max_routes": _check_max_routes,
             "access_log_atoms": _check_bool("access_log_atoms"),
+            "statsd_timers_per_second": _check_timers_per_second,
         }
         for name, check in validators.items():
             object.__setattr__(self, name, check(getattr(self, name)))
@@ -304,6 +308,10 @@ def _check_paths(value: Any) -> tuple[str, ...]:
     if bad:
         raise ConfigurationError(f"exclude_paths: {bad[0]!r} is not a path; write it as gunicorn sees it, e.g. /health")
     return paths
+
+
+def _check_timers_per_second(value: Any) -> int:
+    return _int_between("statsd_timers_per_second", value, 0, 1_000_000, " (0 sends every value)")
 
 
 def _check_max_routes(value: Any) -> int:

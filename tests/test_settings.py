@@ -87,12 +87,20 @@ def test_unknown_environment_variable_lists_valid_names() -> None:
         ("max_workers", 0, "between 1 and 4096"),
         ("interval", 0.001, "between 0.05 and 60"),
         ("interval", float("nan"), "finite"),
+        ("statsd_timers_per_second", -1, r"statsd_timers_per_second=-1 must be between 0 and 1000000 \(0 sends"),
+        ("statsd_timers_per_second", "many", "statsd_timers_per_second='many' is not an integer"),
     ],
 )
 def test_bad_values_name_field_value_and_fix(field: str, value: object, message: str) -> None:
     """Each validation error names the field and the bad value and says what would be accepted."""
     with pytest.raises(ConfigurationError, match=message):
         build(**{field: value})
+
+
+def test_timer_cap_comes_from_the_environment_and_defaults_to_500() -> None:
+    """statsd_timers_per_second is an integer setting like the others: default 500, 0 allowed (no cap)."""
+    assert build().statsd_timers_per_second == 500
+    assert build({"GUNICORN_INSIGHT_STATSD_TIMERS_PER_SECOND": "0"}).statsd_timers_per_second == 0
 
 
 def test_booleans_parse_from_environment() -> None:

@@ -134,3 +134,39 @@ def test_missing_unix_socket_is_counted_not_raised(tmp_path: Path, caplog: pytes
     sink.publish(a_round())
     assert b"gunicorn.workers:2|g" in server.recv(65535)
     server.close()
+
+
+def test_timers_past_the_cap_are_a_marked_sample_with_exact_count(receiver: socket.socket) -> None:
+    """Over statsd_timers_per_second, a round sends that many values (fastest and slowest among them), each
+    marked |@rate, so values / rate is exactly the number of requests."""
+    facts = a_round(requests=0)
+    facts.durations = {("GET", ""): [0.001 * n for n in range(1, 1000)], ("POST", ""): [9.0]}  # 1,000 requests
+    facts.at = 100.0
+    make_sink(receiver.getsockname(), timers_per_second=100, interval=0.5).publish(facts)
+    lines = [line for line in b"\n".join(datagrams(receiver)).decode().splitlines() if "duration" in line]
+    assert len(lines) == 50  # 100 a second, for a 0.5 s round
+    assert all(line.endswith("|ms|@0.05") for line in lines)
+    values = {line.split(":")[1].split("|")[0] for line in lines}
+    assert {"1.000", "9000.000"} <= values
+    assert len(lines) / 0.05 == 1000
+
+
+def test_a_round_under_the_cap_sends_every_value_unmarked(receiver: socket.socket) -> None:
+    """Below the cap (and with the cap off) every duration is sent, without a sample rate."""
+    for cap in (0, 100):
+        make_sink(receiver.getsockname(), timers_per_second=cap).publish(a_round(requests=3))
+        lines = [line for line in b"\n".join(datagrams(receiver)).decode().splitlines() if "duration" in line]
+        assert sorted(lines) == ["gunicorn.request.duration:1000.000|ms"] + ["gunicorn.request.duration:250.000|ms"] * 3
+
+
+def test_the_cap_follows_the_length_of_the_round(receiver: socket.socket) -> None:
+    """A round a scrape started early gets a smaller share of the per-second cap; tags keep the rate before them."""
+    sink = make_sink(receiver.getsockname(), timers_per_second=100, tagged=True)
+    for at in (10.0, 10.1):
+        facts = a_round(requests=0)
+        facts.durations = {("GET", ""): [0.01] * 400}
+        facts.at = at
+        sink.publish(facts)
+        lines = [line for line in b"\n".join(datagrams(receiver)).decode().splitlines() if "duration" in line]
+        assert len(lines) == (50 if at == 10.0 else 10)
+        assert lines[0].endswith(f"|ms|@{len(lines) / 400:g}|#method:GET")

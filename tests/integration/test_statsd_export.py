@@ -45,6 +45,24 @@ def test_statsd_daemon_gets_exact_counts_and_timings(
     assert statsd_daemon.bad_lines() == 0
 
 
+def test_timers_over_the_cap_reach_the_daemon_as_a_marked_sample(
+    process_factory: ProcessFactory, statsd_daemon: StatsdDaemon
+) -> None:
+    """With statsd_timers_per_second low, the daemon gets fewer timer values than requests, marked with their
+    rate (no bad lines), while the request counter stays exact."""
+    host, port = statsd_daemon.udp_address
+    server = start_gunicorn(process_factory, metrics=False, env={
+        "GUNICORN_INSIGHT_STATSD": f"{host}:{port}", "GUNICORN_INSIGHT_STATSD_TIMERS_PER_SECOND": "4",
+        "GUNICORN_INSIGHT_INTERVAL": "1"})
+    for _ in range(80):
+        assert server.get("/") == 200
+    wait_until(lambda: statsd_daemon.counters().get("gunicorn.requests") == 80, timeout=30,
+               what="gunicorn.requests == 80", dump=lambda: repr(statsd_daemon.counters()))
+    rounds_pass(statsd_daemon)
+    assert 2 <= statsd_daemon.timer_counts()["gunicorn.request.duration"] < 80
+    assert statsd_daemon.bad_lines() == 0
+
+
 @pytest.mark.oldest
 def test_gunicorn_statsd_settings_are_reused_without_double_counting(
     process_factory: ProcessFactory, statsd_daemon: StatsdDaemon
