@@ -14,8 +14,8 @@ misses. The counts are deterministic (hash seed fixed); the "cycles" column is o
 instructions + 10 x L1 misses + 100 x LL misses.
 
 ``--proxy`` sends what a request behind nginx carries: a query string, an ``X-Request-Start`` stamp and
-the usual forwarding headers. Needs valgrind (Debian package ``valgrind``). Compare two commits by
-running the script of one with ``PYTHONPATH`` pointing at the other's checkout.
+the usual forwarding headers. Needs valgrind (Debian package ``valgrind``). To compare two checkouts (from
+the commit that added this script on), run it with ``PYTHONPATH`` pointing at the other one.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from collections.abc import Callable
 from typing import Any
 
 WARMUP = 200
-EVENTS = {"I refs": "instructions", "I1  misses": "L1i misses", "D1  misses": "L1d misses", "LL misses": "LL misses"}
+EVENTS = {"I refs": "instructions", "I1 misses": "L1i misses", "D1 misses": "L1d misses", "LL misses": "LL misses"}
 
 PLAIN_REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n\r\n"  # what wrk sends
 
@@ -99,16 +99,23 @@ def request_loop(mode: str, requests: int, raw_request: bytes) -> None:
             sys.exit(f"request_path: the hooks recorded {recorded} of {WARMUP + requests} requests")
 
 
+def parse_summary(text: str) -> dict[str, int]:
+    """The totals of cachegrind's summary (``==123== I   refs:      508,493,093``) for each of EVENTS."""
+    counts = {}
+    for event in EVENTS:
+        pattern = r"\s+".join(map(re.escape, event.split()))
+        match = re.search(rf"==\d+== {pattern}:\s+([\d,]+)", text)
+        if match:
+            counts[event] = int(match.group(1).replace(",", ""))
+    return counts
+
+
 def cachegrind(mode: str, requests: int, proxy: bool) -> dict[str, int]:
     command = ["valgrind", "--tool=cachegrind", "--cache-sim=yes", "--cachegrind-out-file=/dev/null",
                sys.executable, __file__, "--child", mode, "--requests", str(requests)] + (["--proxy"] if proxy else [])
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": "0"},
                           check=False)
-    counts = {}
-    for event in EVENTS:
-        match = re.search(rf"==\d+== {re.escape(event)}:\s+([\d,]+)", done.stderr)
-        if match:
-            counts[event] = int(match.group(1).replace(",", ""))
+    counts = parse_summary(done.stderr)
     if done.returncode != 0 or len(counts) != len(EVENTS):
         sys.exit(f"request_path: cachegrind run failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
     return counts
@@ -120,7 +127,7 @@ def per_request(mode: str, requests: int, proxy: bool) -> dict[str, float]:
 
 
 def estimated_cycles(counts: dict[str, float]) -> float:
-    return counts["I refs"] + 10 * (counts["I1  misses"] + counts["D1  misses"]) + 100 * counts["LL misses"]
+    return counts["I refs"] + 10 * (counts["I1 misses"] + counts["D1 misses"]) + 100 * counts["LL misses"]
 
 
 def main() -> None:

@@ -64,3 +64,17 @@ def test_request_path_loop_records_every_request() -> None:
         argv = [sys.executable, str(ROOT / "benchmarks" / "request_path.py"), "--child", mode, "--requests", "20"]
         done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
         assert done.returncode == 0, f"{mode}: {done.stdout}{done.stderr}"
+
+
+def test_request_path_reads_cachegrind_summaries() -> None:
+    """The four totals are read from cachegrind's summary, whatever its column padding."""
+    spec = importlib.util.spec_from_file_location("request_path", ROOT / "benchmarks" / "request_path.py")
+    assert spec is not None
+    assert spec.loader is not None
+    request_path = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(request_path)
+    summary = ("==7== I   refs:      508,493,093\n==7== I1  misses:      3,421,252\n==7== LLi misses:  17,924\n"
+               "==7== D1  misses:      5,686,145  (  5,145,420 rd   +    540,725 wr)\n"
+               "==7== LL misses:         283,713  (     87,532 rd   +    196,181 wr)\n")
+    assert request_path.parse_summary(summary) == {
+        "I refs": 508_493_093, "I1 misses": 3_421_252, "D1 misses": 5_686_145, "LL misses": 283_713}
