@@ -13,6 +13,7 @@ import re
 import socket
 import time
 from collections.abc import Sequence
+from itertools import chain
 from typing import Any
 
 import statsd
@@ -129,7 +130,7 @@ class StatsdSink:
         self._clock = clock
         self._client: _Client | None = None
         self._resolved_at = 0.0
-        self._last_busy: tuple[float, float] | None = None
+        self._last_busy: float | None = None
 
     def _name(self, name: str, tags: str = "") -> str:
         tags = ",".join(filter(None, (tags, self._tags)))
@@ -162,7 +163,8 @@ class StatsdSink:
         if client is None:
             return
         pipe = client.pipeline()
-        timers = self._timer_limit(facts)
+        elapsed = self._since_last_round(facts)
+        timers = self._timer_limit(elapsed)
         if self._send_requests:
             self._request_lines(pipe, facts, timers)
         name, split = self._name, self._split
@@ -179,7 +181,7 @@ class StatsdSink:
                               ("gunicorn.requests_waiting", facts.waiting),
                               ("gunicorn.connections", facts.total_connections),
                               ("gunicorn.worker.connections_limit", self._limit),
-                              ("gunicorn.utilization", self._utilization(facts))):
+                              ("gunicorn.utilization", self._utilization(facts, elapsed))):
             pipe.gauge(name(metric), value)
         for listener, (queued, limit) in sorted(facts.listeners.items()):
             pipe.gauge(split("gunicorn.listener.{}.backlog", "gunicorn.listen_backlog", "listener", listener), queued)
@@ -192,23 +194,26 @@ class StatsdSink:
                        facts.memory.get(slot, 0))
         pipe.send()
 
-    def _utilization(self, facts: Round) -> float:
+    def _since_last_round(self, facts: Round) -> float | None:
+        """Seconds since the previous round (a scrape can start one early); None for the first one."""
+        previous, self._last_round_at = self._last_round_at, facts.at
+        return facts.at - previous if previous is not None and facts.at > previous else None
+
+    def _utilization(self, facts: Round, elapsed: float | None) -> float:
         """Busy request-seconds per second of capacity since the last round: the StatsD view of
         rate(gunicorn_worker_busy_seconds_total) / gunicorn_capacity."""
         busy = sum(facts.busy_seconds.values())
-        previous, self._last_busy = self._last_busy, (facts.at, busy)
-        if previous is None or not facts.capacity or facts.at <= previous[0]:
+        previous, self._last_busy = self._last_busy, busy
+        if elapsed is None or previous is None or not facts.capacity:
             return 0.0
-        return round(max(0.0, busy - previous[1]) / ((facts.at - previous[0]) * facts.capacity), 4)
+        return round(max(0.0, busy - previous) / (elapsed * facts.capacity), 4)
 
-    def _timer_limit(self, facts: Round) -> int:
-        """Values per timer metric this round may carry: the per-second cap times the round's length
-        (a scrape can start a round early). 0: no cap."""
-        previous, self._last_round_at = self._last_round_at, facts.at
+    def _timer_limit(self, elapsed: float | None) -> int:
+        """Values per timer metric this round may carry: the per-second cap times the round's length.
+        0: no cap."""
         if not self._timers_per_second:
             return 0
-        elapsed = facts.at - previous if previous is not None and facts.at > previous else self._interval
-        return max(2, round(self._timers_per_second * elapsed))
+        return max(2, round(self._timers_per_second * (self._interval if elapsed is None else elapsed)))
 
     def _request_lines(self, pipe: Any, facts: Round, timers: int) -> None:
         name = self._name
@@ -229,7 +234,7 @@ class StatsdSink:
             pipe.incr(name(f"gunicorn.request.status.{status or 'unknown'}"), count)
         duration = name("gunicorn.request.duration")
         # One timer for every method and route: their durations are one population to sample from.
-        pipe.timings(duration, [value for durations in facts.durations.values() for value in durations], timers)
+        pipe.timings(duration, list(chain.from_iterable(facts.durations.values())), timers)
 
     @staticmethod
     def _request_tags(method: str, status: int | None, route: str) -> str:

@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from math import isnan
 from time import monotonic
@@ -290,12 +291,8 @@ def pre_request(worker: Any, req: Any) -> None:
             entry = rec._free.pop()
         except IndexError:
             entry = -1
-            lock = rec.lock
-            if lock is None:
+            with rec.lock or nullcontext():  # post_request takes it back under the lock
                 rec.add_overflow(1)
-            else:
-                with lock:
-                    rec.add_overflow(1)
         query = req.query
         if query:
             path = f"{path}?<redacted>" if rec._redact else f"{path}?{query}"

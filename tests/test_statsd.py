@@ -170,3 +170,15 @@ def test_the_cap_follows_the_length_of_the_round(receiver: socket.socket) -> Non
         lines = [line for line in b"\n".join(datagrams(receiver)).decode().splitlines() if "duration" in line]
         assert len(lines) == (50 if at == 10.0 else 10)
         assert lines[0].endswith(f"|ms|@{len(lines) / 400:g}|#method:GET")
+
+
+def test_utilization_is_busy_seconds_per_second_of_capacity(receiver: socket.socket) -> None:
+    """gunicorn.utilization: busy request-seconds added since the previous round, over its length times
+    capacity; 0 in the first round, which has no previous one."""
+    sink = make_sink(receiver.getsockname())
+    for at, busy, expected in ((10.0, 3.0, "0.0"), (10.5, 3.5, "0.5"), (11.5, 3.5, "0.0")):
+        facts = a_round()
+        facts.at, facts.capacity, facts.busy_seconds = at, 2, {0: busy}
+        sink.publish(facts)
+        lines = b"\n".join(datagrams(receiver)).decode().splitlines()
+        assert f"gunicorn.utilization:{expected}|g" in lines

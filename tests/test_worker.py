@@ -71,9 +71,10 @@ def test_unknown_methods_are_bounded(board: sb.Scoreboard) -> None:
     assert sb.METHODS[method] == "other"
 
 
-def test_more_requests_than_entries_overflow_without_losing_counts(board: sb.Scoreboard) -> None:
+@pytest.mark.parametrize("threaded", [True, False])
+def test_more_requests_than_entries_overflow_without_losing_counts(board: sb.Scoreboard, threaded: bool) -> None:
     """Beyond the slot's entries a request is still counted, as overflow, and all finish in the ring."""
-    rec = recorder(board)
+    rec = recorder(board, threaded=threaded)
     requests = [FakeRequest(path=f"/{n}") for n in range(5)]
     for req in requests:
         start(rec, req)
