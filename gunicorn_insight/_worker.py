@@ -16,7 +16,6 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
-from math import isnan
 from time import monotonic
 from typing import Any
 
@@ -27,10 +26,16 @@ from ._safety import report
 _DYING = sb.FLAG_ABORT_HANDLER | sb.FLAG_INT_HANDLER
 _pack_entry, _pack_record, _pack_head = sb.ENTRY.pack_into, sb.RING.pack_into, sb.HEAD_CONNS.pack_into
 _METHOD_BYTES = {method: method.encode() for method in sb.METHODS}
+# Module globals, not attributes of sb: one dictionary lookup each on the request path instead of two.
+_method_index, _OTHER_METHOD, _RING_SIZE = sb.METHOD_INDEX.get, sb.OTHER_METHOD, sb.RING_SIZE
+_NO_QUEUE_TIME, _NO_ROUTE = sb.NO_QUEUE_TIME, sb.NO_ROUTE
 
 
 InFlightRequest = tuple[float, int, Any, str, str]
-"""start (monotonic), scoreboard entry's byte offset (-1: none free), thread ident or greenlet, method, display path."""
+"""start (monotonic), scoreboard entry's byte offset (-1: none free), thread ident or greenlet, method, display path.
+
+``in_flight`` maps gunicorn's request object itself to one of these: hashing it is a pointer hash, where
+``id(req)`` would cost an audit event and an int allocation per request."""
 
 _REQUEST_START_KEY, _QUEUE_START_KEY = "HTTP_X_REQUEST_START", "HTTP_X_QUEUE_START"  # in a WSGI environ
 _MAX_QUEUE = 3600.0
@@ -60,19 +65,20 @@ def queue_header(headers: Any) -> str | None:
 
 
 def parse_request_start(value: str, now: float) -> float:
-    text = value.partition(",")[0].strip()  # gunicorn's environ joins a repeated header's values with ","
-    if text.startswith("t="):
-        text = text[2:]
+    text = value[2:] if value.startswith("t=") else value
     try:
-        stamp = float(text)
+        stamp = float(text)  # float() ignores surrounding whitespace itself
     except ValueError:
+        # A repeated header (gunicorn's environ joins the values with ","), spaces before "t=", or garbage.
+        first = value.partition(",")[0].strip()
+        return parse_request_start(first, now) if first != value else -1.0
+    if not stamp > 0.0:  # also NaN
         return -1.0
-    if isnan(stamp) or stamp <= 0:
-        return -1.0
-    for divisor in (1e9, 1e6, 1e3):  # nanoseconds, microseconds, milliseconds since the epoch
-        if stamp > 1e11 * divisor / 1e3:
-            stamp /= divisor
-            break
+    if stamp > 1e11:  # not seconds: milliseconds, microseconds or nanoseconds since the epoch
+        for divisor in (1e9, 1e6, 1e3):
+            if stamp > 1e11 * divisor / 1e3:
+                stamp /= divisor
+                break
     queued = now - stamp
     if -_SKEW_TOLERANCE <= queued < 0.0:
         return 0.0  # millisecond stamps and NTP-disciplined clocks a few ms apart: not skew worth discarding
@@ -166,7 +172,7 @@ class RequestRecorder:
         # Byte offsets of the free entries. pop() and append() on a list are atomic under the GIL, so
         # gthread's pool threads share it safely.
         self._free = [board.entries_offset(slot) + n * sb.ENTRY_SIZE for n in range(board.entries - 1, -1, -1)]
-        self.in_flight: dict[int, InFlightRequest] = {}
+        self.in_flight: dict[Any, InFlightRequest] = {}
         self._overflow = 0
         # Ring records and route numbers are handed out in order under it, so the head the master reads
         # never passes a record another thread is still writing.
@@ -298,9 +304,13 @@ def pre_request(worker: Any, req: Any) -> None:
             path = f"{path}?<redacted>" if rec._redact else f"{path}?{query}"
         method = req.method or ""
         current = rec._current()
-        rec.in_flight[id(req)] = (now, entry, current, method, path)
+        rec.in_flight[req] = (now, entry, current, method, path)
         if entry >= 0:
             peer = getattr(req, "peer_addr", None)
+            try:
+                encoded_path = path.encode()  # no arguments: CPython's fast path for UTF-8
+            except UnicodeEncodeError:  # a lone surrogate
+                encoded_path = path.encode("utf-8", "replace")
             if type(peer) is tuple:  # (host, port), or IPv6's (host, port, flowinfo, scope_id)
                 host, port = peer[0].encode(), peer[1]
             else:
@@ -315,7 +325,7 @@ def pre_request(worker: Any, req: Any) -> None:
                 # struct's "s" truncates to the field's width; the reader decodes with errors="replace".
                 host,
                 port,
-                path.encode("utf-8", "replace"),
+                encoded_path,
             )
         if rec._atoms:
             rec.add_log_atoms(req)
@@ -332,11 +342,11 @@ def post_request(worker: Any, req: Any, environ: Any, resp: Any) -> None:  # noq
         lock.acquire()
     try:
         now = monotonic()
-        started = rec.in_flight.pop(id(req), None)
+        started = rec.in_flight.pop(req, None)
         if started is None:
             return  # not recorded: an excluded path, or pre_request never ran for it
-        start, entry = started[0], started[1]
-        queue = sb.NO_QUEUE_TIME
+        start, entry, _, _, _ = started
+        queue = _NO_QUEUE_TIME
         if rec._queue:
             # Looked up here, not in pre_request: the environ has the headers hashed already. ASGI workers
             # pass no environ when there is no access log.
@@ -347,7 +357,7 @@ def post_request(worker: Any, req: Any, environ: Any, resp: Any) -> None:  # noq
         status = getattr(resp, "status_code", None)  # gunicorn's WSGI Response parses it once already
         if type(status) is not int:
             status = parse_status(resp)
-        route = sb.NO_ROUTE
+        route = _NO_ROUTE
         if rec._routes:
             # A route this slot has seen, put in the environ by a framework hook: one dict lookup.
             key = environ.get(ROUTE_KEY) if environ and rec._resolves_by_key else None
@@ -356,11 +366,11 @@ def post_request(worker: Any, req: Any, environ: Any, resp: Any) -> None:  # noq
         head = rec._head
         _pack_record(
             rec._buffer,
-            rec._ring_offset + (head & rec._mask) * sb.RING_SIZE,
+            rec._ring_offset + (head & rec._mask) * _RING_SIZE,
             now - start,
             queue,
             status,
-            sb.METHOD_INDEX.get(req.method, sb.OTHER_METHOD),
+            _method_index(req.method, _OTHER_METHOD),
             route,
         )
         rec._head = head = head + 1

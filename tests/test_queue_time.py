@@ -22,6 +22,7 @@ NOW = 1_800_000_000.5
         ("  t=1800000000.5 ", 0.0),
         ("t=1800000000.503", 0.0),  # 3 ms ahead: clocks a few ms apart are not worth discarding
         ("t=1800000000.250,t=1800000000.4", 0.25),  # sent twice: gunicorn's environ joins them, the first counts
+        (" t=1800000000.250, t=1800000000.4", 0.25),
     ],
 )
 def test_formats(header: str, expected: float) -> None:
@@ -30,7 +31,7 @@ def test_formats(header: str, expected: float) -> None:
 
 
 @pytest.mark.parametrize(
-    "header", ["garbage", "t=", "t=nan", "t=-5", "0", "t=1800000000.6", "t=1800000060.0", "t=1700000000.0"]
+    "header", ["garbage", "t=", "t=nan", "t=inf", "t=-5", "0", "t=1800000000.6", "t=1800000060.0", "t=1700000000.0"]
 )
 def test_bad_values_are_flagged(header: str) -> None:
     """Garbage, negative, future and more-than-an-hour-old stamps come back as -1 (invalid), not a duration."""

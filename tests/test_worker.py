@@ -45,6 +45,16 @@ def test_query_kept_when_redaction_is_off(board: sb.Scoreboard) -> None:
     assert board.read(0).requests[0].path == "/search?q=x"
 
 
+def test_path_that_utf8_cannot_encode_is_still_recorded(board: sb.Scoreboard) -> None:
+    """A lone surrogate in the path is written with a replacement character; the request is not lost."""
+    rec = recorder(board)
+    req = FakeRequest(path="/caf\udce9")
+    start(rec, req)
+    assert board.read(0).requests[0].path == "/caf?"
+    finish(rec, req, {}, FakeResponse("200 OK"))
+    assert board.read(0).head == 1
+
+
 def test_finished_request_lands_in_the_ring(board: sb.Scoreboard) -> None:
     """post_request frees the entry and writes duration, status and method into the ring."""
     rec = recorder(board)
