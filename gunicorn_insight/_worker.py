@@ -149,7 +149,7 @@ class RequestRecorder:
         "_atoms", "_board", "_buffer", "_conns_offset", "_current", "_excluded", "_flags_offset", "_free",
         "_head", "_head_offset", "_mask", "_max_routes", "_overflow", "_overflow_offset", "_queue",
         "_redact", "_resolve", "_resolves_by_key", "_ring_offset", "_route_ids", "_routes", "_routes_offset",
-        "_routes_used", "_start", "_worker", "in_flight", "lock", "slot",
+        "_routes_used", "_start", "_worker", "dying", "in_flight", "lock", "slot",
     )
 
     def __init__(
@@ -173,6 +173,7 @@ class RequestRecorder:
         # gthread's pool threads share it safely.
         self._free = [board.entries_offset(slot) + n * sb.ENTRY_SIZE for n in range(board.entries - 1, -1, -1)]
         self.in_flight: dict[Any, InFlightRequest] = {}
+        self.dying = False  # a signal handler (worker_int, worker_abort) ran: requests cut short stay visible
         self._overflow = 0
         # Ring records and route numbers are handed out in order under it, so the head the master reads
         # never passes a record another thread is still writing.
@@ -275,8 +276,11 @@ class RequestRecorder:
         return boot_error
 
     def mark(self, flag: int) -> None:
-        """Leave a mark for the master. Safe in a signal handler: one byte read, one byte written."""
+        """Leave a mark for the master. Safe in a signal handler: one byte read, one byte written, and
+        for a signal handler's mark one attribute set, which post_request reads instead of the byte."""
         self._buffer[self._flags_offset] = self._buffer[self._flags_offset] | flag
+        if flag & _DYING:
+            self.dying = True
 
 
 RECORDER: RequestRecorder | None = None
@@ -377,7 +381,7 @@ def post_request(worker: Any, req: Any, environ: Any, resp: Any) -> None:  # noq
         # Publishing the head after the record is what makes the record visible to the master.
         _pack_head(rec._buffer, rec._head_offset, head, rec._worker.nr_conns if rec._worker is not None else 0)
         if entry >= 0:
-            if rec._buffer[rec._flags_offset] & _DYING:
+            if rec.dying:
                 return  # the request was cut short by a signal: keep it visible for the master's report
             rec._buffer[entry] = 0
             rec._free.append(entry)
