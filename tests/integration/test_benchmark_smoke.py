@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_ROWS = ["sync:both", "ref:gunicorn-statsd"]
@@ -78,3 +81,45 @@ def test_request_path_reads_cachegrind_summaries() -> None:
                "==7== LL misses:         283,713  (     87,532 rd   +    196,181 wr)\n")
     assert request_path.parse_summary(summary) == {
         "I refs": 508_493_093, "I1 misses": 3_421_252, "D1 misses": 5_686_145, "LL misses": 283_713}
+
+
+def load_bench() -> Any:
+    spec = importlib.util.spec_from_file_location("bench", ROOT / "benchmarks" / "bench.py")
+    assert spec is not None
+    assert spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["bench"] = bench  # its dataclasses look their module up while being created
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_pin_is_a_diagnostic_that_writes_no_results_by_default() -> None:
+    """--pin leaves benchmarks/results.json and the plot alone, and its CPU ratio is never judged against the budget."""
+    bench = load_bench()
+    args = bench.parse_args(["--pin"])
+    assert (args.json, args.plot) == (None, None)
+    everything = SimpleNamespace(row="sync:everything", cpu_ratio=SimpleNamespace(median=1.2))
+    assert bench.budgets([everything], [], pinned=True)["cpu"]["verdict"] == "not judged (--pin)"
+    assert bench.budgets([everything], [], pinned=False)["cpu"]["verdict"] == "MISSED"
+
+
+def test_pin_splits_the_cpus_or_says_why_it_cannot() -> None:
+    """pin_cpus keeps the first allowed CPU for the load and gives the rest to gunicorn; on one CPU it refuses."""
+    script = (
+        "import os, sys; sys.path.insert(0, sys.argv[1]); import importlib.util as u\n"
+        "spec = u.spec_from_file_location('bench', sys.argv[2]); bench = u.module_from_spec(spec)\n"
+        "sys.modules['bench'] = bench; spec.loader.exec_module(bench)\n"
+        "cpus = sorted(os.sched_getaffinity(0))\n"
+        "if sys.argv[3] == 'one': os.sched_setaffinity(0, cpus[:1])\n"
+        "try:\n    split = bench.pin_cpus()\n"
+        "except bench.BenchError as error:\n    print('refused', error); raise SystemExit\n"
+        "print('split', split == {'load': cpus[:1], 'server': cpus[1:]}, sorted(os.sched_getaffinity(0)) == cpus[:1])\n"
+    )
+    bench_dir, bench_py = str(ROOT / "benchmarks"), str(ROOT / "benchmarks" / "bench.py")
+    one = subprocess.run([sys.executable, "-c", script, bench_dir, bench_py, "one"], capture_output=True, text=True,
+                         timeout=60, check=True)
+    assert one.stdout.startswith("refused --pin needs at least 2 CPUs"), one.stdout + one.stderr
+    if len(os.sched_getaffinity(0)) >= 2:
+        split = subprocess.run([sys.executable, "-c", script, bench_dir, bench_py, "all"], capture_output=True,
+                               text=True, timeout=60, check=True)
+        assert split.stdout.strip() == "split True True", split.stdout + split.stderr
