@@ -18,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from servers import Process, ProcessFactory, free_port, wait_until
 
 from gunicorn_insight import _scoreboard as sb
+from gunicorn_insight._discovery import is_live
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
@@ -137,7 +138,8 @@ def scoreboard_of(process: Process) -> str | None:
             info = json.loads(Path(path).read_text())
         except (OSError, ValueError):
             continue
-        if info.get("master_pid") == process.pid:
+        # is_live, as the CLI does: a run directory a SIGKILLed master left behind can name a recycled pid.
+        if info.get("master_pid") == process.pid and is_live(info):
             return str(info["scoreboard"])
     return None
 
