@@ -316,7 +316,8 @@ def post_worker_init(worker: Any) -> None:
 
 
 def worker_int(worker: Any) -> None:
-    # Runs inside a signal handler (SIGINT/SIGQUIT): one byte written to shared memory, nothing else.
+    # Runs inside a signal handler (SIGINT/SIGQUIT): a byte in shared memory and an attribute (see mark), nothing
+    # else.
     recorder = _worker.RECORDER
     if recorder is not None:
         with contextlib.suppress(Exception):  # logging here could deadlock; the master notices anyway
@@ -324,7 +325,8 @@ def worker_int(worker: Any) -> None:
 
 
 def worker_abort(worker: Any) -> None:
-    # Runs inside a signal handler: a byte in shared memory, then os.write and faulthandler. No logging.
+    # Runs inside a signal handler: a byte in shared memory and an attribute (see mark), then os.write and
+    # faulthandler. No logging.
     recorder = _worker.RECORDER
     if recorder is not None:
         with contextlib.suppress(Exception):  # logging here could deadlock; the master notices anyway

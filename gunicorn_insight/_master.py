@@ -194,8 +194,8 @@ class Master:
                 tagged=plan.statsd_tagged,
                 send_request_metrics=not plan.gunicorn_statsd_active,
                 connections_limit=plan.connections_limit,
-                timers_per_second=plan.settings.statsd_timers_per_second,
-                interval=plan.settings.interval,
+                timers_per_second=settings.statsd_timers_per_second,
+                interval=settings.interval,
             )
             self._sinks.append(self.statsd)
         self.in_child = False

@@ -59,8 +59,9 @@ def _scan(data: bytes | mmap.mmap, used: int) -> list[tuple[str, int]]:
         (length,) = _USED.unpack_from(data, position)
         if length < 0 or position + 4 + length + 16 > used:
             raise ValueError(f"an entry at byte {position} runs past the {used} bytes in use: the file is corrupt")
-        found.append((bytes(data[position + 4 : position + 4 + length]).decode("utf-8"), position + _key_field(length)))
-        position += _key_field(length) + 16
+        value_at = position + _key_field(length)
+        found.append((bytes(data[position + 4 : position + 4 + length]).decode("utf-8"), value_at))
+        position = value_at + 16
     return found
 
 

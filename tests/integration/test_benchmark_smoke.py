@@ -12,6 +12,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 TINY_ROWS = ["sync:both", "ref:gunicorn-statsd"]
 TINY_RESTARTS = [0, 20]
@@ -20,6 +22,17 @@ PER_ROW = (
     "bare_cpu_us_per_request", "instrumented_cpu_us_per_request", "bare_rps", "instrumented_rps", "cpu_ratio",
     "throughput_ratio",
 )
+
+
+def load_script(name: str) -> Any:
+    """A script under benchmarks/ imported as a module, to call its functions directly."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while being created
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_tiny_benchmark_reports_every_row_and_the_scrape_section(tmp_path: Path) -> None:
@@ -71,11 +84,7 @@ def test_request_path_loop_records_every_request() -> None:
 
 def test_request_path_reads_cachegrind_summaries() -> None:
     """The four totals are read from cachegrind's summary, whatever its column padding."""
-    spec = importlib.util.spec_from_file_location("request_path", ROOT / "benchmarks" / "request_path.py")
-    assert spec is not None
-    assert spec.loader is not None
-    request_path = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(request_path)
+    request_path = load_script("request_path")
     summary = ("==7== I   refs:      508,493,093\n==7== I1  misses:      3,421,252\n==7== LLi misses:  17,924\n"
                "==7== D1  misses:      5,686,145  (  5,145,420 rd   +    540,725 wr)\n"
                "==7== LL misses:         283,713  (     87,532 rd   +    196,181 wr)\n")
@@ -83,19 +92,9 @@ def test_request_path_reads_cachegrind_summaries() -> None:
         "I refs": 508_493_093, "I1 misses": 3_421_252, "D1 misses": 5_686_145, "LL misses": 283_713}
 
 
-def load_bench() -> Any:
-    spec = importlib.util.spec_from_file_location("bench", ROOT / "benchmarks" / "bench.py")
-    assert spec is not None
-    assert spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules["bench"] = bench  # its dataclasses look their module up while being created
-    spec.loader.exec_module(bench)
-    return bench
-
-
 def test_pin_is_a_diagnostic_that_writes_no_results_by_default() -> None:
     """--pin leaves benchmarks/results.json and the plot alone, and its CPU ratio is never judged against the budget."""
-    bench = load_bench()
+    bench = load_script("bench")
     args = bench.parse_args(["--pin"])
     assert (args.json, args.plot) == (None, None)
     everything = SimpleNamespace(row="sync:everything", cpu_ratio=SimpleNamespace(median=1.2))
@@ -105,21 +104,15 @@ def test_pin_is_a_diagnostic_that_writes_no_results_by_default() -> None:
 
 def test_pin_splits_the_cpus_or_says_why_it_cannot() -> None:
     """pin_cpus keeps the first allowed CPU for the load and gives the rest to gunicorn; on one CPU it refuses."""
-    script = (
-        "import os, sys; sys.path.insert(0, sys.argv[1]); import importlib.util as u\n"
-        "spec = u.spec_from_file_location('bench', sys.argv[2]); bench = u.module_from_spec(spec)\n"
-        "sys.modules['bench'] = bench; spec.loader.exec_module(bench)\n"
-        "cpus = sorted(os.sched_getaffinity(0))\n"
-        "if sys.argv[3] == 'one': os.sched_setaffinity(0, cpus[:1])\n"
-        "try:\n    split = bench.pin_cpus()\n"
-        "except bench.BenchError as error:\n    print('refused', error); raise SystemExit\n"
-        "print('split', split == {'load': cpus[:1], 'server': cpus[1:]}, sorted(os.sched_getaffinity(0)) == cpus[:1])\n"
-    )
-    bench_dir, bench_py = str(ROOT / "benchmarks"), str(ROOT / "benchmarks" / "bench.py")
-    one = subprocess.run([sys.executable, "-c", script, bench_dir, bench_py, "one"], capture_output=True, text=True,
-                         timeout=60, check=True)
-    assert one.stdout.startswith("refused --pin needs at least 2 CPUs"), one.stdout + one.stderr
-    if len(os.sched_getaffinity(0)) >= 2:
-        split = subprocess.run([sys.executable, "-c", script, bench_dir, bench_py, "all"], capture_output=True,
-                               text=True, timeout=60, check=True)
-        assert split.stdout.strip() == "split True True", split.stdout + split.stderr
+    bench = load_script("bench")
+    cpus = sorted(os.sched_getaffinity(0))
+    try:
+        os.sched_setaffinity(0, cpus[:1])
+        with pytest.raises(bench.BenchError, match="--pin needs at least 2 CPUs"):
+            bench.pin_cpus()
+        if len(cpus) >= 2:
+            os.sched_setaffinity(0, cpus)
+            assert bench.pin_cpus() == {"load": cpus[:1], "server": cpus[1:]}
+            assert sorted(os.sched_getaffinity(0)) == cpus[:1]
+    finally:
+        os.sched_setaffinity(0, cpus)  # this test's thread only; the rest of the suite runs where it did
