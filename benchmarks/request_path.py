@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """What the plugin's two request hooks cost, counted by cachegrind instead of timed.
 
-    python benchmarks/request_path.py [--proxy] [--requests 1000]
+    python benchmarks/request_path.py [--proxy] [--hooks compiled|python] [--requests 1000]
 
 bench.py measures the overhead end to end, but on a small VM its pair-to-pair noise (a few percent) is
 wider than a request-path change is worth. This counts instead: one process does what gunicorn's sync
@@ -62,7 +62,7 @@ def request_loop(mode: str, requests: int, raw_request: bytes) -> None:
 
     worker = Worker()
     pre_request, post_request = cfg.pre_request, cfg.post_request
-    if mode == "plugin":
+    if mode != "bare":
         from gunicorn_insight import _scoreboard as sb
         from gunicorn_insight import _worker
 
@@ -71,7 +71,12 @@ def request_loop(mode: str, requests: int, raw_request: bytes) -> None:
         board.assign(0, time.monotonic())
         options = _worker.RecorderOptions(routes=True, exclude_paths=frozenset({"/healthz"}), threaded=False)
         _worker.RECORDER = _worker.RequestRecorder(board, 0, worker, options)
-        pre_request, post_request = _worker.pre_request, _worker.post_request
+        if mode == "compiled":
+            if _worker.COMPILED is None:
+                sys.exit("request_path: gunicorn_insight._speedups is not built; reinstall with a C compiler present")
+            pre_request, post_request = _worker.COMPILED
+        else:
+            pre_request, post_request = _worker.pre_request, _worker.post_request
 
     listener, peer = ("127.0.0.1", 8000), ("127.0.0.1", 45678)
 
@@ -93,7 +98,7 @@ def request_loop(mode: str, requests: int, raw_request: bytes) -> None:
 
     for _ in range(WARMUP + requests):
         serve_one()
-    if mode == "plugin":
+    if mode != "bare":
         recorded = board.read(0).head
         if recorded != WARMUP + requests:  # the count would be meaningless if the hooks had bailed out
             sys.exit(f"request_path: the hooks recorded {recorded} of {WARMUP + requests} requests")
@@ -134,7 +139,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=1000, help="requests counted per mode (default 1000)")
     parser.add_argument("--proxy", action="store_true", help="a request as nginx forwards it (query, X-Request-Start)")
-    parser.add_argument("--child", choices=("bare", "plugin"), help=argparse.SUPPRESS)
+    parser.add_argument("--hooks", choices=("compiled", "python"), default="compiled",
+                        help="the compiled request hooks (the default where they are built) or the pure-Python ones")
+    parser.add_argument("--child", choices=("bare", "compiled", "python"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.requests < 1:
         parser.error(f"--requests must be at least 1, got {args.requests}")
@@ -147,8 +154,9 @@ def main() -> None:
     import gunicorn_insight
 
     print(f"gunicorn-insight from {os.path.dirname(gunicorn_insight.__file__)}; "
-          f"{'proxied' if args.proxy else 'plain (wrk-like)'} request; {args.requests} requests per mode")
-    bare, plugin = per_request("bare", args.requests, args.proxy), per_request("plugin", args.requests, args.proxy)
+          f"{'proxied' if args.proxy else 'plain (wrk-like)'} request; {args.hooks} hooks; "
+          f"{args.requests} requests per mode")
+    bare, plugin = per_request("bare", args.requests, args.proxy), per_request(args.hooks, args.requests, args.proxy)
     print(f"{'per request':<16}{'bare':>12}{'plugin':>12}{'added':>12}{'added %':>10}")
     rows = [(EVENTS[event], bare[event], plugin[event]) for event in EVENTS]
     rows.append(("est. cycles", estimated_cycles(bare), estimated_cycles(plugin)))

@@ -38,6 +38,8 @@ class _State:
     run_dir: str | None = None
     run_dir_owner = 0
     prometheus_dir: str | None = None
+    request_hooks = "python"
+    """Which pre_request/post_request install() put in: "compiled", or "python" and why."""
     error_fd = 2
     inspecting = False
 
@@ -63,9 +65,15 @@ def install(namespace: MutableMapping[str, Any], **settings: Any) -> Settings:
     elif STATE.settings is not None and not built.same_as(STATE.settings):
         # A HUP re-reads the config in the running master; the directories and sockets stay as they are.
         LOG.warning("gunicorn-insight: settings changed on reload; they take effect at the next restart")
-    for name, ours in HOOKS.items():
+    hooks = HOOKS
+    if built.compiled_hooks and _worker.COMPILED is not None:
+        hooks = {**HOOKS, "pre_request": _worker.COMPILED[0], "post_request": _worker.COMPILED[1]}
+        STATE.request_hooks = "compiled"
+    else:
+        STATE.request_hooks = "python" if not built.compiled_hooks else "python (the C extension is not built)"
+    for name, ours in hooks.items():
         theirs = namespace.get(name)
-        if theirs is None or getattr(theirs, "__gunicorn_insight__", False):
+        if theirs is None or is_ours(theirs):
             namespace[name] = ours
         else:
             namespace[name] = _chain(name, ours, theirs)
@@ -111,6 +119,11 @@ def _remove_run_dir() -> None:
     # Workers run atexit handlers too (gunicorn exits them with sys.exit): only the creator cleans up.
     if STATE.run_dir and os.getpid() == STATE.run_dir_owner:
         shutil.rmtree(STATE.run_dir, ignore_errors=True)
+
+
+def is_ours(hook: Any) -> bool:
+    """A hook install() put there: ours, chained with someone's, or compiled (which carries no attributes)."""
+    return getattr(hook, "__gunicorn_insight__", False) or (_worker.COMPILED is not None and hook in _worker.COMPILED)
 
 
 # -- chaining --------------------------------------------------------------------------------------------
@@ -211,6 +224,7 @@ def _describe(server: Any, master: _master.Master) -> dict[str, Any]:
         "timeout": getattr(cfg, "timeout", None),
         "interval": plan.settings.interval,
         "version": __version__,
+        "request_hooks": STATE.request_hooks,
         "scoreboard_version": sb.VERSION,
         "scoreboard": master.board.path,
         "prometheus_dir": plan.prometheus_dir,
@@ -228,8 +242,8 @@ def _announce(master: _master.Master) -> None:
         where.append(f"Prometheus files in {plan.prometheus_dir}")
     if plan.statsd_target is not None:
         where.append(f"StatsD to {plan.statsd_target!r}")
-    LOG.info("gunicorn-insight: %s (worker class %s, scoreboard %s)", "; ".join(where) or "no exporter",
-             plan.worker_kind, master.board.path)
+    LOG.info("gunicorn-insight: %s (worker class %s, %s request hooks, scoreboard %s)",
+             "; ".join(where) or "no exporter", plan.worker_kind, STATE.request_hooks, master.board.path)
     if plan.gunicorn_statsd_active and master.statsd is not None:
         LOG.info("gunicorn-insight: gunicorn's own statsd logger already sends gunicorn.requests, "
                  "gunicorn.request.duration and gunicorn.request.status.*; gunicorn-insight leaves those to it")

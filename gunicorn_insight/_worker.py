@@ -392,3 +392,22 @@ def post_request(worker: Any, req: Any, environ: Any, resp: Any) -> None:  # noq
     finally:
         if lock is not None:
             lock.release()
+
+
+def _compiled() -> tuple[Callable[..., None], Callable[..., None]] | None:
+    """The same two hooks from the C extension (_speedups.c), bound to this module; None where it was not
+    built (no compiler at install time, a big-endian machine, another Python implementation)."""
+    try:
+        from . import _speedups
+    except ImportError:
+        return None
+    _speedups.bind(
+        globals(), pre_request, post_request, report, describe_peer, parse_status, parse_request_start, queue_header,
+        sb.METHOD_INDEX, sb.OTHER_METHOD, ROUTE_KEY, _REQUEST_START_KEY, _QUEUE_START_KEY,
+        (sb.ENTRY.format, sb.RING.format, sb.HEAD_CONNS.format, _DYING),
+    )
+    return _speedups.pre_request, _speedups.post_request
+
+
+COMPILED = _compiled()
+"""(pre_request, post_request) in C, or None: see _compiled."""

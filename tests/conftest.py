@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import fakes
 import pytest
 
 from gunicorn_insight import _scoreboard as sb
@@ -24,3 +25,11 @@ def no_recorder_left_behind() -> Iterator[None]:
     """Tests that play a worker set the worker's recorder; the next test starts without one."""
     yield
     _worker.RECORDER = None
+
+
+@pytest.fixture(params=["python", "compiled"])
+def each_hook_implementation(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs a test with the pure-Python request hooks, then with the compiled ones (_speedups.c)."""
+    name: str = request.param
+    monkeypatch.setattr(fakes, "HOOKS", fakes.compiled_hooks() if name == "compiled" else fakes.IMPLEMENTATIONS[name])
+    return name

@@ -13,6 +13,8 @@ from gunicorn_insight._routes import ROUTE_KEY
 from gunicorn_insight._worker import RecorderOptions, RequestRecorder
 from gunicorn_insight.django import RouteMiddleware
 
+pytestmark = pytest.mark.usefixtures("each_hook_implementation")
+
 
 @pytest.fixture
 def routed(tmp_path: object) -> sb.Scoreboard:
@@ -27,7 +29,7 @@ def serve(recorder: RequestRecorder, route: str | None, path: str = "/x") -> Non
 
 def recorder(board: sb.Scoreboard, slot: int = 0) -> RequestRecorder:
     board.assign(slot, 0.0)
-    return RequestRecorder(board, slot, object(), RecorderOptions(routes=True))
+    return RequestRecorder(board, slot, object(), RecorderOptions(routes=True, threaded=False))
 
 
 def test_routes_become_labels_and_none_when_unknown(routed: sb.Scoreboard) -> None:

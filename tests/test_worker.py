@@ -14,6 +14,8 @@ from gunicorn_insight import _safety
 from gunicorn_insight import _scoreboard as sb
 from gunicorn_insight._worker import RecorderOptions, RequestRecorder, parse_status
 
+pytestmark = pytest.mark.usefixtures("each_hook_implementation")
+
 
 class FakeWorker:
     pass
@@ -25,6 +27,8 @@ class ThreadWorker:
 
 def recorder(board: sb.Scoreboard, slot: int = 0, worker: object = None, **options: object) -> RequestRecorder:
     board.assign(slot, now=1.0)
+    # A sync worker's recorder unless a test asks for gthread's: the compiled hooks hand a locked one to Python.
+    options = {"threaded": False, **options}
     return RequestRecorder(board, slot, worker or FakeWorker(), RecorderOptions(**options))  # type: ignore[arg-type]
 
 

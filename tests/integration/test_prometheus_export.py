@@ -42,6 +42,24 @@ def test_prometheus_server_sees_the_exact_request_count(
     assert "secret" not in server.metrics_text()
 
 
+@pytest.mark.parametrize("compiled", ["true", "false"])
+def test_either_request_hooks_count_every_request(compiled: str, process_factory: ProcessFactory) -> None:
+    """The compiled hooks (the default) and the Python ones count the same requests; the startup line says which."""
+    from gunicorn_insight import _worker
+
+    if compiled == "true" and _worker.COMPILED is None and not os.environ.get("INSIGHT_TEST_REQUIRE_COMPILED"):
+        pytest.skip("gunicorn_insight._speedups was not built (no compiler at install time)")
+    server = start_gunicorn(process_factory, env={"GUNICORN_INSIGHT_COMPILED_HOOKS": compiled})
+    for _ in range(9):
+        assert server.get("/") == 200
+    for _ in range(4):
+        assert server.get("/status/404?token=secret") == 404
+    assert server.total("gunicorn_requests_total") == 13
+    assert server.total("gunicorn_requests_total", status="404") == 4
+    expected = "compiled request hooks" if compiled == "true" else "python request hooks"
+    assert expected in server.process.output()
+
+
 def test_scrape_is_fresh_and_never_double_counts(process_factory: ProcessFactory) -> None:
     """Each scrape drains the scoreboard first: counts are exact at once and stable across scrapes."""
     server = start_gunicorn(process_factory)

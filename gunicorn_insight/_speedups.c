@@ -1,0 +1,721 @@
+/* The two request hooks of gunicorn_insight._worker, compiled: same scoreboard bytes, one C call each.
+ *
+ * Why this exists: in the benchmark the pure-Python hooks cost about 4 us per request on a core of their
+ * own and about 9 us when the load shares the cores, because their bytecode, the interpreter paths and the
+ * objects they touch are fetched cold on every request (docs/performance.md). Here each hook is one C call
+ * touching the request's attributes, two dicts, a list and the slot's scoreboard lines.
+ *
+ * The Python module stays the definition. Everything unusual is handed to it before any state changes:
+ * a recorder with a thread lock (gthread), no free entry, a path, query or method that is not a plain str,
+ * a non-ASCII method. Rarer steps that need Python anyway call the same Python functions (describe_peer,
+ * parse_status, parse_request_start, queue_header, route_number, add_overflow, add_log_atoms), and every
+ * error is handed to _safety.report, as the Python hooks do. Layouts: gunicorn_insight/_scoreboard.py.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <string.h>
+#include <time.h>
+
+#if PY_BIG_ENDIAN
+#error "the scoreboard is little-endian; big-endian machines use the pure-Python hooks"
+#endif
+
+/* ENTRY = "<B7xdQ8s46sH176s", RING = "<ddHHHxx", HEAD_CONNS = "<QI" (checked against _scoreboard by bind). */
+#define ENTRY_SIZE 256
+#define ENTRY_START 8
+#define ENTRY_THREAD 16
+#define ENTRY_METHOD 24
+#define METHOD_WIDTH 8
+#define ENTRY_HOST 32
+#define HOST_WIDTH 46
+#define ENTRY_PORT 78
+#define ENTRY_PATH 80
+#define PATH_WIDTH 176
+#define RING_SIZE 24
+#define DYING 3 /* FLAG_ABORT_HANDLER | FLAG_INT_HANDLER */
+
+/* What bind() hands over from the Python side: the module globals holding RECORDER, and the functions the
+ * rare paths call. */
+static PyObject *worker_globals, *python_pre_request, *python_post_request, *report, *describe_peer,
+    *parse_status, *parse_request_start, *queue_header, *method_index;
+static PyObject *s_RECORDER, *s_path, *s_query, *s_method, *s_peer_addr, *s_status_code, *s_nr_conns,
+    *s_route_number, *s_add_overflow, *s_add_log_atoms, *s_headers, *s_request_start_key, *s_queue_start_key,
+    *s_route_key;
+static PyObject *minus_one;
+static long other_method;
+
+/* The recorder the fields below were read from (a strong reference, so its address cannot be reused). */
+typedef struct {
+    PyObject *recorder;
+    int delegate; /* 1: the recorder needs the Python hooks (it has a lock) */
+    PyObject *buffer, *free_entries, *in_flight, *current, *excluded, *route_ids, *worker;
+    Py_ssize_t head_offset, ring_offset, flags_offset;
+    unsigned long long mask;
+    int redact, queue, atoms, routes, resolves_by_key;
+} Bound;
+
+static Bound bound;
+
+static void
+clear_bound(void)
+{
+    Py_CLEAR(bound.recorder);
+    Py_CLEAR(bound.buffer);
+    Py_CLEAR(bound.free_entries);
+    Py_CLEAR(bound.in_flight);
+    Py_CLEAR(bound.current);
+    Py_CLEAR(bound.excluded);
+    Py_CLEAR(bound.route_ids);
+    Py_CLEAR(bound.worker);
+    bound.delegate = 1;
+}
+
+static int
+read_ssize(PyObject *obj, const char *name, Py_ssize_t *out)
+{
+    PyObject *value = PyObject_GetAttrString(obj, name);
+    if (value == NULL)
+        return -1;
+    *out = PyLong_AsSsize_t(value);
+    Py_DECREF(value);
+    return (*out == -1 && PyErr_Occurred()) ? -1 : 0;
+}
+
+static int
+read_flag(PyObject *obj, const char *name, int *out)
+{
+    PyObject *value = PyObject_GetAttrString(obj, name);
+    if (value == NULL)
+        return -1;
+    *out = PyObject_IsTrue(value);
+    Py_DECREF(value);
+    return *out < 0 ? -1 : 0;
+}
+
+static int
+read_object(PyObject *obj, const char *name, PyObject **out)
+{
+    *out = PyObject_GetAttrString(obj, name);
+    return *out == NULL ? -1 : 0;
+}
+
+/* Read a new recorder's fields once: a worker makes one recorder, so this runs once per worker. */
+static int
+bind_recorder(PyObject *recorder)
+{
+    PyObject *lock = NULL;
+    Py_ssize_t mask;
+    clear_bound();
+    bound.recorder = Py_NewRef(recorder);
+    if (read_object(recorder, "lock", &lock) < 0)
+        return -1;
+    bound.delegate = lock != Py_None;
+    Py_DECREF(lock);
+    if (bound.delegate)
+        return 0;
+    if (read_object(recorder, "_buffer", &bound.buffer) < 0 || read_object(recorder, "_free", &bound.free_entries) < 0
+        || read_object(recorder, "in_flight", &bound.in_flight) < 0
+        || read_object(recorder, "_current", &bound.current) < 0
+        || read_object(recorder, "_excluded", &bound.excluded) < 0
+        || read_object(recorder, "_route_ids", &bound.route_ids) < 0
+        || read_object(recorder, "_worker", &bound.worker) < 0
+        || read_ssize(recorder, "_head_offset", &bound.head_offset) < 0
+        || read_ssize(recorder, "_ring_offset", &bound.ring_offset) < 0
+        || read_ssize(recorder, "_flags_offset", &bound.flags_offset) < 0 || read_ssize(recorder, "_mask", &mask) < 0
+        || read_flag(recorder, "_redact", &bound.redact) < 0 || read_flag(recorder, "_queue", &bound.queue) < 0
+        || read_flag(recorder, "_atoms", &bound.atoms) < 0 || read_flag(recorder, "_routes", &bound.routes) < 0
+        || read_flag(recorder, "_resolves_by_key", &bound.resolves_by_key) < 0) {
+        clear_bound();
+        return -1;
+    }
+    if (!PyList_CheckExact(bound.free_entries) || !PyDict_CheckExact(bound.in_flight)
+        || !PyDict_CheckExact(bound.route_ids) || !PyAnySet_Check(bound.excluded)) {
+        bound.delegate = 1; /* not the recorder this file was written against: the Python hooks still are */
+        return 0;
+    }
+    bound.mask = (unsigned long long)mask;
+    return 0;
+}
+
+/* The recorder this process records into, bound; NULL (no exception) when there is none. */
+static PyObject *
+current_recorder(int *failed)
+{
+    PyObject *recorder;
+    *failed = 0;
+    if (worker_globals == NULL)
+        return NULL; /* _worker has not bound this module: it is not in use */
+    recorder = PyDict_GetItemWithError(worker_globals, s_RECORDER);
+    if (recorder == NULL || recorder == Py_None) {
+        *failed = PyErr_Occurred() != NULL;
+        return NULL;
+    }
+    if (recorder != bound.recorder && bind_recorder(recorder) < 0) {
+        *failed = 1;
+        return NULL;
+    }
+    return recorder;
+}
+
+/* Hand the pending exception to _safety.report, as the Python hooks' except clause does. */
+static void
+report_error(const char *hook)
+{
+    PyObject *value, *result;
+#if PY_VERSION_HEX >= 0x030C0000
+    value = PyErr_GetRaisedException();
+#else
+    PyObject *type, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    PyErr_NormalizeException(&type, &value, &traceback);
+    if (traceback != NULL && value != NULL)
+        PyException_SetTraceback(value, traceback);
+    Py_XDECREF(type);
+    Py_XDECREF(traceback);
+#endif
+    result = PyObject_CallFunction(report, "sO", hook, value ? value : Py_None);
+    Py_XDECREF(result);
+    PyErr_Clear(); /* report swallows its own errors; nothing may reach gunicorn */
+    Py_XDECREF(value);
+}
+
+static PyObject *
+delegate(PyObject *hook, PyObject *const *args, Py_ssize_t nargs)
+{
+    return PyObject_Vectorcall(hook, args, nargs, NULL);
+}
+
+static inline double
+clock_seconds(clockid_t clock)
+{
+    struct timespec now;
+    clock_gettime(clock, &now);
+    return (double)now.tv_sec + (double)now.tv_nsec * 1e-9;
+}
+
+/* struct's "s": the first `width` bytes, the rest zero (the caller zeroed the field). */
+static inline void
+put_text(char *field, Py_ssize_t width, const char *text, Py_ssize_t length)
+{
+    memcpy(field, text, (size_t)(length < width ? length : width));
+}
+
+static inline void
+put_u16(char *at, unsigned long value)
+{
+    uint16_t word = (uint16_t)value;
+    memcpy(at, &word, 2);
+}
+
+/* A str's UTF-8, strict, or with "?" for what UTF-8 cannot encode (a lone surrogate), as the Python
+ * hook's fallback does. *owner gets a new reference when a bytes object had to be made. */
+static const char *
+utf8_of(PyObject *text, Py_ssize_t *length, PyObject **owner)
+{
+    const char *data = PyUnicode_AsUTF8AndSize(text, length);
+    *owner = NULL;
+    if (data != NULL)
+        return data;
+    if (!PyErr_ExceptionMatches(PyExc_UnicodeEncodeError))
+        return NULL;
+    PyErr_Clear();
+    *owner = PyUnicode_AsEncodedString(text, "utf-8", "replace");
+    if (*owner == NULL)
+        return NULL;
+    *length = PyBytes_GET_SIZE(*owner);
+    return PyBytes_AS_STRING(*owner);
+}
+
+static inline int
+is_text(PyObject *value)
+{
+    return value == Py_None || PyUnicode_CheckExact(value);
+}
+
+static PyObject *
+pre_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *recorder, *req, *path = NULL, *query = NULL, *method = NULL, *peer = NULL, *shown = NULL,
+        *current = NULL, *entry_number = NULL, *record = NULL, *peer_text = NULL, *path_bytes = NULL, *result;
+    const char *path_data, *host_data = NULL;
+    Py_ssize_t path_length, host_length = 0, free_count, entry;
+    unsigned long port = 0;
+    unsigned long long thread;
+    int failed;
+    Py_buffer view;
+    double now;
+
+    if (nargs != 2) {
+        PyErr_Format(PyExc_TypeError, "pre_request() takes 2 positional arguments (%zd given)", nargs);
+        return NULL;
+    }
+    req = args[1];
+    recorder = current_recorder(&failed);
+    if (recorder == NULL) {
+        if (failed)
+            report_error("pre_request");
+        Py_RETURN_NONE;
+    }
+    if (bound.delegate)
+        return delegate(python_pre_request, args, nargs);
+    now = clock_seconds(CLOCK_MONOTONIC);
+
+    if ((path = PyObject_GetAttr(req, s_path)) == NULL || (query = PyObject_GetAttr(req, s_query)) == NULL
+        || (method = PyObject_GetAttr(req, s_method)) == NULL)
+        goto error;
+#if PY_VERSION_HEX < 0x030C0000
+    if (PyUnicode_CheckExact(method) && PyUnicode_READY(method) < 0)
+        goto error;
+#endif
+    free_count = PyList_GET_SIZE(bound.free_entries);
+    /* Anything but plain text, or no free entry (the overflow count): the Python hook, before any change. */
+    if (!is_text(path) || !is_text(query) || !is_text(method)
+        || (method != Py_None && !PyUnicode_IS_ASCII(method)) || free_count == 0) {
+        Py_DECREF(path);
+        Py_DECREF(query);
+        Py_DECREF(method);
+        return delegate(python_pre_request, args, nargs);
+    }
+    if (path == Py_None) {
+        Py_SETREF(path, PyUnicode_FromStringAndSize(NULL, 0));
+        if (path == NULL)
+            goto error;
+    }
+    if (method == Py_None) {
+        Py_SETREF(method, PyUnicode_FromStringAndSize(NULL, 0));
+        if (method == NULL)
+            goto error;
+    }
+    if (PySet_GET_SIZE(bound.excluded) > 0) {
+        int found = PySet_Contains(bound.excluded, path);
+        if (found < 0)
+            goto error;
+        if (found)
+            goto done;
+    }
+    entry_number = Py_NewRef(PyList_GET_ITEM(bound.free_entries, free_count - 1));
+    entry = PyLong_AsSsize_t(entry_number);
+    if (entry == -1 && PyErr_Occurred())
+        goto error;
+    if (PyList_SetSlice(bound.free_entries, free_count - 1, free_count, NULL) < 0)
+        goto error;
+    if (query != Py_None && PyUnicode_GET_LENGTH(query) > 0)
+        shown = bound.redact ? PyUnicode_FromFormat("%U?<redacted>", path) : PyUnicode_FromFormat("%U?%U", path, query);
+    else
+        shown = Py_NewRef(path);
+    if (shown == NULL || (current = PyObject_CallNoArgs(bound.current)) == NULL)
+        goto error;
+    record = PyTuple_New(5);
+    if (record == NULL)
+        goto error;
+    PyTuple_SET_ITEM(record, 0, PyFloat_FromDouble(now));
+    PyTuple_SET_ITEM(record, 1, Py_NewRef(entry_number));
+    PyTuple_SET_ITEM(record, 2, Py_NewRef(current));
+    PyTuple_SET_ITEM(record, 3, Py_NewRef(method));
+    PyTuple_SET_ITEM(record, 4, Py_NewRef(shown));
+    if (PyTuple_GET_ITEM(record, 0) == NULL || PyDict_SetItem(bound.in_flight, req, record) < 0)
+        goto error;
+
+    peer = PyObject_GetAttr(req, s_peer_addr);
+    if (peer == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_AttributeError))
+            goto error;
+        PyErr_Clear();
+        peer = Py_NewRef(Py_None);
+    }
+    if (PyTuple_CheckExact(peer) && PyTuple_GET_SIZE(peer) >= 2) {
+        /* (host, port), or IPv6's (host, port, flowinfo, scope_id) */
+        PyObject *host = PyTuple_GET_ITEM(peer, 0);
+        if (!PyUnicode_Check(host)) {
+            PyErr_Format(PyExc_TypeError, "peer host %R is not a str", host);
+            goto error;
+        }
+        if ((host_data = PyUnicode_AsUTF8AndSize(host, &host_length)) == NULL)
+            goto error;
+        port = PyLong_AsUnsignedLong(PyTuple_GET_ITEM(peer, 1));
+        if (port == (unsigned long)-1 && PyErr_Occurred())
+            goto error;
+        if (port > 0xFFFF) {
+            PyErr_Format(PyExc_OverflowError, "peer port %lu out of range", port);
+            goto error;
+        }
+    }
+    else {
+        peer_text = PyObject_CallOneArg(describe_peer, peer);
+        if (peer_text == NULL)
+            goto error;
+        if (!PyBytes_Check(peer_text)) {
+            PyErr_SetString(PyExc_TypeError, "describe_peer returned no bytes");
+            goto error;
+        }
+        host_data = PyBytes_AS_STRING(peer_text);
+        host_length = PyBytes_GET_SIZE(peer_text);
+    }
+    if ((path_data = utf8_of(shown, &path_length, &path_bytes)) == NULL)
+        goto error;
+    if (PyLong_CheckExact(current)) {
+        thread = PyLong_AsUnsignedLongLong(current);
+        if (thread == (unsigned long long)-1 && PyErr_Occurred())
+            goto error;
+    }
+    else {
+        thread = (unsigned long long)(uintptr_t)current; /* id() of a greenlet */
+    }
+
+    if (PyObject_GetBuffer(bound.buffer, &view, PyBUF_WRITABLE) < 0)
+        goto error;
+    if (entry < 0 || entry + ENTRY_SIZE > view.len) {
+        PyBuffer_Release(&view);
+        PyErr_Format(PyExc_IndexError, "entry offset %zd outside the scoreboard", entry);
+        goto error;
+    }
+    {
+        char *at = (char *)view.buf + entry;
+        Py_ssize_t method_length = PyUnicode_GET_LENGTH(method);
+        memset(at, 0, ENTRY_SIZE);
+        at[0] = 1;
+        memcpy(at + ENTRY_START, &now, 8);
+        memcpy(at + ENTRY_THREAD, &thread, 8);
+        put_text(at + ENTRY_METHOD, METHOD_WIDTH, (const char *)PyUnicode_DATA(method), method_length);
+        put_text(at + ENTRY_HOST, HOST_WIDTH, host_data, host_length);
+        put_u16(at + ENTRY_PORT, port);
+        put_text(at + ENTRY_PATH, PATH_WIDTH, path_data, path_length);
+    }
+    PyBuffer_Release(&view);
+
+    if (bound.atoms) {
+        result = PyObject_CallMethodOneArg(recorder, s_add_log_atoms, req);
+        if (result == NULL)
+            goto error;
+        Py_DECREF(result);
+    }
+    goto done;
+
+error:
+    report_error("pre_request");
+done:
+    Py_XDECREF(path);
+    Py_XDECREF(query);
+    Py_XDECREF(method);
+    Py_XDECREF(peer);
+    Py_XDECREF(shown);
+    Py_XDECREF(current);
+    Py_XDECREF(entry_number);
+    Py_XDECREF(record);
+    Py_XDECREF(peer_text);
+    Py_XDECREF(path_bytes);
+    Py_RETURN_NONE;
+}
+
+/* environ.get(key) or None, for a dict or anything with .get() */
+static PyObject *
+lookup(PyObject *environ, PyObject *key)
+{
+    if (PyDict_CheckExact(environ)) {
+        PyObject *value = PyDict_GetItemWithError(environ, key);
+        return value == NULL ? (PyErr_Occurred() ? NULL : Py_NewRef(Py_None)) : Py_NewRef(value);
+    }
+    return PyObject_CallMethod(environ, "get", "O", key);
+}
+
+static PyObject *
+post_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *recorder, *req, *environ, *resp, *started = NULL, *stamp = NULL, *status_object = NULL, *key = NULL,
+        *method = NULL, *connections = NULL, *result;
+    double now, start, queue = Py_NAN, duration;
+    long status, route = 0, method_number;
+    unsigned long long head, conns = 0;
+    Py_ssize_t entry;
+    int failed, environ_given;
+    Py_buffer view;
+
+    if (nargs != 4) {
+        PyErr_Format(PyExc_TypeError, "post_request() takes 4 positional arguments (%zd given)", nargs);
+        return NULL;
+    }
+    req = args[1];
+    environ = args[2];
+    resp = args[3];
+    recorder = current_recorder(&failed);
+    if (recorder == NULL) {
+        if (failed)
+            report_error("post_request");
+        Py_RETURN_NONE;
+    }
+    if (bound.delegate)
+        return delegate(python_post_request, args, nargs);
+    now = clock_seconds(CLOCK_MONOTONIC);
+
+    started = PyDict_GetItemWithError(bound.in_flight, req);
+    if (started == NULL) {
+        if (PyErr_Occurred())
+            report_error("post_request");
+        Py_RETURN_NONE; /* not recorded: an excluded path, or pre_request never ran for it */
+    }
+    Py_INCREF(started);
+    if (PyDict_DelItem(bound.in_flight, req) < 0)
+        goto error;
+    if (!PyTuple_CheckExact(started) || PyTuple_GET_SIZE(started) != 5) {
+        PyErr_SetString(PyExc_TypeError, "in_flight holds something that is not a request record");
+        goto error;
+    }
+    start = PyFloat_AsDouble(PyTuple_GET_ITEM(started, 0));
+    entry = PyLong_AsSsize_t(PyTuple_GET_ITEM(started, 1));
+    if (PyErr_Occurred())
+        goto error;
+    environ_given = environ == Py_None ? 0 : PyObject_IsTrue(environ);
+    if (environ_given < 0)
+        goto error;
+
+    if (bound.queue) {
+        int given;
+        /* Looked up here, not in pre_request: the environ has the headers hashed already. ASGI workers pass
+         * no environ when there is no access log: then the request's own headers are scanned. */
+        if (environ_given) {
+            if ((stamp = lookup(environ, s_request_start_key)) == NULL || (given = PyObject_IsTrue(stamp)) < 0)
+                goto error;
+            if (!given)
+                Py_SETREF(stamp, lookup(environ, s_queue_start_key));
+        }
+        else {
+            PyObject *headers = PyObject_GetAttr(req, s_headers);
+            if (headers == NULL) {
+                if (!PyErr_ExceptionMatches(PyExc_AttributeError))
+                    goto error;
+                PyErr_Clear();
+                headers = PyTuple_New(0);
+                if (headers == NULL)
+                    goto error;
+            }
+            stamp = PyObject_CallOneArg(queue_header, headers);
+            Py_DECREF(headers);
+        }
+        if (stamp == NULL || (given = PyObject_IsTrue(stamp)) < 0)
+            goto error;
+        if (given) {
+            PyObject *wall = PyFloat_FromDouble(clock_seconds(CLOCK_REALTIME) - (now - start)), *parsed;
+            if (wall == NULL)
+                goto error;
+            parsed = PyObject_CallFunctionObjArgs(parse_request_start, stamp, wall, NULL);
+            Py_DECREF(wall);
+            if (parsed == NULL)
+                goto error;
+            queue = PyFloat_AsDouble(parsed);
+            Py_DECREF(parsed);
+            if (queue == -1.0 && PyErr_Occurred())
+                goto error;
+        }
+    }
+
+    status_object = PyObject_GetAttr(resp, s_status_code); /* gunicorn's WSGI Response parses it once */
+    if (status_object == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_AttributeError))
+            goto error;
+        PyErr_Clear();
+    }
+    if (status_object == NULL || !PyLong_CheckExact(status_object)) {
+        Py_XSETREF(status_object, PyObject_CallOneArg(parse_status, resp));
+        if (status_object == NULL)
+            goto error;
+    }
+    status = PyLong_AsLong(status_object);
+    if (status == -1 && PyErr_Occurred())
+        goto error;
+    if (status < 0 || status > 0xFFFF) {
+        PyErr_Format(PyExc_OverflowError, "status %ld does not fit the ring record", status);
+        goto error;
+    }
+
+    if (bound.routes) {
+        PyObject *known = NULL;
+        if (environ_given && bound.resolves_by_key) {
+            if ((key = lookup(environ, s_route_key)) == NULL)
+                goto error;
+            if (PyUnicode_CheckExact(key)) {
+                known = PyDict_GetItemWithError(bound.route_ids, key);
+                if (known == NULL && PyErr_Occurred())
+                    goto error;
+            }
+        }
+        if (known == NULL) {
+            PyObject *number = PyObject_CallMethodOneArg(recorder, s_route_number, environ);
+            if (number == NULL)
+                goto error;
+            route = PyLong_AsLong(number);
+            Py_DECREF(number);
+        }
+        else {
+            route = PyLong_AsLong(known);
+        }
+        if (route == -1 && PyErr_Occurred())
+            goto error;
+    }
+
+    if ((method = PyObject_GetAttr(req, s_method)) == NULL)
+        goto error;
+    {
+        PyObject *number = PyDict_GetItemWithError(method_index, method);
+        if (number == NULL && PyErr_Occurred()) {
+            if (!PyErr_ExceptionMatches(PyExc_TypeError))
+                goto error;
+            PyErr_Clear(); /* an unhashable method: "other", as .get() with a default would not manage */
+        }
+        method_number = number == NULL ? other_method : PyLong_AsLong(number);
+    }
+    if (bound.worker != Py_None) {
+        if ((connections = PyObject_GetAttr(bound.worker, s_nr_conns)) == NULL)
+            goto error;
+        conns = PyLong_AsUnsignedLongLong(connections);
+        if (conns == (unsigned long long)-1 && PyErr_Occurred())
+            goto error;
+        if (conns > 0xFFFFFFFFULL) {
+            PyErr_Format(PyExc_OverflowError, "nr_conns %llu out of range", conns);
+            goto error;
+        }
+    }
+
+    if (PyObject_GetBuffer(bound.buffer, &view, PyBUF_WRITABLE) < 0)
+        goto error;
+    if (bound.head_offset + 12 > view.len || bound.flags_offset >= view.len
+        || (entry >= 0 && entry + ENTRY_SIZE > view.len)) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_IndexError, "the recorder's offsets are outside the scoreboard");
+        goto error;
+    }
+    {
+        char *buf = (char *)view.buf;
+        uint32_t conns32 = (uint32_t)conns;
+        Py_ssize_t at;
+        memcpy(&head, buf + bound.head_offset, 8);
+        at = bound.ring_offset + (Py_ssize_t)(head & bound.mask) * RING_SIZE;
+        if (at + RING_SIZE > view.len) {
+            PyBuffer_Release(&view);
+            PyErr_SetString(PyExc_IndexError, "ring record outside the scoreboard");
+            goto error;
+        }
+        duration = now - start;
+        memset(buf + at, 0, RING_SIZE);
+        memcpy(buf + at, &duration, 8);
+        memcpy(buf + at + 8, &queue, 8);
+        put_u16(buf + at + 16, (unsigned long)status);
+        put_u16(buf + at + 18, (unsigned long)method_number);
+        put_u16(buf + at + 20, (unsigned long)route);
+        head += 1;
+        /* Publishing the head after the record is what makes the record visible to the master. */
+        __atomic_thread_fence(__ATOMIC_RELEASE);
+        memcpy(buf + bound.head_offset, &head, 8);
+        memcpy(buf + bound.head_offset + 8, &conns32, 4);
+        if (entry >= 0) {
+            if (buf[bound.flags_offset] & DYING) {
+                /* a signal handler cut the request short: keep it visible for the master's report */
+                PyBuffer_Release(&view);
+                goto done;
+            }
+            buf[entry] = 0;
+        }
+    }
+    PyBuffer_Release(&view);
+    if (entry >= 0) {
+        if (PyList_Append(bound.free_entries, PyTuple_GET_ITEM(started, 1)) < 0)
+            goto error;
+    }
+    else {
+        result = PyObject_CallMethodOneArg(recorder, s_add_overflow, minus_one);
+        if (result == NULL)
+            goto error;
+        Py_DECREF(result);
+    }
+    goto done;
+
+error:
+    report_error("post_request");
+done:
+    Py_XDECREF(started);
+    Py_XDECREF(stamp);
+    Py_XDECREF(status_object);
+    Py_XDECREF(key);
+    Py_XDECREF(method);
+    Py_XDECREF(connections);
+    Py_RETURN_NONE;
+}
+
+/* bind(globals, pre_request, post_request, report, describe_peer, parse_status, parse_request_start,
+ *      queue_header, method_index, other_method, route_key, request_start_key, queue_start_key, layouts) */
+static PyObject *
+bind(PyObject *module, PyObject *args)
+{
+    PyObject *globals, *pre, *post, *reporter, *peer, *status, *queue, *scan, *methods, *route_key,
+        *request_start, *queue_start, *layouts, *expected;
+    long other;
+    int same;
+    if (!PyArg_ParseTuple(args, "O!OOOOOOOO!lUUUO:bind", &PyDict_Type, &globals, &pre, &post, &reporter, &peer,
+                          &status, &queue, &scan, &PyDict_Type, &methods, &other, &route_key, &request_start,
+                          &queue_start, &layouts))
+        return NULL;
+    expected = Py_BuildValue("(sssi)", "<B7xdQ8s46sH176s", "<ddHHHxx", "<QI", DYING);
+    if (expected == NULL)
+        return NULL;
+    same = PyObject_RichCompareBool(layouts, expected, Py_EQ);
+    Py_DECREF(expected);
+    if (same < 0)
+        return NULL;
+    if (!same) {
+        PyErr_Format(PyExc_ImportError, "scoreboard layout %R is not the one _speedups.c was written for", layouts);
+        return NULL;
+    }
+    clear_bound();
+    Py_XSETREF(worker_globals, Py_NewRef(globals));
+    Py_XSETREF(python_pre_request, Py_NewRef(pre));
+    Py_XSETREF(python_post_request, Py_NewRef(post));
+    Py_XSETREF(report, Py_NewRef(reporter));
+    Py_XSETREF(describe_peer, Py_NewRef(peer));
+    Py_XSETREF(parse_status, Py_NewRef(status));
+    Py_XSETREF(parse_request_start, Py_NewRef(queue));
+    Py_XSETREF(queue_header, Py_NewRef(scan));
+    Py_XSETREF(method_index, Py_NewRef(methods));
+    Py_XSETREF(s_route_key, Py_NewRef(route_key));
+    Py_XSETREF(s_request_start_key, Py_NewRef(request_start));
+    Py_XSETREF(s_queue_start_key, Py_NewRef(queue_start));
+    other_method = other;
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"pre_request", (PyCFunction)(void (*)(void))pre_request, METH_FASTCALL,
+     "pre_request($module, worker, req, /)\n--\n\n"
+     "gunicorn's pre_request hook: publish the request in this worker's scoreboard entry."},
+    {"post_request", (PyCFunction)(void (*)(void))post_request, METH_FASTCALL,
+     "post_request($module, worker, req, environ, resp, /)\n--\n\n"
+     "gunicorn's post_request hook: write the finished request into this worker's ring."},
+    {"bind", bind, METH_VARARGS, "Hand over what the hooks need from gunicorn_insight._worker (it calls this once)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef speedups = {
+    PyModuleDef_HEAD_INIT, "gunicorn_insight._speedups",
+    "The request hooks of gunicorn_insight._worker in C; see _speedups.c.", -1, methods, NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC
+PyInit__speedups(void)
+{
+    bound.delegate = 1;
+#define INTERN(var, text) if ((var = PyUnicode_InternFromString(text)) == NULL) return NULL
+    INTERN(s_RECORDER, "RECORDER");
+    INTERN(s_path, "path");
+    INTERN(s_query, "query");
+    INTERN(s_method, "method");
+    INTERN(s_peer_addr, "peer_addr");
+    INTERN(s_status_code, "status_code");
+    INTERN(s_nr_conns, "nr_conns");
+    INTERN(s_route_number, "route_number");
+    INTERN(s_add_overflow, "add_overflow");
+    INTERN(s_add_log_atoms, "add_log_atoms");
+    INTERN(s_headers, "headers");
+#undef INTERN
+    if ((minus_one = PyLong_FromLong(-1)) == NULL)
+        return NULL;
+    return PyModule_Create(&speedups);
+}

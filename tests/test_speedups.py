@@ -1,0 +1,216 @@
+"""The compiled request hooks (_speedups.c) against the pure-Python hooks they stand in for."""
+
+from __future__ import annotations
+
+import math
+import struct
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import fakes
+import pytest
+from fakes import FakeRequest, FakeResponse
+from gunicorn.config import Config
+
+from gunicorn_insight import _hooks, _worker
+from gunicorn_insight import _scoreboard as sb
+from gunicorn_insight._routes import ROUTE_KEY
+from gunicorn_insight._worker import RecorderOptions, RequestRecorder
+
+
+@pytest.fixture
+def compiled() -> tuple[Callable[..., None], Callable[..., None]]:
+    return fakes.compiled_hooks()
+
+
+class StatusCodeResponse:
+    """gunicorn's WSGI Response, which parses the status into status_code once."""
+
+    def __init__(self, code: int) -> None:
+        self.status = f"{code} Whatever"
+        self.status_code = code
+
+
+class Worker:
+    nr_conns = 3
+
+
+def stamp(seconds_ago: float) -> str:
+    return f"t={time.time() - seconds_ago:.3f}"
+
+
+# (request, environ, response) in the order they start; every one also finishes, in reverse order, so
+# four are in flight at once and the fourth has no entry of its own (overflow).
+CASES: list[tuple[FakeRequest, Any, Any]] = [
+    (FakeRequest("GET", "/"), {ROUTE_KEY: "/"}, StatusCodeResponse(200)),
+    (FakeRequest("POST", "/login", query="password=hunter2"), {"HTTP_X_REQUEST_START": stamp(0.2)},
+     FakeResponse("302 Found")),
+    (FakeRequest("PROPFIND", "/caf\u00e9", peer=("::1", 8080, 0, 0)), {ROUTE_KEY: "/<name>"}, FakeResponse(207)),
+    (FakeRequest("VERYLONGMETHOD", "/" + "x" * 300, peer=b"/run/gunicorn.sock"),
+     {"HTTP_X_QUEUE_START": stamp(0.1), ROUTE_KEY: "/<name>"}, FakeResponse("")),
+    (FakeRequest(path="/caf\udce9", peer=None), {"HTTP_X_REQUEST_START": "garbage"}, None),
+    (FakeRequest(path="/healthz"), {}, FakeResponse("200 OK")),
+    (FakeRequest(path="/unix", peer="unix-name"), {"HTTP_X_REQUEST_START": f"{time.time() * 1000:.0f}"},
+     StatusCodeResponse(404)),
+    (FakeRequest(path="/asgi", headers=[("X-REQUEST-START", stamp(0.3))]), None, FakeResponse(200)),
+]
+
+
+def served(hooks: tuple[Callable[..., None], Callable[..., None]], board: sb.Scoreboard, **options: Any) -> None:
+    """Every case through one implementation: the first four at once, then the rest one by one."""
+    board.assign(0, now=1.0)
+    _worker.RECORDER = RequestRecorder(board, 0, Worker(), RecorderOptions(threaded=False, **options))
+    pre_request, post_request = hooks
+    batch = CASES[:4]
+    for req, _, _ in batch:
+        pre_request(None, req)
+    for req, environ, resp in reversed(batch):
+        post_request(None, req, environ, resp)
+    for req, environ, resp in CASES[4:]:
+        pre_request(None, req)
+        post_request(None, req, environ, resp)
+    for req, _, _ in CASES[:2]:  # and two left in flight, for their entries
+        pre_request(None, req)
+    _worker.RECORDER = None
+
+
+def masked(board: sb.Scoreboard) -> tuple[bytes, list[tuple[float, ...]]]:
+    """The slot's bytes with start times, durations and queue times zeroed (the clocks differ between runs),
+    and the queue times apart."""
+    data = bytearray(board.buffer[board.offset(0) : board.routes_offset(0) + board.routes * sb.ROUTE_SIZE])
+    base = board.offset(0)
+    for entry in range(board.entries):
+        start = board.entries_offset(0) - base + entry * sb.ENTRY_SIZE + 8
+        data[start : start + 8] = bytes(8)
+    queues = []
+    for record in range(board.ring):
+        start = board.ring_offset(0) - base + record * sb.RING_SIZE
+        queues.append(struct.unpack_from("<d", data, start + 8))
+        data[start : start + 16] = bytes(16)
+    return bytes(data), queues
+
+
+@pytest.mark.parametrize("redact_query", [True, False])
+def test_compiled_hooks_write_the_bytes_the_python_hooks_write(
+    tmp_path: Path, compiled: tuple[Callable[..., None], Callable[..., None]], redact_query: bool
+) -> None:
+    """Same requests, same scoreboard bytes: entries, overflow, ring records, head, connections, routes."""
+    boards = [sb.Scoreboard.create(str(tmp_path / name), slots=1, entries=3, ring=16, master_pid=1, routes=4)
+              for name in ("python", "compiled")]
+    try:
+        options = {"redact_query": redact_query, "routes": True, "exclude_paths": frozenset({"/healthz"})}
+        served(fakes.IMPLEMENTATIONS["python"], boards[0], **options)
+        served(compiled, boards[1], **options)
+        (python_bytes, python_queues), (compiled_bytes, compiled_queues) = map(masked, boards)
+        assert compiled_bytes == python_bytes
+        for (theirs,), (ours,) in zip(python_queues, compiled_queues, strict=True):
+            assert (math.isnan(theirs), theirs < 0) == (math.isnan(ours), ours < 0)
+            assert math.isnan(theirs) or theirs < 0 or abs(theirs - ours) < 0.05
+        view = boards[1].read(0)
+        # Eight requests, one of them excluded, the first four finished last to first; two left in flight.
+        assert (view.head, view.overflow, len(view.requests), view.connections) == (7, 0, 2, 3)
+        assert boards[1].route_names(0) == ["/<name>", "/"]
+    finally:
+        for board in boards:
+            board.close()
+
+
+def test_compiled_hooks_pass_gunicorns_arity_check(compiled: tuple[Callable[..., None], Callable[..., None]]) -> None:
+    """gunicorn counts a hook's parameters; the builtins declare (worker, req) and (worker, req, environ, resp)."""
+    config = Config()
+    config.set("pre_request", compiled[0])
+    config.set("post_request", compiled[1])
+    assert (config.pre_request, config.post_request) == compiled
+
+
+def test_install_puts_the_compiled_hooks_unless_switched_off(
+    compiled: tuple[Callable[..., None], Callable[..., None]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """install() picks the compiled pair; compiled_hooks=False the Python pair; a second install() keeps ours."""
+    monkeypatch.setattr(_hooks.STATE, "inspecting", True)  # no directories, no sockets
+    namespace: dict[str, Any] = {}
+    _hooks.install(namespace)
+    assert (namespace["pre_request"], namespace["post_request"]) == compiled
+    _hooks.install(namespace, compiled_hooks=False)
+    assert (namespace["pre_request"], namespace["post_request"]) == (_worker.pre_request, _worker.post_request)
+    _hooks.install(namespace)
+    assert namespace["pre_request"] is compiled[0]
+
+
+def test_compiled_hooks_chain_the_users_own(
+    compiled: tuple[Callable[..., None], Callable[..., None]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pre_request the config defined itself runs after the compiled one, with the same arguments."""
+    monkeypatch.setattr(_hooks.STATE, "inspecting", True)
+    seen: list[object] = []
+
+    def pre_request(worker: object, req: object) -> None:
+        seen.append(req)
+
+    namespace: dict[str, Any] = {"pre_request": pre_request}
+    _hooks.install(namespace)
+    request = FakeRequest()
+    namespace["pre_request"](None, request)
+    assert seen == [request]
+    assert namespace["pre_request"].__wrapped__ is pre_request
+
+
+def test_compiled_hooks_do_nothing_without_a_recorder(
+    compiled: tuple[Callable[..., None], Callable[..., None]], board: sb.Scoreboard
+) -> None:
+    """In the master, or with the plugin off in a worker, RECORDER is None and the hooks return at once."""
+    _worker.RECORDER = None
+    assert compiled[0](None, FakeRequest()) is None
+    assert compiled[1](None, FakeRequest(), {}, FakeResponse("200 OK")) is None
+
+
+def test_a_new_recorder_is_picked_up(compiled: tuple[Callable[..., None], Callable[..., None]], tmp_path: Path) -> None:
+    """The compiled hooks follow _worker.RECORDER: a recorder on another board gets the next request."""
+    boards = [sb.Scoreboard.create(str(tmp_path / name), slots=1, entries=1, ring=8, master_pid=1)
+              for name in ("first", "second")]
+    try:
+        for board in boards:
+            board.assign(0, now=1.0)
+            req = FakeRequest()
+            fakes.start(RequestRecorder(board, 0, object(), RecorderOptions(threaded=False)), req)
+            fakes.finish(_worker.RECORDER, req, {}, FakeResponse("200 OK"))  # type: ignore[arg-type]
+        assert [board.read(0).head for board in boards] == [1, 1]
+    finally:
+        _worker.RECORDER = None
+        for board in boards:
+            board.close()
+
+
+def test_a_greenlet_is_recorded_by_its_id(compiled: tuple[Callable[..., None], Callable[..., None]],
+                                          board: sb.Scoreboard) -> None:
+    """gevent: the current greenlet is no int; the entry carries its id(), as the Python hook writes."""
+    current = object()
+    board.assign(0, now=1.0)
+    rec = RequestRecorder(board, 0, object(), RecorderOptions(threaded=False), current=lambda: current)
+    fakes.start(rec, FakeRequest())
+    assert board.read(0).requests[0].thread == id(current)
+    assert next(iter(rec.in_flight.values()))[2] is current
+    assert threading.get_ident() != id(current)
+
+
+def test_bind_refuses_a_scoreboard_layout_it_was_not_written_for(
+    compiled: tuple[Callable[..., None], Callable[..., None]], board: sb.Scoreboard
+) -> None:
+    """A changed ENTRY format without a changed _speedups.c is an ImportError, and the binding stays as it was."""
+    from gunicorn_insight import _speedups
+
+    with pytest.raises(ImportError, match="scoreboard layout"):
+        _speedups.bind(
+            {}, _worker.pre_request, _worker.post_request, _worker.report, _worker.describe_peer,
+            _worker.parse_status, _worker.parse_request_start, _worker.queue_header, sb.METHOD_INDEX,
+            sb.OTHER_METHOD, ROUTE_KEY, "HTTP_X_REQUEST_START", "HTTP_X_QUEUE_START",
+            ("<B7xdQ8s46sH200s", sb.RING.format, "<QI", 3),
+        )
+    board.assign(0, now=1.0)
+    req = FakeRequest()
+    fakes.start(RequestRecorder(board, 0, object(), RecorderOptions(threaded=False)), req)
+    fakes.finish(_worker.RECORDER, req, {}, FakeResponse("200 OK"))  # type: ignore[arg-type]
+    assert board.read(0).head == 1
