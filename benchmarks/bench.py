@@ -558,7 +558,7 @@ class Launch:
 
 
 _BOOTING = re.compile(r"Booting worker with pid")
-_ANNOUNCE = re.compile(r"gunicorn-insight: .*\(worker class \S+, scoreboard (?P<board>\S+)\)")
+_ANNOUNCE = re.compile(r"gunicorn-insight: .*\(worker class \S+, .*scoreboard (?P<board>\S+)\)")
 _BIND_CLASH = re.compile(r"address already in use|cannot be bound|Can't connect to", re.IGNORECASE)
 _START_ATTEMPTS = 3
 
