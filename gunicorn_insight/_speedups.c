@@ -10,6 +10,10 @@
  * a non-ASCII method. Rarer steps that need Python anyway call the same Python functions (describe_peer,
  * parse_status, parse_request_start, queue_header, route_number, add_overflow, add_log_atoms), and every
  * error is handed to _safety.report, as the Python hooks do. Layouts: gunicorn_insight/_scoreboard.py.
+ *
+ * Only recorders without a lock get here (one request thread: sync, gevent, eventlet, tornado, asgi), and
+ * the GIL is held throughout; no Python code runs between reading the ring head and publishing the next
+ * one. A free-threaded Python never imports this module (_worker._compiled).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+import sysconfig
 import threading
 import time
 from collections.abc import Callable
@@ -396,7 +397,11 @@ def post_request(worker: Any, req: Any, environ: Any, resp: Any) -> None:  # noq
 
 def _compiled() -> tuple[Callable[..., None], Callable[..., None]] | None:
     """The same two hooks from the C extension (_speedups.c), bound to this module; None where it was not
-    built (no compiler at install time, a big-endian machine, another Python implementation)."""
+    built (no compiler at install time, a big-endian machine, another Python implementation), and on a
+    free-threaded Python, where the C code's reliance on the GIL would not hold (importing it there would
+    turn the GIL back on for the whole process)."""
+    if sysconfig.get_config_var("Py_GIL_DISABLED"):
+        return None
     try:
         from . import _speedups
     except ImportError:
