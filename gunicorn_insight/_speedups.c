@@ -6,14 +6,15 @@
  * touching the request's attributes, two dicts, a list and the slot's scoreboard lines.
  *
  * The Python module stays the definition. Everything unusual is handed to it before any state changes:
- * a recorder with a thread lock (gthread), no free entry, a path, query or method that is not a plain str,
- * a non-ASCII method. Rarer steps that need Python anyway call the same Python functions (describe_peer,
+ * no free entry, a path, query or method that is not a plain str, a non-ASCII method. Rarer steps that need Python anyway call the same Python functions (describe_peer,
  * parse_status, parse_request_start, queue_header, route_number, add_overflow, add_log_atoms), and every
  * error is handed to _safety.report, as the Python hooks do. Layouts: gunicorn_insight/_scoreboard.py.
  *
- * Only recorders without a lock get here (one request thread: sync, gevent, eventlet, tornado, asgi), and
- * the GIL is held throughout; no Python code runs between reading the ring head and publishing the next
- * one. A free-threaded Python never imports this module (_worker._compiled).
+ * The GIL is held throughout, and no Python code runs between reading the ring head and publishing the
+ * next one. gthread's recorder has a lock, which post_request holds from start to end as the Python hook
+ * does (a callback into Python may let another request thread run); pre_request takes it only for the
+ * overflow count, which the Python hook does. A free-threaded Python never imports this module
+ * (_worker._compiled).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -44,15 +45,16 @@
 static PyObject *worker_globals, *python_pre_request, *python_post_request, *report, *describe_peer,
     *parse_status, *parse_request_start, *queue_header, *method_index;
 static PyObject *s_RECORDER, *s_path, *s_query, *s_method, *s_peer_addr, *s_status_code, *s_nr_conns,
-    *s_route_number, *s_add_overflow, *s_add_log_atoms, *s_headers, *s_request_start_key, *s_queue_start_key,
-    *s_route_key;
+    *s_route_number, *s_add_overflow, *s_add_log_atoms, *s_headers, *s_acquire, *s_release, *s_request_start_key,
+    *s_queue_start_key, *s_route_key;
 static PyObject *minus_one;
 static long other_method;
 
 /* The recorder the fields below were read from (a strong reference, so its address cannot be reused). */
 typedef struct {
     PyObject *recorder;
-    int delegate; /* 1: the recorder needs the Python hooks (it has a lock) */
+    int delegate; /* 1: the recorder is not the kind this file was written for: the Python hooks serve */
+    PyObject *lock; /* gthread's: post_request holds it throughout, as the Python hook does; NULL: none */
     PyObject *buffer, *free_entries, *in_flight, *current, *excluded, *route_ids, *worker;
     Py_ssize_t head_offset, ring_offset, flags_offset;
     unsigned long long mask;
@@ -72,6 +74,7 @@ clear_bound(void)
     Py_CLEAR(bound.excluded);
     Py_CLEAR(bound.route_ids);
     Py_CLEAR(bound.worker);
+    Py_CLEAR(bound.lock);
     bound.delegate = 1;
 }
 
@@ -114,10 +117,11 @@ bind_recorder(PyObject *recorder)
     bound.recorder = Py_NewRef(recorder);
     if (read_object(recorder, "lock", &lock) < 0)
         return -1;
-    bound.delegate = lock != Py_None;
-    Py_DECREF(lock);
-    if (bound.delegate)
-        return 0;
+    if (lock == Py_None)
+        Py_DECREF(lock);
+    else
+        bound.lock = lock;
+    bound.delegate = 0;
     if (read_object(recorder, "_buffer", &bound.buffer) < 0 || read_object(recorder, "_free", &bound.free_entries) < 0
         || read_object(recorder, "in_flight", &bound.in_flight) < 0
         || read_object(recorder, "_current", &bound.current) < 0
@@ -427,7 +431,7 @@ static PyObject *
 post_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     PyObject *recorder, *req, *environ, *resp, *started = NULL, *stamp = NULL, *status_object = NULL, *key = NULL,
-        *method = NULL, *connections = NULL, *result;
+        *method = NULL, *connections = NULL, *lock = NULL, *result;
     double now, start, queue = Py_NAN, duration;
     long status, route = 0, method_number;
     unsigned long long head, conns = 0;
@@ -450,13 +454,23 @@ post_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
     if (bound.delegate)
         return delegate(python_post_request, args, nargs);
+    if (bound.lock != NULL) {
+        /* Route numbers, the overflow count and the ring are handed out under it (see RequestRecorder). */
+        lock = Py_NewRef(bound.lock);
+        result = PyObject_CallMethodNoArgs(lock, s_acquire);
+        if (result == NULL) {
+            Py_CLEAR(lock);
+            goto error;
+        }
+        Py_DECREF(result);
+    }
     now = clock_seconds(CLOCK_MONOTONIC);
 
     started = PyDict_GetItemWithError(bound.in_flight, req);
     if (started == NULL) {
         if (PyErr_Occurred())
-            report_error("post_request");
-        Py_RETURN_NONE; /* not recorded: an excluded path, or pre_request never ran for it */
+            goto error;
+        goto done; /* not recorded: an excluded path, or pre_request never ran for it */
     }
     Py_INCREF(started);
     if (PyDict_DelItem(bound.in_flight, req) < 0)
@@ -642,6 +656,13 @@ done:
     Py_XDECREF(key);
     Py_XDECREF(method);
     Py_XDECREF(connections);
+    if (lock != NULL) {
+        result = PyObject_CallMethodNoArgs(lock, s_release);
+        if (result == NULL)
+            report_error("post_request");
+        Py_XDECREF(result);
+        Py_DECREF(lock);
+    }
     Py_RETURN_NONE;
 }
 
@@ -718,6 +739,8 @@ PyInit__speedups(void)
     INTERN(s_add_overflow, "add_overflow");
     INTERN(s_add_log_atoms, "add_log_atoms");
     INTERN(s_headers, "headers");
+    INTERN(s_acquire, "acquire");
+    INTERN(s_release, "release");
 #undef INTERN
     if ((minus_one = PyLong_FromLong(-1)) == NULL)
         return NULL;

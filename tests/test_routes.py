@@ -99,3 +99,22 @@ def test_django_middleware_puts_the_pattern_in_the_environ() -> None:
     assert middleware(request) == "response"
     middleware.process_view(request, None, (), {})
     assert request.environ[ROUTE_KEY] == "/items/<int:pk>/"
+
+
+
+def test_gthread_recorder_is_locked_while_a_new_route_is_numbered(routed: sb.Scoreboard) -> None:
+    """gthread: post_request holds the recorder's lock while route_number runs Python code (a resolver here)."""
+    held: list[bool] = []
+
+    def resolver(environ: dict[str, str]) -> str:
+        held.append(rec.lock is not None and rec.lock.locked())
+        return environ["PATH_INFO"]
+
+    routed.assign(0, 0.0)
+    rec = RequestRecorder(routed, 0, object(), RecorderOptions(routes=True, threaded=True, route_resolver=resolver))
+    serve(rec, None, path="/a")
+    serve(rec, None, path="/b")
+    assert held == [True, True]
+    assert routed.route_names(0) == ["/a", "/b"]
+    assert rec.lock is not None
+    assert not rec.lock.locked()

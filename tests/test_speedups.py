@@ -62,7 +62,7 @@ CASES: list[tuple[FakeRequest, Any, Any]] = [
 def served(hooks: tuple[Callable[..., None], Callable[..., None]], board: sb.Scoreboard, **options: Any) -> None:
     """Every case through one implementation: the first four at once, then the rest one by one."""
     board.assign(0, now=1.0)
-    _worker.RECORDER = RequestRecorder(board, 0, Worker(), RecorderOptions(threaded=False, **options))
+    _worker.RECORDER = RequestRecorder(board, 0, Worker(), RecorderOptions(**options))
     pre_request, post_request = hooks
     batch = CASES[:4]
     for req, _, _ in batch:
@@ -93,15 +93,17 @@ def masked(board: sb.Scoreboard) -> tuple[bytes, list[tuple[float, ...]]]:
     return bytes(data), queues
 
 
-@pytest.mark.parametrize("redact_query", [True, False])
+@pytest.mark.parametrize(("redact_query", "threaded"), [(True, False), (False, False), (True, True)])
 def test_compiled_hooks_write_the_bytes_the_python_hooks_write(
-    tmp_path: Path, compiled: tuple[Callable[..., None], Callable[..., None]], redact_query: bool
+    tmp_path: Path, compiled: tuple[Callable[..., None], Callable[..., None]], redact_query: bool, threaded: bool
 ) -> None:
-    """Same requests, same scoreboard bytes: entries, overflow, ring records, head, connections, routes."""
+    """Same requests, same scoreboard bytes: entries, overflow, ring records, head, connections, routes
+    (gthread's locked recorder too)."""
     boards = [sb.Scoreboard.create(str(tmp_path / name), slots=1, entries=3, ring=16, master_pid=1, routes=4)
               for name in ("python", "compiled")]
     try:
-        options = {"redact_query": redact_query, "routes": True, "exclude_paths": frozenset({"/healthz"})}
+        options = {"redact_query": redact_query, "routes": True, "exclude_paths": frozenset({"/healthz"}),
+                   "threaded": threaded}
         served(fakes.IMPLEMENTATIONS["python"], boards[0], **options)
         served(compiled, boards[1], **options)
         (python_bytes, python_queues), (compiled_bytes, compiled_queues) = map(masked, boards)
