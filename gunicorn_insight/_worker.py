@@ -5,6 +5,10 @@ they can: a clock read, a dict entry, three ``pack_into`` calls per request and 
 library, no I/O, no allocation beyond the few encoded strings; the master turns these plain numbers into
 metrics. Each Python call level costs as much as a dozen lines here (see docs/performance.md), which is
 why the two hooks are written out inline rather than as methods behind the hook functions.
+
+These two are also the definition of what _speedups.c does in one C call each (``COMPILED``, installed
+by default where the extension was built). A change here is a change there: tests/test_speedups.py
+compares the bytes both write.
 """
 
 from __future__ import annotations
@@ -404,13 +408,15 @@ def _compiled() -> tuple[Callable[..., None], Callable[..., None]] | None:
         return None
     try:
         from . import _speedups
+
+        # Refuses (ImportError) a scoreboard layout other than the one _speedups.c writes: a stale build.
+        _speedups.bind(
+            globals(), pre_request, post_request, report, describe_peer, parse_status, parse_request_start,
+            queue_header, sb.METHOD_INDEX, sb.OTHER_METHOD, ROUTE_KEY, _REQUEST_START_KEY, _QUEUE_START_KEY,
+            (sb.ENTRY.format, sb.RING.format, sb.HEAD_CONNS.format, _DYING),
+        )
     except ImportError:
         return None
-    _speedups.bind(
-        globals(), pre_request, post_request, report, describe_peer, parse_status, parse_request_start, queue_header,
-        sb.METHOD_INDEX, sb.OTHER_METHOD, ROUTE_KEY, _REQUEST_START_KEY, _QUEUE_START_KEY,
-        (sb.ENTRY.format, sb.RING.format, sb.HEAD_CONNS.format, _DYING),
-    )
     return _speedups.pre_request, _speedups.post_request
 
 

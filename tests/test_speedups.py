@@ -216,3 +216,16 @@ def test_bind_refuses_a_scoreboard_layout_it_was_not_written_for(
     fakes.start(RequestRecorder(board, 0, object(), RecorderOptions(threaded=False)), req)
     fakes.finish(_worker.RECORDER, req, {}, FakeResponse("200 OK"))  # type: ignore[arg-type]
     assert board.read(0).head == 1
+
+
+def test_a_stale_build_falls_back_to_the_python_hooks(
+    compiled: tuple[Callable[..., None], Callable[..., None]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An extension that refuses this package's scoreboard layout makes _compiled() None, never an import error."""
+    from gunicorn_insight import _speedups
+
+    def refuse(*args: object) -> None:
+        raise ImportError("scoreboard layout ('<B7xdQ8s46sH200s', ...) is not the one _speedups.c was written for")
+
+    monkeypatch.setattr(_speedups, "bind", refuse)
+    assert _worker._compiled() is None
