@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from gunicorn.config import Config
 
-from gunicorn_insight import _hooks, install
+from gunicorn_insight import _hooks, _worker, install
 from gunicorn_insight.settings import ConfigurationError
 
 STATSD_ONLY = {"statsd": "127.0.0.1:9"}  # keeps these tests from exporting PROMETHEUS_MULTIPROC_DIR
@@ -96,3 +96,13 @@ def test_worker_hooks_never_raise_even_without_state() -> None:
     _hooks.worker_abort(object())
     _hooks.worker_int(object())
     _hooks.child_exit(object(), object())
+
+
+def test_without_the_extension_the_python_hooks_are_installed_and_said_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No compiled build (no compiler at install time): the Python pair, and the startup line's reason."""
+    monkeypatch.setattr(_hooks.STATE, "inspecting", True)
+    monkeypatch.setattr(_worker, "COMPILED", None)
+    namespace: dict[str, Any] = {}
+    _hooks.install(namespace)
+    assert (namespace["pre_request"], namespace["post_request"]) == (_worker.pre_request, _worker.post_request)
+    assert _hooks.STATE.request_hooks == "python (the C extension is not built)"
