@@ -188,10 +188,31 @@ report_error(const char *hook)
     Py_XDECREF(value);
 }
 
-static PyObject *
-delegate(PyObject *hook, PyObject *const *args, Py_ssize_t nargs)
+/* What both hooks do first. 1: go on in C with *recorder. 0: return *result instead, which is None (no
+ * recorder in this process, or the plugin's own error, reported) or what the Python hook returned (a recorder
+ * this file was not written for). NULL with an exception: gunicorn called the hook with the wrong arity. */
+static int
+begin(const char *hook, Py_ssize_t arity, PyObject *python_hook, PyObject *const *args, Py_ssize_t nargs,
+      PyObject **recorder, PyObject **result)
 {
-    return PyObject_Vectorcall(hook, args, nargs, NULL);
+    int failed;
+    if (nargs != arity) {
+        PyErr_Format(PyExc_TypeError, "%s() takes %zd positional arguments (%zd given)", hook, arity, nargs);
+        *result = NULL;
+        return 0;
+    }
+    *recorder = current_recorder(&failed);
+    if (*recorder == NULL) {
+        if (failed)
+            report_error(hook);
+        *result = Py_NewRef(Py_None);
+        return 0;
+    }
+    if (bound.delegate) {
+        *result = PyObject_Vectorcall(python_hook, args, nargs, NULL);
+        return 0;
+    }
+    return 1;
 }
 
 static inline double
@@ -250,23 +271,12 @@ pre_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t path_length, host_length = 0, free_count, entry;
     unsigned long port = 0;
     unsigned long long thread;
-    int failed;
     Py_buffer view;
     double now;
 
-    if (nargs != 2) {
-        PyErr_Format(PyExc_TypeError, "pre_request() takes 2 positional arguments (%zd given)", nargs);
-        return NULL;
-    }
+    if (!begin("pre_request", 2, python_pre_request, args, nargs, &recorder, &result))
+        return result;
     req = args[1];
-    recorder = current_recorder(&failed);
-    if (recorder == NULL) {
-        if (failed)
-            report_error("pre_request");
-        Py_RETURN_NONE;
-    }
-    if (bound.delegate)
-        return delegate(python_pre_request, args, nargs);
     now = clock_seconds(CLOCK_MONOTONIC);
 
     if ((path = PyObject_GetAttr(req, s_path)) == NULL || (query = PyObject_GetAttr(req, s_query)) == NULL
@@ -283,7 +293,7 @@ pre_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         Py_DECREF(path);
         Py_DECREF(query);
         Py_DECREF(method);
-        return delegate(python_pre_request, args, nargs);
+        return PyObject_Vectorcall(python_pre_request, args, nargs, NULL);
     }
     if (path == Py_None) {
         Py_SETREF(path, PyUnicode_FromStringAndSize(NULL, 0));
@@ -436,24 +446,14 @@ post_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     long status, route = 0, method_number;
     unsigned long long head, conns = 0;
     Py_ssize_t entry;
-    int failed, environ_given;
+    int environ_given;
     Py_buffer view;
 
-    if (nargs != 4) {
-        PyErr_Format(PyExc_TypeError, "post_request() takes 4 positional arguments (%zd given)", nargs);
-        return NULL;
-    }
+    if (!begin("post_request", 4, python_post_request, args, nargs, &recorder, &result))
+        return result;
     req = args[1];
     environ = args[2];
     resp = args[3];
-    recorder = current_recorder(&failed);
-    if (recorder == NULL) {
-        if (failed)
-            report_error("post_request");
-        Py_RETURN_NONE;
-    }
-    if (bound.delegate)
-        return delegate(python_post_request, args, nargs);
     if (bound.lock != NULL) {
         /* Route numbers, the overflow count and the ring are handed out under it (see RequestRecorder). */
         lock = Py_NewRef(bound.lock);
