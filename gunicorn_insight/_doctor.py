@@ -1,35 +1,23 @@
-"""``gunicorn-insight doctor``: read a gunicorn configuration the way gunicorn does and point out trouble.
+"""``gunicorn-insight doctor``: compare a gunicorn configuration with this host and point out trouble.
 
-Loading: gunicorn's own :class:`gunicorn.config.Config` and its own ``load_config_from_file`` (so
-``python:module`` and ``file:path`` forms, and every setting's validator, behave exactly as in gunicorn),
-then ``GUNICORN_CMD_ARGS`` on top, as ``gunicorn`` applies it. Nothing is started, no socket is bound and
-the application is not imported (unless the config file itself imports it).
-
-A config that calls ``gunicorn_insight.install(globals())`` would normally create a run directory and
-prepare, and clear, the Prometheus directory: in a doctor run next to a live server that would delete the
-live server's metric files. While the config loads, directory preparation is therefore switched off and
-``install`` errors are caught and turned into a finding; the process environment is restored afterwards.
-
-Each check is a function ``Context -> Iterable[Finding]`` listed in :data:`CHECKS`; adding one is adding
-a function to that list (and a section to docs/cli.md).
+The configuration is loaded by :mod:`._configload` exactly as gunicorn would load it; the host's facts come
+from :mod:`._hostfacts`. Each check is a function ``Context -> Iterable[Finding]`` listed in :data:`CHECKS`;
+adding one is adding a function to that list (and a section to docs/cli.md).
 """
 
 from __future__ import annotations
 
-import contextlib
 import glob
-import io
 import os
 import re
-import sys
-import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any, Literal
 
 from . import _discovery
-from ._cgroup import memory_cgroup_dirs
+from ._configload import Loaded, load
+from ._hostfacts import MEMORY_FILESYSTEMS, System
 
 Severity = Literal["error", "warning", "info"]
 SEVERITIES: tuple[Severity, ...] = ("error", "warning", "info")
@@ -39,8 +27,6 @@ NGINX_PROXY_READ_TIMEOUT = 60
 SYNC_LONG_TIMEOUT = 30
 KEEPALIVE_MARGIN = 2
 """gthread: worker_connections at or below threads + this leaves no room for idle keep-alive connections."""
-MEMORY_FILESYSTEMS = frozenset({"tmpfs", "ramfs", "devtmpfs", "hugetlbfs"})
-_UNLIMITED = 1 << 60  # cgroup v1 writes "no limit" as a huge page-aligned number
 _PROMETHEUS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 _DB_PID = re.compile(r"_(?:archive-)?(\d+)\.db$")
 _QUIET_LEVELS = {"warning": 1, "warn": 1, "error": 2, "critical": 3}
@@ -58,222 +44,13 @@ class Finding:
         return {"check": self.check, "severity": self.severity, "what": self.what, "why": self.why, "fix": self.fix}
 
 
-class ConfigLoadError(Exception):
-    """The configuration could not be loaded; the message says which part and how to fix it."""
-
 
 # -- the machine -----------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Mount:
-    point: str
-    fstype: str
-
-
-@dataclass(frozen=True)
-class System:
-    """Facts about this host that the checks compare the configuration with (faked in tests)."""
-
-    cpus: int
-    mem_available: int | None
-    """Bytes: MemAvailable, or what the cgroup memory limit leaves when that is less."""
-    somaxconn: int | None
-    mounts: tuple[Mount, ...]
-    tempdir: str
-
-    @classmethod
-    def current(cls) -> System:
-        try:
-            cpus = len(os.sched_getaffinity(0))  # CPUs this process may run on, not all the host has
-        except (AttributeError, OSError):
-            cpus = os.cpu_count() or 1
-        return cls(cpus, _available_memory(), _read_int("/proc/sys/net/core/somaxconn"), _read_mounts(),
-                   tempfile.gettempdir())
-
-    def filesystem(self, path: str) -> str | None:
-        """The type of the filesystem ``path`` (or its nearest existing parent) lives on."""
-        real = os.path.realpath(path)
-        best: Mount | None = None
-        for mount in self.mounts:
-            point = mount.point.rstrip("/") or "/"
-            inside = real == point or real.startswith(point + "/") or point == "/"
-            # The longest mount point wins; for equal ones the last listed, which is mounted on top.
-            if inside and (best is None or len(point) >= len(best.point.rstrip("/") or "/")):
-                best = mount
-        return best.fstype if best is not None else None
-
-
-def _read_int(path: str) -> int | None:
-    try:
-        with open(path) as handle:
-            return int(handle.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _read_mounts(path: str = "/proc/mounts") -> tuple[Mount, ...]:
-    try:
-        with open(path) as handle:
-            lines = handle.read().splitlines()
-    except OSError:
-        return ()
-    mounts = []
-    for line in lines:
-        parts = line.split()
-        if len(parts) >= 3:
-            # /proc/mounts escapes spaces and a few other bytes as \ooo octal.
-            point = re.sub(r"\\([0-7]{3})", lambda match: chr(int(match[1], 8)), parts[1])
-            mounts.append(Mount(point, parts[2]))
-    return tuple(mounts)
-
-
-def _meminfo_available(path: str = "/proc/meminfo") -> int | None:
-    try:
-        with open(path) as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
-def _cgroup_headroom(proc_self_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> int | None:
-    """Bytes the memory cgroup still allows: in a container MemAvailable shows the whole host."""
-    for version, base in memory_cgroup_dirs(proc_self_cgroup, root):
-        names = ("memory.max", "memory.current") if version == 2 else ("memory.limit_in_bytes", "memory.usage_in_bytes")
-        limit, usage = _read_int(os.path.join(base, names[0])), _read_int(os.path.join(base, names[1]))
-        if limit is not None and usage is not None and limit < _UNLIMITED:
-            return max(0, limit - usage)
-    return None
-
-
-def _available_memory() -> int | None:
-    values = [value for value in (_meminfo_available(), _cgroup_headroom()) if value is not None]
-    return min(values) if values else None
-
 
 # -- loading the configuration ---------------------------------------------------------------------------
 
-
-@dataclass
-class Loaded:
-    cfg: Any
-    """gunicorn.config.Config with the file and GUNICORN_CMD_ARGS applied."""
-    source: str | None
-    cmd_args: str | None
-    environ: dict[str, str]
-    """The environment as the config file left it (a config may export PROMETHEUS_MULTIPROC_DIR itself)."""
-    plugin_errors: list[str] = field(default_factory=list)
-
-
-@contextlib.contextmanager
-def _quarantine() -> Iterator[list[str]]:
-    """Let a config call gunicorn_insight.install() without side effects; collect its ConfigurationErrors."""
-    import gunicorn_insight
-
-    from . import _hooks
-    from .settings import ConfigurationError
-
-    errors: list[str] = []
-    original_install = gunicorn_insight.install
-    saved_environ = dict(os.environ)
-    saved_path = list(sys.path)
-
-    def install(namespace: Any, **settings: Any) -> Any:
-        try:
-            return original_install(namespace, **settings)
-        except ConfigurationError as error:
-            errors.append(str(error))
-            return None
-
-    gunicorn_insight.install = install
-    try:
-        with _hooks.inspecting():  # no run dir, no Prometheus directory created or cleared
-            yield errors
-    finally:
-        gunicorn_insight.install = original_install
-        os.environ.clear()
-        os.environ.update(saved_environ)
-        sys.path[:] = saved_path
-
-
-def _loader() -> Any:
-    from gunicorn.app.base import Application
-
-    class ConfigOnly(Application):  # type: ignore[misc]
-        """gunicorn's Application minus argv parsing, chdir and running: only the config loading."""
-
-        def __init__(self) -> None:  # the base __init__ would parse sys.argv and exit on any error
-            self.usage, self.prog, self.cfg, self.callable, self.logger = None, "gunicorn", None, None, None
-
-        def init(self, parser: Any, opts: Any, args: Any) -> None:
-            return None
-
-        def load(self) -> None:
-            raise NotImplementedError("doctor never loads the application")
-
-    return ConfigOnly()
-
-
-def load(location: str | None) -> Loaded:
-    """The configuration gunicorn would run with, from ``location`` (else GUNICORN_CMD_ARGS' -c, else
-    ./gunicorn.conf.py, as gunicorn picks it), plus GUNICORN_CMD_ARGS."""
-    from gunicorn.config import get_default_config_file
-
-    app = _loader()
-    app.load_default_config()
-    cfg = app.cfg
-    parser = cfg.parser()
-    cmd_args = os.environ.get("GUNICORN_CMD_ARGS")
-    complaint = io.StringIO()
-    try:
-        # argparse prints gunicorn's whole usage before its one-line complaint: keep only the complaint.
-        with contextlib.redirect_stderr(complaint):
-            env_args = parser.parse_args(cfg.get_cmd_args_from_env())
-    except SystemExit:
-        reason = (complaint.getvalue().strip().splitlines() or ["not valid"])[-1].partition("error: ")[2]
-        raise ConfigLoadError(
-            f"GUNICORN_CMD_ARGS={cmd_args!r} is not valid gunicorn options ({reason}); fix or unset it"
-        ) from None
-    source = location or env_args.config or get_default_config_file()
-    with _quarantine() as plugin_errors:
-        if source is not None:
-            _load_file(app, source)
-        for name, value in vars(env_args).items():
-            if value is None or name == "args":
-                continue
-            try:
-                cfg.set(name.lower(), value)
-            except Exception as error:
-                raise ConfigLoadError(
-                    f"GUNICORN_CMD_ARGS sets {name}={value!r}, which gunicorn refuses: {error}"
-                ) from None
-        environ = dict(os.environ)
-    return Loaded(cfg, source, cmd_args, environ, plugin_errors)
-
-
-def _load_file(app: Any, source: str) -> None:
-    if source.startswith("python:"):
-        # Re-run the module (e.g. python:gunicorn_insight.conf) so install() sees today's environment.
-        sys.modules.pop(source[len("python:") :], None)
-    else:
-        path = source[len("file:") :] if source.startswith("file:") else source
-        if not os.path.exists(path):
-            raise ConfigLoadError(f"config file {path} does not exist; give the path of your gunicorn.conf.py with -c")
-    try:
-        app.load_config_from_file(source)
-    except SystemExit:
-        # gunicorn printed "Failed to read config file" and the traceback just before exiting.
-        raise ConfigLoadError(
-            f"the config file {source} raised while loading (traceback above); fix it, then rerun"
-        ) from None
-    except ModuleNotFoundError as error:
-        raise ConfigLoadError(f"{source}: {error}; check the module name and sys.path") from None
-    except Exception as error:
-        # gunicorn printed "Invalid value for <name>: <value>"; the validator's message is the reason.
-        raise ConfigLoadError(f"{source} sets a value gunicorn refuses: {error}") from None
 
 
 # -- the context the checks read -------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from . import _discovery, _doctor, _views
+from . import _configload, _discovery, _doctor, _views
 from . import _scoreboard as sb
 from ._discovery import DiscoveryError, Selector, Server
 
@@ -213,7 +213,7 @@ def run_doctor(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     try:
         loaded, ctx, findings = _doctor.diagnose(args.config, args.worker_memory_mb)
-    except _doctor.ConfigLoadError as error:
+    except _configload.ConfigLoadError as error:
         _error(str(error))
         return EXIT_FAILED
     errors = sum(1 for finding in findings if finding.severity == "error")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,3 +34,13 @@ def each_hook_implementation(request: pytest.FixtureRequest, monkeypatch: pytest
     name: str = request.param
     monkeypatch.setattr(fakes, "HOOKS", fakes.compiled_hooks() if name == "compiled" else fakes.IMPLEMENTATIONS[name])
     return name
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """No GUNICORN_CMD_ARGS or plugin variables from the test runner; cwd without a gunicorn.conf.py."""
+    for name in list(os.environ):
+        if name.startswith("GUNICORN_INSIGHT_") or name in {"GUNICORN_CMD_ARGS", "PROMETHEUS_MULTIPROC_DIR"}:
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

@@ -14,8 +14,9 @@ from typing import Any
 import pytest
 from gunicorn.config import Config
 
-from gunicorn_insight import _doctor, _hooks, cli
-from gunicorn_insight._doctor import Context, Finding, Mount, System
+from gunicorn_insight import _configload, _doctor, _hooks, cli
+from gunicorn_insight._doctor import Context, Finding
+from gunicorn_insight._hostfacts import Mount, System
 
 GIB = 1 << 30
 SYSTEM = System(
@@ -111,22 +112,6 @@ def test_worker_tmp_dir(worker_tmp_dir: str | None, tempdir: str, expected: list
     """Heartbeat files on disk (set or by default) warn; tmpfs is fine; unset on tmpfs is info; missing: error."""
     settings = {"worker_tmp_dir": worker_tmp_dir} if worker_tmp_dir else {}
     assert found(_doctor.check_worker_tmp_dir, settings, system=replace(SYSTEM, tempdir=tempdir)) == expected
-
-
-def test_filesystem_is_the_longest_mount_point_and_the_last_mounted() -> None:
-    """/dev/shm/x is on the /dev/shm mount, not on /; a mount listed later over the same point wins."""
-    system = replace(SYSTEM, mounts=(Mount("/", "ext4"), Mount("/dev", "devtmpfs"), Mount("/dev/shm", "ext4"),
-                                     Mount("/dev/shm", "tmpfs")))
-    assert system.filesystem("/dev/shm/heartbeat") == "tmpfs"
-    assert system.filesystem("/dev/shmx") == "devtmpfs"
-    assert system.filesystem("/var/tmp") == "ext4"
-
-
-def test_mounts_are_read_with_escaped_spaces(tmp_path: Path) -> None:
-    """/proc/mounts writes a space in a mount point as \\040; it is read back as a space."""
-    mounts = tmp_path / "mounts"
-    mounts.write_text("/dev/vda / ext4 rw 0 0\ntmpfs /run/my\\040dir tmpfs rw 0 0\n")
-    assert _doctor._read_mounts(str(mounts)) == (Mount("/", "ext4"), Mount("/run/my dir", "tmpfs"))
 
 
 @pytest.mark.parametrize(
@@ -278,36 +263,6 @@ def test_findings_come_errors_first() -> None:
 # -- loading ---------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    """No GUNICORN_CMD_ARGS or plugin variables from the test runner; cwd without a gunicorn.conf.py."""
-    for name in list(os.environ):
-        if name.startswith("GUNICORN_INSIGHT_") or name in {"GUNICORN_CMD_ARGS", "PROMETHEUS_MULTIPROC_DIR"}:
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
-def test_config_file_and_gunicorn_cmd_args_are_applied_as_gunicorn_does(
-    clean_env: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Settings come from the file, then GUNICORN_CMD_ARGS on top of it, like gunicorn's own loading."""
-    path = clean_env / "gunicorn.conf.py"
-    path.write_text("workers = 3\ntimeout = 90\n")
-    monkeypatch.setenv("GUNICORN_CMD_ARGS", "--workers 5 --threads 2")
-    loaded = _doctor.load(str(path))
-    assert (loaded.cfg.workers, loaded.cfg.timeout, loaded.cfg.threads) == (5, 90, 2)
-    assert loaded.cmd_args == "--workers 5 --threads 2"
-
-
-def test_default_config_file_is_found_like_gunicorn(clean_env: Path) -> None:
-    """Without -c, ./gunicorn.conf.py is used, as gunicorn does; without it, gunicorn's defaults."""
-    assert _doctor.load(None).source is None
-    (clean_env / "gunicorn.conf.py").write_text("workers = 7\n")
-    loaded = _doctor.load(None)
-    assert (loaded.source, loaded.cfg.workers) == (str(clean_env / "gunicorn.conf.py"), 7)
-
-
 def test_install_in_the_config_has_no_side_effects(clean_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """install() in the config neither creates a run dir nor clears a Prometheus dir, nor leaks env changes."""
     prometheus = clean_env / "prom"
@@ -323,7 +278,7 @@ def test_install_in_the_config_has_no_side_effects(clean_env: Path, monkeypatch:
 
     monkeypatch.setattr("gunicorn_insight._hooks.tempfile.mkdtemp", forbidden)
     settings_before = _hooks.STATE.settings
-    loaded = _doctor.load(str(path))
+    loaded = _configload.load(str(path))
     assert (prometheus / "counter_1.db").exists()
     assert "PROMETHEUS_MULTIPROC_DIR" not in os.environ
     assert _hooks.STATE.settings is settings_before
@@ -335,41 +290,9 @@ def test_install_errors_become_findings(clean_env: Path, monkeypatch: pytest.Mon
     path = clean_env / "gunicorn.conf.py"
     path.write_text("import gunicorn_insight\ngunicorn_insight.install(globals())\n")
     monkeypatch.setenv("GUNICORN_INSIGHT_STATSD", "localhost")
-    loaded = _doctor.load(str(path))
+    loaded = _configload.load(str(path))
     (error,) = loaded.plugin_errors
     assert error.startswith("statsd='localhost' is not host:port")
-
-
-def test_python_module_config_is_loaded(clean_env: Path) -> None:
-    """-c python:gunicorn_insight.conf works as with gunicorn, and counts as the plugin installed."""
-    loaded = _doctor.load("python:gunicorn_insight.conf")
-    assert getattr(loaded.cfg.on_starting, "__gunicorn_insight__", False)
-
-
-@pytest.mark.parametrize(
-    ("content", "env", "message"),
-    [
-        (None, None, "does not exist; give the path"),
-        ("raise ValueError('boom')\n", None, "raised while loading"),
-        ("workers = 'many'\n", None, "sets a value gunicorn refuses"),
-        ("workers = 2\n", "--no-such-option", "unrecognized arguments: --no-such-option"),
-        ("workers = 2\n", "--workers lots", "GUNICORN_CMD_ARGS"),
-    ],
-)
-def test_config_that_cannot_load_says_why(
-    clean_env: Path, monkeypatch: pytest.MonkeyPatch, content: str | None, env: str | None, message: str
-) -> None:
-    """A missing, raising or invalid config, or bad GUNICORN_CMD_ARGS, is one ConfigLoadError naming the cause."""
-    path = clean_env / "conf.py"
-    if content is not None:
-        path.write_text(content)
-    if env is not None:
-        monkeypatch.setenv("GUNICORN_CMD_ARGS", env)
-    with pytest.raises(_doctor.ConfigLoadError, match=message):
-        _doctor.load(str(path))
-
-
-# -- the command ---------------------------------------------------------------------------------------------
 
 
 def test_doctor_exits_1_on_an_error_and_prints_json(clean_env: Path, capsys: pytest.CaptureFixture[str]) -> None:
