@@ -22,26 +22,31 @@ class RouteMiddleware:
         self.get_response = get_response
 
     def __call__(self, request: Any) -> Any:
+        response = None
         try:
-            return self.get_response(request)
+            response = self.get_response(request)
+            return response
         finally:
             try:
-                route = route_of(request)
+                route = route_of(request, getattr(response, "status_code", None))
                 if route:
                     request.environ[ROUTE_KEY] = route
             except Exception as error:
                 report("the Django route middleware", error)
 
 
-def route_of(request: Any) -> str | None:
+def route_of(request: Any, status: int | None) -> str | None:
     """The matched pattern with a leading slash (``items/<int:pk>/`` -> ``/items/<int:pk>/``), or None.
 
     Django sets ``resolver_match`` before any ``process_view`` runs, so a response a ``process_view``
-    returned still has it. It is None only when nothing resolved the URL: a middleware answered first (then
-    the path is resolved here, once; the result is a pattern, never the path) or no pattern matches (404).
+    returned still has it. It is None only when nothing resolved the URL: no pattern matched (a 404, not
+    resolved a second time) or a middleware answered first; then the path is resolved here, and only the
+    pattern it matches is kept, never the path.
     """
     match = getattr(request, "resolver_match", None)
     if match is None:
+        if status == 404:
+            return None
         from django.urls import Resolver404, resolve
 
         try:

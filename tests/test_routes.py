@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from unittest.mock import patch
 
 import pytest
 from fakes import FakeRequest, FakeResponse, finish, start
@@ -88,6 +89,8 @@ class DjangoMatch:
 
 
 class DjangoRequest:
+    path_info = "/missing/"
+
     def __init__(self, match: DjangoMatch | None) -> None:
         self.resolver_match = match
         self.environ: dict[str, str] = {}
@@ -106,6 +109,19 @@ def test_django_middleware_records_the_pattern_on_the_way_out() -> None:
     with pytest.raises(RuntimeError, match="the app's own error"):
         RouteMiddleware(failing)(request)
     assert request.environ[ROUTE_KEY] == "/items/<int:pk>/"
+
+
+def test_django_404_is_not_resolved_again() -> None:
+    """A 404 with no resolver_match already failed Django's resolver: no second resolution, no route."""
+
+    class NotFound:
+        status_code = 404
+
+    request = DjangoRequest(None)
+    with patch("django.urls.resolve") as resolve:
+        RouteMiddleware(lambda request: NotFound())(request)
+    assert resolve.call_count == 0
+    assert ROUTE_KEY not in request.environ
 
 
 def test_django_middleware_errors_never_reach_the_app(caplog: pytest.LogCaptureFixture) -> None:
