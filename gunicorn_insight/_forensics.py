@@ -7,7 +7,8 @@ gunicorn does not pass the exit status to ``child_exit``. The decision uses, mos
 * ``worker.aborted``, set by the master when it timed the worker out;
 * gunicorn's own reap line ("Worker (pid:N) was sent SIGKILL!", "... exited with code N"), caught by a
   logging filter as gunicorn emits it, just before ``child_exit``;
-* the cgroup's ``memory.events`` oom_kill counter, the only way to say "OOM killer" and mean it.
+* the cgroup's oom_kill counter (v2 ``memory.events``, v1 ``memory.oom_control``), the only way to say
+  "OOM killer" and mean it: a SIGKILL it confirms is the cause ``oom``, one it does not is ``killed``.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from typing import Any
 
 from . import _scoreboard as sb
 from ._cgroup import memory_cgroup_dirs
+from ._safety import LOG
 
-CAUSES = ("timeout", "timeout_kill", "killed", "signal", "crash", "max_requests", "graceful", "boot_failure")
+CAUSES = ("timeout", "timeout_kill", "oom", "killed", "signal", "crash", "max_requests", "graceful", "boot_failure")
 EXPECTED = frozenset({"max_requests", "graceful"})
 _SENT = re.compile(r"Worker \(pid:(\d+)\) was sent (?:code (\d+)|(\w+))")
 _EXITED = re.compile(r"Worker \(pid:(\d+)\) exited with code (-?\d+)")
@@ -84,14 +86,20 @@ def _signal_name(status: int) -> str:
 class OomCounter:
     """The kernel's count of OOM kills in our own cgroup (v2 memory.events, or v1 memory.oom_control).
 
-    :meth:`poll` runs every round; the kills it finds are a budget that SIGKILLs seen in the same round
-    may claim, so an OOM kill from hours ago is never blamed for today's ``kill -9``.
+    :meth:`poll` runs every round; the kills it finds are a budget that SIGKILLs may claim in that round and
+    the next one (the kernel counts the kill before the victim is reaped, so a poll can fall between the two),
+    never later: an OOM kill from hours ago is never blamed for today's ``kill -9``.
     """
 
     def __init__(self, proc_self_cgroup: str = "/proc/self/cgroup", cgroup_root: str = "/sys/fs/cgroup") -> None:
         self.path = _find_oom_file(proc_self_cgroup, cgroup_root)
         self.last = self.read()
-        self.unclaimed = 0
+        if self.last is None:
+            LOG.info("gunicorn-insight: no oom_kill count readable in this process's memory cgroup (%s): a worker "
+                     "the OOM killer SIGKILLs is counted as cause=killed, not cause=oom",
+                     self.path or "no memory.events or memory.oom_control found")
+        self._previous_round = 0
+        self._this_round = 0
 
     def read(self) -> int | None:
         if self.path is None:
@@ -107,17 +115,21 @@ class OomCounter:
         return None
 
     def poll(self) -> None:
-        """Kills since the previous round become claimable; older unclaimed ones expire."""
+        """Kills since the previous poll become claimable; those unclaimed for a whole round expire."""
         now = self.read()
         before, self.last = self.last, now
-        self.unclaimed = max(0, now - before) if now is not None and before is not None else 0
+        fresh = max(0, now - before) if now is not None and before is not None else 0
+        self._previous_round, self._this_round = self._this_round, fresh
 
     def claim(self) -> bool:
-        """Did the kernel OOM-kill something in our cgroup this round that no other exit has claimed?"""
-        if self.unclaimed <= 0:
-            return False
-        self.unclaimed -= 1
-        return True
+        """Did the kernel OOM-kill something in our cgroup lately that no other exit has claimed?"""
+        if self._previous_round > 0:
+            self._previous_round -= 1
+            return True
+        if self._this_round > 0:
+            self._this_round -= 1
+            return True
+        return False
 
 
 def _find_oom_file(proc_self_cgroup: str, cgroup_root: str) -> str | None:
@@ -164,7 +176,7 @@ def classify(  # noqa: PLR0911 - one return per cause reads as the decision tabl
         return Verdict("crash", f"exited with code {view.exit_code}", "stack: see gunicorn's traceback above")
     if signal == "SIGKILL":
         if oom:
-            return Verdict("killed", "killed by the OOM killer (the cgroup's oom_kill count rose)",
+            return Verdict("oom", "killed by the kernel's OOM killer (the cgroup's oom_kill count rose)",
                            "no stack: SIGKILL runs no Python code")
         return Verdict("killed", "killed by SIGKILL from outside gunicorn (OOM killer not confirmed by the "
                        "cgroup)", "no stack: SIGKILL runs no Python code")

@@ -1,6 +1,9 @@
-"""Django support: the URL pattern of the view (``resolver_match.route``) as the request's route label.
+"""Django support: the URL pattern of the request (``resolver_match.route``) as its route label.
 
-Add ``"gunicorn_insight.django.RouteMiddleware"`` to ``MIDDLEWARE`` and set ``route_label=True``.
+Add ``"gunicorn_insight.django.RouteMiddleware"`` to ``MIDDLEWARE``, first for preference, and set
+``route_label=True``. The route is taken on the way out, whoever produced the response: the view, a
+``process_view`` that refused the request (CSRF, ``LoginRequiredMiddleware``), or a middleware further in that
+answered before Django resolved the URL.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ._routes import ROUTE_KEY
+from ._safety import report
 
 __all__ = ["RouteMiddleware"]
 
@@ -18,11 +22,36 @@ class RouteMiddleware:
         self.get_response = get_response
 
     def __call__(self, request: Any) -> Any:
-        return self.get_response(request)
+        response = None
+        try:
+            response = self.get_response(request)
+            return response
+        finally:
+            try:
+                route = route_of(request, getattr(response, "status_code", None))
+                if route:
+                    request.environ[ROUTE_KEY] = route
+            except Exception as error:
+                report("the Django route middleware", error)
 
-    def process_view(self, request: Any, view_func: Any, view_args: Any, view_kwargs: Any) -> None:
-        # Django resolves the URL before process_view: resolver_match.route is the pattern, e.g. "items/<int:pk>/".
-        match = getattr(request, "resolver_match", None)
-        route = getattr(match, "route", None)
-        if route:
-            request.environ[ROUTE_KEY] = "/" + route.lstrip("/")
+
+def route_of(request: Any, status: int | None) -> str | None:
+    """The matched pattern with a leading slash (``items/<int:pk>/`` -> ``/items/<int:pk>/``), or None.
+
+    Django sets ``resolver_match`` before any ``process_view`` runs, so a response a ``process_view``
+    returned still has it. It is None only when nothing resolved the URL: no pattern matched (a 404, not
+    resolved a second time) or a middleware answered first; then the path is resolved here, and only the
+    pattern it matches is kept, never the path.
+    """
+    match = getattr(request, "resolver_match", None)
+    if match is None:
+        if status == 404:
+            return None
+        from django.urls import Resolver404, resolve
+
+        try:
+            match = resolve(request.path_info, getattr(request, "urlconf", None))
+        except Resolver404:
+            return None
+    route = getattr(match, "route", None)
+    return "/" + route.lstrip("/") if route else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from pathlib import Path
 
@@ -27,7 +28,7 @@ EXITED = sb.FLAG_EXITED
         (view(sb.FLAG_ABORT_HANDLER), True, "SIGKILL", None, False, "timeout"),  # gevent: handler ran, then KILL
         (view(), True, "SIGKILL", None, False, "timeout_kill"),
         (view(), False, "SIGKILL", None, False, "killed"),
-        (view(), False, "SIGKILL", None, True, "killed"),
+        (view(), False, "SIGKILL", None, True, "oom"),
         (view(), False, "SIGSEGV", None, False, "signal"),
         (view(EXITED, 255), False, None, 255, False, "crash"),
         (view(), False, None, 7, False, "crash"),
@@ -45,10 +46,12 @@ def test_each_exit_gets_one_cause(
 
 
 def test_oom_is_only_claimed_when_confirmed() -> None:
-    """'OOM killer' appears only with the cgroup's confirmation; otherwise 'from outside gunicorn'."""
+    """cause oom only with the cgroup's confirmation; otherwise killed 'from outside gunicorn'."""
     confirmed = classify(view(), aborted=False, signal="SIGKILL", exit_code=None, oom=True)
     unconfirmed = classify(view(), aborted=False, signal="SIGKILL", exit_code=None, oom=False)
-    assert "OOM killer (the cgroup's oom_kill count rose)" in confirmed.detail
+    assert (confirmed.cause, confirmed.detail) == (
+        "oom", "killed by the kernel's OOM killer (the cgroup's oom_kill count rose)")
+    assert unconfirmed.cause == "killed"
     assert "not confirmed" in unconfirmed.detail
 
 
@@ -118,6 +121,22 @@ def test_oom_counter_reads_cgroup_v2(tmp_path: Path) -> None:
     assert not counter.claim()  # nothing new: an old kill is never blamed for a later SIGKILL
 
 
+def test_oom_kill_stays_claimable_one_round_only(tmp_path: Path) -> None:
+    """A kill counted by the poll just before its victim was reaped is claimed in the next round, not later."""
+    proc = tmp_path / "cgroup"
+    proc.write_text("0::/app.slice\n")
+    events = tmp_path / "root" / "app.slice" / "memory.events"
+    events.parent.mkdir(parents=True)
+    events.write_text("oom 0\noom_kill 0\n")
+    counter = OomCounter(str(proc), str(tmp_path / "root"))
+    events.write_text("oom 2\noom_kill 2\n")
+    counter.poll()  # both kills seen; their exits arrive in the next round
+    counter.poll()
+    assert counter.claim()
+    counter.poll()
+    assert not counter.claim()  # the second kill was never claimed and has expired
+
+
 def test_oom_counter_reads_cgroup_v1(tmp_path: Path) -> None:
     """cgroup v1 keeps the count in memory.oom_control."""
     proc = tmp_path / "cgroup"
@@ -131,12 +150,28 @@ def test_oom_counter_reads_cgroup_v1(tmp_path: Path) -> None:
     assert counter.claim()
 
 
-def test_no_cgroup_means_never_confirmed(tmp_path: Path) -> None:
-    """Without a readable cgroup the counter never claims an OOM kill."""
-    counter = OomCounter(str(tmp_path / "missing"), str(tmp_path))
+def test_no_cgroup_means_never_confirmed(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Without a readable cgroup the counter never claims an OOM kill, and says so once at startup."""
+    with caplog.at_level(logging.INFO, logger="gunicorn.error"):
+        counter = OomCounter(str(tmp_path / "missing"), str(tmp_path))
     counter.poll()
     assert counter.path is None
     assert not counter.claim()
+    assert "no oom_kill count readable" in caplog.text
+    assert "counted as cause=killed, not cause=oom" in caplog.text
+
+
+def test_counter_file_without_oom_kill_is_said(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A v1 memory.oom_control without the oom_kill line (kernel before 4.13) is named in the startup line."""
+    proc = tmp_path / "cgroup"
+    proc.write_text("4:memory:/old\n")
+    control = tmp_path / "root" / "memory" / "old" / "memory.oom_control"
+    control.parent.mkdir(parents=True)
+    control.write_text("oom_kill_disable 0\nunder_oom 0\n")
+    with caplog.at_level(logging.INFO, logger="gunicorn.error"):
+        counter = OomCounter(str(proc), str(tmp_path / "root"))
+    assert counter.path == str(control)
+    assert f"memory cgroup ({control})" in caplog.text
 
 
 def test_shutdown_kill_names_the_cut_off_request() -> None:

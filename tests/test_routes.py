@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from unittest.mock import patch
 
 import pytest
 from fakes import FakeRequest, FakeResponse, finish, start
@@ -10,6 +11,7 @@ from fakes import FakeRequest, FakeResponse, finish, start
 from gunicorn_insight import _scoreboard as sb
 from gunicorn_insight._drain import ROUTE_CAP_WARNING, Drainer
 from gunicorn_insight._routes import ROUTE_KEY
+from gunicorn_insight._safety import ERRORS
 from gunicorn_insight._worker import RecorderOptions, RequestRecorder
 from gunicorn_insight.django import RouteMiddleware
 
@@ -82,24 +84,52 @@ def test_cap_counts_the_rest_as_other_and_warns_once(
     assert caplog.text.count("distinct routes") == 1
 
 
-def test_django_middleware_puts_the_pattern_in_the_environ() -> None:
-    """process_view copies resolver_match.route into the environ, with a leading slash."""
+class DjangoMatch:
+    route = "items/<int:pk>/"
 
-    class Match:
-        route = "items/<int:pk>/"
 
-    class Request:
-        resolver_match = Match()
+class DjangoRequest:
+    path_info = "/missing/"
 
-        def __init__(self) -> None:
-            self.environ: dict[str, str] = {}
+    def __init__(self, match: DjangoMatch | None) -> None:
+        self.resolver_match = match
+        self.environ: dict[str, str] = {}
 
-    request = Request()
-    middleware = RouteMiddleware(lambda request: "response")
-    assert middleware(request) == "response"
-    middleware.process_view(request, None, (), {})
+
+def test_django_middleware_records_the_pattern_on_the_way_out() -> None:
+    """The pattern is read after the response exists, with a leading slash, even if get_response raised."""
+    request = DjangoRequest(DjangoMatch())
+    assert RouteMiddleware(lambda request: "response")(request) == "response"
     assert request.environ[ROUTE_KEY] == "/items/<int:pk>/"
 
+    def failing(request: DjangoRequest) -> str:
+        raise RuntimeError("the app's own error")
+
+    request = DjangoRequest(DjangoMatch())
+    with pytest.raises(RuntimeError, match="the app's own error"):
+        RouteMiddleware(failing)(request)
+    assert request.environ[ROUTE_KEY] == "/items/<int:pk>/"
+
+
+def test_django_404_is_not_resolved_again() -> None:
+    """A 404 with no resolver_match already failed Django's resolver: no second resolution, no route."""
+
+    class NotFound:
+        status_code = 404
+
+    request = DjangoRequest(None)
+    with patch("django.urls.resolve") as resolve:
+        RouteMiddleware(lambda request: NotFound())(request)
+    assert resolve.call_count == 0
+    assert ROUTE_KEY not in request.environ
+
+
+def test_django_middleware_errors_never_reach_the_app(caplog: pytest.LogCaptureFixture) -> None:
+    """A request object the middleware cannot read is logged as the plugin's error; the response still goes out."""
+    ERRORS._last.clear()
+    with caplog.at_level(logging.ERROR, logger="gunicorn.error"):
+        assert RouteMiddleware(lambda request: "response")(object()) == "response"
+    assert "internal error in the Django route middleware" in caplog.text
 
 
 def test_gthread_recorder_is_locked_while_a_new_route_is_numbered(routed: sb.Scoreboard) -> None:
