@@ -39,12 +39,13 @@ class MetricsEndpoint:
     """Owns the master's end of the socket pair. Only the exporter thread calls :meth:`serve_requests`."""
 
     def __init__(self, address: tuple[str, int], directory: str, *, successor: bool, error_fd: int,
-                 title: str) -> None:
+                 title: str, run_dir: str = "") -> None:
         self._bind = join_host_port(*address)
         self._directory = directory
         self._successor = successor
         self._error_fd = error_fd
         self._title = title
+        self._run_dir = run_dir
         self._sock: socket.socket | None = None
         self._unanswered = 0
         self.pid = 0
@@ -67,7 +68,8 @@ class MetricsEndpoint:
         ours, theirs = socket.socketpair()
         search_path = "\n".join([_PACKAGE_PARENT, *(os.path.abspath(entry or ".") for entry in sys.path)])
         argv = [sys.executable, "-c", _BOOTSTRAP, search_path, "--directory", self._directory,
-                "--bind", self._bind, "--title", self._title, *(["--successor"] if self._successor else [])]
+                "--bind", self._bind, "--title", self._title, "--run-dir", self._run_dir,
+                *(["--successor"] if self._successor else [])]
         # stderr first: the error log may itself be descriptor 3.
         actions: list[tuple[int, ...]] = [(os.POSIX_SPAWN_DUP2, self._error_fd, 2),
                                           (os.POSIX_SPAWN_DUP2, theirs.fileno(), 3)]

@@ -26,6 +26,7 @@ from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
+from ._probes import Probes
 from ._prometheus import merge_lock, usable_files
 from .settings import join_host_port, parse_host_port
 
@@ -117,11 +118,14 @@ class _Server6(_Server):
 class MetricsServer:
     """Serves the registry; a successor master's process binds once its parent lets the port go."""
 
-    def __init__(self, address: tuple[str, int], registry: Any, before_scrape: Callable[[], None]) -> None:
+    def __init__(self, address: tuple[str, int], registry: Any, before_scrape: Callable[[], None],
+                 probes: Probes | None = None, master_link_open: Callable[[], bool] = lambda: True) -> None:
         from prometheus_client import make_wsgi_app
 
         self._inner = make_wsgi_app(registry)
         self._before_scrape = before_scrape
+        self._probes = probes
+        self._master_link_open = master_link_open
         self.address = address
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -155,9 +159,17 @@ class MetricsServer:
             self._thread.join(timeout=5)
 
     def _app(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
-        if environ.get("PATH_INFO", "/") not in ("/", "/metrics"):
+        path = environ.get("PATH_INFO", "/")
+        if path in ("/healthz", "/readyz") and self._probes is not None:
+            # Answered from files this process reads itself: no round asked of the master, no worker involved.
+            verdict = self._probes.health(self._master_link_open()) if path == "/healthz" else self._probes.readiness()
+            body = verdict.reason.encode("utf-8", "replace") + b"\n"
+            start_response(verdict.status, [("Content-Type", "text/plain; charset=utf-8"),
+                                            ("Content-Length", str(len(body))), ("Cache-Control", "no-store")])
+            return [body]
+        if path not in ("/", "/metrics"):
             start_response("404 Not Found", [("Content-Type", "text/plain")])
-            return [b"gunicorn-insight serves /metrics\n"]
+            return [b"gunicorn-insight serves /metrics, /healthz and /readyz\n"]
         self._before_scrape()
         result: Iterable[bytes] = self._inner(environ, start_response)
         return result
@@ -169,6 +181,7 @@ def _arguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--bind", required=True)
     parser.add_argument("--successor", action="store_true")
     parser.add_argument("--title", default="")
+    parser.add_argument("--run-dir", default="")
     return parser.parse_args(argv)
 
 
@@ -188,7 +201,9 @@ def main(argv: list[str]) -> int:
         _set_title(args.title)
         address = parse_host_port("metrics_bind", args.bind, 9180)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = args.directory
-        server = MetricsServer(address, make_registry(args.directory), link.fresh_round)
+        probes = Probes(args.run_dir) if args.run_dir else None
+        server = MetricsServer(address, make_registry(args.directory), link.fresh_round, probes,
+                               lambda: not link.closed)
         try:
             server.bind()
             link.say(f"ready {metrics_url(address)}")

@@ -185,7 +185,8 @@ class Master:
             self._sinks.append(self.prometheus)
             if settings.serves_metrics:
                 self.endpoint = MetricsEndpoint(settings.metrics_address, plan.prometheus_dir,
-                                                successor=plan.successor, error_fd=error_log_fd(), title=title)
+                                                successor=plan.successor, error_fd=error_log_fd(), title=title,
+                                                run_dir=run_dir)
         if plan.statsd_target is not None:
             self.statsd = StatsdSink(
                 plan.statsd_target,
