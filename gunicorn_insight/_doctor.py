@@ -8,12 +8,20 @@ adding one is adding a function to that list (and a section to docs/cli.md).
 from __future__ import annotations
 
 import glob
+import ipaddress
 import os
 import re
+import socket
+import subprocess
+import sys
+import threading
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any, Literal
+
+import gunicorn
 
 from . import _discovery
 from ._configload import Loaded, load
@@ -30,6 +38,11 @@ KEEPALIVE_MARGIN = 2
 _PROMETHEUS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 _DB_PID = re.compile(r"_(?:archive-)?(\d+)\.db$")
 _QUIET_LEVELS = {"warning": 1, "warn": 1, "error": 2, "critical": 3}
+RESOLVE_DEADLINE = 2.0
+"""Seconds the StatsD check waits for a name to resolve (in a thread of the doctor, never in the server)."""
+SLOW_IMPORT = 2.0
+"""An application import slower than this, done once per worker, is worth preloading."""
+IMPORT_DEADLINE = 120.0
 
 
 @dataclass(frozen=True)
@@ -67,6 +80,11 @@ class Context:
     """Real paths of the Prometheus directories of live gunicorn-insight servers on this host."""
     worker_kind: str = ""
     worker_class_error: str | None = None
+    gunicorn_version: str = gunicorn.__version__
+    resolve: Callable[[str], str | None] | None = None
+    """Why a host does not resolve, None when it does; :func:`resolve_host` unless replaced."""
+    app_import: AppImport | None = None
+    """The application's import, measured when the doctor was asked to (--import-app)."""
 
     def __post_init__(self) -> None:
         if not self.worker_kind:
@@ -91,6 +109,76 @@ def resolve_worker_kind(cfg: Any) -> tuple[str, str | None]:
     except Exception as error:
         return (uri if isinstance(uri, str) else getattr(uri, "__name__", "unknown")), str(error).strip()
     return worker_kind(SimpleNamespace(worker_class=klass)), None
+
+
+# -- facts the doctor measures itself ------------------------------------------------------------------
+
+
+def resolve_host(host: str, deadline: float = RESOLVE_DEADLINE) -> str | None:
+    """Why ``host`` does not resolve within ``deadline`` seconds; None when it does.
+
+    getaddrinfo has no timeout of its own, so it runs in a daemon thread the doctor stops waiting for.
+    """
+    outcome: list[str | None] = []
+
+    def lookup() -> None:
+        try:
+            socket.getaddrinfo(host, None, type=socket.SOCK_DGRAM)
+        except (OSError, UnicodeError) as error:
+            outcome.append(str(error) or type(error).__name__)
+        else:
+            outcome.append(None)
+
+    thread = threading.Thread(target=lookup, name="doctor-resolve", daemon=True)
+    thread.start()
+    thread.join(deadline)
+    if not outcome:
+        return f"no answer within {deadline:g}s"
+    return outcome[0]
+
+
+@dataclass(frozen=True)
+class AppImport:
+    """How importing the application's module went, in a subprocess of the doctor."""
+
+    app: str
+    seconds: float
+    error: str | None = None
+    """The exception's last line, or "did not finish in N s"."""
+
+
+_IMPORT_SCRIPT = """
+import importlib, sys, time
+sys.path[:0] = [entry for entry in sys.argv[2:] if entry]
+started = time.perf_counter()
+importlib.import_module(sys.argv[1])
+print(f"imported {time.perf_counter() - started:.6f}")
+"""
+
+
+def measure_import(app: str, chdir: str | None, pythonpath: str | None,
+                   deadline: float = IMPORT_DEADLINE) -> AppImport:
+    """Import the module of ``app`` (``module:variable``) in a fresh interpreter, as a worker would, and time it.
+
+    It runs the application's import-time code, so the doctor does it only when asked (--import-app).
+    """
+    module = app.partition(":")[0].strip()
+    cwd = chdir or os.getcwd()
+    paths = [cwd, *(part for part in (pythonpath or "").split(",") if part)]
+    started = time.monotonic()
+    try:
+        result = subprocess.run([sys.executable, "-c", _IMPORT_SCRIPT, module, *paths], cwd=cwd,
+                                capture_output=True, text=True, timeout=deadline, check=False)
+    except subprocess.TimeoutExpired:
+        return AppImport(app, deadline, f"did not finish importing in {deadline:g}s")
+    except OSError as error:
+        return AppImport(app, 0.0, f"could not start {sys.executable}: {error}")
+    elapsed = time.monotonic() - started
+    match = re.search(r"^imported ([0-9.]+)$", result.stdout, re.MULTILINE)
+    if result.returncode != 0 or match is None:
+        lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+        return AppImport(app, elapsed, lines[-1].strip() if lines else f"exited with status {result.returncode}")
+    return AppImport(app, float(match[1]))
 
 
 # -- the checks ------------------------------------------------------------------------------------------
@@ -336,6 +424,195 @@ def check_capture_output(ctx: Context) -> Iterable[Finding]:
         )
 
 
+@dataclass(frozen=True)
+class KnownBug:
+    below: tuple[int, ...]
+    """Versions below this one have it."""
+    from_version: tuple[int, ...]
+    severity: Severity
+    what: str
+    why: str
+    fix: str
+
+
+KNOWN_BUGS: tuple[KnownBug, ...] = (
+    KnownBug(
+        (22, 0), (0,), "error", "request smuggling through Transfer-Encoding (CVE-2024-1135)",
+        "conflicting Transfer-Encoding headers are accepted, so a proxy and gunicorn can disagree on where a "
+        "request ends and a crafted request reaches endpoints the proxy restricts.",
+        "upgrade gunicorn to 22.0 or later (24 or later also fixes the SIGCHLD logging crash)",
+    ),
+    KnownBug(
+        (24, 0), (0,), "warning",
+        "logs from inside its SIGCHLD signal handler (gunicorn issues 2564, 2816, 3198)",
+        "the master reaps workers and logs their exit inside the signal handler; when the signal interrupts "
+        "another log write the master dies with 'RuntimeError: reentrant call inside <_io.BufferedWriter "
+        "name='<stderr>'>' or deadlocks, and workers stop being replaced. gunicorn 24 handles SIGCHLD in "
+        "its main loop.",
+        "upgrade gunicorn to 24.0 or later",
+    ),
+)
+
+
+def parse_version(text: str) -> tuple[int, ...]:
+    numbers = []
+    for part in text.split("."):
+        digits = re.match(r"\d+", part)
+        if digits is None:
+            break
+        numbers.append(int(digits[0]))
+    return tuple(numbers)
+
+
+def check_gunicorn_version(ctx: Context) -> Iterable[Finding]:
+    version = parse_version(ctx.gunicorn_version)
+    if not version:
+        return
+    for bug in KNOWN_BUGS:
+        if bug.from_version <= version < bug.below:
+            yield Finding("gunicorn-version", bug.severity, f"gunicorn {ctx.gunicorn_version} {bug.what}",
+                          bug.why, bug.fix)
+
+
+@dataclass(frozen=True)
+class Platform:
+    name: str
+    markers: tuple[str, ...]
+    """Environment variables the platform sets in every instance."""
+    limit: int
+    answer: str
+
+
+PLATFORMS: tuple[Platform, ...] = (
+    Platform("Heroku", ("DYNO",), 30, "the router answers 503 with H12 Request Timeout"),
+    Platform("Azure App Service", ("WEBSITE_SITE_NAME", "WEBSITE_INSTANCE_ID"), 230,
+             "the front end answers 504 (its 230 s limit cannot be raised)"),
+    Platform("Cloud Run", ("K_SERVICE",), 300, "the request fails with 504 at the service's request timeout "
+             "(300 s by default, up to 3600 s)"),
+)
+
+
+def check_platform_timeout(ctx: Context) -> Iterable[Finding]:
+    timeout = ctx.cfg.timeout
+    for platform in PLATFORMS:
+        present = [name for name in platform.markers if ctx.environ.get(name)]
+        if not present or (0 < timeout < platform.limit):
+            continue
+        yield Finding(
+            "timeout-platform", "warning",
+            f"{platform.name} ({present[0]} is set) gives up on a request after {platform.limit}s, and "
+            f"timeout={timeout}s" + (" (off)" if timeout == 0 else ""),
+            f"{platform.answer} while the worker keeps working on a request nobody waits for, and stays "
+            "busy: under load every worker ends up serving abandoned requests.",
+            f"set timeout below {platform.limit}s, and bound slow calls in the application (database statement "
+            "and HTTP client timeouts)",
+        )
+
+
+_REQUEST_TIMEOUT_KINDS = frozenset({"sync"})
+
+
+def check_request_bound(ctx: Context) -> Iterable[Finding]:
+    """The "exact 60-second hang": nothing in gunicorn ends one stuck request on these worker classes."""
+    if ctx.worker_kind in _REQUEST_TIMEOUT_KINDS or ctx.worker_class_error is not None:
+        return
+    yield Finding(
+        "timeout-not-per-request", "info",
+        f"timeout={ctx.cfg.timeout}s does not end a stuck request on {ctx.worker_kind} workers",
+        "the worker's main loop keeps its heartbeat going whatever one request does, so a request waiting on "
+        "a dead database or API hangs until the client or the proxy gives up: behind nginx, exactly 60 s "
+        "(proxy_read_timeout), then a 504.",
+        "bound every outside call in the application (database statement timeout, HTTP client timeout, pool "
+        "checkout timeout); gunicorn-insight's slow-request report (slow_request_timeout) names the stuck "
+        "requests with their stacks",
+    )
+
+
+def _exposed(bind: str) -> bool:
+    """A bind other processes on other hosts can reach: not a unix socket, not loopback, not an fd."""
+    if bind.startswith(("unix:", "fd://")):
+        return False
+    host = bind.rsplit(":", 1)[0] if ":" in bind else bind
+    host = host.strip("[]")
+    if host in ("localhost", ""):
+        return host == ""
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True  # a host name: whatever it resolves to, probably reachable
+
+
+def check_sync_exposed(ctx: Context) -> Iterable[Finding]:
+    """Advice only: whether a buffering proxy sits in front cannot be seen from the configuration."""
+    if ctx.worker_kind != "sync":
+        return
+    exposed = [bind for bind in ctx.cfg.bind if _exposed(bind)]
+    if exposed:
+        yield Finding(
+            "sync-no-proxy", "info",
+            f"sync workers listen on {', '.join(exposed)}, an address other hosts can reach",
+            "a sync worker is held by one client from the first byte of its request to the last byte of the "
+            "response, so slow clients (mobile networks, large uploads, slowloris) tie up every worker unless "
+            "a buffering proxy (nginx) reads requests and responses for them. Not judged: whether such a proxy "
+            "is in front; a bind on loopback or a unix socket is taken as a sign that one is.",
+            "put nginx (proxy_buffering and proxy_request_buffering on, its default) in front, or use gthread "
+            "or gevent workers, whose connections do not hold a process",
+        )
+
+
+def _statsd_targets(ctx: Context) -> list[tuple[str, str]]:
+    """(where it was set, host) of every StatsD target given as a host name or address."""
+    targets = []
+    configured = ctx.cfg.statsd_host
+    if isinstance(configured, tuple) and configured:
+        targets.append(("statsd_host", str(configured[0])))
+    plugin = ctx.environ.get("GUNICORN_INSIGHT_STATSD", "")
+    if plugin and not plugin.startswith(("unix:", "/")) and plugin.lower() not in ("off", "none", ""):
+        host = plugin.rsplit(":", 1)[0] if plugin.count(":") == 1 or plugin.startswith("[") else plugin
+        targets.append(("GUNICORN_INSIGHT_STATSD", host.strip("[]")))
+    return targets
+
+
+def check_statsd_host(ctx: Context) -> Iterable[Finding]:
+    for setting, host in _statsd_targets(ctx):
+        problem = (ctx.resolve or resolve_host)(host)
+        if problem is None:
+            continue
+        yield Finding(
+            "statsd-host", "warning", f"{setting} names {host!r}, which does not resolve here: {problem}",
+            "gunicorn's own StatsD logger resolves the name once at startup and drops every metric for the "
+            "whole run when that fails; gunicorn-insight keeps retrying, but nothing arrives until it resolves.",
+            "fix the name (in a container: the aggregator's service name), or use an IP address",
+        )
+
+
+def check_app_import(ctx: Context) -> Iterable[Finding]:
+    measured = ctx.app_import
+    if measured is None:
+        return
+    if measured.error is not None:
+        yield Finding(
+            "app-import", "error", f"importing {measured.app} failed: {measured.error}",
+            "every worker imports the application when it boots; gunicorn stops with 'Worker failed to boot' "
+            "(the traceback shows at --log-level debug).",
+            "fix the import (run `python -c 'import MODULE'` in the server's environment and directory), or "
+            "start with --preload to see the traceback at startup",
+        )
+        return
+    if measured.seconds >= SLOW_IMPORT and not ctx.cfg.preload_app:
+        workers = ctx.cfg.workers
+        yield Finding(
+            "preload-slow-import", "warning",
+            f"importing {measured.app} took {measured.seconds:.1f}s and preload_app is off",
+            f"each of the {workers} workers repeats that import when it boots: {workers * measured.seconds:.0f} "
+            "CPU-seconds at every start and reload, and every worker replaced (max_requests, a crash, a "
+            "timeout) is missing for that long; with the CPUs busy, booting workers and serving ones slow each "
+            "other down.",
+            "set preload_app=True (the master imports once, workers share the memory copy-on-write; open "
+            "database connections after the fork, not at import), or make the import lazier",
+        )
+
+
 CHECKS: list[Check] = [
     check_plugin,
     check_worker_class,
@@ -350,6 +627,12 @@ CHECKS: list[Check] = [
     check_prometheus_dir,
     check_loglevel,
     check_capture_output,
+    check_gunicorn_version,
+    check_platform_timeout,
+    check_request_bound,
+    check_sync_exposed,
+    check_statsd_host,
+    check_app_import,
 ]
 
 
@@ -358,14 +641,27 @@ def run_checks(ctx: Context, checks: Sequence[Check] = CHECKS) -> list[Finding]:
     return sorted(findings, key=lambda finding: SEVERITIES.index(finding.severity))
 
 
+class UsageError(Exception):
+    """The doctor was asked for something it cannot do as asked; the message says what to give it."""
+
+
 def diagnose(
-    location: str | None, worker_memory_mb: int = DEFAULT_WORKER_MEMORY_MB
+    location: str | None, worker_memory_mb: int = DEFAULT_WORKER_MEMORY_MB, *, import_app: bool = False,
+    app: str | None = None,
 ) -> tuple[Loaded, Context, list[Finding]]:
+    """``import_app``: also import the application (``app``, else the config's ``wsgi_app``) in a subprocess
+    and time it. Off by default: it runs the application's import-time code."""
     loaded = load(location)
     live = frozenset(
         os.path.realpath(server.prometheus_dir) for server in _discovery.scan().servers if server.prometheus_dir
     )
     ctx = Context(loaded.cfg, System.current(), loaded.environ, worker_memory_mb, loaded.plugin_errors, live)
+    if import_app:
+        target = app or loaded.cfg.wsgi_app
+        if not target:
+            raise UsageError("--import-app needs the application: give --app module:variable, or set wsgi_app "
+                             "in the config")
+        ctx.app_import = measure_import(target, loaded.cfg.chdir, loaded.cfg.pythonpath)
     return loaded, ctx, run_checks(ctx)
 
 
@@ -386,4 +682,7 @@ def facts(loaded: Loaded, ctx: Context) -> dict[str, Any]:
         "mem_available_mb": None if ctx.system.mem_available is None else ctx.system.mem_available // 1048576,
         "somaxconn": ctx.system.somaxconn,
         "worker_memory_mb": ctx.worker_memory_mb,
+        "gunicorn_version": ctx.gunicorn_version,
+        "app_import_seconds": None if ctx.app_import is None or ctx.app_import.error else
+        round(ctx.app_import.seconds, 3),
     }

@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--worker-memory-mb", type=int, default=_doctor.DEFAULT_WORKER_MEMORY_MB, metavar="MB",
                         help="memory one worker needs, for the memory check (default %(default)s)")
     doctor.add_argument("--json", action="store_true", help="print findings as one JSON object")
+    doctor.add_argument("--import-app", action="store_true",
+                        help="also import the application in a subprocess and time it (runs its import-time code)")
+    doctor.add_argument("--app", metavar="MODULE:VARIABLE",
+                        help="the application for --import-app (default: wsgi_app from the config)")
     doctor.set_defaults(handler=run_doctor)
     return parser
 
@@ -212,10 +216,14 @@ def run_doctor(args: argparse.Namespace) -> int:
         _error(f"--worker-memory-mb {args.worker_memory_mb} must be a positive number of megabytes")
         return EXIT_USAGE
     try:
-        loaded, ctx, findings = _doctor.diagnose(args.config, args.worker_memory_mb)
+        loaded, ctx, findings = _doctor.diagnose(args.config, args.worker_memory_mb, import_app=args.import_app,
+                                                 app=args.app)
     except _configload.ConfigLoadError as error:
         _error(str(error))
         return EXIT_FAILED
+    except _doctor.UsageError as error:
+        _error(str(error))
+        return EXIT_USAGE
     errors = sum(1 for finding in findings if finding.severity == "error")
     if args.json:
         document = {

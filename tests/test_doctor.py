@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -323,3 +324,177 @@ def test_doctor_config_load_failure_exits_1(clean_env: Path, capsys: pytest.Capt
     """A config that cannot load: exit 1 and the reason on stderr."""
     assert cli.main(["doctor", "-c", str(clean_env / "missing.py")]) == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+# -- the field's lessons -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("version", "expected"),
+    [
+        ("21.2.0", [("gunicorn-version", "error"), ("gunicorn-version", "warning")]),
+        ("23.0.0", [("gunicorn-version", "warning")]),
+        ("24.0.0", []),
+        ("27.0.1", []),
+        ("unknown", []),
+    ],
+)
+def test_gunicorn_versions_with_known_bugs(version: str, expected: list[tuple[str, str]]) -> None:
+    """Below 22: request smuggling (error); below 24: logging inside the SIGCHLD handler; 24 and later: quiet."""
+    assert found(_doctor.check_gunicorn_version, gunicorn_version=version) == expected
+
+
+def test_sigchld_finding_names_the_gunicorn_issues() -> None:
+    """The finding cites gunicorn's issues and the error operators search for."""
+    ctx = Context(config(), SYSTEM, gunicorn_version="23.0.0")
+    (finding,) = _doctor.check_gunicorn_version(ctx)
+    assert "2564, 2816, 3198" in finding.what
+    assert "reentrant call" in finding.why
+
+
+@pytest.mark.parametrize(
+    ("environ", "timeout", "expected"),
+    [
+        ({"DYNO": "web.1"}, 30, [("timeout-platform", "warning")]),
+        ({"DYNO": "web.1"}, 25, []),
+        ({"DYNO": "web.1"}, 0, [("timeout-platform", "warning")]),
+        ({"WEBSITE_SITE_NAME": "shop"}, 240, [("timeout-platform", "warning")]),
+        ({"WEBSITE_SITE_NAME": "shop"}, 120, []),
+        ({"K_SERVICE": "api"}, 600, [("timeout-platform", "warning")]),
+        ({"K_SERVICE": "api"}, 120, []),
+        ({}, 600, []),
+    ],
+)
+def test_timeout_against_platform_limits(environ: dict[str, str], timeout: int,
+                                         expected: list[tuple[str, str]]) -> None:
+    """Heroku 30 s, App Service 230 s, Cloud Run 300 s: a timeout at or above the platform's is a warning."""
+    assert found(_doctor.check_platform_timeout, {"timeout": timeout}, environ=environ) == expected
+
+
+def test_heroku_finding_names_h12() -> None:
+    """The Heroku finding names the error code operators see in the router log."""
+    ctx = Context(config(timeout=60), SYSTEM, {"DYNO": "web.1"})
+    (finding,) = _doctor.check_platform_timeout(ctx)
+    assert "H12" in finding.why
+
+
+@pytest.mark.parametrize(
+    ("settings", "expected"),
+    [
+        ({"worker_class": "gthread", "threads": 4}, [("timeout-not-per-request", "info")]),
+        ({"worker_class": "sync"}, []),
+    ],
+)
+def test_worker_classes_whose_timeout_does_not_end_a_request(settings: dict[str, Any],
+                                                             expected: list[tuple[str, str]]) -> None:
+    """gthread: a stuck request hangs until the proxy's 60 s; sync: gunicorn's timeout ends it, quiet."""
+    assert found(_doctor.check_request_bound, settings) == expected
+
+
+@pytest.mark.parametrize(
+    ("settings", "expected"),
+    [
+        ({"bind": ["0.0.0.0:8000"]}, [("sync-no-proxy", "info")]),
+        ({"bind": ["[::]:8000"]}, [("sync-no-proxy", "info")]),
+        ({"bind": ["10.1.2.3:8000"]}, [("sync-no-proxy", "info")]),
+        ({"bind": ["127.0.0.1:8000", "unix:/run/gunicorn.sock"]}, []),
+        ({"bind": ["localhost:8000"]}, []),
+        ({"bind": ["[::1]:8000"]}, []),
+        ({"bind": ["0.0.0.0:8000"], "worker_class": "gthread", "threads": 4}, []),
+    ],
+)
+def test_sync_workers_reachable_without_a_proxy(settings: dict[str, Any], expected: list[tuple[str, str]]) -> None:
+    """sync on a reachable address is advice (info); loopback, unix sockets and non-sync workers are quiet."""
+    assert found(_doctor.check_sync_exposed, settings) == expected
+
+
+def test_statsd_host_that_does_not_resolve() -> None:
+    """A real lookup of a name under .invalid (RFC 6761: never resolves) is a warning naming the setting."""
+    ctx = Context(config(statsd_host="statsd.invalid:8125"), SYSTEM)
+    (finding,) = _doctor.check_statsd_host(ctx)
+    assert (finding.check, finding.severity) == ("statsd-host", "warning")
+    assert "statsd_host names 'statsd.invalid'" in finding.what
+
+
+def test_statsd_host_that_resolves_is_quiet() -> None:
+    """localhost and an address resolve: nothing to say."""
+    assert found(_doctor.check_statsd_host, {"statsd_host": "localhost:8125"}) == []
+    assert found(_doctor.check_statsd_host, environ={"GUNICORN_INSIGHT_STATSD": "127.0.0.1:8125"}) == []
+
+
+def test_plugin_statsd_setting_is_resolved_too() -> None:
+    """GUNICORN_INSIGHT_STATSD's host is looked up as well; unix sockets are not."""
+    asked: list[str] = []
+
+    def resolve(host: str) -> str | None:
+        asked.append(host)
+        return "Name or service not known"
+
+    assert found(_doctor.check_statsd_host, environ={"GUNICORN_INSIGHT_STATSD": "agg.invalid:8125"},
+                 resolve=resolve) == [("statsd-host", "warning")]
+    assert found(_doctor.check_statsd_host, environ={"GUNICORN_INSIGHT_STATSD": "unix:/run/statsd.sock"},
+                 resolve=resolve) == []
+    assert asked == ["agg.invalid"]
+
+
+def test_resolution_has_a_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A resolver that never answers is given up on after the deadline, not waited for."""
+    release = threading.Event()
+    monkeypatch.setattr(_doctor.socket, "getaddrinfo", lambda *args, **kwargs: release.wait(30))
+    try:
+        assert _doctor.resolve_host("slow.example", deadline=0.2) == "no answer within 0.2s"
+    finally:
+        release.set()
+
+
+def _app_module(directory: Path, name: str, body: str) -> None:
+    (directory / f"{name}.py").write_text(body + "\ndef app(environ, start_response):\n    return []\n")
+
+
+def test_slow_import_without_preload(tmp_path: Path) -> None:
+    """An app whose import takes 2.5 s, measured in a subprocess, with preload_app off: a warning."""
+    _app_module(tmp_path, "slowapp", "import time\ntime.sleep(2.5)")
+    measured = _doctor.measure_import("slowapp:app", str(tmp_path), None)
+    assert measured.error is None
+    assert measured.seconds >= 2.5
+    assert found(_doctor.check_app_import, app_import=measured) == [("preload-slow-import", "warning")]
+    assert found(_doctor.check_app_import, {"preload_app": True}, app_import=measured) == []
+
+
+def test_fast_import_is_quiet(tmp_path: Path) -> None:
+    """An app that imports at once: nothing to say, preload or not."""
+    _app_module(tmp_path, "fastapp", "")
+    measured = _doctor.measure_import("fastapp:app", str(tmp_path), None)
+    assert measured.error is None
+    assert found(_doctor.check_app_import, app_import=measured) == []
+
+
+def test_import_failure_is_an_error(tmp_path: Path) -> None:
+    """An import that raises is an error with the exception's line."""
+    _app_module(tmp_path, "brokenapp", "import no_such_module_here")
+    measured = _doctor.measure_import("brokenapp:app", str(tmp_path), None)
+    assert measured.error == "ModuleNotFoundError: No module named 'no_such_module_here'"
+    assert found(_doctor.check_app_import, app_import=measured) == [("app-import", "error")]
+
+
+def test_import_past_the_deadline_is_reported(tmp_path: Path) -> None:
+    """An import that does not finish in time is stopped and reported, never waited for."""
+    _app_module(tmp_path, "hangapp", "import time\ntime.sleep(60)")
+    measured = _doctor.measure_import("hangapp:app", str(tmp_path), None, deadline=1.0)
+    assert measured.error == "did not finish importing in 1s"
+
+
+def test_app_is_not_imported_unless_asked(clean_env: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Without --import-app the doctor never runs the application's code, even when the config names it."""
+    marker = clean_env / "imported"
+    _app_module(clean_env, "sideapp", f"open({str(marker)!r}, 'w').close()")
+    path = clean_env / "gunicorn.conf.py"
+    path.write_text(f"wsgi_app = 'sideapp:app'\nchdir = {str(clean_env)!r}\n")
+    cli.main(["doctor", "-c", str(path), "--json"])
+    assert not marker.exists()
+    assert json.loads(capsys.readouterr().out)["facts"]["app_import_seconds"] is None
+    cli.main(["doctor", "-c", str(path), "--json", "--import-app"])
+    assert marker.exists()
+    document = json.loads(capsys.readouterr().out)
+    assert document["facts"]["app_import_seconds"] is not None
+    assert "app-import" not in [finding["check"] for finding in document["findings"]]
