@@ -464,14 +464,18 @@ def parse_version(text: str) -> tuple[int, ...]:
     return tuple(numbers)
 
 
-def check_gunicorn_version(ctx: Context) -> Iterable[Finding]:
-    version = parse_version(ctx.gunicorn_version)
+def version_findings(text: str) -> Iterable[Finding]:
+    """The known bugs of gunicorn ``text`` (also judged on a running server's version by ``doctor --pid``)."""
+    version = parse_version(text)
     if not version:
         return
     for bug in KNOWN_BUGS:
         if bug.from_version <= version < bug.below:
-            yield Finding("gunicorn-version", bug.severity, f"gunicorn {ctx.gunicorn_version} {bug.what}",
-                          bug.why, bug.fix)
+            yield Finding("gunicorn-version", bug.severity, f"gunicorn {text} {bug.what}", bug.why, bug.fix)
+
+
+def check_gunicorn_version(ctx: Context) -> Iterable[Finding]:
+    return version_findings(ctx.gunicorn_version)
 
 
 @dataclass(frozen=True)
@@ -637,7 +641,10 @@ CHECKS: list[Check] = [
 
 
 def run_checks(ctx: Context, checks: Sequence[Check] = CHECKS) -> list[Finding]:
-    findings = [finding for check in checks for finding in check(ctx)]
+    return by_severity(finding for check in checks for finding in check(ctx))
+
+
+def by_severity(findings: Iterable[Finding]) -> list[Finding]:
     return sorted(findings, key=lambda finding: SEVERITIES.index(finding.severity))
 
 

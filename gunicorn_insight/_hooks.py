@@ -222,6 +222,10 @@ def _describe(server: Any, master: _master.Master) -> dict[str, Any]:
         "connections_limit": plan.connections_limit,
         "per_worker_capacity": plan.per_worker_capacity,
         "timeout": getattr(cfg, "timeout", None),
+        # What `doctor --pid` judges the measured facts against.
+        "max_requests": getattr(cfg, "max_requests", None),
+        "preload_app": getattr(cfg, "preload_app", None),
+        "gunicorn_version": _gunicorn_version(),
         "interval": plan.settings.interval,
         "version": __version__,
         "request_hooks": STATE.request_hooks,
@@ -231,6 +235,12 @@ def _describe(server: Any, master: _master.Master) -> dict[str, Any]:
         "metrics_url": master.endpoint.url if master.endpoint is not None else None,
         "statsd": repr(plan.statsd_target) if plan.statsd_target is not None else None,
     }
+
+
+def _gunicorn_version() -> str:
+    import gunicorn
+
+    return str(gunicorn.__version__)
 
 
 def _announce(master: _master.Master) -> None:

@@ -22,7 +22,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from . import _configload, _discovery, _doctor, _views
+from . import _configload, _discovery, _doctor, _livedoctor, _views
 from . import _scoreboard as sb
 from ._discovery import DiscoveryError, Selector, Server
 
@@ -55,7 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     top.add_argument("--iterations", type=int, default=None, metavar="N", help="stop after N frames (scripts, tests)")
     top.set_defaults(handler=run_top)
 
-    doctor = commands.add_parser("doctor", help="check a gunicorn configuration for known trouble")
+    doctor = commands.add_parser("doctor", help="check a gunicorn configuration, or a running server, for trouble")
+    _selectors(doctor)
+    doctor.add_argument("--window", type=float, default=_livedoctor.DEFAULT_WINDOW, metavar="SECONDS",
+                        help="with a server selector: seconds to watch the server (default %(default)s)")
     doctor.add_argument("-c", "--config", metavar="CONFIG",
                         help="gunicorn config file, or python:module (default: as gunicorn picks it)")
     doctor.add_argument("--worker-memory-mb", type=int, default=_doctor.DEFAULT_WORKER_MEMORY_MB, metavar="MB",
@@ -215,6 +218,8 @@ def run_doctor(args: argparse.Namespace) -> int:
     if args.worker_memory_mb <= 0:
         _error(f"--worker-memory-mb {args.worker_memory_mb} must be a positive number of megabytes")
         return EXIT_USAGE
+    if not _selector(args).empty:
+        return _run_live_doctor(args)
     try:
         loaded, ctx, findings = _doctor.diagnose(args.config, args.worker_memory_mb, import_app=args.import_app,
                                                  app=args.app)
@@ -238,6 +243,47 @@ def run_doctor(args: argparse.Namespace) -> int:
     return EXIT_FAILED if errors else EXIT_OK
 
 
+def _run_live_doctor(args: argparse.Namespace) -> int:
+    """Judge a running server from what it does over --window seconds; with -c, its config file too."""
+    if not 0 < args.window <= 600:
+        _error(f"--window {args.window} must be between 0 and 600 seconds, e.g. --window 3")
+        return EXIT_USAGE
+    try:
+        server, board = _open(args)
+    except DiscoveryError as error:
+        _error(str(error))
+        return error.code
+    try:
+        facts = _livedoctor.measure(server, board, args.window)
+    finally:
+        board.close()
+    findings = _livedoctor.run_live_checks(facts)
+    findings += _doctor.version_findings(str(server.info.get("gunicorn_version") or ""))
+    if args.config is not None:
+        try:
+            findings += _doctor.diagnose(args.config, args.worker_memory_mb)[2]
+        except _configload.ConfigLoadError as error:
+            _error(str(error))
+            return EXIT_FAILED
+    findings = _doctor.by_severity(findings)
+    errors = sum(1 for finding in findings if finding.severity == "error")
+    if args.json:
+        document = {
+            "server": {"master_pid": server.master_pid, "proc_name": server.proc_name, "binds": server.binds},
+            "measured": facts.as_dict(),
+            "findings": [finding.as_dict() for finding in findings],
+            "errors": errors,
+            "warnings": sum(1 for finding in findings if finding.severity == "warning"),
+        }
+        print(json.dumps(document, indent=2))
+        return EXIT_FAILED if errors else EXIT_OK
+    console = _console()
+    console.print(Text(f"server: {server.label()}", style="bold"))
+    console.print(facts.summary())
+    _print_findings(console, findings)
+    return EXIT_FAILED if errors else EXIT_OK
+
+
 def _print_doctor(console: Console, facts: dict[str, Any], findings: Sequence[_doctor.Finding]) -> None:
     source = facts["config"] or "no config file (gunicorn defaults)"
     if facts["gunicorn_cmd_args"]:
@@ -250,6 +296,10 @@ def _print_doctor(console: Console, facts: dict[str, Any], findings: Sequence[_d
         f"host: {facts['cpus']} CPUs, {'?' if memory is None else memory} MB available, "
         f"somaxconn {facts['somaxconn'] if facts['somaxconn'] is not None else '?'}"
     )
+    _print_findings(console, findings)
+
+
+def _print_findings(console: Console, findings: Sequence[_doctor.Finding]) -> None:
     if not findings:
         console.print(Text("no problems found", style="green"))
         return

@@ -1,0 +1,521 @@
+"""``gunicorn-insight doctor --pid N``: judge a running server from what it measurably does.
+
+The doctor watches the server for a short window (``--window``, 3 s by default), reading only: the
+scoreboard (mapped read-only) every 50 ms for busy workers and requests in flight; ``status.json`` for the
+listen backlog and recent exits; ``/proc`` for the workers' CPU time at both ends of the window and the
+cgroup's memory; and, when the server exports to Prometheus, the multiprocess files at both ends of the
+window for queue time. Each check in :data:`LIVE_CHECKS` turns those facts into findings (``_doctor.Finding``)
+that state the evidence in ``what`` and say what to change in ``fix``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import _scoreboard as sb
+from ._cgroup import memory_cgroup_dirs
+from ._discovery import Server, read_json
+from ._doctor import Finding
+from ._views import per_worker_capacity
+
+DEFAULT_WINDOW = 3.0
+SAMPLE_EVERY = 0.05
+SATURATED = 0.9
+"""Mean busy/capacity over the window at or above which the server is saturated."""
+CPU_BOUND = 0.6
+"""CPU seconds per busy request-second at or above which requests are computing rather than waiting."""
+CPU_FULL = 0.9
+"""Share of the CPUs the workers may use at or above which the CPUs are the limit."""
+MEMORY_NEAR_LIMIT = 0.8
+QUEUE_SLOW = 0.1
+"""Mean seconds a request waits for a worker at or above which the queue is worth a finding."""
+TIMEOUT_CAUSES = ("timeout", "timeout_kill")
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+_UNLIMITED = 1 << 60
+_QUEUE = "gunicorn_request_queue_seconds"
+
+
+@dataclass
+class Histogram:
+    """Count and sum of a histogram's observations (over every label)."""
+
+    count: float = 0.0
+    total: float = 0.0
+
+    def minus(self, earlier: Histogram) -> Histogram:
+        return Histogram(self.count - earlier.count, self.total - earlier.total)
+
+    @property
+    def mean(self) -> float | None:
+        return self.total / self.count if self.count > 0 else None
+
+
+@dataclass
+class LiveFacts:
+    """What the doctor measured on one server over one window."""
+
+    info: Mapping[str, Any]
+    window: float
+    samples: int = 0
+    worker_class: str = "unknown"
+    workers: int = 0
+    """Live workers that have loaded the application (the last sample)."""
+    per_worker: int = 1
+    capacity: int = 0
+    busy_now: int = 0
+    """Request slots in use in the last sample."""
+    utilisation: float = 0.0
+    """Mean of busy/capacity over the samples."""
+    busy_seconds: float = 0.0
+    """Request-seconds spent serving during the window (sampled)."""
+    cpu_seconds: float = 0.0
+    """CPU seconds (user + system) the workers used during the window."""
+    cpus: float = 1.0
+    """CPUs the server may use: its affinity, and its cgroup's CPU quota when that is lower."""
+    backlog_peak: int = 0
+    backlog_limit: int | None = None
+    backlog_listener: str | None = None
+    listen_overflows: int = 0
+    rss: list[int] = field(default_factory=list)
+    memory_used: int | None = None
+    memory_limit: int | None = None
+    slow_requests: int = 0
+    """Requests the watchdogs reported past slow_request_timeout, since the server started."""
+    oldest_request: tuple[str, float] | None = None
+    """(method and path, seconds in flight) of the oldest request in flight at the end."""
+    recent_exits: list[dict[str, Any]] = field(default_factory=list)
+    cpu_start: dict[int, float] = field(default_factory=dict)
+    """pid -> CPU seconds the worker had used when the doctor first saw it."""
+    queue_window: Histogram | None = None
+    """Queue time observed during the window; None when the server exports no Prometheus files."""
+    queue_total: Histogram | None = None
+
+    @property
+    def timeout(self) -> float:
+        value = self.info.get("timeout")
+        return float(value) if isinstance(value, (int, float)) else 0.0
+
+    @property
+    def cpu_per_busy_second(self) -> float | None:
+        return self.cpu_seconds / self.busy_seconds if self.busy_seconds >= 0.1 else None
+
+    def summary(self) -> str:
+        """One line of what was measured, above the findings."""
+        ratio = self.cpu_per_busy_second
+        memory = ("no cgroup memory limit" if self.memory_limit is None or self.memory_used is None
+                  else f"memory {_mib(self.memory_used)} of {_mib(self.memory_limit)}")
+        queue = self.queue_window.mean if self.queue_window is not None else None
+        return (
+            f"watched {self.window:.1f}s: {self.workers} {self.worker_class} workers, utilisation "
+            f"{self.utilisation:.0%}, busy {self.busy_now}/{self.capacity} at the end, CPU {self.cpu_seconds:.2f}s"
+            f" ({'-' if ratio is None else f'{ratio:.0%}'} of busy time) on {self.cpus:g} CPUs, backlog peak "
+            f"{self.backlog_peak}, {memory}, queue time "
+            + ("not measured" if queue is None else f"{queue * 1000:.0f} ms")
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "master_pid": self.info.get("master_pid"),
+            "worker_class": self.worker_class,
+            "workers": self.workers,
+            "capacity": self.capacity,
+            "busy_now": self.busy_now,
+            "window": round(self.window, 3),
+            "samples": self.samples,
+            "utilisation": round(self.utilisation, 3),
+            "busy_seconds": round(self.busy_seconds, 3),
+            "cpu_seconds": round(self.cpu_seconds, 3),
+            "cpu_per_busy_second": None if self.cpu_per_busy_second is None else round(self.cpu_per_busy_second, 3),
+            "cpus": round(self.cpus, 2),
+            "backlog_peak": self.backlog_peak,
+            "backlog_limit": self.backlog_limit,
+            "listen_overflows": self.listen_overflows,
+            "worker_rss_bytes": self.rss,
+            "memory_used_bytes": self.memory_used,
+            "memory_limit_bytes": self.memory_limit,
+            "slow_requests": self.slow_requests,
+            "queue_seconds_mean": None if self.queue_window is None or self.queue_window.mean is None
+            else round(self.queue_window.mean, 4),
+            "timeout": self.timeout,
+        }
+
+
+# -- measuring -------------------------------------------------------------------------------------------
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path) as handle:
+            text = handle.read().split()
+        return int(text[0]) if text and text[0] != "max" else None
+    except (OSError, ValueError):
+        return None
+
+
+def server_cpus(pid: int) -> float:
+    """CPUs the master (so its workers) may run on, lowered by a cgroup v2 CPU quota."""
+    try:
+        cpus: float = len(os.sched_getaffinity(pid))
+    except OSError:
+        cpus = float(os.cpu_count() or 1)
+    for version, directory in memory_cgroup_dirs(f"/proc/{pid}/cgroup", include_root=False):
+        if version != 2:
+            continue
+        try:
+            with open(os.path.join(directory, "cpu.max")) as handle:
+                quota, period = handle.read().split()[:2]
+        except (OSError, ValueError):
+            continue
+        if quota != "max" and int(period) > 0:
+            cpus = min(cpus, int(quota) / int(period))
+    return cpus
+
+
+def server_memory(pid: int) -> tuple[int | None, int | None]:
+    """(working set, limit) of the master's memory cgroup; (None, None) when it has no limit.
+
+    The working set is usage minus the inactive file cache, as the kubelet counts it: the kernel reclaims
+    that cache before it OOM-kills anyone, so it is not memory the workers are short of.
+    """
+    for version, directory in memory_cgroup_dirs(f"/proc/{pid}/cgroup", include_root=False):
+        names = ("memory.current", "memory.max", "inactive_file") if version == 2 else (
+            "memory.usage_in_bytes", "memory.limit_in_bytes", "total_inactive_file")
+        used, limit = _read_int(os.path.join(directory, names[0])), _read_int(os.path.join(directory, names[1]))
+        if used is not None and limit is not None and limit < _UNLIMITED:
+            return max(0, used - _stat_value(os.path.join(directory, "memory.stat"), names[2])), limit
+    return None, None
+
+
+def _stat_value(path: str, key: str) -> int:
+    try:
+        with open(path) as handle:
+            for line in handle:
+                name, _, value = line.partition(" ")
+                if name == key:
+                    return int(value)
+    except (OSError, ValueError):
+        return 0
+    return 0
+
+
+@contextlib.contextmanager
+def _shared_merge_lock(directory: str) -> Iterator[None]:
+    """The master's merge lock, taken shared through a read-only descriptor; nothing is created."""
+    try:
+        fd = os.open(os.path.join(directory, ".gunicorn-insight.lock"), os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)
+
+
+def read_histogram(directory: str | None, name: str) -> Histogram | None:
+    """Count and sum of ``name`` in the multiprocess files; None when there are no files to read."""
+    if not directory or not os.path.isdir(directory):
+        return None
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    from ._prometheus import usable_files
+
+    found = Histogram()
+    try:
+        with _shared_merge_lock(directory):
+            families = list(MultiProcessCollector.merge(usable_files(directory), accumulate=True))
+    except (OSError, ValueError):
+        return None
+    for family in families:
+        if family.name != name:
+            continue
+        for sample in family.samples:
+            if sample.name == f"{name}_count":
+                found.count += sample.value
+            elif sample.name == f"{name}_sum":
+                found.total += sample.value
+    return found
+
+
+def _status(server: Server) -> dict[str, Any]:
+    try:
+        status = read_json(server.status_path)
+    except (OSError, ValueError):
+        return {}
+    return status if isinstance(status, dict) else {}
+
+
+def measure(server: Server, board: sb.Scoreboard, window: float = DEFAULT_WINDOW) -> LiveFacts:
+    info = server.info
+    worker_class = str(info.get("worker_class") or "unknown")
+    threads = info.get("threads") if isinstance(info.get("threads"), int) else 1
+    limit = info.get("connections_limit", info.get("worker_connections"))
+    per_worker = per_worker_capacity(worker_class, int(threads or 1), int(limit) if isinstance(limit, int) else 1)
+    facts = LiveFacts(info, window, worker_class=worker_class, per_worker=per_worker)
+    facts.cpus = server_cpus(server.master_pid)
+    queue_before = read_histogram(server.prometheus_dir, _QUEUE)
+    views = _watch(facts, server, board)
+    for view in views:
+        used = _cpu_seconds(view.pid)
+        if used is not None and view.pid in facts.cpu_start:
+            facts.cpu_seconds += used - facts.cpu_start[view.pid]
+    facts.rss = [view.rss for view in views if view.rss]
+    facts.memory_used, facts.memory_limit = server_memory(server.master_pid)
+    facts.slow_requests = sum(view.slow for view in board if view.state != sb.FREE)
+    requests = [request for view in views for request in view.requests]
+    if requests:
+        oldest = min(requests, key=lambda request: request.started)
+        facts.oldest_request = (f"{oldest.method} {oldest.path}", max(0.0, time.monotonic() - oldest.started))
+    status = _status(server)
+    exits = status.get("recent_exits")
+    facts.recent_exits = [item for item in exits if isinstance(item, dict)] if isinstance(exits, list) else []
+    overflows = status.get("listen_overflows")
+    facts.listen_overflows = overflows if isinstance(overflows, int) else 0
+    queue_after = read_histogram(server.prometheus_dir, _QUEUE)
+    if queue_after is not None:
+        facts.queue_total = queue_after
+        facts.queue_window = queue_after.minus(queue_before) if queue_before is not None else None
+    return facts
+
+
+def _watch(facts: LiveFacts, server: Server, board: sb.Scoreboard) -> list[sb.SlotView]:
+    """Sample the scoreboard every SAMPLE_EVERY seconds for the window; returns the last sample's workers."""
+    per_worker = facts.per_worker
+    ratios: list[float] = []
+    started = last = next_status = time.monotonic()
+    while True:
+        views = [view for view in board if view.state == sb.READY and view.pid]
+        now = time.monotonic()
+        for view in views:
+            if view.pid not in facts.cpu_start:
+                used = _cpu_seconds(view.pid)
+                if used is not None:
+                    facts.cpu_start[view.pid] = used
+        busy = sum(min(view.in_flight, per_worker) for view in views)
+        if views:
+            ratios.append(busy / (len(views) * per_worker))
+        if facts.samples:
+            facts.busy_seconds += busy * (now - last)
+        facts.samples += 1
+        last = now
+        if now >= next_status:
+            _sample_status(facts, _status(server))
+            next_status = now + 0.5
+        if now - started >= facts.window:
+            break
+        time.sleep(SAMPLE_EVERY)
+    facts.window = last - started
+    facts.workers = len(views)
+    facts.capacity = len(views) * per_worker
+    facts.busy_now = busy
+    facts.utilisation = sum(ratios) / len(ratios) if ratios else 0.0
+    return views
+
+
+def _sample_status(facts: LiveFacts, status: Mapping[str, Any]) -> None:
+    listeners = status.get("listeners")
+    for listener in listeners if isinstance(listeners, list) else []:
+        if not isinstance(listener, dict):
+            continue
+        queued, limit = listener.get("backlog"), listener.get("backlog_max")
+        if isinstance(queued, int) and queued >= facts.backlog_peak:
+            facts.backlog_peak = queued
+            facts.backlog_listener = str(listener.get("name"))
+            facts.backlog_limit = limit if isinstance(limit, int) else None
+
+
+# -- judging ----------------------------------------------------------------------------------------------
+
+LiveCheck = Callable[[LiveFacts], Iterable[Finding]]
+
+
+def _mib(value: float) -> str:
+    return f"{value / 1048576:.0f} MiB"
+
+
+def _workers_advice(facts: LiveFacts) -> str:
+    """What to change when the workers cannot keep up: it depends on whether requests compute or wait."""
+    ratio = facts.cpu_per_busy_second
+    cpu_used = facts.cpu_seconds / facts.window / facts.cpus if facts.window > 0 else 0.0
+    if ratio is None:
+        return "add workers (or threads) if CPU and memory allow; the CPU share could not be measured"
+    if ratio >= CPU_BOUND:
+        if cpu_used >= CPU_FULL:
+            return (f"the requests compute ({ratio:.0%} of their time on a CPU) and the workers already use "
+                    f"{cpu_used:.0%} of the {facts.cpus:g} CPUs: more workers will not help; make the hot "
+                    "requests cheaper, or add CPUs or hosts")
+        target = max(facts.workers + 1, math.floor(facts.cpus) + 1)
+        return (f"the requests compute ({ratio:.0%} of their time on a CPU) and CPUs are left: raise workers to "
+                f"about {target} (workers={facts.workers} now, {facts.cpus:g} CPUs)")
+    if facts.worker_class == "sync":
+        return (f"the requests mostly wait (only {ratio:.0%} of their time on a CPU): switch to gthread "
+                "(e.g. --threads 4, each worker then serves 4 requests at once) or gevent rather than adding "
+                "processes, each of which costs its full memory")
+    if facts.worker_class == "gthread":
+        threads = facts.per_worker
+        return (f"the requests mostly wait (only {ratio:.0%} of their time on a CPU): raise threads "
+                f"(threads={threads} now, e.g. {threads * 2}), or add workers if memory allows")
+    return "add workers if memory allows, or find what the requests wait for (database pool, an API)"
+
+
+def check_saturation(facts: LiveFacts) -> Iterable[Finding]:
+    if facts.capacity == 0 or facts.utilisation < SATURATED:
+        return
+    ratio = facts.cpu_per_busy_second
+    yield Finding(
+        "live-saturation", "warning",
+        f"every worker busy: utilisation {facts.utilisation:.0%} over {facts.window:.1f}s ({facts.samples} "
+        f"samples of the scoreboard), {facts.busy_now} of {facts.capacity} request slots in use at the end "
+        f"({facts.workers} {facts.worker_class} workers)"
+        + ("" if ratio is None else f"; CPU {facts.cpu_seconds:.2f}s for {facts.busy_seconds:.1f} "
+                                    f"request-seconds ({ratio:.0%})"),
+        "new requests wait in the listen queue for a free worker: response times grow by the wait, and "
+        "proxies or platforms time out (nginx 504 after 60 s, Heroku H12) while the server looks healthy.",
+        _workers_advice(facts),
+    )
+
+
+def check_backlog(facts: LiveFacts) -> Iterable[Finding]:
+    if facts.backlog_peak <= 0 and facts.listen_overflows <= 0:
+        return
+    parts = []
+    if facts.backlog_peak > 0:
+        limit = f" (limit {facts.backlog_limit})" if facts.backlog_limit is not None else ""
+        parts.append(f"up to {facts.backlog_peak} connections waited in the accept queue of "
+                     f"{facts.backlog_listener}{limit} during the window")
+    if facts.listen_overflows > 0:
+        parts.append(f"{facts.listen_overflows} connections were dropped by the kernel because the accept queue "
+                     "was full, since the server started")
+    yield Finding(
+        "live-backlog", "warning" if facts.listen_overflows <= 0 else "error", "; ".join(parts),
+        "no worker was free to accept them: every one of them waits before its request even starts, and "
+        "a full queue refuses connections (nginx: 'connect() failed (111: Connection refused)' or 502).",
+        _workers_advice(facts) + "; a deeper backlog only turns the wait into timeouts",
+    )
+
+
+def check_queue_time(facts: LiveFacts) -> Iterable[Finding]:
+    measured = facts.queue_window if facts.queue_window and facts.queue_window.count > 0 else facts.queue_total
+    if measured is None or measured.mean is None or measured.mean < QUEUE_SLOW:
+        return
+    during = "during the window" if measured is facts.queue_window else "since the server started"
+    yield Finding(
+        "live-queue-time", "warning",
+        f"requests waited {measured.mean * 1000:.0f} ms on average between the proxy and a worker "
+        f"({measured.count:.0f} requests {during}, from X-Request-Start)",
+        "the time users wait that gunicorn's own request duration does not show: too few free workers.",
+        _workers_advice(facts),
+    )
+
+
+def check_cpu(facts: LiveFacts) -> Iterable[Finding]:
+    if facts.window <= 0 or facts.cpus <= 0:
+        return
+    used = facts.cpu_seconds / facts.window
+    if used / facts.cpus < CPU_FULL:
+        return
+    yield Finding(
+        "live-cpu", "warning",
+        f"the workers used {used:.2f} of the {facts.cpus:g} CPUs the server may use, over {facts.window:.1f}s",
+        "the server is CPU-bound: requests queue for a CPU inside the kernel, and more workers or threads only "
+        "add memory and context switches.",
+        "keep workers near (2 x CPUs) + 1 at most; make the hot requests cheaper, or give the server more CPUs "
+        "(its cgroup's cpu.max) or more hosts",
+    )
+
+
+def check_memory(facts: LiveFacts) -> Iterable[Finding]:
+    ooms = [item for item in facts.recent_exits if item.get("cause") == "oom"]
+    max_requests = facts.info.get("max_requests")
+    recycle = ("; set max_requests (e.g. 1000, with max_requests_jitter 100) so workers that grow are replaced"
+               if not max_requests else "")
+    rss = facts.rss
+    each = sum(rss) / len(rss) if rss else 0.0
+    if ooms:
+        yield Finding(
+            "live-memory", "error",
+            f"the OOM killer killed {len(ooms)} worker{'s' if len(ooms) != 1 else ''} recently"
+            + (f" (last: {ooms[-1].get('request') or 'no request in flight'})" if ooms else ""),
+            "each kill drops the requests in flight (502 at the proxy) and the worker's memory was its own doing "
+            "or its neighbours'.",
+            "run fewer workers or give the cgroup more memory" + recycle,
+        )
+        return
+    if facts.memory_limit is None or facts.memory_used is None:
+        return
+    share = facts.memory_used / facts.memory_limit
+    if share < MEMORY_NEAR_LIMIT:
+        return
+    fits = ""
+    if each > 0:
+        others = max(0.0, facts.memory_used - sum(rss))
+        fitting = max(1, math.floor((MEMORY_NEAR_LIMIT * facts.memory_limit - others) / each))
+        fits = (f"; about {fitting} worker{'s' if fitting != 1 else ''} of {_mib(each)} fit in "
+                f"{MEMORY_NEAR_LIMIT:.0%} of the limit")
+    yield Finding(
+        "live-memory", "warning",
+        f"the server's cgroup uses {_mib(facts.memory_used)} (working set) of its {_mib(facts.memory_limit)} "
+        f"limit ({share:.0%}); {len(rss)} workers at {_mib(each)} each on average",
+        "at the limit the kernel's OOM killer SIGKILLs a worker mid-request, with nothing in gunicorn's log but "
+        "'Perhaps out of memory?'.",
+        "run fewer workers or give the cgroup more memory" + fits + recycle,
+    )
+
+
+def check_timeout(facts: LiveFacts) -> Iterable[Finding]:
+    killed = [item for item in facts.recent_exits if item.get("cause") in TIMEOUT_CAUSES]
+    timeout = facts.timeout
+    oldest = facts.oldest_request
+    overdue = oldest is not None and timeout > 0 and oldest[1] >= timeout
+    if not killed and not facts.slow_requests and not overdue:
+        return
+    evidence = []
+    if killed:
+        last = killed[-1]
+        evidence.append(f"{len(killed)} worker{'s' if len(killed) != 1 else ''} killed by timeout={timeout:g}s "
+                        f"recently (last: {last.get('request') or 'no request named'}"
+                        + (f" after {last['elapsed']:.1f}s" if isinstance(last.get("elapsed"), (int, float)) else "")
+                        + ")")
+    if facts.slow_requests:
+        evidence.append(f"{facts.slow_requests} requests ran past slow_request_timeout since the server started")
+    if overdue and oldest is not None:
+        evidence.append(f"{oldest[0]} has been running {oldest[1]:.1f}s, past timeout={timeout:g}s")
+    yield Finding(
+        "live-timeout", "warning" if killed or overdue else "info", "; ".join(evidence),
+        "requests this slow are either stuck (a dead database or API) or legitimately long; a timeout below "
+        "the slowest legitimate request kills the worker and the request with it ([CRITICAL] WORKER TIMEOUT).",
+        "if the slow requests are legitimate, raise timeout above the slowest of them (and keep the proxy's "
+        "read timeout above it), or move the work to a job queue; if they are stuck, bound the outside calls "
+        "they wait on (the slow-request report in the error log has their stacks)",
+    )
+
+
+LIVE_CHECKS: list[LiveCheck] = [
+    check_saturation,
+    check_backlog,
+    check_queue_time,
+    check_cpu,
+    check_memory,
+    check_timeout,
+]
+
+
+def run_live_checks(facts: LiveFacts, checks: Sequence[LiveCheck] = LIVE_CHECKS) -> list[Finding]:
+    return [finding for check in checks for finding in check(facts)]
