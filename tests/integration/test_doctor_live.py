@@ -115,3 +115,4 @@ def test_queue_time_behind_nginx(process_factory: ProcessFactory, nginx_factory:
     _, after = doctor(server, "--window", "0.5")
     queue = findings(after)["live-queue-time"]
     assert "3 requests since the server started, from X-Request-Start" in queue["what"], queue
+

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -10,10 +11,12 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from harness import APPS, start_gunicorn
+from harness import APPS, Gunicorn, start_gunicorn
 from servers import ProcessFactory, StatsdDaemon, wait_until
+from test_doctor_live import doctor, findings
 from test_worker_death import EXITED, fire_and_forget
 
 from gunicorn_insight._cgroup import memory_cgroup_dirs
@@ -98,3 +101,37 @@ def test_oom_kill_is_its_own_cause(
     assert "gunicorn.worker.exit.killed" not in statsd_daemon.counters()
     server.wait_for_workers(1)  # gunicorn replaced the worker, and the server kept serving
     assert server.get("/") == 200
+
+
+def test_memory_near_the_limit_then_oom(memory_cgroup: Path, process_factory: ProcessFactory) -> None:
+    """gunicorn in a 250 MiB cgroup: quiet at first; a worker holding 190 MiB makes live-memory a warning with
+    the working set against the limit; once the OOM killer has killed a worker, an error naming the request."""
+    server = start_gunicorn(process_factory, app="hungry_app:app", cwd=APPS, workers=1,
+                            launcher=[sys.executable, str(APPS / "in_cgroup.py"), str(memory_cgroup)])
+    _, before = doctor(server, "--window", "0.5")
+    assert "live-memory" not in findings(before), before
+    assert before["measured"]["memory_limit_bytes"] == LIMIT
+    assert server.get("/hold?mb=190") == 200
+    _, holding = doctor(server, "--window", "0.5")
+    near = findings(holding)["live-memory"]
+    assert near["severity"] == "warning", holding
+    assert "of its 250 MiB limit" in near["what"]
+    assert "set max_requests" in near["fix"]
+    fire_and_forget(server, "/grow")
+    server.process.wait_for_log(EXITED, timeout=60)
+    server.wait_for_workers(1)
+    wait_until(lambda: any(item.get("cause") == "oom" for item in status_exits(server)), timeout=30,
+               what="the oom exit in status.json", dump=server.process.describe)
+    status, killed = doctor(server, "--window", "0.5")
+    oom = findings(killed)["live-memory"]
+    assert (status, oom["severity"]) == (1, "error")
+    assert "the OOM killer killed 1 worker recently (last: GET /grow)" in oom["what"]
+
+
+def status_exits(server: Gunicorn) -> list[dict[str, Any]]:
+    run_dir = Path(server.scoreboard_path).parent
+    try:
+        exits = json.loads((run_dir / "status.json").read_text()).get("recent_exits")
+    except (OSError, ValueError):
+        return []
+    return exits if isinstance(exits, list) else []

@@ -1,4 +1,5 @@
-"""A WSGI app whose /grow keeps allocating until something stops it (the OOM killer, in a memory-limited cgroup)."""
+"""A WSGI app whose /grow keeps allocating until something stops it (the OOM killer, in a memory-limited cgroup),
+and whose /hold?mb=N allocates N MiB more and keeps it."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ HOARD: list[bytes] = []
 
 
 def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+    if environ["PATH_INFO"] == "/hold":
+        megabytes = int(environ.get("QUERY_STRING", "mb=0").partition("=")[2] or 0)
+        HOARD.extend(b"x" * (1 << 20) for _ in range(megabytes))
     if environ["PATH_INFO"] == "/grow":
         while True:
             HOARD.append(b"x" * (8 << 20))  # written, not just reserved: the pages count against the limit
