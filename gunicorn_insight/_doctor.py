@@ -26,6 +26,7 @@ import gunicorn
 from . import _discovery
 from ._configload import Loaded, load
 from ._hostfacts import MEMORY_FILESYSTEMS, System
+from .settings import ENV_PREFIX, ConfigurationError, Settings
 
 Severity = Literal["error", "warning", "info"]
 SEVERITIES: tuple[Severity, ...] = ("error", "warning", "info")
@@ -428,7 +429,6 @@ def check_capture_output(ctx: Context) -> Iterable[Finding]:
 class KnownBug:
     below: tuple[int, ...]
     """Versions below this one have it."""
-    from_version: tuple[int, ...]
     severity: Severity
     what: str
     why: str
@@ -437,13 +437,13 @@ class KnownBug:
 
 KNOWN_BUGS: tuple[KnownBug, ...] = (
     KnownBug(
-        (22, 0), (0,), "error", "request smuggling through Transfer-Encoding (CVE-2024-1135)",
+        (22, 0), "error", "request smuggling through Transfer-Encoding (CVE-2024-1135)",
         "conflicting Transfer-Encoding headers are accepted, so a proxy and gunicorn can disagree on where a "
         "request ends and a crafted request reaches endpoints the proxy restricts.",
         "upgrade gunicorn to 22.0 or later (24 or later also fixes the SIGCHLD logging crash)",
     ),
     KnownBug(
-        (24, 0), (0,), "warning",
+        (24, 0), "warning",
         "logs from inside its SIGCHLD signal handler (gunicorn issues 2564, 2816, 3198)",
         "the master reaps workers and logs their exit inside the signal handler; when the signal interrupts "
         "another log write the master dies with 'RuntimeError: reentrant call inside <_io.BufferedWriter "
@@ -470,7 +470,7 @@ def version_findings(text: str) -> Iterable[Finding]:
     if not version:
         return
     for bug in KNOWN_BUGS:
-        if bug.from_version <= version < bug.below:
+        if version < bug.below:
             yield Finding("gunicorn-version", bug.severity, f"gunicorn {text} {bug.what}", bug.why, bug.fix)
 
 
@@ -570,10 +570,14 @@ def _statsd_targets(ctx: Context) -> list[tuple[str, str]]:
     configured = ctx.cfg.statsd_host
     if isinstance(configured, tuple) and configured:
         targets.append(("statsd_host", str(configured[0])))
-    plugin = ctx.environ.get("GUNICORN_INSIGHT_STATSD", "")
-    if plugin and not plugin.startswith(("unix:", "/")) and plugin.lower() not in ("off", "none", ""):
-        host = plugin.rsplit(":", 1)[0] if plugin.count(":") == 1 or plugin.startswith("[") else plugin
-        targets.append(("GUNICORN_INSIGHT_STATSD", host.strip("[]")))
+    plugin = ctx.environ.get(f"{ENV_PREFIX}STATSD")
+    if plugin:
+        try:
+            target = Settings(statsd=plugin).statsd_target
+        except ConfigurationError:
+            target = None  # the plugin-settings check reports it
+        if isinstance(target, tuple):
+            targets.append((f"{ENV_PREFIX}STATSD", target[0]))
     return targets
 
 

@@ -21,9 +21,9 @@ from typing import Any
 
 from . import _scoreboard as sb
 from ._cgroup import memory_cgroup_dirs
-from ._discovery import Server, read_json
+from ._discovery import Server
 from ._doctor import Finding
-from ._views import per_worker_capacity
+from ._views import per_worker_capacity, read_status
 
 DEFAULT_WINDOW = 3.0
 SAMPLE_EVERY = 0.05
@@ -255,11 +255,7 @@ def read_histogram(directory: str | None, name: str) -> Histogram | None:
 
 
 def _status(server: Server) -> dict[str, Any]:
-    try:
-        status = read_json(server.status_path)
-    except (OSError, ValueError):
-        return {}
-    return status if isinstance(status, dict) else {}
+    return read_status(server.status_path)[0] or {}
 
 
 def measure(server: Server, board: sb.Scoreboard, window: float = DEFAULT_WINDOW) -> LiveFacts:
@@ -451,10 +447,10 @@ def check_memory(facts: LiveFacts) -> Iterable[Finding]:
     if ooms:
         yield Finding(
             "live-memory", "error",
-            f"the OOM killer killed {len(ooms)} worker{'s' if len(ooms) != 1 else ''} recently"
-            + (f" (last: {ooms[-1].get('request') or 'no request in flight'})" if ooms else ""),
-            "each kill drops the requests in flight (502 at the proxy) and the worker's memory was its own doing "
-            "or its neighbours'.",
+            f"the OOM killer killed {len(ooms)} worker{'s' if len(ooms) != 1 else ''} recently (last: "
+            f"{ooms[-1].get('request') or 'no request in flight'})",
+            "each kill drops the requests the worker had in flight (502 at the proxy), and its replacement grows "
+            "back towards the same size.",
             "run fewer workers or give the cgroup more memory" + recycle,
         )
         return
