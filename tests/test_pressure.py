@@ -191,3 +191,23 @@ def test_real_machine_readings() -> None:
     if reading.memory_usage is None:
         assert any("memory" in line for line in reader.missing)
     assert read_process(os.getpid()) is not None
+
+
+def test_status_json_carries_the_readings_it_has(tmp_path: Path) -> None:
+    """status.json (read by the doctor) holds the host readings and lifecycle gauges; absent ones are left out."""
+    import json
+
+    from gunicorn_insight._drain import Round
+    from gunicorn_insight._pressure import HostPressure
+    from gunicorn_insight._status import StatusFiles
+
+    facts = Round(ready_workers=1, booting_workers=1, swap={0: 4096}, crash_loop=True,
+                  host=HostPressure(throttling=CpuThrottling(10, 2, 0.5), memory_usage=300, memory_working_set=200,
+                                    pressure={("memory", "some"): 1.5}))
+    StatusFiles(str(tmp_path)).write_round(facts)
+    status = json.loads((tmp_path / "status.json").read_text())
+    assert (status["workers_ready"], status["workers_booting"], status["crash_loop"]) == (1, 1, True)
+    assert status["host"] == {
+        "memory_usage_bytes": 300, "memory_working_set_bytes": 200, "cpu_periods": 10, "cpu_throttled_periods": 2,
+        "cpu_throttled_seconds": 0.5, "pressure_seconds": {"memory_some": 1.5}, "swap_bytes": 4096,
+    }
