@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 from harness import APPS, start_gunicorn
 from servers import ProcessFactory, StatsdDaemon, wait_until
+from test_oom import LIMIT as OOM_LIMIT
+from test_oom import memory_cgroup  # noqa: F401 -- the fixture, found by name through request.getfixturevalue
 
 from gunicorn_insight._cgroup import cgroup_dirs
 from gunicorn_insight._pressure import HostReader
@@ -120,3 +122,22 @@ def test_this_machines_files_are_read_and_absent_ones_stay_absent(process_factor
         assert "gunicorn-insight: cannot read" not in output
     else:
         assert "gunicorn-insight: cannot read" in output
+
+
+def test_memory_limit_and_usage_of_a_limited_cgroup(
+    request: pytest.FixtureRequest, process_factory: ProcessFactory
+) -> None:
+    """gunicorn in a memory cgroup limited to 250 MiB: the limit, the usage and the working set at /metrics."""
+    group: Path = request.getfixturevalue("memory_cgroup")
+    server = start_gunicorn(
+        process_factory, app="pressure_app:app", cwd=APPS, workers=1,
+        launcher=[sys.executable, str(APPS / "in_cgroup.py"), str(group)],
+    )
+    wait_until(lambda: server.value("gunicorn_cgroup_memory_limit_bytes") is not None, timeout=30,
+               what="gunicorn_cgroup_memory_limit_bytes", dump=server.process.describe)
+    assert server.value("gunicorn_cgroup_memory_limit_bytes") == OOM_LIMIT
+    usage = server.value("gunicorn_cgroup_memory_usage_bytes")
+    working_set = server.value("gunicorn_cgroup_memory_working_set_bytes")
+    assert usage is not None
+    assert working_set is not None
+    assert 0 < working_set <= usage < OOM_LIMIT
