@@ -257,8 +257,9 @@ class PrometheusSink:
                 if value is not None:
                     self._set(family, family.key(""), value)
             for (resource, kind), seconds in host.pressure.items():
-                family = self._psi_some if kind == "some" else self._psi_full
-                self._set(family, family.key("_total", (resource,)), seconds)
+                psi = {"some": self._psi_some, "full": self._psi_full}.get(kind)
+                if psi is not None:  # PSI has only these two lines today; a new one gets no name by accident
+                    self._set(psi, psi.key("_total", (resource,)), seconds)
         for slot, (voluntary, involuntary) in facts.context_switches.items():
             worker = str(slot)
             self._set(self._switches, self._switches.key("_total", (worker, "voluntary")), voluntary)

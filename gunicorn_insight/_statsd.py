@@ -234,7 +234,9 @@ class StatsdSink:
                 if value is not None:
                     pipe.gauge(name(metric), value)
             for (resource, kind), seconds in sorted(host.pressure.items()):
-                dotted = "waiting" if kind == "some" else "stalled"
+                dotted = {"some": "waiting", "full": "stalled"}.get(kind)
+                if dotted is None:
+                    continue
                 pipe.incr(split(f"gunicorn.pressure.{{}}.{dotted}_ms", f"gunicorn.pressure.{dotted}_ms", "resource",
                                 resource), round(increase(f"psi.{resource}.{kind}", seconds) * 1000))
         for slot, (voluntary, involuntary) in sorted(facts.context_switches.items()):
