@@ -460,6 +460,7 @@ def _host_reader(plan: Plan) -> HostReader | None:
     except Exception as error:
         report("finding the cgroup and PSI files", error)
         return None
+    LOG.info("gunicorn-insight: host readings from %s", reader.describe())
     if reader.missing:
         LOG.info("gunicorn-insight: cannot read %s; those metrics are absent", "; ".join(reader.missing))
     quota = reader.read().quota_cores

@@ -174,6 +174,14 @@ class HostReader:
             "psi": os.path.dirname(next(iter(self._psi.values()))) if self._psi else None,
         }
 
+    def describe(self) -> str:
+        """Where the readings come from, for the master's startup line."""
+        parts = [f"{name} cgroup {group.directory} (v{group.version})"
+                 for name, group in (("cpu", self._cpu), ("memory", self._memory)) if group is not None]
+        if self.sources["psi"]:
+            parts.append(f"PSI {self.sources['psi']}")
+        return ", ".join(parts) or "nothing"
+
     def _controller(self, controller: str, proc_self_cgroup: str, root: str, *probes: str) -> _Group | None:
         for version, directory, mount in cgroup_dirs(controller, proc_self_cgroup, root):
             if any(os.path.exists(os.path.join(directory, probe)) for probe in probes):

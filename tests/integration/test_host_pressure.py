@@ -141,3 +141,46 @@ def test_memory_limit_and_usage_of_a_limited_cgroup(
     assert usage is not None
     assert working_set is not None
     assert 0 < working_set <= usage < OOM_LIMIT
+
+
+def _psi_total(path: Path) -> float:
+    """The ``some`` total of a PSI file, in seconds."""
+    first = path.read_text().splitlines()[0]
+    return int(first.rsplit("total=", 1)[1]) / 1e6
+
+
+@pytest.fixture
+def unified_cgroup() -> Iterator[Path]:
+    """A child of this process's cgroup v2 group (on a hybrid host, under unified/), with its own PSI files."""
+    found = [directory for version, directory, _ in cgroup_dirs("") if version == 2]
+    if not found:
+        pytest.skip("no cgroup v2 group in /proc/self/cgroup (neither v2 nor hybrid)")
+    group = Path(found[0]) / f"gunicorn-insight-psi-test-{os.getpid()}"
+    try:
+        group.mkdir()
+    except OSError as error:
+        pytest.skip(f"cannot create a cgroup v2 group under {found[0]}: {error}")
+    try:
+        if not (group / "cpu.pressure").exists():
+            pytest.skip(f"{group} has no cpu.pressure: the kernel keeps no PSI per cgroup")
+        yield group
+    finally:
+        _remove(group)
+
+
+def test_psi_comes_from_the_servers_own_v2_group(
+    unified_cgroup: Path, process_factory: ProcessFactory
+) -> None:
+    """gunicorn in a v2 group of its own: PSI is read from that group's files (said at startup), not from the
+    whole host's /proc/pressure, so the CPU pressure at /metrics is the group's."""
+    server = start_gunicorn(
+        process_factory, app="pressure_app:app", cwd=APPS, workers=2,
+        launcher=[sys.executable, str(APPS / "in_cgroup.py"), str(unified_cgroup)],
+    )
+    assert f"PSI {unified_cgroup}" in server.process.output()
+    assert server.get("/burn?s=1", timeout=60) == 200
+    exported = server.total("gunicorn_pressure_waiting_seconds_total", resource="cpu")
+    group_total = _psi_total(unified_cgroup / "cpu.pressure")
+    # The group's total only grows, so what was exported before it was read cannot exceed it; the host's
+    # /proc/pressure total (everything the machine ever waited) would.
+    assert exported <= group_total, (exported, group_total, Path("/proc/pressure/cpu").read_text())
