@@ -22,6 +22,8 @@ class StallChange:
     """True: a stall began this round; False: the one in progress ended."""
     quiet_for: float
     """Seconds since a request last finished (at the start) or the stall's length (at the end)."""
+    resumed: bool = False
+    """At the end: a request finished (True), or none is in flight any more without one finishing (False)."""
 
 
 class StallWatch:
@@ -40,7 +42,7 @@ class StallWatch:
             self._quiet_since = now if in_flight else None
             if self.stalled:
                 self.stalled = False
-                return StallChange(started=False, quiet_for=now - self._stalled_at)
+                return StallChange(started=False, quiet_for=now - self._stalled_at, resumed=moved)
             return None
         if self._quiet_since is None:
             self._quiet_since = now

@@ -321,7 +321,9 @@ class Master:
         if change is None:
             return
         if not change.started:
-            LOG.warning("gunicorn-insight: stall over: a request finished after %.1fs without one", change.quiet_for)
+            LOG.warning("gunicorn-insight: stall over after %.1fs: %s", change.quiet_for,
+                        "requests finish again" if change.resumed else
+                        "no request in flight any more, none finished (see the worker exits above)")
             return
         facts.stalls += 1
         named = sorted(

@@ -19,6 +19,7 @@ def test_stall_needs_quiet_heads_in_flight_and_unmet_demand() -> None:
     ended = watch.observe(9.0, heads=11, in_flight=1, unmet_demand=False)
     assert ended is not None
     assert not ended.started
+    assert ended.resumed
     assert ended.quiet_for == 9.0
     assert not watch.stalled
 
@@ -57,6 +58,7 @@ def test_in_flight_dropping_to_zero_ends_a_stall() -> None:
     change = watch.observe(3.0, heads=0, in_flight=0, unmet_demand=True)
     assert change is not None
     assert not change.started
+    assert not change.resumed  # ended by the requests going away, not by one finishing
 
 
 def death(at: float, uptime: float = 1.0, cause: str = "crash") -> EarlyDeath:

@@ -28,7 +28,7 @@ def test_every_worker_blocked_is_a_stall_named_with_its_requests(process_factory
     assert match["requests"].count('"GET /slow?<redacted>"') == 2, match["requests"]
     assert server.value("gunicorn_stalled_requests") == 2
     assert server.value("gunicorn_stalls_total") == 1
-    server.process.wait_for_log(r"gunicorn-insight: stall over: a request finished after [\d.]+s", timeout=30,
+    server.process.wait_for_log(r"gunicorn-insight: stall over after [\d.]+s: requests finish again", timeout=30,
                                 since=match.end())
     server.wait_for_value("gunicorn_stalled_requests", 0)
     assert server.process.output().count("gunicorn-insight: stalled:") == 1
