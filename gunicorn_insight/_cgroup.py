@@ -30,3 +30,34 @@ def memory_cgroup_dirs(
         if include_root:
             found.append((version, top))
     return found
+
+
+def cgroup_dirs(
+    controller: str, proc_self_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup"
+) -> list[tuple[int, str, str]]:
+    """(cgroup version, this process's directory, the hierarchy's mount point) for ``controller``: its v1
+    hierarchy if it has one, then the v2 group (also in hybrid mode, where v2 is mounted at ``unified/``).
+    An empty ``controller`` asks for the v2 group alone."""
+    try:
+        with open(proc_self_cgroup) as handle:
+            lines = handle.read().splitlines()
+    except OSError:
+        return []
+    found: list[tuple[int, str, str]] = []
+    unified: list[tuple[int, str, str]] = []
+    for line in lines:
+        hierarchy, controllers, path = line.split(":", 2)
+        relative = path.lstrip("/")
+        if hierarchy == "0" and controllers == "":
+            for mount in (root, os.path.join(root, "unified")):
+                if os.path.exists(os.path.join(mount, "cgroup.controllers")):
+                    unified.append((2, os.path.normpath(os.path.join(mount, relative)), mount))
+                    break
+        elif controller and controller in controllers.split(","):
+            # The hierarchy is mounted under the joined names (cpu,cpuacct), usually with a symlink per name.
+            for name in (controllers, controller):
+                mount = os.path.join(root, name)
+                if os.path.isdir(mount):
+                    found.append((1, os.path.normpath(os.path.join(mount, relative)), mount))
+                    break
+    return found + unified

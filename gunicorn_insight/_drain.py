@@ -16,6 +16,7 @@ from itertools import filterfalse
 from math import isnan
 
 from . import _scoreboard as sb
+from ._pressure import HostPressure
 from ._safety import RateLimitedLog
 
 
@@ -56,6 +57,28 @@ class Round:
     exits: Counter[str] = field(default_factory=Counter)
     """cause -> workers that exited this round (filled in by the master after the drain)."""
     at: float = 0.0
+    pids: dict[int, int] = field(default_factory=dict)
+    """slot -> pid of its live worker."""
+    ready_workers: int = 0
+    """Live workers that have loaded the application (post_worker_init ran); the rest are booting."""
+    booting_workers: int = 0
+    boot_durations: list[float] = field(default_factory=list)
+    """Seconds from fork to application loaded, of the workers that became ready this round."""
+    stalled_requests: int = 0
+    """Requests in flight while the server is stalled (none finished for the stall threshold), else 0."""
+    stalls: int = 0
+    """Stalls that began this round."""
+    crash_loop: bool = False
+    """Workers keep dying soon after they boot (see _lifecycle.CrashLoopWatch)."""
+    crash_loops: int = 0
+    """Crash loops that began this round."""
+    host: HostPressure | None = None
+    """cgroup CPU and memory, pressure stall information (filled in by the master; absent readings are None)."""
+    context_switches: dict[int, tuple[int, int]] = field(default_factory=dict)
+    """slot -> (voluntary, involuntary) context switches ever made by its workers (a counter); a slot is
+    missing until /proc/<pid>/status could be read for one of its workers."""
+    swap: dict[int, int] = field(default_factory=dict)
+    """slot -> bytes of its live worker swapped out (VmSwap)."""
 
     @property
     def total_requests(self) -> int:
@@ -100,6 +123,7 @@ class Drainer:
         self._cpu_pid = [0 for _ in slots]
         self._cpu_last = [0.0 for _ in slots]
         self._route_names: list[list[str]] = [[] for _ in slots]
+        self._boot_seen = [0 for _ in slots]  # the generation whose boot duration was reported
         self._labels: set[str] = set()
         self._max_routes = max_routes
 
@@ -121,6 +145,7 @@ class Drainer:
                 continue
             self._seen.add(index)
             result.workers += 1
+            self._lifecycle(index, view, result)
             result.in_flight += view.in_flight
             result.waiting += view.waiting
             result.busy_workers += 1 if view.in_flight else 0
@@ -133,6 +158,16 @@ class Drainer:
                 result.memory[index] = rss
             result.cpu_seconds[index] = self._cpu(index, view.pid)
         return result
+
+    def _lifecycle(self, index: int, view: sb.SlotView, result: Round) -> None:
+        result.pids[index] = view.pid
+        if view.state != sb.READY:
+            result.booting_workers += 1
+            return
+        result.ready_workers += 1
+        if view.generation != self._boot_seen[index] and view.booted and view.spawned:
+            self._boot_seen[index] = view.generation
+            result.boot_durations.append(max(0.0, view.booted - view.spawned))
 
     def _drain_ring(self, index: int, result: Round) -> None:
         board = self._board

@@ -173,7 +173,8 @@ def classify(  # noqa: PLR0911 - one return per cause reads as the decision tabl
             return Verdict("max_requests", "recycled after max_requests", "")
         if view.exit_code == 0:
             return Verdict("graceful", "stopped cleanly (TERM, HUP, TTOU or shutdown)", "")
-        return Verdict("crash", f"exited with code {view.exit_code}", "stack: see gunicorn's traceback above")
+        return Verdict("crash", f"exited with code {view.exit_code}{_last_words(view)}",
+                       "stack: see gunicorn's traceback above")
     if signal == "SIGKILL":
         if oom:
             return Verdict("oom", "killed by the kernel's OOM killer (the cgroup's oom_kill count rose)",
@@ -187,3 +188,9 @@ def classify(  # noqa: PLR0911 - one return per cause reads as the decision tabl
     code = exit_code if exit_code is not None else "unknown"
     return Verdict("crash", f"exited with code {code} without running gunicorn's exit path (os._exit?)",
                    "no stack: the process left without a Python exception")
+
+
+def _last_words(view: sb.SlotView) -> str:
+    """``: Type: message`` of the exception the worker left with, when it left one; quotes made single so
+    the exit line's detail="..." stays one field."""
+    return f": {view.last_words.replace(chr(34), chr(39))}" if view.last_words else ""

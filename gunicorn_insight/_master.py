@@ -17,7 +17,7 @@ import heapq
 import os
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -27,6 +27,8 @@ from ._backlog import backlog, listen_overflows
 from ._drain import Drainer, Round
 from ._endpoint import MetricsEndpoint, wait_readable
 from ._forensics import EXPECTED, OomCounter, ReapWatcher, classify
+from ._lifecycle import CrashLoopWatch, EarlyDeath, StallWatch
+from ._pressure import HostReader, WorkerReadings
 from ._prometheus import PrometheusSink
 from ._safety import LOG, report
 from ._statsd import StatsdSink
@@ -65,6 +67,8 @@ class Plan:
     recorder: RecorderOptions
     per_worker_capacity: int
     """Requests one worker runs at once: 1 (sync), threads (gthread), worker_connections (async)."""
+    workers: int = 1
+    """gunicorn's ``workers`` setting (the live count can differ: TTIN/TTOU, deaths)."""
 
     @classmethod
     def resolve(cls, settings: Settings, cfg: Any, prometheus_dir: str | None) -> Plan:
@@ -106,6 +110,7 @@ class Plan:
                 threaded=kind not in ONE_THREAD_KINDS,
             ),
             per_worker_capacity=concurrency,
+            workers=workers,
         )
 
 
@@ -203,6 +208,12 @@ class Master:
         self.reaps = ReapWatcher()
         self._oom = OomCounter()
         self.status = StatusFiles(run_dir)
+        self._host = _host_reader(plan)
+        self._worker_readings = WorkerReadings()
+        # A stall is judged against the slow-request threshold: the watchdogs have logged each stuck
+        # request's stack by the time the master names the stall.
+        self._stall = StallWatch(plan.slow_request_timeout if plan.slow_request_timeout > 0 else 30.0)
+        self._crash_loop = CrashLoopWatch()
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
@@ -243,18 +254,31 @@ class Master:
         with self._round_lock:
             try:
                 facts = self._drainer.collect()
-                facts.capacity = facts.workers * self.plan.per_worker_capacity
+                facts.capacity = facts.ready_workers * self.plan.per_worker_capacity  # booting ones serve nothing
                 self._sample_listeners(facts)
             except Exception as error:
                 report("reading the scoreboard", error)
                 return
+            try:
+                self._read_host(facts)
+            except Exception as error:
+                report("reading host pressure", error)
             self._oom.poll()
             while self._deaths:
                 death = self._deaths.popleft()
                 try:
                     facts.exits[self._bury(death)] += 1
+                    self._watch_crash_loop(facts)
                 except Exception as error:
                     report("reporting a worker exit", error)
+            try:
+                self._watch_stall(facts)
+                if self._crash_loop.tick(facts.at):
+                    LOG.warning("gunicorn-insight: crash loop over: fewer than %d early worker deaths in the last "
+                                "%.0fs", self._crash_loop.count, self._crash_loop.window)
+                facts.crash_loop = self._crash_loop.looping
+            except Exception as error:
+                report("watching for stalls and crash loops", error)
             for sink in self._sinks:
                 try:
                     sink.publish(facts)
@@ -264,6 +288,64 @@ class Master:
                 self.status.write_round(facts)
             except Exception as error:
                 report("writing status.json", error)
+
+    def _read_host(self, facts: Round) -> None:
+        if self._host is not None:
+            facts.host = self._host.read()
+        facts.context_switches, facts.swap = self._worker_readings.read(facts.pids)
+
+    def _watch_crash_loop(self, facts: Round) -> None:
+        """After _bury: the exit it recorded joins the crash-loop window."""
+        exit_ = self.status.exits[-1]
+        death = EarlyDeath(facts.at, exit_["pid"], exit_["slot"], exit_["cause"], exit_["detail"], exit_["uptime"])
+        if not self._crash_loop.exited(death, expected=death.cause in EXPECTED):
+            return
+        facts.crash_loops += 1
+        watch = self._crash_loop
+        causes = Counter(early.cause for early in watch.deaths)
+        LOG.error(
+            'gunicorn-insight: crash loop: %d workers died within %.0fs of starting in the last %.0fs (%s); last: '
+            'pid=%s slot=%s cause=%s detail="%s" uptime=%.1fs. gunicorn keeps replacing them, so the server '
+            "serves little or nothing: fix the cause named in the \"worker exited\" lines",
+            len(watch.deaths), watch.young, watch.window,
+            " ".join(f"{cause}={count}" for cause, count in sorted(causes.items())),
+            death.pid, death.slot, death.cause, death.detail, death.uptime,
+        )
+
+    def _watch_stall(self, facts: Round) -> None:
+        heads = sum(self.board.head(index) for index in range(self.board.slots))
+        unmet = (facts.in_flight >= facts.capacity > 0 or facts.waiting > 0
+                 or any(queued for queued, _ in facts.listeners.values()))
+        change = self._stall.observe(facts.at, heads, facts.in_flight, unmet)
+        if self._stall.stalled:
+            facts.stalled_requests = facts.in_flight
+        if change is None:
+            return
+        if not change.started:
+            LOG.warning("gunicorn-insight: stall over after %.1fs: %s", change.quiet_for,
+                        "requests finish again" if change.resumed else
+                        "no request in flight any more, none finished (see the worker exits above)")
+            return
+        facts.stalls += 1
+        named = sorted(
+            ((facts.at - request.started, view, request) for view in self.board if view.state != sb.FREE
+             for request in view.requests),
+            key=lambda item: -item[0],
+        )
+        requests = "; ".join(
+            f'slot={view.index} pid={view.pid} "{request.method} {request.path}" elapsed={elapsed:.1f}s '
+            f"thread={request.thread}"
+            for elapsed, view, request in named[:_STALL_NAMED]
+        )
+        more = len(named) - _STALL_NAMED
+        LOG.error(
+            "gunicorn-insight: stalled: %d requests in flight, none finished for %.1fs, %d of %d workers busy, "
+            "capacity %d, waiting %d, listen queue %d; requests: %s%s. Their stacks: the \"slow request\" lines "
+            "each worker logged above",
+            facts.in_flight, change.quiet_for, facts.busy_workers, facts.workers, facts.capacity, facts.waiting,
+            sum(queued for queued, _ in facts.listeners.values()), requests or "none readable",
+            f"; and {more} more" if more > 0 else "",
+        )
 
     def watch_logger(self, log: Any) -> None:
         self.reaps.watch(log)
@@ -369,6 +451,30 @@ class Master:
             self.endpoint.close_in_child()
         if self.statsd is not None:
             self.statsd.close()
+
+
+_STALL_NAMED = 20
+
+
+def _host_reader(plan: Plan) -> HostReader | None:
+    """Find the host's files once, and say once what cannot be read (those metrics are absent)."""
+    try:
+        reader = HostReader()
+    except Exception as error:
+        report("finding the cgroup and PSI files", error)
+        return None
+    LOG.info("gunicorn-insight: host readings from %s", reader.describe())
+    if reader.missing:
+        LOG.info("gunicorn-insight: cannot read %s; those metrics are absent", "; ".join(reader.missing))
+    quota = reader.read().quota_cores
+    if quota is not None and plan.workers > 2 * quota + 1:
+        LOG.warning(
+            "gunicorn-insight: workers=%d share a CPU quota of %.2f cores (cgroup %s): the workers will be "
+            "throttled whenever more than %.2f of them run at once; gunicorn's rule of thumb is (2 x cores) + 1 "
+            "= %d workers (watch gunicorn_cgroup_cpu_throttled_seconds_total)",
+            plan.workers, quota, reader.sources["cpu"], quota, int(2 * quota + 1),
+        )
+    return reader
 
 
 def _megabytes(rss: int) -> str:

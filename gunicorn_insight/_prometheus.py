@@ -85,6 +85,7 @@ def _usable(path: str) -> bool:
         return False  # removed between glob and stat by a merge
 
 
+BOOT_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -182,11 +183,93 @@ class PrometheusSink:
                                ("listener",))
         self._backlog_max = _gauge("gunicorn_listen_backlog_max", "The accept queue's limit (backlog, capped "
                                    "by somaxconn).", ("listener",))
-        for family in (self._lost, self._slow, self._queue_invalid, self._overflows):
+        self._lifecycle_families()
+        self._pressure_families()
+        for family in (self._lost, self._slow, self._queue_invalid, self._overflows, self._stalls,
+                       self._crash_loops):
             self._add(family, family.key("_total"), 0)  # present from the start, so rate() sees the first one
         for cause in CAUSES:
             self._add(self._exits, self._exits.key("_total", (cause,)), 0)
         self._set(self._limit, self._limit.key(""), connections_limit)
+
+    def _lifecycle_families(self) -> None:
+        self._ready = _gauge("gunicorn_workers_ready", "Live workers that have loaded the application.")
+        self._booting = _gauge("gunicorn_workers_booting", "Live workers still loading the application.")
+        self._boot = _Histogram("gunicorn_worker_boot_duration_seconds",
+                                "Seconds from a worker's fork to its application loaded (post_worker_init).", (),
+                                BOOT_BUCKETS)
+        self._stalled = _gauge("gunicorn_stalled_requests",
+                               "Requests in flight while the server is stalled (none finished for "
+                               "slow_request_timeout with demand waiting); 0 otherwise.")
+        self._stalls = _counter("gunicorn_stalls", "Stalls detected (each one is logged with its requests).")
+        self._crash_loop = _gauge("gunicorn_worker_crash_loop",
+                                  "1 while workers keep dying soon after they boot, else 0.")
+        self._crash_loops = _counter("gunicorn_worker_crash_loops", "Crash loops detected (each one is logged).")
+
+    def _pressure_families(self) -> None:
+        self._cpu_periods = _counter("gunicorn_cgroup_cpu_periods",
+                                     "CPU quota enforcement periods of the server's cgroup (cpu.stat nr_periods).")
+        self._throttled_periods = _counter("gunicorn_cgroup_cpu_throttled_periods",
+                                           "Periods in which the cgroup used up its CPU quota (nr_throttled).")
+        self._throttled_seconds = _counter("gunicorn_cgroup_cpu_throttled_seconds",
+                                           "Time the cgroup's tasks were held back by the CPU quota.")
+        self._quota = _gauge("gunicorn_cgroup_cpu_quota_cores",
+                             "The cgroup's CPU quota in cores (quota / period); absent without a quota.")
+        self._cgroup_memory = _gauge("gunicorn_cgroup_memory_usage_bytes",
+                                     "Memory charged to the server's cgroup, page cache included.")
+        self._working_set = _gauge("gunicorn_cgroup_memory_working_set_bytes",
+                                   "Memory charged to the cgroup minus its inactive file cache.")
+        self._memory_limit = _gauge("gunicorn_cgroup_memory_limit_bytes",
+                                    "The cgroup's memory limit (the smallest of its ancestors'); absent without one.")
+        self._psi_some = _counter("gunicorn_pressure_waiting_seconds",
+                                  "Pressure stall information: time at least one task waited for the resource.",
+                                  ("resource",))
+        self._psi_full = _counter("gunicorn_pressure_stalled_seconds",
+                                  "Pressure stall information: time every non-idle task was stalled on the "
+                                  "resource.", ("resource",))
+        self._switches = _counter("gunicorn_worker_context_switches",
+                                  "Context switches of each slot's workers (involuntary: preempted, waiting for a "
+                                  "CPU).", ("worker", "kind"))
+        self._swap = _gauge("gunicorn_worker_swap_bytes", "Memory of the worker in each slot swapped out (VmSwap).",
+                            ("worker",))
+
+    def _publish_lifecycle(self, facts: Round) -> None:
+        for family, value in ((self._ready, facts.ready_workers), (self._booting, facts.booting_workers),
+                              (self._stalled, facts.stalled_requests), (self._crash_loop, int(facts.crash_loop))):
+            self._set(family, family.key(""), value)
+        for family, amount in ((self._stalls, facts.stalls), (self._crash_loops, facts.crash_loops)):
+            if amount:
+                self._add(family, family.key("_total"), amount)
+        if facts.boot_durations:
+            self._observe(self._boot, (), facts.boot_durations)
+
+    def _publish_pressure(self, facts: Round) -> None:
+        host = facts.host
+        if host is not None:
+            throttling = host.throttling
+            if throttling is not None:
+                self._set(self._cpu_periods, self._cpu_periods.key("_total"), throttling.periods)
+                self._set(self._throttled_periods, self._throttled_periods.key("_total"), throttling.throttled_periods)
+                self._set(self._throttled_seconds, self._throttled_seconds.key("_total"), throttling.throttled_seconds)
+            for family, value in ((self._quota, host.quota_cores), (self._cgroup_memory, host.memory_usage),
+                                  (self._working_set, host.memory_working_set),
+                                  (self._memory_limit, host.memory_limit)):
+                if value is not None:
+                    self._set(family, family.key(""), value)
+            for (resource, kind), seconds in host.pressure.items():
+                psi = {"some": self._psi_some, "full": self._psi_full}.get(kind)
+                if psi is not None:  # PSI has only these two lines today; a new one gets no name by accident
+                    self._set(psi, psi.key("_total", (resource,)), seconds)
+        for slot, (voluntary, involuntary) in facts.context_switches.items():
+            worker = str(slot)
+            self._set(self._switches, self._switches.key("_total", (worker, "voluntary")), voluntary)
+            self._set(self._switches, self._switches.key("_total", (worker, "involuntary")), involuntary)
+        for slot, swapped in facts.swap.items():
+            self._set(self._swap, self._swap.key("", (str(slot),)), swapped)
+        for slot in facts.connections.keys() - facts.pids.keys():  # slots whose worker is gone swap nothing
+            key = self._swap.key("", (str(slot),))
+            if (self._swap.file_prefix, key) in self._totals:
+                self._set(self._swap, key, 0)
 
     def _file(self, prefix: str) -> MetricFile:
         found = self._files.get(prefix)
@@ -246,6 +329,8 @@ class PrometheusSink:
         for listener, (queued, limit) in facts.listeners.items():
             self._set(self._backlog, self._backlog.key("", (listener,)), queued)
             self._set(self._backlog_max, self._backlog_max.key("", (listener,)), limit)
+        self._publish_lifecycle(facts)
+        self._publish_pressure(facts)
 
     def forget_process(self, pid: int) -> None:
         """Fold a dead worker's files into the archive files, then delete them."""

@@ -131,6 +131,7 @@ class StatsdSink:
         self._client: _Client | None = None
         self._resolved_at = 0.0
         self._last_busy: float | None = None
+        self._totals: dict[str, float] = {}
 
     def _name(self, name: str, tags: str = "") -> str:
         tags = ",".join(filter(None, (tags, self._tags)))
@@ -187,12 +188,68 @@ class StatsdSink:
             pipe.gauge(split("gunicorn.listener.{}.backlog", "gunicorn.listen_backlog", "listener", listener), queued)
             pipe.gauge(split("gunicorn.listener.{}.backlog_max", "gunicorn.listen_backlog_max", "listener", listener),
                        limit)
+        self._lifecycle_lines(pipe, facts, timers)
+        self._pressure_lines(pipe, facts)
         for slot, connections in sorted(facts.connections.items()):
             pipe.gauge(split("gunicorn.worker.{}.connections", "gunicorn.worker.connections", "worker", slot),
                        connections)
             pipe.gauge(split("gunicorn.worker.{}.memory", "gunicorn.worker.memory", "worker", slot),
                        facts.memory.get(slot, 0))
         pipe.send()
+
+    def _lifecycle_lines(self, pipe: Any, facts: Round, timers: int) -> None:
+        name = self._name
+        for metric, count in (("gunicorn.stalls", facts.stalls), ("gunicorn.worker.crash_loops", facts.crash_loops)):
+            if count:
+                pipe.incr(name(metric), count)
+        for metric, value in (("gunicorn.workers_ready", facts.ready_workers),
+                              ("gunicorn.workers_booting", facts.booting_workers),
+                              ("gunicorn.stalled_requests", facts.stalled_requests),
+                              ("gunicorn.worker.crash_loop", int(facts.crash_loop))):
+            pipe.gauge(name(metric), value)
+        pipe.timings(name("gunicorn.worker.boot_duration"), facts.boot_durations, timers)
+
+    def _increase(self, key: str, total: float) -> float:
+        """What a kernel counter (an absolute total) gained since the previous round; 0 the first time."""
+        previous = self._totals.get(key)
+        self._totals[key] = total
+        return max(0.0, total - previous) if previous is not None else 0.0
+
+    def _pressure_lines(self, pipe: Any, facts: Round) -> None:
+        """Kernel counters as StatsD counters (what they gained this round); absent readings send nothing."""
+        name, split, increase = self._name, self._split, self._increase
+        host = facts.host
+        if host is not None:
+            throttling = host.throttling
+            if throttling is not None:
+                pipe.incr(name("gunicorn.cgroup.cpu.periods"), int(increase("periods", throttling.periods)))
+                pipe.incr(name("gunicorn.cgroup.cpu.throttled_periods"),
+                          int(increase("throttled_periods", throttling.throttled_periods)))
+                pipe.incr(name("gunicorn.cgroup.cpu.throttled_ms"),
+                          round(increase("throttled", throttling.throttled_seconds) * 1000))
+            for metric, value in (("gunicorn.cgroup.cpu.quota_cores", host.quota_cores),
+                                  ("gunicorn.cgroup.memory.usage", host.memory_usage),
+                                  ("gunicorn.cgroup.memory.working_set", host.memory_working_set),
+                                  ("gunicorn.cgroup.memory.limit", host.memory_limit)):
+                if value is not None:
+                    pipe.gauge(name(metric), value)
+            for (resource, kind), seconds in sorted(host.pressure.items()):
+                dotted = {"some": "waiting", "full": "stalled"}.get(kind)
+                if dotted is None:
+                    continue
+                pipe.incr(split(f"gunicorn.pressure.{{}}.{dotted}_ms", f"gunicorn.pressure.{dotted}_ms", "resource",
+                                resource), round(increase(f"psi.{resource}.{kind}", seconds) * 1000))
+        for slot, (voluntary, involuntary) in sorted(facts.context_switches.items()):
+            for kind, total in (("voluntary", voluntary), ("involuntary", involuntary)):
+                gained = int(increase(f"switches.{slot}.{kind}", total))
+                if not gained:
+                    continue
+                if self._tagged:
+                    pipe.incr(self._name("gunicorn.worker.context_switches", f"worker:{slot},kind:{kind}"), gained)
+                else:
+                    pipe.incr(self._name(f"gunicorn.worker.{slot}.context_switches.{kind}"), gained)
+        for slot, swapped in sorted(facts.swap.items()):
+            pipe.gauge(split("gunicorn.worker.{}.swap", "gunicorn.worker.swap", "worker", slot), swapped)
 
     def _since_last_round(self, facts: Round) -> float | None:
         """Seconds since the previous round (a scrape can start one early); None for the first one."""

@@ -61,5 +61,34 @@ class StatusFiles:
                 "listen_overflows": self.listen_overflows,
                 "lost_requests": facts.lost,
                 "recent_exits": list(self.exits),
+                "workers_ready": facts.ready_workers,
+                "workers_booting": facts.booting_workers,
+                "stalled_requests": facts.stalled_requests,
+                "crash_loop": facts.crash_loop,
+                "host": host_status(facts),
             },
         )
+
+
+def host_status(facts: Round) -> dict[str, Any]:
+    """The host readings for tools (the doctor judges memory against the limit, throttling, pressure); a
+    reading the kernel did not give is left out, never 0."""
+    host = facts.host
+    if host is None:
+        return {}
+    found: dict[str, Any] = {
+        name: value for name, value in (
+            ("cpu_quota_cores", host.quota_cores), ("memory_usage_bytes", host.memory_usage),
+            ("memory_working_set_bytes", host.memory_working_set), ("memory_limit_bytes", host.memory_limit),
+        ) if value is not None
+    }
+    if host.throttling is not None:
+        found["cpu_periods"] = host.throttling.periods
+        found["cpu_throttled_periods"] = host.throttling.throttled_periods
+        found["cpu_throttled_seconds"] = host.throttling.throttled_seconds
+    if host.pressure:
+        found["pressure_seconds"] = {f"{resource}_{kind}": seconds
+                                     for (resource, kind), seconds in sorted(host.pressure.items())}
+    if facts.swap:
+        found["swap_bytes"] = sum(facts.swap.values())
+    return found

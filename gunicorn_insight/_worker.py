@@ -274,6 +274,9 @@ class RequestRecorder:
             flags |= sb.FLAG_BOOT_FAILED
             boot_error = error
             sb.LAST_WORDS.pack_into(self._buffer, start + sb.OFF_LAST_WORDS, summarize(error).encode()[:128])
+        elif code and error is not None:
+            # A crash after boot: the exception gunicorn turned into sys.exit(-1), for the master's exit line.
+            sb.LAST_WORDS.pack_into(self._buffer, start + sb.OFF_LAST_WORDS, summarize(error).encode()[:128])
         if getattr(worker, "nr", 0) >= getattr(worker, "max_requests", sys.maxsize):
             flags |= sb.FLAG_MAX_REQUESTS
         sb.EXIT_CODE.pack_into(self._buffer, start + sb.OFF_EXIT_CODE, code)

@@ -27,6 +27,14 @@ METRICS = {
     "gunicorn_listen_backlog", "gunicorn_listen_backlog_max", "gunicorn_listen_overflows_total",
     "gunicorn_request_queue_seconds_bucket", "gunicorn_request_queue_seconds_sum",
     "gunicorn_request_queue_seconds_count", "gunicorn_request_queue_invalid_total", "gunicorn_worker_cpu_seconds_total",
+    "gunicorn_workers_ready", "gunicorn_workers_booting", "gunicorn_stalled_requests", "gunicorn_stalls_total",
+    "gunicorn_worker_crash_loop", "gunicorn_worker_crash_loops_total", "gunicorn_cgroup_cpu_periods_total",
+    "gunicorn_cgroup_cpu_throttled_periods_total", "gunicorn_cgroup_cpu_throttled_seconds_total",
+    "gunicorn_cgroup_cpu_quota_cores", "gunicorn_cgroup_memory_usage_bytes", "gunicorn_cgroup_memory_working_set_bytes",
+    "gunicorn_cgroup_memory_limit_bytes", "gunicorn_pressure_waiting_seconds_total",
+    "gunicorn_pressure_stalled_seconds_total", "gunicorn_worker_context_switches_total", "gunicorn_worker_swap_bytes",
+    "gunicorn_worker_boot_duration_seconds_bucket", "gunicorn_worker_boot_duration_seconds_sum",
+    "gunicorn_worker_boot_duration_seconds_count",
     "up",
 }
 SEVERITIES = {"critical", "warning", "info"}

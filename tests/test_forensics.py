@@ -62,6 +62,15 @@ def test_boot_failure_carries_the_exception_summary() -> None:
     assert verdict.detail == "could not load the application: RuntimeError: no DB"
 
 
+def test_crash_after_boot_carries_the_exception_summary() -> None:
+    """A worker that left with an exception after booting: its summary follows the exit code, quotes made
+    single so the exit line's detail stays one field; without last words the detail is the code alone."""
+    verdict = classify(view(EXITED, -1, 'KeyError: "tenant"'), aborted=False, signal=None, exit_code=255, oom=False)
+    assert (verdict.cause, verdict.detail) == ("crash", "exited with code -1: KeyError: 'tenant'")
+    plain = classify(view(EXITED, 9), aborted=False, signal=None, exit_code=9, oom=False)
+    assert plain.detail == "exited with code 9"
+
+
 @pytest.mark.parametrize(
     ("message", "args", "signal"),
     [

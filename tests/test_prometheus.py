@@ -176,3 +176,61 @@ def test_merge_waits_for_a_scrape_reading_the_directory(tmp_path: Path) -> None:
     assert merged.wait(10)
     merger.join()
     assert not (tmp_path / "counter_4242.db").exists()
+
+
+def test_host_pressure_and_lifecycle_are_exported_and_absent_stays_absent(tmp_path: Path) -> None:
+    """Throttling, quota, cgroup memory, PSI, per-worker switches and swap, boot histogram, stall and crash-loop
+    metrics are written with their units; readings the kernel did not give (no quota, no limit) are no series."""
+    code = """
+        import os
+        from prometheus_client import generate_latest
+        from gunicorn_insight._drain import Round
+        from gunicorn_insight._pressure import CpuThrottling, HostPressure
+        from gunicorn_insight._prometheus import PrometheusSink
+        from gunicorn_insight._http import make_registry
+        directory = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+        sink = PrometheusSink(directory, (0.1, 1.0), 1)
+        host = HostPressure(throttling=CpuThrottling(100, 25, 1.5), memory_usage=300, memory_working_set=200,
+                            pressure={("cpu", "some"): 2.5, ("memory", "full"): 0.25})
+        facts = Round(workers=2, ready_workers=1, booting_workers=1, boot_durations=[0.7], stalled_requests=2,
+                      stalls=1, crash_loop=True, crash_loops=1, host=host, context_switches={0: (40, 3)},
+                      swap={0: 4096}, connections={0: 1, 1: 0}, pids={0: 10})
+        sink.publish(facts)
+        print(generate_latest(make_registry(directory)).decode())
+    """
+    out = run_python(code, tmp_path)
+    for line in (
+        "gunicorn_cgroup_cpu_periods_total 100.0", "gunicorn_cgroup_cpu_throttled_periods_total 25.0",
+        "gunicorn_cgroup_cpu_throttled_seconds_total 1.5", "gunicorn_cgroup_memory_usage_bytes 300.0",
+        "gunicorn_cgroup_memory_working_set_bytes 200.0", 'gunicorn_pressure_waiting_seconds_total{resource="cpu"} 2.5',
+        'gunicorn_pressure_stalled_seconds_total{resource="memory"} 0.25',
+        'gunicorn_worker_context_switches_total{kind="voluntary",worker="0"} 40.0',
+        'gunicorn_worker_context_switches_total{kind="involuntary",worker="0"} 3.0',
+        'gunicorn_worker_swap_bytes{worker="0"} 4096.0', "gunicorn_workers_ready 1.0", "gunicorn_workers_booting 1.0",
+        'gunicorn_worker_boot_duration_seconds_bucket{le="1.0"} 1.0', "gunicorn_worker_boot_duration_seconds_count 1.0",
+        "gunicorn_stalled_requests 2.0", "gunicorn_stalls_total 1.0", "gunicorn_worker_crash_loop 1.0",
+        "gunicorn_worker_crash_loops_total 1.0",
+    ):
+        assert line in out, line
+    for absent in ("gunicorn_cgroup_cpu_quota_cores ", "gunicorn_cgroup_memory_limit_bytes ",
+                   'gunicorn_pressure_waiting_seconds_total{resource="io"}', 'gunicorn_worker_swap_bytes{worker="1"}',
+                   'gunicorn_worker_context_switches_total{kind="voluntary",worker="1"}'):
+        assert absent not in out, absent
+
+
+def test_no_host_reading_writes_no_host_series(tmp_path: Path) -> None:
+    """A round without host readings (no cgroup, no PSI) leaves every cgroup and pressure metric out, not 0."""
+    code = """
+        import os
+        from prometheus_client import generate_latest
+        from gunicorn_insight._drain import Round
+        from gunicorn_insight._prometheus import PrometheusSink
+        from gunicorn_insight._http import make_registry
+        directory = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+        PrometheusSink(directory, (0.1, 1.0), 1).publish(Round(workers=1, ready_workers=1))
+        print(generate_latest(make_registry(directory)).decode())
+    """
+    out = run_python(code, tmp_path)
+    assert "gunicorn_workers_ready 1.0" in out
+    samples = [line for line in out.splitlines() if line and not line.startswith("#")]
+    assert not [line for line in samples if line.startswith(("gunicorn_cgroup_", "gunicorn_pressure_"))]

@@ -182,3 +182,32 @@ def test_utilization_is_busy_seconds_per_second_of_capacity(receiver: socket.soc
         sink.publish(facts)
         lines = b"\n".join(datagrams(receiver)).decode().splitlines()
         assert f"gunicorn.utilization:{expected}|g" in lines
+
+
+def test_host_pressure_lines_send_what_the_kernel_counters_gained(receiver: socket.socket) -> None:
+    """Kernel totals become StatsD counters of their increase per round; gauges as read; absent: no line."""
+    from gunicorn_insight._pressure import CpuThrottling, HostPressure
+
+    sink = make_sink(receiver.getsockname())
+    first = a_round()
+    first.host = HostPressure(throttling=CpuThrottling(100, 10, 1.0), memory_usage=300, memory_limit=1000,
+                              pressure={("cpu", "some"): 2.0})
+    first.context_switches, first.swap = {0: (10, 1)}, {0: 4096}
+    first.ready_workers, first.booting_workers, first.boot_durations = 1, 1, [0.5]
+    sink.publish(first)
+    datagrams(receiver)
+    second = a_round()
+    second.host = HostPressure(throttling=CpuThrottling(110, 14, 1.25), memory_usage=310, memory_limit=1000,
+                               pressure={("cpu", "some"): 2.5})
+    second.context_switches, second.swap = {0: (15, 1)}, {0: 0}
+    second.stalls, second.stalled_requests = 1, 2
+    sink.publish(second)
+    lines = b"\n".join(datagrams(receiver)).decode().splitlines()
+    for line in ("gunicorn.cgroup.cpu.periods:10|c", "gunicorn.cgroup.cpu.throttled_periods:4|c",
+                 "gunicorn.cgroup.cpu.throttled_ms:250|c", "gunicorn.cgroup.memory.usage:310|g",
+                 "gunicorn.cgroup.memory.limit:1000|g", "gunicorn.pressure.cpu.waiting_ms:500|c",
+                 "gunicorn.worker.0.context_switches.voluntary:5|c", "gunicorn.worker.0.swap:0|g",
+                 "gunicorn.stalls:1|c", "gunicorn.stalled_requests:2|g"):
+        assert line in lines, line
+    assert not [line for line in lines if "quota_cores" in line or "working_set" in line]
+    assert "gunicorn.worker.0.context_switches.involuntary" not in "\n".join(lines)  # nothing gained

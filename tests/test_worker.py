@@ -264,3 +264,36 @@ def test_the_monitor_thread_never_moves_the_ring_head(board: sb.Scoreboard) -> N
     sb.HEAD_CONNS.pack_into(board.buffer, board.offset(0) + sb.OFF_HEAD, 7, 0)  # as if more had finished since
     rec.refresh_connections()
     assert (board.read(0).head, board.read(0).connections) == (7, 5)
+
+
+def test_a_crash_after_boot_leaves_its_exception_as_last_words(board: sb.Scoreboard) -> None:
+    """worker_exit inside gunicorn's `except Exception: sys.exit(-1)` records the exception, not only on boot."""
+    rec = recorder(board)
+    worker = FakeWorker()
+    worker.booted = True  # type: ignore[attr-defined]
+    try:
+        try:
+            raise ConnectionError("database went away\nsecond line")
+        except ConnectionError:
+            sys.exit(-1)
+    except SystemExit:
+        assert rec.exiting(worker) is None  # not a boot error
+    view = board.read(0)
+    assert (view.exit_code, view.last_words) == (-1, "ConnectionError: database went away")
+    assert view.flags & sb.FLAG_EXITED
+    assert not view.flags & sb.FLAG_BOOT_FAILED
+
+
+def test_a_clean_exit_leaves_no_last_words(board: sb.Scoreboard) -> None:
+    """sys.exit(0) after an exception was handled is a graceful exit: nothing recorded as last words."""
+    rec = recorder(board)
+    worker = FakeWorker()
+    worker.booted = True  # type: ignore[attr-defined]
+    try:
+        try:
+            raise ValueError("handled")
+        except ValueError:
+            sys.exit(0)
+    except SystemExit:
+        rec.exiting(worker)
+    assert board.read(0).last_words == ""

@@ -46,6 +46,15 @@ METRIC_FAMILIES = (
     "gunicorn_workers_busy", "gunicorn_capacity", "gunicorn_worker_busy_seconds_total", "gunicorn_requests_waiting",
     "gunicorn_listen_backlog", "gunicorn_listen_backlog_max", "gunicorn_listen_overflows_total",
     "gunicorn_request_queue_seconds", "gunicorn_request_queue_invalid_total", "gunicorn_worker_cpu_seconds_total",
+    "gunicorn_workers_ready", "gunicorn_workers_booting", "gunicorn_worker_boot_duration_seconds",
+    "gunicorn_stalled_requests", "gunicorn_stalls_total", "gunicorn_worker_crash_loop",
+    "gunicorn_worker_crash_loops_total", "gunicorn_cgroup_cpu_periods_total",
+    "gunicorn_cgroup_cpu_throttled_periods_total", "gunicorn_cgroup_cpu_throttled_seconds_total",
+    "gunicorn_cgroup_memory_usage_bytes",
+    "gunicorn_cgroup_memory_working_set_bytes", "gunicorn_pressure_waiting_seconds_total",
+    "gunicorn_pressure_stalled_seconds_total", "gunicorn_worker_context_switches_total", "gunicorn_worker_swap_bytes",
+    # Not on a panel: gunicorn_cgroup_cpu_quota_cores and gunicorn_cgroup_memory_limit_bytes exist only where a
+    # quota or a limit is set, and every panel query must answer on a machine without them (the alerts use them).
 )
 
 

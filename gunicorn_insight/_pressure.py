@@ -1,0 +1,309 @@
+"""Host pressure around the workers, read by the master every round from the kernel's own files.
+
+* the CPU controller of the master's cgroup (the workers are forked into it): throttling from ``cpu.stat``
+  (v2 ``nr_throttled``/``throttled_usec``, v1 ``nr_throttled``/``throttled_time`` in nanoseconds) and the
+  quota as cores (v2 ``cpu.max``, v1 ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``; the smallest quota of the
+  group and its ancestors, since any of them caps the workers);
+* the memory controller: usage, working set (usage minus inactive file cache, what the kubelet compares with
+  the limit and the kernel reclaims last) and the limit (v1 ``hierarchical_memory_limit``; v2 the smallest
+  ``memory.max`` of the group and its ancestors);
+* pressure stall information: the cgroup v2 group's ``cpu.pressure``/``memory.pressure``/``io.pressure``,
+  else the host's ``/proc/pressure/*``;
+* per worker, from ``/proc/<pid>/status``: voluntary and involuntary context switches and ``VmSwap``.
+
+A reading whose file is absent is None (or missing from its dict), never 0: the exporters then leave the
+metric out, and :class:`HostReader` says once, at startup, what it cannot read and why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+
+from ._cgroup import cgroup_dirs
+
+PSI_RESOURCES = ("cpu", "memory", "io")
+UNLIMITED_V1 = 1 << 62
+"""cgroup v1 reports "no limit" as the largest page-aligned 64-bit value; anything above this is no limit."""
+
+
+@dataclass(frozen=True, slots=True)
+class CpuThrottling:
+    periods: int
+    """Quota enforcement periods that elapsed while the group had runnable tasks (nr_periods)."""
+    throttled_periods: int
+    throttled_seconds: float
+
+
+@dataclass(slots=True)
+class HostPressure:
+    """One round's readings of the host; None where the kernel file is absent."""
+
+    throttling: CpuThrottling | None = None
+    quota_cores: float | None = None
+    memory_usage: int | None = None
+    memory_working_set: int | None = None
+    memory_limit: int | None = None
+    pressure: dict[tuple[str, str], float] = field(default_factory=dict)
+    """(resource, "some" or "full") -> seconds ever stalled (PSI ``total=``, in microseconds in the file)."""
+
+
+def _read(path: str) -> str | None:
+    """The whole of a small kernel file; None when it is absent or unreadable. os.read instead of open():
+    a dozen of these run every round, and the file object's setup was most of their cost."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+        return b"".join(chunks).decode("ascii", "replace")
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def _keyed(text: str | None) -> dict[str, int]:
+    """``name value`` lines (cpu.stat, memory.stat) as a dict; unparseable lines are skipped."""
+    found: dict[str, int] = {}
+    for line in (text or "").splitlines():
+        name, _, value = line.partition(" ")
+        try:
+            found[name] = int(value)
+        except ValueError:
+            continue
+    return found
+
+
+def parse_cpu_stat(text: str | None, version: int) -> CpuThrottling | None:
+    stat = _keyed(text)
+    if "nr_throttled" not in stat:
+        return None  # v2 without the cpu controller enabled for the group: only usage_usec is there
+    if version == 2:
+        seconds = stat.get("throttled_usec", 0) / 1e6
+    else:
+        seconds = stat.get("throttled_time", 0) / 1e9
+    return CpuThrottling(stat.get("nr_periods", 0), stat["nr_throttled"], seconds)
+
+
+def parse_cpu_max(text: str | None) -> float | None:
+    """v2 ``cpu.max`` ("max 100000" or "150000 100000") as cores; None without a quota or a file."""
+    parts = (text or "").split()
+    if len(parts) != 2 or parts[0] == "max":
+        return None
+    try:
+        quota, period = int(parts[0]), int(parts[1])
+    except ValueError:
+        return None
+    return quota / period if quota > 0 and period > 0 else None
+
+
+def parse_cfs_quota(quota: str | None, period: str | None) -> float | None:
+    """v1 ``cpu.cfs_quota_us`` (-1: none) over ``cpu.cfs_period_us`` as cores."""
+    try:
+        quota_us, period_us = int((quota or "").strip()), int((period or "").strip())
+    except ValueError:
+        return None
+    return quota_us / period_us if quota_us > 0 and period_us > 0 else None
+
+
+def parse_psi(text: str | None) -> dict[str, float]:
+    """``some avg10=.. avg60=.. avg300=.. total=N`` lines: kind -> seconds (total is in microseconds)."""
+    found: dict[str, float] = {}
+    for line in (text or "").splitlines():
+        kind, *fields = line.split()
+        for item in fields:
+            name, _, value = item.partition("=")
+            if name == "total":
+                with contextlib.suppress(ValueError):
+                    found[kind] = int(value) / 1e6
+    return found
+
+
+def _ancestors(directory: str, mount: str) -> list[str]:
+    """The group's directory and each parent up to the hierarchy's mount point."""
+    found = [directory]
+    mount = os.path.normpath(mount)
+    while os.path.normpath(directory) != mount and len(directory) > len(mount):
+        directory = os.path.dirname(directory)
+        found.append(directory)
+    return found
+
+
+@dataclass(frozen=True, slots=True)
+class _Group:
+    version: int
+    directory: str
+    mount: str
+
+
+class HostReader:
+    """Finds the files once, when the master starts; :meth:`read` reads them every round."""
+
+    def __init__(
+        self, proc_self_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup", proc: str = "/proc"
+    ) -> None:
+        self.missing: list[str] = []
+        self._cpu = self._controller("cpu", proc_self_cgroup, root, "cpu.stat")
+        self._memory = self._controller("memory", proc_self_cgroup, root, "memory.current", "memory.usage_in_bytes")
+        self._psi: dict[str, str] = {}
+        unified = [directory for version, directory, _ in cgroup_dirs("", proc_self_cgroup, root) if version == 2]
+        for resource in PSI_RESOURCES:
+            candidates = [os.path.join(directory, f"{resource}.pressure") for directory in unified]
+            candidates.append(os.path.join(proc, "pressure", resource))
+            # A file that exists but cannot be read (PSI compiled in, disabled at boot: EOPNOTSUPP) is absent.
+            path = next((path for path in candidates if _read(path) is not None), None)
+            if path is not None:
+                self._psi[resource] = path
+        first = self.read()
+        if first.throttling is None:
+            self.missing.append("CPU throttling (no cpu.stat with nr_throttled in this process's cpu cgroup"
+                                + (f" {self._cpu.directory}" if self._cpu else "") + ")")
+        if first.memory_usage is None:
+            self.missing.append("cgroup memory usage (no memory cgroup found)")
+        if not self._psi:
+            self.missing.append("pressure stall information (no cgroup v2 *.pressure, no /proc/pressure: kernel "
+                                "before 4.20 or booted without psi=1)")
+        self.sources = {
+            "cpu": self._cpu.directory if self._cpu else None,
+            "memory": self._memory.directory if self._memory else None,
+            "psi": os.path.dirname(next(iter(self._psi.values()))) if self._psi else None,
+        }
+
+    def describe(self) -> str:
+        """Where the readings come from, for the master's startup line."""
+        parts = [f"{name} cgroup {group.directory} (v{group.version})"
+                 for name, group in (("cpu", self._cpu), ("memory", self._memory)) if group is not None]
+        if self.sources["psi"]:
+            parts.append(f"PSI {self.sources['psi']}")
+        return ", ".join(parts) or "nothing"
+
+    def _controller(self, controller: str, proc_self_cgroup: str, root: str, *probes: str) -> _Group | None:
+        for version, directory, mount in cgroup_dirs(controller, proc_self_cgroup, root):
+            if any(os.path.exists(os.path.join(directory, probe)) for probe in probes):
+                return _Group(version, directory, mount)
+        return None
+
+    def read(self) -> HostPressure:
+        reading = HostPressure()
+        cpu = self._cpu
+        if cpu is not None:
+            reading.throttling = parse_cpu_stat(_read(os.path.join(cpu.directory, "cpu.stat")), cpu.version)
+            reading.quota_cores = self._quota(cpu)
+        memory = self._memory
+        if memory is not None:
+            self._read_memory(memory, reading)
+        for resource, path in self._psi.items():
+            for kind, seconds in parse_psi(_read(path)).items():
+                reading.pressure[resource, kind] = seconds
+        return reading
+
+    @staticmethod
+    def _quota(group: _Group) -> float | None:
+        quotas = []
+        for directory in _ancestors(group.directory, group.mount):
+            if group.version == 2:
+                cores = parse_cpu_max(_read(os.path.join(directory, "cpu.max")))
+            else:
+                cores = parse_cfs_quota(_read(os.path.join(directory, "cpu.cfs_quota_us")),
+                                        _read(os.path.join(directory, "cpu.cfs_period_us")))
+            if cores is not None:
+                quotas.append(cores)
+        return min(quotas) if quotas else None
+
+    @staticmethod
+    def _read_memory(group: _Group, reading: HostPressure) -> None:
+        directory = group.directory
+        if group.version == 2:
+            usage_text = _read(os.path.join(directory, "memory.current"))
+            inactive_key = "inactive_file"
+        else:
+            usage_text = _read(os.path.join(directory, "memory.usage_in_bytes"))
+            inactive_key = "total_inactive_file"
+        try:
+            usage = int((usage_text or "").strip())
+        except ValueError:
+            return
+        stat = _keyed(_read(os.path.join(directory, "memory.stat")))
+        reading.memory_usage = usage
+        if inactive_key in stat:
+            reading.memory_working_set = max(0, usage - stat[inactive_key])
+        if group.version == 1:
+            limit = stat.get("hierarchical_memory_limit")
+            reading.memory_limit = limit if limit is not None and limit < UNLIMITED_V1 else None
+            return
+        limits = []
+        for ancestor in _ancestors(directory, group.mount):
+            text = (_read(os.path.join(ancestor, "memory.max")) or "").strip()
+            if text.isdigit():
+                limits.append(int(text))
+        reading.memory_limit = min(limits) if limits else None
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessReading:
+    voluntary_switches: int | None
+    involuntary_switches: int | None
+    swap_bytes: int | None
+
+
+def read_process(pid: int, proc: str = "/proc") -> ProcessReading | None:
+    """Context switches and swap of one process from /proc/<pid>/status; None when it is gone."""
+    text = _read(f"{proc}/{pid}/status") if pid else None
+    if text is None:
+        return None
+    values: dict[str, int] = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        if name in ("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches", "VmSwap"):
+            try:
+                values[name] = int(value.split()[0])
+            except (ValueError, IndexError):
+                continue
+    swap = values.get("VmSwap")
+    return ProcessReading(values.get("voluntary_ctxt_switches"), values.get("nonvoluntary_ctxt_switches"),
+                          None if swap is None else swap * 1024)
+
+
+@dataclass(slots=True)
+class _SlotSwitches:
+    pid: int = 0
+    base: tuple[int, int] = (0, 0)
+    last: tuple[int, int] = (0, 0)
+    seen: bool = False
+    """A reading ever succeeded: until then the slot's switches are unknown, not 0."""
+
+
+class WorkerReadings:
+    """Per-slot counters of context switches that keep what a slot's previous workers did (like CPU time),
+    and each live worker's swap."""
+
+    def __init__(self, proc: str = "/proc") -> None:
+        self._proc = proc
+        self._slots: dict[int, _SlotSwitches] = {}
+
+    def read(self, pids: dict[int, int]) -> tuple[dict[int, tuple[int, int]], dict[int, int]]:
+        """slot -> (voluntary, involuntary) ever, for every slot seen; slot -> swapped bytes of live workers."""
+        switches: dict[int, tuple[int, int]] = {}
+        swap: dict[int, int] = {}
+        for slot, pid in pids.items():
+            state = self._slots.setdefault(slot, _SlotSwitches())
+            if pid != state.pid:
+                state.base = (state.base[0] + state.last[0], state.base[1] + state.last[1])
+                state.pid, state.last = pid, (0, 0)
+            reading = read_process(pid, self._proc)
+            if reading is not None:
+                if reading.voluntary_switches is not None and reading.involuntary_switches is not None:
+                    state.last = (max(state.last[0], reading.voluntary_switches),
+                                  max(state.last[1], reading.involuntary_switches))
+                    state.seen = True
+                if reading.swap_bytes is not None:
+                    swap[slot] = reading.swap_bytes
+        for slot, state in self._slots.items():
+            if state.seen:
+                switches[slot] = (state.base[0] + state.last[0], state.base[1] + state.last[1])
+        return switches, swap

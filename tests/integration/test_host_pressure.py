@@ -1,0 +1,186 @@
+"""Host pressure read for real: this machine's cgroup and PSI files, and a child CPU cgroup with a quota
+that a CPU-bound request runs into."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from harness import APPS, start_gunicorn
+from servers import ProcessFactory, StatsdDaemon, wait_until
+from test_oom import LIMIT as OOM_LIMIT
+from test_oom import memory_cgroup  # noqa: F401 -- the fixture, found by name through request.getfixturevalue
+
+from gunicorn_insight._cgroup import cgroup_dirs
+from gunicorn_insight._pressure import HostReader
+
+QUOTA_US, PERIOD_US = 20_000, 100_000
+"""0.2 cores: one busy worker is throttled in most periods."""
+
+
+@pytest.fixture
+def cpu_cgroup() -> Iterator[Path]:
+    """A child of this process's cpu cgroup with a 0.2-core quota; emptied and removed at teardown."""
+    found = [(version, directory) for version, directory, _ in cgroup_dirs("cpu")]
+    if not found:
+        pytest.skip("no cpu cgroup in /proc/self/cgroup")
+    version, parent = found[0]
+    group = Path(parent) / f"gunicorn-insight-cpu-test-{os.getpid()}"
+    try:
+        group.mkdir()
+    except OSError as error:
+        pytest.skip(f"cannot create a cpu cgroup (v{version}) under {parent}: {error}")
+    try:
+        try:
+            if version == 2:
+                (group / "cpu.max").write_text(f"{QUOTA_US} {PERIOD_US}\n")
+            else:
+                (group / "cpu.cfs_period_us").write_text(f"{PERIOD_US}\n")
+                (group / "cpu.cfs_quota_us").write_text(f"{QUOTA_US}\n")
+        except OSError as error:  # v2: the parent does not delegate the cpu controller to its children
+            pytest.skip(f"cannot set a CPU quota in {group} (v{version}): {error}")
+        yield group
+    finally:
+        _remove(group)
+
+
+def _remove(group: Path) -> None:
+    """Kill whatever is left in the group (the harness already stopped gunicorn), then rmdir it."""
+    procs = group / "cgroup.procs"
+
+    def removed() -> bool:
+        with contextlib.suppress(OSError, ValueError):
+            for pid in procs.read_text().split():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGKILL)
+        try:
+            group.rmdir()
+        except FileNotFoundError:
+            return True
+        except OSError:  # EBUSY until the last member has been reaped
+            return False
+        return True
+
+    wait_until(removed, timeout=30, what=f"the test cgroup {group} to be empty and removed")
+
+
+def test_cpu_quota_throttling_is_counted(
+    cpu_cgroup: Path, process_factory: ProcessFactory, statsd_daemon: StatsdDaemon
+) -> None:
+    """A CPU-bound request in a 0.2-core cgroup: throttled periods and seconds > 0 at /metrics and StatsD, the
+    quota as 0.2 cores, and a startup warning that 2 workers exceed (2 x 0.2) + 1."""
+    host, port = statsd_daemon.udp_address
+    server = start_gunicorn(
+        process_factory, app="pressure_app:app", cwd=APPS, workers=2,
+        env={"GUNICORN_INSIGHT_STATSD": f"{host}:{port}"},
+        launcher=[sys.executable, str(APPS / "in_cgroup.py"), str(cpu_cgroup)],
+    )
+    members = {int(pid) for pid in (cpu_cgroup / "cgroup.procs").read_text().split()}
+    assert {server.pid, *server.worker_pids()} <= members, "gunicorn is not running inside the test cgroup"
+    assert server.value("gunicorn_cgroup_cpu_quota_cores") == pytest.approx(QUOTA_US / PERIOD_US)
+    assert server.get("/burn?s=2", timeout=60) == 200
+    wait_until(lambda: server.total("gunicorn_cgroup_cpu_throttled_periods_total") > 0, timeout=30,
+               what="throttled periods > 0", dump=server.process.describe)
+    assert server.total("gunicorn_cgroup_cpu_throttled_seconds_total") > 0
+    periods = server.total("gunicorn_cgroup_cpu_periods_total")
+    assert periods >= server.total("gunicorn_cgroup_cpu_throttled_periods_total")
+    wait_until(lambda: statsd_daemon.counters().get("gunicorn.cgroup.cpu.throttled_periods", 0) > 0, timeout=30,
+               what="gunicorn.cgroup.cpu.throttled_periods > 0 at StatsD", dump=lambda: repr(statsd_daemon.counters()))
+    assert "workers=2 share a CPU quota of 0.20 cores" in server.process.output()
+    # The involuntary switches of the burning worker grow: it was preempted when the quota ran out.
+    assert server.total("gunicorn_worker_context_switches_total", kind="involuntary") > 0
+
+
+def test_this_machines_files_are_read_and_absent_ones_stay_absent(process_factory: ProcessFactory) -> None:
+    """Real gunicorn on this machine: every reading the kernel offers (the test reads the same files) is at
+    /metrics, per-worker switches and swap for each worker, and whatever the kernel lacks is no series."""
+    expected = HostReader().read()
+    server = start_gunicorn(process_factory, app="pressure_app:app", cwd=APPS, workers=2)
+    assert server.get("/") == 200
+    wait_until(lambda: len([key for key in server.samples() if key[0] == "gunicorn_worker_swap_bytes"]) == 2,
+               timeout=30, what="swap series for both worker slots", dump=server.process.describe)
+    names = {name for name, _ in server.samples()}
+    for name, present in (
+        ("gunicorn_cgroup_cpu_throttled_periods_total", expected.throttling is not None),
+        ("gunicorn_cgroup_cpu_quota_cores", expected.quota_cores is not None),
+        ("gunicorn_cgroup_memory_usage_bytes", expected.memory_usage is not None),
+        ("gunicorn_cgroup_memory_limit_bytes", expected.memory_limit is not None),
+        ("gunicorn_pressure_waiting_seconds_total", bool(expected.pressure)),
+    ):
+        assert (name in names) == present, (name, present, expected)
+    if os.path.exists("/proc/pressure/cpu"):
+        assert server.total("gunicorn_pressure_waiting_seconds_total", resource="cpu") > 0
+    for slot in ("0", "1"):
+        assert server.value("gunicorn_worker_context_switches_total", worker=slot, kind="voluntary") is not None
+    output = server.process.output()
+    if expected.pressure and expected.memory_usage is not None and expected.throttling is not None:
+        assert "gunicorn-insight: cannot read" not in output
+    else:
+        assert "gunicorn-insight: cannot read" in output
+
+
+def test_memory_limit_and_usage_of_a_limited_cgroup(
+    request: pytest.FixtureRequest, process_factory: ProcessFactory
+) -> None:
+    """gunicorn in a memory cgroup limited to 250 MiB: the limit, the usage and the working set at /metrics."""
+    group: Path = request.getfixturevalue("memory_cgroup")
+    server = start_gunicorn(
+        process_factory, app="pressure_app:app", cwd=APPS, workers=1,
+        launcher=[sys.executable, str(APPS / "in_cgroup.py"), str(group)],
+    )
+    wait_until(lambda: server.value("gunicorn_cgroup_memory_limit_bytes") is not None, timeout=30,
+               what="gunicorn_cgroup_memory_limit_bytes", dump=server.process.describe)
+    assert server.value("gunicorn_cgroup_memory_limit_bytes") == OOM_LIMIT
+    usage = server.value("gunicorn_cgroup_memory_usage_bytes")
+    working_set = server.value("gunicorn_cgroup_memory_working_set_bytes")
+    assert usage is not None
+    assert working_set is not None
+    assert 0 < working_set <= usage < OOM_LIMIT
+
+
+def _psi_total(path: Path) -> float:
+    """The ``some`` total of a PSI file, in seconds."""
+    first = path.read_text().splitlines()[0]
+    return int(first.rsplit("total=", 1)[1]) / 1e6
+
+
+@pytest.fixture
+def unified_cgroup() -> Iterator[Path]:
+    """A child of this process's cgroup v2 group (on a hybrid host, under unified/), with its own PSI files."""
+    found = [directory for version, directory, _ in cgroup_dirs("") if version == 2]
+    if not found:
+        pytest.skip("no cgroup v2 group in /proc/self/cgroup (neither v2 nor hybrid)")
+    group = Path(found[0]) / f"gunicorn-insight-psi-test-{os.getpid()}"
+    try:
+        group.mkdir()
+    except OSError as error:
+        pytest.skip(f"cannot create a cgroup v2 group under {found[0]}: {error}")
+    try:
+        if not (group / "cpu.pressure").exists():
+            pytest.skip(f"{group} has no cpu.pressure: the kernel keeps no PSI per cgroup")
+        yield group
+    finally:
+        _remove(group)
+
+
+def test_psi_comes_from_the_servers_own_v2_group(
+    unified_cgroup: Path, process_factory: ProcessFactory
+) -> None:
+    """gunicorn in a v2 group of its own: PSI is read from that group's files (said at startup), not from the
+    whole host's /proc/pressure, so the CPU pressure at /metrics is the group's."""
+    server = start_gunicorn(
+        process_factory, app="pressure_app:app", cwd=APPS, workers=2,
+        launcher=[sys.executable, str(APPS / "in_cgroup.py"), str(unified_cgroup)],
+    )
+    assert f"PSI {unified_cgroup}" in server.process.output()
+    assert server.get("/burn?s=1", timeout=60) == 200
+    exported = server.total("gunicorn_pressure_waiting_seconds_total", resource="cpu")
+    group_total = _psi_total(unified_cgroup / "cpu.pressure")
+    # The group's total only grows, so what was exported before it was read cannot exceed it; the host's
+    # /proc/pressure total (everything the machine ever waited) would.
+    assert exported <= group_total, (exported, group_total, Path("/proc/pressure/cpu").read_text())
