@@ -54,6 +54,7 @@ def _ready_pids(board_path: str) -> set[int]:
         board.close()
 
 
+@pytest.mark.oldest
 def test_unanswered_dns_stalls_neither_forks_nor_shutdown(process_factory: ProcessFactory, tmp_path: Path) -> None:
     """StatsD by a name whose DNS server never answers: a SIGKILLed worker is replaced at once, SIGTERM is quick."""
     reason = _namespaces_available()

@@ -21,6 +21,7 @@ def _start_on(process_factory: ProcessFactory, metrics_port: int) -> Gunicorn:
     return server
 
 
+@pytest.mark.oldest
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
 def test_a_server_restarted_at_once_gets_its_metrics_port(process_factory: ProcessFactory, sig: int) -> None:
     """Stop the master (SIGTERM, or SIGKILL leaving its /metrics process to notice) and start again at once."""
