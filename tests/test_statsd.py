@@ -198,9 +198,14 @@ def test_publish_never_waits_for_a_hanging_lookup(receiver: socket.socket, monke
             return real_getaddrinfo("127.0.0.1", port, type=socket.SOCK_DGRAM)
         return real_getaddrinfo(host, *args, **kwargs)  # type: ignore[arg-type]  # passes through the real types
 
-    monkeypatch.setattr(_statsd.socket, "getaddrinfo", slow_getaddrinfo)
+    monkeypatch.setattr(socket, "getaddrinfo", slow_getaddrinfo)
     sink = make_sink(("statsd.example", port))
-    publisher = threading.Thread(target=lambda: [sink.publish(a_round()) for _ in range(3)])
+
+    def publish_three() -> None:
+        for _ in range(3):
+            sink.publish(a_round())
+
+    publisher = threading.Thread(target=publish_three)
     publisher.start()
     publisher.join(10)
     try:
@@ -237,7 +242,7 @@ def test_last_good_address_is_kept_and_failures_back_off(receiver: socket.socket
             waits.append(seconds)
             return not results  # stop the loop when the script is done
 
-    monkeypatch.setattr(_statsd.socket, "getaddrinfo", scripted)
+    monkeypatch.setattr(socket, "getaddrinfo", scripted)
     resolver._run(Wake())  # type: ignore[arg-type]  # only wait() is used
     assert resolver.address == (socket.AF_INET, ("127.0.0.1", port))
     assert resolver.error == "no answer"
