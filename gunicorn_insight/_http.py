@@ -121,13 +121,11 @@ class MasterLink:
                 self._changed.notify_all()
 
 
-class _QuietHandler(WSGIRequestHandler):
+class _Handler(WSGIRequestHandler):
+    timeout = READ_TIMEOUT  # StreamRequestHandler puts it on the connection: a stalled read ends it
+
     def log_message(self, format: str, *args: Any) -> None:
         """A scrape every few seconds is not news."""
-
-
-class _Handler(_QuietHandler):
-    timeout = READ_TIMEOUT  # StreamRequestHandler puts it on the connection: a stalled read ends it
 
 
 class _Server(WSGIServer):
@@ -218,13 +216,9 @@ class MetricsServer:
     @staticmethod
     def _expire(selector: selectors.BaseSelector, idle: dict[socket.socket, tuple[float, Any]],
                 before: float) -> None:
-        while idle:
-            connection, (accepted, _) = next(iter(idle.items()))
-            if accepted > before:
-                return
-            selector.unregister(connection)
-            del idle[connection]
-            connection.close()
+        """Close the connections accepted before ``before`` that have not sent anything."""
+        while idle and next(iter(idle.values()))[0] <= before:
+            _drop_oldest(selector, idle)
 
     def _accept(self, listener: socket.socket, selector: selectors.BaseSelector,
                 idle: dict[socket.socket, tuple[float, Any]]) -> None:
@@ -236,7 +230,12 @@ class MetricsServer:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
-                _drop_oldest(selector, idle)  # out of descriptors (EMFILE): make room for the next accept
+                # Out of descriptors (EMFILE): make room for the next accept, or, with none to drop, pause
+                # rather than spin on a listener that stays readable.
+                if idle:
+                    _drop_oldest(selector, idle)
+                else:
+                    self._stopping.wait(0.05)
                 return
             idle[connection] = (time.monotonic(), address)
             selector.register(connection, selectors.EVENT_READ)
