@@ -7,13 +7,14 @@ on descriptor 3 and gunicorn's error log on descriptor 2.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import select
 import socket
 import sys
+import threading
 import time
-from collections.abc import Callable
 
 from ._safety import LOG, RateLimitedLog
 from .settings import ConfigurationError, join_host_port
@@ -35,41 +36,83 @@ class EndpointError(Exception):
     """The /metrics process did not become ready; the message says why."""
 
 
+class MetricsPortTaken(EndpointError):
+    """The default port (metrics_bind not set) is held by another process: the server runs without /metrics.
+    The message is the warning to log."""
+
+
 class MetricsEndpoint:
     """Owns the master's end of the socket pair. Only the exporter thread calls :meth:`serve_requests`."""
 
     def __init__(self, address: tuple[str, int], directory: str, *, successor: bool, error_fd: int,
-                 title: str, run_dir: str = "") -> None:
+                 title: str, run_dir: str = "", optional: bool = False) -> None:
+        """``optional``: metrics_bind was not set, so a port in use raises :class:`MetricsPortTaken`
+        instead of a :class:`ConfigurationError`."""
         self._bind = join_host_port(*address)
         self._directory = directory
         self._successor = successor
+        self._optional = optional
         self._error_fd = error_fd
         self._title = title
         self._run_dir = run_dir
         self._sock: socket.socket | None = None
-        self._unanswered = 0
+        self._starting: socket.socket | None = None
+        self.pending = 0
+        """Scrapes that asked for a round and have not been answered."""
         self.pid = 0
         self._last_start = 0.0
         self.url = ""
         try:
             state = self._start()
+        except MetricsPortTaken:
+            raise
         except EndpointError as error:
             raise ConfigurationError(str(error)) from None
         if state == "waiting":
             LOG.info("gunicorn-insight: %s is still served by the previous master (USR2 upgrade); taking it "
                      "over when that master exits", self.url)
 
-    def _start(self) -> str:
-        """Spawn the process and wait for its first line: ``ready``, ``waiting`` or ``error``."""
+    def _start(self, fork_lock: threading.Lock | None = None) -> str:
+        """Spawn the process and wait for its first line: ``ready``, ``waiting``, ``unavailable`` or ``error``.
+
+        ``fork_lock`` (the master's round lock, which gunicorn's forks wait for) is held only while the
+        socket pair is made and the process spawned, so no worker is forked holding a copy of either end;
+        waiting for the first line (up to the process's bind retries) happens without it.
+        """
         self._last_start = time.monotonic()
         if not sys.executable:
             raise EndpointError("cannot start the /metrics process: sys.executable is empty; set "
                                 "GUNICORN_INSIGHT_METRICS_BIND=off and serve the directory another way")
+        with fork_lock or contextlib.nullcontext():
+            ours = self._spawn()
+        try:
+            line, early = _first_line(ours, STARTUP_DEADLINE)
+            state, _, detail = line.partition(" ")
+            if state == "unavailable":
+                raise MetricsPortTaken(detail)
+            if state not in ("ready", "waiting"):
+                raise EndpointError(detail if state == "error" else
+                                    f"the /metrics process (pid {self.pid}) exited before it was ready; its "
+                                    "error, if any, is in gunicorn's error log")
+        except EndpointError:
+            ours.close()
+            self._starting = None
+            raise
+        self.url = detail
+        self._sock = ours  # before _starting is cleared: a fork in between still closes it in the child
+        self._starting = None
+        self.pending = early.count(b"r")
+        return state
+
+    def _spawn(self) -> socket.socket:
+        """Start the process; returns the master's end of the socket pair."""
         ours, theirs = socket.socketpair()
+        self._starting = ours
         search_path = "\n".join([_PACKAGE_PARENT, *(os.path.abspath(entry or ".") for entry in sys.path)])
         argv = [sys.executable, "-c", _BOOTSTRAP, search_path, "--directory", self._directory,
                 "--bind", self._bind, "--title", self._title, "--run-dir", self._run_dir,
-                *(["--successor"] if self._successor else [])]
+                *(["--successor"] if self._successor else []),
+                *(["--optional"] if self._optional else [])]
         # stderr first: the error log may itself be descriptor 3.
         actions: list[tuple[int, ...]] = [(os.POSIX_SPAWN_DUP2, self._error_fd, 2),
                                           (os.POSIX_SPAWN_DUP2, theirs.fileno(), 3)]
@@ -81,63 +124,56 @@ class MetricsEndpoint:
             self.pid = os.posix_spawn(sys.executable, argv, dict(os.environ), file_actions=actions, setpgroup=0)
         except OSError as error:
             ours.close()
+            self._starting = None
             raise EndpointError(f"cannot start the /metrics process ({sys.executable}): {error}") from None
         finally:
             theirs.close()
-        try:
-            line, early = _first_line(ours, STARTUP_DEADLINE)
-        except EndpointError:
-            ours.close()
-            raise
-        state, _, detail = line.partition(" ")
-        if state not in ("ready", "waiting"):
-            ours.close()
-            raise EndpointError(detail if state == "error" else
-                                f"the /metrics process (pid {self.pid}) exited before it was ready; its error, "
-                                "if any, is in gunicorn's error log")
-        self.url = detail
-        self._sock = ours
-        self._unanswered = early.count(b"r")
-        return state
+        return ours
 
     def fileno(self) -> int:
         return self._sock.fileno() if self._sock is not None else -1
 
-    def serve_requests(self, run_round: Callable[[], None]) -> None:
-        """Answer the scrapes that asked for a round (one ``d`` per ``r``), after running one round."""
+    def take_requests(self) -> None:
+        """Count the scrapes that asked for a round since the last call (non-blocking)."""
         sock = self._sock
         if sock is None:
             return
         try:
             data = sock.recv(4096, socket.MSG_DONTWAIT)
         except BlockingIOError:
-            data = None
+            return
         except OSError:
             data = b""
         if data == b"":
             self._gone()
             return
-        asked, self._unanswered = self._unanswered + (data or b"").count(b"r"), 0
-        if asked:
-            run_round()
-            try:
-                sock.sendall(b"d" * asked)
-            except OSError:
-                self._gone()
+        self.pending += data.count(b"r")
+
+    def answer(self, count: int) -> None:
+        """Tell ``count`` waiting scrapes (all asked before the round that just ran) that it is done."""
+        count = min(count, self.pending)
+        if self._sock is None or not count:
+            return
+        self.pending -= count
+        try:
+            self._sock.sendall(b"d" * count)
+        except OSError:
+            self._gone()
 
     def _gone(self) -> None:
+        self.pending = 0
         if self._sock is not None:
             self._sock.close()
             self._sock = None
         _WARN("metrics-process", logging.WARNING,
               f"the /metrics process (pid {self.pid}) exited; restarting it (scrapes of {self.url} fail until then)")
 
-    def restart_if_gone(self) -> None:
-        """Called with the master's round lock held, so no worker is forked holding a half-made socket."""
+    def restart_if_gone(self, fork_lock: threading.Lock | None = None) -> None:
+        """Start a new process if the last one died (see :meth:`_start` for ``fork_lock``)."""
         if self._sock is not None or time.monotonic() - self._last_start < RESTART_EVERY:
             return
         try:
-            self._start()
+            self._start(fork_lock)
         except EndpointError as error:
             _WARN("metrics-restart", logging.WARNING, f"could not restart the /metrics process: {error}")
         else:
@@ -151,9 +187,10 @@ class MetricsEndpoint:
 
     def close_in_child(self) -> None:
         """A forked worker must not hold the socket: the process would not notice the master is gone."""
-        if self._sock is not None:
-            os.close(self._sock.detach())
-            self._sock = None
+        for sock in (self._sock, self._starting):
+            if sock is not None and sock.fileno() >= 0:
+                os.close(sock.detach())
+        self._sock = self._starting = None
 
 
 def wait_readable(endpoint: MetricsEndpoint | None, timeout: float) -> None:

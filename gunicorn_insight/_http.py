@@ -5,10 +5,17 @@ gunicorn forks carries the master's memory, and these would add about 1.5 MB to 
 starts this process (see _endpoint) with one end of a socket pair as file descriptor 3 and talks to it
 in single bytes: before each scrape this process sends ``r``, the master drains the scoreboard into the
 files and answers ``d``, so a scrape always includes the requests finished before it. When the socket
-closes (the master stopped or died) this process exits.
+closes (the master stopped or died) this process closes its listening socket at once, so a master started
+right after can bind the port, and exits.
 
 The first line it writes is its state: ``ready <url>``, ``waiting <url>`` (a USR2 successor whose
-parent still holds the port) or ``error <message>``.
+parent still holds the port), ``unavailable <message>`` (the default port, which nobody asked for
+explicitly, is held by another process) or ``error <message>``.
+
+Limits: one thread accepts connections and waits for their first bytes (at most ``MAX_IDLE`` waiting,
+the oldest dropped first, each for at most ``READ_TIMEOUT`` seconds); ``HANDLERS`` threads answer the
+connections that sent something. Idle or slow clients therefore cost a descriptor, not a thread, and
+cannot keep a scrape out.
 """
 
 from __future__ import annotations
@@ -17,12 +24,14 @@ import argparse
 import contextlib
 import errno
 import os
+import queue
+import selectors
 import socket
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable, Iterable
-from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
@@ -33,6 +42,18 @@ from .settings import join_host_port, parse_host_port
 LINK_FD = 3
 SCRAPE_WAIT = 2.0
 """Seconds a scrape waits for the master's round before serving the files as they are."""
+BIND_FOR = 5.0
+BIND_EVERY = 0.1
+"""A port in use is tried again every BIND_EVERY seconds for BIND_FOR seconds: a server restarted at once
+finds it held for a moment by the previous run's process (gunicorn retries its own binds for 5 s too)."""
+HANDLERS = 4
+"""Connections answered at once."""
+QUEUED = 32
+"""Connections that sent a request and wait for a handler; past that, new ones are closed."""
+MAX_IDLE = 128
+"""Connections accepted that have not sent anything yet; past that, the oldest is closed."""
+READ_TIMEOUT = 5.0
+"""Seconds a connection may stay silent: before its first byte, and between reads of its request."""
 
 StartResponse = Callable[..., Any]
 
@@ -101,14 +122,16 @@ class MasterLink:
                 self._changed.notify_all()
 
 
-class _QuietHandler(WSGIRequestHandler):
+class _Handler(WSGIRequestHandler):
+    timeout = READ_TIMEOUT  # StreamRequestHandler puts it on the connection: a stalled read ends it
+
     def log_message(self, format: str, *args: Any) -> None:
         """A scrape every few seconds is not news."""
 
 
-class _Server(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
+class _Server(WSGIServer):
     allow_reuse_address = True
+    request_queue_size = MAX_IDLE
 
 
 class _Server6(_Server):
@@ -128,18 +151,35 @@ class MetricsServer:
         self._master_link_open = master_link_open
         self.address = address
         self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()
+        self._queue: queue.Queue[tuple[socket.socket, Any] | None] = queue.Queue(QUEUED)
 
     def bind(self) -> None:
         host, port = self.address
-        server = (_Server6 if ":" in host else _Server)((host, port), _QuietHandler)
+        server = (_Server6 if ":" in host else _Server)((host, port), _Handler)
         server.set_app(self._app)
+        server.socket.setblocking(False)
         self._server = server
 
+    def bind_retrying(self) -> None:
+        """Bind, trying again for BIND_FOR seconds while the port is in use."""
+        give_up = time.monotonic() + BIND_FOR
+        while True:
+            try:
+                self.bind()
+                return
+            except OSError as error:
+                if error.errno != errno.EADDRINUSE or time.monotonic() >= give_up:
+                    raise
+            time.sleep(BIND_EVERY)
+
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._serve, name="gunicorn-insight-http", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._serve, name="gunicorn-insight-http", daemon=True)]
+        self._threads += [threading.Thread(target=self._handle, name=f"gunicorn-insight-http-{number}", daemon=True)
+                          for number in range(HANDLERS)]
+        for thread in self._threads:
+            thread.start()
 
     def _serve(self) -> None:
         while self._server is None:
@@ -147,16 +187,89 @@ class MetricsServer:
                 return
             with contextlib.suppress(OSError):
                 self.bind()
-        self._server.serve_forever(poll_interval=0.5)
+        listener = self._server.socket
+        selector = selectors.DefaultSelector()
+        selector.register(listener, selectors.EVENT_READ)
+        idle: dict[socket.socket, tuple[float, Any]] = {}  # in the order accepted: oldest first
+        try:
+            while not self._stopping.is_set():
+                for key, _ in selector.select(self._until_oldest_expires(idle)):
+                    if key.fileobj is listener:
+                        self._accept(listener, selector, idle)
+                    else:
+                        connection = key.fileobj
+                        assert isinstance(connection, socket.socket)
+                        selector.unregister(connection)
+                        _, address = idle.pop(connection)
+                        try:
+                            self._queue.put_nowait((connection, address))
+                        except queue.Full:
+                            connection.close()  # every handler busy and the queue full: shed load
+                self._expire(selector, idle, time.monotonic() - READ_TIMEOUT)
+        finally:
+            for connection in idle:
+                connection.close()
+
+    @staticmethod
+    def _until_oldest_expires(idle: dict[socket.socket, tuple[float, Any]]) -> float:
+        if not idle:
+            return 0.5
+        accepted = next(iter(idle.values()))[0]
+        return min(0.5, max(0.0, accepted + READ_TIMEOUT - time.monotonic()))
+
+    @staticmethod
+    def _expire(selector: selectors.BaseSelector, idle: dict[socket.socket, tuple[float, Any]],
+                before: float) -> None:
+        """Close the connections accepted before ``before`` that have not sent anything."""
+        while idle and next(iter(idle.values()))[0] <= before:
+            _drop_oldest(selector, idle)
+
+    def _accept(self, listener: socket.socket, selector: selectors.BaseSelector,
+                idle: dict[socket.socket, tuple[float, Any]]) -> None:
+        for _ in range(MAX_IDLE):
+            if len(idle) >= MAX_IDLE:
+                _drop_oldest(selector, idle)
+            try:
+                connection, address = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                # Out of descriptors (EMFILE): make room for the next accept, or, with none to drop, pause
+                # rather than spin on a listener that stays readable.
+                if idle:
+                    _drop_oldest(selector, idle)
+                else:
+                    self._stopping.wait(0.05)
+                return
+            idle[connection] = (time.monotonic(), address)
+            selector.register(connection, selectors.EVENT_READ)
+
+    def _handle(self) -> None:
+        """One of HANDLERS threads: answers the connections that sent their first bytes."""
+        while True:
+            item = self._queue.get()
+            if item is None or self._server is None:
+                return
+            connection, address = item
+            try:
+                self._server.finish_request(connection, address)
+            except Exception:  # a client that went away or stalled: nothing to tell anyone
+                pass
+            finally:
+                self._server.shutdown_request(connection)
+
+    def close_listener(self) -> None:
+        """Let go of the port first thing when the master is gone; the rest of the shutdown can follow."""
+        if self._server is not None:
+            self._server.socket.close()
 
     def stop(self) -> None:
+        """Ask the threads to end; the process exits right after without waiting for a scrape in progress."""
         self._stopping.set()
-        if self._server is not None:
-            if self._thread is not None:
-                self._server.shutdown()
-            self._server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        self.close_listener()
+        for _ in range(HANDLERS):
+            with contextlib.suppress(queue.Full):
+                self._queue.put_nowait(None)
 
     def _app(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "/")
@@ -175,14 +288,43 @@ class MetricsServer:
         return result
 
 
+def _drop_oldest(selector: selectors.BaseSelector, idle: dict[socket.socket, tuple[float, Any]]) -> None:
+    if idle:
+        connection = next(iter(idle))
+        selector.unregister(connection)
+        del idle[connection]
+        connection.close()
+
+
 def _arguments(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="gunicorn-insight /metrics process")
     parser.add_argument("--directory", required=True)
     parser.add_argument("--bind", required=True)
     parser.add_argument("--successor", action="store_true")
+    parser.add_argument("--optional", action="store_true",
+                        help="metrics_bind was not set: a port in use is not an error")
     parser.add_argument("--title", default="")
     parser.add_argument("--run-dir", default="")
     return parser.parse_args(argv)
+
+
+def bind_failure(bind: str, error: OSError, *, optional: bool) -> str:
+    """The first line for a port that could not be bound, with the fix that applies."""
+    port = parse_host_port("metrics_bind", bind, 9180)[1]
+    if error.errno != errno.EADDRINUSE:
+        return (f"error metrics_bind={bind} cannot be bound ({error.strerror}); give an address of this host "
+                "and a port this user may bind with GUNICORN_INSIGHT_METRICS_BIND=host:port, or 'off' to not "
+                "serve /metrics")
+    holder = (f"another process listens on it (find it with: ss -ltnp 'sport = :{port}'), still after "
+              f"{BIND_FOR:.0f}s of retries")
+    if optional:
+        return (f"unavailable /metrics is not served: the default metrics_bind {bind} is in use ({holder}). "
+                "The server runs without it; give each server on this host its own port with "
+                "GUNICORN_INSIGHT_METRICS_BIND=host:port (or the metrics_bind keyword), or 'off' to not serve "
+                "/metrics and silence this warning")
+    return (f"error metrics_bind={bind} cannot be bound (Address already in use): {holder}. Stop that process, "
+            "or give this server a port of its own with GUNICORN_INSIGHT_METRICS_BIND=host:port, or 'off' "
+            "to not serve /metrics")
 
 
 def _set_title(title: str) -> None:
@@ -205,12 +347,14 @@ def main(argv: list[str]) -> int:
         server = MetricsServer(address, make_registry(args.directory), link.fresh_round, probes,
                                lambda: not link.closed)
         try:
-            server.bind()
+            if args.successor:
+                server.bind()  # a successor's parent keeps the port until it exits: wait for it below
+            else:
+                server.bind_retrying()
             link.say(f"ready {metrics_url(address)}")
         except OSError as error:
             if not (args.successor and error.errno == errno.EADDRINUSE):
-                link.say(f"error metrics_bind={args.bind} cannot be bound ({error.strerror}); pick a free port "
-                         "with GUNICORN_INSIGHT_METRICS_BIND=host:port, or 'off' to not serve /metrics")
+                link.say(bind_failure(args.bind, error, optional=args.optional))
                 return 0
             link.say(f"waiting {metrics_url(address)}")
     except Exception as error:  # whatever it is, the master reports it as a startup error
@@ -219,6 +363,7 @@ def main(argv: list[str]) -> int:
         return 0
     server.start()
     link.listen()
+    server.close_listener()  # the master is gone: free the port before anything slower
     server.stop()
     return 0
 

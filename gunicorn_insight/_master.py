@@ -1,8 +1,11 @@
 """The master's side: slots for workers, the exporter thread, death reports, the /metrics process.
 
-One thread of ours runs in the master: the exporter, which runs a round every ``interval`` and whenever
-the /metrics process (see _endpoint and _http) asks for one before a scrape. Every round (drain, metric
-files, StatsD sends, logging) runs while holding ``_round_lock``. The fork handlers take that lock
+One thread of ours runs in the master: the exporter, which runs a round every ``interval`` and sooner when
+the /metrics process (see _endpoint and _http) asks for one before a scrape, but never two rounds less
+than ``min(interval, SCRAPE_ROUND_GAP)`` apart: a scrape waits at most that long for a round that starts
+after it asked, and a scrape flood cannot make the master run more rounds (the StatsD sink's host name is
+looked up by a thread of its own, see _statsd). Every round (drain, metric files, StatsD sends, logging)
+runs while holding ``_round_lock``; nothing in it waits on the network. The fork handlers take that lock
 before gunicorn forks a worker, so a child is never born while a round is half way through a write or a
 log call; waiting is bounded by one round (milliseconds).
 
@@ -25,7 +28,7 @@ from typing import Any, Protocol
 from . import _scoreboard as sb
 from ._backlog import backlog, listen_overflows
 from ._drain import Drainer, Round
-from ._endpoint import MetricsEndpoint, wait_readable
+from ._endpoint import MetricsEndpoint, MetricsPortTaken, wait_readable
 from ._forensics import EXPECTED, OomCounter, ReapWatcher, classify
 from ._lifecycle import CrashLoopWatch, EarlyDeath, StallWatch
 from ._pressure import HostReader, WorkerReadings
@@ -39,6 +42,8 @@ from .settings import Settings
 
 SLOT_ATTRIBUTE = "_gunicorn_insight_slot"
 RING_RECORDS = 8192
+SCRAPE_ROUND_GAP = 1.0
+"""Seconds at least between two rounds when interval is longer: a scrape waits at most this long."""
 _MAX_ENTRIES = 64
 
 
@@ -189,9 +194,12 @@ class Master:
                                              routes=settings.route_label)
             self._sinks.append(self.prometheus)
             if settings.serves_metrics:
-                self.endpoint = MetricsEndpoint(settings.metrics_address, plan.prometheus_dir,
-                                                successor=plan.successor, error_fd=error_log_fd(), title=title,
-                                                run_dir=run_dir)
+                try:
+                    self.endpoint = MetricsEndpoint(settings.metrics_address, plan.prometheus_dir,
+                                                    successor=plan.successor, error_fd=error_log_fd(), title=title,
+                                                    run_dir=run_dir, optional=settings.metrics_bind is None)
+                except MetricsPortTaken as taken:
+                    LOG.warning("gunicorn-insight: %s", taken)
         if plan.statsd_target is not None:
             self.statsd = StatsdSink(
                 plan.statsd_target,
@@ -237,18 +245,25 @@ class Master:
 
     def _run(self) -> None:
         interval = self.plan.settings.interval
-        next_round = time.monotonic() + interval
+        gap = min(interval, SCRAPE_ROUND_GAP)
+        endpoint = self.endpoint
+        last_round = time.monotonic()
+        next_round = last_round + interval
         while not self._stop.is_set():
-            wait_readable(self.endpoint, max(0.0, next_round - time.monotonic()))
+            due = min(next_round, last_round + gap) if endpoint is not None and endpoint.pending else next_round
+            wait_readable(endpoint, max(0.0, due - time.monotonic()))
             if self._stop.is_set():
                 return
-            if self.endpoint is not None:
-                self.endpoint.serve_requests(self.run_round)
-                with self._round_lock:
-                    self.endpoint.restart_if_gone()
-            if time.monotonic() >= next_round:
+            if endpoint is not None:
+                endpoint.take_requests()
+                endpoint.restart_if_gone(self._round_lock)
+            now = time.monotonic()
+            asked = endpoint.pending if endpoint is not None else 0
+            if now >= next_round or (asked and now >= last_round + gap):
                 self.run_round()
-                next_round = time.monotonic() + interval
+                last_round, next_round = now, now + interval
+                if endpoint is not None:
+                    endpoint.answer(asked)  # only scrapes that asked before this round began
 
     def run_round(self) -> None:
         with self._round_lock:

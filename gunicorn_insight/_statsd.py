@@ -1,17 +1,22 @@
 """StatsD export from the master: one batched pipeline per round, never an exception into gunicorn.
 
 The ``statsd`` package carries the datagrams (its pipeline packs lines into datagrams up to 1432 bytes);
-this module adds DogStatsD tags, unix datagram sockets, name resolution that retries, and warnings that
-are rate limited instead of a traceback per failed send.
+this module adds DogStatsD tags, unix datagram sockets, name resolution off the exporter's path, and
+warnings that are rate limited instead of a traceback per failed send.
+
+``publish`` runs under the master's round lock, which every worker fork waits for, so it never looks a
+name up, connects or blocks: a host name is resolved by :class:`Resolver` in a thread of its own, and
+datagrams go out of a non-blocking socket to the last address it found.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import random
 import re
 import socket
-import time
+import threading
 from collections.abc import Sequence
 from itertools import chain
 from typing import Any
@@ -24,6 +29,10 @@ from ._safety import RateLimitedLog
 MAX_DATAGRAM = 1432
 _WIDEST_MS = 12  # "%.3f" of a duration under 27 hours, the newline, and the 4 of "%.3f" as slack
 RESOLVE_EVERY = 60.0
+"""Seconds between two lookups of a name that resolved: a moved aggregator is followed within a minute."""
+RETRY_FIRST = 1.0
+RETRY_MAX = 60.0
+"""A lookup that failed is retried after RETRY_FIRST seconds, doubling up to RETRY_MAX."""
 _WARN = RateLimitedLog()
 _TAG_UNSAFE = re.compile(r"[^A-Za-z0-9_./-]")
 
@@ -72,9 +81,17 @@ class _Pipeline(statsd.client.udp.Pipeline):  # type: ignore[misc]
 
 
 class _Client(statsd.StatsClient):  # type: ignore[misc]
-    """UDP client whose send errors are counted and reported instead of silently dropped."""
+    """Datagrams to one numeric address from a non-blocking socket; send errors are counted and reported
+    instead of silently dropped. Built without the package's constructor, which looks the host up."""
 
     errors = 0
+
+    def __init__(self, family: int, address: Any) -> None:
+        self._addr = address
+        self._sock = socket.socket(family, socket.SOCK_DGRAM)
+        self._sock.setblocking(False)  # a full send buffer drops a datagram instead of stalling the round
+        self._prefix = None
+        self._maxudpsize = MAX_DATAGRAM
 
     def _send(self, data: str) -> None:
         try:
@@ -87,19 +104,70 @@ class _Client(statsd.StatsClient):  # type: ignore[misc]
         return _Pipeline(self)
 
 
-class _UnixClient(_Client):
-    def __init__(self, path: str) -> None:  # the package's unix client is a stream socket; we need datagrams
-        self._addr = path
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self._prefix = None
-        self._maxudpsize = MAX_DATAGRAM
+def _numeric(host: str, port: int) -> tuple[int, Any] | None:
+    """The address of an IP literal, found without any lookup; None for a name."""
+    try:
+        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM,
+                                                      flags=socket.AI_NUMERICHOST)[0]
+    except (OSError, IndexError):
+        return None
+    return family, address
 
 
-def _connect(target: tuple[str, int] | str) -> _Client:
-    if isinstance(target, str):
-        return _UnixClient(target)
-    host, port = target
-    return _Client(host, port, maxudpsize=MAX_DATAGRAM, ipv6=":" in host)
+class Resolver:
+    """Looks a StatsD host name up in a thread of its own and keeps the last address that worked.
+
+    The exporter reads :attr:`address` (one attribute, replaced whole) and never waits for a lookup. A
+    lookup can hang for as long as the system resolver's timeouts (``options timeout:`` and ``attempts:``
+    in resolv.conf), which is why it must not run where a fork waits.
+
+    Fork safety: the thread holds no lock of ours and does no logging; it only calls ``getaddrinfo`` and
+    assigns attributes. A forked worker never uses it (the sink is closed in the child), and a process
+    forked from the master (gunicorn's ``--daemon``) starts its own thread at its next :meth:`poke`.
+    """
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.address: tuple[int, Any] | None = None
+        """(family, sockaddr) of the last successful lookup."""
+        self.error: str | None = None
+        """Why the last lookup failed; None after a success."""
+        self.lookups = 0
+        self._wake = threading.Event()
+        self._stopped = False
+        self._thread: threading.Thread | None = None
+        self._owner = 0
+
+    def poke(self) -> None:
+        """Make sure a lookup thread runs in this process (cheap; called every round)."""
+        if self._stopped or (self._owner == os.getpid() and self._thread is not None and self._thread.is_alive()):
+            return
+        self._owner = os.getpid()
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(self._wake,), name="gunicorn-insight-statsd-dns",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self, wake: threading.Event) -> None:
+        backoff = RETRY_FIRST
+        owner = os.getpid()
+        while not self._stopped and owner == os.getpid():
+            self.lookups += 1
+            try:
+                family, _, _, _, address = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_DGRAM)[0]
+            except (OSError, IndexError, UnicodeError) as error:
+                self.error = str(error) or type(error).__name__
+                wait, backoff = backoff, min(RETRY_MAX, backoff * 2)
+            else:
+                self.address, self.error = (family, address), None
+                wait, backoff = RESOLVE_EVERY, RETRY_FIRST
+            if wake.wait(wait):
+                return
+
+    def stop(self) -> None:
+        """Never waits: a thread stuck in a lookup is a daemon thread and ends with the process."""
+        self._stopped = True
+        self._wake.set()
 
 
 class StatsdSink:
@@ -116,7 +184,6 @@ class StatsdSink:
         connections_limit: int,
         timers_per_second: int = 0,
         interval: float = 0.5,
-        clock: Any = time.monotonic,
     ) -> None:
         self.target = target
         self._prefix = f"{prefix.rstrip('.')}." if prefix else ""
@@ -127,30 +194,50 @@ class StatsdSink:
         self._timers_per_second = timers_per_second
         self._interval = interval
         self._last_round_at: float | None = None
-        self._clock = clock
         self._client: _Client | None = None
-        self._resolved_at = 0.0
         self._last_busy: float | None = None
         self._totals: dict[str, float] = {}
+        self.dropped_rounds = 0
+        """Rounds not sent because the host name has never resolved."""
+        self.resolver: Resolver | None = None
+        if isinstance(target, str):
+            self._client = _Client(socket.AF_UNIX, target)  # the package's unix client is a stream socket
+        else:
+            numeric = _numeric(*target)
+            if numeric is not None:
+                self._client = _Client(*numeric)
+            else:
+                self.resolver = Resolver(*target)
+                self.resolver.poke()
 
     def _name(self, name: str, tags: str = "") -> str:
         tags = ",".join(filter(None, (tags, self._tags)))
         return f"{self._prefix}{name}|#{tags}" if tags else f"{self._prefix}{name}"
 
     def _ensure_client(self) -> _Client | None:
-        now = self._clock()
-        if self._client is not None and now - self._resolved_at < RESOLVE_EVERY:
+        """The client for the resolver's latest address; never waits for a lookup."""
+        resolver = self.resolver
+        if resolver is None:
             return self._client
-        try:
-            client = _connect(self.target)
-        except OSError as error:
+        resolver.poke()
+        found = resolver.address
+        if found is None:
+            self.dropped_rounds += 1
+            why = resolver.error or "the first lookup has not answered yet"
             _WARN("statsd-resolve", logging.WARNING,
-                  f"cannot reach StatsD at {self.target!r} ({error}); metrics are dropped until it resolves")
-            return self._client  # keep using the last good address if we ever had one
-        if self._client is not None:
-            self._client.close()
-        self._client, self._resolved_at = client, now
-        return client
+                  f"cannot reach StatsD at {resolver.host}:{resolver.port}: the name does not resolve ({why}); "
+                  f"metrics are dropped until it does ({self.dropped_rounds} rounds so far). Check the name "
+                  "and the DNS server in /etc/resolv.conf, or give statsd an IP address")
+            return None
+        if resolver.error is not None:
+            _WARN("statsd-re-resolve", logging.WARNING,
+                  f"looking up StatsD host {resolver.host} fails ({resolver.error}); still sending to its last "
+                  f"address {found[1][0]}")
+        if self._client is None or self._client._addr != found[1]:
+            if self._client is not None:
+                self._client.close()
+            self._client = _Client(*found)
+        return self._client
 
     def _split(self, dotted: str, tagged: str, tag: str, value: object) -> str:
         """A value per slot, cause or listener: a DogStatsD tag when tags are on, else one level of the name."""
@@ -303,6 +390,8 @@ class StatsdSink:
         return ",".join(tags)
 
     def close(self) -> None:
+        if self.resolver is not None:
+            self.resolver.stop()
         if self._client is not None:
             self._client.close()
             self._client = None

@@ -33,6 +33,7 @@ class StatusFiles:
         self.run_dir = run_dir
         self.exits: deque[dict[str, Any]] = deque(maxlen=RECENT_EXITS)
         self.listen_overflows = 0
+        self.rounds = 0
 
     def write_server(self, description: dict[str, Any]) -> None:
         write_json(os.path.join(self.run_dir, SERVER_FILE), {"format": FORMAT, **description})
@@ -42,12 +43,14 @@ class StatusFiles:
 
     def write_round(self, facts: Round) -> None:
         self.listen_overflows += facts.listen_overflows
+        self.rounds += 1
         write_json(
             os.path.join(self.run_dir, STATUS_FILE),
             {
                 "format": FORMAT,
                 "time": time.time(),
                 "monotonic": facts.at,
+                "rounds": self.rounds,
                 "workers": facts.workers,
                 "busy_workers": facts.busy_workers,
                 "in_flight": facts.in_flight,

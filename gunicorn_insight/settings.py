@@ -105,26 +105,7 @@ class Settings:
     pure-Python hooks (same behaviour, more CPU per request)."""
 
     def __post_init__(self) -> None:
-        validators: dict[str, Callable[[Any], Any]] = {
-            "statsd": self._check_statsd,
-            "prometheus_dir": _check_optional_str("prometheus_dir"),
-            "metrics_bind": self._check_metrics_bind,
-            "buckets": _check_buckets,
-            "redact_query": _check_bool("redact_query"),
-            "max_workers": _check_max_workers,
-            "dogstatsd": _check_optional_bool("dogstatsd"),
-            "interval": _check_interval,
-            "slow_request_timeout": _check_slow_request_timeout,
-            "queue_time": _check_bool("queue_time"),
-            "exclude_paths": _check_paths,
-            "route_label": _check_bool("route_label"),
-            "route_resolver": _check_resolver,
-            "max_routes": _check_max_routes,
-            "access_log_atoms": _check_bool("access_log_atoms"),
-            "statsd_timers_per_second": _check_timers_per_second,
-            "compiled_hooks": _check_bool("compiled_hooks"),
-        }
-        for name, check in validators.items():
+        for name, check in _VALIDATORS.items():
             object.__setattr__(self, name, check(getattr(self, name)))
 
     def same_as(self, other: Settings) -> bool:
@@ -149,9 +130,11 @@ class Settings:
             raise ConfigurationError(
                 f"unknown setting {', '.join(map(repr, unknown))}; valid settings are: {', '.join(names)}"
             )
-        values: dict[str, Any] = dict(_from_environ(os.environ if environ is None else environ, names))
-        values.update(overrides)
-        return cls(**values)
+        from_environ = dict(_from_environ(os.environ if environ is None else environ, names))
+        for name, value in from_environ.items():
+            if name not in overrides:
+                _check_from_environ(name, value)
+        return cls(**{**from_environ, **overrides})
 
     # -- derived facts ------------------------------------------------------------------------------
 
@@ -247,22 +230,24 @@ def _check_optional_bool(name: str) -> Callable[[Any], bool | None]:
     return lambda value: None if value is None else _to_bool(name, value)
 
 
-def _to_float(name: str, value: Any) -> float:
+def _to_float(name: str, value: Any, valid: str) -> float:
+    """``valid`` says what a good value is, for the message."""
     if isinstance(value, bool):
-        raise ConfigurationError(f"{name}={value!r} must be a number")
+        raise ConfigurationError(f"{name}={value!r} must be a number; {valid}")
     try:
         number = float(value)
     except (TypeError, ValueError):
-        raise ConfigurationError(f"{name}={value!r} is not a number") from None
+        raise ConfigurationError(f"{name}={value!r} is not a number; {valid}") from None
     if not math.isfinite(number):
-        raise ConfigurationError(f"{name}={value!r} must be a finite number")
+        raise ConfigurationError(f"{name}={value!r} must be a finite number; {valid}")
     return number
 
 
 def _check_buckets(value: Any) -> tuple[float, ...]:
     if isinstance(value, str) or not isinstance(value, Iterable):
         raise ConfigurationError(f"buckets={value!r} must be a list of numbers like 0.1,0.5,1")
-    bounds = tuple(_to_float("buckets", item) for item in value)
+    bounds = tuple(_to_float("buckets", item, "give positive upper bounds in seconds, like 0.1,0.5,1")
+                   for item in value)
     if not bounds:
         raise ConfigurationError("buckets is empty; give at least one upper bound in seconds, e.g. 0.1,1")
     if any(b <= 0 for b in bounds) or list(bounds) != sorted(set(bounds)):
@@ -276,7 +261,9 @@ def _int_between(name: str, value: Any, low: int, high: int, why: str = "") -> i
     try:
         number = int(value)
     except (TypeError, ValueError):
-        raise ConfigurationError(f"{name}={value!r} is not an integer") from None
+        raise ConfigurationError(
+            f"{name}={value!r} is not an integer; give one between {low} and {high}{why}"
+        ) from None
     if not low <= number <= high:
         raise ConfigurationError(f"{name}={value!r} must be between {low} and {high}{why}")
     return number
@@ -287,7 +274,7 @@ def _check_max_workers(value: Any) -> int | None:
 
 
 def _check_interval(value: Any) -> float:
-    number = _to_float("interval", value)
+    number = _to_float("interval", value, "give seconds between 0.05 and 60")
     if not 0.05 <= number <= 60:
         raise ConfigurationError(f"interval={value!r} must be between 0.05 and 60 seconds")
     return number
@@ -296,7 +283,7 @@ def _check_interval(value: Any) -> float:
 def _check_slow_request_timeout(value: Any) -> float | None:
     if value is None:
         return None
-    number = _to_float("slow_request_timeout", value)
+    number = _to_float("slow_request_timeout", value, "give seconds, or 0 to turn the slow-request log off")
     if number < 0:
         raise ConfigurationError(
             f"slow_request_timeout={value!r} is negative; give seconds, or 0 to turn the slow-request log off"
@@ -341,3 +328,32 @@ def _check_resolver(value: Any) -> Callable[[Any], str | None] | None:
 
 def _qualified(function: Callable[..., Any]) -> str:
     return f"{getattr(function, '__module__', '')}.{getattr(function, '__qualname__', repr(function))}"
+
+
+_VALIDATORS: dict[str, Callable[[Any], Any]] = {
+    "statsd": Settings._check_statsd,
+    "prometheus_dir": _check_optional_str("prometheus_dir"),
+    "metrics_bind": Settings._check_metrics_bind,
+    "buckets": _check_buckets,
+    "redact_query": _check_bool("redact_query"),
+    "max_workers": _check_max_workers,
+    "dogstatsd": _check_optional_bool("dogstatsd"),
+    "interval": _check_interval,
+    "slow_request_timeout": _check_slow_request_timeout,
+    "queue_time": _check_bool("queue_time"),
+    "exclude_paths": _check_paths,
+    "route_label": _check_bool("route_label"),
+    "route_resolver": _check_resolver,
+    "max_routes": _check_max_routes,
+    "access_log_atoms": _check_bool("access_log_atoms"),
+    "statsd_timers_per_second": _check_timers_per_second,
+    "compiled_hooks": _check_bool("compiled_hooks"),
+}
+
+
+def _check_from_environ(name: str, value: Any) -> None:
+    """Validate one value read from the environment; the error names the variable it came from."""
+    try:
+        _VALIDATORS[name](value)
+    except ConfigurationError as error:
+        raise ConfigurationError(f"{error} (from the environment variable {ENV_PREFIX}{name.upper()})") from None

@@ -62,7 +62,11 @@ class _Exporter:
     def _run(self) -> None:
         while not self._stop.is_set():
             _endpoint.wait_readable(self.endpoint, 0.05)
-            self.endpoint.serve_requests(self._round)
+            self.endpoint.take_requests()
+            asked = self.endpoint.pending
+            if asked:
+                self._round()
+                self.endpoint.answer(asked)
             self.endpoint.restart_if_gone()
 
     def stop(self) -> None:
@@ -119,8 +123,36 @@ def test_port_in_use_is_a_startup_error_naming_the_setting(tmp_path: Path) -> No
         taken.listen()
         port = taken.getsockname()[1]
         with pytest.raises(ConfigurationError, match=rf"metrics_bind=127\.0\.0\.1:{port} cannot be bound.*"
-                                                     "GUNICORN_INSIGHT_METRICS_BIND"):
+                                                     rf"ss -ltnp 'sport = :{port}'.*GUNICORN_INSIGHT_METRICS_BIND"):
             MetricsEndpoint(("127.0.0.1", port), str(tmp_path), successor=False, error_fd=2, title="")
+
+
+def test_default_port_in_use_is_reported_apart_from_errors(tmp_path: Path) -> None:
+    """metrics_bind not set (optional): a taken port is MetricsPortTaken, whose message is the warning."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(_endpoint.MetricsPortTaken, match=rf"/metrics is not served: the default metrics_bind "
+                                                             rf"127\.0\.0\.1:{port} is in use"):
+            MetricsEndpoint(("127.0.0.1", port), str(tmp_path), successor=False, error_fd=2, title="",
+                            optional=True)
+
+
+def test_a_port_freed_within_the_retries_is_bound(tmp_path: Path) -> None:
+    """A port still held for a moment (the previous run's process exiting) is retried, not an error."""
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    threading.Timer(1.0, taken.close).start()
+    endpoint = MetricsEndpoint(("127.0.0.1", port), str(tmp_path), successor=False, error_fd=2, title="")
+    running = _Exporter(endpoint, tmp_path)
+    try:
+        assert _serves(endpoint.url)
+    finally:
+        running.stop()
+        _until(lambda: _reaped(endpoint.pid), "the /metrics process exits once its socket closes")
 
 
 def test_a_successor_waits_for_the_port_and_then_serves(tmp_path: Path) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+from pathlib import Path
 
 import pytest
 
@@ -88,7 +90,10 @@ def test_unknown_environment_variable_lists_valid_names() -> None:
         ("interval", 0.001, "between 0.05 and 60"),
         ("interval", float("nan"), "finite"),
         ("statsd_timers_per_second", -1, r"statsd_timers_per_second=-1 must be between 0 and 1000000 \(0 sends"),
-        ("statsd_timers_per_second", "many", "statsd_timers_per_second='many' is not an integer"),
+        ("statsd_timers_per_second", "many", "statsd_timers_per_second='many' is not an integer; give one between 0 "
+         "and 1000000"),
+        ("interval", "soon", r"interval='soon' is not a number; give seconds between 0\.05 and 60"),
+        ("max_workers", "lots", "max_workers='lots' is not an integer; give one between 1 and 4096"),
     ],
 )
 def test_bad_values_name_field_value_and_fix(field: str, value: object, message: str) -> None:
@@ -139,3 +144,39 @@ def test_resolver_from_environment_is_imported() -> None:
         build({"GUNICORN_INSIGHT_ROUTE_RESOLVER": "no_such_module:f"})
     with pytest.raises(ConfigurationError, match="must be a callable"):
         build(route_resolver="nocolon")
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("GUNICORN_INSIGHT_INTERVAL", "0.001",
+         r"interval='0\.001' must be between 0\.05 and 60 seconds \(from the environment variable "
+         r"GUNICORN_INSIGHT_INTERVAL\)"),
+        ("GUNICORN_INSIGHT_MAX_WORKERS", "x",
+         r"max_workers='x' is not an integer; give one between 1 and 4096 \(from the environment variable "
+         r"GUNICORN_INSIGHT_MAX_WORKERS\)"),
+        ("GUNICORN_INSIGHT_METRICS_BIND", "127.0.0.1:99999",
+         r"port 99999 is outside 1\.\.65535 \(from the environment variable GUNICORN_INSIGHT_METRICS_BIND\)"),
+    ],
+)
+def test_bad_environment_value_names_the_variable_and_the_range(variable: str, value: str, message: str) -> None:
+    """A bad value read from GUNICORN_INSIGHT_* names that variable (the user never wrote the field name)."""
+    with pytest.raises(ConfigurationError, match=message):
+        build({variable: value})
+
+
+def test_keyword_over_a_bad_environment_value_wins() -> None:
+    """A keyword replaces a bad environment value: it is not validated, and the keyword's own error has no variable."""
+    assert build({"GUNICORN_INSIGHT_INTERVAL": "nope"}, interval=1).interval == 1.0
+    with pytest.raises(ConfigurationError, match=r"^interval=0 must be between 0\.05 and 60 seconds$"):
+        build({"GUNICORN_INSIGHT_INTERVAL": "1"}, interval=0)
+
+
+def test_configuration_page_lists_every_setting_and_counts_them() -> None:
+    """docs/configuration.md's table has one row per Settings field, and its count of them is right."""
+    page = (Path(__file__).resolve().parents[1] / "docs" / "configuration.md").read_text()
+    rows = re.findall(r"^\| `(\w+)` \| .* \| `GUNICORN_INSIGHT_(\w+)` \|", page, re.MULTILINE)
+    assert [name for name, _ in rows] == list(Settings.field_names())
+    assert all(variable == name.upper() for name, variable in rows)
+    (count,) = re.findall(r"that is not one of the (\w+) below", page)
+    assert count == str(len(Settings.field_names()))

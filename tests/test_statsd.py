@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -211,3 +213,64 @@ def test_host_pressure_lines_send_what_the_kernel_counters_gained(receiver: sock
         assert line in lines, line
     assert not [line for line in lines if "quota_cores" in line or "working_set" in line]
     assert "gunicorn.worker.0.context_switches.involuntary" not in "\n".join(lines)  # nothing gained
+def test_publish_never_waits_for_a_hanging_lookup(receiver: socket.socket, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lookup that hangs runs in the resolver's thread: publish returns, drops the round and counts it."""
+    answer = threading.Event()
+    real_getaddrinfo = socket.getaddrinfo
+    port = receiver.getsockname()[1]
+
+    def slow_getaddrinfo(host: str, *args: object, **kwargs: object) -> object:
+        if host == "statsd.example" and not kwargs.get("flags"):  # AI_NUMERICHOST never asks a server
+            answer.wait(30)
+            return real_getaddrinfo("127.0.0.1", port, type=socket.SOCK_DGRAM)
+        return real_getaddrinfo(host, *args, **kwargs)  # type: ignore[arg-type]  # passes through the real types
+
+    monkeypatch.setattr(socket, "getaddrinfo", slow_getaddrinfo)
+    sink = make_sink(("statsd.example", port))
+
+    def publish_three() -> None:
+        for _ in range(3):
+            sink.publish(a_round())
+
+    publisher = threading.Thread(target=publish_three)
+    publisher.start()
+    publisher.join(10)
+    try:
+        assert not publisher.is_alive(), "publish waited for the lookup"
+        assert sink.dropped_rounds == 3
+    finally:
+        answer.set()
+    assert sink.resolver is not None
+    deadline = time.monotonic() + 10
+    while sink.resolver.address is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    sink.publish(a_round())
+    assert b"gunicorn.requests:4|c" in receiver.recv(65535)
+    sink.close()
+
+
+def test_last_good_address_is_kept_and_failures_back_off(receiver: socket.socket,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A name that stops resolving keeps its last address; failed lookups are retried 1, 2, 4... s apart."""
+    port = receiver.getsockname()[1]
+    waits: list[float] = []
+    resolver = _statsd.Resolver("statsd.example", port)
+    results: list[object] = [[(socket.AF_INET, socket.SOCK_DGRAM, 0, "", ("127.0.0.1", port))],
+                             OSError("no answer"), OSError("no answer"), OSError("no answer")]
+
+    def scripted(*_args: object, **_kwargs: object) -> object:
+        result = results.pop(0)
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    class Wake:
+        def wait(self, seconds: float) -> bool:
+            waits.append(seconds)
+            return not results  # stop the loop when the script is done
+
+    monkeypatch.setattr(socket, "getaddrinfo", scripted)
+    resolver._run(Wake())  # type: ignore[arg-type]  # only wait() is used
+    assert resolver.address == (socket.AF_INET, ("127.0.0.1", port))
+    assert resolver.error == "no answer"
+    assert waits == [_statsd.RESOLVE_EVERY, 1.0, 2.0, 4.0]

@@ -37,13 +37,15 @@ def test_malformed_settings_fail_before_serving(
 
 @pytest.mark.oldest
 def test_metrics_port_in_use_fails_at_startup(process_factory: ProcessFactory) -> None:
-    """A /metrics port someone else holds is a one-line startup error, not a silent missing endpoint."""
+    """An explicit /metrics port someone else holds is a startup error (after 5 s of retries) with the fix."""
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         port = holder.getsockname()[1]
         output = start_expecting_failure(process_factory, {"GUNICORN_INSIGHT_METRICS_BIND": f"127.0.0.1:{port}"})
     assert f"Error: metrics_bind=127.0.0.1:{port} cannot be bound (Address already in use)" in output
+    assert f"find it with: ss -ltnp 'sport = :{port}'" in output
+    assert "pick a free port" not in output
     assert "Booting worker" not in output
 
 
