@@ -176,16 +176,20 @@ def start_gunicorn(
     metrics: bool = True,
     wait: bool = True,
     script: bool = False,
+    prefix: Sequence[str] = (),
 ) -> Gunicorn:
-    """gunicorn on a free port with the plugin; waits until every worker has booted."""
+    """gunicorn on a free port with the plugin; waits until every worker has booted.
+
+    ``prefix`` goes in front of the command (a program that sets up a namespace, then execs the rest).
+    """
     port = free_port()
     metrics_port = free_port() if metrics else None
     extra: dict[str, str | None] = {"GUNICORN_INSIGHT_METRICS_BIND": f"127.0.0.1:{metrics_port}" if metrics else "off"}
     extra.update(env or {})
-    argv = gunicorn_argv(
+    argv = [*prefix, *gunicorn_argv(
         "-c", config, "-b", f"127.0.0.1:{port}", "-w", str(workers), "-k", worker_class, "--chdir", str(cwd),
         "--graceful-timeout", "5", *args, app, script=script,
-    )
+    )]
     process = process_factory(argv, env=clean_environment(extra), cwd=cwd, name="gunicorn")
     if not wait:
         return Gunicorn(process, port, metrics_port, "")
