@@ -3,11 +3,17 @@ a user's files in it, privilege drop with --user, --daemon."""
 
 from __future__ import annotations
 
+import glob
+import json
+import os
+import signal
 import sqlite3
+import tempfile
 from pathlib import Path
 
-from harness import APPS, start_gunicorn
-from servers import ProcessFactory
+import pytest
+from harness import APPS, Gunicorn, start_gunicorn
+from servers import ProcessFactory, wait_until
 
 
 def test_a_second_server_keeps_the_first_ones_files_and_the_users_app_db(
@@ -35,3 +41,67 @@ def test_a_second_server_keeps_the_first_ones_files_and_the_users_app_db(
     first.wait_for_value("gunicorn_requests_total", 7)
     with sqlite3.connect(shared / "app.db") as database:
         assert database.execute("select count(*) from orders").fetchone() == (0,)
+
+
+def _server_json_of(master_pid: int) -> Path | None:
+    for path in glob.glob("/dev/shm/gunicorn-insight-*/server.json") + glob.glob(
+        os.path.join(tempfile.gettempdir(), "gunicorn-insight-*", "server.json")
+    ):
+        try:
+            if json.loads(Path(path).read_text())["master_pid"] == master_pid:
+                return Path(path)
+        except (OSError, ValueError, KeyError):
+            continue
+    return None
+
+
+def _gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return True
+    return state == "Z"
+
+
+@pytest.mark.parametrize("daemon", [True, False], ids=["daemon", "foreground"])
+def test_a_normal_stop_leaves_nothing_in_dev_shm_or_tmp(
+    daemon: bool, process_factory: ProcessFactory, tmp_path: Path
+) -> None:
+    """After SIGTERM the run directory is gone, also with --daemon (whose master is a grandchild of the process
+    that loaded the config)."""
+    pidfile = tmp_path / "gunicorn.pid"
+    args = ["--pid", str(pidfile), "--error-logfile", str(tmp_path / "error.log")]
+    server = start_gunicorn(process_factory, args=[*args, "--daemon"] if daemon else args, wait=False)
+    master = 0
+    try:
+        if daemon:
+            assert server.process.wait(timeout=30) == 0
+        wait_until(lambda: pidfile.exists() and pidfile.read_text().strip(), timeout=30, what="the pidfile",
+                   dump=lambda: server.process.describe() + _read(tmp_path / "error.log"))
+        master = int(pidfile.read_text())
+        server_json = wait_until(lambda: _server_json_of(master), timeout=30, what="the master's server.json",
+                                 dump=lambda: _read(tmp_path / "error.log"))
+        wait_until(lambda: _accepts(server), timeout=30, what="a 200", dump=lambda: _read(tmp_path / "error.log"))
+        assert server_json.parent.is_dir()
+        os.kill(master, signal.SIGTERM)
+        wait_until(lambda: _gone(master), timeout=30, what="the master to exit",
+                   dump=lambda: _read(tmp_path / "error.log"))
+        # The /metrics process leaves with the master; the directory goes with the master's atexit.
+        assert not server_json.parent.exists(), _read(tmp_path / "error.log")
+    finally:
+        if master and not _gone(master):
+            os.kill(master, signal.SIGKILL)
+
+
+def _accepts(server: Gunicorn) -> bool:
+    try:
+        return server.get("/") == 200
+    except OSError:
+        return False
+
+
+def _read(path: Path) -> str:
+    try:
+        return f"\n----- {path} -----\n{path.read_text()}"
+    except OSError:
+        return ""
