@@ -4,8 +4,10 @@ a user's files in it, privilege drop with --user, --daemon."""
 from __future__ import annotations
 
 import glob
+import grp
 import json
 import os
+import pwd
 import signal
 import sqlite3
 import tempfile
@@ -105,3 +107,56 @@ def _read(path: Path) -> str:
         return f"\n----- {path} -----\n{path.read_text()}"
     except OSError:
         return ""
+
+
+@pytest.mark.parametrize("preload", [False, True], ids=["no-preload", "preload"])
+def test_workers_running_as_nobody_serve_and_export_the_apps_metrics(
+    preload: bool, process_factory: ProcessFactory, tmp_path: Path
+) -> None:
+    """gunicorn started as root with --user nobody --group nogroup: the workers can write the embedded
+    multiprocess directory, requests return 200 and the application's counter is served."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: gunicorn only switches the workers' user when it starts as root")
+    try:
+        nobody, nogroup = pwd.getpwnam("nobody").pw_uid, grp.getgrnam("nogroup").gr_gid
+    except KeyError:
+        pytest.skip("this machine has no user nobody or group nogroup")
+    config = tmp_path / "gunicorn.conf.py"
+    config.write_text(
+        "import gunicorn_insight\n"
+        "gunicorn_insight.install(globals())\n"
+        "# The interpreter may live where nobody cannot read (under /root here): the standard library modules\n"
+        "# prometheus_client needs are loaded before the fork. The application and its Counter still are not.\n"
+        "import prometheus_client\n"
+    )
+    args = ["--user", "nobody", "--group", "nogroup", *(["--preload"] if preload else [])]
+    server = start_gunicorn(process_factory, app="metrics_app:app", cwd=APPS, args=args, config=str(config))
+    for pid in server.worker_pids():
+        assert os.stat(f"/proc/{pid}").st_uid == nobody
+    for _ in range(4):
+        assert server.get("/") == 200
+    server.wait_for_value("app_hits_total", 4)
+    server.wait_for_value("gunicorn_requests_total", 4)
+    run_dir = Path(server.scoreboard_path).parent
+    for path in (run_dir, run_dir / "prometheus", run_dir / "scoreboard"):
+        status = path.stat()
+        assert (status.st_uid, status.st_gid) == (nobody, nogroup), path
+
+
+def test_a_prometheus_dir_the_worker_user_cannot_write_is_a_startup_error(
+    process_factory: ProcessFactory, tmp_path: Path
+) -> None:
+    """--user nobody with a root-only prometheus_dir of the operator's: one Error naming the uid and the fix,
+    instead of workers that cannot write their metrics."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: gunicorn only switches the workers' user when it starts as root")
+    directory = tmp_path / "metrics"
+    directory.mkdir(mode=0o755)
+    tmp_path.chmod(0o755)
+    server = start_gunicorn(process_factory, args=["--user", "nobody", "--group", "nogroup"], wait=False,
+                            env={"GUNICORN_INSIGHT_PROMETHEUS_DIR": str(directory)})
+    assert server.process.wait(timeout=30) == 1
+    output = server.process.output()
+    assert f"Error: prometheus_dir='{directory}' is not writable for uid 65534" in output
+    assert f"chown 65534:65534 {directory}" in output
+    assert "Booting worker" not in output
