@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterator, MutableMapping
 from typing import Any
 
-from . import _master, _prometheus, _worker
+from . import _discovery, _master, _prometheus, _worker
 from . import _scoreboard as sb
 from ._routes import hook_frameworks
 from ._safety import LOG, report
@@ -371,6 +371,34 @@ def on_exit(server: Any) -> None:
             _master.CURRENT.stop()
     except Exception as error:
         report("on_exit", error)
+    try:
+        _hand_counts_to_successor(server)
+    except Exception as error:
+        report("handing the Prometheus counts to the USR2 successor", error)
+
+
+def _hand_counts_to_successor(server: Any) -> None:
+    """A master leaving after a USR2 upgrade moves its embedded directory's counts to the new master's.
+
+    Each master has an embedded directory of its own, removed when it exits: without this, every counter
+    would start over at the upgrade. Its workers are gone by now and its last round is written, so the
+    files are final; moved whole (same names, pids unique), the new master's /metrics adds them to its own.
+    """
+    successor = getattr(server, "reexec_pid", 0)
+    directory = STATE.prometheus_dir
+    if not successor or directory is None or STATE.run_dir is None or os.getpid() != STATE.run_dir_owner:
+        return
+    if not directory.startswith(STATE.run_dir + os.sep):
+        return  # a directory of the operator's: both masters already share it
+    target = next((found.info.get("prometheus_dir") for found in _discovery.scan().servers
+                   if found.master_pid == successor), None)
+    if not isinstance(target, str) or target == directory:
+        LOG.warning("gunicorn-insight: the new master (pid %s) was not found; its Prometheus counters start "
+                    "from zero", successor)
+        return
+    moved = _prometheus.hand_over(directory, target)
+    LOG.info("gunicorn-insight: %d metric files handed to the new master (pid %s) in %s", moved, successor,
+             target)
 
 
 # -- worker hooks --------------------------------------------------------------------------------------

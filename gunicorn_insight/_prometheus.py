@@ -16,6 +16,7 @@ import glob
 import mmap
 import os
 import re
+import shutil
 import stat
 import struct
 import sys
@@ -138,6 +139,27 @@ def _parses(path: str) -> bool:
     except (ValueError, UnicodeDecodeError, struct.error):
         return False
     return True
+
+
+def hand_over(source: str, target: str) -> int:
+    """Move the final metric files of processes that are gone from ``source`` into ``target``; live gauges
+    stay behind (a gone process has no live value). Returns how many files moved."""
+    moved = 0
+    with merge_lock(source, shared=False):
+        for name in sorted(os.listdir(source)):
+            if not _SCRAPED_FILE.fullmatch(name) or name.startswith("gauge_live"):
+                continue
+            destination = os.path.join(target, name)
+            if os.path.lexists(destination):
+                continue
+            try:
+                os.rename(os.path.join(source, name), destination)
+            except OSError as error:
+                if error.errno != errno.EXDEV:
+                    raise
+                shutil.move(os.path.join(source, name), destination)
+            moved += 1
+    return moved
 
 
 @contextlib.contextmanager

@@ -1,5 +1,5 @@
 """Everyday deployments that must not break the server or destroy data: a shared multiprocess directory,
-a user's files in it, privilege drop with --user, --daemon."""
+a user's files in it, privilege drop with --user, --daemon, a USR2 upgrade."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import grp
 import json
 import os
 import pwd
+import re
 import signal
 import sqlite3
 import tempfile
@@ -160,3 +161,37 @@ def test_a_prometheus_dir_the_worker_user_cannot_write_is_a_startup_error(
     assert f"Error: prometheus_dir='{directory}' is not writable for uid 65534" in output
     assert f"chown 65534:65534 {directory}" in output
     assert "Booting worker" not in output
+
+
+def test_counters_carry_over_a_usr2_upgrade_with_the_embedded_directory(process_factory: ProcessFactory) -> None:
+    """After USR2 and the old master's exit, the new master's /metrics still counts the requests the old
+    one served (its embedded directory's files are handed over), plus its own."""
+    server = start_gunicorn(process_factory, app="metrics_app:app", cwd=APPS, workers=1, script=True)
+    for _ in range(3):
+        assert server.get("/") == 200
+    server.wait_for_value("gunicorn_requests_total", 3)
+    server.process.send_signal(signal.SIGUSR2)
+    server.process.wait_for_log(r"still served by the previous master \(USR2 upgrade\)", timeout=30)
+    successor = int(re.findall(r"\[(\d+)\] \[INFO\] Starting gunicorn", server.process.output())[-1])
+    assert successor != server.pid
+    wait_until(lambda: _server_json_of(successor), timeout=30, what="the new master's server.json",
+               dump=server.process.describe)
+    try:
+        os.kill(server.pid, signal.SIGTERM)  # the operator retires the old master
+        server.process.wait(timeout=30)
+        for _ in range(2):
+            assert server.get("/") == 200
+        wait_until(lambda: _total_or_none(server, "gunicorn_requests_total") == 5, timeout=30,
+                   what="the new master to serve 3 + 2 requests",
+                   dump=lambda: f"{_total_or_none(server, 'gunicorn_requests_total')}\n{server.process.describe()}")
+        assert server.total("app_hits_total") == 5
+    finally:
+        os.kill(successor, signal.SIGTERM)
+        wait_until(lambda: _gone(successor), timeout=30, what="the new master to exit")
+
+
+def _total_or_none(server: Gunicorn, name: str) -> float | None:
+    try:
+        return server.total(name)
+    except OSError:
+        return None  # the new master's /metrics process is still taking the port over
