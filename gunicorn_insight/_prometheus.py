@@ -188,9 +188,12 @@ def usable_files(directory: str) -> list[str]:
 
 def _usable(path: str) -> bool:
     try:
-        return os.path.getsize(path) >= _MIN_FILE
+        status = os.lstat(path)
     except OSError:
         return False  # removed between glob and stat by a merge
+    # Not a symlink: the directory may be writable for the workers' user, and /metrics must not read
+    # through a link they planted.
+    return stat.S_ISREG(status.st_mode) and status.st_size >= _MIN_FILE
 
 
 QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)

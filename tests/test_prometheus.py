@@ -16,7 +16,13 @@ from pathlib import Path
 import pytest
 
 from gunicorn_insight._mmapfile import MetricFile, sample_key
-from gunicorn_insight._prometheus import MERGE_LOCK, merge_lock, prepare_directory, remove_stale_files
+from gunicorn_insight._prometheus import (
+    MERGE_LOCK,
+    merge_lock,
+    prepare_directory,
+    remove_stale_files,
+    usable_files,
+)
 from gunicorn_insight.settings import ConfigurationError
 
 
@@ -243,3 +249,17 @@ def test_merge_waits_for_a_scrape_reading_the_directory(tmp_path: Path) -> None:
     assert merged.wait(10)
     merger.join()
     assert not (tmp_path / "counter_4242.db").exists()
+
+
+def test_scrapes_read_only_regular_metric_files(tmp_path: Path) -> None:
+    """A user's app.db and a symlink planted under a metric file's name are not scraped; real files are."""
+    real = MetricFile(str(tmp_path / "counter_1.db"))
+    real.write(sample_key("c", "c_total", {}, "c"), 1.0)
+    real.close()
+    with sqlite3.connect(tmp_path / "app.db") as database:
+        database.execute("create table t (x)")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "secret").write_bytes((tmp_path / "counter_1.db").read_bytes())
+    (tmp_path / "counter_2.db").symlink_to(elsewhere / "secret")
+    assert usable_files(str(tmp_path)) == [str(tmp_path / "counter_1.db")]
