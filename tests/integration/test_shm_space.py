@@ -125,3 +125,19 @@ def test_a_dev_shm_that_fills_up_while_serving_costs_the_metrics_not_the_server(
     assert "gunicorn_requests_total" not in server.metrics_text()  # gone, not frozen
     assert server.process.output().count("no room to grow the Prometheus files") == 1
     assert "Worker (pid:" not in server.process.output().replace(f"Worker (pid:{victim})", "")
+
+
+@pytest.mark.usefixtures("namespaces")
+def test_room_for_the_scoreboard_but_not_the_metric_files_is_a_clear_startup_error(
+    process_factory: ProcessFactory,
+) -> None:
+    """The scoreboard (3,140 KiB) fits, the master's 64 KiB metric files do not: one line naming the
+    Prometheus directory and the fixes."""
+    server = start_gunicorn(process_factory, prefix=_small_shm("3200k"), wait=False)
+    status = server.process.wait(timeout=60)
+    output = server.process.output()
+    assert status == 1, output
+    assert "Error: gunicorn-insight cannot reserve room for its Prometheus files in /dev/shm/gunicorn-insight-" \
+        in output
+    assert "GUNICORN_INSIGHT_PROMETHEUS_DIR" in output
+    assert "Booting worker" not in output
