@@ -73,6 +73,11 @@ _METRIC_FILE = re.compile(_TYPES + r"_(archive-)?([0-9]{1,9})\.db")
 _SCRAPED_FILE = re.compile(_TYPES + r"_.+\.db")  # prometheus_client lets an application name its processes
 
 
+def is_metric_file(name: str) -> bool:
+    """A file name prometheus_client's multiprocess mode (or this plugin's archive) uses."""
+    return _SCRAPED_FILE.fullmatch(name) is not None
+
+
 def remove_stale_files(directory: str, owners: set[int]) -> list[str]:
     """Remove metric files a previous run left, so its counters are not added to this run's.
 
@@ -147,7 +152,7 @@ def hand_over(source: str, target: str) -> int:
     moved = 0
     with merge_lock(source, shared=False):
         for name in sorted(os.listdir(source)):
-            if not _SCRAPED_FILE.fullmatch(name) or name.startswith("gauge_live"):
+            if not is_metric_file(name) or name.startswith("gauge_live"):
                 continue
             destination = os.path.join(target, name)
             if os.path.lexists(destination):
@@ -182,7 +187,7 @@ def usable_files(directory: str) -> list[str]:
     without other ``.db`` files (a user's SQLite database would break every scrape)."""
     return [
         path for path in glob.glob(os.path.join(directory, "*.db"))
-        if _SCRAPED_FILE.fullmatch(os.path.basename(path)) and _usable(path)
+        if is_metric_file(os.path.basename(path)) and _usable(path)
     ]
 
 
