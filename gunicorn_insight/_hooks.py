@@ -220,6 +220,33 @@ def on_starting(server: Any) -> None:
         report("writing server.json", error)
     master.start()
     _announce(master)
+    try:
+        _warn_if_little_room(master.plan.prometheus_dir, int(getattr(server.cfg, "workers", 1) or 1))
+    except Exception as error:
+        report("checking the room left for the application's metric files", error)
+
+
+APP_FILE_SIZE = 64 * 1024
+"""What prometheus_client's multiprocess mode takes per metric type and process at first, unreserved."""
+
+
+def _warn_if_little_room(directory: str | None, workers: int) -> None:
+    """Our files are reserved; the application's are not (prometheus_client maps them sparse). Say so once
+    when the room left would not even hold a counter and a histogram file per worker."""
+    if directory is None:
+        return
+    stats = os.statvfs(directory)
+    free = stats.f_bavail * stats.f_frsize
+    needed = workers * 2 * APP_FILE_SIZE
+    if free < needed:
+        LOG.warning(
+            "gunicorn-insight: only %s left in %s; the application's prometheus_client files need 64 KiB per "
+            "metric type and worker at first (%s for a counter and a histogram in %d workers) and are not "
+            "reserved: a worker that writes into a page the filesystem cannot back dies of SIGBUS. Give that "
+            "filesystem more room (Docker: docker run --shm-size=256m) or set GUNICORN_INSIGHT_PROMETHEUS_DIR "
+            "to a directory with room",
+            sb.mebibytes(free), directory, sb.mebibytes(needed), workers,
+        )
 
 
 def _prepare_for_workers(cfg: Any) -> None:

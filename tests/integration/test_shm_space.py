@@ -141,3 +141,15 @@ def test_room_for_the_scoreboard_but_not_the_metric_files_is_a_clear_startup_err
         in output
     assert "GUNICORN_INSIGHT_PROMETHEUS_DIR" in output
     assert "Booting worker" not in output
+
+
+@pytest.mark.usefixtures("namespaces")
+def test_little_room_left_for_the_applications_files_is_said_once(process_factory: ProcessFactory) -> None:
+    """Room for the plugin's reserved files but not for the application's (which prometheus_client does not
+    reserve): the server starts and serves, with one warning naming the room left and the fixes."""
+    server = start_gunicorn(process_factory, prefix=_small_shm("3400k"), wait=False)
+    server.process.wait_for_port(server.port, timeout=30)
+    assert server.get("/") == 200
+    server.process.wait_for_log(r"only 0\.\d MiB left in /dev/shm/gunicorn-insight-\S+/prometheus; the "
+                                r"application's prometheus_client files need 64 KiB", timeout=30)
+    assert server.process.output().count("the application's prometheus_client files need") == 1
