@@ -26,6 +26,7 @@ import gunicorn
 from . import _discovery
 from ._configload import Loaded, load
 from ._hostfacts import MEMORY_FILESYSTEMS, System
+from ._prometheus import is_metric_file
 from .settings import ENV_PREFIX, ConfigurationError, Settings
 
 Severity = Literal["error", "warning", "info"]
@@ -376,14 +377,14 @@ def check_prometheus_dir(ctx: Context) -> Iterable[Finding]:
             "every worker writes its metric files there; without write access metrics fail.",
             "give the gunicorn user write access to it, or choose a directory it owns",
         )
-    files = glob.glob(os.path.join(directory, "*.db"))
+    files = [path for path in glob.glob(os.path.join(directory, "*.db")) if is_metric_file(os.path.basename(path))]
     if files and not _prometheus_dir_in_use(directory, files, ctx.live_prometheus_dirs):
         yield Finding(
             "prometheus-dir", "warning",
             f"{_PROMETHEUS_ENV}={directory} holds {len(files)} .db files of processes that are gone",
             "prometheus_client merges every file in the directory, so counters from an earlier run are added to "
             "the new one and scrapes get slower with each file.",
-            "empty it before gunicorn starts (gunicorn-insight does so itself when it owns the directory)",
+            "remove them before gunicorn starts (gunicorn-insight removes those of gone processes at startup)",
         )
 
 

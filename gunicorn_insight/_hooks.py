@@ -12,13 +12,14 @@ import atexit
 import contextlib
 import os
 import shutil
+import stat
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, MutableMapping
 from typing import Any
 
-from . import _master, _prometheus, _worker
+from . import _discovery, _master, _prometheus, _worker
 from . import _scoreboard as sb
 from ._routes import hook_frameworks
 from ._safety import LOG, report
@@ -38,6 +39,10 @@ class _State:
     run_dir: str | None = None
     run_dir_owner = 0
     prometheus_dir: str | None = None
+    prometheus_dir_created = False
+    """The directory did not exist before install() made it (so it may be handed to the worker user)."""
+    clear_prometheus_dir = False
+    """Leftovers of earlier runs are removed from it when the master starts (see on_starting)."""
     request_hooks = "python"
     """Which pre_request/post_request install() put in: "compiled", or "python" and why."""
     error_fd = 2
@@ -98,8 +103,12 @@ def _prepare_directories(settings: Settings) -> None:
         os.environ[EMBEDDED_ENV] = directory
     assert directory is not None
     _prometheus.check_import_order(directory)
-    # Only a fresh master may clear: a USR2-forked successor shares the directory with its live parent.
-    _prometheus.prepare_directory(directory, clear="GUNICORN_PID" not in os.environ)
+    STATE.prometheus_dir_created = not os.path.isdir(directory)
+    _prometheus.prepare_directory(directory)
+    # A USR2-forked successor shares the directory with its live parent, whose files it must not touch;
+    # the embedded directory is new. Clearing waits for on_starting, which knows the workers' uid.
+    embedded = directory == os.environ.get(EMBEDDED_ENV)
+    STATE.clear_prometheus_dir = "GUNICORN_PID" not in os.environ and not embedded
     os.environ[PROMETHEUS_ENV] = directory
     STATE.prometheus_dir = directory
 
@@ -116,7 +125,9 @@ def inspecting() -> Iterator[None]:
 
 
 def _remove_run_dir() -> None:
-    # Workers run atexit handlers too (gunicorn exits them with sys.exit): only the creator cleans up.
+    # Workers run atexit handlers too (gunicorn exits them with sys.exit): only the master cleans up. The
+    # owner is the process that loaded the config until on_starting names the master (with --daemon, a
+    # grandchild of it: the processes in between leave with os._exit, which runs no atexit handler).
     if STATE.run_dir and os.getpid() == STATE.run_dir_owner:
         shutil.rmtree(STATE.run_dir, ignore_errors=True)
 
@@ -185,7 +196,9 @@ def on_starting(server: Any) -> None:
     settings = STATE.settings
     if settings is None or _master.CURRENT is not None or STATE.run_dir is None:
         return
+    STATE.run_dir_owner = os.getpid()  # the master, after any --daemon forks
     try:
+        _prepare_for_workers(server.cfg)
         plan = _master.Plan.resolve(settings, server.cfg, STATE.prometheus_dir)
         title = f"gunicorn-insight: metrics [{getattr(server, 'proc_name', None) or 'gunicorn'}]"
         master = _master.Master(plan, STATE.run_dir, title)
@@ -195,6 +208,10 @@ def on_starting(server: Any) -> None:
         report("on_starting, so gunicorn-insight is off for this run", error)
         return
     _master.CURRENT = master
+    try:
+        _hand_to_worker_user(server.cfg, master.board.path)
+    except Exception as error:
+        report("handing the run directory to the worker user", error)
     master.watch_logger(server.log)
     master.watch_listeners(lambda: list(server.LISTENERS))
     try:
@@ -203,6 +220,93 @@ def on_starting(server: Any) -> None:
         report("writing server.json", error)
     master.start()
     _announce(master)
+    try:
+        _warn_if_little_room(master.plan.prometheus_dir, int(getattr(server.cfg, "workers", 1) or 1))
+    except Exception as error:
+        report("checking the room left for the application's metric files", error)
+
+
+APP_FILE_SIZE = 64 * 1024
+"""What prometheus_client's multiprocess mode takes per metric type and process at first, unreserved."""
+
+
+def _warn_if_little_room(directory: str | None, workers: int) -> None:
+    """Our files are reserved; the application's are not (prometheus_client maps them sparse). Say so once
+    when the room left would not even hold a counter and a histogram file per worker."""
+    if directory is None:
+        return
+    stats = os.statvfs(directory)
+    free = stats.f_bavail * stats.f_frsize
+    needed = workers * 2 * APP_FILE_SIZE
+    if free < needed:
+        LOG.warning(
+            "gunicorn-insight: only %s left in %s; the application's prometheus_client files need 64 KiB per "
+            "metric type and worker at first (%s for a counter and a histogram in %d workers) and are not "
+            "reserved: a worker that writes into a page the filesystem cannot back dies of SIGBUS. Give that "
+            "filesystem more room (Docker: docker run --shm-size=256m) or set GUNICORN_INSIGHT_PROMETHEUS_DIR "
+            "to a directory with room",
+            sb.mebibytes(free), directory, sb.mebibytes(needed), workers,
+        )
+
+
+def _prepare_for_workers(cfg: Any) -> None:
+    """What needs gunicorn's configuration: leftovers of earlier runs go, the worker user can write."""
+    directory = STATE.prometheus_dir
+    if directory is None:
+        return
+    uid, gid = _worker_ids(cfg)
+    if STATE.clear_prometheus_dir:
+        STATE.clear_prometheus_dir = False
+        try:
+            removed = _prometheus.remove_stale_files(directory, {os.geteuid(), uid})
+        except OSError as error:
+            report(f"removing leftover files from {directory}", error)
+        else:
+            if removed:
+                LOG.info("gunicorn-insight: removed %d metric files of processes that are gone from %s",
+                         len(removed), directory)
+    in_run_dir = STATE.run_dir is not None and directory.startswith(STATE.run_dir + os.sep)
+    if uid == os.geteuid() or in_run_dir:
+        return  # the run directory is handed over with the scoreboard (_hand_to_worker_user)
+    if STATE.prometheus_dir_created:
+        os.chown(directory, uid, gid)
+    elif not _writable_for(directory, uid, gid):
+        raise ConfigurationError(
+            f"prometheus_dir={directory!r} is not writable for uid {uid} (gid {gid}), which gunicorn's user/group "
+            "settings make the workers run as, so the application's metrics could not be written; "
+            f"run chown {uid}:{gid} {directory}, or point GUNICORN_INSIGHT_PROMETHEUS_DIR elsewhere"
+        )
+
+
+def _worker_ids(cfg: Any) -> tuple[int, int]:
+    """The uid and gid gunicorn's workers switch to (--user/--group; ours when not set)."""
+    uid, gid = getattr(cfg, "uid", None), getattr(cfg, "gid", None)
+    return (uid if isinstance(uid, int) else os.geteuid(), gid if isinstance(gid, int) else os.getegid())
+
+
+def _writable_for(directory: str, uid: int, gid: int) -> bool:
+    if uid == 0:
+        return True
+    status = os.stat(directory)
+    if status.st_uid == uid:
+        return bool(status.st_mode & stat.S_IWUSR)
+    if status.st_gid == gid:
+        return bool(status.st_mode & stat.S_IWGRP)
+    return bool(status.st_mode & stat.S_IWOTH)
+
+
+def _hand_to_worker_user(cfg: Any, *paths: str) -> None:
+    """Workers that drop privileges (--user/--group) write the embedded Prometheus directory in the run
+    directory, which mkdtemp made private to the master's user: hand both over, with the scoreboard so the
+    worker user's tools can read it. The master, root when it can switch users, keeps its access."""
+    uid, gid = _worker_ids(cfg)
+    if STATE.run_dir is None or (uid, gid) == (os.geteuid(), os.getegid()):
+        return
+    for path in (STATE.run_dir, *paths):
+        os.chown(path, uid, gid)
+    embedded = STATE.prometheus_dir
+    if embedded is not None and embedded.startswith(STATE.run_dir + os.sep):
+        os.chown(embedded, uid, gid)
 
 
 def _describe(server: Any, master: _master.Master) -> dict[str, Any]:
@@ -304,6 +408,34 @@ def on_exit(server: Any) -> None:
             _master.CURRENT.stop()
     except Exception as error:
         report("on_exit", error)
+    try:
+        _hand_counts_to_successor(server)
+    except Exception as error:
+        report("handing the Prometheus counts to the USR2 successor", error)
+
+
+def _hand_counts_to_successor(server: Any) -> None:
+    """A master leaving after a USR2 upgrade moves its embedded directory's counts to the new master's.
+
+    Each master has an embedded directory of its own, removed when it exits: without this, every counter
+    would start over at the upgrade. Its workers are gone by now and its last round is written, so the
+    files are final; moved whole (same names, pids unique), the new master's /metrics adds them to its own.
+    """
+    successor = getattr(server, "reexec_pid", 0)
+    directory = STATE.prometheus_dir
+    if not successor or directory is None or STATE.run_dir is None or os.getpid() != STATE.run_dir_owner:
+        return
+    if not directory.startswith(STATE.run_dir + os.sep):
+        return  # a directory of the operator's: both masters already share it
+    target = next((found.info.get("prometheus_dir") for found in _discovery.scan().servers
+                   if found.master_pid == successor), None)
+    if not isinstance(target, str) or target == directory:
+        LOG.warning("gunicorn-insight: the new master (pid %s) was not found; its Prometheus counters start "
+                    "from zero", successor)
+        return
+    moved = _prometheus.hand_over(directory, target)
+    LOG.info("gunicorn-insight: %d metric files handed to the new master (pid %s) in %s", moved, successor,
+             target)
 
 
 # -- worker hooks --------------------------------------------------------------------------------------

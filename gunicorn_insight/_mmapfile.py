@@ -12,16 +12,36 @@ least one byte of them), and two doubles: the value and a timestamp.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import mmap
 import os
 import struct
+from collections.abc import Iterable
 
 _USED = struct.Struct("<i")
 _VALUE = struct.Struct("<dd")
 _HEADER = 8
 _INITIAL_SIZE = 1 << 16
+
+
+def reserve(fd: int, size: int) -> None:
+    """Give the first ``size`` bytes of the file real pages now (the file grows to ``size`` if shorter).
+
+    A page of a sparse file that tmpfs cannot back when it is first written kills the writer with SIGBUS;
+    reserved pages can be written whatever happens to the filesystem afterwards. Raises OSError (ENOSPC
+    when the filesystem is full) and leaves the mapping to the caller.
+    """
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as error:
+        if error.errno != errno.EOPNOTSUPP:
+            raise
+        # A filesystem without fallocate (glibc emulates it on most): write the zeros ourselves.
+        current = os.fstat(fd).st_size
+        if current < size:
+            os.pwrite(fd, bytes(size - current), current)
 
 
 def sample_key(metric: str, sample: str, labels: dict[str, str], documentation: str) -> str:
@@ -87,12 +107,18 @@ class MetricFile:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        size = os.fstat(self._fd).st_size
-        if size < _INITIAL_SIZE:
-            os.ftruncate(self._fd, _INITIAL_SIZE)
-            size = _INITIAL_SIZE
-        self._map = mmap.mmap(self._fd, size)
+        # O_NOFOLLOW: the directory may be shared and world-writable, the name is predictable.
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+        found = os.fstat(self._fd).st_size
+        try:
+            size = max(found, _INITIAL_SIZE)
+            reserve(self._fd, size)  # before mapping: no page of the map is ever left unbacked
+            self._map = mmap.mmap(self._fd, size)
+        except BaseException:
+            os.close(self._fd)
+            if not found:
+                os.remove(path)  # ours, still empty: an empty file would only break scrapes
+            raise
         (used,) = _USED.unpack_from(self._map, 0)
         self._used = used if used >= _HEADER else _HEADER
         self._positions = dict(_scan(self._map, used)) if used >= _HEADER else {}
@@ -116,16 +142,24 @@ class MetricFile:
         # One slice assignment, not pack_into: a reader must never see the value half written.
         self._map[position : position + 16] = _VALUE.pack(value, timestamp)
 
-    def _append(self, key: str) -> int:
-        entry = _entry(key)
-        end = self._used + len(entry)
+    def make_room(self, keys: Iterable[str]) -> None:
+        """Grow now for the keys not in the file yet, so writing them cannot fail half way through."""
+        needed = sum(_key_field(len(key.encode("utf-8"))) + 16 for key in set(keys) if key not in self._positions)
+        self._grow(self._used + needed)
+
+    def _grow(self, end: int) -> None:
         if end > len(self._map):
             size = len(self._map)
             while size < end:
                 size *= 2
-            os.ftruncate(self._fd, size)
+            reserve(self._fd, size)  # raises before anything is mapped or written when space is short
             self._map.close()
             self._map = mmap.mmap(self._fd, size)
+
+    def _append(self, key: str) -> int:
+        entry = _entry(key)
+        end = self._used + len(entry)
+        self._grow(end)
         self._map[self._used : end] = entry
         # The header moves last, so a reader sees either the old entries or all of the new one.
         self._map[0:4] = _USED.pack(end)

@@ -10,19 +10,28 @@ prometheus_client: the master writes the format itself (_mmapfile).
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import glob
+import mmap
 import os
+import re
+import shutil
+import stat
+import struct
 import sys
+import tempfile
 from bisect import bisect_left
 from collections.abc import Iterator
 
 from ._drain import Round
 from ._forensics import CAUSES
-from ._mmapfile import MetricFile, go_float, read_file, sample_key
-from ._safety import report
+from ._mmapfile import MetricFile, go_float, parse, read_file, sample_key
+from ._safety import LOG, report
+from ._scoreboard import free_space
 from .settings import ConfigurationError
 
+_NO_ROOM = (errno.ENOSPC, errno.EDQUOT)
 _MIN_FILE = 8  # a file shorter than its own header was cut short by a kill and would break every scrape
 _SUMMED = {"counter", "histogram", "summary", "gauge_sum"}
 MERGE_LOCK = ".gunicorn-insight.lock"
@@ -42,22 +51,120 @@ def check_import_order(directory: str) -> None:
         )
 
 
-def prepare_directory(directory: str, *, clear: bool) -> None:
-    """Create the directory, prove it is writable, and drop files left by a previous run."""
+def prepare_directory(directory: str) -> None:
+    """Create the directory and prove it is writable (without removing anything: see remove_stale_files)."""
     try:
         os.makedirs(directory, exist_ok=True)
-        probe = os.path.join(directory, f".gunicorn-insight-probe-{os.getpid()}")
-        with open(probe, "wb"):
-            pass
+        # mkstemp: a fresh name opened O_EXCL, so a symlink planted in a shared directory is never followed.
+        fd, probe = tempfile.mkstemp(prefix=".gunicorn-insight-probe-", dir=directory)
+        os.close(fd)
         os.remove(probe)
     except OSError as error:
         raise ConfigurationError(
             f"prometheus_dir={directory!r} is not a writable directory ({error.strerror}); create it and "
             "give the gunicorn user write access, or point GUNICORN_INSIGHT_PROMETHEUS_DIR elsewhere"
         ) from None
-    if clear:
-        for path in glob.glob(os.path.join(directory, "*.db")):
-            os.remove(path)
+
+
+# The files prometheus_client's multiprocess mode writes (<type>_<pid>.db; a gauge's type names its
+# multiprocess_mode) and this plugin's archives of them (<type>_archive-<master pid>.db).
+_TYPES = r"(?:counter|histogram|summary|gauge_(?:live)?(?:all|min|max|sum|mostrecent))"
+_METRIC_FILE = re.compile(_TYPES + r"_(archive-)?([0-9]{1,9})\.db")
+_SCRAPED_FILE = re.compile(_TYPES + r"_.+\.db")  # prometheus_client lets an application name its processes
+
+
+def is_metric_file(name: str) -> bool:
+    """A file name prometheus_client's multiprocess mode (or this plugin's archive) uses."""
+    return _SCRAPED_FILE.fullmatch(name) is not None
+
+
+def remove_stale_files(directory: str, owners: set[int]) -> list[str]:
+    """Remove metric files a previous run left, so its counters are not added to this run's.
+
+    A file goes only when everything says it is a leftover: its name is one prometheus_client's
+    multiprocess mode or this plugin writes, it is a regular file owned by one of ``owners`` (our uid
+    and the workers' uid), its content parses as a multiprocess file, and the process named in it is
+    gone. A user's ``app.db``, another user's files and a live server's files (two servers sharing
+    the directory) stay. Returns the paths removed.
+    """
+    removed = []
+    with merge_lock(directory, shared=False):
+        for name in sorted(os.listdir(directory)):
+            match = _METRIC_FILE.fullmatch(name)
+            if match is None:
+                continue
+            path = os.path.join(directory, name)
+            if _alive(int(match.group(2))) or not _ours(path, owners) or not _parses(path):
+                continue
+            with contextlib.suppress(FileNotFoundError):  # its own master folded it meanwhile
+                os.remove(path)
+                removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return True  # not a process id: nothing says it is gone
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True
+
+
+def _ours(path: str, owners: set[int]) -> bool:
+    try:
+        status = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISREG(status.st_mode) and status.st_uid in owners
+
+
+def _parses(path: str) -> bool:
+    """Empty (cut short by a kill) or a multiprocess file whose entries all parse."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False
+    with os.fdopen(fd, "rb") as handle:
+        data = handle.read(mmap.PAGESIZE)
+        if not data.strip(b"\0"):
+            return True
+        if len(data) < 8:
+            return False
+        (used,) = struct.unpack_from("<i", data, 0)
+        size = os.fstat(fd).st_size
+        if not 8 <= used <= size:
+            return False
+        data += handle.read(used - len(data)) if used > len(data) else b""
+    try:
+        parse(data, used)
+    except (ValueError, UnicodeDecodeError, struct.error):
+        return False
+    return True
+
+
+def hand_over(source: str, target: str) -> int:
+    """Move the final metric files of processes that are gone from ``source`` into ``target``; live gauges
+    stay behind (a gone process has no live value). Returns how many files moved."""
+    moved = 0
+    with merge_lock(source, shared=False):
+        for name in sorted(os.listdir(source)):
+            if not is_metric_file(name) or name.startswith("gauge_live"):
+                continue
+            destination = os.path.join(target, name)
+            if os.path.lexists(destination):
+                continue
+            try:
+                os.rename(os.path.join(source, name), destination)
+            except OSError as error:
+                if error.errno != errno.EXDEV:
+                    raise
+                shutil.move(os.path.join(source, name), destination)
+            moved += 1
+    return moved
 
 
 @contextlib.contextmanager
@@ -65,7 +172,9 @@ def merge_lock(directory: str, *, shared: bool) -> Iterator[None]:
     """Held exclusively while the master folds a dead worker's file into an archive (the values are in
     both files for a moment) and shared while the /metrics process reads the directory, so no scrape
     counts them twice. Opened per use: a worker forked meanwhile must not inherit the lock."""
-    fd = os.open(os.path.join(directory, MERGE_LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    # Read-only is enough for flock, and lets servers of other users share it; O_NOFOLLOW: the name is
+    # predictable and the directory may be world-writable.
+    fd = os.open(os.path.join(directory, MERGE_LOCK), os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         yield
@@ -74,15 +183,22 @@ def merge_lock(directory: str, *, shared: bool) -> Iterator[None]:
 
 
 def usable_files(directory: str) -> list[str]:
-    """The directory's metric files, without those a kill cut short before their header was written."""
-    return [path for path in glob.glob(os.path.join(directory, "*.db")) if _usable(path)]
+    """The directory's metric files, without those a kill cut short before their header was written, and
+    without other ``.db`` files (a user's SQLite database would break every scrape)."""
+    return [
+        path for path in glob.glob(os.path.join(directory, "*.db"))
+        if is_metric_file(os.path.basename(path)) and _usable(path)
+    ]
 
 
 def _usable(path: str) -> bool:
     try:
-        return os.path.getsize(path) >= _MIN_FILE
+        status = os.lstat(path)
     except OSError:
         return False  # removed between glob and stat by a merge
+    # Not a symlink: the directory may be writable for the workers' user, and /metrics must not read
+    # through a link they planted.
+    return stat.S_ISREG(status.st_mode) and status.st_size >= _MIN_FILE
 
 
 BOOT_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -185,12 +301,28 @@ class PrometheusSink:
                                    "by somaxconn).", ("listener",))
         self._lifecycle_families()
         self._pressure_families()
-        for family in (self._lost, self._slow, self._queue_invalid, self._overflows, self._stalls,
-                       self._crash_loops):
-            self._add(family, family.key("_total"), 0)  # present from the start, so rate() sees the first one
-        for cause in CAUSES:
-            self._add(self._exits, self._exits.key("_total", (cause,)), 0)
-        self._set(self._limit, self._limit.key(""), connections_limit)
+        self._fold_warned = False
+        self.off = False
+        """No room was left to grow the files: the plugin's Prometheus metrics are off until a restart."""
+        try:
+            for prefix in ("counter", "histogram", "gauge_livesum"):
+                self._file(prefix)  # every file and its room now, while a shortage can still stop the start
+            self._set(self._limit, self._limit.key(""), connections_limit)
+            for family in (self._lost, self._slow, self._queue_invalid, self._overflows, self._stalls,
+                           self._crash_loops):
+                self._add(family, family.key("_total"), 0)  # present from the start, so rate() sees the first one
+            for cause in CAUSES:
+                self._add(self._exits, self._exits.key("_total", (cause,)), 0)
+        except OSError as error:
+            if error.errno not in _NO_ROOM:
+                raise
+            self._discard()
+            raise ConfigurationError(
+                f"gunicorn-insight cannot reserve room for its Prometheus files in {directory} ({error.strerror}; "
+                f"{free_space(directory)}; each file takes 64 KiB at first); give that filesystem more room "
+                "(Docker: docker run --shm-size=256m), or set GUNICORN_INSIGHT_PROMETHEUS_DIR to a directory "
+                "with room (on disk)"
+            ) from None
 
     def _lifecycle_families(self) -> None:
         self._ready = _gauge("gunicorn_workers_ready", "Live workers that have loaded the application.")
@@ -302,6 +434,38 @@ class PrometheusSink:
         self._add(histogram, histogram.key("_sum", labels), sum(values))
 
     def publish(self, facts: Round) -> None:
+        if self.off:
+            return
+        try:
+            self._publish(facts)
+        except OSError as error:
+            if error.errno not in _NO_ROOM:
+                raise
+            self._turn_off(error)
+
+    def _turn_off(self, error: OSError) -> None:
+        """Out of room: stop exporting, once and loudly, rather than serve figures that stopped moving.
+
+        The master's own files are removed (their series disappear from /metrics, and the room they held
+        goes back to the application); the archives of dead workers stay, they hold the application's counts.
+        """
+        self.off = True
+        LOG.warning(
+            "gunicorn-insight: no room to grow the Prometheus files in %s (%s; %s): the plugin's Prometheus "
+            "metrics are off until gunicorn restarts; the application keeps serving. Give that filesystem more "
+            "room (Docker: docker run --shm-size=256m) or set GUNICORN_INSIGHT_PROMETHEUS_DIR to a directory "
+            "with room", self.directory, error.strerror, free_space(self.directory),
+        )
+        self._discard()
+
+    def _discard(self) -> None:
+        paths = [file.path for file in self._files.values()]
+        self.close()
+        for path in paths:
+            with contextlib.suppress(OSError):
+                os.remove(path)
+
+    def _publish(self, facts: Round) -> None:
         requests = self._requests
         for (method, status, route), count in facts.requests.items():
             labels = (method, str(status) if status else "unknown", *((route or "none",) if self._routes else ()))
@@ -334,7 +498,24 @@ class PrometheusSink:
 
     def forget_process(self, pid: int) -> None:
         """Fold a dead worker's files into the archive files, then delete them."""
+        if self.off:
+            return  # its files stay and are still scraped, as they are: right, only not folded
         suffix = f"_{pid}.db"
+        try:
+            self._fold(pid, suffix)
+        except OSError as error:
+            if error.errno not in _NO_ROOM:
+                raise
+            if not self._fold_warned:
+                self._fold_warned = True
+                LOG.warning(
+                    "gunicorn-insight: no room in %s (%s; %s) to fold dead workers' metric files into archives: "
+                    "they stay as they are (counts stay right, each costs scrape time). Give that filesystem "
+                    "more room (Docker: docker run --shm-size=256m)", self.directory, error.strerror,
+                    free_space(self.directory),
+                )
+
+    def _fold(self, pid: int, suffix: str) -> None:
         with merge_lock(self.directory, shared=False):
             for path in glob.glob(os.path.join(self.directory, f"*{suffix}")):
                 prefix = os.path.basename(path)[: -len(suffix)]
@@ -349,6 +530,8 @@ class PrometheusSink:
                     report(f"reading {path}", error)
                     values = []
                 archive, keys = self._archive(prefix)
+                # Room first: a fold that stopped half way would count the merged values twice.
+                archive.make_room(key for key, _, _ in values)
                 for key, value, timestamp in values:
                     merged = (value, timestamp)
                     if key in keys:

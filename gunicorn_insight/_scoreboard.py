@@ -23,7 +23,8 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from .settings import join_host_port
+from ._mmapfile import reserve
+from .settings import ConfigurationError, join_host_port
 
 MAGIC = b"GINSIGHT"
 VERSION = 4
@@ -184,10 +185,17 @@ class Scoreboard:
     ) -> Scoreboard:
         if ring & (ring - 1):
             raise ValueError("ring size must be a power of two")
-        size = HEADER_SIZE + slots * slot_size(entries, ring, routes)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        each = slot_size(entries, ring, routes)
+        size = HEADER_SIZE + slots * each
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
-            os.ftruncate(fd, size)
+            try:
+                # Every page now, before the first write: a worker forked into a slot later must never
+                # meet a page the filesystem can no longer back (SIGBUS, on a full /dev/shm).
+                reserve(fd, size)
+            except OSError as error:
+                os.unlink(path)
+                raise ConfigurationError(no_room_message(path, size, slots, each, error)) from None
             buffer = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
             os.close(fd)
@@ -309,6 +317,29 @@ class Scoreboard:
         return self.buffer[base + first * RING_SIZE : base + self.ring * RING_SIZE] + self.buffer[
             base : base + last * RING_SIZE
         ]
+
+
+def mebibytes(size: int) -> str:
+    return f"{size / 1048576:.1f} MiB"
+
+
+def free_space(directory: str) -> str:
+    try:
+        stats = os.statvfs(directory)
+    except OSError:
+        return "free space unknown"
+    return f"{mebibytes(stats.f_bavail * stats.f_frsize)} free of {mebibytes(stats.f_blocks * stats.f_frsize)}"
+
+
+def no_room_message(path: str, size: int, slots: int, each: int, error: OSError) -> str:
+    directory = os.path.dirname(path)
+    return (
+        f"gunicorn-insight cannot reserve {mebibytes(size)} for its scoreboard in {directory} "
+        f"({error.strerror}; {free_space(os.path.dirname(directory) or directory)}); give that filesystem "
+        "more room (Docker: docker run --shm-size=256m, Compose: shm_size, Kubernetes: an emptyDir with "
+        f"medium: Memory at /dev/shm), or lower GUNICORN_INSIGHT_MAX_WORKERS ({slots} slots of "
+        f"{each // 1024} KiB; it needs one per worker alive at once)"
+    )
 
 
 def slot_size(entries: int, ring: int, routes: int = 0) -> int:

@@ -7,8 +7,10 @@ master knows: the listen backlog, totals, and the recent worker exits with their
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import tempfile
 import time
 from collections import deque
 from typing import Any
@@ -22,10 +24,18 @@ RECENT_EXITS = 20
 
 
 def write_json(path: str, payload: dict[str, Any]) -> None:
-    temporary = f"{path}.{os.getpid()}.tmp"
-    with open(temporary, "w") as handle:
-        json.dump(payload, handle, separators=(",", ":"))
-    os.replace(temporary, path)
+    # mkstemp, not a predictable name opened with truncation: with gunicorn's --user the run directory
+    # belongs to the workers' user, who could plant a symlink there for the root master to write through.
+    fd, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=os.path.dirname(path))
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(payload, handle, separators=(",", ":"))
+        os.chmod(temporary, 0o644)  # readable by the CLI of any user, as before
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(temporary)
+        raise
 
 
 class StatusFiles:

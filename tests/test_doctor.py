@@ -175,13 +175,16 @@ def test_prometheus_dir_unset_is_not_checked() -> None:
 
 
 def test_prometheus_dir_problems(tmp_path: Path) -> None:
-    """Missing: info; a file: error; stale .db files of dead pids with no server using it: warning."""
+    """Missing: info; a file: error; stale metric files of dead pids with no server using it: warning (a
+    user's app.db is not one)."""
     env = "PROMETHEUS_MULTIPROC_DIR"
     assert found(_doctor.check_prometheus_dir, environ={env: str(tmp_path / "missing")}) == [("prometheus-dir", "info")]
     (tmp_path / "file").write_text("")
     assert found(_doctor.check_prometheus_dir, environ={env: str(tmp_path / "file")}) == [("prometheus-dir", "error")]
     stale = tmp_path / "stale"
     stale.mkdir()
+    assert found(_doctor.check_prometheus_dir, environ={env: str(stale)}) == []
+    (stale / "app.db").write_bytes(b"SQLite format 3\0")  # the user's, not a metric file: no warning
     assert found(_doctor.check_prometheus_dir, environ={env: str(stale)}) == []
     (stale / f"counter_{dead_pid()}.db").write_bytes(b"")
     assert found(_doctor.check_prometheus_dir, environ={env: str(stale)}) == [("prometheus-dir", "warning")]

@@ -7,6 +7,7 @@ mode is fixed at import time and must not leak between tests.
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -14,7 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from gunicorn_insight._prometheus import prepare_directory
+from gunicorn_insight._mmapfile import MetricFile, sample_key
+from gunicorn_insight._prometheus import (
+    MERGE_LOCK,
+    merge_lock,
+    prepare_directory,
+    remove_stale_files,
+    usable_files,
+)
 from gunicorn_insight.settings import ConfigurationError
 
 
@@ -28,21 +36,12 @@ def run_python(code: str, directory: Path) -> str:
     return result.stdout
 
 
-def test_prepare_directory_creates_and_clears(tmp_path: Path) -> None:
-    """A missing directory is created; stale .db files from a previous run are removed, others kept."""
+def test_prepare_directory_creates_and_proves_writable(tmp_path: Path) -> None:
+    """A missing directory is created, and the write probe leaves nothing behind."""
     directory = tmp_path / "prom"
-    prepare_directory(str(directory), clear=True)
-    (directory / "counter_123.db").write_bytes(b"x")
-    (directory / "notes.txt").write_text("keep")
-    prepare_directory(str(directory), clear=True)
-    assert sorted(os.listdir(directory)) == ["notes.txt"]
-
-
-def test_prepare_directory_keeps_files_for_a_successor_master(tmp_path: Path) -> None:
-    """clear=False (a USR2 successor) leaves the live parent's files alone."""
-    (tmp_path / "counter_1.db").write_bytes(b"x")
-    prepare_directory(str(tmp_path), clear=False)
-    assert os.listdir(tmp_path) == ["counter_1.db"]
+    prepare_directory(str(directory))
+    assert directory.is_dir()
+    assert os.listdir(directory) == []
 
 
 def test_a_file_in_the_way_is_a_clear_error(tmp_path: Path) -> None:
@@ -50,7 +49,81 @@ def test_a_file_in_the_way_is_a_clear_error(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("")
     with pytest.raises(ConfigurationError, match=r"prometheus_dir=.*is not a writable directory"):
-        prepare_directory(str(blocker), clear=True)
+        prepare_directory(str(blocker))
+
+
+def test_the_write_probe_and_the_lock_never_follow_a_planted_symlink(tmp_path: Path) -> None:
+    """Symlinks another user plants at the probe and lock names never make us truncate or create a file."""
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    directory = tmp_path / "shared"
+    directory.mkdir()
+    for pid in range(os.getpid() - 5, os.getpid() + 5):  # the old probe name was .gunicorn-insight-probe-<pid>
+        (directory / f".gunicorn-insight-probe-{pid}").symlink_to(victim)
+    elsewhere = tmp_path / "created-through-the-link"
+    (directory / MERGE_LOCK).symlink_to(elsewhere)
+    prepare_directory(str(directory))
+    with pytest.raises(OSError, match="Too many levels of symbolic links"), merge_lock(str(directory), shared=True):
+        pass
+    assert victim.read_text() == "precious"
+    assert not elsewhere.exists()
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has exited and been reaped."""
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                           text=True, check=True)
+    return int(child.stdout)
+
+
+def test_leftovers_of_gone_processes_are_removed_and_nothing_else(tmp_path: Path) -> None:
+    """Startup cleanup removes metric files of dead pids, written by prometheus_client or us, owned by us;
+    a user's app.db, look-alike names with other content, live pids, other users' files and symlinks stay."""
+    # Real multiprocess files from a process that has since exited, and our own archive of them.
+    out = run_python("""
+        import os
+        from prometheus_client import Counter, Gauge, Histogram
+        Counter("c", "c").inc()
+        Gauge("g", "g", multiprocess_mode="livesum").set(3)
+        Histogram("h", "h").observe(0.2)
+        print(os.getpid())
+    """, tmp_path)
+    gone = int(out)
+    leftovers = {f"counter_{gone}.db", f"gauge_livesum_{gone}.db", f"histogram_{gone}.db"}
+    assert leftovers <= set(os.listdir(tmp_path))
+    archive = MetricFile(str(tmp_path / f"counter_archive-{_dead_pid()}.db"))
+    archive.write(sample_key("c", "c_total", {}, "c"), 4.0)
+    archive.close()
+    cut_short = tmp_path / f"gauge_all_{_dead_pid()}.db"
+    cut_short.write_bytes(b"")  # a kill came before its header
+    leftovers |= {os.path.basename(archive.path), cut_short.name}
+    # What must stay.
+    with sqlite3.connect(tmp_path / "app.db") as database:
+        database.execute("create table t (x)")
+    with sqlite3.connect(tmp_path / f"counter_{_dead_pid()}.db") as database:  # our name, not our content
+        database.execute("create table t (x)")
+    live = MetricFile(str(tmp_path / f"counter_{os.getpid()}.db"))  # a live server sharing the directory
+    live.write(sample_key("c", "c_total", {}, "c"), 1.0)
+    live.close()
+    theirs = tmp_path / f"histogram_{_dead_pid()}.db"
+    theirs.write_bytes((tmp_path / f"histogram_{gone}.db").read_bytes())
+    if os.geteuid() == 0:
+        os.chown(theirs, 65534, 65534)
+    target = tmp_path / "target"
+    target.write_bytes((tmp_path / f"counter_{gone}.db").read_bytes())
+    (tmp_path / f"summary_{_dead_pid()}.db").symlink_to(target)
+    (tmp_path / "notes.txt").write_text("keep")
+    before = set(os.listdir(tmp_path))
+
+    removed = remove_stale_files(str(tmp_path), {os.geteuid()})
+
+    assert {os.path.basename(path) for path in removed} == leftovers
+    kept = before - leftovers
+    if os.geteuid() != 0:
+        kept.discard(theirs.name)  # could not hand it to another user: it is ours, and goes
+    assert kept <= set(os.listdir(tmp_path))
+    assert (tmp_path / "app.db").stat().st_size > 0
+    assert target.exists()
 
 
 def test_import_before_directory_is_refused(tmp_path: Path) -> None:
@@ -234,3 +307,15 @@ def test_no_host_reading_writes_no_host_series(tmp_path: Path) -> None:
     assert "gunicorn_workers_ready 1.0" in out
     samples = [line for line in out.splitlines() if line and not line.startswith("#")]
     assert not [line for line in samples if line.startswith(("gunicorn_cgroup_", "gunicorn_pressure_"))]
+def test_scrapes_read_only_regular_metric_files(tmp_path: Path) -> None:
+    """A user's app.db and a symlink planted under a metric file's name are not scraped; real files are."""
+    real = MetricFile(str(tmp_path / "counter_1.db"))
+    real.write(sample_key("c", "c_total", {}, "c"), 1.0)
+    real.close()
+    with sqlite3.connect(tmp_path / "app.db") as database:
+        database.execute("create table t (x)")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "secret").write_bytes((tmp_path / "counter_1.db").read_bytes())
+    (tmp_path / "counter_2.db").symlink_to(elsewhere / "secret")
+    assert usable_files(str(tmp_path)) == [str(tmp_path / "counter_1.db")]

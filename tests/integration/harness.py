@@ -185,11 +185,11 @@ def start_gunicorn(
     metrics_port = free_port() if metrics else None
     extra: dict[str, str | None] = {"GUNICORN_INSIGHT_METRICS_BIND": f"127.0.0.1:{metrics_port}" if metrics else "off"}
     extra.update(env or {})
-    argv = gunicorn_argv(
+    argv = [*launcher, *gunicorn_argv(
         "-c", config, "-b", f"127.0.0.1:{port}", "-w", str(workers), "-k", worker_class, "--chdir", str(cwd),
         "--graceful-timeout", "5", *args, app, script=script,
-    )
-    process = process_factory([*launcher, *argv], env=clean_environment(extra), cwd=cwd, name="gunicorn")
+    )]
+    process = process_factory(argv, env=clean_environment(extra), cwd=cwd, name="gunicorn")
     if not wait:
         return Gunicorn(process, port, metrics_port, "")
     board = wait_until(lambda: scoreboard_of(process), timeout=30, what="the master's server.json",
