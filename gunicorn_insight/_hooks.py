@@ -20,6 +20,7 @@ from typing import Any
 
 from . import _master, _prometheus, _worker
 from . import _scoreboard as sb
+from ._asgi import RecordingApp
 from ._routes import hook_frameworks
 from ._safety import LOG, report
 from ._version import __version__
@@ -327,6 +328,49 @@ def post_worker_init(worker: Any) -> None:
                     loop=getattr(worker, "loop", None) if master.plan.worker_kind == "asgi" else None).start()
     except Exception as error:
         report("post_worker_init", error)
+    try:
+        if _worker.RECORDER is not None and _master.CURRENT is not None:
+            record_asgi_requests(worker, _master.CURRENT.plan)
+    except Exception as error:
+        report("wrapping the ASGI application", error)
+
+
+ASGI_APP_ATTRIBUTES = {"uvicorn": "wsgi", "asgi": "asgi"}
+"""Worker classes whose requests the ASGI layer records, and where each keeps the loaded application until
+it starts serving (uvicorn's hands ``worker.wsgi`` to its server in ``run()``)."""
+
+
+def record_asgi_requests(worker: Any, plan: _master.Plan) -> None:
+    """Wrap the loaded application in the recording ASGI layer (see _asgi), on the classes that need it.
+
+    gunicorn's asgi worker also calls the request hooks, with less than the layer sees (no status or route
+    without its access log, no client address): this worker gets the user's own hooks back, so each request
+    is written once."""
+    attribute = ASGI_APP_ATTRIBUTES.get(plan.worker_kind)
+    if attribute is None:
+        return
+    app = getattr(worker, attribute, None)
+    if app is None or isinstance(app, RecordingApp):
+        return
+    interface = getattr(getattr(worker, "config", None), "interface", "auto")
+    if interface not in ("auto", "asgi3", "asgi2"):
+        LOG.warning("gunicorn-insight: worker class %s serves a %s application; its requests are not recorded",
+                    type(worker).__name__, interface)
+        return
+    hooks = _worker.COMPILED if STATE.request_hooks == "compiled" and _worker.COMPILED is not None else (
+        pre_request, post_request)
+    setattr(worker, attribute, RecordingApp(app, worker, hooks, routes=plan.recorder.routes,
+                                            count_requests=plan.worker_kind == "uvicorn"))
+    if plan.worker_kind == "asgi":
+        _hand_back_request_hooks(worker.cfg)
+
+
+def _hand_back_request_hooks(cfg: Any) -> None:
+    """In this worker only, gunicorn's request hooks become the user's own again (or gunicorn's defaults)."""
+    for name in ("pre_request", "post_request"):
+        setting = cfg.settings.get(name)
+        if setting is not None and is_ours(setting.value):
+            setting.value = getattr(setting.value, "__wrapped__", None) or setting.default
 
 
 def worker_int(worker: Any) -> None:

@@ -119,11 +119,11 @@ def _slow_after(settings: Settings, cfg: Any) -> float:
 
 # Worker classes that call pre_request and post_request from one OS thread (greenlets and coroutines never
 # switch inside a hook): their recorder needs no lock. Custom classes are not assumed to be among them.
-ONE_THREAD_KINDS = frozenset({"sync", "gevent", "eventlet", "tornado", "asgi"})
+ONE_THREAD_KINDS = frozenset({"sync", "gevent", "eventlet", "tornado", "asgi", "uvicorn"})
 
 
 def worker_kind(cfg: Any) -> str:
-    """sync, gthread, gevent, eventlet, tornado, asgi, or the class name of a custom worker."""
+    """sync, gthread, gevent, eventlet, tornado, asgi, uvicorn, or the class name of a custom worker."""
     try:
         worker_class = cfg.worker_class
     except Exception:
@@ -131,7 +131,7 @@ def worker_kind(cfg: Any) -> str:
     names = {
         "SyncWorker": "sync", "ThreadWorker": "gthread", "GeventWorker": "gevent",
         "GeventPyWSGIWorker": "gevent", "EventletWorker": "eventlet", "TornadoWorker": "tornado",
-        "ASGIWorker": "asgi",
+        "ASGIWorker": "asgi", "UvicornWorker": "uvicorn",  # uvicorn.workers and uvicorn_worker: same name
     }
     for klass in worker_class.__mro__:
         if klass.__name__ in names:

@@ -1,0 +1,160 @@
+"""Request recording for ASGI worker classes, as an ASGI layer around the application.
+
+uvicorn's worker classes never call gunicorn's ``pre_request``/``post_request``, and gunicorn's own
+``asgi`` worker calls them without a response (status unknown) or an environ (no route) unless its access
+log is on, and with a request that has no peer address. So on those classes the worker wraps the loaded
+application in :class:`RecordingApp`, which hands each HTTP request to the very same two hooks
+(compiled or Python, whichever install() chose) through a small stand-in for gunicorn's request: one
+definition of what a request writes, identical bytes in the slot.
+
+Only ``http`` scopes are requests. ``lifespan`` and ``websocket`` scopes go to the application untouched
+and are not counted (a websocket connection can last hours: it is not a request with a duration).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from ._routes import ROUTE_KEY
+from ._safety import report
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+Hook = Callable[..., None]
+
+_QUEUE_HEADERS = {b"x-request-start": "X-REQUEST-START", b"x-queue-start": "X-QUEUE-START"}
+_ENVIRON_KEYS = {"X-REQUEST-START": "HTTP_X_REQUEST_START", "X-QUEUE-START": "HTTP_X_QUEUE_START"}
+
+
+class AsgiRequest:
+    """What the request hooks read from gunicorn's request and response objects, taken from an ASGI scope.
+
+    One object is both: ``status_code`` is what post_request reads first from a response. It starts at
+    500, what the server answers when the application fails before starting its response (gunicorn's
+    WSGI path records the same)."""
+
+    __slots__ = ("headers", "method", "path", "peer_addr", "query", "status_code")
+
+    def __init__(self, scope: Scope) -> None:
+        self.method: str = scope.get("method") or ""
+        self.path: str = scope.get("path") or ""
+        query = scope.get("query_string")
+        self.query = query.decode("latin-1") if query else ""
+        client = scope.get("client")
+        # ASGI servers give [host, port] or (host, port); the hooks take a tuple as a TCP peer, anything else
+        # (None on a unix socket) as "unix".
+        self.peer_addr: Any = tuple(client) if client else None
+        self.headers: list[tuple[str, str]] = []
+        self.status_code = 500
+
+
+def queue_stamp(scope: Scope) -> tuple[str, str] | None:
+    """(header name as gunicorn spells it, value) of X-Request-Start, else X-Queue-Start, from an ASGI scope."""
+    found = None
+    for name, value in scope.get("headers") or ():
+        known = _QUEUE_HEADERS.get(bytes(name).lower())
+        if known is not None:
+            if known == "X-REQUEST-START":
+                return known, bytes(value).decode("latin-1")
+            if found is None:
+                found = known, bytes(value).decode("latin-1")
+    return found
+
+
+def route_template(scope: Scope, root_path: str) -> str | None:
+    """The matched route's path format, which Starlette (and so FastAPI) leaves in ``scope["route"]``.
+
+    A route inside a mounted application is relative to its mount: the mount's part of ``root_path`` (which
+    the router extended while routing) goes in front."""
+    route = scope.get("route")
+    path = getattr(route, "path_format", None) or getattr(route, "path", None)
+    if not isinstance(path, str) or not path:
+        return None
+    mounted = scope.get("root_path", root_path)
+    if isinstance(mounted, str) and mounted != root_path and mounted.startswith(root_path):
+        return mounted[len(root_path):] + path
+    return path
+
+
+def _is_asgi3(app: Any) -> bool:
+    """A single-callable (ASGI 3) application, or a double-callable one (a class called with the scope), told
+    apart the way uvicorn does."""
+    if inspect.isclass(app):
+        return hasattr(app, "__await__")
+    if inspect.iscoroutinefunction(app):  # functions and bound methods
+        return True
+    return inspect.iscoroutinefunction(type(app).__call__) if callable(app) else False
+
+
+class RecordingApp:
+    """The application, with each HTTP request written to the scoreboard by the request hooks.
+
+    ``count_requests`` adds one to ``worker.nr`` per finished HTTP request, for worker classes (uvicorn's)
+    that do not keep gunicorn's count, so an exit after ``max_requests`` is told apart from a plain stop.
+    Nothing else about the application changes: its own attributes are reachable through this object.
+    """
+
+    def __init__(self, app: Any, worker: Any, hooks: tuple[Hook, Hook], *, routes: bool,
+                 count_requests: bool) -> None:
+        self.app = app
+        self._worker = worker
+        self._pre_request, self._post_request = hooks
+        self._routes = routes
+        self._count = count_requests
+        self._asgi3 = _is_asgi3(app)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "app":  # not set yet (copy, pickle): no recursion
+            raise AttributeError(name)
+        return getattr(self.app, name)
+
+    async def _call(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self._asgi3:
+            await self.app(scope, receive, send)
+        else:
+            await self.app(scope)(receive, send)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope.get("type") != "http":
+            await self._call(scope, receive, send)
+            return
+        worker = self._worker
+        try:
+            req = AsgiRequest(scope)
+            root_path = scope.get("root_path", "")
+            self._pre_request(worker, req)
+        except Exception as error:  # our bug must not cost the application its request
+            report("recording an ASGI request", error)
+            await self._call(scope, receive, send)
+            return
+
+        async def recording_send(message: Message) -> None:
+            if message.get("type") == "http.response.start":
+                req.status_code = message.get("status", 500)
+            await send(message)
+
+        try:
+            await self._call(scope, receive, recording_send)
+        finally:
+            self._finish(worker, req, scope, root_path)
+
+    def _finish(self, worker: Any, req: AsgiRequest, scope: Scope, root_path: str) -> None:
+        try:
+            environ: dict[str, Any] = {}
+            stamp = queue_stamp(scope)
+            if stamp is not None:
+                environ[_ENVIRON_KEYS[stamp[0]]] = stamp[1]
+            if self._routes:
+                route = route_template(scope, root_path)
+                if route is not None:
+                    environ[ROUTE_KEY] = route
+                environ["asgi.scope"] = scope  # for a route_resolver written for ASGI
+            if self._count:
+                worker.nr += 1
+            self._post_request(worker, req, environ, req)
+        except Exception as error:
+            report("recording an ASGI request", error)
