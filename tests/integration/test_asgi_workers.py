@@ -10,6 +10,7 @@ import threading
 import pytest
 from harness import APPS, GUNICORN_VERSION, Gunicorn, start_gunicorn
 from servers import ProcessFactory, wait_until
+from test_worker_death import EXITED, fire_and_forget
 
 from gunicorn_insight import _scoreboard as sb
 
@@ -109,3 +110,19 @@ def test_uvicorn_max_requests_recycles_are_counted_as_max_requests(
         server.wait_for_value("gunicorn_worker_exits_total", recycled, cause="max_requests", timeout=60)
     assert server.total("gunicorn_worker_exits_total", cause="graceful") == 0
     assert server.total("gunicorn_requests_total") == 6
+
+
+@pytest.mark.parametrize("worker_class", UVICORN_CLASSES)
+def test_timed_out_uvicorn_worker_names_its_request_and_the_sigabrt(
+    worker_class: str, process_factory: ProcessFactory
+) -> None:
+    """A uvicorn worker timed out with its loop blocked dies of the SIGABRT itself: the exit line says so (not
+    SIGKILL) and names the request in flight."""
+    server = start(process_factory, worker_class, "asgi_app:app", args=["--timeout", "2"])
+    fire_and_forget(server, "/stuck")
+    match = server.process.wait_for_log(EXITED, timeout=60)
+    assert (match["cause"], match["method"], match["path"]) == ("timeout_kill", "GET", "/stuck"), match[0]
+    assert "died of that SIGABRT" in match["detail"]
+    assert match["client"].startswith("127.0.0.1:")
+    assert "SIGKILL" not in match["detail"] + (match["stack"] or "")
+    server.wait_for_value("gunicorn_worker_exits_total", 1, cause="timeout_kill")

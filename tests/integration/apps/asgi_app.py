@@ -1,5 +1,5 @@
-"""A minimal ASGI application answering 201; /block blocks the event loop the way a sync call in a
-coroutine does."""
+"""A minimal ASGI application answering 201; /block blocks the event loop for 3 s the way a sync call in a
+coroutine does, /stuck for 30 s (past any test's --timeout)."""
 
 from __future__ import annotations
 
@@ -22,5 +22,7 @@ async def app(scope: dict[str, Any], receive: Receive, send: Send) -> None:
                 return
     if scope.get("path") == "/block":
         time.sleep(3)  # a blocking call inside a coroutine: the whole event loop stops for 3 s
+    if scope.get("path") == "/stuck":
+        time.sleep(30)
     await send({"type": "http.response.start", "status": 201, "headers": [(b"content-type", b"text/plain")]})
     await send({"type": "http.response.body", "body": b"created\n"})
