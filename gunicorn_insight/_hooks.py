@@ -245,6 +245,8 @@ def _announce(master: _master.Master) -> None:
         where.append(f"StatsD to {plan.statsd_target!r}")
     LOG.info("gunicorn-insight: %s (worker class %s, %s request hooks, scoreboard %s)",
              "; ".join(where) or "no exporter", plan.worker_kind, STATE.request_hooks, master.board.path)
+    if plan.requests_unseen:
+        LOG.warning("gunicorn-insight: %s", plan.requests_unseen)
     if plan.gunicorn_statsd_active and master.statsd is not None:
         LOG.info("gunicorn-insight: gunicorn's own statsd logger already sends gunicorn.requests, "
                  "gunicorn.request.duration and gunicorn.request.status.*; gunicorn-insight leaves those to it")

@@ -14,12 +14,14 @@ push to a heap and append to a deque (each atomic under the GIL), and the export
 from __future__ import annotations
 
 import heapq
+import inspect
 import os
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any, Protocol
 
 from . import _scoreboard as sb
@@ -65,6 +67,8 @@ class Plan:
     recorder: RecorderOptions
     per_worker_capacity: int
     """Requests one worker runs at once: 1 (sync), threads (gthread), worker_connections (async)."""
+    requests_unseen: str | None = None
+    """What will be missing because the worker class's requests cannot be recorded (see unseen_requests)."""
 
     @classmethod
     def resolve(cls, settings: Settings, cfg: Any, prometheus_dir: str | None) -> Plan:
@@ -106,6 +110,7 @@ class Plan:
                 threaded=kind not in ONE_THREAD_KINDS,
             ),
             per_worker_capacity=concurrency,
+            requests_unseen=_unseen_requests_of(cfg),
         )
 
 
@@ -137,6 +142,42 @@ def worker_kind(cfg: Any) -> str:
         if klass.__name__ in names:
             return names[klass.__name__]
     return str(worker_class.__name__)
+
+
+# Worker classes whose requests are recorded: by gunicorn's request hooks, or by the ASGI layer (asgi, uvicorn).
+RECORDED_KINDS = frozenset({"sync", "gthread", "gevent", "eventlet", "asgi", "uvicorn"})
+
+
+def unseen_requests(worker_class: Any) -> str | None:
+    """What will be missing, when requests on this worker class cannot be recorded; None when they can.
+
+    A class of another kind is trusted when its source (or a base class's) calls ``pre_request``: gunicorn's
+    tornado worker does not, nor does a custom class that serves requests its own way."""
+    if worker_kind(SimpleNamespace(worker_class=worker_class)) in RECORDED_KINDS or _calls_request_hooks(worker_class):
+        return None
+    return (f"worker class {getattr(worker_class, '__name__', worker_class)} never calls gunicorn's "
+            "pre_request/post_request hooks, so gunicorn-insight cannot see its requests: request counts, "
+            "durations, statuses, routes, queue time, busy time, requests in flight (status, top, exit lines) "
+            "and slow-request reports will be missing (absent, not zero); worker, memory, exit and listen "
+            "backlog metrics still work. Classes whose requests are recorded: sync, gthread, gevent, eventlet, "
+            "asgi, uvicorn's")
+
+
+def _unseen_requests_of(cfg: Any) -> str | None:
+    try:
+        return unseen_requests(cfg.worker_class)
+    except Exception:  # a class gunicorn cannot load stops gunicorn itself, with its own message
+        return None
+
+
+def _calls_request_hooks(worker_class: Any) -> bool:
+    for klass in getattr(worker_class, "__mro__", ()):
+        try:
+            if "pre_request" in inspect.getsource(klass):
+                return True
+        except (OSError, TypeError):  # a builtin or a class without source: cannot tell, so not trusted
+            continue
+    return False
 
 
 def _uses_gunicorn_statsd(cfg: Any) -> bool:

@@ -126,3 +126,25 @@ def test_timed_out_uvicorn_worker_names_its_request_and_the_sigabrt(
     assert match["client"].startswith("127.0.0.1:")
     assert "SIGKILL" not in match["detail"] + (match["stack"] or "")
     server.wait_for_value("gunicorn_worker_exits_total", 1, cause="timeout_kill")
+
+
+def test_worker_class_whose_requests_cannot_be_seen_is_named_once(process_factory: ProcessFactory) -> None:
+    """A custom class that neither derives from a known one nor calls the request hooks gets one startup warning
+    naming it and what will be missing, instead of silent zeros."""
+    server = start_gunicorn(process_factory, app="app:app", worker_class="custom_worker.PlainWorker",
+                            env={"PYTHONPATH": str(APPS)}, workers=2)
+    assert server.get("/") == 200
+    output = server.process.output()
+    assert output.count("worker class PlainWorker never calls gunicorn's pre_request/post_request hooks") == 1
+    assert "request counts, durations, statuses" in output
+
+
+@pytest.mark.parametrize("worker_class", ["sync", "gthread", *ASGI_CLASSES])
+def test_classes_whose_requests_are_seen_get_no_warning(worker_class: str, process_factory: ProcessFactory) -> None:
+    """No false alarm: the classes gunicorn-insight records start without the unseen-requests warning."""
+    if worker_class in ASGI_CLASSES:
+        server = start(process_factory, worker_class, "asgi_app:app")
+    else:
+        server = start_gunicorn(process_factory, worker_class=worker_class, workers=1)
+    server.get("/")
+    assert "never calls gunicorn's pre_request" not in server.process.output()
