@@ -13,7 +13,9 @@ and are not counted (a websocket connection can last hours: it is not a request 
 
 from __future__ import annotations
 
+import asyncio
 import inspect
+import threading
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -80,6 +82,15 @@ def route_template(scope: Scope, root_path: str) -> str | None:
     return path
 
 
+def current_task() -> Any:
+    """What serves the request now, for the scoreboard and the watchdog: the asyncio task (its stack is the
+    request's), or the thread where there is none (another event loop library)."""
+    try:
+        return asyncio.current_task() or threading.get_ident()
+    except RuntimeError:
+        return threading.get_ident()
+
+
 def _is_asgi3(app: Any) -> bool:
     """A single-callable (ASGI 3) application, or a double-callable one (a class called with the scope), told
     apart the way uvicorn does."""
@@ -95,12 +106,15 @@ class RecordingApp:
 
     ``count_requests`` adds one to ``worker.nr`` per finished HTTP request, for worker classes (uvicorn's)
     that do not keep gunicorn's count, so an exit after ``max_requests`` is told apart from a plain stop.
+    ``on_loop`` is given the running event loop at the first call, for a worker (uvicorn's) that creates its
+    loop only when it starts serving.
     Nothing else about the application changes: its own attributes are reachable through this object.
     """
 
     def __init__(self, app: Any, worker: Any, hooks: tuple[Hook, Hook], *, routes: bool,
-                 count_requests: bool) -> None:
+                 count_requests: bool, on_loop: Callable[[asyncio.AbstractEventLoop], None] | None = None) -> None:
         self.app = app
+        self._on_loop = on_loop
         self._worker = worker
         self._pre_request, self._post_request = hooks
         self._routes = routes
@@ -119,6 +133,12 @@ class RecordingApp:
             await self.app(scope)(receive, send)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self._on_loop is not None:  # the first call (lifespan, at startup): the loop the server runs
+            on_loop, self._on_loop = self._on_loop, None
+            try:
+                on_loop(asyncio.get_running_loop())
+            except Exception as error:
+                report("finding the event loop", error)
         if scope.get("type") != "http":
             await self._call(scope, receive, send)
             return

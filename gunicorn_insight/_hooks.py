@@ -20,7 +20,7 @@ from typing import Any
 
 from . import _master, _prometheus, _worker
 from . import _scoreboard as sb
-from ._asgi import RecordingApp
+from ._asgi import RecordingApp, current_task
 from ._routes import hook_frameworks
 from ._safety import LOG, report
 from ._version import __version__
@@ -309,12 +309,15 @@ def post_fork(server: Any, worker: Any) -> None:
         if master is None or slot is None or STATE.settings is None:
             return
         current = _greenlet_getcurrent() if master.plan.worker_kind == "gevent" else threading.get_ident
+        if master.plan.worker_kind in ASGI_APP_ATTRIBUTES:
+            current = current_task  # only the ASGI layer records there, inside the request's task
         _worker.RECORDER = RequestRecorder(master.board, slot, worker, master.plan.recorder, current)
     except Exception as error:
         report("post_fork", error)
 
 
 def post_worker_init(worker: Any) -> None:
+    monitor = None
     try:
         recorder = _worker.RECORDER
         master = _master.CURRENT
@@ -326,13 +329,14 @@ def post_worker_init(worker: Any) -> None:
             hook_frameworks()
         slow_after = master.plan.slow_request_timeout
         if slow_after > 0 or hasattr(worker, "nr_conns"):
-            Monitor(recorder, worker, slow_after, greenlets=master.plan.worker_kind == "gevent",
-                    loop=getattr(worker, "loop", None) if master.plan.worker_kind == "asgi" else None).start()
+            monitor = Monitor(recorder, worker, slow_after, greenlets=master.plan.worker_kind == "gevent",
+                              loop=getattr(worker, "loop", None) if master.plan.worker_kind == "asgi" else None)
+            monitor.start()
     except Exception as error:
         report("post_worker_init", error)
     try:
         if _worker.RECORDER is not None and _master.CURRENT is not None:
-            record_asgi_requests(worker, _master.CURRENT.plan)
+            record_asgi_requests(worker, _master.CURRENT.plan, monitor)
     except Exception as error:
         report("wrapping the ASGI application", error)
 
@@ -342,7 +346,7 @@ ASGI_APP_ATTRIBUTES = {"uvicorn": "wsgi", "asgi": "asgi"}
 it starts serving (uvicorn's hands ``worker.wsgi`` to its server in ``run()``)."""
 
 
-def record_asgi_requests(worker: Any, plan: _master.Plan) -> None:
+def record_asgi_requests(worker: Any, plan: _master.Plan, monitor: Monitor | None = None) -> None:
     """Wrap the loaded application in the recording ASGI layer (see _asgi), on the classes that need it.
 
     gunicorn's asgi worker also calls the request hooks, with less than the layer sees (no status or route
@@ -361,8 +365,10 @@ def record_asgi_requests(worker: Any, plan: _master.Plan) -> None:
         return
     hooks = _worker.COMPILED if STATE.request_hooks == "compiled" and _worker.COMPILED is not None else (
         pre_request, post_request)
+    # uvicorn creates its event loop when it starts serving: the watchdog gets it at the first call.
+    on_loop = monitor.watch_loop if monitor is not None and plan.worker_kind == "uvicorn" else None
     setattr(worker, attribute, RecordingApp(app, worker, hooks, routes=plan.recorder.routes,
-                                            count_requests=plan.worker_kind == "uvicorn"))
+                                            count_requests=plan.worker_kind == "uvicorn", on_loop=on_loop))
     if plan.worker_kind == "asgi":
         _hand_back_request_hooks(worker.cfg)
 

@@ -12,6 +12,7 @@ It also writes the stack for ``worker_abort``: that runs inside a signal handler
 
 from __future__ import annotations
 
+import asyncio
 import faulthandler
 import logging
 import os
@@ -111,8 +112,15 @@ class Monitor:
             os.getpid(), self._recorder.slot, method, path, elapsed, where, self._slow_after, stack,
         )
 
+    def watch_loop(self, loop: Any) -> None:
+        """Watch this event loop from now on (uvicorn's worker creates it only when it starts serving)."""
+        self._loop_beat = time.monotonic()
+        self._loop = loop
+
     def _stack_of(self, current: Any) -> tuple[str, str]:
         frames = sys._current_frames()
+        if isinstance(current, asyncio.Task):
+            return f"task={current.get_name()}", self._task_stack(current, frames)
         if self._loop is not None:
             return "task=asyncio", "  (an asyncio task has no thread of its own; a blocked loop is reported apart)\n"
         if self._greenlets:
@@ -121,6 +129,19 @@ class Monitor:
                 frame = frames.get(self._main_thread)
             return f"greenlet={id(current):#x}", _format(frame)
         return f"thread={current}", _format(frames.get(current))
+
+    def _task_stack(self, task: asyncio.Task[Any], frames: dict[int, FrameType]) -> str:
+        """The running task's stack is the loop thread's; a suspended one's is its chain of awaits."""
+        loop = self._loop
+        if loop is not None and asyncio.current_task(loop) is task:
+            return _format(frames.get(self._main_thread))
+        try:
+            awaiting = _awaits(task.get_coro())
+        except Exception:  # the task moved on while we looked: read from another thread, without a lock
+            awaiting = []
+        if not awaiting:
+            return "  (the task has no Python frame now: finished, or not started)\n"
+        return "".join(traceback.StackSummary.extract((frame, frame.f_lineno) for frame in awaiting).format())
 
     def _watch_loop(self, now: float) -> None:
         loop = self._loop
@@ -140,6 +161,19 @@ class Monitor:
 
     def _beat(self) -> None:
         self._loop_beat = time.monotonic()
+
+
+def _awaits(coro: Any) -> list[FrameType]:
+    """A suspended coroutine's frames, outermost first, following what each awaits (Task.get_stack stops at the
+    task's own coroutine)."""
+    frames: list[FrameType] = []
+    while coro is not None and len(frames) < 100:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+        if frame is None:
+            break
+        frames.append(frame)
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+    return frames
 
 
 def _format(frame: FrameType | None) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import re
 import threading
 
 import pytest
@@ -148,3 +149,24 @@ def test_classes_whose_requests_are_seen_get_no_warning(worker_class: str, proce
         server = start_gunicorn(process_factory, worker_class=worker_class, workers=1)
     server.get("/")
     assert "never calls gunicorn's pre_request" not in server.process.output()
+
+
+@pytest.mark.parametrize("worker_class", ASGI_CLASSES)
+def test_slow_request_reported_with_its_tasks_stack(worker_class: str, process_factory: ProcessFactory) -> None:
+    """A slow awaited request is reported with the stack of its asyncio task (the app's await), not without one."""
+    server = start(process_factory, worker_class, "asgi_app:app", env={"GUNICORN_INSIGHT_SLOW_REQUEST_TIMEOUT": "1"})
+    fire_and_forget(server, "/slow")
+    slow = server.process.wait_for_log(r'slow request pid=\d+ slot=0 request="GET /slow" elapsed=[\d.]+s task=\S+',
+                                       timeout=30)
+    assert re.search(r"asgi_app.py\", line \d+, in app\n\s+await asyncio\.sleep\(3\)",
+                     server.process.output()[slow.end():]), server.process.output()[slow.start():]
+
+
+@pytest.mark.parametrize("worker_class", UVICORN_CLASSES)
+def test_blocked_uvicorn_loop_reported_with_the_apps_frame(worker_class: str, process_factory: ProcessFactory) -> None:
+    """uvicorn: a blocking call inside a coroutine stops the loop; the watchdog logs the loop thread's stack."""
+    server = start(process_factory, worker_class, "asgi_app:app", env={"GUNICORN_INSIGHT_SLOW_REQUEST_TIMEOUT": "1"})
+    fire_and_forget(server, "/block")
+    blocked = server.process.wait_for_log(r"event loop blocked pid=\d+ slot=0 for [\d.]+s", timeout=30)
+    assert re.search(r"asgi_app.py\", line \d+, in app\n\s+time\.sleep\(3\)",
+                     server.process.output()[blocked.end():])
