@@ -217,3 +217,35 @@ def test_a_failing_recorder_never_costs_the_request(board: sb.Scoreboard, monkey
     asyncio.run(layer(CASES[0].scope(), _receive, send))
     assert answered == [200]
     assert reports == ["recording an ASGI request"]
+
+
+def test_asgi_worker_gets_the_users_own_request_hooks_back() -> None:
+    """On gunicorn's asgi worker the layer records: the worker's config keeps the user's hooks, drops ours
+    (gunicorn's defaults where the user had none), so a request is written once and their hooks still run."""
+    from gunicorn.config import Config
+
+    from gunicorn_insight import _hooks
+
+    calls: list[str] = []
+
+    def pre_request(worker: Any, req: Any) -> None:
+        calls.append("theirs")
+
+    chained: dict[str, Any] = {"pre_request": pre_request}
+    alone: dict[str, Any] = {}
+    for namespace in (chained, alone):
+        _hooks.install(namespace, statsd="127.0.0.1:9")
+    configs = []
+    for namespace in (chained, alone):
+        cfg = Config()
+        for name in ("pre_request", "post_request"):
+            cfg.set(name, namespace[name])
+        _hooks._hand_back_request_hooks(cfg)
+        configs.append(cfg)
+    with_theirs, without = configs
+    assert with_theirs.pre_request is pre_request
+    with_theirs.pre_request(None, None)
+    assert calls == ["theirs"]
+    assert not _hooks.is_ours(with_theirs.post_request)
+    for name in ("pre_request", "post_request"):
+        assert getattr(without, name) is without.settings[name].default
