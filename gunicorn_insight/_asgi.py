@@ -71,13 +71,17 @@ def route_template(scope: Scope, root_path: str) -> str | None:
     """The matched route's path format, which Starlette (and so FastAPI) leaves in ``scope["route"]``.
 
     A route inside a mounted application is relative to its mount: the mount's part of ``root_path`` (which
-    the router extended while routing) goes in front."""
+    the router extended while routing) goes in front. Not when the route is the mount itself (a mounted
+    application without a router of its own: its format has the prefix already), nor when the mount's path has
+    parameters of its own (``root_path`` holds their values, raw: the route stays relative instead)."""
     route = scope.get("route")
     path = getattr(route, "path_format", None) or getattr(route, "path", None)
     if not isinstance(path, str) or not path:
         return None
     mounted = scope.get("root_path", root_path)
-    if isinstance(mounted, str) and mounted != root_path and mounted.startswith(root_path):
+    if (isinstance(mounted, str) and mounted != root_path and mounted.startswith(root_path)
+            and not hasattr(route, "routes")
+            and all(f"{{{name}}}" in path for name in scope.get("path_params") or ())):
         return mounted[len(root_path):] + path
     return path
 

@@ -249,3 +249,33 @@ def test_asgi_worker_gets_the_users_own_request_hooks_back() -> None:
     assert not _hooks.is_ours(with_theirs.post_request)
     for name in ("pre_request", "post_request"):
         assert getattr(without, name) is without.settings[name].default
+
+
+def test_route_templates_of_real_starlette_and_fastapi_routing() -> None:
+    """scope["route"] after real routing gives templates: FastAPI routes, a mounted app's routes with the mount's
+    prefix, and never a raw path (a mount parameter's value, a mount without a router of its own)."""
+    from fastapi import FastAPI
+    from starlette.responses import PlainTextResponse
+
+    async def plain(scope: Any, receive: Any, send: Any) -> None:
+        await PlainTextResponse("ok")(scope, receive, send)
+
+    app, api, users = FastAPI(), FastAPI(), FastAPI()
+    app.get("/items/{item_id}")(lambda item_id: item_id)
+    app.get("/files/{name:path}")(lambda name: name)
+    api.get("/things/{thing_id}")(lambda thing_id: thing_id)
+    users.get("/orders/{order_id}")(lambda order_id: order_id)
+    app.mount("/api", api)
+    app.mount("/static", plain)
+    app.mount("/users/{user_id}", users)
+    templates = {}
+    for path in ("/items/3", "/files/a/b.txt", "/api/things/x", "/static/css/site.css", "/users/42/orders/7",
+                 "/nope"):
+        scope = {**CASES[0].scope(), "path": path, "raw_path": path.encode(), "app": app}
+        asyncio.run(app(scope, _receive, _noop_send))
+        templates[path] = _asgi.route_template(scope, "")
+    assert templates == {
+        "/items/3": "/items/{item_id}", "/files/a/b.txt": "/files/{name}", "/api/things/x": "/api/things/{thing_id}",
+        # FastAPI's router leaves no route for a mount without a router of its own: no route, never a raw path.
+        "/static/css/site.css": None, "/users/42/orders/7": "/orders/{order_id}", "/nope": None,
+    }
