@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import sys
 import threading
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -29,6 +30,7 @@ Send = Callable[[Message], Awaitable[None]]
 Hook = Callable[..., None]
 
 _QUEUE_HEADERS = {b"x-request-start": "X-REQUEST-START", b"x-queue-start": "X-QUEUE-START"}
+_FINAL_MESSAGES = frozenset({"http.response.body", "http.response.pathsend", "http.response.zerocopysend"})
 _ENVIRON_KEYS = {"X-REQUEST-START": "HTTP_X_REQUEST_START", "X-QUEUE-START": "HTTP_X_QUEUE_START"}
 
 
@@ -156,15 +158,25 @@ class RecordingApp:
             await self._call(scope, receive, send)
             return
 
+        finished = False
+
         async def recording_send(message: Message) -> None:
-            if message.get("type") == "http.response.start":
+            nonlocal finished
+            kind = message.get("type")
+            if kind == "http.response.start":
                 req.status_code = message.get("status", 500)
+            elif not finished and (kind in _FINAL_MESSAGES and not message.get("more_body", False)):
+                # Recorded before the last of the response goes out, so a client that got its answer never
+                # reads a count without it; what runs after (background tasks) is not the request's time.
+                finished = True
+                self._finish(worker, req, scope, root_path)
             await send(message)
 
         try:
             await self._call(scope, receive, recording_send)
         finally:
-            self._finish(worker, req, scope, root_path)
+            if not finished:  # the application failed, or returned without finishing its response
+                self._finish(worker, req, scope, root_path)
 
     def _finish(self, worker: Any, req: AsgiRequest, scope: Scope, root_path: str) -> None:
         try:
@@ -182,3 +194,28 @@ class RecordingApp:
             self._post_request(worker, req, environ, req)
         except Exception as error:
             report("recording an ASGI request", error)
+
+
+def find_uvicorn_connections(worker: Any, found: Callable[[Callable[[], int]], None]) -> None:
+    """Call ``found`` with a function counting the open connections of uvicorn's server, once it runs.
+
+    uvicorn's worker builds its ``Server`` inside ``run()`` and keeps it in a local variable; the server calls
+    ``config.callback_notify`` (the heartbeat) from its own method on its first tick. The first call is
+    intercepted to read that server's ``server_state.connections``, then uvicorn's callback is put back."""
+    config: Any = getattr(worker, "config", None)
+    notify = getattr(config, "callback_notify", None)
+    if config is None or notify is None:
+        return
+
+    async def callback_notify() -> None:
+        config.callback_notify = notify
+        try:
+            server = sys._getframe(1).f_locals.get("self")
+            connections = getattr(getattr(server, "server_state", None), "connections", None)
+            if isinstance(connections, (set, dict, list)):
+                found(lambda: len(connections))
+        except Exception as error:
+            report("finding uvicorn's connections", error)
+        await notify()
+
+    config.callback_notify = callback_notify

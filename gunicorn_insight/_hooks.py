@@ -20,7 +20,7 @@ from typing import Any
 
 from . import _master, _prometheus, _worker
 from . import _scoreboard as sb
-from ._asgi import RecordingApp, current_task
+from ._asgi import RecordingApp, current_task, find_uvicorn_connections
 from ._routes import hook_frameworks
 from ._safety import LOG, report
 from ._version import __version__
@@ -311,7 +311,11 @@ def post_fork(server: Any, worker: Any) -> None:
         current = _greenlet_getcurrent() if master.plan.worker_kind == "gevent" else threading.get_ident
         if master.plan.worker_kind in ASGI_APP_ATTRIBUTES:
             current = current_task  # only the ASGI layer records there, inside the request's task
+        if master.plan.worker_kind == "uvicorn":
+            worker.nr_conns = 0  # the recorder reads it from the start; counted once the server runs
         _worker.RECORDER = RequestRecorder(master.board, slot, worker, master.plan.recorder, current)
+        if master.plan.worker_kind == "uvicorn":
+            _worker.RECORDER.unmark(sb.FLAG_COUNTS_CONNECTIONS)  # until then: the requests in flight
     except Exception as error:
         report("post_fork", error)
 
@@ -371,6 +375,15 @@ def record_asgi_requests(worker: Any, plan: _master.Plan, monitor: Monitor | Non
                                             count_requests=plan.worker_kind == "uvicorn", on_loop=on_loop))
     if plan.worker_kind == "asgi":
         _hand_back_request_hooks(worker.cfg)
+    if plan.worker_kind == "uvicorn" and monitor is not None:
+        find_uvicorn_connections(worker, lambda connections: _count_uvicorn_connections(worker, monitor, connections))
+
+
+def _count_uvicorn_connections(worker: Any, monitor: Monitor, connections: Callable[[], int]) -> None:
+    worker.nr_conns = connections()
+    monitor.count_connections(connections)
+    if _worker.RECORDER is not None:
+        _worker.RECORDER.mark(sb.FLAG_COUNTS_CONNECTIONS)
 
 
 def _hand_back_request_hooks(cfg: Any) -> None:

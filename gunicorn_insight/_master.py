@@ -80,6 +80,11 @@ class Plan:
             concurrency, limit = 1, 1
         elif kind == "gthread":
             concurrency, limit = threads, worker_connections
+        elif kind == "uvicorn":
+            # uvicorn applies its own limit_concurrency (unset by its gunicorn workers unless a subclass's
+            # CONFIG_KWARGS sets it), never gunicorn's worker_connections.
+            limit = _uvicorn_limit(cfg) or worker_connections
+            concurrency = limit
         else:
             concurrency, limit = worker_connections, worker_connections
         workers = max(1, int(getattr(cfg, "workers", 1) or 1))
@@ -112,6 +117,13 @@ class Plan:
             per_worker_capacity=concurrency,
             requests_unseen=_unseen_requests_of(cfg),
         )
+
+
+def _uvicorn_limit(cfg: Any) -> int:
+    try:
+        return int(getattr(cfg.worker_class, "CONFIG_KWARGS", {}).get("limit_concurrency") or 0)
+    except Exception:  # an odd subclass: fall back to gunicorn's setting
+        return 0
 
 
 def _slow_after(settings: Settings, cfg: Any) -> float:

@@ -68,6 +68,7 @@ class Monitor:
         self._slow_after = slow_after
         self._greenlets = greenlets
         self._loop = loop
+        self._connections: Callable[[], int] | None = None
         self._reported: set[int] = set()
         self._loop_beat = time.monotonic()
         self._loop_blocked_reported = False
@@ -89,7 +90,14 @@ class Monitor:
 
         start_thread(run)
 
+    def count_connections(self, connections: Callable[[], int]) -> None:
+        """Copy ``connections()`` into the worker's ``nr_conns`` every tick (a worker class that does not keep
+        it: uvicorn's)."""
+        self._connections = connections
+
     def tick(self) -> None:
+        if self._connections is not None:
+            self._worker.nr_conns = self._connections()
         self._recorder.refresh_connections()
         if self._slow_after <= 0:
             return

@@ -279,3 +279,27 @@ def test_route_templates_of_real_starlette_and_fastapi_routing() -> None:
         # FastAPI's router leaves no route for a mount without a router of its own: no route, never a raw path.
         "/static/css/site.css": None, "/users/42/orders/7": "/orders/{order_id}", "/nope": None,
     }
+
+
+def test_request_is_recorded_before_the_last_of_its_response_goes_out(board: sb.Scoreboard) -> None:
+    """The ring head has moved when the server is handed the final body: a client holding its answer never
+    reads a count without it (what the application does after, e.g. background tasks, is not its time)."""
+    heads: list[tuple[str, bool, int]] = []
+
+    async def send(message: Any) -> None:
+        heads.append((message["type"], message.get("more_body", False), board.head(0)))
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"a", "more_body": True})
+        await send({"type": "http.response.body", "body": b"b"})
+        await asyncio.sleep(0)  # a background task: already recorded, and not twice
+
+    board.assign(0, now=1.0)
+    worker = Worker()
+    _worker.RECORDER = RequestRecorder(board, 0, worker, RecorderOptions(threaded=False))
+    layer = _asgi.RecordingApp(app, worker, fakes.HOOKS, routes=False, count_requests=True)
+    asyncio.run(layer(CASES[0].scope(), _receive, send))
+    assert heads == [("http.response.start", False, 0), ("http.response.body", True, 0),
+                     ("http.response.body", False, 1)]
+    assert (board.head(0), worker.nr) == (1, 1)

@@ -170,3 +170,28 @@ def test_blocked_uvicorn_loop_reported_with_the_apps_frame(worker_class: str, pr
     blocked = server.process.wait_for_log(r"event loop blocked pid=\d+ slot=0 for [\d.]+s", timeout=30)
     assert re.search(r"asgi_app.py\", line \d+, in app\n\s+time\.sleep\(3\)",
                      server.process.output()[blocked.end():])
+
+
+@pytest.mark.parametrize("worker_class", UVICORN_CLASSES)
+def test_uvicorn_keep_alive_connections_are_counted(worker_class: str, process_factory: ProcessFactory) -> None:
+    """Idle keep-alive connections count on their uvicorn worker (read from uvicorn's server) until they close."""
+    server = start(process_factory, worker_class, "asgi_app:app", args=["--keep-alive", "30"])
+    connections = []
+    for _ in range(5):
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        connection.request("GET", "/")
+        connection.getresponse().read()
+        connections.append(connection)  # kept open: uvicorn holds it in keep-alive
+    server.wait_for_value("gunicorn_worker_connections", 5, worker="0")
+    assert server.value("gunicorn_requests_in_flight") == 0
+    for connection in connections:
+        connection.close()
+    server.wait_for_value("gunicorn_worker_connections", 0, worker="0")
+
+
+def test_uvicorn_limit_concurrency_is_the_connections_limit(process_factory: ProcessFactory) -> None:
+    """A uvicorn worker class with limit_concurrency reports that as its connections limit and capacity."""
+    server = start(process_factory, "uvicorn_limited.LimitedWorker", "asgi_app:app", workers=2,
+                   env={"PYTHONPATH": str(APPS)})
+    assert server.value("gunicorn_worker_connections_limit") == 7
+    assert server.value("gunicorn_capacity") == 14
