@@ -103,9 +103,7 @@ def resolve_worker_kind(cfg: Any) -> tuple[str, str | None]:
 
     from ._master import worker_kind
 
-    uri = cfg.settings["worker_class"].get()
-    if cfg.worker_class_str == "gthread":
-        uri = "gthread"  # gunicorn turns sync with threads > 1 into gthread
+    uri = _worker_class_uri(cfg)
     try:
         klass = load_class(uri)
     except Exception as error:
@@ -181,6 +179,11 @@ def measure_import(app: str, chdir: str | None, pythonpath: str | None,
         lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
         return AppImport(app, elapsed, lines[-1].strip() if lines else f"exited with status {result.returncode}")
     return AppImport(app, float(match[1]))
+def _worker_class_uri(cfg: Any) -> Any:
+    uri = cfg.settings["worker_class"].get()
+    if cfg.worker_class_str == "gthread":
+        uri = "gthread"  # gunicorn turns sync with threads > 1 into gthread
+    return uri
 
 
 # -- the checks ------------------------------------------------------------------------------------------
@@ -212,6 +215,25 @@ def check_worker_class(ctx: Context) -> Iterable[Finding]:
             "worker-class", "error", f"worker_class {ctx.worker_kind!r} cannot be loaded: {ctx.worker_class_error}",
             "gunicorn imports the worker class when it starts and exits if the import fails.",
             "install the worker's package (e.g. pip install gevent) or fix the class path",
+        )
+
+
+def check_requests_seen(ctx: Context) -> Iterable[Finding]:
+    if ctx.worker_class_error is not None:
+        return
+    from gunicorn.util import load_class
+
+    from ._master import unseen_requests
+
+    missing = unseen_requests(load_class(_worker_class_uri(ctx.cfg)))
+    if missing:
+        yield Finding(
+            "requests-unseen", "warning", missing[0].upper() + missing[1:],
+            "gunicorn-insight records requests from gunicorn's request hooks, or on asgi and uvicorn's classes "
+            "from an ASGI layer; this class gives it neither. The server also logs this once at startup.",
+            "use a worker class gunicorn-insight records (sync, gthread, gevent, asgi, "
+            "uvicorn_worker.UvicornWorker), or call self.cfg.pre_request(self, req) and "
+            "self.cfg.post_request(self, req, environ, resp) around each request in your class",
         )
 
 
@@ -625,6 +647,7 @@ def check_app_import(ctx: Context) -> Iterable[Finding]:
 CHECKS: list[Check] = [
     check_plugin,
     check_worker_class,
+    check_requests_seen,
     check_workers_cpus,
     check_workers_memory,
     check_timeout,

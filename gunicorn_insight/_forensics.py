@@ -157,12 +157,7 @@ def classify(  # noqa: PLR0911 - one return per cause reads as the decision tabl
     if flags & sb.FLAG_BOOT_FAILED:
         return Verdict("boot_failure", f"could not load the application: {view.last_words}", "")
     if aborted:
-        if abort_ran:
-            return Verdict("timeout", "gunicorn timed it out (WORKER TIMEOUT) and its abort handler ran",
-                           "stack: written to the error log by worker_abort just before")
-        return Verdict("timeout_kill", "gunicorn timed it out (WORKER TIMEOUT), the abort handler never ran, "
-                       "then gunicorn sent SIGKILL", "no stack: stuck where Python code cannot run (C code, a "
-                       "blocked event loop), SIGKILL leaves no chance; see a slow-request report above if any")
+        return _timed_out(abort_ran, signal)
     if shutdown and not flags & sb.FLAG_EXITED:
         if view.requests:
             return Verdict("graceful", "stopped at shutdown: gunicorn SIGKILLed it when graceful_timeout ran out "
@@ -194,3 +189,17 @@ def _last_words(view: sb.SlotView) -> str:
     """``: Type: message`` of the exception the worker left with, when it left one; quotes made single so
     the exit line's detail="..." stays one field."""
     return f": {view.last_words.replace(chr(34), chr(39))}" if view.last_words else ""
+def _timed_out(abort_ran: bool, signal: str | None) -> Verdict:
+    """gunicorn timed the worker out: what ended it, read from its abort mark and the signal it died of."""
+    if abort_ran:
+        return Verdict("timeout", "gunicorn timed it out (WORKER TIMEOUT) and its abort handler ran",
+                       "stack: written to the error log by worker_abort just before")
+    if signal is not None and signal.startswith("SIGABRT"):
+        # uvicorn's workers put SIGABRT back to its default action: the timeout's SIGABRT itself ends them.
+        return Verdict("timeout_kill", f"gunicorn timed it out (WORKER TIMEOUT) and it died of that {signal} "
+                       "(no abort handler: the worker class leaves SIGABRT at its default action)",
+                       "no stack: the signal's default action runs no Python code; see a slow-request "
+                       "report above if any")
+    return Verdict("timeout_kill", "gunicorn timed it out (WORKER TIMEOUT), the abort handler never ran, "
+                   "then gunicorn sent SIGKILL", "no stack: stuck where Python code cannot run (C code, a "
+                   "blocked event loop), SIGKILL leaves no chance; see a slow-request report above if any")

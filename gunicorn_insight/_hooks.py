@@ -21,6 +21,7 @@ from typing import Any
 
 from . import _discovery, _master, _prometheus, _worker
 from . import _scoreboard as sb
+from ._asgi import RecordingApp, current_task, find_uvicorn_connections
 from ._routes import hook_frameworks
 from ._safety import LOG, report
 from ._version import __version__
@@ -358,6 +359,8 @@ def _announce(master: _master.Master) -> None:
         where.append(f"StatsD to {plan.statsd_target!r}")
     LOG.info("gunicorn-insight: %s (worker class %s, %s request hooks, scoreboard %s)",
              "; ".join(where) or "no exporter", plan.worker_kind, STATE.request_hooks, master.board.path)
+    if plan.requests_unseen:
+        LOG.warning("gunicorn-insight: %s", plan.requests_unseen)
     if plan.gunicorn_statsd_active and master.statsd is not None:
         LOG.info("gunicorn-insight: gunicorn's own statsd logger already sends gunicorn.requests, "
                  "gunicorn.request.duration and gunicorn.request.status.*; gunicorn-insight leaves those to it")
@@ -448,12 +451,19 @@ def post_fork(server: Any, worker: Any) -> None:
         if master is None or slot is None or STATE.settings is None:
             return
         current = _greenlet_getcurrent() if master.plan.worker_kind == "gevent" else threading.get_ident
+        if master.plan.worker_kind in ASGI_APP_ATTRIBUTES:
+            current = current_task  # only the ASGI layer records there, inside the request's task
+        if master.plan.worker_kind == "uvicorn":
+            worker.nr_conns = 0  # the recorder reads it from the start; counted once the server runs
         _worker.RECORDER = RequestRecorder(master.board, slot, worker, master.plan.recorder, current)
+        if master.plan.worker_kind == "uvicorn":
+            _worker.RECORDER.unmark(sb.FLAG_COUNTS_CONNECTIONS)  # until then: the requests in flight
     except Exception as error:
         report("post_fork", error)
 
 
 def post_worker_init(worker: Any) -> None:
+    monitor = None
     try:
         recorder = _worker.RECORDER
         master = _master.CURRENT
@@ -465,10 +475,65 @@ def post_worker_init(worker: Any) -> None:
             hook_frameworks()
         slow_after = master.plan.slow_request_timeout
         if slow_after > 0 or hasattr(worker, "nr_conns"):
-            Monitor(recorder, worker, slow_after, greenlets=master.plan.worker_kind == "gevent",
-                    loop=getattr(worker, "loop", None) if master.plan.worker_kind == "asgi" else None).start()
+            monitor = Monitor(recorder, worker, slow_after, greenlets=master.plan.worker_kind == "gevent",
+                              loop=getattr(worker, "loop", None) if master.plan.worker_kind == "asgi" else None)
+            monitor.start()
     except Exception as error:
         report("post_worker_init", error)
+    try:
+        if _worker.RECORDER is not None and _master.CURRENT is not None:
+            record_asgi_requests(worker, _master.CURRENT.plan, monitor)
+    except Exception as error:
+        report("wrapping the ASGI application", error)
+
+
+ASGI_APP_ATTRIBUTES = {"uvicorn": "wsgi", "asgi": "asgi"}
+"""Worker classes whose requests the ASGI layer records, and where each keeps the loaded application until
+it starts serving (uvicorn's hands ``worker.wsgi`` to its server in ``run()``)."""
+
+
+def record_asgi_requests(worker: Any, plan: _master.Plan, monitor: Monitor | None = None) -> None:
+    """Wrap the loaded application in the recording ASGI layer (see _asgi), on the classes that need it.
+
+    gunicorn's asgi worker also calls the request hooks, with less than the layer sees (no status or route
+    without its access log, no client address): this worker gets the user's own hooks back, so each request
+    is written once."""
+    attribute = ASGI_APP_ATTRIBUTES.get(plan.worker_kind)
+    if attribute is None:
+        return
+    app = getattr(worker, attribute, None)
+    if app is None or isinstance(app, RecordingApp):
+        return
+    interface = getattr(getattr(worker, "config", None), "interface", "auto")
+    if interface not in ("auto", "asgi3", "asgi2"):
+        LOG.warning("gunicorn-insight: worker class %s serves a %s application; its requests are not recorded",
+                    type(worker).__name__, interface)
+        return
+    hooks = _worker.COMPILED if STATE.request_hooks == "compiled" and _worker.COMPILED is not None else (
+        pre_request, post_request)
+    # uvicorn creates its event loop when it starts serving: the watchdog gets it at the first call.
+    on_loop = monitor.watch_loop if monitor is not None and plan.worker_kind == "uvicorn" else None
+    setattr(worker, attribute, RecordingApp(app, worker, hooks, routes=plan.recorder.routes,
+                                            count_requests=plan.worker_kind == "uvicorn", on_loop=on_loop))
+    if plan.worker_kind == "asgi":
+        _hand_back_request_hooks(worker.cfg)
+    if plan.worker_kind == "uvicorn" and monitor is not None:
+        find_uvicorn_connections(worker, lambda connections: _count_uvicorn_connections(worker, monitor, connections))
+
+
+def _count_uvicorn_connections(worker: Any, monitor: Monitor, connections: Callable[[], int]) -> None:
+    worker.nr_conns = connections()
+    monitor.count_connections(connections)
+    if _worker.RECORDER is not None:
+        _worker.RECORDER.mark(sb.FLAG_COUNTS_CONNECTIONS)
+
+
+def _hand_back_request_hooks(cfg: Any) -> None:
+    """In this worker only, gunicorn's request hooks become the user's own again (or gunicorn's defaults)."""
+    for name in ("pre_request", "post_request"):
+        setting = cfg.settings.get(name)
+        if setting is not None and is_ours(setting.value):
+            setting.value = getattr(setting.value, "__wrapped__", None) or setting.default
 
 
 def worker_int(worker: Any) -> None:

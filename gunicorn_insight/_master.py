@@ -17,12 +17,14 @@ push to a heap and append to a deque (each atomic under the GIL), and the export
 from __future__ import annotations
 
 import heapq
+import inspect
 import os
 import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any, Protocol
 
 from . import _scoreboard as sb
@@ -74,6 +76,8 @@ class Plan:
     """Requests one worker runs at once: 1 (sync), threads (gthread), worker_connections (async)."""
     workers: int = 1
     """gunicorn's ``workers`` setting (the live count can differ: TTIN/TTOU, deaths)."""
+    requests_unseen: str | None = None
+    """What will be missing because the worker class's requests cannot be recorded (see unseen_requests)."""
 
     @classmethod
     def resolve(cls, settings: Settings, cfg: Any, prometheus_dir: str | None) -> Plan:
@@ -85,6 +89,11 @@ class Plan:
             concurrency, limit = 1, 1
         elif kind == "gthread":
             concurrency, limit = threads, worker_connections
+        elif kind == "uvicorn":
+            # uvicorn applies its own limit_concurrency (unset by its gunicorn workers unless a subclass's
+            # CONFIG_KWARGS sets it), never gunicorn's worker_connections.
+            limit = _uvicorn_limit(cfg) or worker_connections
+            concurrency = limit
         else:
             concurrency, limit = worker_connections, worker_connections
         workers = max(1, int(getattr(cfg, "workers", 1) or 1))
@@ -116,7 +125,15 @@ class Plan:
             ),
             per_worker_capacity=concurrency,
             workers=workers,
+            requests_unseen=_unseen_requests_of(cfg),
         )
+
+
+def _uvicorn_limit(cfg: Any) -> int:
+    try:
+        return int(getattr(cfg.worker_class, "CONFIG_KWARGS", {}).get("limit_concurrency") or 0)
+    except Exception:  # an odd subclass: fall back to gunicorn's setting
+        return 0
 
 
 def _slow_after(settings: Settings, cfg: Any) -> float:
@@ -129,11 +146,11 @@ def _slow_after(settings: Settings, cfg: Any) -> float:
 
 # Worker classes that call pre_request and post_request from one OS thread (greenlets and coroutines never
 # switch inside a hook): their recorder needs no lock. Custom classes are not assumed to be among them.
-ONE_THREAD_KINDS = frozenset({"sync", "gevent", "eventlet", "tornado", "asgi"})
+ONE_THREAD_KINDS = frozenset({"sync", "gevent", "eventlet", "tornado", "asgi", "uvicorn"})
 
 
 def worker_kind(cfg: Any) -> str:
-    """sync, gthread, gevent, eventlet, tornado, asgi, or the class name of a custom worker."""
+    """sync, gthread, gevent, eventlet, tornado, asgi, uvicorn, or the class name of a custom worker."""
     try:
         worker_class = cfg.worker_class
     except Exception:
@@ -141,12 +158,48 @@ def worker_kind(cfg: Any) -> str:
     names = {
         "SyncWorker": "sync", "ThreadWorker": "gthread", "GeventWorker": "gevent",
         "GeventPyWSGIWorker": "gevent", "EventletWorker": "eventlet", "TornadoWorker": "tornado",
-        "ASGIWorker": "asgi",
+        "ASGIWorker": "asgi", "UvicornWorker": "uvicorn",  # uvicorn.workers and uvicorn_worker: same name
     }
     for klass in worker_class.__mro__:
         if klass.__name__ in names:
             return names[klass.__name__]
     return str(worker_class.__name__)
+
+
+# Worker classes whose requests are recorded: by gunicorn's request hooks, or by the ASGI layer (asgi, uvicorn).
+RECORDED_KINDS = frozenset({"sync", "gthread", "gevent", "eventlet", "asgi", "uvicorn"})
+
+
+def unseen_requests(worker_class: Any) -> str | None:
+    """What will be missing, when requests on this worker class cannot be recorded; None when they can.
+
+    A class of another kind is trusted when its source (or a base class's) calls ``pre_request``: gunicorn's
+    tornado worker does not, nor does a custom class that serves requests its own way."""
+    if worker_kind(SimpleNamespace(worker_class=worker_class)) in RECORDED_KINDS or _calls_request_hooks(worker_class):
+        return None
+    return (f"worker class {getattr(worker_class, '__name__', worker_class)} never calls gunicorn's "
+            "pre_request/post_request hooks, so gunicorn-insight cannot see its requests: request counts, "
+            "durations, statuses, routes, queue time, busy time, requests in flight (status, top, exit lines) "
+            "and slow-request reports will be missing (absent, not zero); worker, memory, exit and listen "
+            "backlog metrics still work. Classes whose requests are recorded: sync, gthread, gevent, eventlet, "
+            "asgi, uvicorn's")
+
+
+def _unseen_requests_of(cfg: Any) -> str | None:
+    try:
+        return unseen_requests(cfg.worker_class)
+    except Exception:  # a class gunicorn cannot load stops gunicorn itself, with its own message
+        return None
+
+
+def _calls_request_hooks(worker_class: Any) -> bool:
+    for klass in getattr(worker_class, "__mro__", ()):
+        try:
+            if "pre_request" in inspect.getsource(klass):
+                return True
+        except (OSError, TypeError):  # a builtin or a class without source: cannot tell, so not trusted
+            continue
+    return False
 
 
 def _uses_gunicorn_statsd(cfg: Any) -> bool:

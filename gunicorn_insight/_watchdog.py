@@ -12,6 +12,7 @@ It also writes the stack for ``worker_abort``: that runs inside a signal handler
 
 from __future__ import annotations
 
+import asyncio
 import faulthandler
 import logging
 import os
@@ -67,6 +68,7 @@ class Monitor:
         self._slow_after = slow_after
         self._greenlets = greenlets
         self._loop = loop
+        self._connections: Callable[[], int] | None = None
         self._reported: set[int] = set()
         self._loop_beat = time.monotonic()
         self._loop_blocked_reported = False
@@ -88,7 +90,14 @@ class Monitor:
 
         start_thread(run)
 
+    def count_connections(self, connections: Callable[[], int]) -> None:
+        """Copy ``connections()`` into the worker's ``nr_conns`` every tick (a worker class that does not keep
+        it: uvicorn's)."""
+        self._connections = connections
+
     def tick(self) -> None:
+        if self._connections is not None:
+            self._worker.nr_conns = self._connections()
         self._recorder.refresh_connections()
         if self._slow_after <= 0:
             return
@@ -111,8 +120,15 @@ class Monitor:
             os.getpid(), self._recorder.slot, method, path, elapsed, where, self._slow_after, stack,
         )
 
+    def watch_loop(self, loop: Any) -> None:
+        """Watch this event loop from now on (uvicorn's worker creates it only when it starts serving)."""
+        self._loop_beat = time.monotonic()
+        self._loop = loop
+
     def _stack_of(self, current: Any) -> tuple[str, str]:
         frames = sys._current_frames()
+        if isinstance(current, asyncio.Task):
+            return f"task={current.get_name()}", self._task_stack(current, frames)
         if self._loop is not None:
             return "task=asyncio", "  (an asyncio task has no thread of its own; a blocked loop is reported apart)\n"
         if self._greenlets:
@@ -121,6 +137,19 @@ class Monitor:
                 frame = frames.get(self._main_thread)
             return f"greenlet={id(current):#x}", _format(frame)
         return f"thread={current}", _format(frames.get(current))
+
+    def _task_stack(self, task: asyncio.Task[Any], frames: dict[int, FrameType]) -> str:
+        """The running task's stack is the loop thread's; a suspended one's is its chain of awaits."""
+        loop = self._loop
+        if loop is not None and asyncio.current_task(loop) is task:
+            return _format(frames.get(self._main_thread))
+        try:
+            awaiting = _awaits(task.get_coro())
+        except Exception:  # the task moved on while we looked: read from another thread, without a lock
+            awaiting = []
+        if not awaiting:
+            return "  (the task has no Python frame now: finished, or not started)\n"
+        return "".join(traceback.StackSummary.extract((frame, frame.f_lineno) for frame in awaiting).format())
 
     def _watch_loop(self, now: float) -> None:
         loop = self._loop
@@ -140,6 +169,19 @@ class Monitor:
 
     def _beat(self) -> None:
         self._loop_beat = time.monotonic()
+
+
+def _awaits(coro: Any) -> list[FrameType]:
+    """A suspended coroutine's frames, outermost first, following what each awaits (Task.get_stack stops at the
+    task's own coroutine)."""
+    frames: list[FrameType] = []
+    while coro is not None and len(frames) < 100:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+        if frame is None:
+            break
+        frames.append(frame)
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+    return frames
 
 
 def _format(frame: FrameType | None) -> str:

@@ -283,6 +283,10 @@ class RequestRecorder:
         self.mark(flags)
         return boot_error
 
+    def unmark(self, flag: int) -> None:
+        """Take a mark back (not from a signal handler: a worker's own setup)."""
+        self._buffer[self._flags_offset] = self._buffer[self._flags_offset] & ~flag
+
     def mark(self, flag: int) -> None:
         """Leave a mark for the master. Safe in a signal handler: one byte read, one byte written, and
         for a signal handler's mark one attribute set, which post_request reads instead of the byte."""

@@ -242,6 +242,19 @@ def test_plugin_settings_error_is_an_error() -> None:
     assert "statsd='x' is not host:port" in finding.what
 
 
+@pytest.mark.parametrize(
+    ("worker_class", "expected"),
+    [
+        ("sync", []), ("gthread", []), ("gevent", []), ("asgi", []), ("uvicorn_worker.UvicornWorker", []),
+        ("gunicorn.workers.base.Worker", [("requests-unseen", "warning")]),  # serves nothing through the hooks
+        ("nosuch.module.Worker", []),  # the worker-class check reports that one
+    ],
+)
+def test_worker_class_whose_requests_cannot_be_seen(worker_class: str, expected: list[tuple[str, str]]) -> None:
+    """A class that never calls the request hooks (and is not recorded otherwise) is named, with what is missing."""
+    assert found(_doctor.check_requests_seen, {"worker_class": worker_class}) == expected
+
+
 def test_worker_class_that_cannot_load_is_an_error() -> None:
     """A worker class gunicorn could not import is an error; gevent loads without monkey-patching us."""
     assert found(_doctor.check_worker_class, {"worker_class": "nosuch.module.Worker"}) == [("worker-class", "error")]

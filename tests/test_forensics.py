@@ -27,6 +27,7 @@ EXITED = sb.FLAG_EXITED
         (view(sb.FLAG_ABORT_HANDLER | EXITED, 1), True, None, 1, False, "timeout"),
         (view(sb.FLAG_ABORT_HANDLER), True, "SIGKILL", None, False, "timeout"),  # gevent: handler ran, then KILL
         (view(), True, "SIGKILL", None, False, "timeout_kill"),
+        (view(), True, "SIGABRT", None, False, "timeout_kill"),  # uvicorn: SIGABRT at its default action
         (view(), False, "SIGKILL", None, False, "killed"),
         (view(), False, "SIGKILL", None, True, "oom"),
         (view(), False, "SIGSEGV", None, False, "signal"),
@@ -53,6 +54,15 @@ def test_oom_is_only_claimed_when_confirmed() -> None:
         "oom", "killed by the kernel's OOM killer (the cgroup's oom_kill count rose)")
     assert unconfirmed.cause == "killed"
     assert "not confirmed" in unconfirmed.detail
+
+
+@pytest.mark.parametrize("signal", ["SIGABRT", "SIGABRT (core dumped)"])
+def test_timed_out_worker_dying_of_the_sigabrt_is_not_called_sigkilled(signal: str) -> None:
+    """A timed-out worker that died of gunicorn's SIGABRT itself (uvicorn) is described as such, not as SIGKILLed."""
+    verdict = classify(view(), aborted=True, signal=signal, exit_code=None, oom=False)
+    assert verdict.cause == "timeout_kill"
+    assert f"died of that {signal}" in verdict.detail
+    assert "SIGKILL" not in verdict.detail + verdict.stack_note
 
 
 def test_boot_failure_carries_the_exception_summary() -> None:

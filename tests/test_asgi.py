@@ -1,0 +1,305 @@
+"""The recording ASGI layer (_asgi) against the request hooks it hands each request to."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import fakes
+import pytest
+from fakes import FakeRequest, FakeResponse
+from test_speedups import masked
+
+from gunicorn_insight import _asgi, _worker
+from gunicorn_insight import _scoreboard as sb
+from gunicorn_insight._routes import ROUTE_KEY
+from gunicorn_insight._worker import RecorderOptions, RequestRecorder
+
+Hooks = tuple[Callable[..., None], Callable[..., None]]
+
+
+class Worker:
+    nr_conns = 3
+    nr = 0
+
+
+class Route:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+
+def stamp(seconds_ago: float) -> str:
+    return f"t={time.time() - seconds_ago:.3f}"
+
+
+class Case:
+    """One request, as gunicorn hands it to the hooks and as an ASGI server hands it to the application."""
+
+    def __init__(self, method: str, path: str, *, query: str = "", client: Any = ("10.1.2.3", 4567),
+                 headers: tuple[tuple[str, str], ...] = (), status: int | None = 200, route: str | None = None,
+                 mount: str = "") -> None:
+        self.method, self.path, self.query, self.client = method, path, query, client
+        self.headers, self.status, self.route, self.mount = headers, status, route, mount
+
+    def gunicorn(self) -> tuple[FakeRequest, dict[str, Any], FakeResponse]:
+        peer = tuple(self.client) if self.client else None
+        environ: dict[str, Any] = {f"HTTP_{name.upper().replace('-', '_')}": value for name, value in self.headers}
+        if self.route:
+            environ[ROUTE_KEY] = self.mount + self.route
+        return (FakeRequest(self.method, self.path, query=self.query, peer=peer), environ,
+                FakeResponse("" if self.status is None else self.status))
+
+    def scope(self) -> dict[str, Any]:
+        return {"type": "http", "method": self.method, "path": self.path, "root_path": "",
+                "query_string": self.query.encode(), "client": self.client,
+                "headers": [(b"host", b"example.com")] + [(n.encode(), v.encode()) for n, v in self.headers]}
+
+    async def app(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """Routes like Starlette (scope["route"], a mount extending root_path), answers or fails."""
+        if self.route:
+            scope["route"] = Route(self.route)
+            scope["root_path"] = scope["root_path"] + self.mount
+        if self.status is None:
+            raise RuntimeError("the application failed before its response")
+        await send({"type": "http.response.start", "status": self.status, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+
+CASES = [
+    Case("GET", "/items/3", route="/items/{item_id}"),
+    Case("POST", "/login", query="password=hunter2", headers=(("X-Request-Start", stamp(0.2)),), status=302),
+    Case("PROPFIND", "/caf\u00e9", client=["::1", 8080], status=207, route="/items/{item_id}"),
+    Case("GET", "/api/things/x", status=404, route="/things/{thing_id}", mount="/api"),
+    Case("GET", "/boom", status=None, headers=(("X-Queue-Start", stamp(0.1)), ("X-Request-Start", "garbage"))),
+    Case("GET", "/healthz"),
+    Case("DELETE", "/unix", client=None, status=204, headers=(("X-Queue-Start", f"{time.time() * 1000:.0f}"),)),
+]
+
+
+async def _noop_send(message: Any) -> None:
+    return None
+
+
+async def _receive() -> dict[str, Any]:
+    return {"type": "http.request", "body": b"", "more_body": False}
+
+
+def through_hooks(hooks: Hooks, worker: Worker) -> None:
+    """All in flight at once (each in an entry of its own), then finished last to first."""
+    requests = [case.gunicorn() for case in CASES]
+    for req, _, _ in requests:
+        hooks[0](worker, req)
+    for req, environ, resp in reversed(requests):
+        hooks[1](worker, req, environ, resp)
+
+
+def through_layer(hooks: Hooks, worker: Worker) -> None:
+    """The same order: every application call waits until the ones started after it have finished."""
+
+    async def serve() -> None:
+        releases = [asyncio.Event() for _ in CASES]
+
+        async def one(case: Case, release: asyncio.Event) -> None:
+            async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+                await release.wait()
+                await case.app(scope, receive, send)
+
+            layer = _asgi.RecordingApp(app, worker, hooks, routes=True, count_requests=True)
+            try:
+                await layer(case.scope(), _receive, _noop_send)
+            except RuntimeError:
+                assert case.status is None
+
+        tasks = [asyncio.create_task(one(case, release)) for case, release in zip(CASES, releases, strict=True)]
+        await asyncio.sleep(0)  # every request is in flight
+        for task, release in reversed(list(zip(tasks, releases, strict=True))):
+            release.set()
+            await task
+
+    asyncio.run(serve())
+
+
+def recorded(board: sb.Scoreboard, serve: Callable[[Hooks, Worker], None], hooks: Hooks) -> Worker:
+    board.assign(0, now=1.0)
+    worker = Worker()
+    _worker.RECORDER = RequestRecorder(
+        board, 0, worker, RecorderOptions(routes=True, exclude_paths=frozenset({"/healthz"}), threaded=False))
+    serve(hooks, worker)
+    _worker.RECORDER = None
+    return worker
+
+
+def test_asgi_layer_writes_the_bytes_the_request_hooks_write(tmp_path: Path) -> None:
+    """Same requests, same slot bytes: the Python hooks fed by gunicorn, and the ASGI layer feeding the Python
+    hooks and the compiled ones (entries, ring records with status, method, route, queue sign, routes table)."""
+    runs: dict[str, tuple[Callable[[Hooks, Worker], None], Hooks]] = {
+        "hooks": (through_hooks, fakes.IMPLEMENTATIONS["python"]),
+        "layer+python": (through_layer, fakes.IMPLEMENTATIONS["python"]),
+    }
+    if "compiled" in fakes.IMPLEMENTATIONS:
+        runs["layer+compiled"] = (through_layer, fakes.IMPLEMENTATIONS["compiled"])
+    boards = {name: sb.Scoreboard.create(str(tmp_path / name), slots=1, entries=8, ring=16, master_pid=1, routes=4)
+              for name in runs}
+    try:
+        workers = {name: recorded(boards[name], *runs[name]) for name in runs}
+        reference_bytes, reference_queues = masked(boards["hooks"])
+        for name in runs:
+            data, queues = masked(boards[name])
+            assert data == reference_bytes, name
+            for (theirs,), (ours,) in zip(reference_queues, queues, strict=True):
+                assert (math.isnan(theirs), theirs < 0) == (math.isnan(ours), ours < 0), name
+        view = boards["layer+python"].read(0)
+        assert view.head == 6  # seven requests, one excluded
+        assert boards["layer+python"].route_names(0) == ["/api/things/{thing_id}", "/items/{item_id}"]
+        assert workers["layer+python"].nr == 7  # max_requests counts every request, as uvicorn does
+        statuses = [record[2] for record in boards["layer+python"].read_ring(0, 0, 6)]
+        assert statuses == [204, 500, 404, 207, 302, 200]
+    finally:
+        for board in boards.values():
+            board.close()
+
+
+def test_lifespan_and_websocket_scopes_pass_through_unrecorded(board: sb.Scoreboard) -> None:
+    """Only http scopes are requests: lifespan and websocket reach the app as they came and write nothing."""
+    seen: list[dict[str, Any]] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        seen.append(scope)
+
+    board.assign(0, now=1.0)
+    worker = Worker()
+    _worker.RECORDER = RequestRecorder(board, 0, worker, RecorderOptions(threaded=False))
+    layer = _asgi.RecordingApp(app, worker, fakes.HOOKS, routes=True, count_requests=True)
+    scopes: list[dict[str, Any]] = [{"type": "lifespan"}, {"type": "websocket", "path": "/ws"}]
+    for scope in scopes:
+        asyncio.run(layer(scope, _receive, _noop_send))
+    assert seen == scopes
+    assert board.read(0).head == 0
+    assert worker.nr == 0
+
+
+def test_double_callable_applications_keep_working(board: sb.Scoreboard) -> None:
+    """An ASGI 2 application (a class called with the scope) is still served, and its request recorded."""
+
+    class Asgi2:
+        def __init__(self, scope: dict[str, Any]) -> None:
+            self.scope = scope
+
+        async def __call__(self, receive: Any, send: Any) -> None:
+            await send({"type": "http.response.start", "status": 202, "headers": []})
+
+    board.assign(0, now=1.0)
+    _worker.RECORDER = RequestRecorder(board, 0, Worker(), RecorderOptions(threaded=False))
+    layer = _asgi.RecordingApp(Asgi2, Worker(), fakes.HOOKS, routes=False, count_requests=False)
+    asyncio.run(layer(CASES[0].scope(), _receive, _noop_send))
+    assert [record[2] for record in board.read_ring(0, 0, 1)] == [202]
+
+
+def test_a_failing_recorder_never_costs_the_request(board: sb.Scoreboard, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug of ours while recording is reported and swallowed: the application still answers."""
+    answered: list[int] = []
+
+    async def send(message: Any) -> None:
+        if message["type"] == "http.response.start":
+            answered.append(message["status"])
+
+    def broken(*_args: Any) -> None:
+        raise RuntimeError("recorder bug")
+
+    reports: list[str] = []
+    monkeypatch.setattr(_asgi, "report", lambda what, error: reports.append(what))
+    monkeypatch.setattr(_asgi, "AsgiRequest", broken)
+    layer = _asgi.RecordingApp(CASES[0].app, Worker(), fakes.HOOKS, routes=True, count_requests=True)
+    asyncio.run(layer(CASES[0].scope(), _receive, send))
+    assert answered == [200]
+    assert reports == ["recording an ASGI request"]
+
+
+def test_asgi_worker_gets_the_users_own_request_hooks_back() -> None:
+    """On gunicorn's asgi worker the layer records: the worker's config keeps the user's hooks, drops ours
+    (gunicorn's defaults where the user had none), so a request is written once and their hooks still run."""
+    from gunicorn.config import Config
+
+    from gunicorn_insight import _hooks
+
+    calls: list[str] = []
+
+    def pre_request(worker: Any, req: Any) -> None:
+        calls.append("theirs")
+
+    chained: dict[str, Any] = {"pre_request": pre_request}
+    alone: dict[str, Any] = {}
+    for namespace in (chained, alone):
+        _hooks.install(namespace, statsd="127.0.0.1:9")
+    configs = []
+    for namespace in (chained, alone):
+        cfg = Config()
+        for name in ("pre_request", "post_request"):
+            cfg.set(name, namespace[name])
+        _hooks._hand_back_request_hooks(cfg)
+        configs.append(cfg)
+    with_theirs, without = configs
+    assert with_theirs.pre_request is pre_request
+    with_theirs.pre_request(None, None)
+    assert calls == ["theirs"]
+    assert not _hooks.is_ours(with_theirs.post_request)
+    for name in ("pre_request", "post_request"):
+        assert getattr(without, name) is without.settings[name].default
+
+
+def test_route_templates_of_real_starlette_and_fastapi_routing() -> None:
+    """scope["route"] after real routing gives templates: FastAPI routes, a mounted app's routes with the mount's
+    prefix, and never a raw path (a mount parameter's value, a mount without a router of its own)."""
+    from fastapi import FastAPI
+    from starlette.responses import PlainTextResponse
+
+    async def plain(scope: Any, receive: Any, send: Any) -> None:
+        await PlainTextResponse("ok")(scope, receive, send)
+
+    app, api, users = FastAPI(), FastAPI(), FastAPI()
+    app.get("/items/{item_id}")(lambda item_id: item_id)
+    app.get("/files/{name:path}")(lambda name: name)
+    api.get("/things/{thing_id}")(lambda thing_id: thing_id)
+    users.get("/orders/{order_id}")(lambda order_id: order_id)
+    app.mount("/api", api)
+    app.mount("/static", plain)
+    app.mount("/users/{user_id}", users)
+    templates = {}
+    for path in ("/items/3", "/files/a/b.txt", "/api/things/x", "/static/css/site.css", "/users/42/orders/7",
+                 "/nope"):
+        scope = {**CASES[0].scope(), "path": path, "raw_path": path.encode(), "app": app}
+        asyncio.run(app(scope, _receive, _noop_send))
+        templates[path] = _asgi.route_template(scope, "")
+    assert templates == {
+        "/items/3": "/items/{item_id}", "/files/a/b.txt": "/files/{name}", "/api/things/x": "/api/things/{thing_id}",
+        # FastAPI's router leaves no route for a mount without a router of its own: no route, never a raw path.
+        "/static/css/site.css": None, "/users/42/orders/7": "/orders/{order_id}", "/nope": None,
+    }
+
+
+def test_request_is_recorded_before_the_last_of_its_response_goes_out(board: sb.Scoreboard) -> None:
+    """The ring head has moved when the server is handed the final body: a client holding its answer never
+    reads a count without it (what the application does after, e.g. background tasks, is not its time)."""
+    heads: list[tuple[str, bool, int]] = []
+
+    async def send(message: Any) -> None:
+        heads.append((message["type"], message.get("more_body", False), board.head(0)))
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"a", "more_body": True})
+        await send({"type": "http.response.body", "body": b"b"})
+        await asyncio.sleep(0)  # a background task: already recorded, and not twice
+
+    board.assign(0, now=1.0)
+    worker = Worker()
+    _worker.RECORDER = RequestRecorder(board, 0, worker, RecorderOptions(threaded=False))
+    layer = _asgi.RecordingApp(app, worker, fakes.HOOKS, routes=False, count_requests=True)
+    asyncio.run(layer(CASES[0].scope(), _receive, send))
+    assert heads == [("http.response.start", False, 0), ("http.response.body", True, 0),
+                     ("http.response.body", False, 1)]
+    assert (board.head(0), worker.nr) == (1, 1)
