@@ -13,7 +13,7 @@ import select
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from ._safety import LOG, RateLimitedLog
 from .settings import ConfigurationError, join_host_port
@@ -38,9 +38,11 @@ class EndpointError(Exception):
 class MetricsEndpoint:
     """Owns the master's end of the socket pair. Only the exporter thread calls :meth:`serve_requests`."""
 
-    def __init__(self, address: tuple[str, int], directory: str, *, successor: bool, error_fd: int,
-                 title: str) -> None:
-        self._bind = join_host_port(*address)
+    def __init__(self, address: tuple[str, int] | None, directory: str, *, successor: bool, error_fd: int,
+                 title: str, extra_args: Sequence[str] = ()) -> None:
+        # No address: the process only exports over OTLP (see _otlp).
+        self._bind = join_host_port(*address) if address is not None else ""
+        self._extra_args = tuple(extra_args)
         self._directory = directory
         self._successor = successor
         self._error_fd = error_fd
@@ -67,7 +69,8 @@ class MetricsEndpoint:
         ours, theirs = socket.socketpair()
         search_path = "\n".join([_PACKAGE_PARENT, *(os.path.abspath(entry or ".") for entry in sys.path)])
         argv = [sys.executable, "-c", _BOOTSTRAP, search_path, "--directory", self._directory,
-                "--bind", self._bind, "--title", self._title, *(["--successor"] if self._successor else [])]
+                "--bind", self._bind, "--title", self._title, *(["--successor"] if self._successor else []),
+                *self._extra_args]
         # stderr first: the error log may itself be descriptor 3.
         actions: list[tuple[int, ...]] = [(os.POSIX_SPAWN_DUP2, self._error_fd, 2),
                                           (os.POSIX_SPAWN_DUP2, theirs.fileno(), 3)]
@@ -93,7 +96,7 @@ class MetricsEndpoint:
             raise EndpointError(detail if state == "error" else
                                 f"the /metrics process (pid {self.pid}) exited before it was ready; its error, "
                                 "if any, is in gunicorn's error log")
-        self.url = detail
+        self.url = detail if self._bind else ""
         self._sock = ours
         self._unanswered = early.count(b"r")
         return state

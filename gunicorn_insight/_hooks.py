@@ -236,12 +236,14 @@ def _describe(server: Any, master: _master.Master) -> dict[str, Any]:
 def _announce(master: _master.Master) -> None:
     plan = master.plan
     where = []
-    if master.endpoint is not None:
+    if master.endpoint is not None and master.endpoint.url:
         where.append(f"Prometheus metrics at {master.endpoint.url}")
     elif plan.prometheus_dir is not None:
         where.append(f"Prometheus files in {plan.prometheus_dir}")
     if plan.statsd_target is not None:
         where.append(f"StatsD to {plan.statsd_target!r}")
+    if plan.settings.otlp_enabled:
+        where.append(f"OTLP to {plan.settings.otlp_endpoint or 'the OTEL_EXPORTER_OTLP_* endpoint'}")
     LOG.info("gunicorn-insight: %s (worker class %s, %s request hooks, scoreboard %s)",
              "; ".join(where) or "no exporter", plan.worker_kind, STATE.request_hooks, master.board.path)
     if plan.gunicorn_statsd_active and master.statsd is not None:

@@ -27,7 +27,7 @@ from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 from ._prometheus import merge_lock, usable_files
-from .settings import join_host_port, parse_host_port
+from .settings import ConfigurationError, join_host_port, parse_host_port
 
 LINK_FD = 3
 SCRAPE_WAIT = 2.0
@@ -166,10 +166,38 @@ class MetricsServer:
 def _arguments(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="gunicorn-insight /metrics process")
     parser.add_argument("--directory", required=True)
-    parser.add_argument("--bind", required=True)
+    parser.add_argument("--bind", default="", help="host:port to serve /metrics on; empty: OTLP only")
     parser.add_argument("--successor", action="store_true")
     parser.add_argument("--title", default="")
+    parser.add_argument("--otlp", default="", help="OTLP/HTTP endpoint URL, or 'on' for the OTEL_* variables")
+    parser.add_argument("--service-name", default="gunicorn")
+    parser.add_argument("--instance-id", default="")
+    parser.add_argument("--master-pid", type=int, default=0)
+    parser.add_argument("--server-port", type=int, default=0)
+    parser.add_argument("--started", type=float, default=0.0)
     return parser.parse_args(argv)
+
+
+def start_otlp(args: argparse.Namespace, link: MasterLink) -> Any:
+    """The OTLP exporter, fed from the same merged directory as /metrics; None when OTLP is off.
+    Raises ConfigurationError for a bad OTEL_* variable or a missing SDK (the master reports it)."""
+    if not args.otlp:
+        return None
+    from . import _otlp
+
+    options = _otlp.resolve_options(
+        args.otlp, os.environ, service_name=args.service_name, instance_id=args.instance_id,
+        master_pid=args.master_pid or os.getppid(), server_port=args.server_port or None, started=args.started,
+    )
+    try:
+        export = _otlp.OtlpExport(options, DirectoryCollector(args.directory).collect, link.fresh_round)
+    except ImportError as error:
+        raise ConfigurationError(
+            f"otlp={args.otlp!r} needs the OpenTelemetry SDK and its OTLP/HTTP exporter ({error}); install them "
+            "with: pip install 'gunicorn-insight[otlp]'"
+        ) from None
+    _otlp.log_to_stderr()
+    return export
 
 
 def _set_title(title: str) -> None:
@@ -186,25 +214,40 @@ def main(argv: list[str]) -> int:
     try:
         args = _arguments(argv)
         _set_title(args.title)
-        address = parse_host_port("metrics_bind", args.bind, 9180)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = args.directory
-        server = MetricsServer(address, make_registry(args.directory), link.fresh_round)
         try:
-            server.bind()
-            link.say(f"ready {metrics_url(address)}")
-        except OSError as error:
-            if not (args.successor and error.errno == errno.EADDRINUSE):
-                link.say(f"error metrics_bind={args.bind} cannot be bound ({error.strerror}); pick a free port "
-                         "with GUNICORN_INSIGHT_METRICS_BIND=host:port, or 'off' to not serve /metrics")
-                return 0
-            link.say(f"waiting {metrics_url(address)}")
+            otlp = start_otlp(args, link)
+        except ConfigurationError as error:
+            link.say(f"error {error}")
+            return 0
+        if not args.bind:
+            server = None
+            link.say("ready otlp")
+        else:
+            address = parse_host_port("metrics_bind", args.bind, 9180)
+            server = MetricsServer(address, make_registry(args.directory), link.fresh_round)
+            try:
+                server.bind()
+                link.say(f"ready {metrics_url(address)}")
+            except OSError as error:
+                if not (args.successor and error.errno == errno.EADDRINUSE):
+                    link.say(f"error metrics_bind={args.bind} cannot be bound ({error.strerror}); pick a free port "
+                             "with GUNICORN_INSIGHT_METRICS_BIND=host:port, or 'off' to not serve /metrics")
+                    return 0
+                link.say(f"waiting {metrics_url(address)}")
     except Exception as error:  # whatever it is, the master reports it as a startup error
         with contextlib.suppress(OSError):
             link.say(f"error the /metrics process could not start: {type(error).__name__}: {error}")
         return 0
-    server.start()
+    if server is not None:
+        server.start()
+    if otlp is not None:
+        otlp.start()
     link.listen()
-    server.stop()
+    if server is not None:
+        server.stop()
+    if otlp is not None:
+        otlp.stop()
     return 0
 
 

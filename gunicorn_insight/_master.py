@@ -17,6 +17,7 @@ import heapq
 import os
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -65,6 +66,10 @@ class Plan:
     recorder: RecorderOptions
     per_worker_capacity: int
     """Requests one worker runs at once: 1 (sync), threads (gthread), worker_connections (async)."""
+    service_name: str = "gunicorn"
+    """gunicorn's proc_name: OTLP's default service.name."""
+    server_port: int | None = None
+    """The TCP port gunicorn listens on, when it binds exactly one (OTLP's server.port)."""
 
     @classmethod
     def resolve(cls, settings: Settings, cfg: Any, prometheus_dir: str | None) -> Plan:
@@ -106,7 +111,32 @@ class Plan:
                 threaded=kind not in ONE_THREAD_KINDS,
             ),
             per_worker_capacity=concurrency,
+            service_name=str(getattr(cfg, "proc_name", None) or "gunicorn"),
+            server_port=single_port(getattr(cfg, "bind", None) or []),
         )
+
+
+def single_port(binds: list[str]) -> int | None:
+    """The port of gunicorn's TCP binds when they share one; None for unix sockets, fds or several ports."""
+    ports = set()
+    for bind in binds:
+        if bind.startswith(("unix:", "fd://")) or ":" not in bind:
+            return None
+        port = bind.rsplit(":", 1)[1]
+        if not port.isdigit():
+            return None
+        ports.add(int(port))
+    return ports.pop() if len(ports) == 1 else None
+
+
+def otlp_arguments(plan: Plan, master_pid: int) -> list[str]:
+    """What the /metrics process needs to export over OTLP (see _otlp); nothing when OTLP is off."""
+    settings = plan.settings
+    if not settings.otlp_enabled:
+        return []
+    return ["--otlp", settings.otlp_endpoint or "on", "--service-name", plan.service_name,
+            "--instance-id", str(uuid.uuid4()), "--master-pid", str(master_pid),
+            "--server-port", str(plan.server_port or 0), "--started", repr(time.time())]
 
 
 def _slow_after(settings: Settings, cfg: Any) -> float:
@@ -183,9 +213,11 @@ class Master:
             self.prometheus = PrometheusSink(plan.prometheus_dir, settings.buckets, plan.connections_limit,
                                              routes=settings.route_label)
             self._sinks.append(self.prometheus)
-            if settings.serves_metrics:
-                self.endpoint = MetricsEndpoint(settings.metrics_address, plan.prometheus_dir,
-                                                successor=plan.successor, error_fd=error_log_fd(), title=title)
+            if settings.serves_prometheus or settings.otlp_enabled:
+                self.endpoint = MetricsEndpoint(settings.metrics_address if settings.serves_prometheus else None,
+                                                plan.prometheus_dir, successor=plan.successor,
+                                                error_fd=error_log_fd(), title=title,
+                                                extra_args=otlp_arguments(plan, self.pid))
         if plan.statsd_target is not None:
             self.statsd = StatsdSink(
                 plan.statsd_target,
