@@ -176,7 +176,11 @@ class StatsdSink:
         pipe.timings(name("gunicorn.request.queue"), facts.queue_times, timers)
         for cause, count in sorted(facts.exits.items()):
             pipe.incr(split("gunicorn.worker.exit.{}", "gunicorn.worker.exit", "cause", cause), count)
-        for metric, value in (("gunicorn.workers", facts.workers), ("gunicorn.workers_busy", facts.busy_workers),
+        if self._tagged and self._send_requests:
+            self._worker_states(pipe, facts)
+        else:  # gunicorn's statsd logger sends the name untagged: a tagged pair beside it would double a sum
+            pipe.gauge(name("gunicorn.workers"), facts.workers)
+        for metric, value in (("gunicorn.workers_busy", facts.busy_workers),
                               ("gunicorn.capacity", facts.capacity), ("gunicorn.requests_in_flight", facts.in_flight),
                               ("gunicorn.requests_waiting", facts.waiting),
                               ("gunicorn.connections", facts.total_connections),
@@ -223,18 +227,30 @@ class StatsdSink:
             for (method, route), durations in facts.durations.items():
                 pipe.timings(name("gunicorn.request.duration", self._request_tags(method, None, route)), durations,
                              timers)
+            self._status_lines(pipe, facts)
             return
         total = facts.total_requests
         if total:
             pipe.incr(name("gunicorn.requests"), total)
+        self._status_lines(pipe, facts)
+        duration = name("gunicorn.request.duration")
+        # One timer for every method and route: their durations are one population to sample from.
+        pipe.timings(duration, list(chain.from_iterable(facts.durations.values())), timers)
+
+    def _status_lines(self, pipe: Any, facts: Round) -> None:
+        """``gunicorn.request.status.<code>``: gunicorn's own name, which Datadog's gunicorn integration and
+        its dashboard read. In DogStatsD mode too, with only the constant tags: the status is in the name."""
         by_status: dict[int, int] = {}
         for (_method, status, _route), count in facts.requests.items():
             by_status[status] = by_status.get(status, 0) + count
         for status, count in sorted(by_status.items()):
-            pipe.incr(name(f"gunicorn.request.status.{status or 'unknown'}"), count)
-        duration = name("gunicorn.request.duration")
-        # One timer for every method and route: their durations are one population to sample from.
-        pipe.timings(duration, list(chain.from_iterable(facts.durations.values())), timers)
+            pipe.incr(self._name(f"gunicorn.request.status.{status or 'unknown'}"), count)
+
+    def _worker_states(self, pipe: Any, facts: Round) -> None:
+        """DogStatsD mode: ``gunicorn.workers`` tagged ``state:working`` and ``state:idle``, the form Datadog's
+        gunicorn integration documents (its dashboard sums them by state; their sum is the live workers)."""
+        pipe.gauge(self._name("gunicorn.workers", "state:working"), facts.busy_workers)
+        pipe.gauge(self._name("gunicorn.workers", "state:idle"), max(0, facts.workers - facts.busy_workers))
 
     @staticmethod
     def _request_tags(method: str, status: int | None, route: str) -> str:
