@@ -33,7 +33,8 @@ def check_import_order(directory: str) -> None:
     module = sys.modules.get("prometheus_client.values")
     if module is None:
         return
-    if not getattr(module.ValueClass, "_multiprocess", False):
+    # Public names only: the in-memory MutexValue is what prometheus_client picks without the directory.
+    if module.ValueClass is module.MutexValue:
         raise ConfigurationError(
             "prometheus_client was imported before gunicorn-insight set PROMETHEUS_MULTIPROC_DIR, so its "
             "metrics live in process memory and cannot be shared between workers; call "
