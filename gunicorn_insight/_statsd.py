@@ -1,8 +1,9 @@
 """StatsD export from the master: one batched pipeline per round, never an exception into gunicorn.
 
-The ``statsd`` package carries the datagrams (its pipeline packs lines into datagrams up to 1432 bytes);
-this module adds DogStatsD tags, unix datagram sockets, name resolution that retries, and warnings that
-are rate limited instead of a traceback per failed send.
+The protocol is lines of ``name:value|type[|@rate][|#tags]``, packed into datagrams of at most 1432 bytes;
+this module writes them itself (no StatsD client library, so no private API of one), with DogStatsD tags,
+unix datagram sockets, name resolution that retries, and warnings that are rate limited instead of a
+traceback per failed send.
 """
 
 from __future__ import annotations
@@ -15,8 +16,6 @@ import time
 from collections.abc import Sequence
 from itertools import chain
 from typing import Any
-
-import statsd
 
 from ._drain import Round
 from ._safety import RateLimitedLog
@@ -41,13 +40,26 @@ def name_part(value: str) -> str:
     return _NAME_UNSAFE.sub("_", value).strip("_")
 
 
-class _Pipeline(statsd.client.udp.Pipeline):  # type: ignore[misc]
-    """A stat name may carry its tags after ``|#``; they belong after the type in the datagram."""
+class _Pipeline:
+    """StatsD lines collected for one round, sent packed into datagrams of at most MAX_DATAGRAM bytes.
 
-    def _prepare(self, stat: str, value: str, rate: float) -> str:
+    A stat name may carry its DogStatsD tags after ``|#``; they go after the type in the line.
+    """
+
+    def __init__(self, client: _Client) -> None:
+        self._client = client
+        self._stats: list[str] = []
+
+    def _add(self, stat: str, value: str) -> None:
         name, _, tags = stat.partition("|#")
-        line: str = super()._prepare(name, value, rate)
-        return f"{line}|#{tags}" if tags else line
+        self._stats.append(f"{name}:{value}|#{tags}" if tags else f"{name}:{value}")
+
+    def incr(self, stat: str, count: float = 1) -> None:
+        self._add(stat, f"{count}|c")
+
+    def gauge(self, stat: str, value: float) -> None:
+        """Every gauge of ours is 0 or more: a leading ``-`` would mean "change by" in the protocol."""
+        self._add(stat, f"{value}|g")
 
     def timings(self, stat: str, seconds: Sequence[float], limit: int = 0) -> None:
         """Timer lines for many values, a datagram's worth at a time: one ``%`` formatting per datagram
@@ -70,11 +82,30 @@ class _Pipeline(statsd.client.udp.Pipeline):  # type: ignore[misc]
             chunk = tuple(milliseconds[start : start + per_datagram])
             self._stats.append((template if len(chunk) == per_datagram else "\n".join([line] * len(chunk))) % chunk)
 
+    def send(self) -> None:
+        """Lines joined by newlines, a new datagram before one would pass MAX_DATAGRAM bytes."""
+        datagram = ""
+        for stat in self._stats:
+            if datagram and len(datagram) + 1 + len(stat) > MAX_DATAGRAM:
+                self._client._send(datagram)
+                datagram = stat
+            else:
+                datagram = f"{datagram}\n{stat}" if datagram else stat
+        if datagram:
+            self._client._send(datagram)
+        self._stats.clear()
 
-class _Client(statsd.StatsClient):  # type: ignore[misc]
-    """UDP client whose send errors are counted and reported instead of silently dropped."""
+
+class _Client:
+    """A UDP socket to the aggregator; send errors are counted and reported instead of silently dropped."""
 
     errors = 0
+
+    def __init__(self, host: str, port: int, *, ipv6: bool = False) -> None:
+        family, _, _, _, address = socket.getaddrinfo(
+            host, port, socket.AF_INET6 if ipv6 else socket.AF_INET, socket.SOCK_DGRAM)[0]
+        self._addr: Any = address
+        self._sock = socket.socket(family, socket.SOCK_DGRAM)
 
     def _send(self, data: str) -> None:
         try:
@@ -86,20 +117,21 @@ class _Client(statsd.StatsClient):  # type: ignore[misc]
     def pipeline(self) -> _Pipeline:
         return _Pipeline(self)
 
+    def close(self) -> None:
+        self._sock.close()
+
 
 class _UnixClient(_Client):
-    def __init__(self, path: str) -> None:  # the package's unix client is a stream socket; we need datagrams
+    def __init__(self, path: str) -> None:  # a path: nothing to resolve, so not _Client.__init__
         self._addr = path
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self._prefix = None
-        self._maxudpsize = MAX_DATAGRAM
 
 
 def _connect(target: tuple[str, int] | str) -> _Client:
     if isinstance(target, str):
         return _UnixClient(target)
     host, port = target
-    return _Client(host, port, maxudpsize=MAX_DATAGRAM, ipv6=":" in host)
+    return _Client(host, port, ipv6=":" in host)
 
 
 class StatsdSink:

@@ -74,7 +74,7 @@ def version_line() -> str:
     from ._version import __version__
 
     found = []
-    for distribution in ("gunicorn", "prometheus_client", "statsd", "opentelemetry-sdk"):
+    for distribution in ("gunicorn", "prometheus_client", "opentelemetry-sdk"):
         try:
             found.append(f"{distribution} {metadata.version(distribution)}")
         except metadata.PackageNotFoundError:

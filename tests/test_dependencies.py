@@ -38,16 +38,17 @@ def oldest_pins() -> dict[str, str]:
 
 
 def test_the_libraries_used_at_their_boundary_have_both_ends() -> None:
-    """prometheus_client (file format), statsd (datagrams) and the OpenTelemetry SDK have an upper bound."""
+    """prometheus_client (file format) and the OpenTelemetry SDK have an upper bound; StatsD needs no library."""
     bounded = {name for name, (_, high) in ranges().items() if high}
-    assert {"prometheus-client", "statsd", "opentelemetry-sdk", "opentelemetry-exporter-otlp-proto-http"} <= bounded
+    assert {"prometheus-client", "opentelemetry-sdk", "opentelemetry-exporter-otlp-proto-http"} <= bounded
+    assert "statsd" not in ranges()
 
 
 def test_the_oldest_venv_pins_every_lower_bound() -> None:
     """scripts/test-all installs exactly the lower end of each range, so the oldest allowed versions are tested."""
     pins = oldest_pins()
     for name, (low, _high) in ranges().items():
-        if name in {"gunicorn", "prometheus-client", "statsd"} or name.startswith("opentelemetry"):
+        if name in {"gunicorn", "prometheus-client"} or name.startswith("opentelemetry"):
             assert name in pins, f"{name} has no pin in scripts/test-all's OLDEST_PINS"
             assert _version(pins[name]) == _version(low), f"{name}: pinned {pins[name]}, lower bound {low}"
 
