@@ -10,6 +10,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
+import pytest
 from harness import Gunicorn, start_gunicorn
 from otlp_receiver import OtlpReceiver, attributes_of, point_total, points
 from servers import ProcessFactory, wait_until
@@ -32,6 +33,7 @@ def wait_for_total(receiver: OtlpReceiver, server: Gunicorn, name: str, expected
                             f"{server.process.describe()}")
 
 
+@pytest.mark.oldest
 def test_exports_exact_counts_with_http_semantic_conventions(
     process_factory: ProcessFactory, otlp_receiver: OtlpReceiver
 ) -> None:

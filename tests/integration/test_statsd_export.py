@@ -99,6 +99,7 @@ def test_aggregator_down_then_up_resumes_without_hurting_the_server(
     assert "Traceback" not in server.process.output()
 
 
+@pytest.mark.oldest
 def test_dogstatsd_mode_sends_the_names_datadogs_gunicorn_integration_reads(
     process_factory: ProcessFactory, statsd_daemon: StatsdDaemon
 ) -> None:
