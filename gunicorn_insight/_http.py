@@ -26,7 +26,7 @@ from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
-from ._prometheus import merge_lock, usable_files
+from ._prometheus import OTLP_ONLY_PREFIX, merge_lock, usable_files
 from .settings import ConfigurationError, join_host_port, parse_host_port
 
 LINK_FD = 3
@@ -54,11 +54,18 @@ class DirectoryCollector:
             return list(MultiProcessCollector.merge(usable_files(self._directory), accumulate=True))
 
 
+class PrometheusView(DirectoryCollector):
+    """What /metrics serves: the directory without the families written for OTLP alone."""
+
+    def collect(self) -> Iterable[Any]:
+        return [family for family in super().collect() if not family.name.startswith(OTLP_ONLY_PREFIX)]
+
+
 def make_registry(directory: str) -> Any:
     from prometheus_client import CollectorRegistry
 
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(DirectoryCollector(directory))
+    registry.register(PrometheusView(directory))
     return registry
 
 

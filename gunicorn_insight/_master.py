@@ -201,7 +201,7 @@ class Master:
         self._round_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._drainer = Drainer(self.board, plan.settings.max_routes)
+        self._drainer = Drainer(self.board, plan.settings.max_routes, by_status=plan.settings.otlp_enabled)
         self._listeners: Callable[[], list[Any]] = list
         self._overflows = listen_overflows()
         self._sinks: list[Sink] = []
@@ -211,7 +211,7 @@ class Master:
         settings = plan.settings
         if plan.prometheus_dir is not None:
             self.prometheus = PrometheusSink(plan.prometheus_dir, settings.buckets, plan.connections_limit,
-                                             routes=settings.route_label)
+                                             routes=settings.route_label, otlp=settings.otlp_enabled)
             self._sinks.append(self.prometheus)
             if settings.serves_prometheus or settings.otlp_enabled:
                 self.endpoint = MetricsEndpoint(settings.metrics_address if settings.serves_prometheus else None,

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from ._prometheus import OTLP_DURATION
 from ._safety import LOG, RateLimitedLog
 from ._version import __version__
 from .settings import ConfigurationError
@@ -135,7 +136,9 @@ class Instrument:
 
 
 INSTRUMENTS: dict[str, Instrument] = {
-    "gunicorn_request_duration_seconds": Instrument(
+    # The master writes this family (by method, status and route) only when OTLP is on, from the same rounds
+    # as gunicorn_request_duration_seconds, which has no status label (see _prometheus.OTLP_DURATION).
+    OTLP_DURATION: Instrument(
         "http.server.request.duration", "s", "histogram", "Duration of HTTP server requests.", http=True),
     "gunicorn_requests_in_flight": Instrument(
         "http.server.active_requests", "{request}", "updown", "Number of active HTTP server requests.", http=True),

@@ -50,12 +50,16 @@ def test_exports_exact_counts_with_http_semantic_conventions(
 
     duration = otlp_receiver.latest("http.server.request.duration")
     assert (duration.unit, duration.histogram.aggregation_temporality) == ("s", CUMULATIVE)
-    (point,) = points(duration)
-    assert attributes_of(point.attributes) == {"http.request.method": "GET", "server.port": server.port}
-    assert (point.count, sum(point.bucket_counts)) == (8, 8)
-    assert list(point.explicit_bounds) == list(DEFAULT_BUCKETS)
-    assert point.sum > 0
-    assert point.start_time_unix_nano < point.time_unix_nano
+    by_status = {attributes_of(point.attributes)["http.response.status_code"]: point for point in points(duration)}
+    assert sorted(by_status) == [200, 404]
+    for status, count in ((200, 5), (404, 3)):
+        point = by_status[status]
+        assert attributes_of(point.attributes) == {
+            "http.request.method": "GET", "http.response.status_code": status, "server.port": server.port}
+        assert (point.count, sum(point.bucket_counts)) == (count, count)
+        assert list(point.explicit_bounds) == list(DEFAULT_BUCKETS)
+        assert point.sum > 0
+        assert point.start_time_unix_nano < point.time_unix_nano
     requests = otlp_receiver.latest("gunicorn.requests")
     assert requests.sum.is_monotonic
     assert point_total(requests, **{"http.response.status_code": 200, "http.request.method": "GET"}) == 5
@@ -94,8 +98,11 @@ def test_delta_temporality_adds_up_to_the_exact_count(
     assert sum(point_total(metric) for metric in otlp_receiver.metrics("gunicorn.requests")) == 12
     assert otlp_receiver.latest("http.server.active_requests").sum.aggregation_temporality == CUMULATIVE
     assert otlp_receiver.resource()["service.name"] == "checkout"
-    # /metrics is served too when metrics_bind says so; Prometheus and OTLP read the same rounds.
+    # /metrics is served too when metrics_bind says so; Prometheus and OTLP read the same rounds, and the
+    # status-split histogram written for OTLP stays out of /metrics.
     assert server.total("gunicorn_requests_total") == 12
+    assert server.total("gunicorn_request_duration_seconds_count") == 12
+    assert "gunicorn_insight_otlp" not in server.metrics_text()
 
 
 def test_worker_killed_is_counted_with_its_cause(process_factory: ProcessFactory, otlp_receiver: OtlpReceiver) -> None:
