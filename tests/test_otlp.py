@@ -156,3 +156,21 @@ def test_resource_has_our_attributes_and_the_environment_wins(monkeypatch: pytes
     assert attributes["deployment.environment.name"] == "prod"
     monkeypatch.setenv("OTEL_SERVICE_NAME", "checkout")
     assert _otlp.OtlpExport(options(), list, lambda: None).resource.attributes["service.name"] == "checkout"
+
+
+@pytest.mark.parametrize(
+    ("binds", "port"),
+    [
+        (["127.0.0.1:8000"], 8000),
+        (["0.0.0.0:8000", "[::]:8000"], 8000),
+        (["127.0.0.1:8000", "127.0.0.1:8001"], None),
+        (["unix:/run/gunicorn.sock"], None),
+        (["fd://3"], None),
+        ([], None),
+    ],
+)
+def test_server_port_only_when_gunicorn_binds_one_tcp_port(binds: list[str], port: int | None) -> None:
+    """server.port is a fact only with one TCP port; unix sockets, fds or several ports leave it out."""
+    from gunicorn_insight._master import single_port
+
+    assert single_port(binds) == port
