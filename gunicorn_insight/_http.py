@@ -27,6 +27,7 @@ from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 from ._prometheus import OTLP_ONLY_PREFIX, merge_lock, usable_files
+from ._safety import LOG
 from .settings import ConfigurationError, join_host_port, parse_host_port
 
 LINK_FD = 3
@@ -191,6 +192,12 @@ def start_otlp(args: argparse.Namespace, link: MasterLink) -> Any:
     if not args.otlp:
         return None
     from . import _otlp
+
+    if os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        _otlp.log_to_stderr()
+        LOG.warning("gunicorn-insight: otlp=%s is set but OTEL_SDK_DISABLED=true: nothing is exported over OTLP",
+                    args.otlp)
+        return None
 
     options = _otlp.resolve_options(
         args.otlp, os.environ, service_name=args.service_name, instance_id=args.instance_id,

@@ -68,6 +68,15 @@ def resolve_options(
     else:
         endpoint = otlp
         _check_url("otlp", endpoint)
+    for variable in ("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"):
+        protocol = environ.get(variable, "").strip()
+        if protocol:
+            if protocol != "http/protobuf":
+                raise ConfigurationError(
+                    f"{variable}={protocol!r}: gunicorn-insight sends OTLP as http/protobuf only; set it to "
+                    "http/protobuf (collectors listen for it on port 4318) or unset it"
+                )
+            break  # the signal-specific variable wins over the general one
     raw_interval = environ.get("OTEL_METRIC_EXPORT_INTERVAL", "").strip() or str(DEFAULT_INTERVAL_MS)
     try:
         interval_ms = float(raw_interval)

@@ -65,6 +65,13 @@ def test_endpoint_comes_from_the_standard_variables() -> None:
                    OTEL_EXPORTER_OTLP_METRICS_ENDPOINT="https://m/x").endpoint == "https://m/x"
 
 
+def test_the_http_protobuf_protocol_is_accepted_and_the_signal_variable_wins() -> None:
+    """http/protobuf is what is sent; the metrics-specific variable overrides the general one."""
+    assert options(OTEL_EXPORTER_OTLP_PROTOCOL="http/protobuf").endpoint == "http://localhost:4318/v1/metrics"
+    resolved = options(OTEL_EXPORTER_OTLP_METRICS_PROTOCOL="http/protobuf", OTEL_EXPORTER_OTLP_PROTOCOL="grpc")
+    assert resolved.endpoint == "http://localhost:4318/v1/metrics"
+
+
 def test_interval_and_temporality_come_from_the_standard_variables() -> None:
     """OTEL_METRIC_EXPORT_INTERVAL is milliseconds (default one minute); delta and lowmemory mean deltas."""
     assert (options().interval, options().delta) == (60.0, False)
@@ -81,6 +88,9 @@ def test_interval_and_temporality_come_from_the_standard_variables() -> None:
         ({"OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE": "both"}, "is not one of cumulative, delta"),
         ({"OTEL_RESOURCE_ATTRIBUTES": "team=web,oops"}, "OTEL_RESOURCE_ATTRIBUTES has 'oops', which is not key"),
         ({"OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": "collector:4318"}, "is not an http:// or https:// URL"),
+        ({"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}, "OTEL_EXPORTER_OTLP_PROTOCOL='grpc': gunicorn-insight sends"),
+        ({"OTEL_EXPORTER_OTLP_METRICS_PROTOCOL": "http/json", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"},
+         "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL='http/json'"),
     ],
 )
 def test_bad_standard_variables_name_the_variable_and_the_fix(environ: dict[str, str], message: str) -> None:

@@ -157,3 +157,13 @@ def test_master_exports_otlp_without_importing_opentelemetry(
     server.get("/")
     wait_for_total(otlp_receiver, server, "gunicorn.requests", 1)
     assert json.loads(marks.read_text()) == []
+
+
+def test_sdk_disabled_exports_nothing_and_says_so(process_factory: ProcessFactory, otlp_receiver: OtlpReceiver) -> None:
+    """OTEL_SDK_DISABLED=true is honoured: gunicorn serves, one line says OTLP is off, the receiver gets nothing."""
+    server = start_gunicorn(process_factory, env=otlp_env(otlp_receiver, OTEL_SDK_DISABLED="true"))
+    server.process.wait_for_log(r"OTEL_SDK_DISABLED=true: nothing is exported over OTLP", timeout=30)
+    for _ in range(3):
+        assert server.get("/") == 200
+    assert server.total("gunicorn_requests_total") == 3  # a scrape: the same rounds an export would have read
+    assert otlp_receiver.count() == 0
