@@ -229,37 +229,44 @@ def main(argv: list[str]) -> int:
         args = _arguments(argv)
         _set_title(args.title)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = args.directory
-        try:
-            otlp = start_otlp(args, link)
-        except ConfigurationError as error:
-            link.say(f"error {error}")
-            return 0
+        otlp = start_otlp(args, link)
         if not args.bind:
-            server = None
-            link.say("ready otlp")
-        else:
-            address = parse_host_port("metrics_bind", args.bind, 9180)
-            server = MetricsServer(address, make_registry(args.directory), link.fresh_round)
-            try:
-                server.bind()
-                link.say(f"ready {metrics_url(address)}")
-            except OSError as error:
-                if not (args.successor and error.errno == errno.EADDRINUSE):
-                    link.say(f"error metrics_bind={args.bind} cannot be bound ({error.strerror}); pick a free port "
-                             "with GUNICORN_INSIGHT_METRICS_BIND=host:port, or 'off' to not serve /metrics")
-                    return 0
-                link.say(f"waiting {metrics_url(address)}")
+            return export_only(link, otlp)
+        address = parse_host_port("metrics_bind", args.bind, 9180)
+        server = MetricsServer(address, make_registry(args.directory), link.fresh_round)
+        try:
+            server.bind()
+            link.say(f"ready {metrics_url(address)}")
+        except OSError as error:
+            if not (args.successor and error.errno == errno.EADDRINUSE):
+                link.say(f"error metrics_bind={args.bind} cannot be bound ({error.strerror}); pick a free port "
+                         "with GUNICORN_INSIGHT_METRICS_BIND=host:port, or 'off' to not serve /metrics")
+                return 0
+            link.say(f"waiting {metrics_url(address)}")
+    except ConfigurationError as error:  # a bad OTEL_* variable, a missing SDK: the master's startup error
+        with contextlib.suppress(OSError):
+            link.say(f"error {error}")
+        return 0
     except Exception as error:  # whatever it is, the master reports it as a startup error
         with contextlib.suppress(OSError):
             link.say(f"error the /metrics process could not start: {type(error).__name__}: {error}")
         return 0
-    if server is not None:
-        server.start()
+    server.start()
     if otlp is not None:
         otlp.start()
     link.listen()
-    if server is not None:
-        server.stop()
+    server.stop()
+    if otlp is not None:
+        otlp.stop()
+    return 0
+
+
+def export_only(link: MasterLink, otlp: Any) -> int:
+    """metrics_bind off, otlp on: no HTTP server, only the export loop until the master goes."""
+    link.say("ready otlp")
+    if otlp is not None:
+        otlp.start()
+    link.listen()
     if otlp is not None:
         otlp.stop()
     return 0
