@@ -87,3 +87,15 @@ def test_bad_otlp_configuration_fails_at_startup(
     output = start_expecting_failure(process_factory, env)
     assert message in output
     assert "Booting worker" not in output
+
+
+def test_otlp_without_the_sdk_names_the_extra_to_install(process_factory: ProcessFactory, tmp_path: Path) -> None:
+    """otlp on where the OpenTelemetry SDK cannot be imported: a startup error saying which extra installs it."""
+    shadow = tmp_path / "no-sdk" / "opentelemetry"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('no OpenTelemetry here (test)')\n")
+    output = start_expecting_failure(process_factory, {"GUNICORN_INSIGHT_OTLP": "on",
+                                                       "PYTHONPATH": str(shadow.parent)})
+    assert "Error: otlp='on' needs the OpenTelemetry SDK and its OTLP/HTTP exporter" in output
+    assert "pip install 'gunicorn-insight[otlp]'" in output
+    assert "Booting worker" not in output
