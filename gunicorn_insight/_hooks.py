@@ -228,8 +228,9 @@ def _describe(server: Any, master: _master.Master) -> dict[str, Any]:
         "scoreboard_version": sb.VERSION,
         "scoreboard": master.board.path,
         "prometheus_dir": plan.prometheus_dir,
-        "metrics_url": master.endpoint.url if master.endpoint is not None else None,
+        "metrics_url": (master.endpoint.url or None) if master.endpoint is not None else None,
         "statsd": repr(plan.statsd_target) if plan.statsd_target is not None else None,
+        "otlp": (plan.settings.otlp_endpoint or "OTEL_EXPORTER_OTLP_*") if plan.settings.otlp_enabled else None,
     }
 
 

@@ -76,6 +76,8 @@ def test_exports_exact_counts_with_http_semantic_conventions(
     assert resource["deployment.environment.name"] == "test"
     assert otlp_receiver.bad == []
     assert "secret" not in str(otlp_receiver.all_requests())
+    described = json.loads((Path(server.scoreboard_path).parent / "server.json").read_text())
+    assert (described["otlp"], described["metrics_url"]) == (f"http://127.0.0.1:{otlp_receiver.port}/v1/metrics", None)
 
 
 def test_delta_temporality_adds_up_to_the_exact_count(
