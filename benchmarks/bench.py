@@ -31,6 +31,7 @@ import fnmatch
 import glob
 import hashlib
 import http.client
+import http.server
 import importlib.metadata
 import json
 import os
@@ -95,17 +96,22 @@ RSS_BUDGET_KIB = 3 * 1024  # RSS added per worker, sync, both exporters: at most
 # The `everything` row: both exporters plus EVERY optional feature of gunicorn_insight.Settings that is off by
 # default. Extend this dict when a feature lands (one GUNICORN_INSIGHT_* variable per feature). Features that are
 # on by default (redact_query, slow_request_timeout, queue_time) are already in every instrumented row.
+# OTLP to a receiver in this process (its CPU is the benchmark's, not gunicorn's), exporting every second rather
+# than every minute so that a run of a few seconds pays for several exports and their rounds.
+OTLP_ENV = {"GUNICORN_INSIGHT_OTLP": "{otlp}", "OTEL_METRIC_EXPORT_INTERVAL": "1000"}
 EVERYTHING_EXTRA_ENV: dict[str, str] = {
     "GUNICORN_INSIGHT_DOGSTATSD": "true",  # per-worker StatsD values as DogStatsD tags instead of names
     "GUNICORN_INSIGHT_ROUTE_LABEL": "true",  # hello.py names its route in the environ, as a framework would
     "GUNICORN_INSIGHT_ACCESS_LOG_ATOMS": "true",  # X-Gunicorn-Busy / X-Gunicorn-Queue-Ms request headers
     "GUNICORN_INSIGHT_EXCLUDE_PATHS": "/healthz",  # never requested here: every request pays the check
+    **OTLP_ENV,
 }
 
 PLUGIN_CONFIGS: dict[str, dict[str, str]] = {
     "statsd": {"GUNICORN_INSIGHT_STATSD": "{statsd}", "GUNICORN_INSIGHT_METRICS_BIND": "off"},
     "prometheus": {"GUNICORN_INSIGHT_METRICS_BIND": "{metrics}"},
     "both": {"GUNICORN_INSIGHT_STATSD": "{statsd}", "GUNICORN_INSIGHT_METRICS_BIND": "{metrics}"},
+    "otlp": {**OTLP_ENV, "GUNICORN_INSIGHT_METRICS_BIND": "off"},
     "everything": {
         "GUNICORN_INSIGHT_STATSD": "{statsd}",
         "GUNICORN_INSIGHT_METRICS_BIND": "{metrics}",
@@ -436,6 +442,31 @@ def worker_memory(pid: int) -> Memory | None:
 # StatsD sink: the real daemon if it is there, otherwise a socket that discards. Its CPU is never counted.
 
 
+class _OtlpDiscard(http.server.BaseHTTPRequestHandler):
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        self.send_response(200)  # an empty body is an empty ExportMetricsServiceResponse
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """One export a second per server is not news."""
+
+
+_OTLP_RECEIVER: list[str] = []
+
+
+def otlp_receiver_url() -> str:
+    """An OTLP/HTTP receiver in this process that accepts and discards, started on first use."""
+    if not _OTLP_RECEIVER:
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _OtlpDiscard)
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, name="otlp-receiver", daemon=True).start()
+        _OTLP_RECEIVER.append(f"http://127.0.0.1:{server.server_address[1]}/v1/metrics")
+    return _OTLP_RECEIVER[0]
+
+
 class StatsdSink:
     def __init__(self, supervisor: Supervisor, prefer: str) -> None:
         self.port = 0
@@ -597,6 +628,7 @@ class GunicornServer:
         self.metrics_port = free_port() if uses_metrics else None
 
         def fill(value: str) -> str:
+            value = value.replace("{otlp}", otlp_receiver_url()) if "{otlp}" in value else value
             return value.replace("{statsd}", self.statsd).replace("{metrics}", f"127.0.0.1:{self.metrics_port}")
 
         env = {key: fill(value) for key, value in self.launch.env.items()}

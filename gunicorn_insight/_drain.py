@@ -28,6 +28,9 @@ class Round:
     """(method, status, route) -> requests finished this round; route is "" without route labels."""
     durations: dict[tuple[str, str], list[float]] = field(default_factory=dict)
     """(method, route) -> durations in seconds of the requests finished this round."""
+    status_durations: dict[tuple[str, int, str], list[float]] = field(default_factory=dict)
+    """(method, status, route) -> the same durations split by status; only filled for OTLP, whose
+    http.server.request.duration carries the status code (see Drainer's ``by_status``)."""
     queue_times: list[float] = field(default_factory=list)
     """Seconds each request waited before a worker picked it up (from X-Request-Start), this round."""
     queue_invalid: int = 0
@@ -111,8 +114,9 @@ def resident_bytes(pid: int) -> int:
 class Drainer:
     """Keeps a read cursor per slot; each :meth:`collect` returns what is new since the last one."""
 
-    def __init__(self, board: sb.Scoreboard, max_routes: int = 0) -> None:
+    def __init__(self, board: sb.Scoreboard, max_routes: int = 0, *, by_status: bool = False) -> None:
         self._board = board
+        self._by_status = by_status
         slots = range(board.slots)
         self._cursors = [board.head(index) for index in slots]
         self._slow_cursors = [board.slow(index) for index in slots]
@@ -203,6 +207,8 @@ class Drainer:
         else:
             for key, duration in zip(keys, durations, strict=True):
                 self._durations(result, key >> 16, label_of).append(duration)
+        if self._by_status:
+            self._status_durations(result, counts, keys, durations, label_of)
         completed = sum(durations)
         for queue in filterfalse(isnan, doubles[1::3]):  # NaN: the request carried no queue header
             if queue >= 0:
@@ -220,6 +226,20 @@ class Drainer:
         if found is None:
             found = result.durations[key] = []
         return found
+
+    @staticmethod
+    def _status_durations(result: Round, counts: Counter[int], keys: array[int], durations: array[float],
+                          label_of: dict[int, str]) -> None:
+        """Durations grouped by the whole key (status, method, route); one list lookup per distinct key."""
+        lists = {}
+        for key in counts:
+            group = (_method_name(key >> 16 & 0xFFFF), key & 0xFFFF, label_of[key >> 32 & 0xFFFF])
+            lists[key] = result.status_durations.setdefault(group, [])
+        if len(lists) == 1:
+            next(iter(lists.values())).extend(durations.tolist())
+            return
+        for key, duration in zip(keys, durations, strict=True):
+            lists[key].append(duration)
 
     def _departed(self, index: int, result: Round) -> None:
         """A slot without a live worker keeps its counters and reports no connections."""

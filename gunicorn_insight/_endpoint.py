@@ -15,6 +15,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Sequence
 
 from ._safety import LOG, RateLimitedLog
 from .settings import ConfigurationError, join_host_port
@@ -44,11 +45,12 @@ class MetricsPortTaken(EndpointError):
 class MetricsEndpoint:
     """Owns the master's end of the socket pair. Only the exporter thread calls :meth:`serve_requests`."""
 
-    def __init__(self, address: tuple[str, int], directory: str, *, successor: bool, error_fd: int,
-                 title: str, run_dir: str = "", optional: bool = False) -> None:
-        """``optional``: metrics_bind was not set, so a port in use raises :class:`MetricsPortTaken`
-        instead of a :class:`ConfigurationError`."""
-        self._bind = join_host_port(*address)
+    def __init__(self, address: tuple[str, int] | None, directory: str, *, successor: bool, error_fd: int,
+                 title: str, run_dir: str = "", optional: bool = False, extra_args: Sequence[str] = ()) -> None:
+        """``address`` None: the process only exports over OTLP (see _otlp). ``optional``: metrics_bind was
+        not set, so a port in use raises :class:`MetricsPortTaken` instead of a :class:`ConfigurationError`."""
+        self._bind = join_host_port(*address) if address is not None else ""
+        self._extra_args = tuple(extra_args)
         self._directory = directory
         self._successor = successor
         self._optional = optional
@@ -98,7 +100,7 @@ class MetricsEndpoint:
             ours.close()
             self._starting = None
             raise
-        self.url = detail
+        self.url = detail if self._bind else ""
         self._sock = ours  # before _starting is cleared: a fork in between still closes it in the child
         self._starting = None
         self.pending = early.count(b"r")
@@ -112,7 +114,7 @@ class MetricsEndpoint:
         argv = [sys.executable, "-c", _BOOTSTRAP, search_path, "--directory", self._directory,
                 "--bind", self._bind, "--title", self._title, "--run-dir", self._run_dir,
                 *(["--successor"] if self._successor else []),
-                *(["--optional"] if self._optional else [])]
+                *(["--optional"] if self._optional else []), *self._extra_args]
         # stderr first: the error log may itself be descriptor 3.
         actions: list[tuple[int, ...]] = [(os.POSIX_SPAWN_DUP2, self._error_fd, 2),
                                           (os.POSIX_SPAWN_DUP2, theirs.fileno(), 3)]

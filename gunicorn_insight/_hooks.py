@@ -337,8 +337,9 @@ def _describe(server: Any, master: _master.Master) -> dict[str, Any]:
         "scoreboard_version": sb.VERSION,
         "scoreboard": master.board.path,
         "prometheus_dir": plan.prometheus_dir,
-        "metrics_url": master.endpoint.url if master.endpoint is not None else None,
+        "metrics_url": (master.endpoint.url or None) if master.endpoint is not None else None,
         "statsd": repr(plan.statsd_target) if plan.statsd_target is not None else None,
+        "otlp": (plan.settings.otlp_endpoint or "OTEL_EXPORTER_OTLP_*") if plan.settings.otlp_enabled else None,
     }
 
 
@@ -351,12 +352,14 @@ def _gunicorn_version() -> str:
 def _announce(master: _master.Master) -> None:
     plan = master.plan
     where = []
-    if master.endpoint is not None:
+    if master.endpoint is not None and master.endpoint.url:
         where.append(f"Prometheus metrics at {master.endpoint.url}")
     elif plan.prometheus_dir is not None:
         where.append(f"Prometheus files in {plan.prometheus_dir}")
     if plan.statsd_target is not None:
         where.append(f"StatsD to {plan.statsd_target!r}")
+    if plan.settings.otlp_enabled:
+        where.append(f"OTLP to {plan.settings.otlp_endpoint or 'the OTEL_EXPORTER_OTLP_* endpoint'}")
     LOG.info("gunicorn-insight: %s (worker class %s, %s request hooks, scoreboard %s)",
              "; ".join(where) or "no exporter", plan.worker_kind, STATE.request_hooks, master.board.path)
     if plan.requests_unseen:

@@ -36,8 +36,9 @@ from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 from ._probes import Probes
-from ._prometheus import merge_lock, usable_files
-from .settings import join_host_port, parse_host_port
+from ._prometheus import OTLP_ONLY_PREFIX, merge_lock, usable_files
+from ._safety import LOG
+from .settings import ConfigurationError, join_host_port, parse_host_port
 
 LINK_FD = 3
 SCRAPE_WAIT = 2.0
@@ -76,11 +77,18 @@ class DirectoryCollector:
             return list(MultiProcessCollector.merge(usable_files(self._directory), accumulate=True))
 
 
+class PrometheusView(DirectoryCollector):
+    """What /metrics serves: the directory without the families written for OTLP alone."""
+
+    def collect(self) -> Iterable[Any]:
+        return [family for family in super().collect() if not family.name.startswith(OTLP_ONLY_PREFIX)]
+
+
 def make_registry(directory: str) -> Any:
     from prometheus_client import CollectorRegistry
 
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(DirectoryCollector(directory))
+    registry.register(PrometheusView(directory))
     return registry
 
 
@@ -299,12 +307,18 @@ def _drop_oldest(selector: selectors.BaseSelector, idle: dict[socket.socket, tup
 def _arguments(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="gunicorn-insight /metrics process")
     parser.add_argument("--directory", required=True)
-    parser.add_argument("--bind", required=True)
+    parser.add_argument("--bind", default="", help="host:port to serve /metrics on; empty: OTLP only")
     parser.add_argument("--successor", action="store_true")
     parser.add_argument("--optional", action="store_true",
                         help="metrics_bind was not set: a port in use is not an error")
     parser.add_argument("--title", default="")
     parser.add_argument("--run-dir", default="")
+    parser.add_argument("--otlp", default="", help="OTLP/HTTP endpoint URL, or 'on' for the OTEL_* variables")
+    parser.add_argument("--service-name", default="gunicorn")
+    parser.add_argument("--instance-id", default="")
+    parser.add_argument("--master-pid", type=int, default=0)
+    parser.add_argument("--server-port", type=int, default=0)
+    parser.add_argument("--started", type=float, default=0.0)
     return parser.parse_args(argv)
 
 
@@ -327,6 +341,34 @@ def bind_failure(bind: str, error: OSError, *, optional: bool) -> str:
             "to not serve /metrics")
 
 
+def start_otlp(args: argparse.Namespace, link: MasterLink) -> Any:
+    """The OTLP exporter, fed from the same merged directory as /metrics; None when OTLP is off.
+    Raises ConfigurationError for a bad OTEL_* variable or a missing SDK (the master reports it)."""
+    if not args.otlp:
+        return None
+    from . import _otlp
+
+    if os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        _otlp.log_to_stderr()
+        LOG.warning("gunicorn-insight: otlp=%s is set but OTEL_SDK_DISABLED=true: nothing is exported over OTLP",
+                    args.otlp)
+        return None
+
+    options = _otlp.resolve_options(
+        args.otlp, os.environ, service_name=args.service_name, instance_id=args.instance_id,
+        master_pid=args.master_pid or os.getppid(), server_port=args.server_port or None, started=args.started,
+    )
+    try:
+        export = _otlp.OtlpExport(options, DirectoryCollector(args.directory).collect, link.fresh_round)
+    except ImportError as error:
+        raise ConfigurationError(
+            f"otlp={args.otlp!r} needs the OpenTelemetry SDK and its OTLP/HTTP exporter ({error}); install them "
+            "with: pip install 'gunicorn-insight[otlp]'"
+        ) from None
+    _otlp.log_to_stderr()
+    return export
+
+
 def _set_title(title: str) -> None:
     """Show up in ps as what it is, when setproctitle is there (gunicorn uses it for its own processes)."""
     if title:
@@ -341,8 +383,11 @@ def main(argv: list[str]) -> int:
     try:
         args = _arguments(argv)
         _set_title(args.title)
-        address = parse_host_port("metrics_bind", args.bind, 9180)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = args.directory
+        otlp = start_otlp(args, link)
+        if not args.bind:
+            return export_only(link, otlp)
+        address = parse_host_port("metrics_bind", args.bind, 9180)
         probes = Probes(args.run_dir) if args.run_dir else None
         server = MetricsServer(address, make_registry(args.directory), link.fresh_round, probes,
                                lambda: not link.closed)
@@ -357,14 +402,33 @@ def main(argv: list[str]) -> int:
                 link.say(bind_failure(args.bind, error, optional=args.optional))
                 return 0
             link.say(f"waiting {metrics_url(address)}")
+    except ConfigurationError as error:  # a bad OTEL_* variable, a missing SDK: the master's startup error
+        with contextlib.suppress(OSError):
+            link.say(f"error {error}")
+        return 0
     except Exception as error:  # whatever it is, the master reports it as a startup error
         with contextlib.suppress(OSError):
             link.say(f"error the /metrics process could not start: {type(error).__name__}: {error}")
         return 0
     server.start()
+    if otlp is not None:
+        otlp.start()
     link.listen()
     server.close_listener()  # the master is gone: free the port before anything slower
     server.stop()
+    if otlp is not None:
+        otlp.stop()
+    return 0
+
+
+def export_only(link: MasterLink, otlp: Any) -> int:
+    """metrics_bind off, otlp on: no HTTP server, only the export loop until the master goes."""
+    link.say("ready otlp")
+    if otlp is not None:
+        otlp.start()
+    link.listen()
+    if otlp is not None:
+        otlp.stop()
     return 0
 
 

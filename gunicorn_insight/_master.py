@@ -21,6 +21,7 @@ import inspect
 import os
 import threading
 import time
+import uuid
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -78,6 +79,10 @@ class Plan:
     """gunicorn's ``workers`` setting (the live count can differ: TTIN/TTOU, deaths)."""
     requests_unseen: str | None = None
     """What will be missing because the worker class's requests cannot be recorded (see unseen_requests)."""
+    service_name: str = "gunicorn"
+    """gunicorn's proc_name: OTLP's default service.name."""
+    server_port: int | None = None
+    """The TCP port gunicorn listens on, when it binds exactly one (OTLP's server.port)."""
 
     @classmethod
     def resolve(cls, settings: Settings, cfg: Any, prometheus_dir: str | None) -> Plan:
@@ -126,6 +131,8 @@ class Plan:
             per_worker_capacity=concurrency,
             workers=workers,
             requests_unseen=_unseen_requests_of(cfg),
+            service_name=str(getattr(cfg, "proc_name", None) or "gunicorn"),
+            server_port=single_port(getattr(cfg, "bind", None) or []),
         )
 
 
@@ -134,6 +141,29 @@ def _uvicorn_limit(cfg: Any) -> int:
         return int(getattr(cfg.worker_class, "CONFIG_KWARGS", {}).get("limit_concurrency") or 0)
     except Exception:  # an odd subclass: fall back to gunicorn's setting
         return 0
+
+
+def single_port(binds: list[str]) -> int | None:
+    """The port of gunicorn's TCP binds when they share one; None for unix sockets, fds or several ports."""
+    ports = set()
+    for bind in binds:
+        if bind.startswith(("unix:", "fd://")) or ":" not in bind:
+            return None
+        port = bind.rsplit(":", 1)[1]
+        if not port.isdigit():
+            return None
+        ports.add(int(port))
+    return ports.pop() if len(ports) == 1 else None
+
+
+def otlp_arguments(plan: Plan, master_pid: int) -> list[str]:
+    """What the /metrics process needs to export over OTLP (see _otlp); nothing when OTLP is off."""
+    settings = plan.settings
+    if not settings.otlp_enabled:
+        return []
+    return ["--otlp", settings.otlp_endpoint or "on", "--service-name", plan.service_name,
+            "--instance-id", str(uuid.uuid4()), "--master-pid", str(master_pid),
+            "--server-port", str(plan.server_port or 0), "--started", repr(time.time())]
 
 
 def _slow_after(settings: Settings, cfg: Any) -> float:
@@ -234,7 +264,7 @@ class Master:
         self._round_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._drainer = Drainer(self.board, plan.settings.max_routes)
+        self._drainer = Drainer(self.board, plan.settings.max_routes, by_status=plan.settings.otlp_enabled)
         self._listeners: Callable[[], list[Any]] = list
         self._overflows = listen_overflows()
         self._sinks: list[Sink] = []
@@ -244,13 +274,14 @@ class Master:
         settings = plan.settings
         if plan.prometheus_dir is not None:
             self.prometheus = PrometheusSink(plan.prometheus_dir, settings.buckets, plan.connections_limit,
-                                             routes=settings.route_label)
+                                             routes=settings.route_label, otlp=settings.otlp_enabled)
             self._sinks.append(self.prometheus)
-            if settings.serves_metrics:
+            if settings.serves_prometheus or settings.otlp_enabled:
                 try:
-                    self.endpoint = MetricsEndpoint(settings.metrics_address, plan.prometheus_dir,
-                                                    successor=plan.successor, error_fd=error_log_fd(), title=title,
-                                                    run_dir=run_dir, optional=settings.metrics_bind is None)
+                    self.endpoint = MetricsEndpoint(
+                        settings.metrics_address if settings.serves_prometheus else None, plan.prometheus_dir,
+                        successor=plan.successor, error_fd=error_log_fd(), title=title, run_dir=run_dir,
+                        optional=settings.metrics_bind is None, extra_args=otlp_arguments(plan, self.pid))
                 except MetricsPortTaken as taken:
                     LOG.warning("gunicorn-insight: %s", taken)
         if plan.statsd_target is not None:

@@ -42,7 +42,8 @@ def check_import_order(directory: str) -> None:
     module = sys.modules.get("prometheus_client.values")
     if module is None:
         return
-    if not getattr(module.ValueClass, "_multiprocess", False):
+    # Public names only: the in-memory MutexValue is what prometheus_client picks without the directory.
+    if module.ValueClass is module.MutexValue:
         raise ConfigurationError(
             "prometheus_client was imported before gunicorn-insight set PROMETHEUS_MULTIPROC_DIR, so its "
             "metrics live in process memory and cannot be shared between workers; call "
@@ -201,6 +202,10 @@ def _usable(path: str) -> bool:
     return stat.S_ISREG(status.st_mode) and status.st_size >= _MIN_FILE
 
 
+OTLP_ONLY_PREFIX = "gunicorn_insight_otlp_"
+"""Families written for the OTLP export alone: /metrics leaves them out (see _http.make_registry)."""
+OTLP_DURATION = OTLP_ONLY_PREFIX + "request_duration_seconds"
+
 BOOT_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -252,7 +257,8 @@ class PrometheusSink:
     """
 
     def __init__(
-        self, directory: str, buckets: tuple[float, ...], connections_limit: int, *, routes: bool = False
+        self, directory: str, buckets: tuple[float, ...], connections_limit: int, *, routes: bool = False,
+        otlp: bool = False,
     ) -> None:
         self.directory = directory
         self._pid = os.getpid()
@@ -265,6 +271,10 @@ class PrometheusSink:
                                   ("method", "status", *route))
         self._duration = _Histogram("gunicorn_request_duration_seconds",
                                     "Time from pre_request to post_request, by method.", ("method", *route), buckets)
+        # OTLP's http.server.request.duration carries the status code; Prometheus's histogram does not (its
+        # series would multiply by the statuses), so OTLP gets a family of its own, from the same rounds.
+        self._otlp_duration = _Histogram(OTLP_DURATION, "Request durations by method, status and route, for OTLP.",
+                                         ("method", "status", *route), buckets) if otlp else None
         self._queue = _Histogram("gunicorn_request_queue_seconds",
                                  "Time from the proxy's X-Request-Start to a worker picking the request up.", (),
                                  QUEUE_BUCKETS)
@@ -472,6 +482,10 @@ class PrometheusSink:
             self._add(requests, requests.key("_total", labels), count)
         for (method, route), durations in facts.durations.items():
             self._observe(self._duration, (method, *((route or "none",) if self._routes else ())), durations)
+        if self._otlp_duration is not None:
+            for (method, status, route), durations in facts.status_durations.items():
+                labels = (method, str(status) if status else "unknown", *((route or "none",) if self._routes else ()))
+                self._observe(self._otlp_duration, labels, durations)
         if facts.queue_times:
             self._observe(self._queue, (), facts.queue_times)
         for family, amount in ((self._queue_invalid, facts.queue_invalid), (self._lost, facts.lost),

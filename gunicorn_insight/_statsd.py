@@ -1,8 +1,9 @@
 """StatsD export from the master: one batched pipeline per round, never an exception into gunicorn.
 
-The ``statsd`` package carries the datagrams (its pipeline packs lines into datagrams up to 1432 bytes);
-this module adds DogStatsD tags, unix datagram sockets, name resolution off the exporter's path, and
-warnings that are rate limited instead of a traceback per failed send.
+The protocol is lines of ``name:value|type[|@rate][|#tags]``, packed into datagrams of at most 1432 bytes;
+this module writes them itself (no StatsD client library, so no private API of one), with DogStatsD tags,
+unix datagram sockets, name resolution off the exporter's path, and warnings that are rate limited instead
+of a traceback per failed send.
 
 ``publish`` runs under the master's round lock, which every worker fork waits for, so it never looks a
 name up, connects or blocks: a host name is resolved by :class:`Resolver` in a thread of its own, and
@@ -20,8 +21,6 @@ import threading
 from collections.abc import Sequence
 from itertools import chain
 from typing import Any
-
-import statsd
 
 from ._drain import Round
 from ._safety import RateLimitedLog
@@ -50,13 +49,26 @@ def name_part(value: str) -> str:
     return _NAME_UNSAFE.sub("_", value).strip("_")
 
 
-class _Pipeline(statsd.client.udp.Pipeline):  # type: ignore[misc]
-    """A stat name may carry its tags after ``|#``; they belong after the type in the datagram."""
+class _Pipeline:
+    """StatsD lines collected for one round, sent packed into datagrams of at most MAX_DATAGRAM bytes.
 
-    def _prepare(self, stat: str, value: str, rate: float) -> str:
+    A stat name may carry its DogStatsD tags after ``|#``; they go after the type in the line.
+    """
+
+    def __init__(self, client: _Client) -> None:
+        self._client = client
+        self._stats: list[str] = []
+
+    def _add(self, stat: str, value: str) -> None:
         name, _, tags = stat.partition("|#")
-        line: str = super()._prepare(name, value, rate)
-        return f"{line}|#{tags}" if tags else line
+        self._stats.append(f"{name}:{value}|#{tags}" if tags else f"{name}:{value}")
+
+    def incr(self, stat: str, count: float = 1) -> None:
+        self._add(stat, f"{count}|c")
+
+    def gauge(self, stat: str, value: float) -> None:
+        """Every gauge of ours is 0 or more: a leading ``-`` would mean "change by" in the protocol."""
+        self._add(stat, f"{value}|g")
 
     def timings(self, stat: str, seconds: Sequence[float], limit: int = 0) -> None:
         """Timer lines for many values, a datagram's worth at a time: one ``%`` formatting per datagram
@@ -79,10 +91,22 @@ class _Pipeline(statsd.client.udp.Pipeline):  # type: ignore[misc]
             chunk = tuple(milliseconds[start : start + per_datagram])
             self._stats.append((template if len(chunk) == per_datagram else "\n".join([line] * len(chunk))) % chunk)
 
+    def send(self) -> None:
+        """Lines joined by newlines, a new datagram before one would pass MAX_DATAGRAM bytes."""
+        datagram = ""
+        for stat in self._stats:
+            if datagram and len(datagram) + 1 + len(stat) > MAX_DATAGRAM:
+                self._client._send(datagram)
+                datagram = stat
+            else:
+                datagram = f"{datagram}\n{stat}" if datagram else stat
+        if datagram:
+            self._client._send(datagram)
+        self._stats.clear()
 
-class _Client(statsd.StatsClient):  # type: ignore[misc]
+class _Client:
     """Datagrams to one numeric address from a non-blocking socket; send errors are counted and reported
-    instead of silently dropped. Built without the package's constructor, which looks the host up."""
+    instead of silently dropped. Constructed from an address already found: it never looks a name up."""
 
     errors = 0
 
@@ -90,8 +114,6 @@ class _Client(statsd.StatsClient):  # type: ignore[misc]
         self._addr = address
         self._sock = socket.socket(family, socket.SOCK_DGRAM)
         self._sock.setblocking(False)  # a full send buffer drops a datagram instead of stalling the round
-        self._prefix = None
-        self._maxudpsize = MAX_DATAGRAM
 
     def _send(self, data: str) -> None:
         try:
@@ -102,6 +124,9 @@ class _Client(statsd.StatsClient):  # type: ignore[misc]
 
     def pipeline(self) -> _Pipeline:
         return _Pipeline(self)
+
+    def close(self) -> None:
+        self._sock.close()
 
 
 def _numeric(host: str, port: int) -> tuple[int, Any] | None:
@@ -264,7 +289,11 @@ class StatsdSink:
         pipe.timings(name("gunicorn.request.queue"), facts.queue_times, timers)
         for cause, count in sorted(facts.exits.items()):
             pipe.incr(split("gunicorn.worker.exit.{}", "gunicorn.worker.exit", "cause", cause), count)
-        for metric, value in (("gunicorn.workers", facts.workers), ("gunicorn.workers_busy", facts.busy_workers),
+        if self._tagged and self._send_requests:
+            self._worker_states(pipe, facts)
+        else:  # gunicorn's statsd logger sends the name untagged: a tagged pair beside it would double a sum
+            pipe.gauge(name("gunicorn.workers"), facts.workers)
+        for metric, value in (("gunicorn.workers_busy", facts.busy_workers),
                               ("gunicorn.capacity", facts.capacity), ("gunicorn.requests_in_flight", facts.in_flight),
                               ("gunicorn.requests_waiting", facts.waiting),
                               ("gunicorn.connections", facts.total_connections),
@@ -367,18 +396,30 @@ class StatsdSink:
             for (method, route), durations in facts.durations.items():
                 pipe.timings(name("gunicorn.request.duration", self._request_tags(method, None, route)), durations,
                              timers)
+            self._status_lines(pipe, facts)
             return
         total = facts.total_requests
         if total:
             pipe.incr(name("gunicorn.requests"), total)
+        self._status_lines(pipe, facts)
+        duration = name("gunicorn.request.duration")
+        # One timer for every method and route: their durations are one population to sample from.
+        pipe.timings(duration, list(chain.from_iterable(facts.durations.values())), timers)
+
+    def _status_lines(self, pipe: Any, facts: Round) -> None:
+        """``gunicorn.request.status.<code>``: gunicorn's own name, which Datadog's gunicorn integration and
+        its dashboard read. In DogStatsD mode too, with only the constant tags: the status is in the name."""
         by_status: dict[int, int] = {}
         for (_method, status, _route), count in facts.requests.items():
             by_status[status] = by_status.get(status, 0) + count
         for status, count in sorted(by_status.items()):
-            pipe.incr(name(f"gunicorn.request.status.{status or 'unknown'}"), count)
-        duration = name("gunicorn.request.duration")
-        # One timer for every method and route: their durations are one population to sample from.
-        pipe.timings(duration, list(chain.from_iterable(facts.durations.values())), timers)
+            pipe.incr(self._name(f"gunicorn.request.status.{status or 'unknown'}"), count)
+
+    def _worker_states(self, pipe: Any, facts: Round) -> None:
+        """DogStatsD mode: ``gunicorn.workers`` tagged ``state:working`` and ``state:idle``, the form Datadog's
+        gunicorn integration documents (its dashboard sums them by state; their sum is the live workers)."""
+        pipe.gauge(self._name("gunicorn.workers", "state:working"), facts.busy_workers)
+        pipe.gauge(self._name("gunicorn.workers", "state:idle"), max(0, facts.workers - facts.busy_workers))
 
     @staticmethod
     def _request_tags(method: str, status: int | None, route: str) -> str:

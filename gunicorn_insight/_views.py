@@ -42,7 +42,7 @@ _MARKS = (
 )
 _SERVER_KEYS = (
     "master_pid", "proc_name", "binds", "pidfile", "worker_class", "workers", "threads", "connections_limit",
-    "timeout", "started", "scoreboard", "prometheus_dir", "metrics_url", "statsd",
+    "timeout", "started", "scoreboard", "prometheus_dir", "metrics_url", "statsd", "otlp",
 )
 
 

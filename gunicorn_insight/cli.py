@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gunicorn-insight", description="Look inside running gunicorn servers that use gunicorn-insight."
     )
+    parser.add_argument("--version", action=_Version, nargs=0,
+                        help="print this package's version and those it runs with, then exit")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     status = commands.add_parser("status", help="workers, requests in flight and recent exits, once")
@@ -70,6 +72,31 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the application for --import-app (default: wsgi_app from the config)")
     doctor.set_defaults(handler=run_doctor)
     return parser
+
+
+def version_line() -> str:
+    """``gunicorn-insight X`` and the versions that matter in a bug report (what is installed, not imported)."""
+    from importlib import metadata
+
+    from ._version import __version__
+
+    found = []
+    for distribution in ("gunicorn", "prometheus_client", "opentelemetry-sdk"):
+        try:
+            found.append(f"{distribution} {metadata.version(distribution)}")
+        except metadata.PackageNotFoundError:
+            found.append(f"{distribution} not installed")
+    python = ".".join(map(str, sys.version_info[:3]))
+    return f"gunicorn-insight {__version__} ({', '.join(found)}; Python {python})"
+
+
+class _Version(argparse.Action):
+    """argparse's own version action wraps the line at the terminal width; a bug report wants it whole."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        print(version_line())
+        parser.exit()
 
 
 def _console() -> Console:

@@ -15,6 +15,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 __all__ = ["DEFAULT_BUCKETS", "DEFAULT_METRICS_BIND", "ENV_PREFIX", "ConfigurationError", "Settings"]
 
@@ -103,6 +104,9 @@ class Settings:
     compiled_hooks: bool = True
     """Use the request hooks compiled from _speedups.c where the package was built with them; off: the
     pure-Python hooks (same behaviour, more CPU per request)."""
+    otlp: str | None = None
+    """Send metrics over OTLP/HTTP: the endpoint URL, or ``on`` to take it (and headers, timeout...) from
+    the standard ``OTEL_EXPORTER_OTLP_*`` variables; ``off``/unset: no OTLP."""
 
     def __post_init__(self) -> None:
         for name, check in _VALIDATORS.items():
@@ -147,8 +151,31 @@ class Settings:
         return parse_host_port("metrics_bind", self.metrics_bind or DEFAULT_METRICS_BIND, 9180)
 
     @property
+    def otlp_enabled(self) -> bool:
+        return self.otlp is not None and self.otlp.lower() not in _OFF
+
+    @property
+    def otlp_endpoint(self) -> str | None:
+        """The URL given, with the OTLP metrics path added when it has none; None for ``on`` (the
+        ``OTEL_EXPORTER_OTLP_*`` variables decide) or when OTLP is off."""
+        if not self.otlp_enabled or self.otlp is None or self.otlp.lower() in _TRUE:
+            return None
+        return _otlp_metrics_url(self.otlp)
+
+    @property
+    def serves_prometheus(self) -> bool:
+        """``/metrics`` is served: OTLP alone needs the multiprocess directory, not the endpoint."""
+        if not self.serves_metrics:
+            return False
+        return self.metrics_bind is not None or self.prometheus_dir is not None or (
+            self.statsd is None and not self.otlp_enabled)
+
+    @property
     def prometheus_enabled(self) -> bool:
-        """Prometheus is on unless the user asked for StatsD only (or switched /metrics off, no dir)."""
+        """Prometheus is on unless the user asked for StatsD only (or switched /metrics off, no dir).
+        OTLP reads the same directory, so it needs it too."""
+        if self.otlp_enabled:
+            return True
         if self.prometheus_dir is not None:
             return True
         if self.metrics_bind is not None:
@@ -326,6 +353,32 @@ def _check_resolver(value: Any) -> Callable[[Any], str | None] | None:
     return resolver  # type: ignore[no-any-return]
 
 
+def _otlp_metrics_url(value: str) -> str:
+    """An OTLP/HTTP base URL gets the metrics signal path, as ``OTEL_EXPORTER_OTLP_ENDPOINT`` does."""
+    parts = urlsplit(value)
+    if parts.path in ("", "/"):
+        return urlunsplit(parts._replace(path="/v1/metrics"))
+    return value
+
+
+def _check_otlp(raw: Any) -> str | None:
+    value = _check_optional_str("otlp")(raw)
+    if value is None or value.lower() in _OFF | _TRUE:
+        return value
+    parts = urlsplit(value)
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if parts.scheme not in ("http", "https") or not parts.hostname or port == -1:
+        raise ConfigurationError(
+            f"otlp={value!r} is not an OTLP/HTTP endpoint URL; write it like 'http://collector:4318' "
+            "(the /v1/metrics path is added when the URL has no path), or 'on' to take the endpoint from "
+            "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT / OTEL_EXPORTER_OTLP_ENDPOINT"
+        )
+    return value
+
+
 def _qualified(function: Callable[..., Any]) -> str:
     return f"{getattr(function, '__module__', '')}.{getattr(function, '__qualname__', repr(function))}"
 
@@ -348,6 +401,7 @@ _VALIDATORS: dict[str, Callable[[Any], Any]] = {
     "access_log_atoms": _check_bool("access_log_atoms"),
     "statsd_timers_per_second": _check_timers_per_second,
     "compiled_hooks": _check_bool("compiled_hooks"),
+    "otlp": _check_otlp,
 }
 
 

@@ -306,3 +306,18 @@ def test_selectors_are_mutually_exclusive(capsys: pytest.CaptureFixture[str]) ->
         cli.main(["status", "--pid", "1", "--name", "x"])
     assert caught.value.code == 2
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_version_names_the_package_and_what_it_runs_with() -> None:
+    """`gunicorn-insight --version` (the installed console script) prints one line with the versions and exits 0."""
+    from importlib import metadata
+
+    from gunicorn_insight import __version__
+
+    script = Path(sys.executable).parent / "gunicorn-insight"
+    result = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=60, check=False,
+                            env={**os.environ, "COLUMNS": "40"})
+    assert result.returncode == 0, result.stderr
+    (line,) = result.stdout.splitlines()
+    assert line.startswith(f"gunicorn-insight {__version__} (gunicorn {metadata.version('gunicorn')}, ")
+    assert f"prometheus_client {metadata.version('prometheus_client')}" in line

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import chain
+
 from fakes import FakeRequest, FakeResponse, finish, start
 
 from gunicorn_insight import _scoreboard as sb
@@ -66,3 +68,24 @@ def test_gauges_track_live_slots_and_zero_departed_ones(board: sb.Scoreboard) ->
     board.release(1)
     facts = drainer.collect()
     assert (facts.workers, facts.in_flight, facts.connections) == (1, 0, {0: 0, 1: 0})
+
+
+def test_durations_by_status_for_otlp_match_the_counts(board: sb.Scoreboard) -> None:
+    """by_status splits the same durations by (method, status, route); off (the default) it stays empty."""
+    drainer = Drainer(board, by_status=True)
+    board.assign(0, 0.0)
+    rec = RequestRecorder(board, 0, Worker())
+    serve(rec, 3)
+    facts = drainer.collect()
+    assert {key: len(values) for key, values in facts.status_durations.items()} == {("GET", 200, ""): 3}
+    serve(rec, 2, "GET", "404 Not Found")
+    serve(rec, 1)
+    serve(rec, 4, "POST", "201 Created")
+    facts = drainer.collect()
+    assert {key: len(values) for key, values in facts.status_durations.items()} == dict(facts.requests)
+    assert sorted(chain.from_iterable(facts.status_durations.values())) == sorted(
+        chain.from_iterable(facts.durations.values()))
+    without = Drainer(board)
+    serve(rec, 1)
+    facts = without.collect()
+    assert (facts.total_requests, facts.status_durations) == (1, {})

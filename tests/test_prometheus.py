@@ -143,6 +143,17 @@ def test_import_before_directory_is_refused(tmp_path: Path) -> None:
     assert "PROMETHEUS_MULTIPROC_DIR=/some/dir" in out
 
 
+def test_import_after_directory_is_accepted(tmp_path: Path) -> None:
+    """prometheus_client imported with PROMETHEUS_MULTIPROC_DIR already set (the right order) passes the check."""
+    code = """
+        import prometheus_client
+        from gunicorn_insight._prometheus import check_import_order
+        check_import_order("/some/dir")
+        print("accepted")
+    """
+    assert run_python(code, tmp_path) == "accepted\n"
+
+
 def test_dead_worker_files_are_folded_without_changing_totals(tmp_path: Path) -> None:
     """Counters, histograms and gauges of dead pids merge into archive files; totals stay exact."""
     code = """

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from otlp_receiver import OtlpReceiver
 from servers import (
     STATSD_JS_ENV,
     Nginx,
@@ -174,3 +175,14 @@ def nginx_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Ng
             return server
 
         yield start
+
+
+@pytest.fixture
+def otlp_receiver() -> Iterator[OtlpReceiver]:
+    """An OTLP/HTTP receiver in the test process on a free port, running; stopped at teardown."""
+    receiver = OtlpReceiver()
+    receiver.start()
+    try:
+        yield receiver
+    finally:
+        receiver.stop()

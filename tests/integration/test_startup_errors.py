@@ -68,3 +68,36 @@ def test_prometheus_client_imported_too_early_fails_at_startup(
     process = process_factory(argv, env=env, cwd=tmp_path, name="gunicorn")
     assert process.wait(timeout=30) != 0
     assert "prometheus_client was imported before gunicorn-insight set PROMETHEUS_MULTIPROC_DIR" in process.output()
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"GUNICORN_INSIGHT_OTLP": "collector:4318"}, "otlp='collector:4318' is not an OTLP/HTTP endpoint URL"),
+        ({"GUNICORN_INSIGHT_OTLP": "on", "OTEL_METRIC_EXPORT_INTERVAL": "soon"},
+         "Error: OTEL_METRIC_EXPORT_INTERVAL='soon' must be milliseconds"),
+        ({"GUNICORN_INSIGHT_OTLP": "on", "OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE": "sometimes"},
+         "Error: OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE='sometimes' is not one of"),
+        ({"GUNICORN_INSIGHT_OTLP": "on", "OTEL_EXPORTER_OTLP_ENDPOINT": "grpc://collector:4317"},
+         "Error: OTEL_EXPORTER_OTLP_ENDPOINT='grpc://collector:4317/v1/metrics' is not an http:// or https:// URL"),
+    ],
+)
+def test_bad_otlp_configuration_fails_at_startup(
+    process_factory: ProcessFactory, env: dict[str, str], message: str
+) -> None:
+    """A bad otlp value or OTEL_* variable stops gunicorn with one line naming it, before any worker boots."""
+    output = start_expecting_failure(process_factory, env)
+    assert message in output
+    assert "Booting worker" not in output
+
+
+def test_otlp_without_the_sdk_names_the_extra_to_install(process_factory: ProcessFactory, tmp_path: Path) -> None:
+    """otlp on where the OpenTelemetry SDK cannot be imported: a startup error saying which extra installs it."""
+    shadow = tmp_path / "no-sdk" / "opentelemetry"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('no OpenTelemetry here (test)')\n")
+    output = start_expecting_failure(process_factory, {"GUNICORN_INSIGHT_OTLP": "on",
+                                                       "PYTHONPATH": str(shadow.parent)})
+    assert "Error: otlp='on' needs the OpenTelemetry SDK and its OTLP/HTTP exporter" in output
+    assert "pip install 'gunicorn-insight[otlp]'" in output
+    assert "Booting worker" not in output

@@ -97,3 +97,40 @@ def test_aggregator_down_then_up_resumes_without_hurting_the_server(
         wait_until(lambda: daemon.counters().get("gunicorn.requests", 0) >= 5, timeout=30,
                    what="counts after the daemon came back", dump=daemon.dump)
     assert "Traceback" not in server.process.output()
+
+
+@pytest.mark.oldest
+def test_dogstatsd_mode_sends_the_names_datadogs_gunicorn_integration_reads(
+    process_factory: ProcessFactory, statsd_daemon: StatsdDaemon
+) -> None:
+    """DogStatsD mode keeps Datadog's gunicorn names and types (gunicorn.requests, gunicorn.request.duration,
+    gunicorn.request.status.<code>, gunicorn.workers by state) beside the tags, checked at the real daemon."""
+    import threading
+
+    host, port = statsd_daemon.udp_address
+    server = start_gunicorn(process_factory, metrics=False, env={"GUNICORN_INSIGHT_STATSD": f"{host}:{port}"},
+                            args=["--dogstatsd-tags", "env:test"])
+    for _ in range(6):
+        assert server.get("/") == 200
+    for _ in range(2):
+        assert server.get("/status/503") == 503
+    slow = threading.Thread(target=server.get, args=("/slow?s=3",))
+    slow.start()
+    try:
+        wait_until(lambda: statsd_daemon.gauges().get("gunicorn.workers;state=working;env=test") == 1, timeout=30,
+                   what="gunicorn.workers{state:working} == 1", dump=lambda: repr(statsd_daemon.gauges()))
+        assert statsd_daemon.gauges()["gunicorn.workers;state=idle;env=test"] == 1
+    finally:
+        slow.join()
+    wait_until(lambda: statsd_daemon.counters().get("gunicorn.request.status.200;env=test") == 7, timeout=30,
+               what="gunicorn.request.status.200{env:test} == 7", dump=lambda: repr(statsd_daemon.counters()))
+    rounds_pass(statsd_daemon)
+    counters = statsd_daemon.counters()
+    assert counters["gunicorn.request.status.503;env=test"] == 2
+    assert counters["gunicorn.requests;method=GET;status=200;env=test"] == 7
+    assert counters["gunicorn.requests;method=GET;status=503;env=test"] == 2
+    assert statsd_daemon.timer_counts()["gunicorn.request.duration;method=GET;env=test"] == 9
+    gauges = statsd_daemon.gauges()
+    assert (gauges["gunicorn.workers;state=working;env=test"], gauges["gunicorn.workers;state=idle;env=test"]) == (0, 2)
+    assert "gunicorn.workers;env=test" not in gauges
+    assert statsd_daemon.bad_lines() == 0
