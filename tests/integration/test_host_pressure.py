@@ -136,8 +136,9 @@ def test_memory_limit_and_usage_of_a_limited_cgroup(
     wait_until(lambda: server.value("gunicorn_cgroup_memory_limit_bytes") is not None, timeout=30,
                what="gunicorn_cgroup_memory_limit_bytes", dump=server.process.describe)
     assert server.value("gunicorn_cgroup_memory_limit_bytes") == OOM_LIMIT
-    usage = server.value("gunicorn_cgroup_memory_usage_bytes")
-    working_set = server.value("gunicorn_cgroup_memory_working_set_bytes")
+    samples = server.samples()  # one scrape: both values from the same round
+    usage = samples.get(("gunicorn_cgroup_memory_usage_bytes", ()))
+    working_set = samples.get(("gunicorn_cgroup_memory_working_set_bytes", ()))
     assert usage is not None
     assert working_set is not None
     assert 0 < working_set <= usage < OOM_LIMIT
