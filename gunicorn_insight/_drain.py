@@ -109,8 +109,9 @@ class Drainer:
         for index in range(board.slots):
             self._drain_ring(index, result)
             slow = board.slow(index)
-            result.slow += slow - self._slow_cursors[index]
-            self._slow_cursors[index] = slow
+            if slow > self._slow_cursors[index]:  # a count only grows: a smaller one is a torn read, ignored
+                result.slow += slow - self._slow_cursors[index]
+                self._slow_cursors[index] = slow
             if board.buffer[board.offset(index) + sb.OFF_STATE] == sb.FREE:
                 if index in self._seen:
                     self._departed(index, result)
@@ -138,7 +139,9 @@ class Drainer:
         board = self._board
         head = board.head(index)
         cursor = self._cursors[index]
-        if head == cursor:
+        if head <= cursor:
+            # Nothing new, or a head read while a writer was storing it (a torn read can show 0 or part of the
+            # number): the cursor never moves backwards, so nothing is counted twice or reported lost.
             return
         if head - cursor > board.ring:
             result.lost += head - cursor - board.ring

@@ -66,3 +66,37 @@ def test_gauges_track_live_slots_and_zero_departed_ones(board: sb.Scoreboard) ->
     board.release(1)
     facts = drainer.collect()
     assert (facts.workers, facts.in_flight, facts.connections) == (1, 0, {0: 0, 1: 0})
+
+
+def test_torn_head_is_ignored_not_recounted_or_lost(board: sb.Scoreboard) -> None:
+    """A head read half-written (0, or fewer low bytes) never moves the cursor back: nothing recounted, none lost."""
+    drainer = Drainer(board)
+    board.assign(0, 0.0)
+    rec = RequestRecorder(board, 0, Worker())
+    serve(rec, 5)
+    assert drainer.collect().total_requests == 5
+    head_at = board.offset(0) + sb.OFF_HEAD
+    published = bytes(board.buffer[head_at : head_at + 8])
+    for torn in (0, 3):  # the zero-fill pack_into makes, and a value behind the cursor
+        board.buffer[head_at : head_at + 8] = torn.to_bytes(8, "little")
+        facts = drainer.collect()
+        assert (facts.total_requests, facts.lost) == (0, 0)
+    board.buffer[head_at : head_at + 8] = published
+    serve(rec, 2)
+    facts = drainer.collect()
+    assert (facts.total_requests, facts.lost) == (2, 0)
+
+
+def test_torn_slow_count_is_ignored(board: sb.Scoreboard) -> None:
+    """A slow count read as 0 mid-write is not a negative round, and the next real count is not added twice."""
+    drainer = Drainer(board)
+    board.assign(0, 0.0)
+    rec = RequestRecorder(board, 0, Worker())
+    rec.count_slow()
+    rec.count_slow()
+    assert drainer.collect().slow == 2
+    slow_at = board.offset(0) + sb.OFF_SLOW
+    board.buffer[slow_at : slow_at + 4] = bytes(4)
+    assert drainer.collect().slow == 0
+    board.buffer[slow_at : slow_at + 4] = (3).to_bytes(4, "little")
+    assert drainer.collect().slow == 1
