@@ -66,6 +66,18 @@ class Round:
         return sum(self.connections.values())
 
 
+NO_RESPONSE = -1
+"""The status of a request whose worker died under it (timeout kill, OOM, crash): no response was sent."""
+
+
+def status_label(status: int) -> str:
+    """The ``status`` label value: the code, ``aborted`` (NO_RESPONSE), ``unknown`` (0: gunicorn passed no
+    response to post_request)."""
+    if status == NO_RESPONSE:
+        return "aborted"
+    return str(status) if status else "unknown"
+
+
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 _SWAP = sys.byteorder != "little"  # the ring is little-endian; arrays use the machine's order
 
@@ -188,6 +200,25 @@ class Drainer:
         if found is None:
             found = result.durations[key] = []
         return found
+
+    def count_cut_short(self, index: int, requests: tuple[sb.InFlight, ...], died: float, result: Round) -> int:
+        """The requests a worker died under, read from its last snapshot: each is counted once, with status
+        NO_RESPONSE and its duration up to the death. One post_request already counted (a signal handler had
+        run, see _worker) is not counted again. Returns how many were counted."""
+        counted = 0
+        for request in requests:
+            if request.counted:
+                continue
+            method = request.method if request.method in sb.METHOD_INDEX else "other"
+            duration = max(0.0, died - request.started)
+            result.requests[method, NO_RESPONSE, ""] += 1
+            found = result.durations.get((method, ""))
+            if found is None:
+                found = result.durations[method, ""] = []
+            found.append(duration)
+            self._completed[index] += duration
+            counted += 1
+        return counted
 
     def _departed(self, index: int, result: Round) -> None:
         """A slot without a live worker keeps its counters and reports no connections."""

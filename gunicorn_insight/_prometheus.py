@@ -17,7 +17,7 @@ import sys
 from bisect import bisect_left
 from collections.abc import Iterator
 
-from ._drain import Round
+from ._drain import Round, status_label
 from ._forensics import CAUSES
 from ._mmapfile import MetricFile, go_float, read_file, sample_key
 from ._safety import report
@@ -221,7 +221,7 @@ class PrometheusSink:
     def publish(self, facts: Round) -> None:
         requests = self._requests
         for (method, status, route), count in facts.requests.items():
-            labels = (method, str(status) if status else "unknown", *((route or "none",) if self._routes else ()))
+            labels = (method, status_label(status), *((route or "none",) if self._routes else ()))
             self._add(requests, requests.key("_total", labels), count)
         for (method, route), durations in facts.durations.items():
             self._observe(self._duration, (method, *((route or "none",) if self._routes else ())), durations)

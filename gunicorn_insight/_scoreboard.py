@@ -61,6 +61,7 @@ OFF_EXIT_CODE, OFF_SLOW, OFF_RSS, OFF_WAITING, OFF_ROUTES_USED, OFF_LAST_WORDS =
 # In use, start (monotonic), thread, method, client host, client port (0: not TCP), path.
 ENTRY = struct.Struct("<B7xdQ8s46sH176s")
 ENTRY_SIZE = 256
+ENTRY_IN_USE, ENTRY_COUNTED = 1, 2  # the first byte; COUNTED: finished and counted, kept for a death report
 RING = struct.Struct("<ddHHHxx")  # duration s, queue s (NaN: none, negative: invalid), status, method, route
 # The drain reads the third 8-byte word of a record as one number: status | method << 16 | route << 32.
 RING_SIZE = RING.size
@@ -93,6 +94,8 @@ class InFlight:
     client: str
     started: float  # monotonic, comparable across processes on one host
     thread: int
+    counted: bool = False
+    """post_request already counted it (a signal handler had run: kept only for the master's death report)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,9 +164,9 @@ def parse_slot(index: int, data: bytes, entries: int) -> SlotView:
     for n in range(entries):
         offset = SLOT_HEADER_SIZE + n * ENTRY_SIZE
         if data[offset]:
-            _, started, thread, method, host, port, path = ENTRY.unpack_from(data, offset)
+            in_use, started, thread, method, host, port, path = ENTRY.unpack_from(data, offset)
             requests.append(InFlight(_text(method), _text(path), client_address(_text(host), port), started,
-                                     thread))
+                                     thread, in_use == ENTRY_COUNTED))
     requests.sort(key=lambda r: r.started)
     return SlotView(
         index, generation, pid, state, flags, head, conns, overflow, base, spawned, booted, exit_code, slow, rss,

@@ -634,7 +634,9 @@ post_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         memcpy(buf + bound.head_offset + 8, &conns32, 4);
         if (entry >= 0) {
             if (buf[bound.flags_offset] & DYING) {
-                /* a signal handler cut the request short: keep it visible for the master's report */
+                /* a signal handler cut the request short: keep it visible for the master's report, marked
+                 * counted (ENTRY_COUNTED in _scoreboard) so the master does not count it again */
+                buf[entry] = 2;
                 PyBuffer_Release(&view);
                 goto done;
             }

@@ -18,7 +18,7 @@ from typing import Any
 
 import statsd
 
-from ._drain import Round
+from ._drain import Round, status_label
 from ._safety import RateLimitedLog
 
 MAX_DATAGRAM = 1432
@@ -231,7 +231,7 @@ class StatsdSink:
         for (_method, status, _route), count in facts.requests.items():
             by_status[status] = by_status.get(status, 0) + count
         for status, count in sorted(by_status.items()):
-            pipe.incr(name(f"gunicorn.request.status.{status or 'unknown'}"), count)
+            pipe.incr(name(f"gunicorn.request.status.{status_label(status)}"), count)
         duration = name("gunicorn.request.duration")
         # One timer for every method and route: their durations are one population to sample from.
         pipe.timings(duration, list(chain.from_iterable(facts.durations.values())), timers)
@@ -240,7 +240,7 @@ class StatsdSink:
     def _request_tags(method: str, status: int | None, route: str) -> str:
         tags = [f"method:{clean_tag(method)}"]
         if status is not None:
-            tags.append(f"status:{status or 'unknown'}")
+            tags.append(f"status:{status_label(status)}")
         if route:
             tags.append(f"route:{clean_tag(route)}")
         return ",".join(tags)

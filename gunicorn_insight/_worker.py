@@ -29,6 +29,7 @@ from ._routes import ROUTE_KEY
 from ._safety import report
 
 _DYING = sb.FLAG_ABORT_HANDLER | sb.FLAG_INT_HANDLER
+_COUNTED = sb.ENTRY_COUNTED
 # What another process reads is published with one store: pack_into zero-fills a field and then writes it
 # byte by byte, so the master could read a head of 0. The head goes through a memoryview of 8-byte words (one
 # aligned store, nothing allocated); elsewhere sb.store packs and assigns a slice. pack_into stays only where
@@ -402,7 +403,10 @@ def post_request(worker: Any, req: Any, environ: Any, resp: Any) -> None:  # noq
             rec._halfwords[rec._conns_index] = rec._worker.nr_conns
         if entry >= 0:
             if rec.dying:
-                return  # the request was cut short by a signal: keep it visible for the master's report
+                # Cut short by a signal: keep it visible for the master's report, marked as counted here so
+                # the master does not count it again as a request its worker died under.
+                rec._buffer[entry] = _COUNTED
+                return
             rec._buffer[entry] = 0
             rec._free.append(entry)
         else:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fakes import FakeRequest, FakeResponse, finish, start
 
 from gunicorn_insight import _scoreboard as sb
-from gunicorn_insight._drain import Drainer
+from gunicorn_insight._drain import NO_RESPONSE, Drainer, status_label
 from gunicorn_insight._worker import RequestRecorder
 
 
@@ -100,3 +100,24 @@ def test_torn_slow_count_is_ignored(board: sb.Scoreboard) -> None:
     assert drainer.collect().slow == 0
     board.buffer[slow_at : slow_at + 4] = (3).to_bytes(4, "little")
     assert drainer.collect().slow == 1
+
+
+def test_requests_a_worker_died_under_are_counted_once_as_aborted(board: sb.Scoreboard) -> None:
+    """Entries left in a dead worker's snapshot count once, status NO_RESPONSE, duration up to the death;
+    one post_request already counted (a signal handler had run) is not counted again."""
+    drainer = Drainer(board)
+    board.assign(0, 0.0)
+    rec = RequestRecorder(board, 0, Worker())
+    serve(rec, 2)
+    killed, aborted = FakeRequest("POST"), FakeRequest("GET")
+    start(rec, killed)
+    start(rec, aborted)
+    rec.mark(sb.FLAG_ABORT_HANDLER)  # worker_abort ran; gunicorn answers 500 and post_request counts it
+    finish(rec, aborted, {}, FakeResponse(None))
+    view = board.read(0)
+    (started,) = [request.started for request in view.requests if request.method == "POST"]
+    facts = drainer.collect()
+    assert drainer.count_cut_short(0, view.requests, started + 31.5, facts) == 1
+    assert facts.requests == {("GET", 200, ""): 2, ("GET", 500, ""): 1, ("POST", NO_RESPONSE, ""): 1}
+    assert facts.durations["POST", ""] == [31.5]
+    assert status_label(NO_RESPONSE) == "aborted"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from gunicorn_insight import _statsd
-from gunicorn_insight._drain import Round
+from gunicorn_insight._drain import NO_RESPONSE, Round
 from gunicorn_insight._statsd import MAX_DATAGRAM, StatsdSink
 
 
@@ -182,3 +182,15 @@ def test_utilization_is_busy_seconds_per_second_of_capacity(receiver: socket.soc
         sink.publish(facts)
         lines = b"\n".join(datagrams(receiver)).decode().splitlines()
         assert f"gunicorn.utilization:{expected}|g" in lines
+
+
+def test_requests_cut_short_by_a_death_are_sent_as_aborted(receiver: socket.socket) -> None:
+    """A request whose worker died under it (status NO_RESPONSE) is status "aborted" in both modes, not 500."""
+    facts = Round(requests=Counter({("GET", NO_RESPONSE, ""): 1}), durations={("GET", ""): [31.5]})
+    make_sink(receiver.getsockname()).publish(facts)
+    lines = b"\n".join(datagrams(receiver)).decode().splitlines()
+    assert "gunicorn.request.status.aborted:1|c" in lines
+    assert "gunicorn.request.duration:31500.000|ms" in lines
+    make_sink(receiver.getsockname(), tagged=True).publish(facts)
+    lines = b"\n".join(datagrams(receiver)).decode().splitlines()
+    assert "gunicorn.requests:1|c|#method:GET,status:aborted" in lines
