@@ -252,10 +252,12 @@ def _as_post_request(hook: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def on_starting(server: Any) -> None:
-    settings = STATE.settings
-    if settings is None or _master.CURRENT is not None or STATE.run_dir is None or STATE.started:
+    if STATE.started:
         return
     STATE.started = True
+    settings = STATE.settings
+    if settings is None or _master.CURRENT is not None or STATE.run_dir is None:
+        return
     try:
         _log_adopted(adopt_late_hooks(server.cfg), "")
         STATE.adopted_cfg = server.cfg
