@@ -198,8 +198,10 @@ def check_plugin(ctx: Context) -> Iterable[Finding]:
             "gunicorn stops at startup with this message, before serving anything.",
             "correct the setting named in the message (keyword argument or GUNICORN_INSIGHT_* variable)",
         )
-    hook = ctx.cfg.settings["on_starting"].get()
-    if not ctx.plugin_errors and not getattr(hook, "__gunicorn_insight__", False):
+    # A later on_starting does not keep the plugin out: its pre_fork starts it (see _hooks.adopt_late_hooks).
+    installed = any(getattr(ctx.cfg.settings[name].get(), "__gunicorn_insight__", False)
+                    for name in ("on_starting", "pre_fork"))
+    if not ctx.plugin_errors and not installed:
         yield Finding(
             "plugin-installed", "info", "gunicorn-insight is not installed by this configuration",
             "without it there is no scoreboard: status and top cannot find the server and dead workers' "

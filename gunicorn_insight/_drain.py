@@ -92,6 +92,18 @@ class Round:
         return sum(self.connections.values())
 
 
+NO_RESPONSE = -1
+"""The status of a request whose worker died under it (timeout kill, OOM, crash): no response was sent."""
+
+
+def status_label(status: int) -> str:
+    """The ``status`` label value: the code, ``aborted`` (NO_RESPONSE), ``unknown`` (0: gunicorn passed no
+    response to post_request)."""
+    if status == NO_RESPONSE:
+        return "aborted"
+    return str(status) if status else "unknown"
+
+
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 _SWAP = sys.byteorder != "little"  # the ring is little-endian; arrays use the machine's order
 
@@ -137,8 +149,9 @@ class Drainer:
         for index in range(board.slots):
             self._drain_ring(index, result)
             slow = board.slow(index)
-            result.slow += slow - self._slow_cursors[index]
-            self._slow_cursors[index] = slow
+            if slow > self._slow_cursors[index]:  # a count only grows: a smaller one is a torn read, ignored
+                result.slow += slow - self._slow_cursors[index]
+                self._slow_cursors[index] = slow
             if board.buffer[board.offset(index) + sb.OFF_STATE] == sb.FREE:
                 if index in self._seen:
                     self._departed(index, result)
@@ -177,7 +190,9 @@ class Drainer:
         board = self._board
         head = board.head(index)
         cursor = self._cursors[index]
-        if head == cursor:
+        if head <= cursor:
+            # Nothing new, or a head read while a writer was storing it (a torn read can show 0 or part of the
+            # number): the cursor never moves backwards, so nothing is counted twice or reported lost.
             return
         if head - cursor > board.ring:
             result.lost += head - cursor - board.ring
@@ -240,6 +255,27 @@ class Drainer:
             return
         for key, duration in zip(keys, durations, strict=True):
             lists[key].append(duration)
+
+    def count_cut_short(self, index: int, requests: tuple[sb.InFlight, ...], died: float, result: Round) -> int:
+        """The requests a worker died under, read from its last snapshot: each is counted once, with status
+        NO_RESPONSE and its duration up to the death. One post_request already counted (a signal handler had
+        run, see _worker) is not counted again. Returns how many were counted."""
+        counted = 0
+        for request in requests:
+            if request.counted:
+                continue
+            method = request.method if request.method in sb.METHOD_INDEX else "other"
+            duration = max(0.0, died - request.started)
+            result.requests[method, NO_RESPONSE, ""] += 1
+            found = result.durations.get((method, ""))
+            if found is None:
+                found = result.durations[method, ""] = []
+            found.append(duration)
+            if self._by_status:
+                result.status_durations.setdefault((method, NO_RESPONSE, ""), []).append(duration)
+            self._completed[index] += duration
+            counted += 1
+        return counted
 
     def _departed(self, index: int, result: Round) -> None:
         """A slot without a live worker keeps its counters and reports no connections."""

@@ -16,7 +16,7 @@ import stat
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, MutableMapping
+from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from typing import Any
 
 from . import _discovery, _master, _prometheus, _worker
@@ -48,6 +48,10 @@ class _State:
     """Which pre_request/post_request install() put in: "compiled", or "python" and why."""
     error_fd = 2
     inspecting = False
+    started = False
+    adopted_cfg: Any = None
+    """The gunicorn configuration whose hooks were last checked against ours (held, so no id is reused)."""
+    """on_starting (or pre_fork in its place) has run in this master: the plugin's master side was tried."""
 
 
 STATE = _State()
@@ -71,13 +75,11 @@ def install(namespace: MutableMapping[str, Any], **settings: Any) -> Settings:
     elif STATE.settings is not None and not built.same_as(STATE.settings):
         # A HUP re-reads the config in the running master; the directories and sockets stay as they are.
         LOG.warning("gunicorn-insight: settings changed on reload; they take effect at the next restart")
-    hooks = HOOKS
     if built.compiled_hooks and _worker.COMPILED is not None:
-        hooks = {**HOOKS, "pre_request": _worker.COMPILED[0], "post_request": _worker.COMPILED[1]}
         STATE.request_hooks = "compiled"
     else:
         STATE.request_hooks = "python" if not built.compiled_hooks else "python (the C extension is not built)"
-    for name, ours in hooks.items():
+    for name, ours in _our_hooks().items():
         theirs = namespace.get(name)
         if theirs is None or is_ours(theirs):
             namespace[name] = ours
@@ -133,9 +135,77 @@ def _remove_run_dir() -> None:
         shutil.rmtree(STATE.run_dir, ignore_errors=True)
 
 
+def _our_hooks() -> dict[str, Callable[..., Any]]:
+    """What install() puts in: HOOKS, with the compiled request hooks when it chose them."""
+    if STATE.request_hooks == "compiled" and _worker.COMPILED is not None:
+        return {**HOOKS, "pre_request": _worker.COMPILED[0], "post_request": _worker.COMPILED[1]}
+    return HOOKS
+
+
 def is_ours(hook: Any) -> bool:
     """A hook install() put there: ours, chained with someone's, or compiled (which carries no attributes)."""
-    return getattr(hook, "__gunicorn_insight__", False) or (_worker.COMPILED is not None and hook in _worker.COMPILED)
+    try:
+        marked = getattr(hook, "__gunicorn_insight__", False) is True
+    except Exception:  # an arbitrary object's __getattr__
+        return False
+    return marked or (_worker.COMPILED is not None and any(hook is compiled for compiled in _worker.COMPILED))
+
+
+def _calls_ours(hook: Any) -> bool:
+    """A hook that kept install()'s and calls it itself (``saved = post_request`` then a wrapper calling
+    ``saved``): chaining ours in front would run ours twice per request."""
+    code = getattr(hook, "__code__", None)
+    if code is None:
+        return False
+    referenced: list[Any] = []
+    for cell in getattr(hook, "__closure__", None) or ():
+        with contextlib.suppress(ValueError):  # an empty cell
+            referenced.append(cell.cell_contents)
+    namespace = getattr(hook, "__globals__", None) or {}
+    referenced.extend(namespace.get(name) for name in code.co_names)
+    return any(callable(thing) and is_ours(thing) for thing in referenced)
+
+
+def adopt_late_hooks(cfg: Any, names: Iterable[str] | None = None) -> list[str]:
+    """Put our hooks back into gunicorn's final configuration, chained in front of whatever replaced them.
+
+    A hook defined after ``install(globals())`` in the same file, or brought in from another module after
+    it, replaces ours: with ``post_request`` gone every request would stay in flight forever. gunicorn's
+    configuration is the last word (workers read their hooks from it after the fork), so each hook there is
+    compared with what install() put in and set back, chained, through ``cfg.set``, which checks the arity
+    as gunicorn does. Returns the names chained; raises ConfigurationError where chaining is impossible.
+    """
+    ours_by_name = _our_hooks()
+    chained = []
+    for name in names or ours_by_name:
+        ours = ours_by_name[name]
+        setting = getattr(cfg, "settings", {}).get(name)
+        if setting is None:
+            continue
+        current = setting.get()
+        if current is None or is_ours(current) or _calls_ours(current):
+            continue
+        if current is getattr(setting, "default", None):
+            replacement = ours  # gunicorn's own default, not the user's: install() would have dropped it too
+        else:
+            replacement = _chain(name, ours, current)
+            chained.append(name)
+        try:
+            cfg.set(name, replacement)
+        except Exception as error:
+            raise ConfigurationError(
+                f"{name}={current!r} replaced gunicorn-insight's {name} after install() and cannot be chained "
+                f"({error}); define your {name} before calling gunicorn_insight.install(globals()), at the "
+                "end of the config, and install() chains it"
+            ) from error
+    return chained
+
+
+def _log_adopted(chained: list[str], when: str) -> None:
+    if chained:
+        LOG.info("gunicorn-insight: %s defined after install()%s; chained so both run (gunicorn-insight's "
+                 "first). Call install(globals()) at the end of the config to make this unnecessary",
+                 ", ".join(chained), when)
 
 
 # -- chaining --------------------------------------------------------------------------------------------
@@ -194,16 +264,22 @@ def _as_post_request(hook: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def on_starting(server: Any) -> None:
+    if STATE.started:
+        return
+    STATE.started = True
     settings = STATE.settings
     if settings is None or _master.CURRENT is not None or STATE.run_dir is None:
         return
     STATE.run_dir_owner = os.getpid()  # the master, after any --daemon forks
     try:
         _prepare_for_workers(server.cfg)
+        _log_adopted(adopt_late_hooks(server.cfg), "")
+        STATE.adopted_cfg = server.cfg
         plan = _master.Plan.resolve(settings, server.cfg, STATE.prometheus_dir)
         title = f"gunicorn-insight: metrics [{getattr(server, 'proc_name', None) or 'gunicorn'}]"
         master = _master.Master(plan, STATE.run_dir, title)
-    except ConfigurationError:
+    except ConfigurationError as error:
+        _to_error_log(server, error)
         raise
     except Exception as error:
         report("on_starting, so gunicorn-insight is off for this run", error)
@@ -310,6 +386,25 @@ def _hand_to_worker_user(cfg: Any, *paths: str) -> None:
         os.chown(embedded, uid, gid)
 
 
+def _to_error_log(server: Any, error: ConfigurationError) -> None:
+    """gunicorn prints an error that stops the arbiter on stderr only; a server started with --error-logfile
+    must find it in that file too (where the error log is stderr, printing it once is enough)."""
+    with contextlib.suppress(Exception):  # the error itself is what must reach the operator
+        if getattr(server.cfg, "errorlog", "-") != "-" or getattr(server.cfg, "logconfig_dict", None) \
+                or getattr(server.cfg, "logconfig", None):
+            server.log.error("Error: %s", error)
+
+
+def on_reload(server: Any) -> None:
+    """After a HUP gunicorn has re-read the config into a new cfg: its hooks are checked again."""
+    try:
+        if _master.CURRENT is not None and os.getpid() == _master.CURRENT.pid:
+            _log_adopted(adopt_late_hooks(server.cfg), " in the reloaded config")
+            STATE.adopted_cfg = server.cfg
+    except Exception as error:
+        report("on_reload", error)
+
+
 def _describe(server: Any, master: _master.Master) -> dict[str, Any]:
     """What a tool needs to find and label this server (see gunicorn_insight._status)."""
     cfg = server.cfg
@@ -370,8 +465,13 @@ def _announce(master: _master.Master) -> None:
 
 
 def pre_fork(server: Any, worker: Any) -> None:
+    if not STATE.started:
+        on_starting(server)  # on_starting was replaced after install(): start here, before the first fork
     try:
         if _master.CURRENT is not None:
+            if server.cfg is not STATE.adopted_cfg:  # a HUP whose on_reload was replaced
+                _log_adopted(adopt_late_hooks(server.cfg), " in the reloaded config")
+                STATE.adopted_cfg = server.cfg
             _master.CURRENT.assign_slot(worker)
     except Exception as error:
         report("pre_fork", error)
@@ -448,6 +548,20 @@ def _hand_counts_to_successor(server: Any) -> None:
 
 
 def post_fork(server: Any, worker: Any) -> None:
+    if STATE.settings is not None and not STATE.started and not STATE.inspecting:
+        # Neither on_starting nor pre_fork of ours ran in the master: both were replaced after install().
+        # Without the master side nothing would be counted and the worker could not say so: refuse to boot.
+        raise ConfigurationError(
+            "on_starting and pre_fork were replaced after gunicorn_insight.install(globals()) ran, so "
+            "gunicorn-insight cannot start; define your hooks before calling install() (at the end of the "
+            "config), and install() chains them"
+        )
+    try:
+        # The last word, in the worker's own copy of the configuration: request hooks a HUP's new config
+        # replaced, if the master could not chain them.
+        adopt_late_hooks(worker.cfg, _WORKER_HOOKS)
+    except Exception as error:
+        report("post_fork (chaining the request hooks)", error)
     try:
         master = _master.CURRENT
         slot = getattr(worker, _master.SLOT_ATTRIBUTE, None)
@@ -560,6 +674,7 @@ def worker_abort(worker: Any) -> None:
 
 HOOKS: dict[str, Callable[..., Any]] = {
     "on_starting": on_starting,
+    "on_reload": on_reload,
     "pre_fork": pre_fork,
     "post_fork": post_fork,
     "post_worker_init": post_worker_init,
@@ -571,7 +686,8 @@ HOOKS: dict[str, Callable[..., Any]] = {
     "worker_exit": worker_exit,
     "on_exit": on_exit,
 }
-ARITY = {"post_request": 4, "post_worker_init": 1, "worker_int": 1, "worker_abort": 1, "on_starting": 1,
+_WORKER_HOOKS = ("pre_request", "post_request", "post_worker_init", "worker_int", "worker_abort", "worker_exit")
+ARITY = {"post_request": 4, "on_reload": 1, "post_worker_init": 1, "worker_int": 1, "worker_abort": 1, "on_starting": 1,
          "on_exit": 1, "pre_fork": 2, "post_fork": 2, "pre_request": 2, "child_exit": 2, "worker_exit": 2}
 for _hook in HOOKS.values():
     _hook.__gunicorn_insight__ = True  # type: ignore[attr-defined]

@@ -366,7 +366,7 @@ class Master:
             while self._deaths:
                 death = self._deaths.popleft()
                 try:
-                    facts.exits[self._bury(death)] += 1
+                    facts.exits[self._bury(death, facts)] += 1
                     self._watch_crash_loop(facts)
                 except Exception as error:
                     report("reporting a worker exit", error)
@@ -491,11 +491,13 @@ class Master:
         pid = worker.pid if isinstance(worker.pid, int) else 0
         self._deaths.append(Death(pid, slot, snapshot, time.monotonic(), bool(getattr(worker, "aborted", False))))
 
-    def _bury(self, death: Death) -> str:
-        """Classify one exit, log it if it needs a human, tidy its files. Returns the cause."""
+    def _bury(self, death: Death, facts: Round) -> str:
+        """Classify one exit, count the requests it cut short, log it if it needs a human, tidy its files.
+        Returns the cause."""
         if self.prometheus is not None and death.pid:
             self.prometheus.forget_process(death.pid)
         view = sb.parse_slot(death.slot, death.snapshot, self.board.entries)
+        self._drainer.count_cut_short(death.slot, view.requests, death.at, facts)
         signal, exit_code = self.reaps.take(death.pid)
         verdict = classify(view, aborted=death.aborted, signal=signal, exit_code=exit_code,
                            oom=signal == "SIGKILL" and not death.aborted and self._oom.claim(),

@@ -205,7 +205,8 @@ ATTRIBUTE_NAMES = {
 
 def attributes(labels: Mapping[str, str], instrument: Instrument, server_port: int | None) -> dict[str, str | int]:
     """Prometheus labels as semantic-convention attributes. A value the conventions have no word for
-    (status ``unknown``, route ``none``) is left out rather than invented."""
+    (status ``unknown``, route ``none``) is left out rather than invented; a request its worker died under
+    (status ``aborted``) has no status code and ``error.type`` ``aborted``."""
     found: dict[str, str | int] = {}
     for label, value in labels.items():
         if label == "method":
@@ -213,6 +214,8 @@ def attributes(labels: Mapping[str, str], instrument: Instrument, server_port: i
         elif label == "status":
             if value.isdigit():
                 found["http.response.status_code"] = int(value)
+            elif value == "aborted":  # the worker died under it: no response, so no status code
+                found["error.type"] = "aborted"
         elif label == "route":
             if value != "none":
                 found["http.route"] = value

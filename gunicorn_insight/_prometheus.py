@@ -24,7 +24,7 @@ import tempfile
 from bisect import bisect_left
 from collections.abc import Iterator
 
-from ._drain import Round
+from ._drain import Round, status_label
 from ._forensics import CAUSES
 from ._mmapfile import MetricFile, go_float, parse, read_file, sample_key
 from ._safety import LOG, report
@@ -478,13 +478,13 @@ class PrometheusSink:
     def _publish(self, facts: Round) -> None:
         requests = self._requests
         for (method, status, route), count in facts.requests.items():
-            labels = (method, str(status) if status else "unknown", *((route or "none",) if self._routes else ()))
+            labels = (method, status_label(status), *((route or "none",) if self._routes else ()))
             self._add(requests, requests.key("_total", labels), count)
         for (method, route), durations in facts.durations.items():
             self._observe(self._duration, (method, *((route or "none",) if self._routes else ())), durations)
         if self._otlp_duration is not None:
             for (method, status, route), durations in facts.status_durations.items():
-                labels = (method, str(status) if status else "unknown", *((route or "none",) if self._routes else ()))
+                labels = (method, status_label(status), *((route or "none",) if self._routes else ()))
                 self._observe(self._otlp_duration, labels, durations)
         if facts.queue_times:
             self._observe(self._queue, (), facts.queue_times)

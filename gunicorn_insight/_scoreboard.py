@@ -16,12 +16,14 @@ finished by a worker that has since died is still read, never lost.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import mmap
 import os
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from ._mmapfile import reserve
 from .settings import ConfigurationError, join_host_port
@@ -60,6 +62,7 @@ OFF_EXIT_CODE, OFF_SLOW, OFF_RSS, OFF_WAITING, OFF_ROUTES_USED, OFF_LAST_WORDS =
 # In use, start (monotonic), thread, method, client host, client port (0: not TCP), path.
 ENTRY = struct.Struct("<B7xdQ8s46sH176s")
 ENTRY_SIZE = 256
+ENTRY_IN_USE, ENTRY_COUNTED = 1, 2  # the first byte; COUNTED: finished and counted, kept for a death report
 RING = struct.Struct("<ddHHHxx")  # duration s, queue s (NaN: none, negative: invalid), status, method, route
 # The drain reads the third 8-byte word of a record as one number: status | method << 16 | route << 32.
 RING_SIZE = RING.size
@@ -92,6 +95,8 @@ class InFlight:
     client: str
     started: float  # monotonic, comparable across processes on one host
     thread: int
+    counted: bool = False
+    """post_request already counted it (a signal handler had run: kept only for the master's death report)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +140,15 @@ class SlotView:
         return self.connections if self.counts_connections else self.in_flight
 
 
+def store(buffer: Any, offset: int, layout: struct.Struct, *values: Any) -> None:
+    """Publish a field another process reads with one store.
+
+    ``struct.pack_into`` zero-fills the field and then writes it a byte at a time, so a reader in another
+    process can see 0 or half a number for a moment; one slice assignment copies the finished bytes at once.
+    """
+    buffer[offset : offset + layout.size] = layout.pack(*values)
+
+
 def client_address(host: str, port: int) -> str:
     """``host:port`` as a browser would write it (IPv6 in brackets); the host alone when not TCP."""
     return join_host_port(host, port) if port else host
@@ -151,9 +165,9 @@ def parse_slot(index: int, data: bytes, entries: int) -> SlotView:
     for n in range(entries):
         offset = SLOT_HEADER_SIZE + n * ENTRY_SIZE
         if data[offset]:
-            _, started, thread, method, host, port, path = ENTRY.unpack_from(data, offset)
+            in_use, started, thread, method, host, port, path = ENTRY.unpack_from(data, offset)
             requests.append(InFlight(_text(method), _text(path), client_address(_text(host), port), started,
-                                     thread))
+                                     thread, in_use == ENTRY_COUNTED))
     requests.sort(key=lambda r: r.started)
     return SlotView(
         index, generation, pid, state, flags, head, conns, overflow, base, spawned, booted, exit_code, slow, rss,
@@ -213,7 +227,8 @@ class Scoreboard:
         return cls(path, buffer)
 
     def close(self) -> None:
-        self.buffer.close()
+        with contextlib.suppress(BufferError):  # a recorder's word views (see _worker): unmapped when they go
+            self.buffer.close()
 
     def offset(self, index: int) -> int:
         return HEADER_SIZE + index * self.slot_size
@@ -253,31 +268,32 @@ class Scoreboard:
     def assign(self, index: int, now: float) -> None:
         """Give the slot to a worker about to be forked. Ring head and slow count are kept on purpose."""
         start = self.offset(index)
-        (generation,) = GENERATION.unpack_from(self.buffer, start)
-        GENERATION.pack_into(self.buffer, start, generation + 1)
-        PID.pack_into(self.buffer, start + OFF_PID, 0)
-        FLAGS.pack_into(self.buffer, start + OFF_FLAGS, 0)
-        OVERFLOW.pack_into(self.buffer, start + OFF_OVERFLOW, 0)
-        SPAWNED.pack_into(self.buffer, start + OFF_SPAWNED, now)
-        BOOTED.pack_into(self.buffer, start + OFF_BOOTED, 0.0)
-        EXIT_CODE.pack_into(self.buffer, start + OFF_EXIT_CODE, 0)
-        RSS.pack_into(self.buffer, start + OFF_RSS, 0)
-        WAITING.pack_into(self.buffer, start + OFF_WAITING, 0)
-        LAST_WORDS.pack_into(self.buffer, start + OFF_LAST_WORDS, b"")
-        self.buffer[start + SLOT_HEADER_SIZE : self.ring_offset(index)] = bytes(self.entries * ENTRY_SIZE)
-        STATE.pack_into(self.buffer, start + OFF_STATE, BOOTING)
+        buffer = self.buffer
+        (generation,) = GENERATION.unpack_from(buffer, start)
+        store(buffer, start, GENERATION, generation + 1)
+        store(buffer, start + OFF_PID, PID, 0)
+        store(buffer, start + OFF_FLAGS, FLAGS, 0)
+        store(buffer, start + OFF_OVERFLOW, OVERFLOW, 0)
+        store(buffer, start + OFF_SPAWNED, SPAWNED, now)
+        store(buffer, start + OFF_BOOTED, BOOTED, 0.0)
+        store(buffer, start + OFF_EXIT_CODE, EXIT_CODE, 0)
+        store(buffer, start + OFF_RSS, RSS, 0)
+        store(buffer, start + OFF_WAITING, WAITING, 0)
+        store(buffer, start + OFF_LAST_WORDS, LAST_WORDS, b"")
+        buffer[start + SLOT_HEADER_SIZE : self.ring_offset(index)] = bytes(self.entries * ENTRY_SIZE)
+        store(buffer, start + OFF_STATE, STATE, BOOTING)
 
     def release(self, index: int) -> None:
         """The worker is gone. Its entries stay as they were until the next assign, for post-mortem reads."""
         start = self.offset(index)
-        STATE.pack_into(self.buffer, start + OFF_STATE, FREE)
-        PID.pack_into(self.buffer, start + OFF_PID, 0)
+        store(self.buffer, start + OFF_STATE, STATE, FREE)
+        store(self.buffer, start + OFF_PID, PID, 0)
 
     def slow(self, index: int) -> int:
         return int(SLOW.unpack_from(self.buffer, self.offset(index) + OFF_SLOW)[0])
 
     def set_rss(self, index: int, rss: int) -> None:
-        RSS.pack_into(self.buffer, self.offset(index) + OFF_RSS, rss)
+        store(self.buffer, self.offset(index) + OFF_RSS, RSS, rss)
 
     def busy_workers(self) -> int:
         """Live slots with a request in flight right now, read straight from the entries (no master lag).

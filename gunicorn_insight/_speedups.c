@@ -391,14 +391,18 @@ pre_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     {
         char *at = (char *)view.buf + entry;
         Py_ssize_t method_length = PyUnicode_GET_LENGTH(method);
+        /* The entry is free (its in-use byte 0) while its fields are filled in; setting that one byte after a
+         * release fence publishes it in one store, so a reader in another process never sees a half-written
+         * request marked in use. */
         memset(at, 0, ENTRY_SIZE);
-        at[0] = 1;
         memcpy(at + ENTRY_START, &now, 8);
         memcpy(at + ENTRY_THREAD, &thread, 8);
         put_text(at + ENTRY_METHOD, METHOD_WIDTH, (const char *)PyUnicode_DATA(method), method_length);
         put_text(at + ENTRY_HOST, HOST_WIDTH, host_data, host_length);
         put_u16(at + ENTRY_PORT, port);
         put_text(at + ENTRY_PATH, PATH_WIDTH, path_data, path_length);
+        __atomic_thread_fence(__ATOMIC_RELEASE);
+        at[0] = 1;
     }
     PyBuffer_Release(&view);
 
@@ -621,13 +625,18 @@ post_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         put_u16(buf + at + 18, (unsigned long)method_number);
         put_u16(buf + at + 20, (unsigned long)route);
         head += 1;
-        /* Publishing the head after the record is what makes the record visible to the master. */
+        /* Publishing the head after the record is what makes the record visible to the master. The head is
+         * one aligned 8-byte store (the memcpy compiles to a single mov), never zero-filled first as
+         * struct.pack_into does, so the master never reads a torn head; the ring record above is read only
+         * once this head passes it. */
         __atomic_thread_fence(__ATOMIC_RELEASE);
         memcpy(buf + bound.head_offset, &head, 8);
         memcpy(buf + bound.head_offset + 8, &conns32, 4);
         if (entry >= 0) {
             if (buf[bound.flags_offset] & DYING) {
-                /* a signal handler cut the request short: keep it visible for the master's report */
+                /* a signal handler cut the request short: keep it visible for the master's report, marked
+                 * counted (ENTRY_COUNTED in _scoreboard) so the master does not count it again */
+                buf[entry] = 2;
                 PyBuffer_Release(&view);
                 goto done;
             }

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from itertools import chain
 from typing import Any
 
-from ._drain import Round
+from ._drain import Round, status_label
 from ._safety import RateLimitedLog
 
 MAX_DATAGRAM = 1432
@@ -413,7 +413,7 @@ class StatsdSink:
         for (_method, status, _route), count in facts.requests.items():
             by_status[status] = by_status.get(status, 0) + count
         for status, count in sorted(by_status.items()):
-            pipe.incr(self._name(f"gunicorn.request.status.{status or 'unknown'}"), count)
+            pipe.incr(self._name(f"gunicorn.request.status.{status_label(status)}"), count)
 
     def _worker_states(self, pipe: Any, facts: Round) -> None:
         """DogStatsD mode: ``gunicorn.workers`` tagged ``state:working`` and ``state:idle``, the form Datadog's
@@ -425,7 +425,7 @@ class StatsdSink:
     def _request_tags(method: str, status: int | None, route: str) -> str:
         tags = [f"method:{clean_tag(method)}"]
         if status is not None:
-            tags.append(f"status:{status or 'unknown'}")
+            tags.append(f"status:{status_label(status)}")
         if route:
             tags.append(f"route:{clean_tag(route)}")
         return ",".join(tags)

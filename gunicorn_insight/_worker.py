@@ -1,7 +1,7 @@
 """The worker's side: write what each request is doing into the worker's own scoreboard slot.
 
 ``pre_request`` and ``post_request`` here are the only code on the request path, so they do the least
-they can: a clock read, a dict entry, three ``pack_into`` calls per request and nothing else. No metric
+they can: a clock read, a dict entry, three packed writes per request and nothing else. No metric
 library, no I/O, no allocation beyond the few encoded strings; the master turns these plain numbers into
 metrics. Each Python call level costs as much as a dozen lines here (see docs/performance.md), which is
 why the two hooks are written out inline rather than as methods behind the hook functions.
@@ -29,7 +29,13 @@ from ._routes import ROUTE_KEY
 from ._safety import report
 
 _DYING = sb.FLAG_ABORT_HANDLER | sb.FLAG_INT_HANDLER
-_pack_entry, _pack_record, _pack_head = sb.ENTRY.pack_into, sb.RING.pack_into, sb.HEAD_CONNS.pack_into
+_COUNTED = sb.ENTRY_COUNTED
+# What another process reads is published with one store: pack_into zero-fills a field and then writes it
+# byte by byte, so the master could read a head of 0. The head goes through a memoryview of 8-byte words (one
+# aligned store, nothing allocated); elsewhere sb.store packs and assigns a slice. pack_into stays only where
+# the reader waits for a later store: a ring record (read once the head passes it) and an entry's fields
+# (read once its in-use byte, stored last, says so).
+_pack_entry, _pack_record = sb.ENTRY.pack_into, sb.RING.pack_into
 _METHOD_BYTES = {method: method.encode() for method in sb.METHODS}
 # Module globals, not attributes of sb: one dictionary lookup each on the request path instead of two.
 _method_index, _OTHER_METHOD, _RING_SIZE = sb.METHOD_INDEX.get, sb.OTHER_METHOD, sb.RING_SIZE
@@ -151,10 +157,11 @@ class RequestRecorder:
     """
 
     __slots__ = (
-        "_atoms", "_board", "_buffer", "_conns_offset", "_current", "_excluded", "_flags_offset", "_free",
-        "_head", "_head_offset", "_mask", "_max_routes", "_overflow", "_overflow_offset", "_queue",
-        "_redact", "_resolve", "_resolves_by_key", "_ring_offset", "_route_ids", "_routes", "_routes_offset",
-        "_routes_used", "_start", "_worker", "dying", "in_flight", "lock", "slot",
+        "_atoms", "_board", "_buffer", "_conns_index", "_conns_offset", "_current", "_excluded", "_flags_offset",
+        "_free", "_halfwords", "_head", "_head_index", "_head_offset", "_mask", "_max_routes", "_overflow",
+        "_overflow_offset", "_queue", "_redact", "_resolve", "_resolves_by_key", "_ring_offset", "_route_ids",
+        "_routes", "_routes_offset", "_routes_used", "_start", "_words", "_worker", "dying", "in_flight", "lock",
+        "slot"
     )
 
     def __init__(
@@ -168,6 +175,9 @@ class RequestRecorder:
         self._start = start = board.offset(slot)
         self._head_offset = start + sb.OFF_HEAD
         self._conns_offset = start + sb.OFF_CONNS
+        # The slot's head and connections as machine words: storing one is a single aligned store.
+        self._words, self._head_index = memoryview(self._buffer).cast("Q"), self._head_offset // 8
+        self._halfwords, self._conns_index = memoryview(self._buffer).cast("I"), self._conns_offset // 4
         self._overflow_offset = start + sb.OFF_OVERFLOW
         self._flags_offset = start + sb.OFF_FLAGS
         self._ring_offset = board.ring_offset(slot)
@@ -196,14 +206,14 @@ class RequestRecorder:
         self._routes_used = len(self._route_ids)
         self._worker = worker if hasattr(worker, "nr_conns") else None
         flags = sb.FLAG_COUNTS_CONNECTIONS if self._worker is not None else 0
-        sb.BASE.pack_into(self._buffer, start + sb.OFF_BASE, self._head)
-        sb.FLAGS.pack_into(self._buffer, start + sb.OFF_FLAGS, flags)
-        sb.PID.pack_into(self._buffer, start + sb.OFF_PID, os.getpid())
+        sb.store(self._buffer, start + sb.OFF_BASE, sb.BASE, self._head)
+        sb.store(self._buffer, start + sb.OFF_FLAGS, sb.FLAGS, flags)
+        sb.store(self._buffer, start + sb.OFF_PID, sb.PID, os.getpid())
 
     def booted(self) -> None:
         start = self._start
-        sb.BOOTED.pack_into(self._buffer, start + sb.OFF_BOOTED, monotonic())
-        sb.STATE.pack_into(self._buffer, start + sb.OFF_STATE, sb.READY)
+        sb.store(self._buffer, start + sb.OFF_BOOTED, sb.BOOTED, monotonic())
+        sb.store(self._buffer, start + sb.OFF_STATE, sb.STATE, sb.READY)
 
     def route_number(self, environ: Any) -> int:
         """A route post_request did not find by key: resolve it and give it the next number in this
@@ -222,18 +232,19 @@ class RequestRecorder:
             if self._routes_used >= self._max_routes:
                 number = sb.OVER_ROUTE_CAP
             else:
+                # Read by the master only once routes_used below says it is there.
                 sb.ROUTE.pack_into(self._buffer, self._routes_offset + self._routes_used * sb.ROUTE_SIZE,
                                    str(name).encode("utf-8", "replace")[: sb.ROUTE_SIZE])
                 self._routes_used += 1
                 number = self._routes_used
-                sb.ROUTES_USED.pack_into(self._buffer, self._start + sb.OFF_ROUTES_USED, self._routes_used)
+                sb.store(self._buffer, self._start + sb.OFF_ROUTES_USED, sb.ROUTES_USED, self._routes_used)
             self._route_ids[name] = number
         return number
 
     def add_overflow(self, change: int) -> None:
         """Requests in flight without an entry of their own (more at once than the slot has entries)."""
         self._overflow += change
-        sb.OVERFLOW.pack_into(self._buffer, self._overflow_offset, self._overflow)
+        sb.store(self._buffer, self._overflow_offset, sb.OVERFLOW, self._overflow)
 
     def add_log_atoms(self, req: Any) -> None:
         """Make busy workers and queue time usable in access_log_format as %({x-gunicorn-busy}i)s etc."""
@@ -249,16 +260,16 @@ class RequestRecorder:
         worker = self._worker
         if worker is None:
             return
-        sb.CONNS.pack_into(self._buffer, self._conns_offset, worker.nr_conns)
+        sb.store(self._buffer, self._conns_offset, sb.CONNS, worker.nr_conns)
         queue = getattr(getattr(worker, "tpool", None), "_work_queue", None)  # gthread's ThreadPoolExecutor
         if queue is not None:
-            sb.WAITING.pack_into(self._buffer, self._start + sb.OFF_WAITING, queue.qsize())
+            sb.store(self._buffer, self._start + sb.OFF_WAITING, sb.WAITING, queue.qsize())
 
     def count_slow(self) -> None:
         """One more slow request (only the watchdog thread calls this, so the count needs no lock)."""
         offset = self._start + sb.OFF_SLOW
         (slow,) = sb.SLOW.unpack_from(self._buffer, offset)
-        sb.SLOW.pack_into(self._buffer, offset, slow + 1)
+        sb.store(self._buffer, offset, sb.SLOW, slow + 1)
 
     def exiting(self, worker: Any) -> BaseException | None:
         """worker_exit ran in the worker: record how it is leaving. Returns the boot error, if that is why."""
@@ -273,13 +284,13 @@ class RequestRecorder:
         if not getattr(worker, "booted", True):
             flags |= sb.FLAG_BOOT_FAILED
             boot_error = error
-            sb.LAST_WORDS.pack_into(self._buffer, start + sb.OFF_LAST_WORDS, summarize(error).encode()[:128])
+            sb.store(self._buffer, start + sb.OFF_LAST_WORDS, sb.LAST_WORDS, summarize(error).encode()[:128])
         elif code and error is not None:
             # A crash after boot: the exception gunicorn turned into sys.exit(-1), for the master's exit line.
-            sb.LAST_WORDS.pack_into(self._buffer, start + sb.OFF_LAST_WORDS, summarize(error).encode()[:128])
+            sb.store(self._buffer, start + sb.OFF_LAST_WORDS, sb.LAST_WORDS, summarize(error).encode()[:128])
         if getattr(worker, "nr", 0) >= getattr(worker, "max_requests", sys.maxsize):
             flags |= sb.FLAG_MAX_REQUESTS
-        sb.EXIT_CODE.pack_into(self._buffer, start + sb.OFF_EXIT_CODE, code)
+        sb.store(self._buffer, start + sb.OFF_EXIT_CODE, sb.EXIT_CODE, code)
         self.mark(flags)
         return boot_error
 
@@ -331,10 +342,12 @@ def pre_request(worker: Any, req: Any) -> None:
                 host, port = peer[0].encode(), peer[1]
             else:
                 host, port = describe_peer(peer), 0
+            # The fields go in while the in-use byte is still 0 (the entry is free); the byte stored after them
+            # publishes the request whole.
             _pack_entry(
                 rec._buffer,
                 entry,
-                1,
+                0,
                 now,
                 current if type(current) is int else id(current),
                 _METHOD_BYTES.get(method) or method.encode("ascii", "replace"),
@@ -343,6 +356,7 @@ def pre_request(worker: Any, req: Any) -> None:
                 port,
                 encoded_path,
             )
+            rec._buffer[entry] = 1
         if rec._atoms:
             rec.add_log_atoms(req)
     except Exception as error:
@@ -361,7 +375,7 @@ def post_request(worker: Any, req: Any, environ: Any, resp: Any) -> None:  # noq
         started = rec.in_flight.pop(req, None)
         if started is None:
             return  # not recorded: an excluded path, or pre_request never ran for it
-        start, entry, _, _, _ = started
+        start, entry, _, method, _ = started
         queue = _NO_QUEUE_TIME
         if rec._queue:
             # Looked up here, not in pre_request: the environ has the headers hashed already. ASGI workers
@@ -386,15 +400,20 @@ def post_request(worker: Any, req: Any, environ: Any, resp: Any) -> None:  # noq
             now - start,
             queue,
             status,
-            _method_index(req.method, _OTHER_METHOD),
+            _method_index(method, _OTHER_METHOD),
             route,
         )
         rec._head = head = head + 1
         # Publishing the head after the record is what makes the record visible to the master.
-        _pack_head(rec._buffer, rec._head_offset, head, rec._worker.nr_conns if rec._worker is not None else 0)
+        rec._words[rec._head_index] = head
+        if rec._worker is not None:
+            rec._halfwords[rec._conns_index] = rec._worker.nr_conns
         if entry >= 0:
             if rec.dying:
-                return  # the request was cut short by a signal: keep it visible for the master's report
+                # Cut short by a signal: keep it visible for the master's report, marked as counted here so
+                # the master does not count it again as a request its worker died under.
+                rec._buffer[entry] = _COUNTED
+                return
             rec._buffer[entry] = 0
             rec._free.append(entry)
         else:

@@ -234,6 +234,15 @@ def test_plugin_missing_is_info_and_installed_is_quiet() -> None:
     assert found(_doctor.check_plugin, {"on_starting": _hooks.on_starting}) == []
 
 
+def test_plugin_with_on_starting_defined_after_install_counts_as_installed() -> None:
+    """A later on_starting replaced ours, but pre_fork starts the plugin: not reported as missing."""
+
+    def on_starting(server: object) -> None:
+        pass
+
+    assert found(_doctor.check_plugin, {"on_starting": on_starting, "pre_fork": _hooks.pre_fork}) == []
+
+
 def test_plugin_settings_error_is_an_error() -> None:
     """install() refusing its settings is an error finding carrying the plugin's own message."""
     ctx = Context(config(), SYSTEM, {}, plugin_errors=["statsd='x' is not host:port"])

@@ -7,7 +7,7 @@ from itertools import chain
 from fakes import FakeRequest, FakeResponse, finish, start
 
 from gunicorn_insight import _scoreboard as sb
-from gunicorn_insight._drain import Drainer
+from gunicorn_insight._drain import NO_RESPONSE, Drainer, status_label
 from gunicorn_insight._worker import RequestRecorder
 
 
@@ -89,3 +89,56 @@ def test_durations_by_status_for_otlp_match_the_counts(board: sb.Scoreboard) -> 
     serve(rec, 1)
     facts = without.collect()
     assert (facts.total_requests, facts.status_durations) == (1, {})
+def test_torn_head_is_ignored_not_recounted_or_lost(board: sb.Scoreboard) -> None:
+    """A head read half-written (0, or fewer low bytes) never moves the cursor back: nothing recounted, none lost."""
+    drainer = Drainer(board)
+    board.assign(0, 0.0)
+    rec = RequestRecorder(board, 0, Worker())
+    serve(rec, 5)
+    assert drainer.collect().total_requests == 5
+    head_at = board.offset(0) + sb.OFF_HEAD
+    published = bytes(board.buffer[head_at : head_at + 8])
+    for torn in (0, 3):  # the zero-fill pack_into makes, and a value behind the cursor
+        board.buffer[head_at : head_at + 8] = torn.to_bytes(8, "little")
+        facts = drainer.collect()
+        assert (facts.total_requests, facts.lost) == (0, 0)
+    board.buffer[head_at : head_at + 8] = published
+    serve(rec, 2)
+    facts = drainer.collect()
+    assert (facts.total_requests, facts.lost) == (2, 0)
+
+
+def test_torn_slow_count_is_ignored(board: sb.Scoreboard) -> None:
+    """A slow count read as 0 mid-write is not a negative round, and the next real count is not added twice."""
+    drainer = Drainer(board)
+    board.assign(0, 0.0)
+    rec = RequestRecorder(board, 0, Worker())
+    rec.count_slow()
+    rec.count_slow()
+    assert drainer.collect().slow == 2
+    slow_at = board.offset(0) + sb.OFF_SLOW
+    board.buffer[slow_at : slow_at + 4] = bytes(4)
+    assert drainer.collect().slow == 0
+    board.buffer[slow_at : slow_at + 4] = (3).to_bytes(4, "little")
+    assert drainer.collect().slow == 1
+
+
+def test_requests_a_worker_died_under_are_counted_once_as_aborted(board: sb.Scoreboard) -> None:
+    """Entries left in a dead worker's snapshot count once, status NO_RESPONSE, duration up to the death;
+    one post_request already counted (a signal handler had run) is not counted again."""
+    drainer = Drainer(board)
+    board.assign(0, 0.0)
+    rec = RequestRecorder(board, 0, Worker())
+    serve(rec, 2)
+    killed, aborted = FakeRequest("POST"), FakeRequest("GET")
+    start(rec, killed)
+    start(rec, aborted)
+    rec.mark(sb.FLAG_ABORT_HANDLER)  # worker_abort ran; gunicorn answers 500 and post_request counts it
+    finish(rec, aborted, {}, FakeResponse(None))
+    view = board.read(0)
+    (started,) = [request.started for request in view.requests if request.method == "POST"]
+    facts = drainer.collect()
+    assert drainer.count_cut_short(0, view.requests, started + 31.5, facts) == 1
+    assert facts.requests == {("GET", 200, ""): 2, ("GET", 500, ""): 1, ("POST", NO_RESPONSE, ""): 1}
+    assert facts.durations["POST", ""] == [31.5]
+    assert status_label(NO_RESPONSE) == "aborted"

@@ -106,3 +106,38 @@ def test_without_the_extension_the_python_hooks_are_installed_and_said_so(monkey
     _hooks.install(namespace)
     assert (namespace["pre_request"], namespace["post_request"]) == (_worker.pre_request, _worker.post_request)
     assert _hooks.STATE.request_hooks == "python (the C extension is not built)"
+
+
+def test_hooks_defined_after_install_are_chained_into_gunicorns_config() -> None:
+    """A later post_request in gunicorn's final config is chained behind ours; gunicorn's defaults are not."""
+    namespace: dict[str, Any] = {}
+    install(namespace, **STATSD_ONLY)
+    calls: list[str] = []
+
+    def post_request(worker: Any, req: Any, environ: Any) -> None:
+        calls.append("theirs")
+
+    namespace["post_request"] = post_request
+    cfg = validated(namespace)
+    assert _hooks.adopt_late_hooks(cfg) == ["post_request"]
+    chained = cfg.settings["post_request"].get()
+    assert _hooks.is_ours(chained)
+    chained(None, object(), {}, None)
+    assert calls == ["theirs"]
+    assert _hooks.adopt_late_hooks(cfg) == []  # checked again (a HUP, every fork): nothing chained twice
+    assert cfg.settings["when_ready"].get() is cfg.settings["when_ready"].default  # not ours to touch
+
+
+def test_a_later_hook_that_wraps_ours_is_left_alone() -> None:
+    """A hook that saved install()'s and calls it would run ours twice if chained: it is kept as it is."""
+    namespace: dict[str, Any] = {}
+    install(namespace, **STATSD_ONLY)
+    saved = namespace["pre_request"]
+
+    def pre_request(worker: Any, req: Any) -> None:
+        saved(worker, req)
+
+    namespace["pre_request"] = pre_request
+    cfg = validated(namespace)
+    assert _hooks.adopt_late_hooks(cfg) == []
+    assert cfg.settings["pre_request"].get() is pre_request

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from gunicorn_insight import _statsd
-from gunicorn_insight._drain import Round
+from gunicorn_insight._drain import NO_RESPONSE, Round
 from gunicorn_insight._statsd import MAX_DATAGRAM, StatsdSink
 
 
@@ -274,3 +274,13 @@ def test_last_good_address_is_kept_and_failures_back_off(receiver: socket.socket
     assert resolver.address == (socket.AF_INET, ("127.0.0.1", port))
     assert resolver.error == "no answer"
     assert waits == [_statsd.RESOLVE_EVERY, 1.0, 2.0, 4.0]
+def test_requests_cut_short_by_a_death_are_sent_as_aborted(receiver: socket.socket) -> None:
+    """A request whose worker died under it (status NO_RESPONSE) is status "aborted" in both modes, not 500."""
+    facts = Round(requests=Counter({("GET", NO_RESPONSE, ""): 1}), durations={("GET", ""): [31.5]})
+    make_sink(receiver.getsockname()).publish(facts)
+    lines = b"\n".join(datagrams(receiver)).decode().splitlines()
+    assert "gunicorn.request.status.aborted:1|c" in lines
+    assert "gunicorn.request.duration:31500.000|ms" in lines
+    make_sink(receiver.getsockname(), tagged=True).publish(facts)
+    lines = b"\n".join(datagrams(receiver)).decode().splitlines()
+    assert "gunicorn.requests:1|c|#method:GET,status:aborted" in lines

@@ -101,7 +101,8 @@ def test_more_requests_than_entries_overflow_without_losing_counts(board: sb.Sco
 
 
 def test_signal_mark_keeps_the_interrupted_request(board: sb.Scoreboard) -> None:
-    """After worker_abort marked the slot, the request stays in the table for the master's death report."""
+    """After worker_abort marked the slot, the request stays in the table for the master's death report,
+    marked as already counted."""
     rec = recorder(board)
     req = FakeRequest(path="/stuck")
     start(rec, req)
@@ -109,7 +110,7 @@ def test_signal_mark_keeps_the_interrupted_request(board: sb.Scoreboard) -> None
     finish(rec, req, {}, FakeResponse(None))
     view = board.read(0)
     assert view.flags & sb.FLAG_ABORT_HANDLER
-    assert [r.path for r in view.requests] == ["/stuck"]
+    assert [(r.path, r.counted) for r in view.requests] == [("/stuck", True)]  # the master must not recount it
     assert view.head == 1  # the 500 gunicorn sent is still counted
 
 
