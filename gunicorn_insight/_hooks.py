@@ -481,9 +481,15 @@ def child_exit(server: Any, worker: Any) -> None:
     # On gunicorn 23 this runs inside the SIGCHLD handler: no logging here, report() only on a bug.
     try:
         if _master.CURRENT is not None:
-            _master.CURRENT.worker_gone(worker)
+            _master.CURRENT.worker_gone(worker, shutting_down=_stopping(server))
     except Exception as error:
         report("child_exit", error)
+
+
+def _stopping(server: Any) -> bool:
+    """gunicorn's stop() empties LISTENERS before it signals the workers: a worker reaped after that, even
+    by stop()'s own last reap after its SIGKILL, was stopped by the shutdown."""
+    return not getattr(server, "LISTENERS", True)
 
 
 def worker_exit(server: Any, worker: Any) -> None:
@@ -491,7 +497,7 @@ def worker_exit(server: Any, worker: Any) -> None:
         master = _master.CURRENT
         if master is not None and os.getpid() == master.pid:
             # In the master, gunicorn calls this instead of child_exit when the worker had already vanished.
-            master.worker_gone(worker)
+            master.worker_gone(worker, shutting_down=_stopping(server))
             return
         recorder = _worker.RECORDER
         if recorder is None:

@@ -479,8 +479,9 @@ class Master:
         self.board.assign(slot, time.monotonic())
         setattr(worker, SLOT_ATTRIBUTE, slot)
 
-    def worker_gone(self, worker: Any) -> None:
-        """Signal-handler safe: copy the slot, free it, queue the report for the exporter."""
+    def worker_gone(self, worker: Any, *, shutting_down: bool = False) -> None:
+        """Signal-handler safe: copy the slot, free it, queue the report for the exporter. ``shutting_down``:
+        gunicorn is stopping, so a SIGKILL is its own, sent when graceful_timeout ran out."""
         slot = getattr(worker, SLOT_ATTRIBUTE, None)
         if slot is None:
             return
@@ -489,7 +490,8 @@ class Master:
         self.board.release(slot)
         heapq.heappush(self._free_slots, slot)
         pid = worker.pid if isinstance(worker.pid, int) else 0
-        self._deaths.append(Death(pid, slot, snapshot, time.monotonic(), bool(getattr(worker, "aborted", False))))
+        self._deaths.append(Death(pid, slot, snapshot, time.monotonic(), bool(getattr(worker, "aborted", False)),
+                                  shutdown=shutting_down))
 
     def _bury(self, death: Death, facts: Round) -> str:
         """Classify one exit, count the requests it cut short, log it if it needs a human, tidy its files.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pytest
@@ -141,3 +142,35 @@ def test_a_later_hook_that_wraps_ours_is_left_alone() -> None:
     cfg = validated(namespace)
     assert _hooks.adopt_late_hooks(cfg) == []
     assert cfg.settings["pre_request"].get() is pre_request
+
+
+class _Gone:
+    """Stands in for the master: records how child_exit and worker_exit hand a worker over."""
+
+    def __init__(self) -> None:
+        self.pid = 0
+        self.calls: list[bool] = []
+
+    def worker_gone(self, worker: Any, *, shutting_down: bool = False) -> None:
+        self.calls.append(shutting_down)
+
+
+class _Arbiter:
+    def __init__(self, listeners: list[str]) -> None:
+        self.LISTENERS = listeners
+
+
+@pytest.mark.parametrize(("listeners", "expected"), [(["127.0.0.1:8000"], False), ([], True)])
+def test_a_worker_reaped_once_gunicorn_is_stopping_is_handed_over_as_such(
+    monkeypatch: pytest.MonkeyPatch, listeners: list[str], expected: bool
+) -> None:
+    """gunicorn's stop() empties LISTENERS first: a worker it reaps after that (even after its own SIGKILL,
+    when graceful_timeout ran out) is a shutdown exit, whether child_exit or worker_exit reports it."""
+    from gunicorn_insight import _master
+
+    gone = _Gone()
+    gone.pid = os.getpid()
+    monkeypatch.setattr(_master, "CURRENT", gone)
+    _hooks.child_exit(_Arbiter(listeners), object())
+    _hooks.worker_exit(_Arbiter(listeners), object())
+    assert gone.calls == [expected, expected]
