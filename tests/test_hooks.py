@@ -91,8 +91,8 @@ def test_unknown_setting_fails_at_install() -> None:
 
 def test_worker_hooks_never_raise_even_without_state() -> None:
     """Hooks called in a process where the plugin is not set up (or broken) do nothing and raise nothing."""
-    _hooks.pre_request(object(), object())
-    _hooks.post_request(object(), object(), {}, None)
+    _hooks.HOOKS["pre_request"](object(), object())
+    _hooks.HOOKS["post_request"](object(), object(), {}, None)
     _hooks.worker_abort(object())
     _hooks.worker_int(object())
     _hooks.child_exit(object(), object())
