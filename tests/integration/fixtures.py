@@ -103,7 +103,7 @@ def process_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[
     finally:
         with contextlib.ExitStack() as stack:
             for process in processes:
-                stack.callback(process.stop)
+                stack.callback(process.stop, process.teardown_signal)
         if _test_failed(request):
             for process in processes:
                 _print_dump(f"process {process.name} pid {process.pid}", process.describe())

@@ -167,6 +167,14 @@ def test_access_log_shows_busy_workers_and_queue_time(process_factory: ProcessFa
     connection.request("GET", "/", headers={"X-Request-Start": f"t={time.time() - 0.25:.3f}"})
     connection.getresponse().read()
     connection.close()
+    # The client has the response before the worker logs it and leaves its slot: without this wait the second
+    # request can land on the other worker while the first still counts as busy (busy=2), or log first.
+    wait_until(lambda: len(Path(log).read_text().splitlines()) == 1, timeout=10, what="the first access log line")
+    board = server.board()
+    try:
+        wait_until(lambda: board.busy_workers() == 0, timeout=10, what="the first request to leave its worker")
+    finally:
+        board.close()
     server.get("/status/204")
     wait_until(lambda: len(Path(log).read_text().splitlines()) == 2, timeout=10, what="two access log lines")
     first, second = Path(log).read_text().splitlines()
