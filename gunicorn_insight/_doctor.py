@@ -48,6 +48,8 @@ _QUIET_LEVELS = {"warning": 1, "warn": 1, "error": 2, "critical": 3}
 
 @dataclass(frozen=True)
 class Finding:
+    """One problem the doctor found: which check, how bad, what it saw, why it matters and the fix."""
+
     check: str
     severity: Severity
     what: str
@@ -67,6 +69,8 @@ class ConfigLoadError(Exception):
 
 @dataclass(frozen=True)
 class Mount:
+    """One line of /proc/mounts: the mount point and the filesystem type."""
+
     point: str
     fstype: str
 
@@ -159,6 +163,8 @@ def _available_memory() -> int | None:
 
 @dataclass
 class Loaded:
+    """A gunicorn configuration as the doctor loaded it, with what the plugin refused while loading."""
+
     cfg: Any
     """gunicorn.config.Config with the file and GUNICORN_CMD_ARGS applied."""
     source: str | None
@@ -281,6 +287,8 @@ def _load_file(app: Any, source: str) -> None:
 
 @dataclass
 class Context:
+    """Everything one run of the checks looks at: the configuration, the host and the live servers."""
+
     cfg: Any
     system: System
     environ: Mapping[str, str] = field(default_factory=dict)

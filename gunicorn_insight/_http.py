@@ -101,16 +101,22 @@ class MasterLink:
 
 
 class _QuietHandler(WSGIRequestHandler):
+    """The WSGI request handler without a log line per request."""
+
     def log_message(self, format: str, *args: Any) -> None:
         """A scrape every few seconds is not news."""
 
 
 class _Server(ThreadingMixIn, WSGIServer):
+    """The /metrics HTTP server: one thread per scrape, so a slow scraper does not block the next."""
+
     daemon_threads = True
     allow_reuse_address = True
 
 
 class _Server6(_Server):
+    """The same on an IPv6 address."""
+
     address_family = socket.AF_INET6
 
 

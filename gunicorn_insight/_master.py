@@ -41,6 +41,8 @@ _MAX_ENTRIES = 64
 
 
 class Sink(Protocol):
+    """An exporter the master feeds each round's facts to (Prometheus files, StatsD)."""
+
     def publish(self, facts: Round) -> None: ...
 
 
@@ -150,6 +152,8 @@ def _uses_gunicorn_statsd(cfg: Any) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class Death:
+    """A worker exit as child_exit saw it, kept until the next round judges its cause."""
+
     pid: int
     slot: int
     snapshot: bytes
@@ -159,6 +163,8 @@ class Death:
 
 
 class Master:
+    """The plugin in gunicorn's master: the scoreboard's owner, its rounds, worker exits and exporters."""
+
     def __init__(self, plan: Plan, run_dir: str, title: str) -> None:
         self.plan = plan
         self.pid = os.getpid()

@@ -88,6 +88,8 @@ class _Client(statsd.StatsClient):  # type: ignore[misc]
 
 
 class _UnixClient(_Client):
+    """The statsd package's client sending to a unix datagram socket."""
+
     def __init__(self, path: str) -> None:  # the package's unix client is a stream socket; we need datagrams
         self._addr = path
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
