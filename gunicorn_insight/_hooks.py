@@ -16,12 +16,13 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, MutableMapping
-from typing import Any
+from typing import Any, TypeVar
 
 from . import _master, _prometheus, _worker
 from . import _scoreboard as sb
 from ._routes import hook_frameworks
 from ._safety import LOG, report
+from ._status import ServerInfo
 from ._version import __version__
 from ._watchdog import Monitor, error_log_fd, write_abort_stack
 from ._worker import RequestRecorder, post_request, pre_request, summarize
@@ -205,32 +206,39 @@ def on_starting(server: Any) -> None:
     _announce(master)
 
 
-def _describe(server: Any, master: _master.Master) -> dict[str, Any]:
+_T = TypeVar("_T")
+
+
+def _describe(server: Any, master: _master.Master) -> ServerInfo:
     """What a tool needs to find and label this server (see gunicorn_insight._status)."""
     cfg = server.cfg
     plan = master.plan
-    return {
-        "master_pid": master.pid,
-        "proc_name": getattr(cfg, "proc_name", None) or "gunicorn",
-        "started": time.time(),
-        "binds": list(getattr(cfg, "bind", []) or []),
-        "pidfile": getattr(cfg, "pidfile", None),
-        "worker_class": plan.worker_kind,
-        "workers": getattr(cfg, "workers", None),
-        "threads": getattr(cfg, "threads", None),
-        "worker_connections": getattr(cfg, "worker_connections", None),
-        "connections_limit": plan.connections_limit,
-        "per_worker_capacity": plan.per_worker_capacity,
-        "timeout": getattr(cfg, "timeout", None),
-        "interval": plan.settings.interval,
-        "version": __version__,
-        "request_hooks": STATE.request_hooks,
-        "scoreboard_version": sb.VERSION,
-        "scoreboard": master.board.path,
-        "prometheus_dir": plan.prometheus_dir,
-        "metrics_url": master.endpoint.url if master.endpoint is not None else None,
-        "statsd": repr(plan.statsd_target) if plan.statsd_target is not None else None,
-    }
+    return ServerInfo(
+        master_pid=master.pid,
+        proc_name=str(getattr(cfg, "proc_name", None) or "gunicorn"),
+        started=time.time(),
+        binds=tuple(str(bind) for bind in getattr(cfg, "bind", []) or []),
+        pidfile=_optional(str, getattr(cfg, "pidfile", None)),
+        worker_class=plan.worker_kind,
+        workers=_optional(int, getattr(cfg, "workers", None)),
+        threads=_optional(int, getattr(cfg, "threads", None)),
+        worker_connections=_optional(int, getattr(cfg, "worker_connections", None)),
+        connections_limit=plan.connections_limit,
+        per_worker_capacity=plan.per_worker_capacity,
+        timeout=_optional(int, getattr(cfg, "timeout", None)),
+        interval=plan.settings.interval,
+        version=__version__,
+        request_hooks=STATE.request_hooks,
+        scoreboard_version=sb.VERSION,
+        scoreboard=master.board.path,
+        prometheus_dir=plan.prometheus_dir,
+        metrics_url=master.endpoint.url if master.endpoint is not None else None,
+        statsd=repr(plan.statsd_target) if plan.statsd_target is not None else None,
+    )
+
+
+def _optional(kind: Callable[[Any], _T], value: Any) -> _T | None:
+    return None if value is None else kind(value)
 
 
 def _announce(master: _master.Master) -> None:

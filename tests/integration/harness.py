@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import glob
 import http.client
-import json
 import os
 import re
 import signal
@@ -21,6 +20,7 @@ from servers import Process, ProcessFactory, free_port, wait_until
 
 from gunicorn_insight import _scoreboard as sb
 from gunicorn_insight._discovery import is_live
+from gunicorn_insight._status import ContractError, ServerInfo, read_record
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
@@ -158,12 +158,12 @@ def scoreboard_of(process: Process) -> str | None:
         os.path.join(tempfile.gettempdir(), "gunicorn-insight-*", "server.json")
     ):
         try:
-            info = json.loads(Path(path).read_text())
-        except (OSError, ValueError):
-            continue
+            info = read_record(ServerInfo, path)
+        except (OSError, ContractError):
+            continue  # another user's, or another version's: not this master's
         # is_live, as the CLI does: a run directory a SIGKILLed master left behind can name a recycled pid.
-        if info.get("master_pid") == process.pid and is_live(info):
-            return str(info["scoreboard"])
+        if info.master_pid == process.pid and is_live(info):
+            return info.scoreboard
     return None
 
 
