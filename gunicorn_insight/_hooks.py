@@ -26,7 +26,7 @@ from ._status import ServerInfo
 from ._version import __version__
 from ._watchdog import Monitor, error_log_fd, write_abort_stack
 from ._worker import RequestRecorder, post_request, pre_request, summarize
-from .settings import ConfigurationError, Settings
+from .settings import ENV_PREFIX, ConfigurationError, Settings
 
 PROMETHEUS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 EMBEDDED_ENV = "_GUNICORN_INSIGHT_EMBEDDED_DIR"  # leading underscore: not a setting, never validated as one
@@ -51,13 +51,14 @@ STATE = _State()
 # -- install ------------------------------------------------------------------------------------------
 
 
-def install(namespace: MutableMapping[str, Any], **settings: Any) -> Settings:
+def install(namespace: MutableMapping[str, Any], settings: Settings | None = None, **fields: Any) -> Settings:
     """Validate the settings and put gunicorn-insight's hooks into ``namespace`` (a config's globals()).
 
-    Hooks already defined in the namespace keep working: ours run first, then theirs. Call it at the
-    end of ``gunicorn.conf.py``, after your own hooks.
+    Settings come as keywords (laid over the ``GUNICORN_INSIGHT_*`` environment variables) or as one
+    ``Settings`` object, used as it is. Hooks already defined in the namespace keep working: ours run first,
+    then theirs. Call it at the end of ``gunicorn.conf.py``, after your own hooks.
     """
-    built = Settings.build(settings)
+    built = _settings(settings, fields)
     if STATE.inspecting:
         STATE.settings = built
     elif _master.CURRENT is None:
@@ -79,6 +80,30 @@ def install(namespace: MutableMapping[str, Any], **settings: Any) -> Settings:
         else:
             namespace[name] = _chain(name, ours, theirs)
     return STATE.settings or built
+
+
+def _settings(given: Any, fields: dict[str, Any]) -> Settings:
+    if given is None:
+        return Settings.build(fields)
+    if not isinstance(given, Settings):
+        raise ConfigurationError(
+            f"install()'s settings argument is a {type(given).__name__}, not gunicorn_insight.Settings; pass "
+            "Settings(...), or the settings as keywords: install(globals(), statsd=...)"
+        )
+    if fields:
+        raise ConfigurationError(
+            f"install() got a Settings object and the keywords {', '.join(sorted(fields))}; give one or the other "
+            "(dataclasses.replace(settings, ...) changes a Settings)"
+        )
+    unread = sorted(
+        variable for variable in (ENV_PREFIX + name.upper() for name in Settings.field_names())
+        if os.environ.get(variable, "").strip()
+    )
+    if unread:
+        LOG.warning("gunicorn-insight: install() was given a Settings object, which is used as it is, so %s %s not "
+                    "read; Settings.build({...}) makes one that reads the environment too",
+                    ", ".join(unread), "is" if len(unread) == 1 else "are")
+    return given
 
 
 def _prepare_directories(settings: Settings) -> None:

@@ -8,9 +8,9 @@ import pytest
 from gunicorn.config import Config
 
 from gunicorn_insight import _hooks, _worker, install
-from gunicorn_insight.settings import ConfigurationError
+from gunicorn_insight.settings import ConfigurationError, Settings
 
-STATSD_ONLY = {"statsd": "127.0.0.1:9"}  # keeps these tests from exporting PROMETHEUS_MULTIPROC_DIR
+STATSD_ONLY: dict[str, Any] = {"statsd": "127.0.0.1:9"}  # keeps these tests from exporting PROMETHEUS_MULTIPROC_DIR
 
 
 def validated(namespace: dict[str, Any]) -> Config:
@@ -106,3 +106,27 @@ def test_without_the_extension_the_python_hooks_are_installed_and_said_so(monkey
     _hooks.install(namespace)
     assert (namespace["pre_request"], namespace["post_request"]) == (_worker.pre_request, _worker.post_request)
     assert _hooks.STATE.request_hooks == "python (the C extension is not built)"
+
+
+def test_a_settings_object_is_used_as_given(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """install(globals(), Settings(...)) installs with exactly that object; environment variables it skips are named."""
+    monkeypatch.setenv("GUNICORN_INSIGHT_INTERVAL", "5")
+    given = Settings(statsd="127.0.0.1:9", interval=2.0)
+    namespace: dict[str, Any] = {}
+    assert install(namespace, settings=given) is given
+    assert set(_hooks.HOOKS) <= set(namespace)
+    assert "so GUNICORN_INSIGHT_INTERVAL is not read; Settings.build({...})" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"settings": {"statsd": "127.0.0.1:9"}}, "install\\(\\)'s settings argument is a dict, not gunicorn_insight"),
+        ({"settings": Settings(statsd="127.0.0.1:9"), "interval": 2},
+         "got a Settings object and the keywords interval"),
+    ],
+)
+def test_settings_object_misuse_is_a_configuration_error(arguments: dict[str, Any], message: str) -> None:
+    """A Settings that is not one, or one mixed with keywords, stops the config naming what to pass instead."""
+    with pytest.raises(ConfigurationError, match=message):
+        install({}, **arguments)

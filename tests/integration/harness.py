@@ -208,9 +208,10 @@ def start_gunicorn(
     for attempt in range(1, _START_ATTEMPTS + 1):
         port = free_port()
         metrics_port = free_port() if metrics else None
-        extra: dict[str, str | None] = {
-            "GUNICORN_INSIGHT_METRICS_BIND": f"127.0.0.1:{metrics_port}" if metrics else "off"
-        }
+        metrics_bind = f"127.0.0.1:{metrics_port}" if metrics else "off"
+        # The second name is for a config that builds its own Settings object, which reads no environment.
+        extra: dict[str, str | None] = {"GUNICORN_INSIGHT_METRICS_BIND": metrics_bind,
+                                        "INSIGHT_TEST_METRICS_BIND": metrics_bind}
         extra.update(env or {})
         argv = gunicorn_argv(
             "-c", config, "-b", f"127.0.0.1:{port}", "-w", str(workers), "-k", worker_class, "--chdir", str(cwd),
