@@ -136,10 +136,12 @@ class PortClash(AssertionError):
 
 def _assert_starting(process: Process, waiting_for: str) -> None:
     """Fail at once when the process died or lost a port race, instead of waiting out the deadline."""
-    process.assert_alive(waiting_for)
+    alive = process.alive()  # before reading the output, so a process that just died has all of it there
     clash = _PORT_CLASH.search(process.output())
     if clash is not None:
         raise PortClash(f"{process.name} lost a port to another process ({clash[0]}) while waiting for {waiting_for}")
+    if not alive:
+        process.assert_alive(waiting_for)
 
 
 def _is_metrics_process(pid: int) -> bool:

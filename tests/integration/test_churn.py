@@ -29,8 +29,8 @@ def churn(process_factory: ProcessFactory, requests: int) -> None:
 
 
 def test_churn_loses_no_count_and_keeps_files_bounded(process_factory: ProcessFactory) -> None:
-    """300 requests, each on a fresh worker: plugin and app totals are exact, dead workers' files merged."""
-    churn(process_factory, 300)
+    """200 requests, each on a fresh worker: plugin and app totals are exact, dead workers' files merged."""
+    churn(process_factory, 200)
 
 
 @pytest.mark.slow
