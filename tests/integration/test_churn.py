@@ -29,13 +29,13 @@ def churn(process_factory: ProcessFactory, requests: int) -> None:
 
 
 def test_churn_loses_no_count_and_keeps_files_bounded(process_factory: ProcessFactory) -> None:
-    """200 requests, each on a fresh worker: plugin and app totals are exact, dead workers' files merged."""
-    churn(process_factory, 200)
+    """100 requests, each on a fresh worker: plugin and app totals are exact, dead workers' files merged."""
+    churn(process_factory, 100)
 
 
 @pytest.mark.slow
 def test_long_churn_loses_no_count_and_keeps_files_bounded(process_factory: ProcessFactory) -> None:
-    """The same over 2,000 fresh workers (about 5 minutes on 2 cores): nothing accumulates over time."""
+    """The same over 2,000 fresh workers (3.5 minutes on 2 cores): nothing accumulates over time."""
     churn(process_factory, 2000)
 
 
