@@ -50,9 +50,9 @@ def _quarantine() -> Iterator[list[str]]:
     saved_environ = dict(os.environ)
     saved_path = list(sys.path)
 
-    def install(namespace: Any, **settings: Any) -> Any:
+    def install(namespace: Any, settings: Any = None, **fields: Any) -> Any:
         try:
-            return original_install(namespace, **settings)
+            return original_install(namespace, settings, **fields)
         except ConfigurationError as error:
             errors.append(str(error))
             return None

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import _scoreboard as sb
-from ._status import SERVER_FILE, STATUS_FILE
+from ._status import SERVER_FILE, STATUS_FILE, ContractError, ServerInfo, read_record
 
 RUN_DIR_PREFIX = "gunicorn-insight-"
 # A master writes server.json during on_starting, a moment after exec; a process that started well after
@@ -48,23 +48,23 @@ class Server:
     """One live master, as described by its ``server.json``."""
 
     run_dir: str
-    info: dict[str, Any]
+    info: ServerInfo
 
     @property
     def master_pid(self) -> int:
-        return int(self.info.get("master_pid") or 0)
+        return self.info.master_pid
 
     @property
     def proc_name(self) -> str:
-        return str(self.info.get("proc_name") or "gunicorn")
+        return self.info.proc_name
 
     @property
     def binds(self) -> list[str]:
-        return [str(bind) for bind in self.info.get("binds") or []]
+        return list(self.info.binds)
 
     @property
     def scoreboard_path(self) -> str:
-        return str(self.info.get("scoreboard") or os.path.join(self.run_dir, "scoreboard"))
+        return self.info.scoreboard
 
     @property
     def status_path(self) -> str:
@@ -72,8 +72,7 @@ class Server:
 
     @property
     def prometheus_dir(self) -> str | None:
-        value = self.info.get("prometheus_dir")
-        return str(value) if value else None
+        return self.info.prometheus_dir
 
     def label(self) -> str:
         return f"pid {self.master_pid} name {self.proc_name!r} binds {', '.join(self.binds) or '-'}"
@@ -88,6 +87,8 @@ class Scan:
     """(run dir, owner uid) of directories this user may not read: another user's servers, maybe live."""
     stale: list[str] = field(default_factory=list)
     """Run directories whose master is gone (SIGKILLed masters leave them behind)."""
+    incompatible: list[tuple[str, str]] = field(default_factory=list)
+    """(run dir, why) of live servers whose server.json this version cannot read (another format)."""
 
 
 @dataclass(frozen=True)
@@ -140,11 +141,14 @@ def process_start_time(pid: int) -> float | None:
     return boot + ticks / os.sysconf("SC_CLK_TCK")
 
 
-def is_live(info: dict[str, Any]) -> bool:
-    pid = int(info.get("master_pid") or 0)
-    if not pid_alive(pid):
+def is_live(info: ServerInfo) -> bool:
+    return _alive(info.master_pid, info.started)
+
+
+def _alive(pid: Any, started: Any) -> bool:
+    """The master `pid` that wrote its server.json at `started` is running (values as read: maybe not numbers)."""
+    if not isinstance(pid, int) or not pid_alive(pid):
         return False
-    started = info.get("started")
     begun = process_start_time(pid)
     # A process that began well after server.json was written is not its master: the pid was recycled.
     return not (isinstance(started, (int, float)) and begun is not None and begun > started + _START_SLACK)
@@ -156,22 +160,38 @@ def scan(roots: Iterable[str] | None = None) -> Scan:
         for run_dir in sorted(glob.glob(os.path.join(root, RUN_DIR_PREFIX + "*"))):
             if not os.path.isdir(run_dir):
                 continue
+            path = os.path.join(run_dir, SERVER_FILE)
             try:
-                info = read_json(os.path.join(run_dir, SERVER_FILE))
+                info = read_record(ServerInfo, path)
             except PermissionError:
                 found.unreadable.append((run_dir, _owner(run_dir)))
                 continue
             except FileNotFoundError:
                 continue  # a master between mkdtemp and on_starting, or one whose on_starting failed
-            except (OSError, ValueError):
-                continue  # not JSON (server.json is replaced atomically, so not ours): nothing to trust in it
-            if not isinstance(info, dict):
+            except OSError:
+                continue
+            except ContractError as error:
+                _sort_unreadable(found, run_dir, path, error)
                 continue
             if is_live(info):
                 found.servers.append(Server(run_dir, info))
             else:
                 found.stale.append(run_dir)
     return found
+
+
+def _sort_unreadable(found: Scan, run_dir: str, path: str, error: ContractError) -> None:
+    """A server.json this version cannot decode: said about when its master runs, stale when it does not."""
+    try:
+        raw = read_json(path)
+    except (OSError, ValueError):
+        return  # not JSON (server.json is replaced atomically, so not ours): nothing to trust in it
+    if not isinstance(raw, dict) or not isinstance(raw.get("format"), int):
+        return  # not written by gunicorn-insight
+    if _alive(raw.get("master_pid"), raw.get("started")):
+        found.incompatible.append((run_dir, str(error)))
+    else:
+        found.stale.append(run_dir)
 
 
 def read_json(path: str) -> Any:
@@ -289,6 +309,8 @@ def _nothing_found(found: Scan, selector: Selector) -> str:
             "(gunicorn -c python:gunicorn_insight.conf, or gunicorn_insight.install(globals()) in its config). "
             f"Looked for {roots}"
         )
+    for _, why in found.incompatible:
+        message += f"\nfound a running server this gunicorn-insight cannot read: {why}"
     if found.unreadable:
         owners = sorted({user_name(uid) for _, uid in found.unreadable})
         message += (

@@ -49,6 +49,8 @@ IMPORT_DEADLINE = 120.0
 
 @dataclass(frozen=True)
 class Finding:
+    """One problem the doctor found: which check, how bad, what it saw, why it matters and the fix."""
+
     check: str
     severity: Severity
     what: str
@@ -73,6 +75,8 @@ class Finding:
 
 @dataclass
 class Context:
+    """Everything one run of the checks looks at: the configuration, the host and the live servers."""
+
     cfg: Any
     system: System
     environ: Mapping[str, str] = field(default_factory=dict)

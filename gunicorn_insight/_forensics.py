@@ -142,6 +142,8 @@ def _find_oom_file(proc_self_cgroup: str, cgroup_root: str) -> str | None:
 
 @dataclass(frozen=True, slots=True)
 class Verdict:
+    """Why a worker exited: one cause from a fixed set, a detail for people, and a note on its stack."""
+
     cause: str
     detail: str
     stack_note: str

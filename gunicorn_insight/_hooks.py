@@ -17,17 +17,18 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, MutableMapping
-from typing import Any
+from typing import Any, TypeVar
 
 from . import _discovery, _master, _prometheus, _worker
 from . import _scoreboard as sb
 from ._asgi import RecordingApp, current_task, find_uvicorn_connections
 from ._routes import hook_frameworks
 from ._safety import LOG, report
+from ._status import ServerInfo
 from ._version import __version__
 from ._watchdog import Monitor, error_log_fd, write_abort_stack
 from ._worker import RequestRecorder, post_request, pre_request, summarize
-from .settings import ConfigurationError, Settings
+from .settings import ENV_PREFIX, ConfigurationError, Settings
 
 PROMETHEUS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 EMBEDDED_ENV = "_GUNICORN_INSIGHT_EMBEDDED_DIR"  # leading underscore: not a setting, never validated as one
@@ -60,13 +61,14 @@ STATE = _State()
 # -- install ------------------------------------------------------------------------------------------
 
 
-def install(namespace: MutableMapping[str, Any], **settings: Any) -> Settings:
+def install(namespace: MutableMapping[str, Any], settings: Settings | None = None, **fields: Any) -> Settings:
     """Validate the settings and put gunicorn-insight's hooks into ``namespace`` (a config's globals()).
 
-    Hooks already defined in the namespace keep working: ours run first, then theirs. Call it at the
-    end of ``gunicorn.conf.py``, after your own hooks.
+    Settings come as keywords (laid over the ``GUNICORN_INSIGHT_*`` environment variables) or as one
+    ``Settings`` object, used as it is. Hooks already defined in the namespace keep working: ours run first,
+    then theirs. Call it at the end of ``gunicorn.conf.py``, after your own hooks.
     """
-    built = Settings.build(settings)
+    built = _settings(settings, fields)
     if STATE.inspecting:
         STATE.settings = built
     elif _master.CURRENT is None:
@@ -86,6 +88,30 @@ def install(namespace: MutableMapping[str, Any], **settings: Any) -> Settings:
         else:
             namespace[name] = _chain(name, ours, theirs)
     return STATE.settings or built
+
+
+def _settings(given: Any, fields: dict[str, Any]) -> Settings:
+    if given is None:
+        return Settings.build(fields)
+    if not isinstance(given, Settings):
+        raise ConfigurationError(
+            f"install()'s settings argument is a {type(given).__name__}, not gunicorn_insight.Settings; pass "
+            "Settings(...), or the settings as keywords: install(globals(), statsd=...)"
+        )
+    if fields:
+        raise ConfigurationError(
+            f"install() got a Settings object and the keywords {', '.join(sorted(fields))}; give one or the other "
+            "(dataclasses.replace(settings, ...) changes a Settings)"
+        )
+    unread = sorted(
+        variable for variable in (ENV_PREFIX + name.upper() for name in Settings.field_names())
+        if os.environ.get(variable, "").strip()
+    )
+    if unread:
+        LOG.warning("gunicorn-insight: install() was given a Settings object, which is used as it is, so %s %s not "
+                    "read; Settings.build({...}) makes one that reads the environment too",
+                    ", ".join(unread), "is" if len(unread) == 1 else "are")
+    return given
 
 
 def _prepare_directories(settings: Settings) -> None:
@@ -405,37 +431,43 @@ def on_reload(server: Any) -> None:
         report("on_reload", error)
 
 
-def _describe(server: Any, master: _master.Master) -> dict[str, Any]:
+_T = TypeVar("_T")
+
+
+def _describe(server: Any, master: _master.Master) -> ServerInfo:
     """What a tool needs to find and label this server (see gunicorn_insight._status)."""
     cfg = server.cfg
     plan = master.plan
-    return {
-        "master_pid": master.pid,
-        "proc_name": getattr(cfg, "proc_name", None) or "gunicorn",
-        "started": time.time(),
-        "binds": list(getattr(cfg, "bind", []) or []),
-        "pidfile": getattr(cfg, "pidfile", None),
-        "worker_class": plan.worker_kind,
-        "workers": getattr(cfg, "workers", None),
-        "threads": getattr(cfg, "threads", None),
-        "worker_connections": getattr(cfg, "worker_connections", None),
-        "connections_limit": plan.connections_limit,
-        "per_worker_capacity": plan.per_worker_capacity,
-        "timeout": getattr(cfg, "timeout", None),
-        # What `doctor --pid` judges the measured facts against.
-        "max_requests": getattr(cfg, "max_requests", None),
-        "preload_app": getattr(cfg, "preload_app", None),
-        "gunicorn_version": _gunicorn_version(),
-        "interval": plan.settings.interval,
-        "version": __version__,
-        "request_hooks": STATE.request_hooks,
-        "scoreboard_version": sb.VERSION,
-        "scoreboard": master.board.path,
-        "prometheus_dir": plan.prometheus_dir,
-        "metrics_url": (master.endpoint.url or None) if master.endpoint is not None else None,
-        "statsd": repr(plan.statsd_target) if plan.statsd_target is not None else None,
-        "otlp": (plan.settings.otlp_endpoint or "OTEL_EXPORTER_OTLP_*") if plan.settings.otlp_enabled else None,
-    }
+    return ServerInfo(
+        master_pid=master.pid,
+        proc_name=str(getattr(cfg, "proc_name", None) or "gunicorn"),
+        started=time.time(),
+        binds=tuple(str(bind) for bind in getattr(cfg, "bind", []) or []),
+        pidfile=_optional(str, getattr(cfg, "pidfile", None)),
+        worker_class=plan.worker_kind,
+        workers=_optional(int, getattr(cfg, "workers", None)),
+        threads=_optional(int, getattr(cfg, "threads", None)),
+        worker_connections=_optional(int, getattr(cfg, "worker_connections", None)),
+        connections_limit=plan.connections_limit,
+        per_worker_capacity=plan.per_worker_capacity,
+        timeout=_optional(int, getattr(cfg, "timeout", None)),
+        max_requests=_optional(int, getattr(cfg, "max_requests", None)),
+        preload_app=_optional(bool, getattr(cfg, "preload_app", None)),
+        gunicorn_version=_gunicorn_version(),
+        interval=plan.settings.interval,
+        version=__version__,
+        request_hooks=STATE.request_hooks,
+        scoreboard_version=sb.VERSION,
+        scoreboard=master.board.path,
+        prometheus_dir=plan.prometheus_dir,
+        metrics_url=(master.endpoint.url or None) if master.endpoint is not None else None,
+        statsd=repr(plan.statsd_target) if plan.statsd_target is not None else None,
+        otlp=(plan.settings.otlp_endpoint or "OTEL_EXPORTER_OTLP_*") if plan.settings.otlp_enabled else None,
+    )
+
+
+def _optional(kind: Callable[[Any], _T], value: Any) -> _T | None:
+    return None if value is None else kind(value)
 
 
 def _gunicorn_version() -> str:
@@ -539,7 +571,7 @@ def _hand_counts_to_successor(server: Any) -> None:
         return
     if not directory.startswith(STATE.run_dir + os.sep):
         return  # a directory of the operator's: both masters already share it
-    target = next((found.info.get("prometheus_dir") for found in _discovery.scan().servers
+    target = next((found.info.prometheus_dir for found in _discovery.scan().servers
                    if found.master_pid == successor), None)
     if not isinstance(target, str) or target == directory:
         LOG.warning("gunicorn-insight: the new master (pid %s) was not found; its Prometheus counters start "

@@ -131,6 +131,8 @@ class MasterLink:
 
 
 class _Handler(WSGIRequestHandler):
+    """The WSGI request handler with a read timeout and without a log line per request."""
+
     timeout = READ_TIMEOUT  # StreamRequestHandler puts it on the connection: a stalled read ends it
 
     def log_message(self, format: str, *args: Any) -> None:
@@ -138,11 +140,15 @@ class _Handler(WSGIRequestHandler):
 
 
 class _Server(WSGIServer):
+    """The /metrics HTTP server; connections are handed to the bounded pool above, never a thread each."""
+
     allow_reuse_address = True
     request_queue_size = MAX_IDLE
 
 
 class _Server6(_Server):
+    """The same on an IPv6 address."""
+
     address_family = socket.AF_INET6
 
 

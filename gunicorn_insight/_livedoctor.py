@@ -15,7 +15,7 @@ import fcntl
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +23,8 @@ from . import _scoreboard as sb
 from ._cgroup import memory_cgroup_dirs
 from ._discovery import Server
 from ._doctor import Finding
-from ._views import per_worker_capacity, read_status
+from ._status import ServerInfo, StatusRecord, WorkerExit
+from ._views import read_status
 
 DEFAULT_WINDOW = 3.0
 SAMPLE_EVERY = 0.05
@@ -61,7 +62,7 @@ class Histogram:
 class LiveFacts:
     """What the doctor measured on one server over one window."""
 
-    info: Mapping[str, Any]
+    info: ServerInfo
     window: float
     samples: int = 0
     worker_class: str = "unknown"
@@ -90,7 +91,7 @@ class LiveFacts:
     """Requests the watchdogs reported past slow_request_timeout, since the server started."""
     oldest_request: tuple[str, float] | None = None
     """(method and path, seconds in flight) of the oldest request in flight at the end."""
-    recent_exits: list[dict[str, Any]] = field(default_factory=list)
+    recent_exits: tuple[WorkerExit, ...] = ()
     cpu_start: dict[int, float] = field(default_factory=dict)
     """pid -> CPU seconds the worker had used when the doctor first saw it."""
     queue_window: Histogram | None = None
@@ -99,8 +100,7 @@ class LiveFacts:
 
     @property
     def timeout(self) -> float:
-        value = self.info.get("timeout")
-        return float(value) if isinstance(value, (int, float)) else 0.0
+        return float(self.info.timeout or 0)
 
     @property
     def cpu_per_busy_second(self) -> float | None:
@@ -122,7 +122,7 @@ class LiveFacts:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "master_pid": self.info.get("master_pid"),
+            "master_pid": self.info.master_pid,
             "worker_class": self.worker_class,
             "workers": self.workers,
             "capacity": self.capacity,
@@ -254,17 +254,13 @@ def read_histogram(directory: str | None, name: str) -> Histogram | None:
     return found
 
 
-def _status(server: Server) -> dict[str, Any]:
-    return read_status(server.status_path)[0] or {}
+def _status(server: Server) -> StatusRecord | None:
+    return read_status(server.status_path)[0]
 
 
 def measure(server: Server, board: sb.Scoreboard, window: float = DEFAULT_WINDOW) -> LiveFacts:
     info = server.info
-    worker_class = str(info.get("worker_class") or "unknown")
-    threads = info.get("threads") if isinstance(info.get("threads"), int) else 1
-    limit = info.get("connections_limit", info.get("worker_connections"))
-    per_worker = per_worker_capacity(worker_class, int(threads or 1), int(limit) if isinstance(limit, int) else 1)
-    facts = LiveFacts(info, window, worker_class=worker_class, per_worker=per_worker)
+    facts = LiveFacts(info, window, worker_class=info.worker_class, per_worker=info.per_worker_capacity)
     facts.cpus = server_cpus(server.master_pid)
     queue_before = read_histogram(server.prometheus_dir, _QUEUE)
     views = _watch(facts, server, board)
@@ -280,10 +276,9 @@ def measure(server: Server, board: sb.Scoreboard, window: float = DEFAULT_WINDOW
         oldest = min(requests, key=lambda request: request.started)
         facts.oldest_request = (f"{oldest.method} {oldest.path}", max(0.0, time.monotonic() - oldest.started))
     status = _status(server)
-    exits = status.get("recent_exits")
-    facts.recent_exits = [item for item in exits if isinstance(item, dict)] if isinstance(exits, list) else []
-    overflows = status.get("listen_overflows")
-    facts.listen_overflows = overflows if isinstance(overflows, int) else 0
+    if status is not None:
+        facts.recent_exits = status.recent_exits
+        facts.listen_overflows = status.listen_overflows
     queue_after = read_histogram(server.prometheus_dir, _QUEUE)
     if queue_after is not None:
         facts.queue_total = queue_after
@@ -325,16 +320,12 @@ def _watch(facts: LiveFacts, server: Server, board: sb.Scoreboard) -> list[sb.Sl
     return views
 
 
-def _sample_status(facts: LiveFacts, status: Mapping[str, Any]) -> None:
-    listeners = status.get("listeners")
-    for listener in listeners if isinstance(listeners, list) else []:
-        if not isinstance(listener, dict):
-            continue
-        queued, limit = listener.get("backlog"), listener.get("backlog_max")
-        if isinstance(queued, int) and queued >= facts.backlog_peak:
-            facts.backlog_peak = queued
-            facts.backlog_listener = str(listener.get("name"))
-            facts.backlog_limit = limit if isinstance(limit, int) else None
+def _sample_status(facts: LiveFacts, status: StatusRecord | None) -> None:
+    for listener in status.listeners if status is not None else ():
+        if listener.backlog is not None and listener.backlog >= facts.backlog_peak:
+            facts.backlog_peak = listener.backlog
+            facts.backlog_listener = listener.name
+            facts.backlog_limit = listener.backlog_max
 
 
 # -- judging ----------------------------------------------------------------------------------------------
@@ -438,8 +429,8 @@ def check_cpu(facts: LiveFacts) -> Iterable[Finding]:
 
 
 def check_memory(facts: LiveFacts) -> Iterable[Finding]:
-    ooms = [item for item in facts.recent_exits if item.get("cause") == "oom"]
-    max_requests = facts.info.get("max_requests")
+    ooms = [item for item in facts.recent_exits if item.cause == "oom"]
+    max_requests = facts.info.max_requests
     recycle = ("; set max_requests (e.g. 1000, with max_requests_jitter 100) so workers that grow are replaced"
                if not max_requests else "")
     rss = facts.rss
@@ -448,7 +439,7 @@ def check_memory(facts: LiveFacts) -> Iterable[Finding]:
         yield Finding(
             "live-memory", "error",
             f"the OOM killer killed {len(ooms)} worker{'s' if len(ooms) != 1 else ''} recently (last: "
-            f"{ooms[-1].get('request') or 'no request in flight'})",
+            f"{ooms[-1].request or 'no request in flight'})",
             "each kill drops the requests the worker had in flight (502 at the proxy), and its replacement grows "
             "back towards the same size.",
             "run fewer workers or give the cgroup more memory" + recycle,
@@ -476,7 +467,7 @@ def check_memory(facts: LiveFacts) -> Iterable[Finding]:
 
 
 def check_timeout(facts: LiveFacts) -> Iterable[Finding]:
-    killed = [item for item in facts.recent_exits if item.get("cause") in TIMEOUT_CAUSES]
+    killed = [item for item in facts.recent_exits if item.cause in TIMEOUT_CAUSES]
     timeout = facts.timeout
     oldest = facts.oldest_request
     overdue = oldest is not None and timeout > 0 and oldest[1] >= timeout
@@ -486,8 +477,8 @@ def check_timeout(facts: LiveFacts) -> Iterable[Finding]:
     if killed:
         last = killed[-1]
         evidence.append(f"{len(killed)} worker{'s' if len(killed) != 1 else ''} killed by timeout={timeout:g}s "
-                        f"recently (last: {last.get('request') or 'no request named'}"
-                        + (f" after {last['elapsed']:.1f}s" if isinstance(last.get("elapsed"), (int, float)) else "")
+                        f"recently (last: {last.request or 'no request named'}"
+                        + (f" after {last.elapsed:.1f}s" if last.elapsed is not None else "")
                         + ")")
     if facts.slow_requests:
         evidence.append(f"{facts.slow_requests} requests ran past slow_request_timeout since the server started")

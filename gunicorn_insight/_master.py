@@ -51,6 +51,8 @@ _MAX_ENTRIES = 64
 
 
 class Sink(Protocol):
+    """An exporter the master feeds each round's facts to (Prometheus files, StatsD)."""
+
     def publish(self, facts: Round) -> None: ...
 
 
@@ -243,6 +245,8 @@ def _uses_gunicorn_statsd(cfg: Any) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class Death:
+    """A worker exit as child_exit saw it, kept until the next round judges its cause."""
+
     pid: int
     slot: int
     snapshot: bytes
@@ -252,6 +256,8 @@ class Death:
 
 
 class Master:
+    """The plugin in gunicorn's master: the scoreboard's owner, its rounds, worker exits and exporters."""
+
     def __init__(self, plan: Plan, run_dir: str, title: str) -> None:
         self.plan = plan
         self.pid = os.getpid()
@@ -396,7 +402,7 @@ class Master:
     def _watch_crash_loop(self, facts: Round) -> None:
         """After _bury: the exit it recorded joins the crash-loop window."""
         exit_ = self.status.exits[-1]
-        death = EarlyDeath(facts.at, exit_["pid"], exit_["slot"], exit_["cause"], exit_["detail"], exit_["uptime"])
+        death = EarlyDeath(facts.at, exit_.pid, exit_.slot, exit_.cause, exit_.detail, exit_.uptime)
         if not self._crash_loop.exited(death, expected=death.cause in EXPECTED):
             return
         facts.crash_loops += 1

@@ -240,6 +240,8 @@ def _gauge(name: str, documentation: str, labelnames: tuple[str, ...] = ()) -> _
 
 
 class _Histogram(_Family):
+    """A histogram family: its bucket bounds and the label sets already written."""
+
     def __init__(self, name: str, documentation: str, labelnames: tuple[str, ...], bounds: tuple[float, ...]) -> None:
         super().__init__("histogram", name, documentation, labelnames)
         self.bounds = bounds

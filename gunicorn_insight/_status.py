@@ -3,27 +3,132 @@
 ``server.json`` is written once when the master starts; ``status.json`` after every round (atomically,
 by rename, on tmpfs). Per-worker facts stay in the scoreboard itself; these files hold what only the
 master knows: the listen backlog, totals, and the recent worker exits with their causes.
+
+Each file is one typed record below (:class:`ServerInfo`, :class:`StatusRecord`), used by the writer (the
+master) and by every reader (discovery, ``status``/``top``, ``doctor``), so the two cannot drift apart. Each
+file carries a ``format`` number: a reader given another format raises :class:`ContractError` saying which
+side is newer and what to do, instead of guessing at fields it does not know.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import tempfile
 import time
+import types
 from collections import deque
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 
 from ._drain import Round
+from ._version import __version__
 
 SERVER_FILE = "server.json"
 STATUS_FILE = "status.json"
-FORMAT = 1
+SERVER_FORMAT = 1
+"""Version of server.json's fields; bumped when a field is removed or changes meaning (adding one is not)."""
+STATUS_FORMAT = 1
+"""Version of status.json's fields, bumped on the same rule."""
 RECENT_EXITS = 20
 
 
-def write_json(path: str, payload: dict[str, Any]) -> None:
+class ContractError(ValueError):
+    """A run file that this gunicorn-insight cannot read: another format, or a field missing or mistyped."""
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """``server.json``: what a tool needs to find and label a server. Written once by the master."""
+
+    master_pid: int
+    proc_name: str
+    started: float
+    """Wall-clock time the file was written; a pid that began well after it was recycled."""
+    binds: tuple[str, ...]
+    pidfile: str | None
+    worker_class: str
+    workers: int | None
+    threads: int | None
+    worker_connections: int | None
+    connections_limit: int
+    """Connections one worker serves at once (1 for sync): the scoreboard's per-slot limit."""
+    per_worker_capacity: int
+    """Requests one worker serves at once: what busy and capacity are counted in."""
+    timeout: int | None
+    interval: float
+    """Seconds between two of the master's rounds: status.json is rewritten that often."""
+    version: str
+    request_hooks: str
+    scoreboard_version: int
+    scoreboard: str
+    prometheus_dir: str | None
+    metrics_url: str | None
+    statsd: str | None
+    otlp: str | None
+    """The OTLP endpoint, ``OTEL_EXPORTER_OTLP_*`` when the variables give it, None when OTLP is off."""
+    max_requests: int | None
+    preload_app: bool | None
+    gunicorn_version: str | None
+
+
+@dataclass(frozen=True)
+class Listener:
+    """One of gunicorn's listening sockets and its accept queue (None: the kernel would not say)."""
+
+    name: str
+    backlog: int | None
+    backlog_max: int | None
+
+
+@dataclass(frozen=True)
+class WorkerExit:
+    """One worker exit as the master judged it (see gunicorn_insight._forensics)."""
+
+    time: float
+    pid: int
+    slot: int
+    cause: str
+    detail: str
+    uptime: float
+    served: int
+    rss: int
+    request: str | None
+    """``METHOD path`` of the oldest request the worker was serving, None when it was idle."""
+    elapsed: float | None
+
+
+@dataclass(frozen=True)
+class StatusRecord:
+    """``status.json``: the master's last round. Rewritten after every round."""
+
+    time: float
+    monotonic: float
+    workers: int
+    busy_workers: int
+    in_flight: int
+    capacity: int
+    waiting: int
+    connections: int
+    listeners: tuple[Listener, ...]
+    listen_overflows: int
+    lost_requests: int
+    recent_exits: tuple[WorkerExit, ...]
+    """Oldest first, at most RECENT_EXITS."""
+    rounds: int
+    """Rounds the master has run since it started (a scrape flood must not multiply them)."""
+    workers_ready: int
+    workers_booting: int
+    stalled_requests: int
+    crash_loop: bool
+    host: dict[str, Any]
+    """The host readings (see host_status); a reading the kernel did not give is left out."""
+
+
+def write_json(path: str, payload: Mapping[str, Any]) -> None:
     # mkstemp, not a predictable name opened with truncation: with gunicorn's --user the run directory
     # belongs to the workers' user, who could plant a symlink there for the root master to write through.
     fd, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=os.path.dirname(path))
@@ -38,49 +143,134 @@ def write_json(path: str, payload: dict[str, Any]) -> None:
         raise
 
 
+def encode(record: ServerInfo | StatusRecord) -> dict[str, Any]:
+    """The record as the JSON object its file holds, format number first."""
+    form = SERVER_FORMAT if isinstance(record, ServerInfo) else STATUS_FORMAT
+    return {"format": form, **dataclasses.asdict(record)}
+
+
+_R = TypeVar("_R")
+
+
+def decode(kind: type[_R], data: Any, source: str) -> _R:
+    """The record of type `kind` held in `data` (parsed JSON) read from `source` (a path, for messages).
+
+    Keys the record does not know are ignored (a newer writer of the same format may add some); a missing
+    or mistyped field, or another format number, is a ContractError naming the file and the field.
+    """
+    expected = SERVER_FORMAT if kind is ServerInfo else STATUS_FORMAT
+    if not isinstance(data, dict):
+        raise ContractError(f"{source} does not hold a JSON object")
+    written = data.get("format")
+    if not isinstance(written, int) or isinstance(written, bool):
+        raise ContractError(f"{source} has no format number: it was not written by gunicorn-insight")
+    if written != expected:
+        newer = written > expected
+        writer = data.get("version")  # server.json names the version that wrote it
+        raise ContractError(
+            f"{source} is format {written}, written by {'a newer' if newer else 'an older'} gunicorn-insight"
+            + (f" ({writer})" if isinstance(writer, str) else "")
+            + f"; this gunicorn-insight ({__version__}) reads format {expected}: "
+            + (
+                "upgrade it (pip install -U gunicorn-insight) or run the server's own gunicorn-insight"
+                if newer
+                else "run the server's own gunicorn-insight, or restart the server with this version"
+            )
+        )
+    return _fields(kind, data, source)
+
+
+def _fields(kind: type[_R], data: Mapping[str, Any], where: str) -> _R:
+    hints = get_type_hints(kind)
+    values: dict[str, Any] = {}
+    for field in dataclasses.fields(kind):  # type: ignore[arg-type]  # kind is one of the records above
+        if field.name not in data:
+            raise ContractError(f"{where} has no field {field.name!r}")
+        values[field.name] = _value(hints[field.name], data[field.name], f"{where}: {field.name}")
+    return kind(**values)
+
+
+def _value(kind: Any, value: Any, where: str) -> Any:
+    origin = get_origin(kind)
+    if origin in (Union, types.UnionType):
+        options = [option for option in get_args(kind) if option is not type(None)]
+        if value is None and len(options) < len(get_args(kind)):
+            return None
+        (kind,) = options
+        origin = get_origin(kind)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ContractError(f"{where} is {value!r}, not an object")
+        return dict(value)
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise ContractError(f"{where} is {value!r}, not a list")
+        item_kind = get_args(kind)[0]
+        return tuple(_value(item_kind, item, f"{where}[{number}]") for number, item in enumerate(value))
+    if dataclasses.is_dataclass(kind):
+        if not isinstance(value, dict):
+            raise ContractError(f"{where} is {value!r}, not an object")
+        return _fields(kind, value, where)  # type: ignore[arg-type]  # a record class, not an instance
+    wanted = (int, float) if kind is float else (kind,)
+    if isinstance(value, bool) is not (kind is bool) or not isinstance(value, wanted):
+        raise ContractError(f"{where} is {value!r}, not {kind.__name__}")
+    return float(value) if kind is float else value
+
+
+def read_record(kind: type[_R], path: str) -> _R:
+    """Read and decode one run file; OSError when it cannot be read, ContractError when it is not usable."""
+    with open(path) as handle:
+        try:
+            data = json.load(handle)
+        except ValueError as error:
+            raise ContractError(f"{path} is not JSON: {error}") from None
+    return decode(kind, data, path)
+
+
 class StatusFiles:
+    """The master's writer of server.json (once) and status.json (every round), with the recent exits."""
+
     def __init__(self, run_dir: str) -> None:
         self.run_dir = run_dir
-        self.exits: deque[dict[str, Any]] = deque(maxlen=RECENT_EXITS)
+        self.exits: deque[WorkerExit] = deque(maxlen=RECENT_EXITS)
         self.listen_overflows = 0
         self.rounds = 0
 
-    def write_server(self, description: dict[str, Any]) -> None:
-        write_json(os.path.join(self.run_dir, SERVER_FILE), {"format": FORMAT, **description})
+    def write_server(self, description: ServerInfo) -> None:
+        write_json(os.path.join(self.run_dir, SERVER_FILE), encode(description))
 
-    def record_exit(self, **fields: Any) -> None:
-        self.exits.append({"time": time.time(), **fields})
+    def record_exit(
+        self, *, pid: int, slot: int, cause: str, detail: str, uptime: float, served: int, rss: int,
+        request: str | None, elapsed: float | None,
+    ) -> None:
+        self.exits.append(WorkerExit(time.time(), pid, slot, cause, detail, uptime, served, rss, request, elapsed))
 
     def write_round(self, facts: Round) -> None:
         self.listen_overflows += facts.listen_overflows
         self.rounds += 1
-        write_json(
-            os.path.join(self.run_dir, STATUS_FILE),
-            {
-                "format": FORMAT,
-                "time": time.time(),
-                "monotonic": facts.at,
-                "rounds": self.rounds,
-                "workers": facts.workers,
-                "busy_workers": facts.busy_workers,
-                "in_flight": facts.in_flight,
-                "capacity": facts.capacity,
-                "waiting": facts.waiting,
-                "connections": facts.total_connections,
-                "listeners": [
-                    {"name": name, "backlog": queued, "backlog_max": limit}
-                    for name, (queued, limit) in sorted(facts.listeners.items())
-                ],
-                "listen_overflows": self.listen_overflows,
-                "lost_requests": facts.lost,
-                "recent_exits": list(self.exits),
-                "workers_ready": facts.ready_workers,
-                "workers_booting": facts.booting_workers,
-                "stalled_requests": facts.stalled_requests,
-                "crash_loop": facts.crash_loop,
-                "host": host_status(facts),
-            },
+        record = StatusRecord(
+            time=time.time(),
+            monotonic=facts.at,
+            workers=facts.workers,
+            busy_workers=facts.busy_workers,
+            in_flight=facts.in_flight,
+            capacity=facts.capacity,
+            waiting=facts.waiting,
+            connections=facts.total_connections,
+            listeners=tuple(
+                Listener(name, queued, limit) for name, (queued, limit) in sorted(facts.listeners.items())
+            ),
+            listen_overflows=self.listen_overflows,
+            lost_requests=facts.lost,
+            recent_exits=tuple(self.exits),
+            rounds=self.rounds,
+            workers_ready=facts.ready_workers,
+            workers_booting=facts.booting_workers,
+            stalled_requests=facts.stalled_requests,
+            crash_loop=facts.crash_loop,
+            host=host_status(facts),
         )
+        write_json(os.path.join(self.run_dir, STATUS_FILE), encode(record))
 
 
 def host_status(facts: Round) -> dict[str, Any]:

@@ -12,12 +12,11 @@ is the request's real age even though another process wrote ``started``.
 
 from __future__ import annotations
 
-import json
 import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 from rich import box
 from rich.console import Group, RenderableType
@@ -26,9 +25,10 @@ from rich.text import Text
 
 from . import _scoreboard as sb
 from ._discovery import Server
+from ._status import ContractError, StatusRecord, read_record
 
 FORMAT = 1
-"""Version of the ``status --json`` document; bumped only if a key changes meaning."""
+"""Version of the ``status --json`` document (:class:`StatusDocument`); bumped only if a key changes meaning."""
 STALE_STATUS = 5.0
 """status.json is rewritten every round: older than this, or three rounds when server.json gives the
 round ``interval`` (0.5 s by default, up to 60 s), means the master's exporter is not keeping up."""
@@ -40,10 +40,114 @@ _MARKS = (
     (sb.FLAG_MAX_REQUESTS, "max_requests"),
     (sb.FLAG_BOOT_FAILED, "boot_failed"),
 )
-_SERVER_KEYS = (
-    "master_pid", "proc_name", "binds", "pidfile", "worker_class", "workers", "threads", "connections_limit",
-    "timeout", "started", "scoreboard", "prometheus_dir", "metrics_url", "statsd", "otlp",
-)
+
+
+# -- the status --json document: keys documented in docs/cli.md --------------------------------------------
+
+
+class ServerFacts(TypedDict):
+    """``server``: the master's facts from its server.json, and how long it has run."""
+
+    master_pid: int
+    proc_name: str
+    binds: list[str]
+    pidfile: str | None
+    worker_class: str
+    workers: int | None
+    threads: int | None
+    connections_limit: int
+    timeout: int | None
+    started: float
+    scoreboard: str
+    prometheus_dir: str | None
+    metrics_url: str | None
+    statsd: str | None
+    otlp: str | None
+    run_dir: str
+    uptime: float
+
+
+class RequestFacts(TypedDict):
+    """One request in flight on a worker."""
+
+    method: str
+    path: str
+    client: str
+    thread: int
+    elapsed: float
+
+
+class WorkerFacts(TypedDict):
+    """One live worker slot, from the scoreboard."""
+
+    slot: int
+    pid: int | None
+    state: str
+    requests: list[RequestFacts]
+    in_flight: int
+    untracked_in_flight: int
+    waiting: int
+    served: int
+    connections: int
+    connections_limit: int
+    rss_bytes: int | None
+    age: float | None
+    booted_after: float | None
+    slow_requests: int
+    marks: list[str]
+
+
+class Totals(TypedDict):
+    """Sums over the live workers; capacity from the master's last round when it has written one."""
+
+    workers: int
+    booting: int
+    busy: int
+    capacity: int
+    busy_workers: int
+    in_flight: int
+    waiting: int
+    connections: int
+    served: int
+
+
+class ListenerFacts(TypedDict):
+    """One listening socket's accept queue."""
+
+    name: str
+    backlog: int | None
+    backlog_max: int | None
+
+
+class ExitFacts(TypedDict):
+    """One recent worker exit (the fields of _status.WorkerExit)."""
+
+    time: float
+    pid: int
+    slot: int
+    cause: str
+    detail: str
+    uptime: float
+    served: int
+    rss: int
+    request: str | None
+    elapsed: float | None
+
+
+class StatusDocument(TypedDict):
+    """What ``status --json`` prints and what :func:`render` draws: one server at one moment."""
+
+    format: int
+    time: float
+    server: ServerFacts
+    totals: Totals
+    listeners: list[ListenerFacts] | None
+    """None when status.json could not be read: unknown, which is not "no backlog"."""
+    workers: list[WorkerFacts]
+    recent_exits: list[ExitFacts]
+    """Newest first."""
+    status_age: float | None
+    warnings: list[str]
 
 
 @dataclass(frozen=True)
@@ -52,28 +156,26 @@ class Reading:
 
     server: Server
     slots: Sequence[sb.SlotView]
-    status: Mapping[str, Any] | None
+    status: StatusRecord | None
     status_problem: str | None
     monotonic: float
     wall: float
 
 
-def read_status(path: str) -> tuple[dict[str, Any] | None, str | None]:
+def read_status(path: str) -> tuple[StatusRecord | None, str | None]:
     """status.json and, when it is missing or unreadable, why (for the warnings line)."""
     try:
-        with open(path) as handle:
-            status = json.load(handle)
+        return read_record(StatusRecord, path), None
     except FileNotFoundError:
         if not os.path.isdir(os.path.dirname(path)):
             return None, "the server's run directory is gone: the master is shutting down"
         return None, "status.json is not written yet (the master writes it after its first round)"
     except PermissionError:
         return None, f"permission denied reading {path}; run as the server's user or root"
-    except (OSError, ValueError) as error:
+    except ContractError as error:
+        return None, str(error)
+    except OSError as error:
         return None, f"cannot read {path}: {error}"
-    if not isinstance(status, dict):
-        return None, f"{path} does not hold a JSON object"
-    return status, None
 
 
 def take_reading(server: Server, board: sb.Scoreboard) -> Reading:
@@ -86,24 +188,11 @@ def take_reading(server: Server, board: sb.Scoreboard) -> Reading:
 # -- the snapshot --------------------------------------------------------------------------------------
 
 
-def per_worker_capacity(worker_class: str, threads: int, worker_connections: int) -> int:
-    """Requests one worker can serve at once: what busy/capacity is counted in."""
-    if worker_class == "sync":
-        return 1
-    if worker_class == "gthread":
-        return max(1, threads)
-    return max(1, worker_connections)
-
-
-def _int(value: Any, default: int) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) else default
-
-
 def _seconds(value: float) -> float:
     return round(max(0.0, value), 3)
 
 
-def _worker(view: sb.SlotView, now: float, limit: int) -> dict[str, Any]:
+def _worker(view: sb.SlotView, now: float, limit: int) -> WorkerFacts:
     state = "booting" if view.state == sb.BOOTING else "busy" if view.in_flight else "idle"
     return {
         "slot": view.index,
@@ -134,68 +223,64 @@ def _worker(view: sb.SlotView, now: float, limit: int) -> dict[str, Any]:
     }
 
 
-def snapshot(reading: Reading) -> dict[str, Any]:
+def snapshot(reading: Reading) -> StatusDocument:
     """The facts of one reading as a JSON-ready dict (the ``status --json`` document)."""
     info = reading.server.info
-    status = reading.status or {}
-    worker_class = str(info.get("worker_class") or "unknown")
-    threads = _int(info.get("threads"), 1)
-    limit = _int(info.get("connections_limit", info.get("worker_connections")), 1)
-    per_worker = per_worker_capacity(worker_class, threads, limit)
+    status = reading.status
+    limit = info.connections_limit
+    per_worker = info.per_worker_capacity
     workers = [_worker(view, reading.monotonic, limit) for view in reading.slots if view.state != sb.FREE]
-    # busy is counted here from the scoreboard, in requests like capacity, and fresh: status.json is up to a
-    # round old. capacity comes from the master when it writes it: it resolved the worker class itself.
-    capacity = status.get("capacity")
     warnings = []
     if reading.status_problem:
         warnings.append(reading.status_problem)
     status_age = None
-    if isinstance(status.get("time"), (int, float)):
-        status_age = _seconds(reading.wall - status["time"])
-        interval = info.get("interval")
-        stale_after = max(STALE_STATUS, 3 * interval) if isinstance(interval, (int, float)) else STALE_STATUS
+    if status is not None:
+        status_age = _seconds(reading.wall - status.time)
+        stale_after = max(STALE_STATUS, 3 * info.interval)
         if status_age > stale_after:
             warnings.append(
                 f"status.json was last written {status_age:.0f}s ago, though the master rewrites it every round: "
                 "its exporter thread is stuck or the master is overloaded; recent exits may be missing"
             )
-    started = info.get("started")
-    server = {key: info.get(key) for key in _SERVER_KEYS}
-    server["run_dir"] = reading.server.run_dir
-    server["uptime"] = _seconds(reading.wall - started) if isinstance(started, (int, float)) else None
-    exits = status.get("recent_exits")
-    return {
-        "format": FORMAT,
-        "time": round(reading.wall, 3),
-        "server": server,
-        "totals": {
-            "workers": len(workers),
-            "booting": sum(1 for worker in workers if worker["state"] == "booting"),
-            "busy": sum(min(worker["in_flight"], per_worker) for worker in workers),
-            "capacity": _int(capacity, len(workers) * per_worker),
-            "busy_workers": sum(1 for worker in workers if worker["in_flight"]),
-            "in_flight": sum(worker["in_flight"] for worker in workers),
-            "waiting": sum(worker["waiting"] for worker in workers),
-            "connections": sum(worker["connections"] for worker in workers),
-            "served": sum(worker["served"] for worker in workers),
-        },
-        "listeners": _listeners(status.get("listeners")),
-        "workers": workers,
-        "recent_exits": list(reversed(exits)) if isinstance(exits, list) else [],
-        "status_age": status_age,
-        "warnings": warnings,
-    }
-
-
-def _listeners(raw: Any) -> list[dict[str, Any]] | None:
-    """None when the server does not report listeners (older versions): unknown is not "none"."""
-    if not isinstance(raw, list):
-        return None
-    return [
-        {"name": item.get("name"), "backlog": item.get("backlog"), "backlog_max": item.get("backlog_max")}
-        for item in raw
-        if isinstance(item, dict)
-    ]
+    server = ServerFacts(
+        master_pid=info.master_pid, proc_name=info.proc_name, binds=list(info.binds), pidfile=info.pidfile,
+        worker_class=info.worker_class, workers=info.workers, threads=info.threads,
+        connections_limit=info.connections_limit, timeout=info.timeout, started=info.started,
+        scoreboard=info.scoreboard, prometheus_dir=info.prometheus_dir, metrics_url=info.metrics_url,
+        statsd=info.statsd, otlp=info.otlp, run_dir=reading.server.run_dir,
+        uptime=_seconds(reading.wall - info.started),
+    )
+    return StatusDocument(
+        format=FORMAT,
+        time=round(reading.wall, 3),
+        server=server,
+        totals=Totals(
+            workers=len(workers),
+            booting=sum(1 for worker in workers if worker["state"] == "booting"),
+            # busy is counted here from the scoreboard, in requests like capacity, and fresh: status.json is up
+            # to a round old. capacity comes from the master when it wrote one: it resolved the worker class.
+            busy=sum(min(worker["in_flight"], per_worker) for worker in workers),
+            capacity=status.capacity if status is not None else len(workers) * per_worker,
+            busy_workers=sum(1 for worker in workers if worker["in_flight"]),
+            in_flight=sum(worker["in_flight"] for worker in workers),
+            waiting=sum(worker["waiting"] for worker in workers),
+            connections=sum(worker["connections"] for worker in workers),
+            served=sum(worker["served"] for worker in workers),
+        ),
+        listeners=None if status is None else [
+            ListenerFacts(name=item.name, backlog=item.backlog, backlog_max=item.backlog_max)
+            for item in status.listeners
+        ],
+        workers=workers,
+        recent_exits=[] if status is None else [
+            ExitFacts(time=item.time, pid=item.pid, slot=item.slot, cause=item.cause, detail=item.detail,
+                      uptime=item.uptime, served=item.served, rss=item.rss, request=item.request,
+                      elapsed=item.elapsed)
+            for item in reversed(status.recent_exits)
+        ],
+        status_age=status_age,
+        warnings=warnings,
+    )
 
 
 # -- rendering -----------------------------------------------------------------------------------------
@@ -229,19 +314,19 @@ def clock(epoch: Any) -> str:
 _STATE_STYLE = {"busy": "bold yellow", "idle": "green", "booting": "cyan"}
 
 
-def _header(snap: Mapping[str, Any]) -> Text:
+def _header(snap: StatusDocument) -> Text:
     server = snap["server"]
     text = Text()
-    text.append(str(server.get("proc_name") or "gunicorn"), style="bold")
-    text.append(f"  master {server.get('master_pid')}  {server.get('worker_class')}")
-    binds = server.get("binds") or []
+    text.append(server["proc_name"], style="bold")
+    text.append(f"  master {server['master_pid']}  {server['worker_class']}")
+    binds = server["binds"]
     if binds:
         text.append(f"  {', '.join(binds)}")
-    text.append(f"  up {duration(server.get('uptime'))}")
+    text.append(f"  up {duration(server['uptime'])}")
     return text
 
 
-def _totals(snap: Mapping[str, Any]) -> Text:
+def _totals(snap: StatusDocument) -> Text:
     totals = snap["totals"]
     text = Text()
     workers = f"workers {totals['workers']}"
@@ -260,14 +345,14 @@ def _totals(snap: Mapping[str, Any]) -> Text:
         text.append(str(totals["waiting"]), style="bold red")
     text.append(f"   connections {totals['connections']}")
     for listener in snap["listeners"] or []:
-        backlog, most = listener.get("backlog"), listener.get("backlog_max")
+        backlog, most = listener["backlog"], listener["backlog_max"]
         style = "bold red" if isinstance(backlog, int) and backlog > 0 else ""
-        text.append(f"   backlog {listener.get('name')} ")
+        text.append(f"   backlog {listener['name']} ")
         text.append(f"{backlog if backlog is not None else '-'}/{most if most is not None else '-'}", style=style)
     return text
 
 
-def _request_cell(worker: Mapping[str, Any], timeout: Any) -> tuple[Text, Text]:
+def _request_cell(worker: WorkerFacts, timeout: int | None) -> tuple[Text, Text]:
     requests = worker["requests"]
     if not requests:
         untracked = worker["untracked_in_flight"]
@@ -281,7 +366,7 @@ def _request_cell(worker: Mapping[str, Any], timeout: Any) -> tuple[Text, Text]:
     return label, Text(duration(oldest["elapsed"]), style="bold red" if late else "")
 
 
-def workers_table(snap: Mapping[str, Any]) -> Table:
+def workers_table(snap: StatusDocument) -> Table:
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     for name, justify in (
         ("slot", "right"), ("pid", "right"), ("state", "left"), ("request", "left"), ("elapsed", "right"),
@@ -290,7 +375,7 @@ def workers_table(snap: Mapping[str, Any]) -> Table:
         # Only the request wraps: the numbers stay on one line, readable at a glance in 80 columns.
         table.add_column(name, justify=justify, no_wrap=name != "request", overflow="fold",  # type: ignore[arg-type]
                          min_width=24 if name == "request" else None)
-    timeout = snap["server"].get("timeout")
+    timeout = snap["server"]["timeout"]
     for worker in snap["workers"]:
         request, elapsed = _request_cell(worker, timeout)
         state = Text(worker["state"], style=_STATE_STYLE.get(worker["state"], ""))
@@ -304,7 +389,7 @@ def workers_table(snap: Mapping[str, Any]) -> Table:
     return table
 
 
-def exits_table(exits: Iterable[Mapping[str, Any]]) -> Table:
+def exits_table(exits: Iterable[ExitFacts]) -> Table:
     # Slot, served and RSS stay in the JSON: the human view keeps what explains the exit.
     table = Table(title="recent exits", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
                   collapse_padding=True)
@@ -312,24 +397,23 @@ def exits_table(exits: Iterable[Mapping[str, Any]]) -> Table:
         table.add_column(name, overflow="fold", no_wrap=name not in {"request", "detail"},
                          justify="right" if name in {"pid", "elapsed", "uptime"} else "left")
     for item in exits:
-        cause = str(item.get("cause") or "-")
+        cause = item["cause"] or "-"
         expected = cause in {"max_requests", "graceful"}
         table.add_row(
-            clock(item.get("time")), str(item.get("pid") or "-"), Text(cause, style="" if expected else "bold red"),
-            str(item.get("request") or "-"), duration(item.get("elapsed")), duration(item.get("uptime")),
-            str(item.get("detail") or ""),
+            clock(item["time"]), str(item["pid"] or "-"), Text(cause, style="" if expected else "bold red"),
+            item["request"] or "-", duration(item["elapsed"]), duration(item["uptime"]), item["detail"],
         )
     return table
 
 
-def render(snap: Mapping[str, Any], *, max_exits: int | None = None) -> RenderableType:
+def render(snap: StatusDocument, *, max_exits: int | None = None) -> RenderableType:
     parts: list[RenderableType] = [_header(snap), _totals(snap), workers_table(snap)]
     exits = snap["recent_exits"][:max_exits] if max_exits is not None else snap["recent_exits"]
     if exits:
         parts.append(exits_table(exits))
     for warning in snap["warnings"]:
         parts.append(Text(f"warning: {warning}", style="yellow"))
-    if snap["server"].get("metrics_url"):
+    if snap["server"]["metrics_url"]:
         parts.append(Text(f"metrics: {snap['server']['metrics_url']}", style="dim"))
     return Group(*parts)
 

@@ -13,7 +13,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from rich import box
@@ -168,7 +168,7 @@ def run_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _frame(snap: dict[str, Any], interval: float) -> Group:
+def _frame(snap: _views.StatusDocument, interval: float) -> Group:
     title = Text(f"gunicorn-insight top  {time.strftime('%H:%M:%S')}  every {interval:g}s  Ctrl-C to quit",
                  style="reverse")
     return Group(title, _views.render(snap, max_exits=5))
@@ -201,7 +201,9 @@ def _gone(server: Server) -> str:
     return f"gunicorn (master pid {server.master_pid}, {server.proc_name}) has exited; nothing left to watch"
 
 
-def _frames(server: Server, board: sb.Scoreboard, args: argparse.Namespace) -> Any:
+def _frames(
+    server: Server, board: sb.Scoreboard, args: argparse.Namespace
+) -> Iterator[_views.StatusDocument | None]:
     """Snapshots every interval; stops after --iterations, or when the master is gone (yields None)."""
     count = 0
     while args.iterations is None or count < args.iterations:
@@ -285,7 +287,7 @@ def _run_live_doctor(args: argparse.Namespace) -> int:
     finally:
         board.close()
     findings = _livedoctor.run_live_checks(facts)
-    findings += _doctor.version_findings(str(server.info.get("gunicorn_version") or ""))
+    findings += _doctor.version_findings(server.info.gunicorn_version or "")
     if args.config is not None:
         try:
             findings += _doctor.diagnose(args.config, args.worker_memory_mb)[2]

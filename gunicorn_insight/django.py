@@ -18,6 +18,8 @@ __all__ = ["RouteMiddleware"]
 
 
 class RouteMiddleware:
+    """Django middleware that labels each request with its URL pattern (the route template)."""
+
     def __init__(self, get_response: Callable[[Any], Any]) -> None:
         self.get_response = get_response
 

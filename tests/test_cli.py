@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fakes import FakeRequest, start
+from fakes import FakeRequest, server_info, start, status_record
 from rich.console import Console
 
 from gunicorn_insight import _discovery, _views, cli
 from gunicorn_insight import _scoreboard as sb
+from gunicorn_insight._status import STATUS_FORMAT, encode
 from gunicorn_insight._worker import RequestRecorder
 
 
@@ -38,8 +39,8 @@ class FakeServer:
     recorder: RequestRecorder
 
     def write_status(self, **fields: Any) -> None:
-        status = {"format": 1, "time": time.time(), "workers": 2, "in_flight": 1, "connections": 1,
-                  "recent_exits": [], **fields}
+        """status.json as the master writes it, with `fields` (JSON values) laid over it."""
+        status = {**encode(status_record()), **fields}
         (self.run_dir / "status.json").write_text(json.dumps(status))
 
     def server(self) -> _discovery.Server:
@@ -58,13 +59,12 @@ def fake_server(root: Path, *, master_pid: int, worker_class: str = "gthread", t
     recorder.booted()
     sb.RSS.pack_into(board.buffer, board.offset(0) + sb.OFF_RSS, 50 * 1048576)
     board.assign(1, now=time.monotonic())
-    server_json = {
-        "format": 1, "master_pid": master_pid, "proc_name": "shop", "started": time.time(),
-        "binds": ["127.0.0.1:8000"], "pidfile": None, "worker_class": worker_class, "workers": 2,
-        "threads": threads, "worker_connections": connections, "timeout": 30, "scoreboard": str(run_dir / "scoreboard"),
-        "prometheus_dir": None, "metrics_url": "http://127.0.0.1:9180/metrics", "statsd": None,
-    }
-    (run_dir / "server.json").write_text(json.dumps(server_json))
+    info = server_info(
+        str(run_dir / "scoreboard"), master_pid=master_pid, proc_name="shop", worker_class=worker_class,
+        threads=threads, worker_connections=connections, connections_limit=connections, per_worker_capacity=threads,
+        metrics_url="http://127.0.0.1:9180/metrics",
+    )
+    (run_dir / "server.json").write_text(json.dumps(encode(info)))
     return FakeServer(root, run_dir, board, recorder)
 
 
@@ -78,7 +78,7 @@ def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeServ
     fake.board.close()
 
 
-def snapshot_of(fake: FakeServer) -> dict[str, Any]:
+def snapshot_of(fake: FakeServer) -> _views.StatusDocument:
     reader = sb.Scoreboard.attach(str(fake.run_dir / "scoreboard"))
     try:
         return _views.snapshot(_views.take_reading(fake.server(), reader))
@@ -86,7 +86,7 @@ def snapshot_of(fake: FakeServer) -> dict[str, Any]:
         reader.close()
 
 
-def rendered(snap: dict[str, Any], width: int = 160) -> str:
+def rendered(snap: _views.StatusDocument, width: int = 160) -> str:
     console = Console(width=width, record=True, file=open(os.devnull, "w"))  # noqa: SIM115 - closed with console
     console.print(_views.render(snap))
     text = console.export_text()
@@ -107,6 +107,7 @@ def test_busy_worker_shows_its_request_and_elapsed_time(server: FakeServer) -> N
     assert (request["method"], request["path"], request["client"]) == ("POST", "/checkout?<redacted>", "10.1.2.3:4567")
     assert 0.05 <= request["elapsed"] < 5
     assert (busy["connections"], busy["connections_limit"], busy["rss_bytes"]) == (0, 100, 50 * 1048576)
+    assert busy["age"] is not None
     assert 89 < busy["age"] < 95
     assert (booting["state"], booting["pid"], booting["requests"]) == ("booting", None, [])
 
@@ -116,15 +117,6 @@ def test_capacity_is_derived_from_the_worker_class_without_status(server: FakeSe
     totals = snapshot_of(server)["totals"]
     assert (totals["workers"], totals["booting"], totals["busy"], totals["capacity"], totals["in_flight"],
             totals["busy_workers"]) == (2, 1, 1, 8, 1, 1)
-
-
-@pytest.mark.parametrize(
-    ("worker_class", "expected"),
-    [("sync", 1), ("gthread", 4), ("gevent", 100), ("asgi", 100)],
-)
-def test_per_worker_capacity_by_worker_class(worker_class: str, expected: int) -> None:
-    """sync serves one request, gthread one per thread, the async classes up to worker_connections."""
-    assert _views.per_worker_capacity(worker_class, threads=4, worker_connections=100) == expected
 
 
 def test_capacity_and_listeners_come_from_status_json_when_written(server: FakeServer) -> None:
@@ -137,12 +129,22 @@ def test_capacity_and_listeners_come_from_status_json_when_written(server: FakeS
     assert snap["warnings"] == []
 
 
-def test_missing_listeners_are_unknown_not_empty(server: FakeServer) -> None:
-    """A status.json without listeners gives listeners=null: unknown, which is not 'no backlog'."""
-    server.write_status()
+def test_unreadable_status_leaves_listeners_unknown_not_empty(server: FakeServer) -> None:
+    """A status.json of another format gives listeners=null (unknown, not 'no backlog') and says why."""
+    server.write_status(format=STATUS_FORMAT + 1)
     snap = snapshot_of(server)
     assert snap["listeners"] is None
     assert "backlog" not in rendered(snap)
+    (warning,) = snap["warnings"]
+    assert f"status.json is format {STATUS_FORMAT + 1}, written by a newer gunicorn-insight;" in warning
+    assert "upgrade it" in warning
+
+
+def test_a_mistyped_status_field_is_named(server: FakeServer) -> None:
+    """A field of the wrong type is a warning naming the field and the value, never a guess or a crash."""
+    server.write_status(capacity="16")
+    (warning,) = snapshot_of(server)["warnings"]
+    assert warning.endswith("status.json: capacity is '16', not int")
 
 
 def test_recent_exits_are_listed_newest_first(server: FakeServer) -> None:

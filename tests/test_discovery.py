@@ -11,10 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fakes import server_info
 
 from gunicorn_insight import _discovery
 from gunicorn_insight import _scoreboard as sb
 from gunicorn_insight._discovery import DiscoveryError, Selector
+from gunicorn_insight._status import SERVER_FORMAT, encode
 
 
 def dead_pid() -> int:
@@ -33,10 +35,7 @@ def make_run_dir(root: Path, suffix: str, *, worker_pids: tuple[int, ...] = (), 
         board.assign(slot, now=time.monotonic())
         sb.PID.pack_into(board.buffer, board.offset(slot) + sb.OFF_PID, pid)
     board.close()
-    description = {
-        "format": 1, "master_pid": os.getpid(), "proc_name": "app", "started": time.time(), "binds": ["127.0.0.1:8000"],
-        "scoreboard": str(run_dir / "scoreboard"), "prometheus_dir": None, **info,
-    }
+    description = encode(server_info(str(run_dir / "scoreboard"), **info))
     (run_dir / "server.json").write_text(json.dumps(description))
     return run_dir
 
@@ -162,7 +161,7 @@ def test_unreadable_run_dir_suggests_running_as_its_owner(tmp_path: Path, monkey
     def denied(path: str) -> Any:
         raise PermissionError(13, "Permission denied", path)
 
-    monkeypatch.setattr(_discovery, "read_json", denied)
+    monkeypatch.setattr(_discovery, "read_record", lambda kind, path: denied(path))
     with pytest.raises(DiscoveryError) as caught:
         _discovery.select(Selector(), [str(tmp_path)])
     owner = _discovery.user_name(os.getuid())
@@ -174,3 +173,32 @@ def test_search_roots_are_dev_shm_and_the_temp_dir(monkeypatch: pytest.MonkeyPat
     """Discovery looks where _hooks puts run dirs: /dev/shm, and the temporary directory as fallback."""
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
     assert _discovery.search_roots() == [os.path.realpath("/dev/shm"), os.path.realpath(tmp_path)]
+
+
+@pytest.mark.parametrize(("written", "says"), [(SERVER_FORMAT + 1, "a newer"), (SERVER_FORMAT - 1, "an older")])
+def test_a_live_server_of_another_format_is_named_not_hidden(tmp_path: Path, written: int, says: str) -> None:
+    """A live master whose server.json is another format: select() says which side is newer and what to do."""
+    run_dir = make_run_dir(tmp_path, "other")
+    path = run_dir / "server.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "format": written, "version": "9.9"}))
+    found = _discovery.scan([str(tmp_path)])
+    assert (found.servers, found.stale) == ([], [])
+    ((where, why),) = found.incompatible
+    assert where == str(run_dir)
+    assert why.startswith(f"{path} is format {written}")
+    with pytest.raises(DiscoveryError) as caught:
+        _discovery.select(Selector(), [str(tmp_path)])
+    message = str(caught.value)
+    assert f"{path} is format {written}, written by {says} gunicorn-insight (9.9)" in message
+    assert f"reads format {SERVER_FORMAT}" in message
+
+
+def test_a_server_json_missing_a_field_is_refused_naming_it(tmp_path: Path) -> None:
+    """A server.json of the right format with a field missing is not guessed at: the field is named."""
+    run_dir = make_run_dir(tmp_path, "short")
+    path = run_dir / "server.json"
+    raw = json.loads(path.read_text())
+    del raw["scoreboard"]
+    path.write_text(json.dumps(raw))
+    ((_, why),) = _discovery.scan([str(tmp_path)]).incompatible
+    assert why == f"{path} has no field 'scoreboard'"

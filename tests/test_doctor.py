@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -465,7 +466,7 @@ def test_plugin_statsd_setting_is_resolved_too() -> None:
 def test_resolution_has_a_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
     """A resolver that never answers is given up on after the deadline, not waited for."""
     release = threading.Event()
-    monkeypatch.setattr(_doctor.socket, "getaddrinfo", lambda *args, **kwargs: release.wait(30))
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *args, **kwargs: release.wait(30))
     try:
         assert _doctor.resolve_host("slow.example", deadline=0.2) == "no answer within 0.2s"
     finally:

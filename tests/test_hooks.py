@@ -9,9 +9,9 @@ import pytest
 from gunicorn.config import Config
 
 from gunicorn_insight import _hooks, _worker, install
-from gunicorn_insight.settings import ConfigurationError
+from gunicorn_insight.settings import ConfigurationError, Settings
 
-STATSD_ONLY = {"statsd": "127.0.0.1:9"}  # keeps these tests from exporting PROMETHEUS_MULTIPROC_DIR
+STATSD_ONLY: dict[str, Any] = {"statsd": "127.0.0.1:9"}  # keeps these tests from exporting PROMETHEUS_MULTIPROC_DIR
 
 
 def validated(namespace: dict[str, Any]) -> Config:
@@ -92,8 +92,8 @@ def test_unknown_setting_fails_at_install() -> None:
 
 def test_worker_hooks_never_raise_even_without_state() -> None:
     """Hooks called in a process where the plugin is not set up (or broken) do nothing and raise nothing."""
-    _hooks.pre_request(object(), object())
-    _hooks.post_request(object(), object(), {}, None)
+    _hooks.HOOKS["pre_request"](object(), object())
+    _hooks.HOOKS["post_request"](object(), object(), {}, None)
     _hooks.worker_abort(object())
     _hooks.worker_int(object())
     _hooks.child_exit(object(), object())
@@ -174,3 +174,25 @@ def test_a_worker_reaped_once_gunicorn_is_stopping_is_handed_over_as_such(
     _hooks.child_exit(_Arbiter(listeners), object())
     _hooks.worker_exit(_Arbiter(listeners), object())
     assert gone.calls == [expected, expected]
+def test_a_settings_object_is_used_as_given(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """install(globals(), Settings(...)) installs with exactly that object; environment variables it skips are named."""
+    monkeypatch.setenv("GUNICORN_INSIGHT_INTERVAL", "5")
+    given = Settings(statsd="127.0.0.1:9", interval=2.0)
+    namespace: dict[str, Any] = {}
+    assert install(namespace, settings=given) is given
+    assert set(_hooks.HOOKS) <= set(namespace)
+    assert "so GUNICORN_INSIGHT_INTERVAL is not read; Settings.build({...})" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"settings": {"statsd": "127.0.0.1:9"}}, "install\\(\\)'s settings argument is a dict, not gunicorn_insight"),
+        ({"settings": Settings(statsd="127.0.0.1:9"), "interval": 2},
+         "got a Settings object and the keywords interval"),
+    ],
+)
+def test_settings_object_misuse_is_a_configuration_error(arguments: dict[str, Any], message: str) -> None:
+    """A Settings that is not one, or one mixed with keywords, stops the config naming what to pass instead."""
+    with pytest.raises(ConfigurationError, match=message):
+        install({}, **arguments)

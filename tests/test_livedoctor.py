@@ -5,10 +5,12 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+import fakes
 import pytest
 
 from gunicorn_insight import _livedoctor
 from gunicorn_insight._livedoctor import Histogram, LiveFacts
+from gunicorn_insight._status import WorkerExit
 
 MIB = 1 << 20
 
@@ -16,11 +18,18 @@ MIB = 1 << 20
 def facts(**changes: Any) -> LiveFacts:
     """A healthy server: 4 sync workers on 4 CPUs, half busy, computing half the time, 3 s watched."""
     base = LiveFacts(
-        info={"timeout": 30, "max_requests": 0, "master_pid": 1}, window=3.0, samples=60, worker_class="sync",
+        info=fakes.server_info("", timeout=30, max_requests=0, master_pid=1),
+        window=3.0, samples=60, worker_class="sync",
         workers=4, per_worker=1, capacity=4, busy_now=2, utilisation=0.5, busy_seconds=6.0, cpu_seconds=3.0,
         cpus=4.0, rss=[100 * MIB] * 4, memory_used=500 * MIB, memory_limit=2048 * MIB,
     )
     return replace(base, **changes)
+
+
+def an_exit(cause: str, request: str | None = None, elapsed: float | None = None) -> WorkerExit:
+    """A recent exit as status.json holds it."""
+    return WorkerExit(time=0.0, pid=10, slot=0, cause=cause, detail="", uptime=60.0, served=100, rss=0,
+                      request=request, elapsed=elapsed)
 
 
 def checks(check: _livedoctor.LiveCheck, measured: LiveFacts) -> list[tuple[str, str]]:
@@ -99,7 +108,7 @@ def test_memory_near_the_cgroup_limit() -> None:
     assert "about 6 workers of 200 MiB fit in 80% of the limit" in finding.fix
     assert "set max_requests" in finding.fix
     assert "max_requests" not in next(iter(_livedoctor.check_memory(
-        facts(memory_used=1843 * MIB, info={"timeout": 30, "max_requests": 1000})))).fix
+        facts(memory_used=1843 * MIB, info=fakes.server_info("", timeout=30, max_requests=1000))))).fix
 
 
 def test_memory_quiet_below_the_limit_or_without_one() -> None:
@@ -110,7 +119,7 @@ def test_memory_quiet_below_the_limit_or_without_one() -> None:
 
 def test_oom_kills_are_an_error() -> None:
     """A recent exit with cause oom is an error, naming the request in flight."""
-    measured = facts(recent_exits=[{"cause": "oom", "request": "POST /upload"}])
+    measured = facts(recent_exits=(an_exit("oom", "POST /upload"),))
     (finding,) = _livedoctor.check_memory(measured)
     assert finding.severity == "error"
     assert "POST /upload" in finding.what
@@ -118,8 +127,7 @@ def test_oom_kills_are_an_error() -> None:
 
 def test_timeout_below_the_slowest_requests() -> None:
     """Workers killed by timeout: a warning naming the request and its elapsed time; fix: raise timeout."""
-    measured = facts(recent_exits=[{"cause": "graceful"},
-                                   {"cause": "timeout", "request": "GET /report", "elapsed": 30.4}])
+    measured = facts(recent_exits=(an_exit("graceful"), an_exit("timeout", "GET /report", 30.4)))
     (finding,) = _livedoctor.check_timeout(measured)
     assert finding.severity == "warning"
     assert "1 worker killed by timeout=30s recently (last: GET /report after 30.4s)" in finding.what

@@ -253,7 +253,12 @@ def test_merge_waits_for_a_scrape_reading_the_directory(tmp_path: Path) -> None:
     sink = PrometheusSink(str(tmp_path), (0.1,), 1)
     merged = threading.Event()
     with merge_lock(str(tmp_path), shared=True):
-        merger = threading.Thread(target=lambda: (sink.forget_process(4242), merged.set()))
+
+        def forget() -> None:
+            sink.forget_process(4242)
+            merged.set()
+
+        merger = threading.Thread(target=forget)
         merger.start()
         assert not merged.wait(0.5)
         assert (tmp_path / "counter_4242.db").exists()

@@ -99,7 +99,7 @@ def test_unknown_environment_variable_lists_valid_names() -> None:
 def test_bad_values_name_field_value_and_fix(field: str, value: object, message: str) -> None:
     """Each validation error names the field and the bad value and says what would be accepted."""
     with pytest.raises(ConfigurationError, match=message):
-        build(**{field: value})
+        Settings.build({field: value}, {})
 
 
 def test_timer_cap_comes_from_the_environment_and_defaults_to_500() -> None:

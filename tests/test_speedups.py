@@ -15,7 +15,7 @@ import pytest
 from fakes import FakeRequest, FakeResponse
 from gunicorn.config import Config
 
-from gunicorn_insight import _hooks, _worker
+from gunicorn_insight import _hooks, _safety, _worker
 from gunicorn_insight import _scoreboard as sb
 from gunicorn_insight._routes import ROUTE_KEY
 from gunicorn_insight._worker import RecorderOptions, RequestRecorder
@@ -206,7 +206,7 @@ def test_bind_refuses_a_scoreboard_layout_it_was_not_written_for(
 
     with pytest.raises(ImportError, match="scoreboard layout"):
         _speedups.bind(
-            {}, _worker.pre_request, _worker.post_request, _worker.report, _worker.describe_peer,
+            {}, _worker.pre_request, _worker.post_request, _safety.report, _worker.describe_peer,
             _worker.parse_status, _worker.parse_request_start, _worker.queue_header, sb.METHOD_INDEX,
             sb.OTHER_METHOD, ROUTE_KEY, "HTTP_X_REQUEST_START", "HTTP_X_QUEUE_START",
             ("<B7xdQ8s46sH200s", sb.RING.format, "<QI", 3),

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import glob
 import http.client
-import json
 import os
+import re
+import signal
 import sys
 import tempfile
 import urllib.request
@@ -19,6 +20,7 @@ from servers import Process, ProcessFactory, free_port, wait_until
 
 from gunicorn_insight import _scoreboard as sb
 from gunicorn_insight._discovery import is_live
+from gunicorn_insight._status import ContractError, ServerInfo, read_record
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
@@ -91,10 +93,13 @@ class Gunicorn:
             board.close()
 
     def wait_for_workers(self, count: int, timeout: float = 60) -> None:
-        wait_until(
-            lambda: self.ready_workers() == count, timeout=timeout,
-            what=f"{count} booted workers in the scoreboard", dump=self.process.describe,
-        )
+        what = f"{count} booted workers in the scoreboard"
+
+        def booted() -> bool:
+            _assert_starting(self.process, what)
+            return self.ready_workers() == count
+
+        wait_until(booted, timeout=timeout, what=what, dump=self.process.describe)
 
     def children(self) -> list[int]:
         """Every live child of the master: the workers and the plugin's /metrics process."""
@@ -119,6 +124,26 @@ class Gunicorn:
         return pid
 
 
+# gunicorn's words for a listening port someone else holds (it retries the bind for 5 s, then exits), and the
+# plugin's for a taken metrics_bind.
+_PORT_CLASH = re.compile(r"Connection in use: \('127\.0\.0\.1', \d+\)|cannot be bound \(Address already in use\)")
+_START_ATTEMPTS = 3
+
+
+class PortClash(AssertionError):
+    """A free_port() was taken by another process before the server bound it: start again on fresh ports."""
+
+
+def _assert_starting(process: Process, waiting_for: str) -> None:
+    """Fail at once when the process died or lost a port race, instead of waiting out the deadline."""
+    alive = process.alive()  # before reading the output, so a process that just died has all of it there
+    clash = _PORT_CLASH.search(process.output())
+    if clash is not None:
+        raise PortClash(f"{process.name} lost a port to another process ({clash[0]}) while waiting for {waiting_for}")
+    if not alive:
+        process.assert_alive(waiting_for)
+
+
 def _is_metrics_process(pid: int) -> bool:
     """Its command line names its module, or (with setproctitle installed) its title says what it is."""
     try:
@@ -130,17 +155,17 @@ def _is_metrics_process(pid: int) -> bool:
 
 def scoreboard_of(process: Process) -> str | None:
     """The scoreboard of the master with this pid, found the way the CLI finds it: its server.json."""
-    process.assert_alive("its server.json")
+    _assert_starting(process, "its server.json")
     for path in glob.glob("/dev/shm/gunicorn-insight-*/server.json") + glob.glob(
         os.path.join(tempfile.gettempdir(), "gunicorn-insight-*", "server.json")
     ):
         try:
-            info = json.loads(Path(path).read_text())
-        except (OSError, ValueError):
-            continue
+            info = read_record(ServerInfo, path)
+        except (OSError, ContractError):
+            continue  # another user's, or another version's: not this master's
         # is_live, as the CLI does: a run directory a SIGKILLed master left behind can name a recycled pid.
-        if info.get("master_pid") == process.pid and is_live(info):
-            return str(info["scoreboard"])
+        if info.master_pid == process.pid and is_live(info):
+            return info.scoreboard
     return None
 
 
@@ -180,21 +205,41 @@ def start_gunicorn(
 ) -> Gunicorn:
     """gunicorn on a free port with the plugin; waits until every worker has booted.
 
-    ``launcher`` goes before gunicorn's command line: a program that prepares the process, then execs the rest."""
-    port = free_port()
-    metrics_port = free_port() if metrics else None
-    extra: dict[str, str | None] = {"GUNICORN_INSIGHT_METRICS_BIND": f"127.0.0.1:{metrics_port}" if metrics else "off"}
-    extra.update(env or {})
-    argv = [*launcher, *gunicorn_argv(
-        "-c", config, "-b", f"127.0.0.1:{port}", "-w", str(workers), "-k", worker_class, "--chdir", str(cwd),
-        "--graceful-timeout", "5", *args, app, script=script,
-    )]
-    process = process_factory(argv, env=clean_environment(extra), cwd=cwd, name="gunicorn")
-    if not wait:
-        return Gunicorn(process, port, metrics_port, "")
+    ``launcher`` goes before gunicorn's command line: a program that prepares the process, then execs the rest.
+    Another process can take a port between free_port() and gunicorn's bind: that start is stopped and
+    retried on fresh ports (up to three times), so a busy machine does not fail an unrelated test.
+    """
+    for attempt in range(1, _START_ATTEMPTS + 1):
+        port = free_port()
+        metrics_port = free_port() if metrics else None
+        metrics_bind = f"127.0.0.1:{metrics_port}" if metrics else "off"
+        # The second name is for a config that builds its own Settings object, which reads no environment.
+        extra: dict[str, str | None] = {"GUNICORN_INSIGHT_METRICS_BIND": metrics_bind,
+                                        "INSIGHT_TEST_METRICS_BIND": metrics_bind}
+        extra.update(env or {})
+        argv = [*launcher, *gunicorn_argv(
+            "-c", config, "-b", f"127.0.0.1:{port}", "-w", str(workers), "-k", worker_class, "--chdir", str(cwd),
+            "--graceful-timeout", "5", *args, app, script=script,
+        )]
+        process = process_factory(argv, env=clean_environment(extra), cwd=cwd, name="gunicorn")
+        # Quick shutdown at teardown: with SIGTERM a request still in flight holds it for graceful_timeout.
+        process.teardown_signal = signal.SIGQUIT
+        if not wait:
+            return Gunicorn(process, port, metrics_port, "")
+        try:
+            return _ready(process, port, metrics_port, workers)
+        except PortClash:
+            if attempt == _START_ATTEMPTS:
+                raise
+            process.stop(signal.SIGKILL)
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+def _ready(process: Process, port: int, metrics_port: int | None, workers: int) -> Gunicorn:
     board = wait_until(lambda: scoreboard_of(process), timeout=30, what="the master's server.json",
                        dump=process.describe)
     server = Gunicorn(process, port, metrics_port, board)
-    process.wait_for_port(port, timeout=30)
+    # A connect alone could reach whoever else holds the port; the booted workers prove gunicorn bound it.
     server.wait_for_workers(workers)
+    process.wait_for_port(port, timeout=30)
     return server

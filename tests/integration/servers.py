@@ -134,6 +134,9 @@ class Process:
             log_path = raw_path
         self.log_path = Path(log_path)
         self._final_output: str | None = None
+        self.teardown_signal: int = signal.SIGTERM
+        """What the fixture that started it sends at teardown; a test that is done with a server wants it gone
+        at once, not a graceful shutdown that waits for requests still in flight (gunicorn: SIGQUIT)."""
         with open(self.log_path, "ab") as log:
             self._popen = subprocess.Popen(
                 self.argv,

@@ -176,3 +176,25 @@ def test_hook_defined_after_install_is_chained_again_after_hup(process_factory: 
     server.wait_for_workers(1)
     serve_and_check(server, marks, requests=5)
     assert marks.read_text().splitlines() == [f"post /r{n}" for n in range(5)]
+SETTINGS_CONFIG = """
+import os
+import gunicorn_insight
+
+gunicorn_insight.install(globals(), gunicorn_insight.Settings(
+    metrics_bind=os.environ["INSIGHT_TEST_METRICS_BIND"], exclude_paths=("/skipped",),
+))
+"""
+
+
+def test_install_takes_a_settings_object_as_given(process_factory: ProcessFactory, tmp_path: Path) -> None:
+    """install(globals(), Settings(...)) serves with that object's settings; the environment's are named, unused."""
+    config = tmp_path / "gunicorn.conf.py"
+    config.write_text(SETTINGS_CONFIG)
+    server = start_gunicorn(process_factory, config=str(config), workers=1, env={
+        "GUNICORN_INSIGHT_EXCLUDE_PATHS": "/counted",  # not read: the Settings object is used as it is
+    })
+    for path in ("/counted", "/skipped", "/counted"):
+        server.get(path)
+    server.wait_for_value("gunicorn_requests_total", 2)
+    assert server.total("gunicorn_requests_total") == 2
+    assert "GUNICORN_INSIGHT_EXCLUDE_PATHS, GUNICORN_INSIGHT_METRICS_BIND are not read" in server.process.output()

@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import os
 import signal
+import socket
 import socketserver
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import harness
 import pytest
 from servers import (
     JsArray,
     NginxFactory,
+    Process,
     ProcessFactory,
     PrometheusFactory,
     StatsdDaemon,
@@ -305,3 +309,32 @@ def test_wait_until_reports_what_and_dump() -> None:
     expected = r"^timed out after 0.2s waiting for the impossible\nstate dump$"
     with pytest.raises(AssertionError, match=expected):
         wait_until(lambda: False, timeout=0.2, what="the impossible", dump=lambda: "state dump")
+
+
+@pytest.mark.parametrize("taken", ["listener", "metrics"])
+def test_start_gunicorn_retries_a_port_taken_after_free_port(
+    process_factory: ProcessFactory, monkeypatch: pytest.MonkeyPatch, taken: str
+) -> None:
+    """A port grabbed between free_port() and gunicorn's bind restarts gunicorn on fresh ports, not a failure."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        held = holder.getsockname()[1]
+        ports = iter([held] if taken == "listener" else [free_port(), held])
+        monkeypatch.setattr(harness, "free_port", lambda: next(ports, None) or free_port())
+        started: list[Process] = []
+
+        def recording(argv: Sequence[str | os.PathLike[str]], env: Mapping[str, str | None] | None = None,
+                      cwd: str | os.PathLike[str] | None = None, *, name: str | None = None) -> Process:
+            process = process_factory(argv, env, cwd, name=name)
+            started.append(process)
+            return process
+
+        server = harness.start_gunicorn(recording, workers=1)
+
+        assert server.get("/") == 200
+        assert held not in (server.port, server.metrics_port)
+        first, retried = started
+        assert retried is server.process
+        assert not first.alive()
+        assert "in use" in first.output()

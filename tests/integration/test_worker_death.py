@@ -75,7 +75,9 @@ def test_request_stuck_in_python_is_aborted_with_its_stack(process_factory: Proc
 
 def test_gthread_stuck_thread_is_reported_not_killed(process_factory: ProcessFactory) -> None:
     """gthread never times out a stuck thread: the watchdog logs it once with the app's frame, and counts it."""
-    server = start_gunicorn(process_factory, worker_class="gthread", workers=1, args=["--threads", "2"],
+    # The stuck thread outlives the worker's quick exit; a short graceful_timeout ends the teardown sooner.
+    server = start_gunicorn(process_factory, worker_class="gthread", workers=1,
+                            args=["--threads", "2", "--graceful-timeout", "1"],
                             env={"GUNICORN_INSIGHT_SLOW_REQUEST_TIMEOUT": "1"})
     fire_and_forget(server, "/stuck")
     slow = server.process.wait_for_log(SLOW, timeout=30)

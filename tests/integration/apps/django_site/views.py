@@ -5,7 +5,7 @@ from django.http import HttpRequest, HttpResponse
 from django.utils.deprecation import MiddlewareMixin
 
 
-@login_not_required
+@login_not_required  # type: ignore[untyped-decorator]  # django ships no types here
 def item(request: HttpRequest, pk: int) -> HttpResponse:
     return HttpResponse(f"item {pk} {request.method}\n")
 
@@ -14,7 +14,7 @@ def private(request: HttpRequest) -> HttpResponse:
     return HttpResponse("only for users\n")
 
 
-class ThrottleMiddleware(MiddlewareMixin):
+class ThrottleMiddleware(MiddlewareMixin):  # type: ignore[misc]  # django ships no types here
     """Refuses a request carrying X-Throttle with 429 before URL resolution (no resolver_match)."""
 
     def process_request(self, request: HttpRequest) -> HttpResponse | None:

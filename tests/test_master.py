@@ -1,0 +1,157 @@
+"""The master side without a server: the Plan, one round, the exit line, and the worker's watchdog tick."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fakes import FakeRequest, FakeResponse, finish, start
+from gunicorn.config import Config
+
+from gunicorn_insight import _master
+from gunicorn_insight._master import Master, Plan
+from gunicorn_insight._status import STATUS_FILE, StatusRecord, read_record
+from gunicorn_insight._watchdog import Monitor
+from gunicorn_insight._worker import RequestRecorder
+from gunicorn_insight.settings import Settings
+
+NO_EXPORTER = Settings(metrics_bind="off")  # no /metrics process, no StatsD socket, no Prometheus files
+
+
+def gunicorn_config(**values: Any) -> Config:
+    cfg = Config()
+    for name, value in values.items():
+        cfg.set(name, value)
+    return cfg
+
+
+@pytest.mark.parametrize(
+    ("worker_class", "threads", "capacity", "connections", "entries", "threaded"),
+    [
+        ("sync", 1, 1, 1, 1, False),
+        ("gthread", 4, 4, 100, 4, True),
+        ("gevent", 4, 100, 100, 64, False),  # the scoreboard names at most 64 requests per worker
+    ],
+)
+def test_plan_counts_capacity_by_worker_class(
+    worker_class: str, threads: int, capacity: int, connections: int, entries: int, threaded: bool
+) -> None:
+    """sync serves one request, gthread one per thread, the async classes up to worker_connections."""
+    cfg = gunicorn_config(worker_class=worker_class, threads=threads, worker_connections=100)
+    plan = Plan.resolve(NO_EXPORTER, cfg, None)
+    assert (plan.worker_kind, plan.per_worker_capacity, plan.connections_limit, plan.entries) == (
+        worker_class, capacity, connections, entries,
+    )
+    assert plan.recorder.threaded is threaded
+
+
+def test_plan_takes_gunicorns_own_settings_where_ours_are_unset() -> None:
+    """Slots from workers (at least 16), the slow threshold from timeout, StatsD from statsd_host and its tags."""
+    cfg = gunicorn_config(workers=6, timeout=10, statsd_host="127.0.0.1:8125", statsd_prefix="web",
+                          dogstatsd_tags="env:prod")
+    plan = Plan.resolve(Settings(), cfg, None)
+    assert (plan.slots, plan.slow_request_timeout) == (24, 8.0)
+    assert (plan.statsd_target, plan.statsd_prefix, plan.statsd_tags, plan.statsd_tagged) == (
+        ("127.0.0.1", 8125), "web", "env:prod", True,
+    )
+    small = Plan.resolve(Settings(max_workers=3, slow_request_timeout=0), gunicorn_config(workers=2), None)
+    assert (small.slots, small.slow_request_timeout) == (3, 0)
+
+
+class FakeWorker:
+    """The attributes of gunicorn's Worker the master and the recorder read."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.aborted = False
+        self.booted = True
+        self.nr = 0
+        self.max_requests = 1000
+
+
+@pytest.fixture
+def master(tmp_path: Path) -> Iterator[Master]:
+    """A master of two sync workers with no exporter, writing its files to tmp_path."""
+    plan = Plan.resolve(NO_EXPORTER, gunicorn_config(workers=2), None)
+    created = Master(plan, str(tmp_path), "test")
+    yield created
+    created.board.close()
+
+
+def worker_of(master: Master, pid: int) -> tuple[FakeWorker, RequestRecorder]:
+    """A worker the master assigned a slot to, with the recorder that worker would write through."""
+    worker = FakeWorker(pid)
+    master.assign_slot(worker)
+    recorder = RequestRecorder(master.board, getattr(worker, _master.SLOT_ATTRIBUTE), worker)
+    recorder.booted()
+    return worker, recorder
+
+
+def test_a_round_writes_what_the_workers_did(master: Master, tmp_path: Path) -> None:
+    """One round: workers, capacity from the plan, requests in flight and the listener go into status.json."""
+    _, first = worker_of(master, 101)
+    _, second = worker_of(master, 102)
+    done, running = FakeRequest("GET", "/done"), FakeRequest("POST", "/running")
+    start(first, done)
+    finish(first, done, {}, FakeResponse("200 OK"))
+    start(second, running)
+    master.run_round()
+    status = read_record(StatusRecord, str(tmp_path / STATUS_FILE))
+    assert (status.workers, status.capacity, status.busy_workers, status.in_flight, status.lost_requests) == (
+        2, 2, 1, 1, 0,
+    )
+    assert status.recent_exits == ()
+
+
+def test_an_exit_with_a_request_in_flight_is_one_line_naming_it(
+    master: Master, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker SIGKILLed mid-request: one 'worker exited' line with cause, request and client; one recent exit."""
+    worker, recorder = worker_of(master, 4242)
+    start(recorder, FakeRequest("GET", "/report", query="id=7"))
+    master.reaps.observe("Worker (pid:%s) was sent SIGKILL! Perhaps out of memory?", (4242,))
+    master.worker_gone(worker)
+    with caplog.at_level(logging.ERROR):
+        master.run_round()
+    (line,) = [record.getMessage() for record in caplog.records if "worker exited" in record.getMessage()]
+    assert line.startswith("gunicorn-insight: worker exited pid=4242 slot=0 cause=killed detail=\"killed by SIGKILL")
+    assert 'request="GET /report?<redacted>" client=10.1.2.3:4567 elapsed=' in line
+    (exit_,) = read_record(StatusRecord, str(tmp_path / STATUS_FILE)).recent_exits
+    assert (exit_.pid, exit_.cause, exit_.request) == (4242, "killed", "GET /report?<redacted>")
+    master.run_round()  # reported once: the next round has nothing left to bury
+    assert sum("worker exited" in record.getMessage() for record in caplog.records) == 1
+
+
+def test_an_idle_worker_recycled_is_counted_without_a_line(
+    master: Master, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An expected exit (max_requests) of an idle worker is a recent exit but never an error line."""
+    worker, recorder = worker_of(master, 4343)
+    worker.nr = worker.max_requests
+    recorder.exiting(worker)
+    master.worker_gone(worker)
+    master.run_round()
+    assert "worker exited" not in caplog.text
+    (exit_,) = read_record(StatusRecord, str(tmp_path / STATUS_FILE)).recent_exits
+    assert exit_.cause == "max_requests"
+
+
+def test_watchdog_tick_reports_a_slow_request_once(master: Master, caplog: pytest.LogCaptureFixture) -> None:
+    """Past slow_request_timeout a request is logged once, with its stack, and counted; later ticks stay quiet."""
+    _, recorder = worker_of(master, os.getpid())
+    monitor = Monitor(recorder, FakeWorker(os.getpid()), slow_after=0.05)
+    start(recorder, FakeRequest("GET", "/slow"))
+    monitor.tick()
+    assert "slow request" not in caplog.text
+    time.sleep(0.1)
+    monitor.tick()
+    monitor.tick()
+    (line,) = [record.getMessage() for record in caplog.records if "slow request" in record.getMessage()]
+    assert 'request="GET /slow" elapsed=' in line
+    assert "in test_watchdog_tick_reports_a_slow_request_once" in line  # this thread's stack
+    assert master.board.read(recorder.slot).slow == 1
