@@ -6,4 +6,8 @@ still succeeds and gunicorn_insight uses the pure-Python hooks, which behave the
 
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("gunicorn_insight._speedups", ["gunicorn_insight/_speedups.c"], optional=True)])
+setup(
+    ext_modules=[
+        Extension("gunicorn_insight._worker._speedups", ["gunicorn_insight/_worker/_speedups.c"], optional=True)
+    ]
+)

@@ -64,19 +64,20 @@ def request_loop(mode: str, requests: int, raw_request: bytes) -> None:
     pre_request, post_request = cfg.pre_request, cfg.post_request
     if mode != "bare":
         from gunicorn_insight import _scoreboard as sb
-        from gunicorn_insight import _worker
+        from gunicorn_insight._worker import recorder
 
         board = sb.Scoreboard.create(os.path.join(tempfile.mkdtemp(), "scoreboard"), slots=2, entries=1,
                                      ring=8192, master_pid=os.getpid(), routes=100)
         board.assign(0, time.monotonic())
-        options = _worker.RecorderOptions(routes=True, exclude_paths=frozenset({"/healthz"}), threaded=False)
-        _worker.RECORDER = _worker.RequestRecorder(board, 0, worker, options)
+        options = recorder.RecorderOptions(routes=True, exclude_paths=frozenset({"/healthz"}), threaded=False)
+        recorder.RECORDER = recorder.RequestRecorder(board, 0, worker, options)
         if mode == "compiled":
-            if _worker.COMPILED is None:
-                sys.exit("request_path: gunicorn_insight._speedups is not built; reinstall with a C compiler present")
-            pre_request, post_request = _worker.COMPILED
+            if recorder.COMPILED is None:
+                sys.exit("request_path: gunicorn_insight._worker._speedups is not built; "
+                         "reinstall with a C compiler present")
+            pre_request, post_request = recorder.COMPILED
         else:
-            pre_request, post_request = _worker.pre_request, _worker.post_request
+            pre_request, post_request = recorder.pre_request, recorder.post_request
 
     listener, peer = ("127.0.0.1", 8000), ("127.0.0.1", 45678)
 

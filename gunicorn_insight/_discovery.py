@@ -2,7 +2,7 @@
 
 Every master creates a private run directory ``gunicorn-insight-XXXX`` (``tempfile.mkdtemp``) in
 ``/dev/shm`` when it can write there, else in the temporary directory, and writes ``server.json`` into it
-once (see :mod:`gunicorn_insight._status`). Discovery lists those directories and keeps the ones whose
+once (see :mod:`gunicorn_insight._runfiles`). Discovery lists those directories and keeps the ones whose
 ``master_pid`` is alive. The directory is removed when the master exits normally, but a SIGKILLed master
 leaves it behind: that is why liveness is checked, and why a recycled pid is caught by comparing the
 process's start time with the time ``server.json`` was written.
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import _scoreboard as sb
-from ._status import SERVER_FILE, STATUS_FILE, ContractError, ServerInfo, read_record
+from ._runfiles import SERVER_FILE, STATUS_FILE, ContractError, ServerInfo, read_record
 
 RUN_DIR_PREFIX = "gunicorn-insight-"
 # A master writes server.json during on_starting, a moment after exec; a process that started well after

@@ -19,15 +19,21 @@ import time
 from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from typing import Any, TypeVar
 
-from . import _discovery, _master, _prometheus, _worker
+from . import _discovery
 from . import _scoreboard as sb
-from ._asgi import RecordingApp, current_task, find_uvicorn_connections
-from ._routes import hook_frameworks
-from ._safety import LOG, report
-from ._status import ServerInfo
+from ._export import prometheus as _prometheus
+from ._gunicorn import HOOK_ARITY
+from ._master import arbiter as _arbiter
+from ._master.plan import Plan
+from ._report import LOG, error_log_fd, report
+from ._runfiles import ServerInfo
+from ._space import mebibytes
 from ._version import __version__
-from ._watchdog import Monitor, error_log_fd, write_abort_stack
-from ._worker import RequestRecorder, post_request, pre_request, summarize
+from ._worker import recorder as _recorder
+from ._worker.asgi import RecordingApp, current_task, find_uvicorn_connections
+from ._worker.recorder import RequestRecorder, post_request, pre_request, summarize
+from ._worker.routes import hook_frameworks
+from ._worker.watchdog import Monitor, write_abort_stack
 from .settings import ENV_PREFIX, ConfigurationError, Settings
 
 PROMETHEUS_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -71,13 +77,13 @@ def install(namespace: MutableMapping[str, Any], settings: Settings | None = Non
     built = _settings(settings, fields)
     if STATE.inspecting:
         STATE.settings = built
-    elif _master.CURRENT is None:
+    elif _arbiter.CURRENT is None:
         STATE.settings = built
         _prepare_directories(built)
     elif STATE.settings is not None and not built.same_as(STATE.settings):
         # A HUP re-reads the config in the running master; the directories and sockets stay as they are.
         LOG.warning("gunicorn-insight: settings changed on reload; they take effect at the next restart")
-    if built.compiled_hooks and _worker.COMPILED is not None:
+    if built.compiled_hooks and _recorder.COMPILED is not None:
         STATE.request_hooks = "compiled"
     else:
         STATE.request_hooks = "python" if not built.compiled_hooks else "python (the C extension is not built)"
@@ -163,8 +169,8 @@ def _remove_run_dir() -> None:
 
 def _our_hooks() -> dict[str, Callable[..., Any]]:
     """What install() puts in: HOOKS, with the compiled request hooks when it chose them."""
-    if STATE.request_hooks == "compiled" and _worker.COMPILED is not None:
-        return {**HOOKS, "pre_request": _worker.COMPILED[0], "post_request": _worker.COMPILED[1]}
+    if STATE.request_hooks == "compiled" and _recorder.COMPILED is not None:
+        return {**HOOKS, "pre_request": _recorder.COMPILED[0], "post_request": _recorder.COMPILED[1]}
     return HOOKS
 
 
@@ -174,7 +180,7 @@ def is_ours(hook: Any) -> bool:
         marked = getattr(hook, "__gunicorn_insight__", False) is True
     except Exception:  # an arbitrary object's __getattr__
         return False
-    return marked or (_worker.COMPILED is not None and any(hook is compiled for compiled in _worker.COMPILED))
+    return marked or (_recorder.COMPILED is not None and any(hook is compiled for compiled in _recorder.COMPILED))
 
 
 def _calls_ours(hook: Any) -> bool:
@@ -247,14 +253,14 @@ def _chain(name: str, ours: Callable[..., Any], theirs: Callable[..., Any]) -> C
             theirs(worker, req, environ, resp)
 
         chained: Callable[..., Any] = post_request
-    elif ARITY[name] == 1:
+    elif HOOK_ARITY[name] == 1:
 
         def one(arg: Any) -> None:
             ours(arg)
             theirs(arg)
 
         chained = one
-    elif ARITY[name] == 2:
+    elif HOOK_ARITY[name] == 2:
 
         def two(first: Any, second: Any) -> None:
             ours(first, second)
@@ -294,23 +300,23 @@ def on_starting(server: Any) -> None:
         return
     STATE.started = True
     settings = STATE.settings
-    if settings is None or _master.CURRENT is not None or STATE.run_dir is None:
+    if settings is None or _arbiter.CURRENT is not None or STATE.run_dir is None:
         return
     STATE.run_dir_owner = os.getpid()  # the master, after any --daemon forks
     try:
         _prepare_for_workers(server.cfg)
         _log_adopted(adopt_late_hooks(server.cfg), "")
         STATE.adopted_cfg = server.cfg
-        plan = _master.Plan.resolve(settings, server.cfg, STATE.prometheus_dir)
+        plan = Plan.resolve(settings, server.cfg, STATE.prometheus_dir)
         title = f"gunicorn-insight: metrics [{getattr(server, 'proc_name', None) or 'gunicorn'}]"
-        master = _master.Master(plan, STATE.run_dir, title)
+        master = _arbiter.Master(plan, STATE.run_dir, title)
     except ConfigurationError as error:
         _to_error_log(server, error)
         raise
     except Exception as error:
         report("on_starting, so gunicorn-insight is off for this run", error)
         return
-    _master.CURRENT = master
+    _arbiter.CURRENT = master
     try:
         _hand_to_worker_user(server.cfg, master.board.path)
     except Exception as error:
@@ -348,7 +354,7 @@ def _warn_if_little_room(directory: str | None, workers: int) -> None:
             "reserved: a worker that writes into a page the filesystem cannot back dies of SIGBUS. Give that "
             "filesystem more room (Docker: docker run --shm-size=256m) or set GUNICORN_INSIGHT_PROMETHEUS_DIR "
             "to a directory with room",
-            sb.mebibytes(free), directory, sb.mebibytes(needed), workers,
+            mebibytes(free), directory, mebibytes(needed), workers,
         )
 
 
@@ -424,7 +430,7 @@ def _to_error_log(server: Any, error: ConfigurationError) -> None:
 def on_reload(server: Any) -> None:
     """After a HUP gunicorn has re-read the config into a new cfg: its hooks are checked again."""
     try:
-        if _master.CURRENT is not None and os.getpid() == _master.CURRENT.pid:
+        if _arbiter.CURRENT is not None and os.getpid() == _arbiter.CURRENT.pid:
             _log_adopted(adopt_late_hooks(server.cfg), " in the reloaded config")
             STATE.adopted_cfg = server.cfg
     except Exception as error:
@@ -434,8 +440,8 @@ def on_reload(server: Any) -> None:
 _T = TypeVar("_T")
 
 
-def _describe(server: Any, master: _master.Master) -> ServerInfo:
-    """What a tool needs to find and label this server (see gunicorn_insight._status)."""
+def _describe(server: Any, master: _arbiter.Master) -> ServerInfo:
+    """What a tool needs to find and label this server (see gunicorn_insight._runfiles)."""
     cfg = server.cfg
     plan = master.plan
     return ServerInfo(
@@ -476,7 +482,7 @@ def _gunicorn_version() -> str:
     return str(gunicorn.__version__)
 
 
-def _announce(master: _master.Master) -> None:
+def _announce(master: _arbiter.Master) -> None:
     plan = master.plan
     where = []
     if master.endpoint is not None and master.endpoint.url:
@@ -500,11 +506,11 @@ def pre_fork(server: Any, worker: Any) -> None:
     if not STATE.started:
         on_starting(server)  # on_starting was replaced after install(): start here, before the first fork
     try:
-        if _master.CURRENT is not None:
+        if _arbiter.CURRENT is not None:
             if server.cfg is not STATE.adopted_cfg:  # a HUP whose on_reload was replaced
                 _log_adopted(adopt_late_hooks(server.cfg), " in the reloaded config")
                 STATE.adopted_cfg = server.cfg
-            _master.CURRENT.assign_slot(worker)
+            _arbiter.CURRENT.assign_slot(worker)
     except Exception as error:
         report("pre_fork", error)
 
@@ -512,8 +518,8 @@ def pre_fork(server: Any, worker: Any) -> None:
 def child_exit(server: Any, worker: Any) -> None:
     # On gunicorn 23 this runs inside the SIGCHLD handler: no logging here, report() only on a bug.
     try:
-        if _master.CURRENT is not None:
-            _master.CURRENT.worker_gone(worker, shutting_down=_stopping(server))
+        if _arbiter.CURRENT is not None:
+            _arbiter.CURRENT.worker_gone(worker, shutting_down=_stopping(server))
     except Exception as error:
         report("child_exit", error)
 
@@ -526,12 +532,12 @@ def _stopping(server: Any) -> bool:
 
 def worker_exit(server: Any, worker: Any) -> None:
     try:
-        master = _master.CURRENT
+        master = _arbiter.CURRENT
         if master is not None and os.getpid() == master.pid:
             # In the master, gunicorn calls this instead of child_exit when the worker had already vanished.
             master.worker_gone(worker, shutting_down=_stopping(server))
             return
-        recorder = _worker.RECORDER
+        recorder = _recorder.RECORDER
         if recorder is None:
             return
         boot_error = recorder.exiting(worker)
@@ -548,8 +554,8 @@ def worker_exit(server: Any, worker: Any) -> None:
 
 def on_exit(server: Any) -> None:
     try:
-        if _master.CURRENT is not None and os.getpid() == _master.CURRENT.pid:
-            _master.CURRENT.stop()
+        if _arbiter.CURRENT is not None and os.getpid() == _arbiter.CURRENT.pid:
+            _arbiter.CURRENT.stop()
     except Exception as error:
         report("on_exit", error)
     try:
@@ -601,8 +607,8 @@ def post_fork(server: Any, worker: Any) -> None:
     except Exception as error:
         report("post_fork (chaining the request hooks)", error)
     try:
-        master = _master.CURRENT
-        slot = getattr(worker, _master.SLOT_ATTRIBUTE, None)
+        master = _arbiter.CURRENT
+        slot = getattr(worker, _arbiter.SLOT_ATTRIBUTE, None)
         if master is None or slot is None or STATE.settings is None:
             return
         current = _greenlet_getcurrent() if master.plan.worker_kind == "gevent" else threading.get_ident
@@ -610,9 +616,9 @@ def post_fork(server: Any, worker: Any) -> None:
             current = current_task  # only the ASGI layer records there, inside the request's task
         if master.plan.worker_kind == "uvicorn":
             worker.nr_conns = 0  # the recorder reads it from the start; counted once the server runs
-        _worker.RECORDER = RequestRecorder(master.board, slot, worker, master.plan.recorder, current)
+        _recorder.RECORDER = RequestRecorder(master.board, slot, worker, master.plan.recorder, current)
         if master.plan.worker_kind == "uvicorn":
-            _worker.RECORDER.unmark(sb.FLAG_COUNTS_CONNECTIONS)  # until then: the requests in flight
+            _recorder.RECORDER.unmark(sb.FLAG_COUNTS_CONNECTIONS)  # until then: the requests in flight
     except Exception as error:
         report("post_fork", error)
 
@@ -620,8 +626,8 @@ def post_fork(server: Any, worker: Any) -> None:
 def post_worker_init(worker: Any) -> None:
     monitor = None
     try:
-        recorder = _worker.RECORDER
-        master = _master.CURRENT
+        recorder = _recorder.RECORDER
+        master = _arbiter.CURRENT
         if recorder is None or master is None:
             return
         recorder.booted()
@@ -636,8 +642,8 @@ def post_worker_init(worker: Any) -> None:
     except Exception as error:
         report("post_worker_init", error)
     try:
-        if _worker.RECORDER is not None and _master.CURRENT is not None:
-            record_asgi_requests(worker, _master.CURRENT.plan, monitor)
+        if _recorder.RECORDER is not None and _arbiter.CURRENT is not None:
+            record_asgi_requests(worker, _arbiter.CURRENT.plan, monitor)
     except Exception as error:
         report("wrapping the ASGI application", error)
 
@@ -647,7 +653,7 @@ ASGI_APP_ATTRIBUTES = {"uvicorn": "wsgi", "asgi": "asgi"}
 it starts serving (uvicorn's hands ``worker.wsgi`` to its server in ``run()``)."""
 
 
-def record_asgi_requests(worker: Any, plan: _master.Plan, monitor: Monitor | None = None) -> None:
+def record_asgi_requests(worker: Any, plan: Plan, monitor: Monitor | None = None) -> None:
     """Wrap the loaded application in the recording ASGI layer (see _asgi), on the classes that need it.
 
     gunicorn's asgi worker also calls the request hooks, with less than the layer sees (no status or route
@@ -664,7 +670,7 @@ def record_asgi_requests(worker: Any, plan: _master.Plan, monitor: Monitor | Non
         LOG.warning("gunicorn-insight: worker class %s serves a %s application; its requests are not recorded",
                     type(worker).__name__, interface)
         return
-    hooks = _worker.COMPILED if STATE.request_hooks == "compiled" and _worker.COMPILED is not None else (
+    hooks = _recorder.COMPILED if STATE.request_hooks == "compiled" and _recorder.COMPILED is not None else (
         pre_request, post_request)
     # uvicorn creates its event loop when it starts serving: the watchdog gets it at the first call.
     on_loop = monitor.watch_loop if monitor is not None and plan.worker_kind == "uvicorn" else None
@@ -679,8 +685,8 @@ def record_asgi_requests(worker: Any, plan: _master.Plan, monitor: Monitor | Non
 def _count_uvicorn_connections(worker: Any, monitor: Monitor, connections: Callable[[], int]) -> None:
     worker.nr_conns = connections()
     monitor.count_connections(connections)
-    if _worker.RECORDER is not None:
-        _worker.RECORDER.mark(sb.FLAG_COUNTS_CONNECTIONS)
+    if _recorder.RECORDER is not None:
+        _recorder.RECORDER.mark(sb.FLAG_COUNTS_CONNECTIONS)
 
 
 def _hand_back_request_hooks(cfg: Any) -> None:
@@ -694,7 +700,7 @@ def _hand_back_request_hooks(cfg: Any) -> None:
 def worker_int(worker: Any) -> None:
     # Runs inside a signal handler (SIGINT/SIGQUIT): a byte in shared memory and an attribute (see mark), nothing
     # else.
-    recorder = _worker.RECORDER
+    recorder = _recorder.RECORDER
     if recorder is not None:
         with contextlib.suppress(Exception):  # logging here could deadlock; the master notices anyway
             recorder.mark(sb.FLAG_INT_HANDLER)
@@ -703,7 +709,7 @@ def worker_int(worker: Any) -> None:
 def worker_abort(worker: Any) -> None:
     # Runs inside a signal handler: a byte in shared memory and an attribute (see mark), then os.write and
     # faulthandler. No logging.
-    recorder = _worker.RECORDER
+    recorder = _recorder.RECORDER
     if recorder is not None:
         with contextlib.suppress(Exception):  # logging here could deadlock; the master notices anyway
             recorder.mark(sb.FLAG_ABORT_HANDLER)
@@ -725,8 +731,6 @@ HOOKS: dict[str, Callable[..., Any]] = {
     "on_exit": on_exit,
 }
 _WORKER_HOOKS = ("pre_request", "post_request", "post_worker_init", "worker_int", "worker_abort", "worker_exit")
-ARITY = {"post_request": 4, "on_reload": 1, "post_worker_init": 1, "worker_int": 1, "worker_abort": 1, "on_starting": 1,
-         "on_exit": 1, "pre_fork": 2, "post_fork": 2, "pre_request": 2, "child_exit": 2, "worker_exit": 2}
 for _hook in HOOKS.values():
     _hook.__gunicorn_insight__ = True  # type: ignore[attr-defined]
 

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from ._mmapfile import reserve
+from ._space import free_space, mebibytes, reserve
 from .settings import ConfigurationError, join_host_port
 
 MAGIC = b"GINSIGHT"
@@ -334,17 +334,6 @@ class Scoreboard:
             base : base + last * RING_SIZE
         ]
 
-
-def mebibytes(size: int) -> str:
-    return f"{size / 1048576:.1f} MiB"
-
-
-def free_space(directory: str) -> str:
-    try:
-        stats = os.statvfs(directory)
-    except OSError:
-        return "free space unknown"
-    return f"{mebibytes(stats.f_bavail * stats.f_frsize)} free of {mebibytes(stats.f_blocks * stats.f_frsize)}"
 
 
 def no_room_message(path: str, size: int, slots: int, each: int, error: OSError) -> str:

@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from ._routes import ROUTE_KEY
-from ._safety import report
+from ._report import report
+from ._worker.routes import ROUTE_KEY
 
 __all__ = ["RouteMiddleware"]
 

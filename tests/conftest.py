@@ -10,7 +10,7 @@ import fakes
 import pytest
 
 from gunicorn_insight import _scoreboard as sb
-from gunicorn_insight import _worker
+from gunicorn_insight._worker import recorder as _recorder
 
 
 @pytest.fixture
@@ -25,7 +25,7 @@ def board(tmp_path: Path) -> Iterator[sb.Scoreboard]:
 def no_recorder_left_behind() -> Iterator[None]:
     """Tests that play a worker set the worker's recorder; the next test starts without one."""
     yield
-    _worker.RECORDER = None
+    _recorder.RECORDER = None
 
 
 @pytest.fixture(params=["python", "compiled"])

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from gunicorn_insight import _worker
-from gunicorn_insight._status import ServerInfo, StatusRecord
-from gunicorn_insight._worker import RequestRecorder
+from gunicorn_insight._runfiles import ServerInfo, StatusRecord
+from gunicorn_insight._worker import recorder as _recorder
+from gunicorn_insight._worker.recorder import RequestRecorder
 
 
 class FakeRequest:
@@ -35,8 +35,8 @@ class FakeResponse:
 
 
 IMPLEMENTATIONS: dict[str, tuple[Callable[..., None], Callable[..., None]]] = {
-    "python": (_worker.pre_request, _worker.post_request),
-    **({"compiled": _worker.COMPILED} if _worker.COMPILED is not None else {}),
+    "python": (_recorder.pre_request, _recorder.post_request),
+    **({"compiled": _recorder.COMPILED} if _recorder.COMPILED is not None else {}),
 }
 HOOKS = IMPLEMENTATIONS.get("compiled", IMPLEMENTATIONS["python"])
 """The pair start() and finish() call: what install() puts in a config, unless a test picks one."""
@@ -46,22 +46,24 @@ def compiled_hooks() -> tuple[Callable[..., None], Callable[..., None]]:
     """The compiled pair. Where the extension was not built the test is skipped, unless
     INSIGHT_TEST_REQUIRE_COMPILED is set (scripts/test-all sets it): then it fails, so CI cannot pass
     without testing the compiled hooks."""
-    if _worker.COMPILED is None:
+    if _recorder.COMPILED is None:
         if os.environ.get("INSIGHT_TEST_REQUIRE_COMPILED"):
-            pytest.fail("gunicorn_insight._speedups was not built; see the pip install output for the compiler error")
-        pytest.skip("gunicorn_insight._speedups was not built (no compiler at install time)")
-    return _worker.COMPILED
+            pytest.fail(
+                "gunicorn_insight._worker._speedups was not built; see the pip install output for the compiler error"
+            )
+        pytest.skip("gunicorn_insight._worker._speedups was not built (no compiler at install time)")
+    return _recorder.COMPILED
 
 
 def start(recorder: RequestRecorder, req: object) -> None:
     """gunicorn calling pre_request in the worker that owns ``recorder``."""
-    _worker.RECORDER = recorder
+    _recorder.RECORDER = recorder
     HOOKS[0](None, req)
 
 
 def finish(recorder: RequestRecorder, req: object, environ: object, resp: object) -> None:
     """gunicorn calling post_request in the worker that owns ``recorder``."""
-    _worker.RECORDER = recorder
+    _recorder.RECORDER = recorder
     HOOKS[1](None, req, environ, resp)
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from gunicorn_insight._forensics import CAUSES
+from gunicorn_insight._facts import CAUSES
 
 ROOT = Path(__file__).resolve().parents[1]
 RULES = ROOT / "alerts" / "gunicorn-insight.rules.yml"

@@ -14,10 +14,11 @@ import pytest
 from fakes import FakeRequest, FakeResponse
 from test_speedups import masked
 
-from gunicorn_insight import _asgi, _worker
 from gunicorn_insight import _scoreboard as sb
-from gunicorn_insight._routes import ROUTE_KEY
-from gunicorn_insight._worker import RecorderOptions, RequestRecorder
+from gunicorn_insight._worker import asgi as _asgi
+from gunicorn_insight._worker import recorder as _recorder
+from gunicorn_insight._worker.recorder import RecorderOptions, RequestRecorder
+from gunicorn_insight._worker.routes import ROUTE_KEY
 
 Hooks = tuple[Callable[..., None], Callable[..., None]]
 
@@ -126,10 +127,10 @@ def through_layer(hooks: Hooks, worker: Worker) -> None:
 def recorded(board: sb.Scoreboard, serve: Callable[[Hooks, Worker], None], hooks: Hooks) -> Worker:
     board.assign(0, now=1.0)
     worker = Worker()
-    _worker.RECORDER = RequestRecorder(
+    _recorder.RECORDER = RequestRecorder(
         board, 0, worker, RecorderOptions(routes=True, exclude_paths=frozenset({"/healthz"}), threaded=False))
     serve(hooks, worker)
-    _worker.RECORDER = None
+    _recorder.RECORDER = None
     return worker
 
 
@@ -172,7 +173,7 @@ def test_lifespan_and_websocket_scopes_pass_through_unrecorded(board: sb.Scorebo
 
     board.assign(0, now=1.0)
     worker = Worker()
-    _worker.RECORDER = RequestRecorder(board, 0, worker, RecorderOptions(threaded=False))
+    _recorder.RECORDER = RequestRecorder(board, 0, worker, RecorderOptions(threaded=False))
     layer = _asgi.RecordingApp(app, worker, fakes.HOOKS, routes=True, count_requests=True)
     scopes: list[dict[str, Any]] = [{"type": "lifespan"}, {"type": "websocket", "path": "/ws"}]
     for scope in scopes:
@@ -193,7 +194,7 @@ def test_double_callable_applications_keep_working(board: sb.Scoreboard) -> None
             await send({"type": "http.response.start", "status": 202, "headers": []})
 
     board.assign(0, now=1.0)
-    _worker.RECORDER = RequestRecorder(board, 0, Worker(), RecorderOptions(threaded=False))
+    _recorder.RECORDER = RequestRecorder(board, 0, Worker(), RecorderOptions(threaded=False))
     layer = _asgi.RecordingApp(Asgi2, Worker(), fakes.HOOKS, routes=False, count_requests=False)
     asyncio.run(layer(CASES[0].scope(), _receive, _noop_send))
     assert [record[2] for record in board.read_ring(0, 0, 1)] == [202]
@@ -297,7 +298,7 @@ def test_request_is_recorded_before_the_last_of_its_response_goes_out(board: sb.
 
     board.assign(0, now=1.0)
     worker = Worker()
-    _worker.RECORDER = RequestRecorder(board, 0, worker, RecorderOptions(threaded=False))
+    _recorder.RECORDER = RequestRecorder(board, 0, worker, RecorderOptions(threaded=False))
     layer = _asgi.RecordingApp(app, worker, fakes.HOOKS, routes=False, count_requests=True)
     asyncio.run(layer(CASES[0].scope(), _receive, send))
     assert heads == [("http.response.start", False, 0), ("http.response.body", True, 0),

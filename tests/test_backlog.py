@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-from gunicorn_insight._backlog import backlog, listen_overflows
+from gunicorn_insight._master.backlog import backlog, listen_overflows
 
 
 def test_tcp_accept_queue_depth_and_limit() -> None:

@@ -17,10 +17,11 @@ import pytest
 from fakes import FakeRequest, server_info, start, status_record
 from rich.console import Console
 
-from gunicorn_insight import _discovery, _views, cli
+from gunicorn_insight import _discovery
 from gunicorn_insight import _scoreboard as sb
-from gunicorn_insight._status import STATUS_FORMAT, encode
-from gunicorn_insight._worker import RequestRecorder
+from gunicorn_insight._runfiles import STATUS_FORMAT, encode
+from gunicorn_insight._worker.recorder import RequestRecorder
+from gunicorn_insight.cli import commands, views
 
 
 class FakeWorker:
@@ -78,17 +79,17 @@ def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeServ
     fake.board.close()
 
 
-def snapshot_of(fake: FakeServer) -> _views.StatusDocument:
+def snapshot_of(fake: FakeServer) -> views.StatusDocument:
     reader = sb.Scoreboard.attach(str(fake.run_dir / "scoreboard"))
     try:
-        return _views.snapshot(_views.take_reading(fake.server(), reader))
+        return views.snapshot(views.take_reading(fake.server(), reader))
     finally:
         reader.close()
 
 
-def rendered(snap: _views.StatusDocument, width: int = 160) -> str:
+def rendered(snap: views.StatusDocument, width: int = 160) -> str:
     console = Console(width=width, record=True, file=open(os.devnull, "w"))  # noqa: SIM115 - closed with console
-    console.print(_views.render(snap))
+    console.print(views.render(snap))
     text = console.export_text()
     console.file.close()
     return text
@@ -200,7 +201,7 @@ def test_human_rendering_has_every_column(server: FakeServer) -> None:
 )
 def test_durations_are_short_and_readable(seconds: float | None, text: str) -> None:
     """Durations keep two units at most, so table columns stay narrow."""
-    assert _views.duration(seconds) == text
+    assert views.duration(seconds) == text
 
 
 # -- the command ------------------------------------------------------------------------------------------------
@@ -208,7 +209,7 @@ def test_durations_are_short_and_readable(seconds: float | None, text: str) -> N
 
 def test_status_json_has_the_documented_keys(server: FakeServer, capsys: pytest.CaptureFixture[str]) -> None:
     """status --json prints one object with the top-level and per-worker keys docs/cli.md documents."""
-    assert cli.main(["status", "--json"]) == 0
+    assert commands.main(["status", "--json"]) == 0
     document = json.loads(capsys.readouterr().out)
     assert list(document) == ["format", "time", "server", "totals", "listeners", "workers", "recent_exits",
                               "status_age", "warnings"]
@@ -224,7 +225,7 @@ def test_status_json_has_the_documented_keys(server: FakeServer, capsys: pytest.
 
 def test_status_selects_by_worker_pid(server: FakeServer, capsys: pytest.CaptureFixture[str]) -> None:
     """status --pid accepts a worker's pid (here this process, which the fake scoreboard has in slot 0)."""
-    assert cli.main(["status", "--pid", str(os.getpid())]) == 0
+    assert commands.main(["status", "--pid", str(os.getpid())]) == 0
     assert "/checkout?<redacted>" in capsys.readouterr().out
 
 
@@ -232,7 +233,7 @@ def test_status_without_server_exits_1(tmp_path: Path, monkeypatch: pytest.Monke
                                        capsys: pytest.CaptureFixture[str]) -> None:
     """No server: exit 1 and the plugin hint on stderr."""
     monkeypatch.setattr(_discovery, "search_roots", lambda: [str(tmp_path)])
-    assert cli.main(["status"]) == 1
+    assert commands.main(["status"]) == 1
     assert "is it started with the plugin?" in capsys.readouterr().err
 
 
@@ -245,7 +246,7 @@ def test_permission_denied_on_the_scoreboard_says_who_to_run_as(
         raise PermissionError(13, "Permission denied", path)
 
     monkeypatch.setattr(sb.Scoreboard, "attach", denied)
-    assert cli.main(["status"]) == 1
+    assert commands.main(["status"]) == 1
     error = capsys.readouterr().err
     assert "permission denied reading the scoreboard" in error
     assert "run as the server's user" in error
@@ -254,7 +255,7 @@ def test_permission_denied_on_the_scoreboard_says_who_to_run_as(
 
 def test_top_renders_the_requested_number_of_frames(server: FakeServer, capsys: pytest.CaptureFixture[str]) -> None:
     """top --iterations N without a terminal prints N frames one after the other, then exits 0."""
-    assert cli.main(["top", "--iterations", "2", "--interval", "0.05"]) == 0
+    assert commands.main(["top", "--iterations", "2", "--interval", "0.05"]) == 0
     out = capsys.readouterr().out
     assert out.count("gunicorn-insight top") == 2
     assert out.count("/checkout?<redacted>") == 2
@@ -266,8 +267,8 @@ def test_top_exits_0_on_ctrl_c(server: FakeServer, monkeypatch: pytest.MonkeyPat
     def interrupted(seconds: float) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("gunicorn_insight.cli.time.sleep", interrupted)
-    assert cli.main(["top"]) == 0
+    monkeypatch.setattr("gunicorn_insight.cli.commands.time.sleep", interrupted)
+    assert commands.main(["top"]) == 0
 
 
 def test_top_exits_1_when_the_server_goes_away(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -284,7 +285,7 @@ def test_top_exits_1_when_the_server_goes_away(tmp_path: Path, monkeypatch: pyte
     timer = threading.Timer(0.3, stop)
     timer.start()
     try:
-        assert cli.main(["top", "--interval", "0.05"]) == 1
+        assert commands.main(["top", "--interval", "0.05"]) == 1
     finally:
         timer.cancel()
         stop()
@@ -298,14 +299,14 @@ def test_top_exits_1_when_the_server_goes_away(tmp_path: Path, monkeypatch: pyte
 )
 def test_top_refuses_nonsense_options(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
     """--interval 0 or --iterations 0 is a usage error (exit 2) that says what to give instead."""
-    assert cli.main(["top", *argv]) == 2
+    assert commands.main(["top", *argv]) == 2
     assert message in capsys.readouterr().err
 
 
 def test_selectors_are_mutually_exclusive(capsys: pytest.CaptureFixture[str]) -> None:
     """--pid and --name together are refused by the parser (exit 2)."""
     with pytest.raises(SystemExit) as caught:
-        cli.main(["status", "--pid", "1", "--name", "x"])
+        commands.main(["status", "--pid", "1", "--name", "x"])
     assert caught.value.code == 2
     assert "not allowed with argument" in capsys.readouterr().err
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from gunicorn_insight._configload import ConfigLoadError, load
+from gunicorn_insight.cli.configload import ConfigLoadError, load
 
 
 def test_config_file_and_gunicorn_cmd_args_are_applied_as_gunicorn_does(

@@ -16,7 +16,7 @@ from fakes import server_info
 from gunicorn_insight import _discovery
 from gunicorn_insight import _scoreboard as sb
 from gunicorn_insight._discovery import DiscoveryError, Selector
-from gunicorn_insight._status import SERVER_FORMAT, encode
+from gunicorn_insight._runfiles import SERVER_FORMAT, encode
 
 
 def dead_pid() -> int:

@@ -16,9 +16,11 @@ from typing import Any
 import pytest
 from gunicorn.config import Config
 
-from gunicorn_insight import _configload, _doctor, _hooks, cli
-from gunicorn_insight._doctor import Context, Finding
-from gunicorn_insight._hostfacts import Mount, System
+from gunicorn_insight import _hooks
+from gunicorn_insight.cli import commands, configload
+from gunicorn_insight.cli import doctor as _doctor
+from gunicorn_insight.cli.doctor import Context, Finding
+from gunicorn_insight.cli.hostfacts import Mount, System
 
 GIB = 1 << 30
 SYSTEM = System(
@@ -305,7 +307,7 @@ def test_install_in_the_config_has_no_side_effects(clean_env: Path, monkeypatch:
 
     monkeypatch.setattr("gunicorn_insight._hooks.tempfile.mkdtemp", forbidden)
     settings_before = _hooks.STATE.settings
-    loaded = _configload.load(str(path))
+    loaded = configload.load(str(path))
     assert (prometheus / "counter_1.db").exists()
     assert "PROMETHEUS_MULTIPROC_DIR" not in os.environ
     assert _hooks.STATE.settings is settings_before
@@ -317,7 +319,7 @@ def test_install_errors_become_findings(clean_env: Path, monkeypatch: pytest.Mon
     path = clean_env / "gunicorn.conf.py"
     path.write_text("import gunicorn_insight\ngunicorn_insight.install(globals())\n")
     monkeypatch.setenv("GUNICORN_INSIGHT_STATSD", "localhost")
-    loaded = _configload.load(str(path))
+    loaded = configload.load(str(path))
     (error,) = loaded.plugin_errors
     assert error.startswith("statsd='localhost' is not host:port")
 
@@ -326,7 +328,7 @@ def test_doctor_exits_1_on_an_error_and_prints_json(clean_env: Path, capsys: pyt
     """An error finding makes exit status 1; --json lists findings with check, severity, what, why and fix."""
     path = clean_env / "gunicorn.conf.py"
     path.write_text("worker_tmp_dir = '/nonexistent/heartbeat'\nmax_requests = 100\n")
-    assert cli.main(["doctor", "-c", str(path), "--json"]) == 1
+    assert commands.main(["doctor", "-c", str(path), "--json"]) == 1
     document = json.loads(capsys.readouterr().out)
     assert document["errors"] >= 1
     checks = {finding["check"]: finding for finding in document["findings"]}
@@ -339,7 +341,7 @@ def test_doctor_exits_0_with_warnings_only(clean_env: Path, capsys: pytest.Captu
     """Warnings alone leave exit status 0; the table shows each finding with why and fix."""
     path = clean_env / "gunicorn.conf.py"
     path.write_text("max_requests = 100\nworker_tmp_dir = '/dev/shm'\n")
-    assert cli.main(["doctor", "-c", str(path), "--worker-memory-mb", "1"]) == 0
+    assert commands.main(["doctor", "-c", str(path), "--worker-memory-mb", "1"]) == 0
     out = capsys.readouterr().out
     assert "max-requests-jitter" in out
     assert "why: workers that start together" in out
@@ -348,7 +350,7 @@ def test_doctor_exits_0_with_warnings_only(clean_env: Path, capsys: pytest.Captu
 
 def test_doctor_config_load_failure_exits_1(clean_env: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A config that cannot load: exit 1 and the reason on stderr."""
-    assert cli.main(["doctor", "-c", str(clean_env / "missing.py")]) == 1
+    assert commands.main(["doctor", "-c", str(clean_env / "missing.py")]) == 1
     assert "does not exist" in capsys.readouterr().err
 
 
@@ -516,10 +518,10 @@ def test_app_is_not_imported_unless_asked(clean_env: Path, capsys: pytest.Captur
     _app_module(clean_env, "sideapp", f"open({str(marker)!r}, 'w').close()")
     path = clean_env / "gunicorn.conf.py"
     path.write_text(f"wsgi_app = 'sideapp:app'\nchdir = {str(clean_env)!r}\n")
-    cli.main(["doctor", "-c", str(path), "--json"])
+    commands.main(["doctor", "-c", str(path), "--json"])
     assert not marker.exists()
     assert json.loads(capsys.readouterr().out)["facts"]["app_import_seconds"] is None
-    cli.main(["doctor", "-c", str(path), "--json", "--import-app"])
+    commands.main(["doctor", "-c", str(path), "--json", "--import-app"])
     assert marker.exists()
     document = json.loads(capsys.readouterr().out)
     assert document["facts"]["app_import_seconds"] is not None

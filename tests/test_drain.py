@@ -7,8 +7,9 @@ from itertools import chain
 from fakes import FakeRequest, FakeResponse, finish, start
 
 from gunicorn_insight import _scoreboard as sb
-from gunicorn_insight._drain import NO_RESPONSE, Drainer, status_label
-from gunicorn_insight._worker import RequestRecorder
+from gunicorn_insight._facts import NO_RESPONSE, status_label
+from gunicorn_insight._master.drain import Drainer
+from gunicorn_insight._worker.recorder import RequestRecorder
 
 
 class Worker:

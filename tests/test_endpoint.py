@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from gunicorn_insight import _endpoint
-from gunicorn_insight._endpoint import MetricsEndpoint
-from gunicorn_insight._mmapfile import MetricFile, sample_key
+from gunicorn_insight._export import metrics_link
+from gunicorn_insight._export.metrics_link import MetricsEndpoint
+from gunicorn_insight._export.mmapfile import MetricFile, sample_key
 from gunicorn_insight.settings import ConfigurationError
 
 DEADLINE = 20.0
@@ -61,7 +61,7 @@ class _Exporter:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            _endpoint.wait_readable(self.endpoint, 0.05)
+            metrics_link.wait_readable(self.endpoint, 0.05)
             self.endpoint.take_requests()
             asked = self.endpoint.pending
             if asked:
@@ -108,7 +108,7 @@ def test_each_scrape_waits_for_a_fresh_round(exporter: _Exporter) -> None:
 def test_a_killed_process_is_restarted_on_the_same_port(exporter: _Exporter,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """SIGKILL the /metrics process: the master notices the socket close and starts a new one."""
-    monkeypatch.setattr(_endpoint, "RESTART_EVERY", 0.0)
+    monkeypatch.setattr(metrics_link, "RESTART_EVERY", 0.0)
     first = exporter.endpoint.pid
     os.kill(first, 9)
     _until(lambda: _reaped(first), "the killed process is reaped")
@@ -133,7 +133,7 @@ def test_default_port_in_use_is_reported_apart_from_errors(tmp_path: Path) -> No
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        with pytest.raises(_endpoint.MetricsPortTaken, match=rf"/metrics is not served: the default metrics_bind "
+        with pytest.raises(metrics_link.MetricsPortTaken, match=rf"/metrics is not served: the default metrics_bind "
                                                              rf"127\.0\.0\.1:{port} is in use"):
             MetricsEndpoint(("127.0.0.1", port), str(tmp_path), successor=False, error_fd=2, title="",
                             optional=True)

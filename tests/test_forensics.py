@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from gunicorn_insight import _scoreboard as sb
-from gunicorn_insight._forensics import OomCounter, ReapWatcher, classify
+from gunicorn_insight._master.forensics import OomCounter, ReapWatcher, classify
 
 BLANK = sb.SlotView(0, 1, 42, sb.READY, 0, 0, 0, 0, 0, 1.0, 2.0, 0, 0, 0, 0, 0, "", ())
 

@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 from gunicorn.config import Config
 
-from gunicorn_insight import _hooks, _worker, install
+from gunicorn_insight import _hooks, install
+from gunicorn_insight._worker import recorder
 from gunicorn_insight.settings import ConfigurationError, Settings
 
 STATSD_ONLY: dict[str, Any] = {"statsd": "127.0.0.1:9"}  # keeps these tests from exporting PROMETHEUS_MULTIPROC_DIR
@@ -102,10 +103,10 @@ def test_worker_hooks_never_raise_even_without_state() -> None:
 def test_without_the_extension_the_python_hooks_are_installed_and_said_so(monkeypatch: pytest.MonkeyPatch) -> None:
     """No compiled build (no compiler at install time): the Python pair, and the startup line's reason."""
     monkeypatch.setattr(_hooks.STATE, "inspecting", True)
-    monkeypatch.setattr(_worker, "COMPILED", None)
+    monkeypatch.setattr(recorder, "COMPILED", None)
     namespace: dict[str, Any] = {}
     _hooks.install(namespace)
-    assert (namespace["pre_request"], namespace["post_request"]) == (_worker.pre_request, _worker.post_request)
+    assert (namespace["pre_request"], namespace["post_request"]) == (recorder.pre_request, recorder.post_request)
     assert _hooks.STATE.request_hooks == "python (the C extension is not built)"
 
 
@@ -166,11 +167,11 @@ def test_a_worker_reaped_once_gunicorn_is_stopping_is_handed_over_as_such(
 ) -> None:
     """gunicorn's stop() empties LISTENERS first: a worker it reaps after that (even after its own SIGKILL,
     when graceful_timeout ran out) is a shutdown exit, whether child_exit or worker_exit reports it."""
-    from gunicorn_insight import _master
+    from gunicorn_insight._master import arbiter
 
     gone = _Gone()
     gone.pid = os.getpid()
-    monkeypatch.setattr(_master, "CURRENT", gone)
+    monkeypatch.setattr(arbiter, "CURRENT", gone)
     _hooks.child_exit(_Arbiter(listeners), object())
     _hooks.worker_exit(_Arbiter(listeners), object())
     assert gone.calls == [expected, expected]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gunicorn_insight._hostfacts import Mount, System, _read_mounts
+from gunicorn_insight.cli.hostfacts import Mount, System, _read_mounts
 
 
 def test_filesystem_is_the_longest_mount_point_and_the_last_mounted() -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gunicorn_insight._lifecycle import CrashLoopWatch, EarlyDeath, StallWatch
+from gunicorn_insight._master.lifecycle import CrashLoopWatch, EarlyDeath, StallWatch
 
 
 def test_stall_needs_quiet_heads_in_flight_and_unmet_demand() -> None:

@@ -8,9 +8,9 @@ from typing import Any
 import fakes
 import pytest
 
-from gunicorn_insight import _livedoctor
-from gunicorn_insight._livedoctor import Histogram, LiveFacts
-from gunicorn_insight._status import WorkerExit
+from gunicorn_insight._runfiles import WorkerExit
+from gunicorn_insight.cli import livedoctor
+from gunicorn_insight.cli.livedoctor import Histogram, LiveFacts
 
 MIB = 1 << 20
 
@@ -32,13 +32,13 @@ def an_exit(cause: str, request: str | None = None, elapsed: float | None = None
                       request=request, elapsed=elapsed)
 
 
-def checks(check: _livedoctor.LiveCheck, measured: LiveFacts) -> list[tuple[str, str]]:
+def checks(check: livedoctor.LiveCheck, measured: LiveFacts) -> list[tuple[str, str]]:
     return [(finding.check, finding.severity) for finding in check(measured)]
 
 
 def test_healthy_server_has_no_findings() -> None:
     """Nothing saturated, queued, CPU-bound, near its memory limit or timed out: no finding at all."""
-    assert _livedoctor.run_live_checks(facts()) == []
+    assert livedoctor.run_live_checks(facts()) == []
 
 
 @pytest.mark.parametrize(
@@ -54,7 +54,7 @@ def test_saturation_advice_follows_what_requests_do(changes: dict[str, Any], adv
     """Saturated: waiting requests -> threads or a worker class; computing with CPUs left -> workers; CPUs full
     -> not more workers."""
     measured = facts(utilisation=0.97, busy_now=4, **changes)
-    (finding,) = _livedoctor.check_saturation(measured)
+    (finding,) = livedoctor.check_saturation(measured)
     assert finding.check == "live-saturation"
     assert "utilisation 97%" in finding.what
     assert advice in finding.fix
@@ -62,65 +62,65 @@ def test_saturation_advice_follows_what_requests_do(changes: dict[str, Any], adv
 
 def test_saturation_quiet_below_the_threshold() -> None:
     """Utilisation of 85% is busy but not saturated."""
-    assert checks(_livedoctor.check_saturation, facts(utilisation=0.85)) == []
+    assert checks(livedoctor.check_saturation, facts(utilisation=0.85)) == []
 
 
 def test_backlog_and_overflows() -> None:
     """A queue seen during the window is a warning; connections dropped on a full queue an error."""
     queued = facts(backlog_peak=5, backlog_limit=128, backlog_listener="http://0.0.0.0:8000")
-    (finding,) = _livedoctor.check_backlog(queued)
+    (finding,) = livedoctor.check_backlog(queued)
     assert finding.severity == "warning"
     assert "up to 5 connections waited in the accept queue of http://0.0.0.0:8000 (limit 128)" in finding.what
-    assert checks(_livedoctor.check_backlog, facts(listen_overflows=3)) == [("live-backlog", "error")]
-    assert checks(_livedoctor.check_backlog, facts()) == []
+    assert checks(livedoctor.check_backlog, facts(listen_overflows=3)) == [("live-backlog", "error")]
+    assert checks(livedoctor.check_backlog, facts()) == []
 
 
 def test_queue_time() -> None:
     """A mean wait of 250 ms is a finding; 20 ms is not; no Prometheus files means nothing is judged."""
     slow = facts(queue_window=Histogram(count=10, total=2.5), queue_total=Histogram(count=100, total=3.0))
-    (finding,) = _livedoctor.check_queue_time(slow)
+    (finding,) = livedoctor.check_queue_time(slow)
     assert "waited 250 ms on average" in finding.what
     assert "10 requests during the window" in finding.what
     fast = facts(queue_window=Histogram(count=10, total=0.2), queue_total=Histogram(count=10, total=0.2))
-    assert checks(_livedoctor.check_queue_time, fast) == []
-    assert checks(_livedoctor.check_queue_time, facts()) == []
+    assert checks(livedoctor.check_queue_time, fast) == []
+    assert checks(livedoctor.check_queue_time, facts()) == []
 
 
 def test_queue_time_falls_back_to_since_start() -> None:
     """No request during the window: the totals since the server started are judged, and it says so."""
     measured = facts(queue_window=Histogram(), queue_total=Histogram(count=4, total=2.0))
-    (finding,) = _livedoctor.check_queue_time(measured)
+    (finding,) = livedoctor.check_queue_time(measured)
     assert "4 requests since the server started" in finding.what
 
 
 def test_cpu_bound_server() -> None:
     """Workers using 3.8 of 4 CPUs: a warning; 2 of 4: quiet."""
-    (finding,) = _livedoctor.check_cpu(facts(cpu_seconds=11.4))
+    (finding,) = livedoctor.check_cpu(facts(cpu_seconds=11.4))
     assert "used 3.80 of the 4 CPUs" in finding.what
-    assert checks(_livedoctor.check_cpu, facts(cpu_seconds=6.0)) == []
+    assert checks(livedoctor.check_cpu, facts(cpu_seconds=6.0)) == []
 
 
 def test_memory_near_the_cgroup_limit() -> None:
     """90% of the limit: a warning saying how many workers fit, and max_requests when it is off."""
-    (finding,) = _livedoctor.check_memory(facts(memory_used=1843 * MIB, workers=8, rss=[200 * MIB] * 8))
+    (finding,) = livedoctor.check_memory(facts(memory_used=1843 * MIB, workers=8, rss=[200 * MIB] * 8))
     assert finding.severity == "warning"
     assert "uses 1843 MiB (working set) of its 2048 MiB limit (90%); 8 workers at 200 MiB each" in finding.what
     assert "about 6 workers of 200 MiB fit in 80% of the limit" in finding.fix
     assert "set max_requests" in finding.fix
-    assert "max_requests" not in next(iter(_livedoctor.check_memory(
+    assert "max_requests" not in next(iter(livedoctor.check_memory(
         facts(memory_used=1843 * MIB, info=fakes.server_info("", timeout=30, max_requests=1000))))).fix
 
 
 def test_memory_quiet_below_the_limit_or_without_one() -> None:
     """Half the limit, or no limit at all: nothing to say."""
-    assert checks(_livedoctor.check_memory, facts()) == []
-    assert checks(_livedoctor.check_memory, facts(memory_limit=None, memory_used=None)) == []
+    assert checks(livedoctor.check_memory, facts()) == []
+    assert checks(livedoctor.check_memory, facts(memory_limit=None, memory_used=None)) == []
 
 
 def test_oom_kills_are_an_error() -> None:
     """A recent exit with cause oom is an error, naming the request in flight."""
     measured = facts(recent_exits=(an_exit("oom", "POST /upload"),))
-    (finding,) = _livedoctor.check_memory(measured)
+    (finding,) = livedoctor.check_memory(measured)
     assert finding.severity == "error"
     assert "POST /upload" in finding.what
 
@@ -128,7 +128,7 @@ def test_oom_kills_are_an_error() -> None:
 def test_timeout_below_the_slowest_requests() -> None:
     """Workers killed by timeout: a warning naming the request and its elapsed time; fix: raise timeout."""
     measured = facts(recent_exits=(an_exit("graceful"), an_exit("timeout", "GET /report", 30.4)))
-    (finding,) = _livedoctor.check_timeout(measured)
+    (finding,) = livedoctor.check_timeout(measured)
     assert finding.severity == "warning"
     assert "1 worker killed by timeout=30s recently (last: GET /report after 30.4s)" in finding.what
     assert "raise timeout" in finding.fix
@@ -136,13 +136,13 @@ def test_timeout_below_the_slowest_requests() -> None:
 
 def test_slow_requests_and_overdue_requests() -> None:
     """Slow requests alone are info; a request in flight past timeout (gthread never kills it) a warning."""
-    assert checks(_livedoctor.check_timeout, facts(slow_requests=3)) == [("live-timeout", "info")]
+    assert checks(livedoctor.check_timeout, facts(slow_requests=3)) == [("live-timeout", "info")]
     overdue = facts(worker_class="gthread", oldest_request=("GET /hang", 95.0))
-    (finding,) = _livedoctor.check_timeout(overdue)
+    (finding,) = livedoctor.check_timeout(overdue)
     assert finding.severity == "warning"
     assert "GET /hang has been running 95.0s, past timeout=30s" in finding.what
 
 
 def test_timeout_quiet_when_nothing_was_slow() -> None:
     """No timed-out exit, no slow request, nothing overdue: quiet."""
-    assert checks(_livedoctor.check_timeout, facts(oldest_request=("GET /", 0.2))) == []
+    assert checks(livedoctor.check_timeout, facts(oldest_request=("GET /", 0.2))) == []

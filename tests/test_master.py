@@ -13,11 +13,12 @@ import pytest
 from fakes import FakeRequest, FakeResponse, finish, start
 from gunicorn.config import Config
 
-from gunicorn_insight import _master
-from gunicorn_insight._master import Master, Plan
-from gunicorn_insight._status import STATUS_FILE, StatusRecord, read_record
-from gunicorn_insight._watchdog import Monitor
-from gunicorn_insight._worker import RequestRecorder
+from gunicorn_insight._master import arbiter
+from gunicorn_insight._master.arbiter import Master
+from gunicorn_insight._master.plan import Plan
+from gunicorn_insight._runfiles import STATUS_FILE, StatusRecord, read_record
+from gunicorn_insight._worker.recorder import RequestRecorder
+from gunicorn_insight._worker.watchdog import Monitor
 from gunicorn_insight.settings import Settings
 
 NO_EXPORTER = Settings(metrics_bind="off")  # no /metrics process, no StatsD socket, no Prometheus files
@@ -87,7 +88,7 @@ def worker_of(master: Master, pid: int) -> tuple[FakeWorker, RequestRecorder]:
     """A worker the master assigned a slot to, with the recorder that worker would write through."""
     worker = FakeWorker(pid)
     master.assign_slot(worker)
-    recorder = RequestRecorder(master.board, getattr(worker, _master.SLOT_ATTRIBUTE), worker)
+    recorder = RequestRecorder(master.board, getattr(worker, arbiter.SLOT_ATTRIBUTE), worker)
     recorder.booted()
     return worker, recorder
 

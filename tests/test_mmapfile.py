@@ -10,7 +10,7 @@ import pytest
 from prometheus_client.mmap_dict import MmapedDict, mmap_key
 from prometheus_client.utils import floatToGoString
 
-from gunicorn_insight._mmapfile import MetricFile, go_float, read_file, sample_key
+from gunicorn_insight._export.mmapfile import MetricFile, go_float, read_file, sample_key
 
 # Key lengths around every remainder mod 8, so each padding width (1..8 bytes) is exercised.
 KEYS = [sample_key("m", "m_total", {"k": "v" * n}, "help") for n in range(12)] + [

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from prometheus_client.samples import Sample
 
-from gunicorn_insight import _otlp
+from gunicorn_insight._export import otlp as _otlp
 from gunicorn_insight.settings import ConfigurationError, Settings
 
 
@@ -181,6 +181,6 @@ def test_resource_has_our_attributes_and_the_environment_wins(monkeypatch: pytes
 )
 def test_server_port_only_when_gunicorn_binds_one_tcp_port(binds: list[str], port: int | None) -> None:
     """server.port is a fact only with one TCP port; unix sockets, fds or several ports leave it out."""
-    from gunicorn_insight._master import single_port
+    from gunicorn_insight._master.plan import single_port
 
     assert single_port(binds) == port

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from gunicorn_insight._cgroup import cgroup_dirs
-from gunicorn_insight._pressure import (
-    CpuThrottling,
+from gunicorn_insight._facts import CpuThrottling
+from gunicorn_insight._master.pressure import (
     HostReader,
     WorkerReadings,
     parse_cfs_quota,
@@ -197,9 +197,8 @@ def test_status_json_carries_the_readings_it_has(tmp_path: Path) -> None:
     """status.json (read by the doctor) holds the host readings and lifecycle gauges; absent ones are left out."""
     import json
 
-    from gunicorn_insight._drain import Round
-    from gunicorn_insight._pressure import HostPressure
-    from gunicorn_insight._status import StatusFiles
+    from gunicorn_insight._facts import HostPressure, Round
+    from gunicorn_insight._runfiles import StatusFiles
 
     facts = Round(ready_workers=1, booting_workers=1, swap={0: 4096}, crash_loop=True,
                   host=HostPressure(throttling=CpuThrottling(10, 2, 0.5), memory_usage=300, memory_working_set=200,

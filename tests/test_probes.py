@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from gunicorn_insight import _probes
 from gunicorn_insight import _scoreboard as sb
+from gunicorn_insight._export import probes as _probes
 
 
 def _status(run_dir: Path, monotonic: float) -> None:

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from gunicorn_insight._mmapfile import MetricFile, sample_key
-from gunicorn_insight._prometheus import (
+from gunicorn_insight._export.mmapfile import MetricFile, sample_key
+from gunicorn_insight._export.prometheus import (
     MERGE_LOCK,
     merge_lock,
     prepare_directory,
@@ -132,7 +132,7 @@ def test_import_before_directory_is_refused(tmp_path: Path) -> None:
         import os, sys
         del os.environ["PROMETHEUS_MULTIPROC_DIR"]
         import prometheus_client
-        from gunicorn_insight._prometheus import check_import_order
+        from gunicorn_insight._export.prometheus import check_import_order
         try:
             check_import_order("/some/dir")
         except Exception as error:
@@ -147,7 +147,7 @@ def test_import_after_directory_is_accepted(tmp_path: Path) -> None:
     """prometheus_client imported with PROMETHEUS_MULTIPROC_DIR already set (the right order) passes the check."""
     code = """
         import prometheus_client
-        from gunicorn_insight._prometheus import check_import_order
+        from gunicorn_insight._export.prometheus import check_import_order
         check_import_order("/some/dir")
         print("accepted")
     """
@@ -160,8 +160,8 @@ def test_dead_worker_files_are_folded_without_changing_totals(tmp_path: Path) ->
         import os, glob
         from prometheus_client import Counter, Gauge, Histogram
         from prometheus_client.values import ValueClass
-        from gunicorn_insight._prometheus import PrometheusSink
-        from gunicorn_insight._http import make_registry
+        from gunicorn_insight._export.prometheus import PrometheusSink
+        from gunicorn_insight._export.metrics_process import make_registry
         from prometheus_client import generate_latest
 
         import prometheus_client.values as values
@@ -208,7 +208,7 @@ def test_truncated_file_does_not_break_scrapes(tmp_path: Path) -> None:
     code = """
         import os, threading
         from prometheus_client import Counter, generate_latest
-        from gunicorn_insight._http import make_registry
+        from gunicorn_insight._export.metrics_process import make_registry
         directory = os.environ["PROMETHEUS_MULTIPROC_DIR"]
         Counter("ok", "o", registry=None).inc()
         open(os.path.join(directory, "counter_999.db"), "wb").close()
@@ -223,9 +223,9 @@ def test_sink_writes_every_bucket_so_inf_and_count_are_right(tmp_path: Path) -> 
         import os, threading
         from collections import Counter
         from prometheus_client import generate_latest
-        from gunicorn_insight._drain import Round
-        from gunicorn_insight._prometheus import PrometheusSink
-        from gunicorn_insight._http import make_registry
+        from gunicorn_insight._master.drain import Round
+        from gunicorn_insight._export.prometheus import PrometheusSink
+        from gunicorn_insight._export.metrics_process import make_registry
         directory = os.environ["PROMETHEUS_MULTIPROC_DIR"]
         sink = PrometheusSink(directory, (0.1, 1.0), 1)
         facts = Round(requests=Counter({("GET", 200, ""): 3}))
@@ -244,8 +244,8 @@ def test_merge_waits_for_a_scrape_reading_the_directory(tmp_path: Path) -> None:
     """While the /metrics process holds the shared lock, folding a dead worker's file does not start."""
     import threading
 
-    from gunicorn_insight._mmapfile import MetricFile, sample_key
-    from gunicorn_insight._prometheus import PrometheusSink, merge_lock
+    from gunicorn_insight._export.mmapfile import MetricFile, sample_key
+    from gunicorn_insight._export.prometheus import PrometheusSink, merge_lock
 
     dead = MetricFile(str(tmp_path / "counter_4242.db"))
     dead.write(sample_key("hits", "hits_total", {}, "h"), 3.0)
@@ -273,10 +273,10 @@ def test_host_pressure_and_lifecycle_are_exported_and_absent_stays_absent(tmp_pa
     code = """
         import os
         from prometheus_client import generate_latest
-        from gunicorn_insight._drain import Round
-        from gunicorn_insight._pressure import CpuThrottling, HostPressure
-        from gunicorn_insight._prometheus import PrometheusSink
-        from gunicorn_insight._http import make_registry
+        from gunicorn_insight._master.drain import Round
+        from gunicorn_insight._master.pressure import CpuThrottling, HostPressure
+        from gunicorn_insight._export.prometheus import PrometheusSink
+        from gunicorn_insight._export.metrics_process import make_registry
         directory = os.environ["PROMETHEUS_MULTIPROC_DIR"]
         sink = PrometheusSink(directory, (0.1, 1.0), 1)
         host = HostPressure(throttling=CpuThrottling(100, 25, 1.5), memory_usage=300, memory_working_set=200,
@@ -312,9 +312,9 @@ def test_no_host_reading_writes_no_host_series(tmp_path: Path) -> None:
     code = """
         import os
         from prometheus_client import generate_latest
-        from gunicorn_insight._drain import Round
-        from gunicorn_insight._prometheus import PrometheusSink
-        from gunicorn_insight._http import make_registry
+        from gunicorn_insight._master.drain import Round
+        from gunicorn_insight._export.prometheus import PrometheusSink
+        from gunicorn_insight._export.metrics_process import make_registry
         directory = os.environ["PROMETHEUS_MULTIPROC_DIR"]
         PrometheusSink(directory, (0.1, 1.0), 1).publish(Round(workers=1, ready_workers=1))
         print(generate_latest(make_registry(directory)).decode())

@@ -14,8 +14,8 @@ from typing import Any
 from fakes import FakeRequest, FakeResponse
 
 from gunicorn_insight import _scoreboard as sb
-from gunicorn_insight import _worker
-from gunicorn_insight._worker import RecorderOptions, RequestRecorder
+from gunicorn_insight._worker import recorder as _recorder
+from gunicorn_insight._worker.recorder import RecorderOptions, RequestRecorder
 
 
 class StoreSpy(mmap.mmap):
@@ -68,7 +68,7 @@ def spied_recorder(board: sb.Scoreboard, worker: object) -> tuple[RequestRecorde
     rec = RequestRecorder(board, 0, worker, RecorderOptions(threaded=False))
     spy.stores.clear()
     spy.before.clear()
-    _worker.RECORDER = rec
+    _recorder.RECORDER = rec
     return rec, spy
 
 
@@ -93,7 +93,7 @@ def test_python_request_hooks_publish_entry_and_head_in_one_store_each(board: sb
     rec._halfwords = halfwords  # type: ignore[assignment]  # a spy stands in for the view
     slot = board.offset(0)
     req = FakeRequest(path="/orders")
-    _worker.pre_request(None, req)
+    _recorder.pre_request(None, req)
     (in_use,) = [store for store in spy.stores if store[0] == board.entries_offset(0)]
     assert in_use[2] == b"\x01"
     before = spy.before[spy.stores.index(in_use)]
@@ -102,7 +102,7 @@ def test_python_request_hooks_publish_entry_and_head_in_one_store_each(board: sb
     assert b"10.1.2.3" in before
     spy.stores.clear()
     spy.before.clear()
-    _worker.post_request(None, req, {}, FakeResponse("200 OK"))
+    _recorder.post_request(None, req, {}, FakeResponse("200 OK"))
     assert spy.covering(slot + sb.OFF_HEAD, sb.HEAD_CONNS.size) == []
     assert words.stores == [((slot + sb.OFF_HEAD) // 8, 1)]
     assert halfwords.stores == [((slot + sb.OFF_CONNS) // 4, 7)]

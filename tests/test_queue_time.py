@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from gunicorn_insight._worker import parse_request_start, request_queue_time
+from gunicorn_insight._worker.recorder import parse_request_start, request_queue_time
 
 NOW = 1_800_000_000.5
 

@@ -9,10 +9,10 @@ import pytest
 from fakes import FakeRequest, FakeResponse, finish, start
 
 from gunicorn_insight import _scoreboard as sb
-from gunicorn_insight._drain import ROUTE_CAP_WARNING, Drainer
-from gunicorn_insight._routes import ROUTE_KEY
-from gunicorn_insight._safety import ERRORS
-from gunicorn_insight._worker import RecorderOptions, RequestRecorder
+from gunicorn_insight._master.drain import ROUTE_CAP_WARNING, Drainer
+from gunicorn_insight._report import ERRORS
+from gunicorn_insight._worker.recorder import RecorderOptions, RequestRecorder
+from gunicorn_insight._worker.routes import ROUTE_KEY
 from gunicorn_insight.django import RouteMiddleware
 
 pytestmark = pytest.mark.usefixtures("each_hook_implementation")

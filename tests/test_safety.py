@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from gunicorn_insight._safety import RateLimitedLog, report
+from gunicorn_insight._report import RateLimitedLog, report
 
 
 def test_rate_limit_holds_back_and_then_counts() -> None:

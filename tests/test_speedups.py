@@ -15,10 +15,11 @@ import pytest
 from fakes import FakeRequest, FakeResponse
 from gunicorn.config import Config
 
-from gunicorn_insight import _hooks, _safety, _worker
+from gunicorn_insight import _hooks, _report
 from gunicorn_insight import _scoreboard as sb
-from gunicorn_insight._routes import ROUTE_KEY
-from gunicorn_insight._worker import RecorderOptions, RequestRecorder
+from gunicorn_insight._worker import recorder as _recorder
+from gunicorn_insight._worker.recorder import RecorderOptions, RequestRecorder
+from gunicorn_insight._worker.routes import ROUTE_KEY
 
 
 @pytest.fixture
@@ -62,7 +63,7 @@ CASES: list[tuple[FakeRequest, Any, Any]] = [
 def served(hooks: tuple[Callable[..., None], Callable[..., None]], board: sb.Scoreboard, **options: Any) -> None:
     """Every case through one implementation: the first four at once, then the rest one by one."""
     board.assign(0, now=1.0)
-    _worker.RECORDER = RequestRecorder(board, 0, Worker(), RecorderOptions(**options))
+    _recorder.RECORDER = RequestRecorder(board, 0, Worker(), RecorderOptions(**options))
     pre_request, post_request = hooks
     batch = CASES[:4]
     for req, _, _ in batch:
@@ -74,7 +75,7 @@ def served(hooks: tuple[Callable[..., None], Callable[..., None]], board: sb.Sco
         post_request(None, req, environ, resp)
     for req, _, _ in CASES[:2]:  # and two left in flight, for their entries
         pre_request(None, req)
-    _worker.RECORDER = None
+    _recorder.RECORDER = None
 
 
 def masked(board: sb.Scoreboard) -> tuple[bytes, list[tuple[float, ...]]]:
@@ -137,7 +138,7 @@ def test_install_puts_the_compiled_hooks_unless_switched_off(
     _hooks.install(namespace)
     assert (namespace["pre_request"], namespace["post_request"]) == compiled
     _hooks.install(namespace, compiled_hooks=False)
-    assert (namespace["pre_request"], namespace["post_request"]) == (_worker.pre_request, _worker.post_request)
+    assert (namespace["pre_request"], namespace["post_request"]) == (_recorder.pre_request, _recorder.post_request)
     _hooks.install(namespace)
     assert namespace["pre_request"] is compiled[0]
 
@@ -164,13 +165,13 @@ def test_compiled_hooks_do_nothing_without_a_recorder(
     compiled: tuple[Callable[..., None], Callable[..., None]], board: sb.Scoreboard
 ) -> None:
     """In the master, or with the plugin off in a worker, RECORDER is None and the hooks return at once."""
-    _worker.RECORDER = None
+    _recorder.RECORDER = None
     assert compiled[0](None, FakeRequest()) is None
     assert compiled[1](None, FakeRequest(), {}, FakeResponse("200 OK")) is None
 
 
 def test_a_new_recorder_is_picked_up(compiled: tuple[Callable[..., None], Callable[..., None]], tmp_path: Path) -> None:
-    """The compiled hooks follow _worker.RECORDER: a recorder on another board gets the next request."""
+    """The compiled hooks follow _recorder.RECORDER: a recorder on another board gets the next request."""
     boards = [sb.Scoreboard.create(str(tmp_path / name), slots=1, entries=1, ring=8, master_pid=1)
               for name in ("first", "second")]
     try:
@@ -178,10 +179,10 @@ def test_a_new_recorder_is_picked_up(compiled: tuple[Callable[..., None], Callab
             board.assign(0, now=1.0)
             req = FakeRequest()
             fakes.start(RequestRecorder(board, 0, object(), RecorderOptions(threaded=False)), req)
-            fakes.finish(_worker.RECORDER, req, {}, FakeResponse("200 OK"))  # type: ignore[arg-type]
+            fakes.finish(_recorder.RECORDER, req, {}, FakeResponse("200 OK"))  # type: ignore[arg-type]
         assert [board.read(0).head for board in boards] == [1, 1]
     finally:
-        _worker.RECORDER = None
+        _recorder.RECORDER = None
         for board in boards:
             board.close()
 
@@ -202,19 +203,19 @@ def test_bind_refuses_a_scoreboard_layout_it_was_not_written_for(
     compiled: tuple[Callable[..., None], Callable[..., None]], board: sb.Scoreboard
 ) -> None:
     """A changed ENTRY format without a changed _speedups.c is an ImportError, and the binding stays as it was."""
-    from gunicorn_insight import _speedups
+    from gunicorn_insight._worker import _speedups
 
     with pytest.raises(ImportError, match="scoreboard layout"):
         _speedups.bind(
-            {}, _worker.pre_request, _worker.post_request, _safety.report, _worker.describe_peer,
-            _worker.parse_status, _worker.parse_request_start, _worker.queue_header, sb.METHOD_INDEX,
+            {}, _recorder.pre_request, _recorder.post_request, _report.report, _recorder.describe_peer,
+            _recorder.parse_status, _recorder.parse_request_start, _recorder.queue_header, sb.METHOD_INDEX,
             sb.OTHER_METHOD, ROUTE_KEY, "HTTP_X_REQUEST_START", "HTTP_X_QUEUE_START",
             ("<B7xdQ8s46sH200s", sb.RING.format, "<QI", 3),
         )
     board.assign(0, now=1.0)
     req = FakeRequest()
     fakes.start(RequestRecorder(board, 0, object(), RecorderOptions(threaded=False)), req)
-    fakes.finish(_worker.RECORDER, req, {}, FakeResponse("200 OK"))  # type: ignore[arg-type]
+    fakes.finish(_recorder.RECORDER, req, {}, FakeResponse("200 OK"))  # type: ignore[arg-type]
     assert board.read(0).head == 1
 
 
@@ -222,10 +223,10 @@ def test_a_stale_build_falls_back_to_the_python_hooks(
     compiled: tuple[Callable[..., None], Callable[..., None]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An extension that refuses this package's scoreboard layout makes _compiled() None, never an import error."""
-    from gunicorn_insight import _speedups
+    from gunicorn_insight._worker import _speedups
 
     def refuse(*args: object) -> None:
         raise ImportError("scoreboard layout ('<B7xdQ8s46sH200s', ...) is not the one _speedups.c was written for")
 
     monkeypatch.setattr(_speedups, "bind", refuse)
-    assert _worker._compiled() is None
+    assert _recorder._compiled() is None

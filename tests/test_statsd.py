@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from gunicorn_insight import _statsd
-from gunicorn_insight._drain import NO_RESPONSE, Round
-from gunicorn_insight._statsd import MAX_DATAGRAM, StatsdSink
+from gunicorn_insight._export import statsd as _statsd
+from gunicorn_insight._export.statsd import MAX_DATAGRAM, StatsdSink
+from gunicorn_insight._facts import NO_RESPONSE, Round
 
 
 @pytest.fixture
@@ -188,7 +188,7 @@ def test_utilization_is_busy_seconds_per_second_of_capacity(receiver: socket.soc
 
 def test_host_pressure_lines_send_what_the_kernel_counters_gained(receiver: socket.socket) -> None:
     """Kernel totals become StatsD counters of their increase per round; gauges as read; absent: no line."""
-    from gunicorn_insight._pressure import CpuThrottling, HostPressure
+    from gunicorn_insight._facts import CpuThrottling, HostPressure
 
     sink = make_sink(receiver.getsockname())
     first = a_round()

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 from fakes import server_info
 
-from gunicorn_insight._drain import Round
-from gunicorn_insight._status import (
+from gunicorn_insight._facts import Round
+from gunicorn_insight._runfiles import (
     SERVER_FILE,
     SERVER_FORMAT,
     STATUS_FILE,

@@ -7,7 +7,7 @@ import os
 import stat
 from pathlib import Path
 
-from gunicorn_insight._status import write_json
+from gunicorn_insight._runfiles import write_json
 
 
 def test_write_json_replaces_the_file_and_leaves_no_temporary(tmp_path: Path) -> None:

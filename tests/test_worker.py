@@ -10,9 +10,9 @@ import time
 import pytest
 from fakes import FakeRequest, FakeResponse, finish, start
 
-from gunicorn_insight import _safety
+from gunicorn_insight import _report
 from gunicorn_insight import _scoreboard as sb
-from gunicorn_insight._worker import RecorderOptions, RequestRecorder, parse_status
+from gunicorn_insight._worker.recorder import RecorderOptions, RequestRecorder, parse_status
 
 pytestmark = pytest.mark.usefixtures("each_hook_implementation")
 
@@ -222,7 +222,7 @@ def test_a_failing_hook_is_reported_never_raised(
     board: sb.Scoreboard, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch, threaded: bool
 ) -> None:
     """An error inside the hooks is logged and swallowed, and a thread-safe recorder's lock is released."""
-    monkeypatch.setattr(_safety, "ERRORS", _safety.RateLimitedLog())  # earlier tests' reports are not held back
+    monkeypatch.setattr(_report, "ERRORS", _report.RateLimitedLog())  # earlier tests' reports are not held back
     rec = recorder(board, threaded=threaded)
     req = BrokenRequest()
     start(rec, req)

@@ -20,7 +20,7 @@ from servers import Process, ProcessFactory, free_port, wait_until
 
 from gunicorn_insight import _scoreboard as sb
 from gunicorn_insight._discovery import is_live
-from gunicorn_insight._status import ContractError, ServerInfo, read_record
+from gunicorn_insight._runfiles import ContractError, ServerInfo, read_record
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
@@ -150,7 +150,7 @@ def _is_metrics_process(pid: int) -> bool:
         command = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
-    return b"gunicorn_insight._http" in command or b"gunicorn-insight: metrics" in command
+    return b"gunicorn_insight._export.metrics_process" in command or b"gunicorn-insight: metrics" in command
 
 
 def scoreboard_of(process: Process) -> str | None:

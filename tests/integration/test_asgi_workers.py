@@ -1,5 +1,5 @@
 """ASGI worker classes end to end: uvicorn's two worker classes and gunicorn's asgi worker, serving FastAPI and
-a plain ASGI application, recorded by the ASGI layer (gunicorn_insight._asgi)."""
+a plain ASGI application, recorded by the ASGI layer (gunicorn_insight._worker.asgi)."""
 
 from __future__ import annotations
 

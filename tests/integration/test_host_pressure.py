@@ -17,7 +17,7 @@ from test_oom import LIMIT as OOM_LIMIT
 from test_oom import memory_cgroup  # noqa: F401 -- the fixture, found by name through request.getfixturevalue
 
 from gunicorn_insight._cgroup import cgroup_dirs
-from gunicorn_insight._pressure import HostReader
+from gunicorn_insight._master.pressure import HostReader
 
 QUOTA_US, PERIOD_US = 20_000, 100_000
 """0.2 cores: one busy worker is throttled in most periods."""

@@ -45,10 +45,10 @@ def test_prometheus_server_sees_the_exact_request_count(
 @pytest.mark.parametrize("compiled", ["true", "false"])
 def test_either_request_hooks_count_every_request(compiled: str, process_factory: ProcessFactory) -> None:
     """The compiled hooks (the default) and the Python ones count the same requests; the startup line says which."""
-    from gunicorn_insight import _worker
+    from gunicorn_insight._worker import recorder
 
-    if compiled == "true" and _worker.COMPILED is None and not os.environ.get("INSIGHT_TEST_REQUIRE_COMPILED"):
-        pytest.skip("gunicorn_insight._speedups was not built (no compiler at install time)")
+    if compiled == "true" and recorder.COMPILED is None and not os.environ.get("INSIGHT_TEST_REQUIRE_COMPILED"):
+        pytest.skip("gunicorn_insight._worker._speedups was not built (no compiler at install time)")
     server = start_gunicorn(process_factory, env={"GUNICORN_INSIGHT_COMPILED_HOOKS": compiled})
     for _ in range(9):
         assert server.get("/") == 200
@@ -163,7 +163,7 @@ def test_signal_to_the_whole_group_stops_gunicorn_without_restarting_metrics(
                what="the /metrics process to exit with its master", dump=server.process.describe)
     output = server.process.output()
     assert "restarting it" not in output
-    assert "gunicorn_insight/_http.py" not in output
+    assert "gunicorn_insight/_export/metrics_process.py" not in output
     assert "KeyboardInterrupt" not in output
 
 

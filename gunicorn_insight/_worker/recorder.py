@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from time import monotonic
 from typing import Any
 
-from . import _scoreboard as sb
-from ._routes import ROUTE_KEY
-from ._safety import report
+from .. import _scoreboard as sb
+from .._report import report
+from .routes import ROUTE_KEY
 
 _DYING = sb.FLAG_ABORT_HANDLER | sb.FLAG_INT_HANDLER
 _COUNTED = sb.ENTRY_COUNTED

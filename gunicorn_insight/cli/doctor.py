@@ -23,11 +23,11 @@ from typing import Any, Literal
 
 import gunicorn
 
-from . import _discovery
-from ._configload import Loaded, load
-from ._hostfacts import MEMORY_FILESYSTEMS, System
-from ._prometheus import is_metric_file
-from .settings import ENV_PREFIX, ConfigurationError, Settings
+from .. import _discovery
+from .._export.prometheus import is_metric_file
+from ..settings import ENV_PREFIX, ConfigurationError, Settings
+from .configload import Loaded, load
+from .hostfacts import MEMORY_FILESYSTEMS, System
 
 Severity = Literal["error", "warning", "info"]
 SEVERITIES: tuple[Severity, ...] = ("error", "warning", "info")
@@ -105,7 +105,7 @@ def resolve_worker_kind(cfg: Any) -> tuple[str, str | None]:
     """
     from gunicorn.util import load_class
 
-    from ._master import worker_kind
+    from .._gunicorn import worker_kind
 
     uri = _worker_class_uri(cfg)
     try:
@@ -229,7 +229,7 @@ def check_requests_seen(ctx: Context) -> Iterable[Finding]:
         return
     from gunicorn.util import load_class
 
-    from ._master import unseen_requests
+    from .._gunicorn import unseen_requests
 
     missing = unseen_requests(load_class(_worker_class_uri(ctx.cfg)))
     if missing:

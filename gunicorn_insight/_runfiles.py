@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 
-from ._drain import Round
+from ._facts import Round
 from ._version import __version__
 
 SERVER_FILE = "server.json"
@@ -86,7 +86,7 @@ class Listener:
 
 @dataclass(frozen=True)
 class WorkerExit:
-    """One worker exit as the master judged it (see gunicorn_insight._forensics)."""
+    """One worker exit as the master judged it (see gunicorn_insight._master.forensics)."""
 
     time: float
     pid: int

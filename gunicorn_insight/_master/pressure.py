@@ -19,34 +19,15 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from ._cgroup import cgroup_dirs
+from .._cgroup import cgroup_dirs
+from .._facts import CpuThrottling, HostPressure
 
 PSI_RESOURCES = ("cpu", "memory", "io")
 UNLIMITED_V1 = 1 << 62
 """cgroup v1 reports "no limit" as the largest page-aligned 64-bit value; anything above this is no limit."""
 
-
-@dataclass(frozen=True, slots=True)
-class CpuThrottling:
-    periods: int
-    """Quota enforcement periods that elapsed while the group had runnable tasks (nr_periods)."""
-    throttled_periods: int
-    throttled_seconds: float
-
-
-@dataclass(slots=True)
-class HostPressure:
-    """One round's readings of the host; None where the kernel file is absent."""
-
-    throttling: CpuThrottling | None = None
-    quota_cores: float | None = None
-    memory_usage: int | None = None
-    memory_working_set: int | None = None
-    memory_limit: int | None = None
-    pressure: dict[tuple[str, str], float] = field(default_factory=dict)
-    """(resource, "some" or "full") -> seconds ever stalled (PSI ``total=``, in microseconds in the file)."""
 
 
 def _read(path: str) -> str | None:

@@ -19,8 +19,8 @@ import os
 import time
 from dataclasses import dataclass
 
-from . import _scoreboard as sb
-from ._status import SERVER_FILE, STATUS_FILE
+from .. import _scoreboard as sb
+from .._runfiles import SERVER_FILE, STATUS_FILE
 
 STALE_ROUNDS = 10
 """healthz fails when the last round is older than this many intervals ..."""

@@ -22,8 +22,8 @@ from collections.abc import Sequence
 from itertools import chain
 from typing import Any
 
-from ._drain import Round, status_label
-from ._safety import RateLimitedLog
+from .._facts import Round, status_label
+from .._report import RateLimitedLog
 
 MAX_DATAGRAM = 1432
 _WIDEST_MS = 12  # "%.3f" of a duration under 27 hours, the newline, and the 4 of "%.3f" as slack

@@ -17,37 +17,32 @@ push to a heap and append to a deque (each atomic under the GIL), and the export
 from __future__ import annotations
 
 import heapq
-import inspect
 import os
 import threading
 import time
-import uuid
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Any, Protocol
 
-from . import _scoreboard as sb
-from ._backlog import backlog, listen_overflows
-from ._drain import Drainer, Round
-from ._endpoint import MetricsEndpoint, MetricsPortTaken, wait_readable
-from ._forensics import EXPECTED, OomCounter, ReapWatcher, classify
-from ._lifecycle import CrashLoopWatch, EarlyDeath, StallWatch
-from ._pressure import HostReader, WorkerReadings
-from ._prometheus import PrometheusSink
-from ._safety import LOG, report
-from ._statsd import StatsdSink
-from ._status import StatusFiles
-from ._watchdog import error_log_fd
-from ._worker import RecorderOptions
-from .settings import Settings
+from .. import _scoreboard as sb
+from .._export.metrics_link import MetricsEndpoint, MetricsPortTaken, wait_readable
+from .._export.prometheus import PrometheusSink
+from .._export.statsd import StatsdSink
+from .._facts import EXPECTED, Round
+from .._report import LOG, error_log_fd, report
+from .._runfiles import StatusFiles
+from .backlog import backlog, listen_overflows
+from .drain import Drainer
+from .forensics import OomCounter, ReapWatcher, classify
+from .lifecycle import CrashLoopWatch, EarlyDeath, StallWatch
+from .plan import Plan, otlp_arguments
+from .pressure import HostReader, WorkerReadings
 
 SLOT_ATTRIBUTE = "_gunicorn_insight_slot"
 RING_RECORDS = 8192
 SCRAPE_ROUND_GAP = 1.0
 """Seconds at least between two rounds when interval is longer: a scrape waits at most this long."""
-_MAX_ENTRIES = 64
 
 
 class Sink(Protocol):
@@ -55,192 +50,6 @@ class Sink(Protocol):
 
     def publish(self, facts: Round) -> None: ...
 
-
-@dataclass(frozen=True, slots=True)
-class Plan:
-    """The settings resolved against gunicorn's own configuration, once, when the master starts."""
-
-    settings: Settings
-    worker_kind: str
-    slots: int
-    entries: int
-    connections_limit: int
-    statsd_target: tuple[str, int] | str | None
-    statsd_prefix: str
-    statsd_tags: str
-    statsd_tagged: bool
-    gunicorn_statsd_active: bool
-    prometheus_dir: str | None
-    slow_request_timeout: float
-    successor: bool
-    """Started by gunicorn's USR2 upgrade while the previous master still runs."""
-    recorder: RecorderOptions
-    per_worker_capacity: int
-    """Requests one worker runs at once: 1 (sync), threads (gthread), worker_connections (async)."""
-    workers: int = 1
-    """gunicorn's ``workers`` setting (the live count can differ: TTIN/TTOU, deaths)."""
-    requests_unseen: str | None = None
-    """What will be missing because the worker class's requests cannot be recorded (see unseen_requests)."""
-    service_name: str = "gunicorn"
-    """gunicorn's proc_name: OTLP's default service.name."""
-    server_port: int | None = None
-    """The TCP port gunicorn listens on, when it binds exactly one (OTLP's server.port)."""
-
-    @classmethod
-    def resolve(cls, settings: Settings, cfg: Any, prometheus_dir: str | None) -> Plan:
-        kind = worker_kind(cfg)
-        threads = max(1, int(getattr(cfg, "threads", 1) or 1))
-        worker_connections = int(getattr(cfg, "worker_connections", 1000) or 1000)
-        # Requests one worker runs at once; the scoreboard names at most _MAX_ENTRIES of them.
-        if kind == "sync":
-            concurrency, limit = 1, 1
-        elif kind == "gthread":
-            concurrency, limit = threads, worker_connections
-        elif kind == "uvicorn":
-            # uvicorn applies its own limit_concurrency (unset by its gunicorn workers unless a subclass's
-            # CONFIG_KWARGS sets it), never gunicorn's worker_connections.
-            limit = _uvicorn_limit(cfg) or worker_connections
-            concurrency = limit
-        else:
-            concurrency, limit = worker_connections, worker_connections
-        workers = max(1, int(getattr(cfg, "workers", 1) or 1))
-        gunicorn_target = getattr(cfg, "statsd_host", None)
-        return cls(
-            settings=settings,
-            worker_kind=kind,
-            slots=settings.max_workers or max(16, 4 * workers),
-            entries=min(concurrency, _MAX_ENTRIES),
-            connections_limit=limit,
-            statsd_target=settings.statsd_target or gunicorn_target,
-            statsd_prefix=getattr(cfg, "statsd_prefix", "") or "",
-            statsd_tags=getattr(cfg, "dogstatsd_tags", "") or "",
-            statsd_tagged=settings.dogstatsd if settings.dogstatsd is not None
-            else bool(getattr(cfg, "dogstatsd_tags", "")),
-            gunicorn_statsd_active=gunicorn_target is not None and _uses_gunicorn_statsd(cfg),
-            prometheus_dir=prometheus_dir,
-            slow_request_timeout=_slow_after(settings, cfg),
-            successor="GUNICORN_PID" in os.environ,
-            recorder=RecorderOptions(
-                redact_query=settings.redact_query,
-                queue_time=settings.queue_time,
-                exclude_paths=frozenset(settings.exclude_paths),
-                routes=settings.route_label,
-                route_resolver=settings.route_resolver,
-                # The atoms cost a scan of the scoreboard per request: pay it only if an access log uses them.
-                access_log_atoms=settings.access_log_atoms and bool(getattr(cfg, "accesslog", None)),
-                threaded=kind not in ONE_THREAD_KINDS,
-            ),
-            per_worker_capacity=concurrency,
-            workers=workers,
-            requests_unseen=_unseen_requests_of(cfg),
-            service_name=str(getattr(cfg, "proc_name", None) or "gunicorn"),
-            server_port=single_port(getattr(cfg, "bind", None) or []),
-        )
-
-
-def _uvicorn_limit(cfg: Any) -> int:
-    try:
-        return int(getattr(cfg.worker_class, "CONFIG_KWARGS", {}).get("limit_concurrency") or 0)
-    except Exception:  # an odd subclass: fall back to gunicorn's setting
-        return 0
-
-
-def single_port(binds: list[str]) -> int | None:
-    """The port of gunicorn's TCP binds when they share one; None for unix sockets, fds or several ports."""
-    ports = set()
-    for bind in binds:
-        if bind.startswith(("unix:", "fd://")) or ":" not in bind:
-            return None
-        port = bind.rsplit(":", 1)[1]
-        if not port.isdigit():
-            return None
-        ports.add(int(port))
-    return ports.pop() if len(ports) == 1 else None
-
-
-def otlp_arguments(plan: Plan, master_pid: int) -> list[str]:
-    """What the /metrics process needs to export over OTLP (see _otlp); nothing when OTLP is off."""
-    settings = plan.settings
-    if not settings.otlp_enabled:
-        return []
-    return ["--otlp", settings.otlp_endpoint or "on", "--service-name", plan.service_name,
-            "--instance-id", str(uuid.uuid4()), "--master-pid", str(master_pid),
-            "--server-port", str(plan.server_port or 0), "--started", repr(time.time())]
-
-
-def _slow_after(settings: Settings, cfg: Any) -> float:
-    """Just before gunicorn's own timeout, so a stuck sync worker's stack is logged before the kill."""
-    if settings.slow_request_timeout is not None:
-        return settings.slow_request_timeout
-    timeout = float(getattr(cfg, "timeout", 30) or 0)
-    return round(0.8 * timeout, 3) if timeout > 0 else 30.0
-
-
-# Worker classes that call pre_request and post_request from one OS thread (greenlets and coroutines never
-# switch inside a hook): their recorder needs no lock. Custom classes are not assumed to be among them.
-ONE_THREAD_KINDS = frozenset({"sync", "gevent", "eventlet", "tornado", "asgi", "uvicorn"})
-
-
-def worker_kind(cfg: Any) -> str:
-    """sync, gthread, gevent, eventlet, tornado, asgi, uvicorn, or the class name of a custom worker."""
-    try:
-        worker_class = cfg.worker_class
-    except Exception:
-        return "unknown"
-    names = {
-        "SyncWorker": "sync", "ThreadWorker": "gthread", "GeventWorker": "gevent",
-        "GeventPyWSGIWorker": "gevent", "EventletWorker": "eventlet", "TornadoWorker": "tornado",
-        "ASGIWorker": "asgi", "UvicornWorker": "uvicorn",  # uvicorn.workers and uvicorn_worker: same name
-    }
-    for klass in worker_class.__mro__:
-        if klass.__name__ in names:
-            return names[klass.__name__]
-    return str(worker_class.__name__)
-
-
-# Worker classes whose requests are recorded: by gunicorn's request hooks, or by the ASGI layer (asgi, uvicorn).
-RECORDED_KINDS = frozenset({"sync", "gthread", "gevent", "eventlet", "asgi", "uvicorn"})
-
-
-def unseen_requests(worker_class: Any) -> str | None:
-    """What will be missing, when requests on this worker class cannot be recorded; None when they can.
-
-    A class of another kind is trusted when its source (or a base class's) calls ``pre_request``: gunicorn's
-    tornado worker does not, nor does a custom class that serves requests its own way."""
-    if worker_kind(SimpleNamespace(worker_class=worker_class)) in RECORDED_KINDS or _calls_request_hooks(worker_class):
-        return None
-    return (f"worker class {getattr(worker_class, '__name__', worker_class)} never calls gunicorn's "
-            "pre_request/post_request hooks, so gunicorn-insight cannot see its requests: request counts, "
-            "durations, statuses, routes, queue time, busy time, requests in flight (status, top, exit lines) "
-            "and slow-request reports will be missing (absent, not zero); worker, memory, exit and listen "
-            "backlog metrics still work. Classes whose requests are recorded: sync, gthread, gevent, eventlet, "
-            "asgi, uvicorn's")
-
-
-def _unseen_requests_of(cfg: Any) -> str | None:
-    try:
-        return unseen_requests(cfg.worker_class)
-    except Exception:  # a class gunicorn cannot load stops gunicorn itself, with its own message
-        return None
-
-
-def _calls_request_hooks(worker_class: Any) -> bool:
-    for klass in getattr(worker_class, "__mro__", ()):
-        try:
-            if "pre_request" in inspect.getsource(klass):
-                return True
-        except (OSError, TypeError):  # a builtin or a class without source: cannot tell, so not trusted
-            continue
-    return False
-
-
-def _uses_gunicorn_statsd(cfg: Any) -> bool:
-    from gunicorn.instrument.statsd import Statsd
-
-    try:
-        return issubclass(cfg.logger_class, Statsd)
-    except Exception:
-        return False
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,8 +17,8 @@ import threading
 import time
 from collections.abc import Sequence
 
-from ._safety import LOG, RateLimitedLog
-from .settings import ConfigurationError, join_host_port
+from .._report import LOG, RateLimitedLog
+from ..settings import ConfigurationError, join_host_port
 
 STARTUP_DEADLINE = 30.0
 RESTART_EVERY = 5.0
@@ -29,7 +29,8 @@ _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The master's own sys.path, first: whatever --pythonpath, --chdir or the config added, the process imports
 # the same gunicorn_insight and prometheus_client as the master.
 _BOOTSTRAP = (
-    "import sys; sys.path[:0] = sys.argv.pop(1).split('\\n'); from gunicorn_insight._http import run; run()"
+    "import sys; sys.path[:0] = sys.argv.pop(1).split('\\n'); "
+    "from gunicorn_insight._export.metrics_process import run; run()"
 )
 
 

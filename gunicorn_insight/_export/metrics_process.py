@@ -35,10 +35,10 @@ from collections.abc import Callable, Iterable
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
-from ._probes import Probes
-from ._prometheus import OTLP_ONLY_PREFIX, merge_lock, usable_files
-from ._safety import LOG
-from .settings import ConfigurationError, join_host_port, parse_host_port
+from .._report import LOG
+from ..settings import ConfigurationError, join_host_port, parse_host_port
+from .probes import Probes
+from .prometheus import OTLP_ONLY_PREFIX, merge_lock, usable_files
 
 LINK_FD = 3
 SCRAPE_WAIT = 2.0
@@ -352,7 +352,7 @@ def start_otlp(args: argparse.Namespace, link: MasterLink) -> Any:
     Raises ConfigurationError for a bad OTEL_* variable or a missing SDK (the master reports it)."""
     if not args.otlp:
         return None
-    from . import _otlp
+    from . import otlp as _otlp
 
     if os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
         _otlp.log_to_stderr()

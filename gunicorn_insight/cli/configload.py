@@ -42,8 +42,8 @@ def _quarantine() -> Iterator[list[str]]:
     """Let a config call gunicorn_insight.install() without side effects; collect its ConfigurationErrors."""
     import gunicorn_insight
 
-    from . import _hooks
-    from .settings import ConfigurationError
+    from .. import _hooks
+    from ..settings import ConfigurationError
 
     errors: list[str] = []
     original_install = gunicorn_insight.install

@@ -12,7 +12,6 @@ least one byte of them), and two doubles: the value and a timestamp.
 
 from __future__ import annotations
 
-import errno
 import json
 import math
 import mmap
@@ -20,28 +19,13 @@ import os
 import struct
 from collections.abc import Iterable
 
+from .._space import reserve
+
 _USED = struct.Struct("<i")
 _VALUE = struct.Struct("<dd")
 _HEADER = 8
 _INITIAL_SIZE = 1 << 16
 
-
-def reserve(fd: int, size: int) -> None:
-    """Give the first ``size`` bytes of the file real pages now (the file grows to ``size`` if shorter).
-
-    A page of a sparse file that tmpfs cannot back when it is first written kills the writer with SIGBUS;
-    reserved pages can be written whatever happens to the filesystem afterwards. Raises OSError (ENOSPC
-    when the filesystem is full) and leaves the mapping to the caller.
-    """
-    try:
-        os.posix_fallocate(fd, 0, size)
-    except OSError as error:
-        if error.errno != errno.EOPNOTSUPP:
-            raise
-        # A filesystem without fallocate (glibc emulates it on most): write the zeros ourselves.
-        current = os.fstat(fd).st_size
-        if current < size:
-            os.pwrite(fd, bytes(size - current), current)
 
 
 def sample_key(metric: str, sample: str, labels: dict[str, str], documentation: str) -> str:

@@ -11,98 +11,12 @@ import sys
 import time
 from array import array
 from collections import Counter
-from dataclasses import dataclass, field
 from itertools import filterfalse
 from math import isnan
 
-from . import _scoreboard as sb
-from ._pressure import HostPressure
-from ._safety import RateLimitedLog
-
-
-@dataclass(slots=True)
-class Round:
-    """What happened since the previous round (counts, durations) and how things are now (gauges)."""
-
-    requests: Counter[tuple[str, int, str]] = field(default_factory=Counter)
-    """(method, status, route) -> requests finished this round; route is "" without route labels."""
-    durations: dict[tuple[str, str], list[float]] = field(default_factory=dict)
-    """(method, route) -> durations in seconds of the requests finished this round."""
-    status_durations: dict[tuple[str, int, str], list[float]] = field(default_factory=dict)
-    """(method, status, route) -> the same durations split by status; only filled for OTLP, whose
-    http.server.request.duration carries the status code (see Drainer's ``by_status``)."""
-    queue_times: list[float] = field(default_factory=list)
-    """Seconds each request waited before a worker picked it up (from X-Request-Start), this round."""
-    queue_invalid: int = 0
-    """Requests whose X-Request-Start could not be right (garbage, future, clock skew), this round."""
-    lost: int = 0
-    """Records overwritten before they were read (a ring lapped between two rounds)."""
-    workers: int = 0
-    busy_workers: int = 0
-    capacity: int = 0
-    """Requests the live workers can run at once (filled in by the master, which knows the worker class)."""
-    in_flight: int = 0
-    waiting: int = 0
-    """gthread: connections accepted but waiting for a free thread."""
-    connections: dict[int, int] = field(default_factory=dict)
-    """slot -> open connections, for every slot that has ever had a worker (0 once it is gone)."""
-    busy_seconds: dict[int, float] = field(default_factory=dict)
-    """slot -> request-seconds ever spent by its workers, including requests still running (a counter)."""
-    cpu_seconds: dict[int, float] = field(default_factory=dict)
-    """slot -> CPU seconds (user + system) ever used by its workers (a counter)."""
-    listeners: dict[str, tuple[int, int]] = field(default_factory=dict)
-    """listener -> (connections waiting in the accept queue, the queue's limit) (filled in by the master)."""
-    listen_overflows: int = 0
-    memory: dict[int, int] = field(default_factory=dict)
-    """slot -> resident bytes of its live worker, read from /proc by the master this round."""
-    slow: int = 0
-    """Requests the workers' watchdogs reported slow this round."""
-    exits: Counter[str] = field(default_factory=Counter)
-    """cause -> workers that exited this round (filled in by the master after the drain)."""
-    at: float = 0.0
-    pids: dict[int, int] = field(default_factory=dict)
-    """slot -> pid of its live worker."""
-    ready_workers: int = 0
-    """Live workers that have loaded the application (post_worker_init ran); the rest are booting."""
-    booting_workers: int = 0
-    boot_durations: list[float] = field(default_factory=list)
-    """Seconds from fork to application loaded, of the workers that became ready this round."""
-    stalled_requests: int = 0
-    """Requests in flight while the server is stalled (none finished for the stall threshold), else 0."""
-    stalls: int = 0
-    """Stalls that began this round."""
-    crash_loop: bool = False
-    """Workers keep dying soon after they boot (see _lifecycle.CrashLoopWatch)."""
-    crash_loops: int = 0
-    """Crash loops that began this round."""
-    host: HostPressure | None = None
-    """cgroup CPU and memory, pressure stall information (filled in by the master; absent readings are None)."""
-    context_switches: dict[int, tuple[int, int]] = field(default_factory=dict)
-    """slot -> (voluntary, involuntary) context switches ever made by its workers (a counter); a slot is
-    missing until /proc/<pid>/status could be read for one of its workers."""
-    swap: dict[int, int] = field(default_factory=dict)
-    """slot -> bytes of its live worker swapped out (VmSwap)."""
-
-    @property
-    def total_requests(self) -> int:
-        return sum(self.requests.values())
-
-    @property
-    def total_connections(self) -> int:
-        return sum(self.connections.values())
-
-
-NO_RESPONSE = -1
-"""The status of a request whose worker died under it (timeout kill, OOM, crash): no response was sent."""
-
-
-def status_label(status: int) -> str:
-    """The ``status`` label value: the code, ``aborted`` (NO_RESPONSE), ``unknown`` (0: gunicorn passed no
-    response to post_request)."""
-    if status == NO_RESPONSE:
-        return "aborted"
-    return str(status) if status else "unknown"
-
+from .. import _scoreboard as sb
+from .._facts import NO_RESPONSE, Round
+from .._report import RateLimitedLog
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 _SWAP = sys.byteorder != "little"  # the ring is little-endian; arrays use the machine's order

@@ -8,7 +8,7 @@ import re
 import tempfile
 from dataclasses import dataclass
 
-from ._cgroup import memory_cgroup_dirs
+from .._cgroup import memory_cgroup_dirs
 
 MEMORY_FILESYSTEMS = frozenset({"tmpfs", "ramfs", "devtmpfs", "hugetlbfs"})
 

@@ -14,20 +14,15 @@ gunicorn does not pass the exit status to ``child_exit``. The decision uses, mos
 from __future__ import annotations
 
 import os
-import re
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from . import _scoreboard as sb
-from ._cgroup import memory_cgroup_dirs
-from ._safety import LOG
-
-CAUSES = ("timeout", "timeout_kill", "oom", "killed", "signal", "crash", "max_requests", "graceful", "boot_failure")
-EXPECTED = frozenset({"max_requests", "graceful"})
-_SENT = re.compile(r"Worker \(pid:(\d+)\) was sent (?:code (\d+)|(\w+))")
-_EXITED = re.compile(r"Worker \(pid:(\d+)\) exited with code (-?\d+)")
+from .. import _scoreboard as sb
+from .._cgroup import memory_cgroup_dirs
+from .._gunicorn import REAP_EXITED, REAP_SENT
+from .._report import LOG
 
 
 class ReapWatcher:
@@ -64,9 +59,9 @@ class ReapWatcher:
             message = msg % args if args else msg
         except (TypeError, ValueError):
             return
-        if match := _SENT.match(message):
+        if match := REAP_SENT.match(message):
             self.signals[int(match[1])] = match[3] or _signal_name(int(match[2]))
-        elif match := _EXITED.match(message):
+        elif match := REAP_EXITED.match(message):
             self.exit_codes[int(match[1])] = int(match[2])
 
     def take(self, pid: int) -> tuple[str | None, int | None]:

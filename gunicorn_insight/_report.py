@@ -41,3 +41,15 @@ def report(where: str, error: BaseException) -> None:
     with contextlib.suppress(Exception):  # a broken log handler must not take the server down either
         ERRORS(where, logging.ERROR, f"internal error in {where} (the server keeps running): {error!r}",
                exc_info=True)
+
+
+def error_log_fd() -> int:
+    """The file descriptor gunicorn's error log writes to (stderr unless --error-logfile says otherwise)."""
+    for handler in logging.getLogger("gunicorn.error").handlers:
+        stream = getattr(handler, "stream", None)
+        try:
+            if stream is not None:
+                return int(stream.fileno())
+        except (OSError, ValueError, AttributeError):
+            continue
+    return 2

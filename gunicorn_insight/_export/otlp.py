@@ -22,10 +22,10 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from ._prometheus import OTLP_DURATION
-from ._safety import LOG, RateLimitedLog
-from ._version import __version__
-from .settings import ConfigurationError
+from .._report import LOG, RateLimitedLog
+from .._version import __version__
+from ..settings import ConfigurationError
+from .prometheus import OTLP_DURATION
 
 DEFAULT_ENDPOINT = "http://localhost:4318/v1/metrics"
 DEFAULT_INTERVAL_MS = 60000

@@ -24,12 +24,11 @@ import tempfile
 from bisect import bisect_left
 from collections.abc import Iterator
 
-from ._drain import Round, status_label
-from ._forensics import CAUSES
-from ._mmapfile import MetricFile, go_float, parse, read_file, sample_key
-from ._safety import LOG, report
-from ._scoreboard import free_space
-from .settings import ConfigurationError
+from .._facts import CAUSES, Round, status_label
+from .._report import LOG, report
+from .._space import free_space
+from ..settings import ConfigurationError
+from .mmapfile import MetricFile, go_float, parse, read_file, sample_key
 
 _NO_ROOM = (errno.ENOSPC, errno.EDQUOT)
 _MIN_FILE = 8  # a file shorter than its own header was cut short by a kill and would break every scrape

@@ -19,12 +19,12 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import _scoreboard as sb
-from ._cgroup import memory_cgroup_dirs
-from ._discovery import Server
-from ._doctor import Finding
-from ._status import ServerInfo, StatusRecord, WorkerExit
-from ._views import read_status
+from .. import _scoreboard as sb
+from .._cgroup import memory_cgroup_dirs
+from .._discovery import Server
+from .._runfiles import ServerInfo, StatusRecord, WorkerExit
+from .doctor import Finding
+from .views import read_status
 
 DEFAULT_WINDOW = 3.0
 SAMPLE_EVERY = 0.05
@@ -235,7 +235,7 @@ def read_histogram(directory: str | None, name: str) -> Histogram | None:
         return None
     from prometheus_client.multiprocess import MultiProcessCollector
 
-    from ._prometheus import usable_files
+    from .._export.prometheus import usable_files
 
     found = Histogram()
     try:

@@ -1,4 +1,4 @@
-/* The two request hooks of gunicorn_insight._worker, compiled: same scoreboard bytes, one C call each.
+/* The two request hooks of gunicorn_insight._worker.recorder, compiled: same scoreboard bytes, one C call each.
  *
  * Why this exists: in the benchmark the pure-Python hooks cost about 4 us per request on a core of their
  * own and about 9 us when the load shares the cores, because their bytecode, the interpreter paths and the
@@ -723,13 +723,13 @@ static PyMethodDef methods[] = {
     {"post_request", (PyCFunction)(void (*)(void))post_request, METH_FASTCALL,
      "post_request($module, worker, req, environ, resp, /)\n--\n\n"
      "gunicorn's post_request hook: write the finished request into this worker's ring."},
-    {"bind", bind, METH_VARARGS, "Hand over what the hooks need from gunicorn_insight._worker (it calls this once)."},
+    {"bind", bind, METH_VARARGS, "Hand over what the hooks need from gunicorn_insight._worker.recorder (it calls this once)."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef speedups = {
-    PyModuleDef_HEAD_INIT, "gunicorn_insight._speedups",
-    "The request hooks of gunicorn_insight._worker in C; see _speedups.c.", -1, methods, NULL, NULL, NULL, NULL,
+    PyModuleDef_HEAD_INIT, "gunicorn_insight._worker._speedups",
+    "The request hooks of gunicorn_insight._worker.recorder in C; see _speedups.c.", -1, methods, NULL, NULL, NULL, NULL,
 };
 
 PyMODINIT_FUNC

@@ -20,8 +20,8 @@ import threading
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from ._routes import ROUTE_KEY
-from ._safety import report
+from .._report import report
+from .routes import ROUTE_KEY
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

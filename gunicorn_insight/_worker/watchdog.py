@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import faulthandler
-import logging
 import os
 import sys
 import threading
@@ -24,22 +23,11 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
-from ._safety import LOG, report
-from ._worker import RequestRecorder
+from .._report import LOG, report
+from .recorder import RequestRecorder
 
 _MAX_TICK = 1.0
 
-
-def error_log_fd() -> int:
-    """The file descriptor gunicorn's error log writes to (stderr unless --error-logfile says otherwise)."""
-    for handler in logging.getLogger("gunicorn.error").handlers:
-        stream = getattr(handler, "stream", None)
-        try:
-            if stream is not None:
-                return int(stream.fileno())
-        except (OSError, ValueError, AttributeError):
-            continue
-    return 2
 
 
 def write_abort_stack(fd: int, recorder: RequestRecorder | None, pid: int) -> None:

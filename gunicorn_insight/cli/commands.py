@@ -22,9 +22,11 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from . import _configload, _discovery, _doctor, _livedoctor, _views
-from . import _scoreboard as sb
-from ._discovery import DiscoveryError, Selector, Server
+from .. import _discovery
+from .. import _scoreboard as sb
+from .._discovery import DiscoveryError, Selector, Server
+from . import configload, livedoctor, views
+from . import doctor as _doctor
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -59,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     doctor = commands.add_parser("doctor", help="check a gunicorn configuration, or a running server, for trouble")
     _selectors(doctor)
-    doctor.add_argument("--window", type=float, default=_livedoctor.DEFAULT_WINDOW, metavar="SECONDS",
+    doctor.add_argument("--window", type=float, default=livedoctor.DEFAULT_WINDOW, metavar="SECONDS",
                         help="with a server selector: seconds to watch the server (default %(default)s)")
     doctor.add_argument("-c", "--config", metavar="CONFIG",
                         help="gunicorn config file, or python:module (default: as gunicorn picks it)")
@@ -78,7 +80,7 @@ def version_line() -> str:
     """``gunicorn-insight X`` and the versions that matter in a bug report (what is installed, not imported)."""
     from importlib import metadata
 
-    from ._version import __version__
+    from .._version import __version__
 
     found = []
     for distribution in ("gunicorn", "prometheus_client", "opentelemetry-sdk"):
@@ -158,20 +160,20 @@ def run_status(args: argparse.Namespace) -> int:
         _error(str(error))
         return error.code
     try:
-        snap = _views.snapshot(_views.take_reading(server, board))
+        snap = views.snapshot(views.take_reading(server, board))
     finally:
         board.close()
     if args.json:
         print(json.dumps(snap, indent=2))
     else:
-        _console().print(_views.render(snap))
+        _console().print(views.render(snap))
     return EXIT_OK
 
 
-def _frame(snap: _views.StatusDocument, interval: float) -> Group:
+def _frame(snap: views.StatusDocument, interval: float) -> Group:
     title = Text(f"gunicorn-insight top  {time.strftime('%H:%M:%S')}  every {interval:g}s  Ctrl-C to quit",
                  style="reverse")
-    return Group(title, _views.render(snap, max_exits=5))
+    return Group(title, views.render(snap, max_exits=5))
 
 
 def run_top(args: argparse.Namespace) -> int:
@@ -203,7 +205,7 @@ def _gone(server: Server) -> str:
 
 def _frames(
     server: Server, board: sb.Scoreboard, args: argparse.Namespace
-) -> Iterator[_views.StatusDocument | None]:
+) -> Iterator[views.StatusDocument | None]:
     """Snapshots every interval; stops after --iterations, or when the master is gone (yields None)."""
     count = 0
     while args.iterations is None or count < args.iterations:
@@ -213,7 +215,7 @@ def _frames(
         if not _discovery.pid_alive(server.master_pid):
             yield None
             return
-        yield _views.snapshot(_views.take_reading(server, board))
+        yield views.snapshot(views.take_reading(server, board))
         count += 1
 
 
@@ -252,7 +254,7 @@ def run_doctor(args: argparse.Namespace) -> int:
     try:
         loaded, ctx, findings = _doctor.diagnose(args.config, args.worker_memory_mb, import_app=args.import_app,
                                                  app=args.app)
-    except _configload.ConfigLoadError as error:
+    except configload.ConfigLoadError as error:
         _error(str(error))
         return EXIT_FAILED
     except _doctor.UsageError as error:
@@ -283,15 +285,15 @@ def _run_live_doctor(args: argparse.Namespace) -> int:
         _error(str(error))
         return error.code
     try:
-        facts = _livedoctor.measure(server, board, args.window)
+        facts = livedoctor.measure(server, board, args.window)
     finally:
         board.close()
-    findings = _livedoctor.run_live_checks(facts)
+    findings = livedoctor.run_live_checks(facts)
     findings += _doctor.version_findings(server.info.gunicorn_version or "")
     if args.config is not None:
         try:
             findings += _doctor.diagnose(args.config, args.worker_memory_mb)[2]
-        except _configload.ConfigLoadError as error:
+        except configload.ConfigLoadError as error:
             _error(str(error))
             return EXIT_FAILED
     findings = _doctor.by_severity(findings)

@@ -23,9 +23,9 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from . import _scoreboard as sb
-from ._discovery import Server
-from ._status import ContractError, StatusRecord, read_record
+from .. import _scoreboard as sb
+from .._discovery import Server
+from .._runfiles import ContractError, StatusRecord, read_record
 
 FORMAT = 1
 """Version of the ``status --json`` document (:class:`StatusDocument`); bumped only if a key changes meaning."""
