@@ -222,7 +222,12 @@ class Managed:
         self.log_path = log_path
         with open(log_path, "ab") as log:
             self._popen = subprocess.Popen(
-                self.argv, env=dict(env), cwd=cwd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                self.argv,
+                env=dict(env),
+                cwd=cwd,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
                 start_new_session=True,  # its own process group: one killpg reaches the master and every worker
             )
         self.pid = self._popen.pid
@@ -277,8 +282,9 @@ class Supervisor:
         self._processes: list[Managed] = []
         self._serial = 0
 
-    def start(self, argv: Sequence[str], *, name: str, env: Mapping[str, str] | None = None,
-              cwd: Path = HERE) -> Managed:
+    def start(
+        self, argv: Sequence[str], *, name: str, env: Mapping[str, str] | None = None, cwd: Path = HERE
+    ) -> Managed:
         self._serial += 1
         log_path = self.workdir / f"{self._serial:04d}-{name}.log"
         process = Managed(argv, env=env if env is not None else os.environ, cwd=cwd, log_path=log_path, name=name)
@@ -303,7 +309,8 @@ _PACKAGE_PATH: list[str] = []
 def clean_environment(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """Our own GUNICORN_INSIGHT_*, PROMETHEUS_MULTIPROC_DIR or GUNICORN_CMD_ARGS must not leak into a run."""
     env = {
-        key: value for key, value in os.environ.items()
+        key: value
+        for key, value in os.environ.items()
         if not key.startswith("GUNICORN_INSIGHT_") and key not in ("PROMETHEUS_MULTIPROC_DIR", "GUNICORN_CMD_ARGS")
     }
     if _PACKAGE_PATH:
@@ -326,15 +333,20 @@ def snapshot_package(workdir: Path, timeout: float = 300.0) -> dict[str, Any]:
     def copied_and_importable() -> bool:
         nonlocal last_error
         shutil.rmtree(destination, ignore_errors=True)
-        shutil.copytree(ROOT / "gunicorn_insight", destination / "gunicorn_insight",
-                        ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(
+            ROOT / "gunicorn_insight", destination / "gunicorn_insight", ignore=shutil.ignore_patterns("__pycache__")
+        )
         env = clean_environment({"PYTHONPATH": str(destination), "GUNICORN_INSIGHT_METRICS_BIND": "off"})
-        result = subprocess.run([sys.executable, "-c", check], env=env, cwd=workdir, capture_output=True, text=True,
-                                timeout=60, check=False)
+        result = subprocess.run(
+            [sys.executable, "-c", check], env=env, cwd=workdir, capture_output=True, text=True, timeout=60, check=False
+        )
         last_error = result.stderr.strip()
         if result.returncode != 0:
-            print(f"bench: gunicorn_insight does not import right now (mid-edit?); retrying:\n{last_error}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"bench: gunicorn_insight does not import right now (mid-edit?); retrying:\n{last_error}",
+                file=sys.stderr,
+                flush=True,
+            )
         return result.returncode == 0
 
     try:
@@ -489,8 +501,12 @@ class StatsdSink:
     def _start_daemon(self, supervisor: Supervisor, node: str) -> None:
         self.port, mgmt_port = free_port(socket.SOCK_DGRAM), free_port()
         config = {
-            "address": "127.0.0.1", "port": self.port, "mgmt_address": "127.0.0.1", "mgmt_port": mgmt_port,
-            "backends": [], "flushInterval": 10_000,  # no backend: a flush only resets, memory stays flat
+            "address": "127.0.0.1",
+            "port": self.port,
+            "mgmt_address": "127.0.0.1",
+            "mgmt_port": mgmt_port,
+            "backends": [],
+            "flushInterval": 10_000,  # no backend: a flush only resets, memory stays flat
         }
         config_path = supervisor.workdir / "statsd-config.js"
         config_path.write_text(json.dumps(config))  # a JSON object is a valid JS expression for statsd
@@ -597,8 +613,16 @@ _START_ATTEMPTS = 3
 class GunicornServer:
     """gunicorn on free loopback ports; knows its workers and counts their restarts from its log."""
 
-    def __init__(self, supervisor: Supervisor, launch: Launch, *, worker_class: str, workers: int,
-                 statsd: str, extra_args: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        supervisor: Supervisor,
+        launch: Launch,
+        *,
+        worker_class: str,
+        workers: int,
+        statsd: str,
+        extra_args: Sequence[str] = (),
+    ) -> None:
         self.supervisor = supervisor
         self.launch = launch
         self.worker_class = worker_class
@@ -642,9 +666,20 @@ class GunicornServer:
         if self.launch.config:
             argv += ["-c", self.launch.config]
         argv += [
-            "-b", f"127.0.0.1:{self.port}", "-w", str(self.workers), "-k", self.worker_class,
-            *WORKER_CLASSES[self.worker_class], "--chdir", str(HERE), "--graceful-timeout", "5",
-            *map(fill, self.launch.args), *self.extra_args, self.launch.app,
+            "-b",
+            f"127.0.0.1:{self.port}",
+            "-w",
+            str(self.workers),
+            "-k",
+            self.worker_class,
+            *WORKER_CLASSES[self.worker_class],
+            "--chdir",
+            str(HERE),
+            "--graceful-timeout",
+            "5",
+            *map(fill, self.launch.args),
+            *self.extra_args,
+            self.launch.app,
         ]  # no --access-logfile: gunicorn's access log is off by default, and stays off
         return argv, clean_environment(env)
 
@@ -767,8 +802,12 @@ def parse_wrk(output: str) -> LoadResult:
         for pct, number, unit in re.findall(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s|m|h)\s*$", output, re.MULTILINE)
     }
     return LoadResult(
-        requests=int(done[1]), seconds=_seconds(done[2], done[3]), rps=float(rate[1]),
-        errors=errors + (int(non_2xx[1]) if non_2xx else 0), p50_ms=latency.get("50"), p99_ms=latency.get("99"),
+        requests=int(done[1]),
+        seconds=_seconds(done[2], done[3]),
+        rps=float(rate[1]),
+        errors=errors + (int(non_2xx[1]) if non_2xx else 0),
+        p50_ms=latency.get("50"),
+        p99_ms=latency.get("99"),
     )
 
 
@@ -780,8 +819,11 @@ class LoadGenerator:
         if prefer == "wrk" and self.wrk is None:
             raise BenchError("--load wrk: wrk is not installed (apt-get install wrk)")
         if self.wrk is None and prefer == "auto":
-            print("bench: wrk not found; using the Python load generator (fewer requests per second, so numbers "
-                  "are not comparable with wrk runs). Install wrk: apt-get install wrk", file=sys.stderr)
+            print(
+                "bench: wrk not found; using the Python load generator (fewer requests per second, so numbers "
+                "are not comparable with wrk runs). Install wrk: apt-get install wrk",
+                file=sys.stderr,
+            )
 
     @property
     def description(self) -> str:
@@ -795,8 +837,14 @@ class LoadGenerator:
             duration = f"{max(1, round(seconds))}s" if seconds >= 1 else f"{max(1, round(seconds * 1000))}ms"
             argv = [self.wrk, f"-t{threads}", f"-c{self.connections}", f"-d{duration}", "--latency", url]
         else:
-            argv = [sys.executable, str(Path(__file__).resolve()), "--python-load", url, str(self.connections),
-                    str(seconds)]
+            argv = [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--python-load",
+                url,
+                str(self.connections),
+                str(seconds),
+            ]
         process = self.supervisor.start(argv, name="load")
         try:
             status = process.wait(seconds + 60)
@@ -881,8 +929,13 @@ class Run:
 
 
 def measure_run(ctx: Context, row: Row, instrumented: bool, pair: int) -> Run:
-    server = GunicornServer(ctx.supervisor, launch_for(row, instrumented), worker_class=row.worker_class,
-                            workers=OVERHEAD_WORKERS, statsd=ctx.sink.address)
+    server = GunicornServer(
+        ctx.supervisor,
+        launch_for(row, instrumented),
+        worker_class=row.worker_class,
+        workers=OVERHEAD_WORKERS,
+        statsd=ctx.sink.address,
+    )
     with running(server) as workers:
         ctx.load.run(server.url, min(WARMUP_SECONDS, ctx.duration))  # imports, caches, first connections
         memory = [found for found in map(worker_memory, workers) if found is not None]
@@ -898,14 +951,24 @@ def measure_run(ctx: Context, row: Row, instrumented: bool, pair: int) -> Run:
     busy = (busy_after - busy_before) / CLK_TCK
     load_cpu = ours_after.load - ours_before.load
     return Run(
-        row=row.name, mode="instrumented" if instrumented else "bare", pair=pair, requests=load.requests,
-        seconds=load.seconds, rps=load.rps, errors=load.errors, p50_ms=load.p50_ms, p99_ms=load.p99_ms,
-        cpu_seconds=cpu, cpu_us_per_request=cpu / load.requests * 1e6,
-        machine_busy_seconds=busy, load_cpu_seconds=round(load_cpu, 3),
+        row=row.name,
+        mode="instrumented" if instrumented else "bare",
+        pair=pair,
+        requests=load.requests,
+        seconds=load.seconds,
+        rps=load.rps,
+        errors=load.errors,
+        p50_ms=load.p50_ms,
+        p99_ms=load.p99_ms,
+        cpu_seconds=cpu,
+        cpu_us_per_request=cpu / load.requests * 1e6,
+        machine_busy_seconds=busy,
+        load_cpu_seconds=round(load_cpu, 3),
         busiest_worker_share=round(busiest_worker_share(before, after), 3),
         foreign_cpu_seconds=round(max(0.0, busy - cpu - (ours_after.total - ours_before.total)), 3),
         worker_rss_kib=[m.rss_kib for m in memory],
-        worker_private_kib=[m.private_kib for m in memory if m.private_kib is not None], workers_changed=changed,
+        worker_private_kib=[m.private_kib for m in memory if m.private_kib is not None],
+        workers_changed=changed,
     )
 
 
@@ -953,16 +1016,22 @@ def measure_pair(ctx: Context, row: Row, pair: int, label: str) -> list[Run]:
             runs[-1].attempt = attempt
         for run in runs:
             note = " (a worker was replaced during the load)" if run.workers_changed else ""
-            print(f"  {label} {row.name:<24} pair {pair} {run.mode:<12} {run.rps:9.0f} req/s "
-                  f"{run.cpu_us_per_request:8.1f} us CPU/request  foreign CPU {run.foreign_cpu_seconds:5.2f}s  "
-                  f"busiest worker {run.busiest_worker_share:4.0%}{note}", flush=True)
+            print(
+                f"  {label} {row.name:<24} pair {pair} {run.mode:<12} {run.rps:9.0f} req/s "
+                f"{run.cpu_us_per_request:8.1f} us CPU/request  foreign CPU {run.foreign_cpu_seconds:5.2f}s  "
+                f"busiest worker {run.busiest_worker_share:4.0%}{note}",
+                flush=True,
+            )
         foreign = max(run.foreign_cpu_seconds / run.seconds for run in runs)
         share = max(run.busiest_worker_share for run in runs)
         if foreign <= FOREIGN_CPU_LIMIT and share <= WORKER_SHARE_LIMIT:
             return runs
         if attempt < ctx.attempts:
-            why = (f"other processes used {foreign:.0%} of a core" if foreign > FOREIGN_CPU_LIMIT
-                   else f"one worker did {share:.0%} of the work")
+            why = (
+                f"other processes used {foreign:.0%} of a core"
+                if foreign > FOREIGN_CPU_LIMIT
+                else f"one worker did {share:.0%} of the work"
+            )
             print(f"  {label} {why} during this pair: measuring it again", flush=True)
     print(f"  {label} still disturbed after {ctx.attempts} attempt(s); keeping the last one (marked)", flush=True)
     for run in runs:
@@ -1024,7 +1093,10 @@ def summarize(row: Row, runs: Sequence[Run]) -> RowResult:
     private_bare = _median([kib for run in bare.values() for kib in run.worker_private_kib])
     private_instrumented = _median([kib for run in instrumented.values() for kib in run.worker_private_kib])
     return RowResult(
-        row=row.name, worker_class=row.worker_class, config=row.config, reference=row.is_reference,
+        row=row.name,
+        worker_class=row.worker_class,
+        config=row.config,
+        reference=row.is_reference,
         pairs=len(pairs),
         bare_cpu_us_per_request=Spread.of([run.cpu_us_per_request for run in bare.values()]),
         instrumented_cpu_us_per_request=Spread.of([run.cpu_us_per_request for run in instrumented.values()]),
@@ -1032,7 +1104,8 @@ def summarize(row: Row, runs: Sequence[Run]) -> RowResult:
         instrumented_rps=Spread.of([run.rps for run in instrumented.values()]),
         cpu_ratio=Spread.of([instrumented[p].cpu_us_per_request / bare[p].cpu_us_per_request for p in pairs]),
         throughput_ratio=Spread.of([instrumented[p].rps / bare[p].rps for p in pairs]),
-        rss_kib_bare_median=rss_bare, rss_kib_instrumented_median=rss_instrumented,
+        rss_kib_bare_median=rss_bare,
+        rss_kib_instrumented_median=rss_instrumented,
         rss_kib_added=_difference(rss_instrumented, rss_bare),
         private_kib_added=_difference(private_instrumented, private_bare),
         repeated_pairs=len({run.pair for run in runs if run.attempt > 1}),
@@ -1136,8 +1209,9 @@ def timed_get(port: int, path: str, server: GunicornServer) -> tuple[float, int]
         response = conn.getresponse()
         body = response.read()
         if response.status != 200:
-            raise BenchError(f"GET {path} on port {port} answered {response.status}: {body[:200]!r}\n"
-                             f"{server.describe(tail=80)}")
+            raise BenchError(
+                f"GET {path} on port {port} answered {response.status}: {body[:200]!r}\n{server.describe(tail=80)}"
+            )
     finally:
         conn.close()
     return time.perf_counter() - began, len(body)
@@ -1148,12 +1222,17 @@ def measure_scrape(ctx: Context, mode: str, targets: Sequence[int]) -> list[Scra
     # worker leaves a counter file. With the plugin, its master merges dead workers' files and serves /metrics;
     # without, the app's own /metrics route merges every file ever written.
     if mode == "gunicorn-insight":
-        launch = Launch(app="prom_app:app", config=PLUGIN_CONF,
-                        env={"GUNICORN_INSIGHT_METRICS_BIND": "{metrics}"})
+        launch = Launch(app="prom_app:app", config=PLUGIN_CONF, env={"GUNICORN_INSIGHT_METRICS_BIND": "{metrics}"})
     else:
         launch = Launch(app="prom_app:app", prometheus_dir=True)
-    server = GunicornServer(ctx.supervisor, launch, worker_class="sync", workers=SCRAPE_WORKERS,
-                            statsd=ctx.sink.address, extra_args=("--max-requests", "1"))
+    server = GunicornServer(
+        ctx.supervisor,
+        launch,
+        worker_class="sync",
+        workers=SCRAPE_WORKERS,
+        statsd=ctx.sink.address,
+        extra_args=("--max-requests", "1"),
+    )
     points: list[ScrapePoint] = []
     with running(server):
         scrape_port = server.metrics_port if mode == "gunicorn-insight" else server.port
@@ -1166,8 +1245,9 @@ def measure_scrape(ctx: Context, mode: str, targets: Sequence[int]) -> list[Scra
                 # Generous: gunicorn spawns at most about 20 workers a second (a random 0-100 ms sleep each).
                 reached = churner.run_until(lambda t=target: server.restarts() >= t, timeout=60 + target / 4)
                 if not reached:
-                    print(f"  {mode}: only {server.restarts()} of {target} restarts in time; measuring there",
-                          flush=True)
+                    print(
+                        f"  {mode}: only {server.restarts()} of {target} restarts in time; measuring there", flush=True
+                    )
             churn_seconds = time.monotonic() - began
             server.wait_booted()
             # One untimed scrape first: it lets the plugin fold the last deaths in (as its exporter does every
@@ -1185,13 +1265,20 @@ def measure_scrape(ctx: Context, mode: str, targets: Sequence[int]) -> list[Scra
                 seconds, size = timed_get(scrape_port, "/metrics", server)
                 times.append(seconds * 1000)
             point = ScrapePoint(
-                mode=mode, target_restarts=target, restarts=restarts, db_files=files,
+                mode=mode,
+                target_restarts=target,
+                restarts=restarts,
+                db_files=files,
                 scrape_ms=Spread(statistics.median(times), min(times), max(times), times),
-                response_bytes=size, churn_seconds=round(churn_seconds, 1),
+                response_bytes=size,
+                churn_seconds=round(churn_seconds, 1),
             )
             points.append(point)
-            print(f"  {mode:<24} {point.restarts:6d} restarts  {point.db_files:6d} *.db files  "
-                  f"scrape {point.scrape_ms.median:9.2f} ms (median of {SCRAPES})", flush=True)
+            print(
+                f"  {mode:<24} {point.restarts:6d} restarts  {point.db_files:6d} *.db files  "
+                f"scrape {point.scrape_ms.median:9.2f} ms (median of {SCRAPES})",
+                flush=True,
+            )
     return points
 
 
@@ -1214,8 +1301,9 @@ def _fmt(spread: Spread | None, digits: int = 3) -> str:
     return f"{spread.median:.{digits}f} [{spread.min:.{digits}f}, {spread.max:.{digits}f}]"
 
 
-def budgets(rows: Sequence[RowResult], scrape: Sequence[ScrapePoint],
-            pinned: bool = False) -> dict[str, dict[str, Any]]:
+def budgets(
+    rows: Sequence[RowResult], scrape: Sequence[ScrapePoint], pinned: bool = False
+) -> dict[str, dict[str, Any]]:
     by_name = {row.row: row for row in rows}
     everything = by_name.get("sync:everything")
     cpu = everything.cpu_ratio.median if everything and everything.cpu_ratio else None
@@ -1232,30 +1320,49 @@ def budgets(rows: Sequence[RowResult], scrape: Sequence[ScrapePoint],
     # The budget is defined for gunicorn sharing the machine's cores with its load, as measured without --pin.
     cpu_verdict = "not judged (--pin)" if pinned and cpu is not None else verdict(cpu, CPU_BUDGET)
     return {
-        "cpu": {"what": "sync:everything, median CPU per request instrumented / bare", "value": cpu,
-                "limit": CPU_BUDGET, "verdict": cpu_verdict},
-        "scrape": {"what": f"gunicorn-insight scrape time at {insight[-1].restarts if insight else '?'} restarts "
-                           "/ at 0 restarts", "value": scrape_ratio, "limit": SCRAPE_BUDGET,
-                   "verdict": verdict(scrape_ratio, SCRAPE_BUDGET)},
-        "rss": {"what": "sync:both, RSS added per worker (KiB)", "value": rss, "limit": RSS_BUDGET_KIB,
-                "verdict": verdict(rss, RSS_BUDGET_KIB)},
+        "cpu": {
+            "what": "sync:everything, median CPU per request instrumented / bare",
+            "value": cpu,
+            "limit": CPU_BUDGET,
+            "verdict": cpu_verdict,
+        },
+        "scrape": {
+            "what": f"gunicorn-insight scrape time at {insight[-1].restarts if insight else '?'} restarts "
+            "/ at 0 restarts",
+            "value": scrape_ratio,
+            "limit": SCRAPE_BUDGET,
+            "verdict": verdict(scrape_ratio, SCRAPE_BUDGET),
+        },
+        "rss": {
+            "what": "sync:both, RSS added per worker (KiB)",
+            "value": rss,
+            "limit": RSS_BUDGET_KIB,
+            "verdict": verdict(rss, RSS_BUDGET_KIB),
+        },
     }
 
 
-def print_report(rows: Sequence[RowResult], scrape: Sequence[ScrapePoint], verdicts: Mapping[str, Any],
-                 meta: Mapping[str, Any]) -> None:
-    print(f"\nOverhead, instrumented / bare ({meta['load_generator']}, {OVERHEAD_WORKERS} workers, "
-          f"{meta['settings']['duration']} s per run)")
-    header = (f"{'row':<26}{'pairs':>5}{'rep':>4}  {'bare us/req':>11}  {'instr us/req':>12}  "
-              f"{'CPU/request ratio median [min, max]':<36}  {'req/s ratio median [min, max]':<30}")
+def print_report(
+    rows: Sequence[RowResult], scrape: Sequence[ScrapePoint], verdicts: Mapping[str, Any], meta: Mapping[str, Any]
+) -> None:
+    print(
+        f"\nOverhead, instrumented / bare ({meta['load_generator']}, {OVERHEAD_WORKERS} workers, "
+        f"{meta['settings']['duration']} s per run)"
+    )
+    header = (
+        f"{'row':<26}{'pairs':>5}{'rep':>4}  {'bare us/req':>11}  {'instr us/req':>12}  "
+        f"{'CPU/request ratio median [min, max]':<36}  {'req/s ratio median [min, max]':<30}"
+    )
     print(header)
     print("-" * len(header))
     for row in rows:
         bare = f"{row.bare_cpu_us_per_request.median:.1f}" if row.bare_cpu_us_per_request else "-"
         inst = f"{row.instrumented_cpu_us_per_request.median:.1f}" if row.instrumented_cpu_us_per_request else "-"
         repeated = f"{row.repeated_pairs}" + ("!" if row.disturbed_pairs else "")
-        print(f"{row.row:<26}{row.pairs:>5}{repeated:>4}  {bare:>11}  {inst:>12}  {_fmt(row.cpu_ratio):<36}  "
-              f"{_fmt(row.throughput_ratio):<30}")
+        print(
+            f"{row.row:<26}{row.pairs:>5}{repeated:>4}  {bare:>11}  {inst:>12}  {_fmt(row.cpu_ratio):<36}  "
+            f"{_fmt(row.throughput_ratio):<30}"
+        )
     print("rep: pairs measured again after a disturbed attempt; '!': some pair was still disturbed (see the JSON)")
     if scrape:
         print(f"\nScrape cost: GET /metrics, {SCRAPE_WORKERS} workers, --max-requests 1, median of {SCRAPES}")
@@ -1276,8 +1383,13 @@ def machine() -> dict[str, Any]:
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
-    return {"nproc": os.cpu_count(), "cpu_model": model, "kernel": platform.release(),
-            "os": _os_release(), "clock_ticks_per_second": CLK_TCK}
+    return {
+        "nproc": os.cpu_count(),
+        "cpu_model": model,
+        "kernel": platform.release(),
+        "os": _os_release(),
+        "clock_ticks_per_second": CLK_TCK,
+    }
 
 
 def _os_release() -> str:
@@ -1295,8 +1407,7 @@ def code_measured(package: Path) -> dict[str, Any]:
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     commit = _command_output(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
     dirty = _command_output(["git", "-C", str(ROOT), "status", "--porcelain", "--", "gunicorn_insight"])
-    return {"commit": commit, "package_modified_since_commit": bool(dirty),
-            "package_sha256": digest.hexdigest()[:16]}
+    return {"commit": commit, "package_modified_since_commit": bool(dirty), "package_sha256": digest.hexdigest()[:16]}
 
 
 def versions() -> dict[str, str]:
@@ -1316,10 +1427,22 @@ def _plot_overhead(axes: Any, rows: Sequence[RowResult]) -> None:
         ratio = row.cpu_ratio
         assert ratio is not None
         color, marker = ("tab:orange", "s") if row.reference else ("tab:blue", "o")
-        axes.errorbar([ratio.median], [position], xerr=[[ratio.median - ratio.min], [ratio.max - ratio.median]],
-                      fmt=marker, color=color, capsize=4)
-        axes.annotate(f"{ratio.median:.2f}", (ratio.max, position), textcoords="offset points", xytext=(6, -3),
-                      fontsize="small", color=color)
+        axes.errorbar(
+            [ratio.median],
+            [position],
+            xerr=[[ratio.median - ratio.min], [ratio.max - ratio.median]],
+            fmt=marker,
+            color=color,
+            capsize=4,
+        )
+        axes.annotate(
+            f"{ratio.median:.2f}",
+            (ratio.max, position),
+            textcoords="offset points",
+            xytext=(6, -3),
+            fontsize="small",
+            color=color,
+        )
     axes.set_yticks(range(len(measured)), [row.row for row in reversed(measured)])
     axes.set_ylim(-0.7, len(measured) - 0.3)
     axes.axvline(1.0, color="grey", linewidth=0.8)
@@ -1340,8 +1463,11 @@ def plot(rows: Sequence[RowResult], scrape: Sequence[ScrapePoint], meta: Mapping
         matplotlib.use("Agg")  # files only: no display on a server or in CI
         import matplotlib.pyplot as plt
     except ImportError:
-        print("bench: matplotlib is not installed, so no plot (pip install -e '.[bench]'); the table and "
-              "JSON are complete", file=sys.stderr)
+        print(
+            "bench: matplotlib is not installed, so no plot (pip install -e '.[bench]'); the table and "
+            "JSON are complete",
+            file=sys.stderr,
+        )
         return False
     figure, (left, right) = plt.subplots(1, 2, figsize=(14, 6.5), gridspec_kw={"width_ratios": [1.25, 1]})
     _plot_overhead(left, rows)
@@ -1352,8 +1478,14 @@ def plot(rows: Sequence[RowResult], scrape: Sequence[ScrapePoint], meta: Mapping
         xs, ys = [p.restarts for p in points], [p.scrape_ms.median for p in points]
         right.plot(xs, ys, "o-", color=color, label=mode)
         for point in points:
-            right.annotate(f"{point.db_files} files", (point.restarts, point.scrape_ms.median),
-                           textcoords="offset points", xytext=(4, 6), fontsize="small", color=color)
+            right.annotate(
+                f"{point.db_files} files",
+                (point.restarts, point.scrape_ms.median),
+                textcoords="offset points",
+                xytext=(4, 6),
+                fontsize="small",
+                color=color,
+            )
     right.set_xlabel(f"worker restarts (--max-requests 1, {SCRAPE_WORKERS} workers)")
     right.set_ylabel(f"GET /metrics, ms (median of {SCRAPES})")
     right.set_title("Scrape time under worker churn")
@@ -1362,9 +1494,12 @@ def plot(rows: Sequence[RowResult], scrape: Sequence[ScrapePoint], meta: Mapping
     right.grid(alpha=0.3)
     right.set_ylim(bottom=0)
     host = meta["machine"]
-    figure.suptitle(f"gunicorn-insight {meta['versions']['gunicorn-insight']} benchmark, {meta['date']}: "
-                    f"{host['cpu_model']}, {host['nproc']} cores, gunicorn {meta['versions']['gunicorn']}, "
-                    f"Python {meta['versions']['python']}", fontsize="medium")
+    figure.suptitle(
+        f"gunicorn-insight {meta['versions']['gunicorn-insight']} benchmark, {meta['date']}: "
+        f"{host['cpu_model']}, {host['nproc']} cores, gunicorn {meta['versions']['gunicorn']}, "
+        f"Python {meta['versions']['python']}",
+        fontsize="medium",
+    )
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
@@ -1377,33 +1512,53 @@ def plot(rows: Sequence[RowResult], scrape: Sequence[ScrapePoint], meta: Mapping
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n", 1)[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--pairs", type=int, help="bare/instrumented pairs per row (default 5)")
     parser.add_argument("--duration", type=float, help="seconds of measured load per run (default 5)")
     parser.add_argument("--connections", type=int, default=8, help="concurrent connections (default 8)")
-    parser.add_argument("--rows", help="comma-separated rows, wildcards allowed, e.g. "
-                                       "sync:both,gthread:*,ref:gunicorn-statsd (default all)")
-    parser.add_argument("--restarts", help=f"restart counts for the scrape measurement (default {DEFAULT_RESTARTS}); "
-                                           "'none' skips it")
-    parser.add_argument("--json", help=f"results file (default {DEFAULT_JSON.relative_to(ROOT)}; "
-                                                  "with --tiny: none; '' for none)")
-    parser.add_argument("--plot", help=f"PNG plot (default {DEFAULT_PLOT.relative_to(ROOT)}; with --tiny: none; "
-                                       "'' for none)")
-    parser.add_argument("--tiny", action="store_true",
-                        help=f"CI smoke run: 1 pair, 1 s loads, rows {TINY_ROWS}, restarts {TINY_RESTARTS}")
-    parser.add_argument("--attempts", type=int,
-                        help=f"tries per pair when other processes interfere or one gthread worker takes all the "
-                             f"connections (default {DEFAULT_ATTEMPTS}; --tiny: 1, and no waiting for a quiet machine)")
-    parser.add_argument("--load", choices=("auto", "wrk", "python"), default="auto",
-                        help="load generator (default: wrk when installed)")
-    parser.add_argument("--sink", choices=("auto", "statsd", "python"), default="auto",
-                        help="StatsD sink (default: the statsd daemon when node and .tools/statsd are there)")
-    parser.add_argument("--pin", action="store_true",
-                        help="diagnostic: gunicorn on every CPU but the first, the load generator, the StatsD sink and "
-                             "this script on the first (needs 2+ CPUs). Shows the overhead without the load "
-                             "competing for the server's cores and caches; the CPU budget is judged without it, so "
-                             "--json and --plot default to none")
+    parser.add_argument(
+        "--rows",
+        help="comma-separated rows, wildcards allowed, e.g. sync:both,gthread:*,ref:gunicorn-statsd (default all)",
+    )
+    parser.add_argument(
+        "--restarts", help=f"restart counts for the scrape measurement (default {DEFAULT_RESTARTS}); 'none' skips it"
+    )
+    parser.add_argument(
+        "--json", help=f"results file (default {DEFAULT_JSON.relative_to(ROOT)}; with --tiny: none; '' for none)"
+    )
+    parser.add_argument(
+        "--plot", help=f"PNG plot (default {DEFAULT_PLOT.relative_to(ROOT)}; with --tiny: none; '' for none)"
+    )
+    parser.add_argument(
+        "--tiny",
+        action="store_true",
+        help=f"CI smoke run: 1 pair, 1 s loads, rows {TINY_ROWS}, restarts {TINY_RESTARTS}",
+    )
+    parser.add_argument(
+        "--attempts",
+        type=int,
+        help=f"tries per pair when other processes interfere or one gthread worker takes all the "
+        f"connections (default {DEFAULT_ATTEMPTS}; --tiny: 1, and no waiting for a quiet machine)",
+    )
+    parser.add_argument(
+        "--load", choices=("auto", "wrk", "python"), default="auto", help="load generator (default: wrk when installed)"
+    )
+    parser.add_argument(
+        "--sink",
+        choices=("auto", "statsd", "python"),
+        default="auto",
+        help="StatsD sink (default: the statsd daemon when node and .tools/statsd are there)",
+    )
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="diagnostic: gunicorn on every CPU but the first, the load generator, the StatsD sink and "
+        "this script on the first (needs 2+ CPUs). Shows the overhead without the load "
+        "competing for the server's cores and caches; the CPU budget is judged without it, so "
+        "--json and --plot default to none",
+    )
     parser.add_argument("--python-load", nargs=3, metavar=("URL", "CONNECTIONS", "SECONDS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     # --tiny only fills in what was not given explicitly.
@@ -1437,8 +1592,10 @@ def pin_cpus() -> dict[str, list[int]]:
     returns that split, for gunicorn to be put on the others."""
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2:
-        raise BenchError(f"--pin needs at least 2 CPUs to split between gunicorn and its load; this process may "
-                         f"run on {len(cpus)} ({cpus}). Leave --pin out, or run on a larger machine.")
+        raise BenchError(
+            f"--pin needs at least 2 CPUs to split between gunicorn and its load; this process may "
+            f"run on {len(cpus)} ({cpus}). Leave --pin out, or run on a larger machine."
+        )
     os.sched_setaffinity(0, cpus[:1])
     return {"load": cpus[:1], "server": cpus[1:]}
 
@@ -1469,17 +1626,28 @@ def run(args: argparse.Namespace) -> int:
             "code": code,
             "load_generator": load.description,
             "statsd_sink": sink.description,
-            "settings": {"pairs": args.pairs, "duration": args.duration, "connections": args.connections,
-                         "attempts": args.attempts, "foreign_cpu_limit": FOREIGN_CPU_LIMIT,
-                         "worker_share_limit": WORKER_SHARE_LIMIT,
-                         "warmup": min(WARMUP_SECONDS, args.duration), "workers": OVERHEAD_WORKERS,
-                         "rows": [row.name for row in rows], "restarts": restarts,
-                         "scrape_workers": SCRAPE_WORKERS, "everything_extra_env": EVERYTHING_EXTRA_ENV,
-                         "pinned_cpus": pinned},
+            "settings": {
+                "pairs": args.pairs,
+                "duration": args.duration,
+                "connections": args.connections,
+                "attempts": args.attempts,
+                "foreign_cpu_limit": FOREIGN_CPU_LIMIT,
+                "worker_share_limit": WORKER_SHARE_LIMIT,
+                "warmup": min(WARMUP_SECONDS, args.duration),
+                "workers": OVERHEAD_WORKERS,
+                "rows": [row.name for row in rows],
+                "restarts": restarts,
+                "scrape_workers": SCRAPE_WORKERS,
+                "everything_extra_env": EVERYTHING_EXTRA_ENV,
+                "pinned_cpus": pinned,
+            },
         }
         placement = f"; pinned: gunicorn on CPUs {pinned['server']}, the rest on {pinned['load']}" if pinned else ""
-        print(f"bench: {len(rows)} rows x {args.pairs} pairs; load: {load.description}; sink: {sink.description}"
-              f"{placement}", flush=True)
+        print(
+            f"bench: {len(rows)} rows x {args.pairs} pairs; load: {load.description}; sink: {sink.description}"
+            f"{placement}",
+            flush=True,
+        )
         results = measure_overhead(ctx, rows, args.pairs)
         scrape: list[ScrapePoint] = []
         if restarts:
@@ -1497,19 +1665,24 @@ def run(args: argparse.Namespace) -> int:
     report = {
         "meta": meta,
         "rows": [asdict(row) for row in results],
-        "memory": {"row": "sync:both", "rss_kib_added_per_worker": both.rss_kib_added if both else None,
-                   "rss_kib_bare_median": both.rss_kib_bare_median if both else None,
-                   "rss_kib_instrumented_median": both.rss_kib_instrumented_median if both else None,
-                   "private_kib_added_per_worker": both.private_kib_added if both else None},
+        "memory": {
+            "row": "sync:both",
+            "rss_kib_added_per_worker": both.rss_kib_added if both else None,
+            "rss_kib_bare_median": both.rss_kib_bare_median if both else None,
+            "rss_kib_instrumented_median": both.rss_kib_instrumented_median if both else None,
+            "private_kib_added_per_worker": both.private_kib_added if both else None,
+        },
         "scrape": {"workers": SCRAPE_WORKERS, "scrapes": SCRAPES, "points": [asdict(p) for p in scrape]},
         "budgets": verdicts,
     }
     print_report(results, scrape, verdicts, meta)
     if both is not None and both.rss_kib_added is not None:
         private = f"{both.private_kib_added:.0f} KiB" if both.private_kib_added is not None else "unknown"
-        print(f"\nRSS added per worker (sync:both): {both.rss_kib_added:.0f} KiB "
-              f"(bare {both.rss_kib_bare_median:.0f} KiB, instrumented {both.rss_kib_instrumented_median:.0f} KiB); "
-              f"private memory added: {private}")
+        print(
+            f"\nRSS added per worker (sync:both): {both.rss_kib_added:.0f} KiB "
+            f"(bare {both.rss_kib_bare_median:.0f} KiB, instrumented {both.rss_kib_instrumented_median:.0f} KiB); "
+            f"private memory added: {private}"
+        )
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")

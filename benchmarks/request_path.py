@@ -39,9 +39,11 @@ PLAIN_REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n\r\n"  # what wrk se
 
 
 def proxied_request() -> bytes:
-    return (b"GET /?page=2 HTTP/1.1\r\nHost: example.com\r\nX-Real-IP: 10.0.0.1\r\nX-Forwarded-For: 10.0.0.1\r\n"
-            b"X-Forwarded-Proto: https\r\nX-Request-Start: t=%.3f\r\nUser-Agent: curl/8.5.0\r\nAccept: */*\r\n"
-            b"Connection: close\r\n\r\n" % time.time())
+    return (
+        b"GET /?page=2 HTTP/1.1\r\nHost: example.com\r\nX-Real-IP: 10.0.0.1\r\nX-Forwarded-For: 10.0.0.1\r\n"
+        b"X-Forwarded-Proto: https\r\nX-Request-Start: t=%.3f\r\nUser-Agent: curl/8.5.0\r\nAccept: */*\r\n"
+        b"Connection: close\r\n\r\n" % time.time()
+    )
 
 
 def request_loop(mode: str, requests: int, raw_request: bytes) -> None:
@@ -66,15 +68,22 @@ def request_loop(mode: str, requests: int, raw_request: bytes) -> None:
         from gunicorn_insight import _scoreboard as sb
         from gunicorn_insight._worker import recorder
 
-        board = sb.Scoreboard.create(os.path.join(tempfile.mkdtemp(), "scoreboard"), slots=2, entries=1,
-                                     ring=8192, master_pid=os.getpid(), routes=100)
+        board = sb.Scoreboard.create(
+            os.path.join(tempfile.mkdtemp(), "scoreboard"),
+            slots=2,
+            entries=1,
+            ring=8192,
+            master_pid=os.getpid(),
+            routes=100,
+        )
         board.assign(0, time.monotonic())
         options = recorder.RecorderOptions(routes=True, exclude_paths=frozenset({"/healthz"}), threaded=False)
         recorder.RECORDER = recorder.RequestRecorder(board, 0, worker, options)
         if mode == "compiled":
             if recorder.COMPILED is None:
-                sys.exit("request_path: gunicorn_insight._worker._speedups is not built; "
-                         "reinstall with a C compiler present")
+                sys.exit(
+                    "request_path: gunicorn_insight._worker._speedups is not built; reinstall with a C compiler present"
+                )
             pre_request, post_request = recorder.COMPILED
         else:
             pre_request, post_request = recorder.pre_request, recorder.post_request
@@ -117,10 +126,21 @@ def parse_summary(text: str) -> dict[str, int]:
 
 
 def cachegrind(mode: str, requests: int, proxy: bool) -> dict[str, int]:
-    command = ["valgrind", "--tool=cachegrind", "--cache-sim=yes", "--cachegrind-out-file=/dev/null",
-               sys.executable, __file__, "--child", mode, "--requests", str(requests)] + (["--proxy"] if proxy else [])
-    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": "0"},
-                          check=False)
+    command = [
+        "valgrind",
+        "--tool=cachegrind",
+        "--cache-sim=yes",
+        "--cachegrind-out-file=/dev/null",
+        sys.executable,
+        __file__,
+        "--child",
+        mode,
+        "--requests",
+        str(requests),
+    ] + (["--proxy"] if proxy else [])
+    done = subprocess.run(
+        command, capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": "0"}, check=False
+    )
     counts = parse_summary(done.stderr)
     if done.returncode != 0 or len(counts) != len(EVENTS):
         sys.exit(f"request_path: cachegrind run failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
@@ -140,8 +160,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=1000, help="requests counted per mode (default 1000)")
     parser.add_argument("--proxy", action="store_true", help="a request as nginx forwards it (query, X-Request-Start)")
-    parser.add_argument("--hooks", choices=("compiled", "python"), default="compiled",
-                        help="the compiled request hooks (the default where they are built) or the pure-Python ones")
+    parser.add_argument(
+        "--hooks",
+        choices=("compiled", "python"),
+        default="compiled",
+        help="the compiled request hooks (the default where they are built) or the pure-Python ones",
+    )
     parser.add_argument("--child", choices=("bare", "compiled", "python"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.requests < 1:
@@ -154,9 +178,11 @@ def main() -> None:
         sys.exit("request_path: valgrind is not installed (Debian: apt-get install valgrind)")
     import gunicorn_insight
 
-    print(f"gunicorn-insight from {os.path.dirname(gunicorn_insight.__file__)}; "
-          f"{'proxied' if args.proxy else 'plain (wrk-like)'} request; {args.hooks} hooks; "
-          f"{args.requests} requests per mode")
+    print(
+        f"gunicorn-insight from {os.path.dirname(gunicorn_insight.__file__)}; "
+        f"{'proxied' if args.proxy else 'plain (wrk-like)'} request; {args.hooks} hooks; "
+        f"{args.requests} requests per mode"
+    )
     bare, plugin = per_request("bare", args.requests, args.proxy), per_request(args.hooks, args.requests, args.proxy)
     print(f"{'per request':<16}{'bare':>12}{'plugin':>12}{'added':>12}{'added %':>10}")
     rows = [(EVENTS[event], bare[event], plugin[event]) for event in EVENTS]

@@ -1,12 +1,12 @@
 """A small WSGI application with the endpoints an operator needs to see gunicorn-insight at work.
 
-    /            hello
-    /slow?s=2    sleeps (default 1 s): shows in-flight requests and latency
-    /stuck       spins in pure Python forever: WORKER TIMEOUT, the abort handler can run
-    /stuck-c     hashes in C with a huge iteration count: the worker is SIGKILLed, no handler runs
-    /error       raises: a 500
-    /exit?code=7 the worker process exits at once with that code (a crash gunicorn cannot see coming)
-    /status/N    answers with status N
+/            hello
+/slow?s=2    sleeps (default 1 s): shows in-flight requests and latency
+/stuck       spins in pure Python forever: WORKER TIMEOUT, the abort handler can run
+/stuck-c     hashes in C with a huge iteration count: the worker is SIGKILLed, no handler runs
+/error       raises: a 500
+/exit?code=7 the worker process exits at once with that code (a crash gunicorn cannot see coming)
+/status/N    answers with status N
 """
 
 from __future__ import annotations

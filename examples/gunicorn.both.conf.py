@@ -1,6 +1,6 @@
 """StatsD and Prometheus at once, gthread workers, with a hook of your own kept running.
 
-    gunicorn -c gunicorn.both.conf.py app:app
+gunicorn -c gunicorn.both.conf.py app:app
 """
 
 import gunicorn_insight

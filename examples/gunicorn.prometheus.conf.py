@@ -1,7 +1,7 @@
 """Prometheus only: metrics in a multiprocess directory, served on /metrics by the master.
 
-    gunicorn -c gunicorn.prometheus.conf.py app:app
-    curl http://127.0.0.1:9180/metrics
+gunicorn -c gunicorn.prometheus.conf.py app:app
+curl http://127.0.0.1:9180/metrics
 """
 
 import gunicorn_insight

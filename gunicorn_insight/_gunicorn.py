@@ -20,9 +20,14 @@ def worker_kind(cfg: Any) -> str:
     except Exception:
         return "unknown"
     names = {
-        "SyncWorker": "sync", "ThreadWorker": "gthread", "GeventWorker": "gevent",
-        "GeventPyWSGIWorker": "gevent", "EventletWorker": "eventlet", "TornadoWorker": "tornado",
-        "ASGIWorker": "asgi", "UvicornWorker": "uvicorn",  # uvicorn.workers and uvicorn_worker: same name
+        "SyncWorker": "sync",
+        "ThreadWorker": "gthread",
+        "GeventWorker": "gevent",
+        "GeventPyWSGIWorker": "gevent",
+        "EventletWorker": "eventlet",
+        "TornadoWorker": "tornado",
+        "ASGIWorker": "asgi",
+        "UvicornWorker": "uvicorn",  # uvicorn.workers and uvicorn_worker: same name
     }
     for klass in worker_class.__mro__:
         if klass.__name__ in names:
@@ -31,9 +36,20 @@ def worker_kind(cfg: Any) -> str:
 
 
 # gunicorn counts a hook's positional parameters and refuses a function with another number.
-HOOK_ARITY = {"post_request": 4, "on_reload": 1, "post_worker_init": 1, "worker_int": 1, "worker_abort": 1,
-              "on_starting": 1, "on_exit": 1, "pre_fork": 2, "post_fork": 2, "pre_request": 2,
-              "child_exit": 2, "worker_exit": 2}
+HOOK_ARITY = {
+    "post_request": 4,
+    "on_reload": 1,
+    "post_worker_init": 1,
+    "worker_int": 1,
+    "worker_abort": 1,
+    "on_starting": 1,
+    "on_exit": 1,
+    "pre_fork": 2,
+    "post_fork": 2,
+    "pre_request": 2,
+    "child_exit": 2,
+    "worker_exit": 2,
+}
 
 
 REAP_SENT = re.compile(r"Worker \(pid:(\d+)\) was sent (?:code (\d+)|(\w+))")
@@ -53,12 +69,14 @@ def unseen_requests(worker_class: Any) -> str | None:
     tornado worker does not, nor does a custom class that serves requests its own way."""
     if worker_kind(SimpleNamespace(worker_class=worker_class)) in RECORDED_KINDS or _calls_request_hooks(worker_class):
         return None
-    return (f"worker class {getattr(worker_class, '__name__', worker_class)} never calls gunicorn's "
-            "pre_request/post_request hooks, so gunicorn-insight cannot see its requests: request counts, "
-            "durations, statuses, routes, queue time, busy time, requests in flight (status, top, exit lines) "
-            "and slow-request reports will be missing (absent, not zero); worker, memory, exit and listen "
-            "backlog metrics still work. Classes whose requests are recorded: sync, gthread, gevent, eventlet, "
-            "asgi, uvicorn's")
+    return (
+        f"worker class {getattr(worker_class, '__name__', worker_class)} never calls gunicorn's "
+        "pre_request/post_request hooks, so gunicorn-insight cannot see its requests: request counts, "
+        "durations, statuses, routes, queue time, busy time, requests in flight (status, top, exit lines) "
+        "and slow-request reports will be missing (absent, not zero); worker, memory, exit and listen "
+        "backlog metrics still work. Classes whose requests are recorded: sync, gthread, gevent, eventlet, "
+        "asgi, uvicorn's"
+    )
 
 
 def _calls_request_hooks(worker_class: Any) -> bool:

@@ -110,13 +110,17 @@ def _settings(given: Any, fields: dict[str, Any]) -> Settings:
             "(dataclasses.replace(settings, ...) changes a Settings)"
         )
     unread = sorted(
-        variable for variable in (ENV_PREFIX + name.upper() for name in Settings.field_names())
+        variable
+        for variable in (ENV_PREFIX + name.upper() for name in Settings.field_names())
         if os.environ.get(variable, "").strip()
     )
     if unread:
-        LOG.warning("gunicorn-insight: install() was given a Settings object, which is used as it is, so %s %s not "
-                    "read; Settings.build({...}) makes one that reads the environment too",
-                    ", ".join(unread), "is" if len(unread) == 1 else "are")
+        LOG.warning(
+            "gunicorn-insight: install() was given a Settings object, which is used as it is, so %s %s not "
+            "read; Settings.build({...}) makes one that reads the environment too",
+            ", ".join(unread),
+            "is" if len(unread) == 1 else "are",
+        )
     return given
 
 
@@ -235,9 +239,12 @@ def adopt_late_hooks(cfg: Any, names: Iterable[str] | None = None) -> list[str]:
 
 def _log_adopted(chained: list[str], when: str) -> None:
     if chained:
-        LOG.info("gunicorn-insight: %s defined after install()%s; chained so both run (gunicorn-insight's "
-                 "first). Call install(globals()) at the end of the config to make this unnecessary",
-                 ", ".join(chained), when)
+        LOG.info(
+            "gunicorn-insight: %s defined after install()%s; chained so both run (gunicorn-insight's "
+            "first). Call install(globals()) at the end of the config to make this unnecessary",
+            ", ".join(chained),
+            when,
+        )
 
 
 # -- chaining --------------------------------------------------------------------------------------------
@@ -354,7 +361,10 @@ def _warn_if_little_room(directory: str | None, workers: int) -> None:
             "reserved: a worker that writes into a page the filesystem cannot back dies of SIGBUS. Give that "
             "filesystem more room (Docker: docker run --shm-size=256m) or set GUNICORN_INSIGHT_PROMETHEUS_DIR "
             "to a directory with room",
-            mebibytes(free), directory, mebibytes(needed), workers,
+            mebibytes(free),
+            directory,
+            mebibytes(needed),
+            workers,
         )
 
 
@@ -372,8 +382,11 @@ def _prepare_for_workers(cfg: Any) -> None:
             report(f"removing leftover files from {directory}", error)
         else:
             if removed:
-                LOG.info("gunicorn-insight: removed %d metric files of processes that are gone from %s",
-                         len(removed), directory)
+                LOG.info(
+                    "gunicorn-insight: removed %d metric files of processes that are gone from %s",
+                    len(removed),
+                    directory,
+                )
     in_run_dir = STATE.run_dir is not None and directory.startswith(STATE.run_dir + os.sep)
     if uid == os.geteuid() or in_run_dir:
         return  # the run directory is handed over with the scoreboard (_hand_to_worker_user)
@@ -422,8 +435,11 @@ def _to_error_log(server: Any, error: ConfigurationError) -> None:
     """gunicorn prints an error that stops the arbiter on stderr only; a server started with --error-logfile
     must find it in that file too (where the error log is stderr, printing it once is enough)."""
     with contextlib.suppress(Exception):  # the error itself is what must reach the operator
-        if getattr(server.cfg, "errorlog", "-") != "-" or getattr(server.cfg, "logconfig_dict", None) \
-                or getattr(server.cfg, "logconfig", None):
+        if (
+            getattr(server.cfg, "errorlog", "-") != "-"
+            or getattr(server.cfg, "logconfig_dict", None)
+            or getattr(server.cfg, "logconfig", None)
+        ):
             server.log.error("Error: %s", error)
 
 
@@ -493,13 +509,20 @@ def _announce(master: _arbiter.Master) -> None:
         where.append(f"StatsD to {plan.statsd_target!r}")
     if plan.settings.otlp_enabled:
         where.append(f"OTLP to {plan.settings.otlp_endpoint or 'the OTEL_EXPORTER_OTLP_* endpoint'}")
-    LOG.info("gunicorn-insight: %s (worker class %s, %s request hooks, scoreboard %s)",
-             "; ".join(where) or "no exporter", plan.worker_kind, STATE.request_hooks, master.board.path)
+    LOG.info(
+        "gunicorn-insight: %s (worker class %s, %s request hooks, scoreboard %s)",
+        "; ".join(where) or "no exporter",
+        plan.worker_kind,
+        STATE.request_hooks,
+        master.board.path,
+    )
     if plan.requests_unseen:
         LOG.warning("gunicorn-insight: %s", plan.requests_unseen)
     if plan.gunicorn_statsd_active and master.statsd is not None:
-        LOG.info("gunicorn-insight: gunicorn's own statsd logger already sends gunicorn.requests, "
-                 "gunicorn.request.duration and gunicorn.request.status.*; gunicorn-insight leaves those to it")
+        LOG.info(
+            "gunicorn-insight: gunicorn's own statsd logger already sends gunicorn.requests, "
+            "gunicorn.request.duration and gunicorn.request.status.*; gunicorn-insight leaves those to it"
+        )
 
 
 def pre_fork(server: Any, worker: Any) -> None:
@@ -546,7 +569,8 @@ def worker_exit(server: Any, worker: Any) -> None:
                 "gunicorn-insight: worker pid=%s could not load the application: %s; if no traceback is above "
                 "(gunicorn logs an import failure's only at --log-level debug), rerun with --log-level debug, "
                 "or with --preload to fail at startup with the full traceback",
-                os.getpid(), summarize(boot_error).rstrip("."),
+                os.getpid(),
+                summarize(boot_error).rstrip("."),
             )
     except Exception as error:
         report("worker_exit", error)
@@ -577,15 +601,17 @@ def _hand_counts_to_successor(server: Any) -> None:
         return
     if not directory.startswith(STATE.run_dir + os.sep):
         return  # a directory of the operator's: both masters already share it
-    target = next((found.info.prometheus_dir for found in _discovery.scan().servers
-                   if found.master_pid == successor), None)
+    target = next(
+        (found.info.prometheus_dir for found in _discovery.scan().servers if found.master_pid == successor), None
+    )
     if not isinstance(target, str) or target == directory:
-        LOG.warning("gunicorn-insight: the new master (pid %s) was not found; its Prometheus counters start "
-                    "from zero", successor)
+        LOG.warning(
+            "gunicorn-insight: the new master (pid %s) was not found; its Prometheus counters start from zero",
+            successor,
+        )
         return
     moved = _prometheus.hand_over(directory, target)
-    LOG.info("gunicorn-insight: %d metric files handed to the new master (pid %s) in %s", moved, successor,
-             target)
+    LOG.info("gunicorn-insight: %d metric files handed to the new master (pid %s) in %s", moved, successor, target)
 
 
 # -- worker hooks --------------------------------------------------------------------------------------
@@ -636,8 +662,13 @@ def post_worker_init(worker: Any) -> None:
             hook_frameworks()
         slow_after = master.plan.slow_request_timeout
         if slow_after > 0 or hasattr(worker, "nr_conns"):
-            monitor = Monitor(recorder, worker, slow_after, greenlets=master.plan.worker_kind == "gevent",
-                              loop=getattr(worker, "loop", None) if master.plan.worker_kind == "asgi" else None)
+            monitor = Monitor(
+                recorder,
+                worker,
+                slow_after,
+                greenlets=master.plan.worker_kind == "gevent",
+                loop=getattr(worker, "loop", None) if master.plan.worker_kind == "asgi" else None,
+            )
             monitor.start()
     except Exception as error:
         report("post_worker_init", error)
@@ -667,15 +698,31 @@ def record_asgi_requests(worker: Any, plan: Plan, monitor: Monitor | None = None
         return
     interface = getattr(getattr(worker, "config", None), "interface", "auto")
     if interface not in ("auto", "asgi3", "asgi2"):
-        LOG.warning("gunicorn-insight: worker class %s serves a %s application; its requests are not recorded",
-                    type(worker).__name__, interface)
+        LOG.warning(
+            "gunicorn-insight: worker class %s serves a %s application; its requests are not recorded",
+            type(worker).__name__,
+            interface,
+        )
         return
-    hooks = _recorder.COMPILED if STATE.request_hooks == "compiled" and _recorder.COMPILED is not None else (
-        pre_request, post_request)
+    hooks = (
+        _recorder.COMPILED
+        if STATE.request_hooks == "compiled" and _recorder.COMPILED is not None
+        else (pre_request, post_request)
+    )
     # uvicorn creates its event loop when it starts serving: the watchdog gets it at the first call.
     on_loop = monitor.watch_loop if monitor is not None and plan.worker_kind == "uvicorn" else None
-    setattr(worker, attribute, RecordingApp(app, worker, hooks, routes=plan.recorder.routes,
-                                            count_requests=plan.worker_kind == "uvicorn", on_loop=on_loop))
+    setattr(
+        worker,
+        attribute,
+        RecordingApp(
+            app,
+            worker,
+            hooks,
+            routes=plan.recorder.routes,
+            count_requests=plan.worker_kind == "uvicorn",
+            on_loop=on_loop,
+        ),
+    )
     if plan.worker_kind == "asgi":
         _hand_back_request_hooks(worker.cfg)
     if plan.worker_kind == "uvicorn" and monitor is not None:
@@ -733,7 +780,6 @@ HOOKS: dict[str, Callable[..., Any]] = {
 _WORKER_HOOKS = ("pre_request", "post_request", "post_worker_init", "worker_int", "worker_abort", "worker_exit")
 for _hook in HOOKS.values():
     _hook.__gunicorn_insight__ = True  # type: ignore[attr-defined]
-
 
 
 def _greenlet_getcurrent() -> Callable[[], Any]:

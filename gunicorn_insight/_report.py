@@ -39,8 +39,7 @@ ERRORS = RateLimitedLog()
 def report(where: str, error: BaseException) -> None:
     """Log a plugin error once a minute per place; swallow anything the logging itself raises."""
     with contextlib.suppress(Exception):  # a broken log handler must not take the server down either
-        ERRORS(where, logging.ERROR, f"internal error in {where} (the server keeps running): {error!r}",
-               exc_info=True)
+        ERRORS(where, logging.ERROR, f"internal error in {where} (the server keeps running): {error!r}", exc_info=True)
 
 
 def error_log_fd() -> int:

@@ -240,8 +240,17 @@ class StatusFiles:
         write_json(os.path.join(self.run_dir, SERVER_FILE), encode(description))
 
     def record_exit(
-        self, *, pid: int, slot: int, cause: str, detail: str, uptime: float, served: int, rss: int,
-        request: str | None, elapsed: float | None,
+        self,
+        *,
+        pid: int,
+        slot: int,
+        cause: str,
+        detail: str,
+        uptime: float,
+        served: int,
+        rss: int,
+        request: str | None,
+        elapsed: float | None,
     ) -> None:
         self.exits.append(WorkerExit(time.time(), pid, slot, cause, detail, uptime, served, rss, request, elapsed))
 
@@ -257,9 +266,7 @@ class StatusFiles:
             capacity=facts.capacity,
             waiting=facts.waiting,
             connections=facts.total_connections,
-            listeners=tuple(
-                Listener(name, queued, limit) for name, (queued, limit) in sorted(facts.listeners.items())
-            ),
+            listeners=tuple(Listener(name, queued, limit) for name, (queued, limit) in sorted(facts.listeners.items())),
             listen_overflows=self.listen_overflows,
             lost_requests=facts.lost,
             recent_exits=tuple(self.exits),
@@ -280,18 +287,23 @@ def host_status(facts: Round) -> dict[str, Any]:
     if host is None:
         return {}
     found: dict[str, Any] = {
-        name: value for name, value in (
-            ("cpu_quota_cores", host.quota_cores), ("memory_usage_bytes", host.memory_usage),
-            ("memory_working_set_bytes", host.memory_working_set), ("memory_limit_bytes", host.memory_limit),
-        ) if value is not None
+        name: value
+        for name, value in (
+            ("cpu_quota_cores", host.quota_cores),
+            ("memory_usage_bytes", host.memory_usage),
+            ("memory_working_set_bytes", host.memory_working_set),
+            ("memory_limit_bytes", host.memory_limit),
+        )
+        if value is not None
     }
     if host.throttling is not None:
         found["cpu_periods"] = host.throttling.periods
         found["cpu_throttled_periods"] = host.throttling.throttled_periods
         found["cpu_throttled_seconds"] = host.throttling.throttled_seconds
     if host.pressure:
-        found["pressure_seconds"] = {f"{resource}_{kind}": seconds
-                                     for (resource, kind), seconds in sorted(host.pressure.items())}
+        found["pressure_seconds"] = {
+            f"{resource}_{kind}": seconds for (resource, kind), seconds in sorted(host.pressure.items())
+        }
     if facts.swap:
         found["swap_bytes"] = sum(facts.swap.values())
     return found

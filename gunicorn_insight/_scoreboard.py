@@ -55,7 +55,15 @@ LAST_WORDS = struct.Struct("<128s")  # +128: why the worker is exiting (the boot
 SLOT_HEADER = struct.Struct("<QIBBxxQIIQddiIQII48x128s")
 SLOT_HEADER_SIZE = 256
 OFF_PID, OFF_STATE, OFF_FLAGS, OFF_HEAD, OFF_CONNS, OFF_OVERFLOW, OFF_BASE, OFF_SPAWNED, OFF_BOOTED = (
-    8, 12, 13, 16, 24, 28, 32, 40, 48,
+    8,
+    12,
+    13,
+    16,
+    24,
+    28,
+    32,
+    40,
+    48,
 )
 OFF_EXIT_CODE, OFF_SLOW, OFF_RSS, OFF_WAITING, OFF_ROUTES_USED, OFF_LAST_WORDS = 56, 60, 64, 72, 76, 128
 
@@ -159,19 +167,59 @@ def _text(raw: bytes) -> str:
 
 
 def parse_slot(index: int, data: bytes, entries: int) -> SlotView:
-    (generation, pid, state, flags, head, conns, overflow, base, spawned, booted, exit_code, slow, rss, waiting,
-     routes_used, last_words) = SLOT_HEADER.unpack_from(data, 0)
+    (
+        generation,
+        pid,
+        state,
+        flags,
+        head,
+        conns,
+        overflow,
+        base,
+        spawned,
+        booted,
+        exit_code,
+        slow,
+        rss,
+        waiting,
+        routes_used,
+        last_words,
+    ) = SLOT_HEADER.unpack_from(data, 0)
     requests = []
     for n in range(entries):
         offset = SLOT_HEADER_SIZE + n * ENTRY_SIZE
         if data[offset]:
             in_use, started, thread, method, host, port, path = ENTRY.unpack_from(data, offset)
-            requests.append(InFlight(_text(method), _text(path), client_address(_text(host), port), started,
-                                     thread, in_use == ENTRY_COUNTED))
+            requests.append(
+                InFlight(
+                    _text(method),
+                    _text(path),
+                    client_address(_text(host), port),
+                    started,
+                    thread,
+                    in_use == ENTRY_COUNTED,
+                )
+            )
     requests.sort(key=lambda r: r.started)
     return SlotView(
-        index, generation, pid, state, flags, head, conns, overflow, base, spawned, booted, exit_code, slow, rss,
-        waiting, routes_used, _text(last_words), tuple(requests),
+        index,
+        generation,
+        pid,
+        state,
+        flags,
+        head,
+        conns,
+        overflow,
+        base,
+        spawned,
+        booted,
+        exit_code,
+        slow,
+        rss,
+        waiting,
+        routes_used,
+        _text(last_words),
+        tuple(requests),
     )
 
 
@@ -194,9 +242,7 @@ class Scoreboard:
         self._no_flags = b""
 
     @classmethod
-    def create(
-        cls, path: str, slots: int, entries: int, ring: int, *, master_pid: int, routes: int = 0
-    ) -> Scoreboard:
+    def create(cls, path: str, slots: int, entries: int, ring: int, *, master_pid: int, routes: int = 0) -> Scoreboard:
         if ring & (ring - 1):
             raise ValueError("ring size must be a power of two")
         each = slot_size(entries, ring, routes)
@@ -310,7 +356,8 @@ class Scoreboard:
             self._no_flags = bytes(self.entries)
         idle = self._no_flags
         return sum(
-            1 for state, first, end in self._flag_slices
+            1
+            for state, first, end in self._flag_slices
             if buffer[state] == READY and buffer[first:end:ENTRY_SIZE] != idle
         )
 
@@ -330,10 +377,10 @@ class Scoreboard:
             return b""
         if first < last:
             return self.buffer[base + first * RING_SIZE : base + last * RING_SIZE]
-        return self.buffer[base + first * RING_SIZE : base + self.ring * RING_SIZE] + self.buffer[
-            base : base + last * RING_SIZE
-        ]
-
+        return (
+            self.buffer[base + first * RING_SIZE : base + self.ring * RING_SIZE]
+            + self.buffer[base : base + last * RING_SIZE]
+        )
 
 
 def no_room_message(path: str, size: int, slots: int, each: int, error: OSError) -> str:

@@ -167,8 +167,11 @@ class Settings:
         """``/metrics`` is served: OTLP alone needs the multiprocess directory, not the endpoint."""
         if not self.serves_metrics:
             return False
-        return self.metrics_bind is not None or self.prometheus_dir is not None or (
-            self.statsd is None and not self.otlp_enabled)
+        return (
+            self.metrics_bind is not None
+            or self.prometheus_dir is not None
+            or (self.statsd is None and not self.otlp_enabled)
+        )
 
     @property
     def prometheus_enabled(self) -> bool:
@@ -220,9 +223,7 @@ def _from_environ(environ: Mapping[str, str], names: Iterable[str]) -> Iterable[
         if not key.startswith(ENV_PREFIX):
             continue
         if key not in known:
-            raise ConfigurationError(
-                f"unknown environment variable {key}; valid ones are: {', '.join(sorted(known))}"
-            )
+            raise ConfigurationError(f"unknown environment variable {key}; valid ones are: {', '.join(sorted(known))}")
         value = raw.strip()
         if not value:
             continue  # an empty variable means "not set", as in most shells' ${VAR:-default} idiom
@@ -273,8 +274,9 @@ def _to_float(name: str, value: Any, valid: str) -> float:
 def _check_buckets(value: Any) -> tuple[float, ...]:
     if isinstance(value, str) or not isinstance(value, Iterable):
         raise ConfigurationError(f"buckets={value!r} must be a list of numbers like 0.1,0.5,1")
-    bounds = tuple(_to_float("buckets", item, "give positive upper bounds in seconds, like 0.1,0.5,1")
-                   for item in value)
+    bounds = tuple(
+        _to_float("buckets", item, "give positive upper bounds in seconds, like 0.1,0.5,1") for item in value
+    )
     if not bounds:
         raise ConfigurationError("buckets is empty; give at least one upper bound in seconds, e.g. 0.1,1")
     if any(b <= 0 for b in bounds) or list(bounds) != sorted(set(bounds)):
@@ -340,9 +342,7 @@ def _check_resolver(value: Any) -> Callable[[Any], str | None] | None:
     if value is None or callable(value):
         return value  # type: ignore[no-any-return]
     if not isinstance(value, str) or ":" not in value:
-        raise ConfigurationError(
-            f"route_resolver={value!r} must be a callable(environ) or 'package.module:function'"
-        )
+        raise ConfigurationError(f"route_resolver={value!r} must be a callable(environ) or 'package.module:function'")
     module_name, _, attribute = value.partition(":")
     try:
         resolver = getattr(importlib.import_module(module_name), attribute)

@@ -19,7 +19,11 @@ class FakeRequest:
     """The attributes of gunicorn's Request that the recorder reads."""
 
     def __init__(
-        self, method: str = "GET", path: str = "/", query: str = "", peer: object = ("10.1.2.3", 4567),
+        self,
+        method: str = "GET",
+        path: str = "/",
+        query: str = "",
+        peer: object = ("10.1.2.3", 4567),
         headers: list[tuple[str, str]] | None = None,
     ) -> None:
         self.method = method
@@ -70,11 +74,30 @@ def finish(recorder: RequestRecorder, req: object, environ: object, resp: object
 def server_info(scoreboard: str, **fields: Any) -> ServerInfo:
     """server.json as a live master in this process would write it (a gthread server), with `fields` changed."""
     info = ServerInfo(
-        master_pid=os.getpid(), proc_name="app", started=time.time(), binds=("127.0.0.1:8000",), pidfile=None,
-        worker_class="gthread", workers=2, threads=4, worker_connections=100, connections_limit=100,
-        per_worker_capacity=4, timeout=30, interval=0.5, version="0.1.0", request_hooks="python",
-        scoreboard_version=4, scoreboard=scoreboard, prometheus_dir=None, metrics_url=None, statsd=None, otlp=None,
-        max_requests=0, preload_app=False, gunicorn_version="27.0.1",
+        master_pid=os.getpid(),
+        proc_name="app",
+        started=time.time(),
+        binds=("127.0.0.1:8000",),
+        pidfile=None,
+        worker_class="gthread",
+        workers=2,
+        threads=4,
+        worker_connections=100,
+        connections_limit=100,
+        per_worker_capacity=4,
+        timeout=30,
+        interval=0.5,
+        version="0.1.0",
+        request_hooks="python",
+        scoreboard_version=4,
+        scoreboard=scoreboard,
+        prometheus_dir=None,
+        metrics_url=None,
+        statsd=None,
+        otlp=None,
+        max_requests=0,
+        preload_app=False,
+        gunicorn_version="27.0.1",
     )
     return dataclasses.replace(info, **fields)
 
@@ -82,8 +105,23 @@ def server_info(scoreboard: str, **fields: Any) -> ServerInfo:
 def status_record(**fields: Any) -> StatusRecord:
     """status.json after a quiet round of two workers, with `fields` changed."""
     record = StatusRecord(
-        time=time.time(), monotonic=time.monotonic(), workers=2, busy_workers=1, in_flight=1, capacity=8, waiting=0,
-        connections=1, listeners=(), listen_overflows=0, lost_requests=0, recent_exits=(), rounds=1,
-        workers_ready=2, workers_booting=0, stalled_requests=0, crash_loop=False, host={},
+        time=time.time(),
+        monotonic=time.monotonic(),
+        workers=2,
+        busy_workers=1,
+        in_flight=1,
+        capacity=8,
+        waiting=0,
+        connections=1,
+        listeners=(),
+        listen_overflows=0,
+        lost_requests=0,
+        recent_exits=(),
+        rounds=1,
+        workers_ready=2,
+        workers_booting=0,
+        stalled_requests=0,
+        crash_loop=False,
+        host={},
     )
     return dataclasses.replace(record, **fields)

@@ -19,21 +19,49 @@ RULE_TESTS = ROOT / "alerts" / "gunicorn-insight.rules.test.yml"
 
 # The metric names gunicorn-insight exports (docs/metrics.md), plus Prometheus' own `up`.
 METRICS = {
-    "gunicorn_requests_total", "gunicorn_request_duration_seconds_bucket", "gunicorn_request_duration_seconds_sum",
-    "gunicorn_request_duration_seconds_count", "gunicorn_requests_in_flight", "gunicorn_workers",
-    "gunicorn_worker_connections", "gunicorn_worker_connections_limit", "gunicorn_worker_exits_total",
-    "gunicorn_slow_requests_total", "gunicorn_worker_memory_bytes", "gunicorn_insight_lost_requests_total",
-    "gunicorn_workers_busy", "gunicorn_capacity", "gunicorn_worker_busy_seconds_total", "gunicorn_requests_waiting",
-    "gunicorn_listen_backlog", "gunicorn_listen_backlog_max", "gunicorn_listen_overflows_total",
-    "gunicorn_request_queue_seconds_bucket", "gunicorn_request_queue_seconds_sum",
-    "gunicorn_request_queue_seconds_count", "gunicorn_request_queue_invalid_total", "gunicorn_worker_cpu_seconds_total",
-    "gunicorn_workers_ready", "gunicorn_workers_booting", "gunicorn_stalled_requests", "gunicorn_stalls_total",
-    "gunicorn_worker_crash_loop", "gunicorn_worker_crash_loops_total", "gunicorn_cgroup_cpu_periods_total",
-    "gunicorn_cgroup_cpu_throttled_periods_total", "gunicorn_cgroup_cpu_throttled_seconds_total",
-    "gunicorn_cgroup_cpu_quota_cores", "gunicorn_cgroup_memory_usage_bytes", "gunicorn_cgroup_memory_working_set_bytes",
-    "gunicorn_cgroup_memory_limit_bytes", "gunicorn_pressure_waiting_seconds_total",
-    "gunicorn_pressure_stalled_seconds_total", "gunicorn_worker_context_switches_total", "gunicorn_worker_swap_bytes",
-    "gunicorn_worker_boot_duration_seconds_bucket", "gunicorn_worker_boot_duration_seconds_sum",
+    "gunicorn_requests_total",
+    "gunicorn_request_duration_seconds_bucket",
+    "gunicorn_request_duration_seconds_sum",
+    "gunicorn_request_duration_seconds_count",
+    "gunicorn_requests_in_flight",
+    "gunicorn_workers",
+    "gunicorn_worker_connections",
+    "gunicorn_worker_connections_limit",
+    "gunicorn_worker_exits_total",
+    "gunicorn_slow_requests_total",
+    "gunicorn_worker_memory_bytes",
+    "gunicorn_insight_lost_requests_total",
+    "gunicorn_workers_busy",
+    "gunicorn_capacity",
+    "gunicorn_worker_busy_seconds_total",
+    "gunicorn_requests_waiting",
+    "gunicorn_listen_backlog",
+    "gunicorn_listen_backlog_max",
+    "gunicorn_listen_overflows_total",
+    "gunicorn_request_queue_seconds_bucket",
+    "gunicorn_request_queue_seconds_sum",
+    "gunicorn_request_queue_seconds_count",
+    "gunicorn_request_queue_invalid_total",
+    "gunicorn_worker_cpu_seconds_total",
+    "gunicorn_workers_ready",
+    "gunicorn_workers_booting",
+    "gunicorn_stalled_requests",
+    "gunicorn_stalls_total",
+    "gunicorn_worker_crash_loop",
+    "gunicorn_worker_crash_loops_total",
+    "gunicorn_cgroup_cpu_periods_total",
+    "gunicorn_cgroup_cpu_throttled_periods_total",
+    "gunicorn_cgroup_cpu_throttled_seconds_total",
+    "gunicorn_cgroup_cpu_quota_cores",
+    "gunicorn_cgroup_memory_usage_bytes",
+    "gunicorn_cgroup_memory_working_set_bytes",
+    "gunicorn_cgroup_memory_limit_bytes",
+    "gunicorn_pressure_waiting_seconds_total",
+    "gunicorn_pressure_stalled_seconds_total",
+    "gunicorn_worker_context_switches_total",
+    "gunicorn_worker_swap_bytes",
+    "gunicorn_worker_boot_duration_seconds_bucket",
+    "gunicorn_worker_boot_duration_seconds_sum",
     "gunicorn_worker_boot_duration_seconds_count",
     "up",
 }
@@ -43,8 +71,10 @@ SEVERITIES = {"critical", "warning", "info"}
 def _promtool() -> str:
     path = shutil.which("promtool")
     if path is None:
-        pytest.fail("promtool is not installed: run scripts/test-all, which installs it (Debian package prometheus)",
-                    pytrace=False)
+        pytest.fail(
+            "promtool is not installed: run scripts/test-all, which installs it (Debian package prometheus)",
+            pytrace=False,
+        )
     return path
 
 

@@ -40,9 +40,18 @@ def stamp(seconds_ago: float) -> str:
 class Case:
     """One request, as gunicorn hands it to the hooks and as an ASGI server hands it to the application."""
 
-    def __init__(self, method: str, path: str, *, query: str = "", client: Any = ("10.1.2.3", 4567),
-                 headers: tuple[tuple[str, str], ...] = (), status: int | None = 200, route: str | None = None,
-                 mount: str = "") -> None:
+    def __init__(
+        self,
+        method: str,
+        path: str,
+        *,
+        query: str = "",
+        client: Any = ("10.1.2.3", 4567),
+        headers: tuple[tuple[str, str], ...] = (),
+        status: int | None = 200,
+        route: str | None = None,
+        mount: str = "",
+    ) -> None:
         self.method, self.path, self.query, self.client = method, path, query, client
         self.headers, self.status, self.route, self.mount = headers, status, route, mount
 
@@ -51,13 +60,22 @@ class Case:
         environ: dict[str, Any] = {f"HTTP_{name.upper().replace('-', '_')}": value for name, value in self.headers}
         if self.route:
             environ[ROUTE_KEY] = self.mount + self.route
-        return (FakeRequest(self.method, self.path, query=self.query, peer=peer), environ,
-                FakeResponse("" if self.status is None else self.status))
+        return (
+            FakeRequest(self.method, self.path, query=self.query, peer=peer),
+            environ,
+            FakeResponse("" if self.status is None else self.status),
+        )
 
     def scope(self) -> dict[str, Any]:
-        return {"type": "http", "method": self.method, "path": self.path, "root_path": "",
-                "query_string": self.query.encode(), "client": self.client,
-                "headers": [(b"host", b"example.com")] + [(n.encode(), v.encode()) for n, v in self.headers]}
+        return {
+            "type": "http",
+            "method": self.method,
+            "path": self.path,
+            "root_path": "",
+            "query_string": self.query.encode(),
+            "client": self.client,
+            "headers": [(b"host", b"example.com")] + [(n.encode(), v.encode()) for n, v in self.headers],
+        }
 
     async def app(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         """Routes like Starlette (scope["route"], a mount extending root_path), answers or fails."""
@@ -128,7 +146,8 @@ def recorded(board: sb.Scoreboard, serve: Callable[[Hooks, Worker], None], hooks
     board.assign(0, now=1.0)
     worker = Worker()
     _recorder.RECORDER = RequestRecorder(
-        board, 0, worker, RecorderOptions(routes=True, exclude_paths=frozenset({"/healthz"}), threaded=False))
+        board, 0, worker, RecorderOptions(routes=True, exclude_paths=frozenset({"/healthz"}), threaded=False)
+    )
     serve(hooks, worker)
     _recorder.RECORDER = None
     return worker
@@ -143,8 +162,10 @@ def test_asgi_layer_writes_the_bytes_the_request_hooks_write(tmp_path: Path) -> 
     }
     if "compiled" in fakes.IMPLEMENTATIONS:
         runs["layer+compiled"] = (through_layer, fakes.IMPLEMENTATIONS["compiled"])
-    boards = {name: sb.Scoreboard.create(str(tmp_path / name), slots=1, entries=8, ring=16, master_pid=1, routes=4)
-              for name in runs}
+    boards = {
+        name: sb.Scoreboard.create(str(tmp_path / name), slots=1, entries=8, ring=16, master_pid=1, routes=4)
+        for name in runs
+    }
     try:
         workers = {name: recorded(boards[name], *runs[name]) for name in runs}
         reference_bytes, reference_queues = masked(boards["hooks"])
@@ -270,15 +291,18 @@ def test_route_templates_of_real_starlette_and_fastapi_routing() -> None:
     app.mount("/static", plain)
     app.mount("/users/{user_id}", users)
     templates = {}
-    for path in ("/items/3", "/files/a/b.txt", "/api/things/x", "/static/css/site.css", "/users/42/orders/7",
-                 "/nope"):
+    for path in ("/items/3", "/files/a/b.txt", "/api/things/x", "/static/css/site.css", "/users/42/orders/7", "/nope"):
         scope = {**CASES[0].scope(), "path": path, "raw_path": path.encode(), "app": app}
         asyncio.run(app(scope, _receive, _noop_send))
         templates[path] = _asgi.route_template(scope, "")
     assert templates == {
-        "/items/3": "/items/{item_id}", "/files/a/b.txt": "/files/{name}", "/api/things/x": "/api/things/{thing_id}",
+        "/items/3": "/items/{item_id}",
+        "/files/a/b.txt": "/files/{name}",
+        "/api/things/x": "/api/things/{thing_id}",
         # FastAPI's router leaves no route for a mount without a router of its own: no route, never a raw path.
-        "/static/css/site.css": None, "/users/42/orders/7": "/orders/{order_id}", "/nope": None,
+        "/static/css/site.css": None,
+        "/users/42/orders/7": "/orders/{order_id}",
+        "/nope": None,
     }
 
 
@@ -301,6 +325,9 @@ def test_request_is_recorded_before_the_last_of_its_response_goes_out(board: sb.
     _recorder.RECORDER = RequestRecorder(board, 0, worker, RecorderOptions(threaded=False))
     layer = _asgi.RecordingApp(app, worker, fakes.HOOKS, routes=False, count_requests=True)
     asyncio.run(layer(CASES[0].scope(), _receive, send))
-    assert heads == [("http.response.start", False, 0), ("http.response.body", True, 0),
-                     ("http.response.body", False, 1)]
+    assert heads == [
+        ("http.response.start", False, 0),
+        ("http.response.body", True, 0),
+        ("http.response.body", False, 1),
+    ]
     assert (board.head(0), worker.nr) == (1, 1)

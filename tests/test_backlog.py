@@ -44,7 +44,8 @@ def test_unsupported_socket_family_is_absent_not_an_error() -> None:
 def test_listen_overflows_from_netstat(tmp_path: Path) -> None:
     """ListenOverflows is read from the TcpExt table; a missing file gives None."""
     netstat = tmp_path / "netstat"
-    netstat.write_text("TcpExt: SyncookiesSent ListenOverflows ListenDrops\nTcpExt: 0 17 18\n"
-                       "IpExt: InNoRoutes\nIpExt: 0\n")
+    netstat.write_text(
+        "TcpExt: SyncookiesSent ListenOverflows ListenDrops\nTcpExt: 0 17 18\nIpExt: InNoRoutes\nIpExt: 0\n"
+    )
     assert listen_overflows(str(netstat)) == 17
     assert listen_overflows(str(tmp_path / "missing")) is None

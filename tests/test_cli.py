@@ -49,8 +49,9 @@ class FakeServer:
         return server
 
 
-def fake_server(root: Path, *, master_pid: int, worker_class: str = "gthread", threads: int = 4,
-                connections: int = 100) -> FakeServer:
+def fake_server(
+    root: Path, *, master_pid: int, worker_class: str = "gthread", threads: int = 4, connections: int = 100
+) -> FakeServer:
     run_dir = root / "gunicorn-insight-test"
     run_dir.mkdir()
     board = sb.Scoreboard.create(str(run_dir / "scoreboard"), 4, 4, 8, master_pid=master_pid)
@@ -61,8 +62,14 @@ def fake_server(root: Path, *, master_pid: int, worker_class: str = "gthread", t
     sb.RSS.pack_into(board.buffer, board.offset(0) + sb.OFF_RSS, 50 * 1048576)
     board.assign(1, now=time.monotonic())
     info = server_info(
-        str(run_dir / "scoreboard"), master_pid=master_pid, proc_name="shop", worker_class=worker_class,
-        threads=threads, worker_connections=connections, connections_limit=connections, per_worker_capacity=threads,
+        str(run_dir / "scoreboard"),
+        master_pid=master_pid,
+        proc_name="shop",
+        worker_class=worker_class,
+        threads=threads,
+        worker_connections=connections,
+        connections_limit=connections,
+        per_worker_capacity=threads,
         metrics_url="http://127.0.0.1:9180/metrics",
     )
     (run_dir / "server.json").write_text(json.dumps(encode(info)))
@@ -116,8 +123,14 @@ def test_busy_worker_shows_its_request_and_elapsed_time(server: FakeServer) -> N
 def test_capacity_is_derived_from_the_worker_class_without_status(server: FakeServer) -> None:
     """Without busy/capacity in status.json: gthread capacity = workers x threads, busy = requests in flight."""
     totals = snapshot_of(server)["totals"]
-    assert (totals["workers"], totals["booting"], totals["busy"], totals["capacity"], totals["in_flight"],
-            totals["busy_workers"]) == (2, 1, 1, 8, 1, 1)
+    assert (
+        totals["workers"],
+        totals["booting"],
+        totals["busy"],
+        totals["capacity"],
+        totals["in_flight"],
+        totals["busy_workers"],
+    ) == (2, 1, 1, 8, 1, 1)
 
 
 def test_capacity_and_listeners_come_from_status_json_when_written(server: FakeServer) -> None:
@@ -150,10 +163,30 @@ def test_a_mistyped_status_field_is_named(server: FakeServer) -> None:
 
 def test_recent_exits_are_listed_newest_first(server: FakeServer) -> None:
     """recent_exits from status.json appear newest first, with cause and the request that died."""
-    older = {"time": time.time() - 60, "pid": 11, "slot": 1, "cause": "max_requests", "detail": "recycled",
-             "request": None, "elapsed": None, "uptime": 600.0, "served": 1000, "rss": 0}
-    newer = {"time": time.time() - 5, "pid": 12, "slot": 0, "cause": "timeout_kill", "detail": "WORKER TIMEOUT",
-             "request": "GET /report", "elapsed": 31.5, "uptime": 40.0, "served": 3, "rss": 0}
+    older = {
+        "time": time.time() - 60,
+        "pid": 11,
+        "slot": 1,
+        "cause": "max_requests",
+        "detail": "recycled",
+        "request": None,
+        "elapsed": None,
+        "uptime": 600.0,
+        "served": 1000,
+        "rss": 0,
+    }
+    newer = {
+        "time": time.time() - 5,
+        "pid": 12,
+        "slot": 0,
+        "cause": "timeout_kill",
+        "detail": "WORKER TIMEOUT",
+        "request": "GET /report",
+        "elapsed": 31.5,
+        "uptime": 40.0,
+        "served": 3,
+        "rss": 0,
+    }
     server.write_status(recent_exits=[older, newer])
     snap = snapshot_of(server)
     assert [item["pid"] for item in snap["recent_exits"]] == [12, 11]
@@ -211,14 +244,45 @@ def test_status_json_has_the_documented_keys(server: FakeServer, capsys: pytest.
     """status --json prints one object with the top-level and per-worker keys docs/cli.md documents."""
     assert commands.main(["status", "--json"]) == 0
     document = json.loads(capsys.readouterr().out)
-    assert list(document) == ["format", "time", "server", "totals", "listeners", "workers", "recent_exits",
-                              "status_age", "warnings"]
-    assert list(document["workers"][0]) == [
-        "slot", "pid", "state", "requests", "in_flight", "untracked_in_flight", "waiting", "served", "connections",
-        "connections_limit", "rss_bytes", "age", "booted_after", "slow_requests", "marks",
+    assert list(document) == [
+        "format",
+        "time",
+        "server",
+        "totals",
+        "listeners",
+        "workers",
+        "recent_exits",
+        "status_age",
+        "warnings",
     ]
-    assert list(document["totals"]) == ["workers", "booting", "busy", "capacity", "busy_workers", "in_flight",
-                                        "waiting", "connections", "served"]
+    assert list(document["workers"][0]) == [
+        "slot",
+        "pid",
+        "state",
+        "requests",
+        "in_flight",
+        "untracked_in_flight",
+        "waiting",
+        "served",
+        "connections",
+        "connections_limit",
+        "rss_bytes",
+        "age",
+        "booted_after",
+        "slow_requests",
+        "marks",
+    ]
+    assert list(document["totals"]) == [
+        "workers",
+        "booting",
+        "busy",
+        "capacity",
+        "busy_workers",
+        "in_flight",
+        "waiting",
+        "connections",
+        "served",
+    ]
     assert document["workers"][0]["requests"][0]["path"] == "/checkout?<redacted>"
     assert document["server"]["run_dir"] == str(server.run_dir)
 
@@ -229,8 +293,9 @@ def test_status_selects_by_worker_pid(server: FakeServer, capsys: pytest.Capture
     assert "/checkout?<redacted>" in capsys.readouterr().out
 
 
-def test_status_without_server_exits_1(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                       capsys: pytest.CaptureFixture[str]) -> None:
+def test_status_without_server_exits_1(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     """No server: exit 1 and the plugin hint on stderr."""
     monkeypatch.setattr(_discovery, "search_roots", lambda: [str(tmp_path)])
     assert commands.main(["status"]) == 1
@@ -271,8 +336,9 @@ def test_top_exits_0_on_ctrl_c(server: FakeServer, monkeypatch: pytest.MonkeyPat
     assert commands.main(["top"]) == 0
 
 
-def test_top_exits_1_when_the_server_goes_away(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_top_exits_1_when_the_server_goes_away(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     """When the master exits while top watches, top says so and exits 1."""
     master = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     fake = fake_server(tmp_path, master_pid=master.pid)
@@ -318,8 +384,14 @@ def test_version_names_the_package_and_what_it_runs_with() -> None:
     from gunicorn_insight import __version__
 
     script = Path(sys.executable).parent / "gunicorn-insight"
-    result = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=60, check=False,
-                            env={**os.environ, "COLUMNS": "40"})
+    result = subprocess.run(
+        [str(script), "--version"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "COLUMNS": "40"},
+    )
     assert result.returncode == 0, result.stderr
     (line,) = result.stdout.splitlines()
     assert line.startswith(f"gunicorn-insight {__version__} (gunicorn {metadata.version('gunicorn')}, ")

@@ -89,8 +89,14 @@ def test_several_servers_without_selector_is_ambiguous(tmp_path: Path) -> None:
 def two_servers(tmp_path: Path) -> Path:
     """shop (master: this process) and blog (master: our parent, with worker 424242 in its scoreboard)."""
     make_run_dir(tmp_path, "a", proc_name="shop", prometheus_dir=str(tmp_path / "prom-shop"))
-    make_run_dir(tmp_path, "b", proc_name="blog", master_pid=os.getppid(), worker_pids=(0, 424242),
-                 prometheus_dir=str(tmp_path / "prom-blog"))
+    make_run_dir(
+        tmp_path,
+        "b",
+        proc_name="blog",
+        master_pid=os.getppid(),
+        worker_pids=(0, 424242),
+        prometheus_dir=str(tmp_path / "prom-blog"),
+    )
     return tmp_path
 
 

@@ -13,7 +13,11 @@ def test_mkdocs_strict_build(tmp_path: Path) -> None:
     """`mkdocs build --strict` passes: every page in the nav exists and every internal link resolves."""
     result = subprocess.run(
         [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
-        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
 

@@ -24,8 +24,11 @@ from gunicorn_insight.cli.hostfacts import Mount, System
 
 GIB = 1 << 30
 SYSTEM = System(
-    cpus=4, mem_available=16 * GIB, somaxconn=4096,
-    mounts=(Mount("/", "ext4"), Mount("/dev/shm", "tmpfs"), Mount("/tmp", "ext4")), tempdir="/dev/shm",
+    cpus=4,
+    mem_available=16 * GIB,
+    somaxconn=4096,
+    mounts=(Mount("/", "ext4"), Mount("/dev/shm", "tmpfs"), Mount("/tmp", "ext4")),
+    tempdir="/dev/shm",
 )
 
 
@@ -82,8 +85,10 @@ def test_workers_against_available_memory(
 ) -> None:
     """workers x worker memory above what is available is an error; unknown memory is not judged."""
     system = replace(SYSTEM, mem_available=available)
-    assert found(_doctor.check_workers_memory, {"workers": workers}, system=system,
-                 worker_memory_mb=per_worker) == expected
+    assert (
+        found(_doctor.check_workers_memory, {"workers": workers}, system=system, worker_memory_mb=per_worker)
+        == expected
+    )
 
 
 def test_memory_finding_says_how_many_workers_fit() -> None:
@@ -257,7 +262,11 @@ def test_plugin_settings_error_is_an_error() -> None:
 @pytest.mark.parametrize(
     ("worker_class", "expected"),
     [
-        ("sync", []), ("gthread", []), ("gevent", []), ("asgi", []), ("uvicorn_worker.UvicornWorker", []),
+        ("sync", []),
+        ("gthread", []),
+        ("gevent", []),
+        ("asgi", []),
+        ("uvicorn_worker.UvicornWorker", []),
         ("gunicorn.workers.base.Worker", [("requests-unseen", "warning")]),  # serves nothing through the hooks
         ("nosuch.module.Worker", []),  # the worker-class check reports that one
     ],
@@ -393,8 +402,9 @@ def test_sigchld_finding_names_the_gunicorn_issues() -> None:
         ({}, 600, []),
     ],
 )
-def test_timeout_against_platform_limits(environ: dict[str, str], timeout: int,
-                                         expected: list[tuple[str, str]]) -> None:
+def test_timeout_against_platform_limits(
+    environ: dict[str, str], timeout: int, expected: list[tuple[str, str]]
+) -> None:
     """Heroku 30 s, App Service 230 s, Cloud Run 300 s: a timeout at or above the platform's is a warning."""
     assert found(_doctor.check_platform_timeout, {"timeout": timeout}, environ=environ) == expected
 
@@ -413,8 +423,9 @@ def test_heroku_finding_names_h12() -> None:
         ({"worker_class": "sync"}, []),
     ],
 )
-def test_worker_classes_whose_timeout_does_not_end_a_request(settings: dict[str, Any],
-                                                             expected: list[tuple[str, str]]) -> None:
+def test_worker_classes_whose_timeout_does_not_end_a_request(
+    settings: dict[str, Any], expected: list[tuple[str, str]]
+) -> None:
     """gthread: a stuck request hangs until the proxy's 60 s; sync: gunicorn's timeout ends it, quiet."""
     assert found(_doctor.check_request_bound, settings) == expected
 
@@ -458,10 +469,13 @@ def test_plugin_statsd_setting_is_resolved_too() -> None:
         asked.append(host)
         return "Name or service not known"
 
-    assert found(_doctor.check_statsd_host, environ={"GUNICORN_INSIGHT_STATSD": "agg.invalid:8125"},
-                 resolve=resolve) == [("statsd-host", "warning")]
-    assert found(_doctor.check_statsd_host, environ={"GUNICORN_INSIGHT_STATSD": "unix:/run/statsd.sock"},
-                 resolve=resolve) == []
+    assert found(
+        _doctor.check_statsd_host, environ={"GUNICORN_INSIGHT_STATSD": "agg.invalid:8125"}, resolve=resolve
+    ) == [("statsd-host", "warning")]
+    assert (
+        found(_doctor.check_statsd_host, environ={"GUNICORN_INSIGHT_STATSD": "unix:/run/statsd.sock"}, resolve=resolve)
+        == []
+    )
     assert asked == ["agg.invalid"]
 
 

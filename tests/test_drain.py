@@ -85,11 +85,14 @@ def test_durations_by_status_for_otlp_match_the_counts(board: sb.Scoreboard) -> 
     facts = drainer.collect()
     assert {key: len(values) for key, values in facts.status_durations.items()} == dict(facts.requests)
     assert sorted(chain.from_iterable(facts.status_durations.values())) == sorted(
-        chain.from_iterable(facts.durations.values()))
+        chain.from_iterable(facts.durations.values())
+    )
     without = Drainer(board)
     serve(rec, 1)
     facts = without.collect()
     assert (facts.total_requests, facts.status_durations) == (1, {})
+
+
 def test_torn_head_is_ignored_not_recounted_or_lost(board: sb.Scoreboard) -> None:
     """A head read half-written (0, or fewer low bytes) never moves the cursor back: nothing recounted, none lost."""
     drainer = Drainer(board)

@@ -77,8 +77,7 @@ class _Exporter:
 
 @pytest.fixture
 def exporter(tmp_path: Path) -> Iterator[_Exporter]:
-    endpoint = MetricsEndpoint(("127.0.0.1", _free_port()), str(tmp_path), successor=False, error_fd=2,
-                               title="")
+    endpoint = MetricsEndpoint(("127.0.0.1", _free_port()), str(tmp_path), successor=False, error_fd=2, title="")
     running = _Exporter(endpoint, tmp_path)
     yield running
     running.stop()
@@ -105,8 +104,7 @@ def test_each_scrape_waits_for_a_fresh_round(exporter: _Exporter) -> None:
     assert exporter.rounds == 2
 
 
-def test_a_killed_process_is_restarted_on_the_same_port(exporter: _Exporter,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_killed_process_is_restarted_on_the_same_port(exporter: _Exporter, monkeypatch: pytest.MonkeyPatch) -> None:
     """SIGKILL the /metrics process: the master notices the socket close and starts a new one."""
     monkeypatch.setattr(metrics_link, "RESTART_EVERY", 0.0)
     first = exporter.endpoint.pid
@@ -122,8 +120,11 @@ def test_port_in_use_is_a_startup_error_naming_the_setting(tmp_path: Path) -> No
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        with pytest.raises(ConfigurationError, match=rf"metrics_bind=127\.0\.0\.1:{port} cannot be bound.*"
-                                                     rf"ss -ltnp 'sport = :{port}'.*GUNICORN_INSIGHT_METRICS_BIND"):
+        with pytest.raises(
+            ConfigurationError,
+            match=rf"metrics_bind=127\.0\.0\.1:{port} cannot be bound.*"
+            rf"ss -ltnp 'sport = :{port}'.*GUNICORN_INSIGHT_METRICS_BIND",
+        ):
             MetricsEndpoint(("127.0.0.1", port), str(tmp_path), successor=False, error_fd=2, title="")
 
 
@@ -133,10 +134,12 @@ def test_default_port_in_use_is_reported_apart_from_errors(tmp_path: Path) -> No
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        with pytest.raises(metrics_link.MetricsPortTaken, match=rf"/metrics is not served: the default metrics_bind "
-                                                             rf"127\.0\.0\.1:{port} is in use"):
-            MetricsEndpoint(("127.0.0.1", port), str(tmp_path), successor=False, error_fd=2, title="",
-                            optional=True)
+        with pytest.raises(
+            metrics_link.MetricsPortTaken,
+            match=rf"/metrics is not served: the default metrics_bind "
+            rf"127\.0\.0\.1:{port} is in use",
+        ):
+            MetricsEndpoint(("127.0.0.1", port), str(tmp_path), successor=False, error_fd=2, title="", optional=True)
 
 
 def test_a_port_freed_within_the_retries_is_bound(tmp_path: Path) -> None:

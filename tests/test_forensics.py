@@ -51,7 +51,9 @@ def test_oom_is_only_claimed_when_confirmed() -> None:
     confirmed = classify(view(), aborted=False, signal="SIGKILL", exit_code=None, oom=True)
     unconfirmed = classify(view(), aborted=False, signal="SIGKILL", exit_code=None, oom=False)
     assert (confirmed.cause, confirmed.detail) == (
-        "oom", "killed by the kernel's OOM killer (the cgroup's oom_kill count rose)")
+        "oom",
+        "killed by the kernel's OOM killer (the cgroup's oom_kill count rose)",
+    )
     assert unconfirmed.cause == "killed"
     assert "not confirmed" in unconfirmed.detail
 
@@ -67,8 +69,9 @@ def test_timed_out_worker_dying_of_the_sigabrt_is_not_called_sigkilled(signal: s
 
 def test_boot_failure_carries_the_exception_summary() -> None:
     """The worker's last words (the boot exception) are the detail of a boot_failure."""
-    verdict = classify(view(EXITED | sb.FLAG_BOOT_FAILED, 3, "RuntimeError: no DB"), aborted=False, signal=None,
-                       exit_code=3, oom=False)
+    verdict = classify(
+        view(EXITED | sb.FLAG_BOOT_FAILED, 3, "RuntimeError: no DB"), aborted=False, signal=None, exit_code=3, oom=False
+    )
     assert verdict.detail == "could not load the application: RuntimeError: no DB"
 
 

@@ -175,6 +175,8 @@ def test_a_worker_reaped_once_gunicorn_is_stopping_is_handed_over_as_such(
     _hooks.child_exit(_Arbiter(listeners), object())
     _hooks.worker_exit(_Arbiter(listeners), object())
     assert gone.calls == [expected, expected]
+
+
 def test_a_settings_object_is_used_as_given(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """install(globals(), Settings(...)) installs with exactly that object; environment variables it skips are named."""
     monkeypatch.setenv("GUNICORN_INSIGHT_INTERVAL", "5")
@@ -189,8 +191,10 @@ def test_a_settings_object_is_used_as_given(monkeypatch: pytest.MonkeyPatch, cap
     ("arguments", "message"),
     [
         ({"settings": {"statsd": "127.0.0.1:9"}}, "install\\(\\)'s settings argument is a dict, not gunicorn_insight"),
-        ({"settings": Settings(statsd="127.0.0.1:9"), "interval": 2},
-         "got a Settings object and the keywords interval"),
+        (
+            {"settings": Settings(statsd="127.0.0.1:9"), "interval": 2},
+            "got a Settings object and the keywords interval",
+        ),
     ],
 )
 def test_settings_object_misuse_is_a_configuration_error(arguments: dict[str, Any], message: str) -> None:

@@ -20,20 +20,31 @@ ROLES = {
     # what gunicorn loads through install(): the master and, by fork, every worker
     "plugin": (("gunicorn_insight", "gunicorn_insight.conf"), (*HEAVY, *CLI, "opentelemetry", "google.protobuf")),
     "worker": (
-        ("gunicorn_insight._worker.recorder", "gunicorn_insight._worker.watchdog", "gunicorn_insight._worker.routes",
-         "gunicorn_insight._worker.asgi"),
+        (
+            "gunicorn_insight._worker.recorder",
+            "gunicorn_insight._worker.watchdog",
+            "gunicorn_insight._worker.routes",
+            "gunicorn_insight._worker.asgi",
+        ),
         (*HEAVY, *CLI, *MASTER, *EXPORT, *HOOKS, "opentelemetry"),
     ),
     "master": (("gunicorn_insight._master.arbiter",), (*HEAVY, *CLI, *HOOKS, "opentelemetry", "google.protobuf")),
     "export": (
-        ("gunicorn_insight._export.prometheus", "gunicorn_insight._export.statsd",
-         "gunicorn_insight._export.metrics_link", "gunicorn_insight._export.mmapfile"),
+        (
+            "gunicorn_insight._export.prometheus",
+            "gunicorn_insight._export.statsd",
+            "gunicorn_insight._export.metrics_link",
+            "gunicorn_insight._export.mmapfile",
+        ),
         # what the master loads of the export side: no OpenTelemetry (only the metrics process runs it)
         (*HEAVY, *CLI, *MASTER, *WORKER, *HOOKS, "opentelemetry"),
     ),
     "metrics process": (
-        ("gunicorn_insight._export.metrics_process", "gunicorn_insight._export.probes",
-         "gunicorn_insight._export.otlp"),
+        (
+            "gunicorn_insight._export.metrics_process",
+            "gunicorn_insight._export.probes",
+            "gunicorn_insight._export.otlp",
+        ),
         (*CLI, *MASTER, *WORKER, *HOOKS),
     ),
     # The command line reads the files the master and the exporters write (the scoreboard, the run files, the

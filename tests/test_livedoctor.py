@@ -19,17 +19,38 @@ def facts(**changes: Any) -> LiveFacts:
     """A healthy server: 4 sync workers on 4 CPUs, half busy, computing half the time, 3 s watched."""
     base = LiveFacts(
         info=fakes.server_info("", timeout=30, max_requests=0, master_pid=1),
-        window=3.0, samples=60, worker_class="sync",
-        workers=4, per_worker=1, capacity=4, busy_now=2, utilisation=0.5, busy_seconds=6.0, cpu_seconds=3.0,
-        cpus=4.0, rss=[100 * MIB] * 4, memory_used=500 * MIB, memory_limit=2048 * MIB,
+        window=3.0,
+        samples=60,
+        worker_class="sync",
+        workers=4,
+        per_worker=1,
+        capacity=4,
+        busy_now=2,
+        utilisation=0.5,
+        busy_seconds=6.0,
+        cpu_seconds=3.0,
+        cpus=4.0,
+        rss=[100 * MIB] * 4,
+        memory_used=500 * MIB,
+        memory_limit=2048 * MIB,
     )
     return replace(base, **changes)
 
 
 def an_exit(cause: str, request: str | None = None, elapsed: float | None = None) -> WorkerExit:
     """A recent exit as status.json holds it."""
-    return WorkerExit(time=0.0, pid=10, slot=0, cause=cause, detail="", uptime=60.0, served=100, rss=0,
-                      request=request, elapsed=elapsed)
+    return WorkerExit(
+        time=0.0,
+        pid=10,
+        slot=0,
+        cause=cause,
+        detail="",
+        uptime=60.0,
+        served=100,
+        rss=0,
+        request=request,
+        elapsed=elapsed,
+    )
 
 
 def checks(check: livedoctor.LiveCheck, measured: LiveFacts) -> list[tuple[str, str]]:
@@ -107,8 +128,16 @@ def test_memory_near_the_cgroup_limit() -> None:
     assert "uses 1843 MiB (working set) of its 2048 MiB limit (90%); 8 workers at 200 MiB each" in finding.what
     assert "about 6 workers of 200 MiB fit in 80% of the limit" in finding.fix
     assert "set max_requests" in finding.fix
-    assert "max_requests" not in next(iter(livedoctor.check_memory(
-        facts(memory_used=1843 * MIB, info=fakes.server_info("", timeout=30, max_requests=1000))))).fix
+    assert (
+        "max_requests"
+        not in next(
+            iter(
+                livedoctor.check_memory(
+                    facts(memory_used=1843 * MIB, info=fakes.server_info("", timeout=30, max_requests=1000))
+                )
+            )
+        ).fix
+    )
 
 
 def test_memory_quiet_below_the_limit_or_without_one() -> None:

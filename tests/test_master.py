@@ -46,19 +46,26 @@ def test_plan_counts_capacity_by_worker_class(
     cfg = gunicorn_config(worker_class=worker_class, threads=threads, worker_connections=100)
     plan = Plan.resolve(NO_EXPORTER, cfg, None)
     assert (plan.worker_kind, plan.per_worker_capacity, plan.connections_limit, plan.entries) == (
-        worker_class, capacity, connections, entries,
+        worker_class,
+        capacity,
+        connections,
+        entries,
     )
     assert plan.recorder.threaded is threaded
 
 
 def test_plan_takes_gunicorns_own_settings_where_ours_are_unset() -> None:
     """Slots from workers (at least 16), the slow threshold from timeout, StatsD from statsd_host and its tags."""
-    cfg = gunicorn_config(workers=6, timeout=10, statsd_host="127.0.0.1:8125", statsd_prefix="web",
-                          dogstatsd_tags="env:prod")
+    cfg = gunicorn_config(
+        workers=6, timeout=10, statsd_host="127.0.0.1:8125", statsd_prefix="web", dogstatsd_tags="env:prod"
+    )
     plan = Plan.resolve(Settings(), cfg, None)
     assert (plan.slots, plan.slow_request_timeout) == (24, 8.0)
     assert (plan.statsd_target, plan.statsd_prefix, plan.statsd_tags, plan.statsd_tagged) == (
-        ("127.0.0.1", 8125), "web", "env:prod", True,
+        ("127.0.0.1", 8125),
+        "web",
+        "env:prod",
+        True,
     )
     small = Plan.resolve(Settings(max_workers=3, slow_request_timeout=0), gunicorn_config(workers=2), None)
     assert (small.slots, small.slow_request_timeout) == (3, 0)
@@ -104,7 +111,11 @@ def test_a_round_writes_what_the_workers_did(master: Master, tmp_path: Path) -> 
     master.run_round()
     status = read_record(StatusRecord, str(tmp_path / STATUS_FILE))
     assert (status.workers, status.capacity, status.busy_workers, status.in_flight, status.lost_requests) == (
-        2, 2, 1, 1, 0,
+        2,
+        2,
+        1,
+        1,
+        0,
     )
     assert status.recent_exits == ()
 
@@ -120,7 +131,7 @@ def test_an_exit_with_a_request_in_flight_is_one_line_naming_it(
     with caplog.at_level(logging.ERROR):
         master.run_round()
     (line,) = [record.getMessage() for record in caplog.records if "worker exited" in record.getMessage()]
-    assert line.startswith("gunicorn-insight: worker exited pid=4242 slot=0 cause=killed detail=\"killed by SIGKILL")
+    assert line.startswith('gunicorn-insight: worker exited pid=4242 slot=0 cause=killed detail="killed by SIGKILL')
     assert 'request="GET /report?<redacted>" client=10.1.2.3:4567 elapsed=' in line
     (exit_,) = read_record(StatusRecord, str(tmp_path / STATUS_FILE)).recent_exits
     assert (exit_.pid, exit_.cause, exit_.request) == (4242, "killed", "GET /report?<redacted>")

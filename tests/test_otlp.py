@@ -20,8 +20,9 @@ class Family:
 
 
 def options(**environ: str) -> _otlp.OtlpOptions:
-    return _otlp.resolve_options("on", environ, service_name="shop", instance_id="id-1", master_pid=42,
-                                 server_port=8000, started=1.0)
+    return _otlp.resolve_options(
+        "on", environ, service_name="shop", instance_id="id-1", master_pid=42, server_port=8000, started=1.0
+    )
 
 
 @pytest.mark.parametrize(
@@ -61,8 +62,10 @@ def test_endpoint_comes_from_the_standard_variables() -> None:
     """The signal variable wins over the base one, which gets /v1/metrics; the default is localhost:4318."""
     assert options().endpoint == "http://localhost:4318/v1/metrics"
     assert options(OTEL_EXPORTER_OTLP_ENDPOINT="http://c:4318/").endpoint == "http://c:4318/v1/metrics"
-    assert options(OTEL_EXPORTER_OTLP_ENDPOINT="http://c:4318",
-                   OTEL_EXPORTER_OTLP_METRICS_ENDPOINT="https://m/x").endpoint == "https://m/x"
+    assert (
+        options(OTEL_EXPORTER_OTLP_ENDPOINT="http://c:4318", OTEL_EXPORTER_OTLP_METRICS_ENDPOINT="https://m/x").endpoint
+        == "https://m/x"
+    )
 
 
 def test_the_http_protobuf_protocol_is_accepted_and_the_signal_variable_wins() -> None:
@@ -89,8 +92,10 @@ def test_interval_and_temporality_come_from_the_standard_variables() -> None:
         ({"OTEL_RESOURCE_ATTRIBUTES": "team=web,oops"}, "OTEL_RESOURCE_ATTRIBUTES has 'oops', which is not key"),
         ({"OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": "collector:4318"}, "is not an http:// or https:// URL"),
         ({"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}, "OTEL_EXPORTER_OTLP_PROTOCOL='grpc': gunicorn-insight sends"),
-        ({"OTEL_EXPORTER_OTLP_METRICS_PROTOCOL": "http/json", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"},
-         "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL='http/json'"),
+        (
+            {"OTEL_EXPORTER_OTLP_METRICS_PROTOCOL": "http/json", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"},
+            "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL='http/json'",
+        ),
     ],
 )
 def test_bad_standard_variables_name_the_variable_and_the_fix(environ: dict[str, str], message: str) -> None:
@@ -103,12 +108,17 @@ def test_labels_become_semantic_convention_attributes() -> None:
     """method/status/route map to http.*; other methods are _OTHER; unknown status and route none are left out."""
     instrument = _otlp.INSTRUMENTS["gunicorn_requests"]
     assert _otlp.attributes({"method": "GET", "status": "503", "route": "/items/<id>"}, instrument, 8000) == {
-        "http.request.method": "GET", "http.response.status_code": 503, "http.route": "/items/<id>",
-        "server.port": 8000}
+        "http.request.method": "GET",
+        "http.response.status_code": 503,
+        "http.route": "/items/<id>",
+        "server.port": 8000,
+    }
     assert _otlp.attributes({"method": "other", "status": "unknown", "route": "none"}, instrument, None) == {
-        "http.request.method": "_OTHER"}
+        "http.request.method": "_OTHER"
+    }
     assert _otlp.attributes({"worker": "3"}, _otlp.INSTRUMENTS["gunicorn_worker_memory_bytes"], 8000) == {
-        "gunicorn.worker.slot": 3}
+        "gunicorn.worker.slot": 3
+    }
 
 
 def histogram(counts: dict[str, float], total: float) -> Family:
@@ -126,10 +136,14 @@ def test_cumulative_prometheus_buckets_become_otlp_bucket_counts() -> None:
 
 
 def requests_family(ok: float, missing: float) -> Family:
-    return Family("gunicorn_requests", "counter", [
-        Sample("gunicorn_requests_total", {"method": "GET", "status": "200"}, ok),
-        Sample("gunicorn_requests_total", {"method": "GET", "status": "404"}, missing),
-    ])
+    return Family(
+        "gunicorn_requests",
+        "counter",
+        [
+            Sample("gunicorn_requests_total", {"method": "GET", "status": "200"}, ok),
+            Sample("gunicorn_requests_total", {"method": "GET", "status": "404"}, missing),
+        ],
+    )
 
 
 def values(metric: Any) -> list[float]:

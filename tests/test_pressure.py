@@ -71,8 +71,7 @@ def test_v1_throttling_quota_and_memory(tmp_path: Path) -> None:
     reading = reader.read()
     assert reading.throttling == CpuThrottling(periods=120, throttled_periods=30, throttled_seconds=2.5)
     assert reading.quota_cores == 1.5
-    assert (reading.memory_usage, reading.memory_working_set, reading.memory_limit) == (
-        300 << 20, 200 << 20, 512 << 20)
+    assert (reading.memory_usage, reading.memory_working_set, reading.memory_limit) == (300 << 20, 200 << 20, 512 << 20)
     assert reading.pressure == {}
     assert any("pressure stall information" in line for line in reader.missing)
 
@@ -95,10 +94,13 @@ def test_v2_throttling_quota_memory_and_psi(tmp_path: Path, hybrid: bool) -> Non
     reading = reader.read()
     assert reading.throttling == CpuThrottling(periods=50, throttled_periods=5, throttled_seconds=0.75)
     assert reading.quota_cores == 2.0
-    assert (reading.memory_usage, reading.memory_working_set, reading.memory_limit) == (
-        200 << 20, 150 << 20, 256 << 20)
-    assert reading.pressure == {("cpu", "some"): 2.5, ("cpu", "full"): 0.0, ("memory", "some"): 0.0015,
-                                ("memory", "full"): 0.0007}  # the group's files win over /proc/pressure
+    assert (reading.memory_usage, reading.memory_working_set, reading.memory_limit) == (200 << 20, 150 << 20, 256 << 20)
+    assert reading.pressure == {
+        ("cpu", "some"): 2.5,
+        ("cpu", "full"): 0.0,
+        ("memory", "some"): 0.0015,
+        ("memory", "full"): 0.0007,
+    }  # the group's files win over /proc/pressure
     assert reader.missing == []
 
 
@@ -114,8 +116,10 @@ def test_v2_without_the_cpu_controller_has_no_throttling(tmp_path: Path) -> None
 def test_psi_falls_back_to_proc_pressure(tmp_path: Path) -> None:
     """Without cgroup PSI files the host's /proc/pressure is read."""
     cgroup, self_cgroup = v1_tree(tmp_path)
-    write(tmp_path / "proc" / "pressure" / "io", "some avg10=0 avg60=0 avg300=0 total=4000000\n"
-          "full avg10=0 avg60=0 avg300=0 total=1000000\n")
+    write(
+        tmp_path / "proc" / "pressure" / "io",
+        "some avg10=0 avg60=0 avg300=0 total=4000000\nfull avg10=0 avg60=0 avg300=0 total=1000000\n",
+    )
     reader = HostReader(str(self_cgroup), str(cgroup), proc=str(tmp_path / "proc"))
     assert reader.read().pressure == {("io", "some"): 4.0, ("io", "full"): 1.0}
     assert reader.sources["psi"] == str(tmp_path / "proc" / "pressure")
@@ -126,7 +130,11 @@ def test_no_cgroup_at_all_is_absent_and_said(tmp_path: Path) -> None:
     reader = HostReader(str(tmp_path / "missing"), str(tmp_path), proc=str(tmp_path))
     reading = reader.read()
     assert (reading.throttling, reading.quota_cores, reading.memory_usage, reading.memory_limit) == (
-        None, None, None, None)
+        None,
+        None,
+        None,
+        None,
+    )
     assert reading.pressure == {}
     assert len(reader.missing) == 3
 
@@ -155,8 +163,10 @@ def test_cgroup_dirs_prefers_v1_and_finds_hybrid_v2(tmp_path: Path) -> None:
 
 def test_process_status_switches_and_swap(tmp_path: Path) -> None:
     """voluntary/nonvoluntary_ctxt_switches and VmSwap (kB) from /proc/<pid>/status; a gone pid is None."""
-    write(tmp_path / "42" / "status", "Name:\tgunicorn\nVmSwap:\t    1024 kB\nvoluntary_ctxt_switches:\t17\n"
-          "nonvoluntary_ctxt_switches:\t3\n")
+    write(
+        tmp_path / "42" / "status",
+        "Name:\tgunicorn\nVmSwap:\t    1024 kB\nvoluntary_ctxt_switches:\t17\nnonvoluntary_ctxt_switches:\t3\n",
+    )
     reading = read_process(42, str(tmp_path))
     assert reading is not None
     assert (reading.voluntary_switches, reading.involuntary_switches, reading.swap_bytes) == (17, 3, 1 << 20)
@@ -166,9 +176,13 @@ def test_process_status_switches_and_swap(tmp_path: Path) -> None:
 def test_worker_switches_survive_replacement(tmp_path: Path) -> None:
     """A slot's counter keeps its dead worker's switches when a new worker takes the slot; swap is per live
     worker; a slot never read is absent, not 0."""
+
     def status(pid: int, voluntary: int, involuntary: int, swap_kb: int) -> None:
-        write(tmp_path / str(pid) / "status", f"VmSwap:\t{swap_kb} kB\nvoluntary_ctxt_switches:\t{voluntary}\n"
-              f"nonvoluntary_ctxt_switches:\t{involuntary}\n")
+        write(
+            tmp_path / str(pid) / "status",
+            f"VmSwap:\t{swap_kb} kB\nvoluntary_ctxt_switches:\t{voluntary}\n"
+            f"nonvoluntary_ctxt_switches:\t{involuntary}\n",
+        )
 
     readings = WorkerReadings(str(tmp_path))
     status(100, 10, 1, 0)
@@ -200,13 +214,27 @@ def test_status_json_carries_the_readings_it_has(tmp_path: Path) -> None:
     from gunicorn_insight._facts import HostPressure, Round
     from gunicorn_insight._runfiles import StatusFiles
 
-    facts = Round(ready_workers=1, booting_workers=1, swap={0: 4096}, crash_loop=True,
-                  host=HostPressure(throttling=CpuThrottling(10, 2, 0.5), memory_usage=300, memory_working_set=200,
-                                    pressure={("memory", "some"): 1.5}))
+    facts = Round(
+        ready_workers=1,
+        booting_workers=1,
+        swap={0: 4096},
+        crash_loop=True,
+        host=HostPressure(
+            throttling=CpuThrottling(10, 2, 0.5),
+            memory_usage=300,
+            memory_working_set=200,
+            pressure={("memory", "some"): 1.5},
+        ),
+    )
     StatusFiles(str(tmp_path)).write_round(facts)
     status = json.loads((tmp_path / "status.json").read_text())
     assert (status["workers_ready"], status["workers_booting"], status["crash_loop"]) == (1, 1, True)
     assert status["host"] == {
-        "memory_usage_bytes": 300, "memory_working_set_bytes": 200, "cpu_periods": 10, "cpu_throttled_periods": 2,
-        "cpu_throttled_seconds": 0.5, "pressure_seconds": {"memory_some": 1.5}, "swap_bytes": 4096,
+        "memory_usage_bytes": 300,
+        "memory_working_set_bytes": 200,
+        "cpu_periods": 10,
+        "cpu_throttled_periods": 2,
+        "cpu_throttled_seconds": 0.5,
+        "pressure_seconds": {"memory_some": 1.5},
+        "swap_bytes": 4096,
     }

@@ -29,7 +29,11 @@ from gunicorn_insight.settings import ConfigurationError
 def run_python(code: str, directory: Path) -> str:
     env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(directory))
     result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True, timeout=60,
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
         check=False,
     )
     assert result.returncode == 0, result.stderr
@@ -71,8 +75,9 @@ def test_the_write_probe_and_the_lock_never_follow_a_planted_symlink(tmp_path: P
 
 def _dead_pid() -> int:
     """The pid of a process that has exited and been reaped."""
-    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                           text=True, check=True)
+    child = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    )
     return int(child.stdout)
 
 
@@ -80,14 +85,17 @@ def test_leftovers_of_gone_processes_are_removed_and_nothing_else(tmp_path: Path
     """Startup cleanup removes metric files of dead pids, written by prometheus_client or us, owned by us;
     a user's app.db, look-alike names with other content, live pids, other users' files and symlinks stay."""
     # Real multiprocess files from a process that has since exited, and our own archive of them.
-    out = run_python("""
+    out = run_python(
+        """
         import os
         from prometheus_client import Counter, Gauge, Histogram
         Counter("c", "c").inc()
         Gauge("g", "g", multiprocess_mode="livesum").set(3)
         Histogram("h", "h").observe(0.2)
         print(os.getpid())
-    """, tmp_path)
+    """,
+        tmp_path,
+    )
     gone = int(out)
     leftovers = {f"counter_{gone}.db", f"gauge_livesum_{gone}.db", f"histogram_{gone}.db"}
     assert leftovers <= set(os.listdir(tmp_path))
@@ -289,21 +297,33 @@ def test_host_pressure_and_lifecycle_are_exported_and_absent_stays_absent(tmp_pa
     """
     out = run_python(code, tmp_path)
     for line in (
-        "gunicorn_cgroup_cpu_periods_total 100.0", "gunicorn_cgroup_cpu_throttled_periods_total 25.0",
-        "gunicorn_cgroup_cpu_throttled_seconds_total 1.5", "gunicorn_cgroup_memory_usage_bytes 300.0",
-        "gunicorn_cgroup_memory_working_set_bytes 200.0", 'gunicorn_pressure_waiting_seconds_total{resource="cpu"} 2.5',
+        "gunicorn_cgroup_cpu_periods_total 100.0",
+        "gunicorn_cgroup_cpu_throttled_periods_total 25.0",
+        "gunicorn_cgroup_cpu_throttled_seconds_total 1.5",
+        "gunicorn_cgroup_memory_usage_bytes 300.0",
+        "gunicorn_cgroup_memory_working_set_bytes 200.0",
+        'gunicorn_pressure_waiting_seconds_total{resource="cpu"} 2.5',
         'gunicorn_pressure_stalled_seconds_total{resource="memory"} 0.25',
         'gunicorn_worker_context_switches_total{kind="voluntary",worker="0"} 40.0',
         'gunicorn_worker_context_switches_total{kind="involuntary",worker="0"} 3.0',
-        'gunicorn_worker_swap_bytes{worker="0"} 4096.0', "gunicorn_workers_ready 1.0", "gunicorn_workers_booting 1.0",
-        'gunicorn_worker_boot_duration_seconds_bucket{le="1.0"} 1.0', "gunicorn_worker_boot_duration_seconds_count 1.0",
-        "gunicorn_stalled_requests 2.0", "gunicorn_stalls_total 1.0", "gunicorn_worker_crash_loop 1.0",
+        'gunicorn_worker_swap_bytes{worker="0"} 4096.0',
+        "gunicorn_workers_ready 1.0",
+        "gunicorn_workers_booting 1.0",
+        'gunicorn_worker_boot_duration_seconds_bucket{le="1.0"} 1.0',
+        "gunicorn_worker_boot_duration_seconds_count 1.0",
+        "gunicorn_stalled_requests 2.0",
+        "gunicorn_stalls_total 1.0",
+        "gunicorn_worker_crash_loop 1.0",
         "gunicorn_worker_crash_loops_total 1.0",
     ):
         assert line in out, line
-    for absent in ("gunicorn_cgroup_cpu_quota_cores ", "gunicorn_cgroup_memory_limit_bytes ",
-                   'gunicorn_pressure_waiting_seconds_total{resource="io"}', 'gunicorn_worker_swap_bytes{worker="1"}',
-                   'gunicorn_worker_context_switches_total{kind="voluntary",worker="1"}'):
+    for absent in (
+        "gunicorn_cgroup_cpu_quota_cores ",
+        "gunicorn_cgroup_memory_limit_bytes ",
+        'gunicorn_pressure_waiting_seconds_total{resource="io"}',
+        'gunicorn_worker_swap_bytes{worker="1"}',
+        'gunicorn_worker_context_switches_total{kind="voluntary",worker="1"}',
+    ):
         assert absent not in out, absent
 
 
@@ -323,6 +343,8 @@ def test_no_host_reading_writes_no_host_series(tmp_path: Path) -> None:
     assert "gunicorn_workers_ready 1.0" in out
     samples = [line for line in out.splitlines() if line and not line.startswith("#")]
     assert not [line for line in samples if line.startswith(("gunicorn_cgroup_", "gunicorn_pressure_"))]
+
+
 def test_scrapes_read_only_regular_metric_files(tmp_path: Path) -> None:
     """A user's app.db and a symlink planted under a metric file's name are not scraped; real files are."""
     real = MetricFile(str(tmp_path / "counter_1.db"))

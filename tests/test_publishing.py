@@ -118,8 +118,11 @@ def test_watchdog_and_lifecycle_fields_are_published_in_one_store(board: sb.Scor
     rec.booted()
     rec.add_overflow(1)
     expected = {
-        sb.OFF_CONNS: sb.CONNS.pack(7), sb.OFF_WAITING: sb.WAITING.pack(3), sb.OFF_SLOW: sb.SLOW.pack(1),
-        sb.OFF_STATE: sb.STATE.pack(sb.READY), sb.OFF_OVERFLOW: sb.OVERFLOW.pack(1),
+        sb.OFF_CONNS: sb.CONNS.pack(7),
+        sb.OFF_WAITING: sb.WAITING.pack(3),
+        sb.OFF_SLOW: sb.SLOW.pack(1),
+        sb.OFF_STATE: sb.STATE.pack(sb.READY),
+        sb.OFF_OVERFLOW: sb.OVERFLOW.pack(1),
     }
     for offset, packed in expected.items():
         assert spy.covering(slot + offset, len(packed)) == [packed], offset

@@ -42,7 +42,8 @@ def test_routes_become_labels_and_none_when_unknown(routed: sb.Scoreboard) -> No
     serve(rec, "/items/<id>")
     serve(rec, None)
     assert drainer.collect().requests == {
-        ("GET", 200, "/items/<id>"): 2, ("GET", 200, ""): 1,
+        ("GET", 200, "/items/<id>"): 2,
+        ("GET", 200, ""): 1,
     }
 
 
@@ -68,9 +69,7 @@ def test_route_numbers_survive_worker_replacement(routed: sb.Scoreboard) -> None
     assert drainer.collect().requests == {("GET", 200, "/a"): 2, ("GET", 200, "/b"): 1}
 
 
-def test_cap_counts_the_rest_as_other_and_warns_once(
-    routed: sb.Scoreboard, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_cap_counts_the_rest_as_other_and_warns_once(routed: sb.Scoreboard, caplog: pytest.LogCaptureFixture) -> None:
     """Past max_routes (per slot table, and across slots) values become 'other' with one warning."""
     ROUTE_CAP_WARNING._last.clear()
     drainer = Drainer(routed, max_routes=2)

@@ -90,8 +90,11 @@ def test_unknown_environment_variable_lists_valid_names() -> None:
         ("interval", 0.001, "between 0.05 and 60"),
         ("interval", float("nan"), "finite"),
         ("statsd_timers_per_second", -1, r"statsd_timers_per_second=-1 must be between 0 and 1000000 \(0 sends"),
-        ("statsd_timers_per_second", "many", "statsd_timers_per_second='many' is not an integer; give one between 0 "
-         "and 1000000"),
+        (
+            "statsd_timers_per_second",
+            "many",
+            "statsd_timers_per_second='many' is not an integer; give one between 0 and 1000000",
+        ),
         ("interval", "soon", r"interval='soon' is not a number; give seconds between 0\.05 and 60"),
         ("max_workers", "lots", "max_workers='lots' is not an integer; give one between 1 and 4096"),
     ],
@@ -149,14 +152,23 @@ def test_resolver_from_environment_is_imported() -> None:
 @pytest.mark.parametrize(
     ("variable", "value", "message"),
     [
-        ("GUNICORN_INSIGHT_INTERVAL", "0.001",
-         r"interval='0\.001' must be between 0\.05 and 60 seconds \(from the environment variable "
-         r"GUNICORN_INSIGHT_INTERVAL\)"),
-        ("GUNICORN_INSIGHT_MAX_WORKERS", "x",
-         r"max_workers='x' is not an integer; give one between 1 and 4096 \(from the environment variable "
-         r"GUNICORN_INSIGHT_MAX_WORKERS\)"),
-        ("GUNICORN_INSIGHT_METRICS_BIND", "127.0.0.1:99999",
-         r"port 99999 is outside 1\.\.65535 \(from the environment variable GUNICORN_INSIGHT_METRICS_BIND\)"),
+        (
+            "GUNICORN_INSIGHT_INTERVAL",
+            "0.001",
+            r"interval='0\.001' must be between 0\.05 and 60 seconds \(from the environment variable "
+            r"GUNICORN_INSIGHT_INTERVAL\)",
+        ),
+        (
+            "GUNICORN_INSIGHT_MAX_WORKERS",
+            "x",
+            r"max_workers='x' is not an integer; give one between 1 and 4096 \(from the environment variable "
+            r"GUNICORN_INSIGHT_MAX_WORKERS\)",
+        ),
+        (
+            "GUNICORN_INSIGHT_METRICS_BIND",
+            "127.0.0.1:99999",
+            r"port 99999 is outside 1\.\.65535 \(from the environment variable GUNICORN_INSIGHT_METRICS_BIND\)",
+        ),
     ],
 )
 def test_bad_environment_value_names_the_variable_and_the_range(variable: str, value: str, message: str) -> None:

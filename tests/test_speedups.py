@@ -47,15 +47,24 @@ def stamp(seconds_ago: float) -> str:
 # four are in flight at once and the fourth has no entry of its own (overflow).
 CASES: list[tuple[FakeRequest, Any, Any]] = [
     (FakeRequest("GET", "/"), {ROUTE_KEY: "/"}, StatusCodeResponse(200)),
-    (FakeRequest("POST", "/login", query="password=hunter2"), {"HTTP_X_REQUEST_START": stamp(0.2)},
-     FakeResponse("302 Found")),
+    (
+        FakeRequest("POST", "/login", query="password=hunter2"),
+        {"HTTP_X_REQUEST_START": stamp(0.2)},
+        FakeResponse("302 Found"),
+    ),
     (FakeRequest("PROPFIND", "/caf\u00e9", peer=("::1", 8080, 0, 0)), {ROUTE_KEY: "/<name>"}, FakeResponse(207)),
-    (FakeRequest("VERYLONGMETHOD", "/" + "x" * 300, peer=b"/run/gunicorn.sock"),
-     {"HTTP_X_QUEUE_START": stamp(0.1), ROUTE_KEY: "/<name>"}, FakeResponse("")),
+    (
+        FakeRequest("VERYLONGMETHOD", "/" + "x" * 300, peer=b"/run/gunicorn.sock"),
+        {"HTTP_X_QUEUE_START": stamp(0.1), ROUTE_KEY: "/<name>"},
+        FakeResponse(""),
+    ),
     (FakeRequest(path="/caf\udce9", peer=None), {"HTTP_X_REQUEST_START": "garbage"}, None),
     (FakeRequest(path="/healthz"), {}, FakeResponse("200 OK")),
-    (FakeRequest(path="/unix", peer="unix-name"), {"HTTP_X_REQUEST_START": f"{time.time() * 1000:.0f}"},
-     StatusCodeResponse(404)),
+    (
+        FakeRequest(path="/unix", peer="unix-name"),
+        {"HTTP_X_REQUEST_START": f"{time.time() * 1000:.0f}"},
+        StatusCodeResponse(404),
+    ),
     (FakeRequest(path="/asgi", headers=[("X-REQUEST-START", stamp(0.3))]), None, FakeResponse(200)),
 ]
 
@@ -100,11 +109,17 @@ def test_compiled_hooks_write_the_bytes_the_python_hooks_write(
 ) -> None:
     """Same requests, same scoreboard bytes: entries, overflow, ring records, head, connections, routes
     (gthread's locked recorder too)."""
-    boards = [sb.Scoreboard.create(str(tmp_path / name), slots=1, entries=3, ring=16, master_pid=1, routes=4)
-              for name in ("python", "compiled")]
+    boards = [
+        sb.Scoreboard.create(str(tmp_path / name), slots=1, entries=3, ring=16, master_pid=1, routes=4)
+        for name in ("python", "compiled")
+    ]
     try:
-        options = {"redact_query": redact_query, "routes": True, "exclude_paths": frozenset({"/healthz"}),
-                   "threaded": threaded}
+        options = {
+            "redact_query": redact_query,
+            "routes": True,
+            "exclude_paths": frozenset({"/healthz"}),
+            "threaded": threaded,
+        }
         served(fakes.IMPLEMENTATIONS["python"], boards[0], **options)
         served(compiled, boards[1], **options)
         (python_bytes, python_queues), (compiled_bytes, compiled_queues) = map(masked, boards)
@@ -172,8 +187,10 @@ def test_compiled_hooks_do_nothing_without_a_recorder(
 
 def test_a_new_recorder_is_picked_up(compiled: tuple[Callable[..., None], Callable[..., None]], tmp_path: Path) -> None:
     """The compiled hooks follow _recorder.RECORDER: a recorder on another board gets the next request."""
-    boards = [sb.Scoreboard.create(str(tmp_path / name), slots=1, entries=1, ring=8, master_pid=1)
-              for name in ("first", "second")]
+    boards = [
+        sb.Scoreboard.create(str(tmp_path / name), slots=1, entries=1, ring=8, master_pid=1)
+        for name in ("first", "second")
+    ]
     try:
         for board in boards:
             board.assign(0, now=1.0)
@@ -187,8 +204,9 @@ def test_a_new_recorder_is_picked_up(compiled: tuple[Callable[..., None], Callab
             board.close()
 
 
-def test_a_greenlet_is_recorded_by_its_id(compiled: tuple[Callable[..., None], Callable[..., None]],
-                                          board: sb.Scoreboard) -> None:
+def test_a_greenlet_is_recorded_by_its_id(
+    compiled: tuple[Callable[..., None], Callable[..., None]], board: sb.Scoreboard
+) -> None:
     """gevent: the current greenlet is no int; the entry carries its id(), as the Python hook writes."""
     current = object()
     board.assign(0, now=1.0)
@@ -207,9 +225,19 @@ def test_bind_refuses_a_scoreboard_layout_it_was_not_written_for(
 
     with pytest.raises(ImportError, match="scoreboard layout"):
         _speedups.bind(
-            {}, _recorder.pre_request, _recorder.post_request, _report.report, _recorder.describe_peer,
-            _recorder.parse_status, _recorder.parse_request_start, _recorder.queue_header, sb.METHOD_INDEX,
-            sb.OTHER_METHOD, ROUTE_KEY, "HTTP_X_REQUEST_START", "HTTP_X_QUEUE_START",
+            {},
+            _recorder.pre_request,
+            _recorder.post_request,
+            _report.report,
+            _recorder.describe_peer,
+            _recorder.parse_status,
+            _recorder.parse_request_start,
+            _recorder.queue_header,
+            sb.METHOD_INDEX,
+            sb.OTHER_METHOD,
+            ROUTE_KEY,
+            "HTTP_X_REQUEST_START",
+            "HTTP_X_QUEUE_START",
             ("<B7xdQ8s46sH200s", sb.RING.format, "<QI", 3),
         )
     board.assign(0, now=1.0)

@@ -46,7 +46,11 @@ def a_round(requests: int = 3) -> Round:
 
 def make_sink(address: tuple[str, int] | str, **options: object) -> StatsdSink:
     kwargs: dict[str, object] = {
-        "prefix": "", "constant_tags": "", "tagged": False, "send_request_metrics": True, "connections_limit": 1,
+        "prefix": "",
+        "constant_tags": "",
+        "tagged": False,
+        "send_request_metrics": True,
+        "connections_limit": 1,
     }
     kwargs.update(options)
     return StatsdSink(address, **kwargs)  # type: ignore[arg-type]
@@ -192,27 +196,38 @@ def test_host_pressure_lines_send_what_the_kernel_counters_gained(receiver: sock
 
     sink = make_sink(receiver.getsockname())
     first = a_round()
-    first.host = HostPressure(throttling=CpuThrottling(100, 10, 1.0), memory_usage=300, memory_limit=1000,
-                              pressure={("cpu", "some"): 2.0})
+    first.host = HostPressure(
+        throttling=CpuThrottling(100, 10, 1.0), memory_usage=300, memory_limit=1000, pressure={("cpu", "some"): 2.0}
+    )
     first.context_switches, first.swap = {0: (10, 1)}, {0: 4096}
     first.ready_workers, first.booting_workers, first.boot_durations = 1, 1, [0.5]
     sink.publish(first)
     datagrams(receiver)
     second = a_round()
-    second.host = HostPressure(throttling=CpuThrottling(110, 14, 1.25), memory_usage=310, memory_limit=1000,
-                               pressure={("cpu", "some"): 2.5})
+    second.host = HostPressure(
+        throttling=CpuThrottling(110, 14, 1.25), memory_usage=310, memory_limit=1000, pressure={("cpu", "some"): 2.5}
+    )
     second.context_switches, second.swap = {0: (15, 1)}, {0: 0}
     second.stalls, second.stalled_requests = 1, 2
     sink.publish(second)
     lines = b"\n".join(datagrams(receiver)).decode().splitlines()
-    for line in ("gunicorn.cgroup.cpu.periods:10|c", "gunicorn.cgroup.cpu.throttled_periods:4|c",
-                 "gunicorn.cgroup.cpu.throttled_ms:250|c", "gunicorn.cgroup.memory.usage:310|g",
-                 "gunicorn.cgroup.memory.limit:1000|g", "gunicorn.pressure.cpu.waiting_ms:500|c",
-                 "gunicorn.worker.0.context_switches.voluntary:5|c", "gunicorn.worker.0.swap:0|g",
-                 "gunicorn.stalls:1|c", "gunicorn.stalled_requests:2|g"):
+    for line in (
+        "gunicorn.cgroup.cpu.periods:10|c",
+        "gunicorn.cgroup.cpu.throttled_periods:4|c",
+        "gunicorn.cgroup.cpu.throttled_ms:250|c",
+        "gunicorn.cgroup.memory.usage:310|g",
+        "gunicorn.cgroup.memory.limit:1000|g",
+        "gunicorn.pressure.cpu.waiting_ms:500|c",
+        "gunicorn.worker.0.context_switches.voluntary:5|c",
+        "gunicorn.worker.0.swap:0|g",
+        "gunicorn.stalls:1|c",
+        "gunicorn.stalled_requests:2|g",
+    ):
         assert line in lines, line
     assert not [line for line in lines if "quota_cores" in line or "working_set" in line]
     assert "gunicorn.worker.0.context_switches.involuntary" not in "\n".join(lines)  # nothing gained
+
+
 def test_publish_never_waits_for_a_hanging_lookup(receiver: socket.socket, monkeypatch: pytest.MonkeyPatch) -> None:
     """A lookup that hangs runs in the resolver's thread: publish returns, drops the round and counts it."""
     answer = threading.Event()
@@ -249,14 +264,19 @@ def test_publish_never_waits_for_a_hanging_lookup(receiver: socket.socket, monke
     sink.close()
 
 
-def test_last_good_address_is_kept_and_failures_back_off(receiver: socket.socket,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_last_good_address_is_kept_and_failures_back_off(
+    receiver: socket.socket, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A name that stops resolving keeps its last address; failed lookups are retried 1, 2, 4... s apart."""
     port = receiver.getsockname()[1]
     waits: list[float] = []
     resolver = _statsd.Resolver("statsd.example", port)
-    results: list[object] = [[(socket.AF_INET, socket.SOCK_DGRAM, 0, "", ("127.0.0.1", port))],
-                             OSError("no answer"), OSError("no answer"), OSError("no answer")]
+    results: list[object] = [
+        [(socket.AF_INET, socket.SOCK_DGRAM, 0, "", ("127.0.0.1", port))],
+        OSError("no answer"),
+        OSError("no answer"),
+        OSError("no answer"),
+    ]
 
     def scripted(*_args: object, **_kwargs: object) -> object:
         result = results.pop(0)
@@ -274,6 +294,8 @@ def test_last_good_address_is_kept_and_failures_back_off(receiver: socket.socket
     assert resolver.address == (socket.AF_INET, ("127.0.0.1", port))
     assert resolver.error == "no answer"
     assert waits == [_statsd.RESOLVE_EVERY, 1.0, 2.0, 4.0]
+
+
 def test_requests_cut_short_by_a_death_are_sent_as_aborted(receiver: socket.socket) -> None:
     """A request whose worker died under it (status NO_RESPONSE) is status "aborted" in both modes, not 500."""
     facts = Round(requests=Counter({("GET", NO_RESPONSE, ""): 1}), durations={("GET", ""): [31.5]})

@@ -40,12 +40,24 @@ def test_server_json_reads_back_as_written(tmp_path: Path) -> None:
 def test_status_json_reads_back_as_written(tmp_path: Path) -> None:
     """A round and two recorded exits decode to the StatusRecord the master meant, exits oldest first."""
     files = StatusFiles(str(tmp_path))
-    files.record_exit(pid=11, slot=0, cause="timeout", detail="d", uptime=6.5, served=1, rss=0, request="GET /x",
-                      elapsed=3.0)
-    files.record_exit(pid=12, slot=1, cause="graceful", detail="", uptime=1.0, served=0, rss=5, request=None,
-                      elapsed=None)
-    facts = Round(workers=2, busy_workers=1, capacity=2, in_flight=1, waiting=0, connections={0: 1, 1: 2},
-                  listeners={"http://127.0.0.1:8000": (3, 2048)}, listen_overflows=4, lost=0, at=123.5)
+    files.record_exit(
+        pid=11, slot=0, cause="timeout", detail="d", uptime=6.5, served=1, rss=0, request="GET /x", elapsed=3.0
+    )
+    files.record_exit(
+        pid=12, slot=1, cause="graceful", detail="", uptime=1.0, served=0, rss=5, request=None, elapsed=None
+    )
+    facts = Round(
+        workers=2,
+        busy_workers=1,
+        capacity=2,
+        in_flight=1,
+        waiting=0,
+        connections={0: 1, 1: 2},
+        listeners={"http://127.0.0.1:8000": (3, 2048)},
+        listen_overflows=4,
+        lost=0,
+        at=123.5,
+    )
     files.write_round(facts)
     status = read_record(StatusRecord, str(tmp_path / STATUS_FILE))
     assert (status.workers, status.capacity, status.connections, status.monotonic) == (2, 2, 3, 123.5)
@@ -68,8 +80,10 @@ def raw_server(**changes: Any) -> dict[str, Any]:
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"format": SERVER_FORMAT + 1},
-         re.escape(f"is format {SERVER_FORMAT + 1}, written by a newer gunicorn-insight (0.1.0); this")),
+        (
+            {"format": SERVER_FORMAT + 1},
+            re.escape(f"is format {SERVER_FORMAT + 1}, written by a newer gunicorn-insight (0.1.0); this"),
+        ),
         ({"format": SERVER_FORMAT - 1}, re.escape("written by an older gunicorn-insight (0.1.0); ")),
         ({"format": None}, "has no format number: it was not written by gunicorn-insight"),
         ({"master_pid": True}, "master_pid is True, not int"),

@@ -169,8 +169,13 @@ def test_status_gunicorn_parsed_is_taken_as_is(board: sb.Scoreboard) -> None:
 
 @pytest.mark.parametrize(
     ("peer", "client"),
-    [(("1.2.3.4", 80), "1.2.3.4:80"), (("::1", 80, 0, 0), "[::1]:80"), ("", "unix"), (b"", "unix"),
-     (b"/run/app.sock", "/run/app.sock")],
+    [
+        (("1.2.3.4", 80), "1.2.3.4:80"),
+        (("::1", 80, 0, 0), "[::1]:80"),
+        ("", "unix"),
+        (b"", "unix"),
+        (b"/run/app.sock", "/run/app.sock"),
+    ],
 )
 def test_clients_read_back_unambiguously(board: sb.Scoreboard, peer: object, client: str) -> None:
     """IPv4, IPv6 (in brackets) and unix-socket peers read back as an operator would write them."""

@@ -46,8 +46,18 @@ class MetricsPortTaken(EndpointError):
 class MetricsEndpoint:
     """Owns the master's end of the socket pair. Only the exporter thread calls :meth:`serve_requests`."""
 
-    def __init__(self, address: tuple[str, int] | None, directory: str, *, successor: bool, error_fd: int,
-                 title: str, run_dir: str = "", optional: bool = False, extra_args: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        address: tuple[str, int] | None,
+        directory: str,
+        *,
+        successor: bool,
+        error_fd: int,
+        title: str,
+        run_dir: str = "",
+        optional: bool = False,
+        extra_args: Sequence[str] = (),
+    ) -> None:
         """``address`` None: the process only exports over OTLP (see _otlp). ``optional``: metrics_bind was
         not set, so a port in use raises :class:`MetricsPortTaken` instead of a :class:`ConfigurationError`."""
         self._bind = join_host_port(*address) if address is not None else ""
@@ -72,8 +82,11 @@ class MetricsEndpoint:
         except EndpointError as error:
             raise ConfigurationError(str(error)) from None
         if state == "waiting":
-            LOG.info("gunicorn-insight: %s is still served by the previous master (USR2 upgrade); taking it "
-                     "over when that master exits", self.url)
+            LOG.info(
+                "gunicorn-insight: %s is still served by the previous master (USR2 upgrade); taking it "
+                "over when that master exits",
+                self.url,
+            )
 
     def _start(self, fork_lock: threading.Lock | None = None) -> str:
         """Spawn the process and wait for its first line: ``ready``, ``waiting``, ``unavailable`` or ``error``.
@@ -84,8 +97,10 @@ class MetricsEndpoint:
         """
         self._last_start = time.monotonic()
         if not sys.executable:
-            raise EndpointError("cannot start the /metrics process: sys.executable is empty; set "
-                                "GUNICORN_INSIGHT_METRICS_BIND=off and serve the directory another way")
+            raise EndpointError(
+                "cannot start the /metrics process: sys.executable is empty; set "
+                "GUNICORN_INSIGHT_METRICS_BIND=off and serve the directory another way"
+            )
         with fork_lock or contextlib.nullcontext():
             ours = self._spawn()
         try:
@@ -94,9 +109,12 @@ class MetricsEndpoint:
             if state == "unavailable":
                 raise MetricsPortTaken(detail)
             if state not in ("ready", "waiting"):
-                raise EndpointError(detail if state == "error" else
-                                    f"the /metrics process (pid {self.pid}) exited before it was ready; its "
-                                    "error, if any, is in gunicorn's error log")
+                raise EndpointError(
+                    detail
+                    if state == "error"
+                    else f"the /metrics process (pid {self.pid}) exited before it was ready; its "
+                    "error, if any, is in gunicorn's error log"
+                )
         except EndpointError:
             ours.close()
             self._starting = None
@@ -112,13 +130,28 @@ class MetricsEndpoint:
         ours, theirs = socket.socketpair()
         self._starting = ours
         search_path = "\n".join([_PACKAGE_PARENT, *(os.path.abspath(entry or ".") for entry in sys.path)])
-        argv = [sys.executable, "-c", _BOOTSTRAP, search_path, "--directory", self._directory,
-                "--bind", self._bind, "--title", self._title, "--run-dir", self._run_dir,
-                *(["--successor"] if self._successor else []),
-                *(["--optional"] if self._optional else []), *self._extra_args]
+        argv = [
+            sys.executable,
+            "-c",
+            _BOOTSTRAP,
+            search_path,
+            "--directory",
+            self._directory,
+            "--bind",
+            self._bind,
+            "--title",
+            self._title,
+            "--run-dir",
+            self._run_dir,
+            *(["--successor"] if self._successor else []),
+            *(["--optional"] if self._optional else []),
+            *self._extra_args,
+        ]
         # stderr first: the error log may itself be descriptor 3.
-        actions: list[tuple[int, ...]] = [(os.POSIX_SPAWN_DUP2, self._error_fd, 2),
-                                          (os.POSIX_SPAWN_DUP2, theirs.fileno(), 3)]
+        actions: list[tuple[int, ...]] = [
+            (os.POSIX_SPAWN_DUP2, self._error_fd, 2),
+            (os.POSIX_SPAWN_DUP2, theirs.fileno(), 3),
+        ]
         actions += [(os.POSIX_SPAWN_CLOSE, fd) for fd in _inheritable_fds() if fd > 3]
         try:
             # A process group of its own: Ctrl-C or a supervisor's signal to gunicorn's group must stop the
@@ -168,8 +201,11 @@ class MetricsEndpoint:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
-        _WARN("metrics-process", logging.WARNING,
-              f"the /metrics process (pid {self.pid}) exited; restarting it (scrapes of {self.url} fail until then)")
+        _WARN(
+            "metrics-process",
+            logging.WARNING,
+            f"the /metrics process (pid {self.pid}) exited; restarting it (scrapes of {self.url} fail until then)",
+        )
 
     def restart_if_gone(self, fork_lock: threading.Lock | None = None) -> None:
         """Start a new process if the last one died (see :meth:`_start` for ``fork_lock``)."""

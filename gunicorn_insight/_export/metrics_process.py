@@ -155,8 +155,14 @@ class _Server6(_Server):
 class MetricsServer:
     """Serves the registry; a successor master's process binds once its parent lets the port go."""
 
-    def __init__(self, address: tuple[str, int], registry: Any, before_scrape: Callable[[], None],
-                 probes: Probes | None = None, master_link_open: Callable[[], bool] = lambda: True) -> None:
+    def __init__(
+        self,
+        address: tuple[str, int],
+        registry: Any,
+        before_scrape: Callable[[], None],
+        probes: Probes | None = None,
+        master_link_open: Callable[[], bool] = lambda: True,
+    ) -> None:
         from prometheus_client import make_wsgi_app
 
         self._inner = make_wsgi_app(registry)
@@ -190,8 +196,10 @@ class MetricsServer:
 
     def start(self) -> None:
         self._threads = [threading.Thread(target=self._serve, name="gunicorn-insight-http", daemon=True)]
-        self._threads += [threading.Thread(target=self._handle, name=f"gunicorn-insight-http-{number}", daemon=True)
-                          for number in range(HANDLERS)]
+        self._threads += [
+            threading.Thread(target=self._handle, name=f"gunicorn-insight-http-{number}", daemon=True)
+            for number in range(HANDLERS)
+        ]
         for thread in self._threads:
             thread.start()
 
@@ -232,14 +240,14 @@ class MetricsServer:
         return min(0.5, max(0.0, accepted + READ_TIMEOUT - time.monotonic()))
 
     @staticmethod
-    def _expire(selector: selectors.BaseSelector, idle: dict[socket.socket, tuple[float, Any]],
-                before: float) -> None:
+    def _expire(selector: selectors.BaseSelector, idle: dict[socket.socket, tuple[float, Any]], before: float) -> None:
         """Close the connections accepted before ``before`` that have not sent anything."""
         while idle and next(iter(idle.values()))[0] <= before:
             _drop_oldest(selector, idle)
 
-    def _accept(self, listener: socket.socket, selector: selectors.BaseSelector,
-                idle: dict[socket.socket, tuple[float, Any]]) -> None:
+    def _accept(
+        self, listener: socket.socket, selector: selectors.BaseSelector, idle: dict[socket.socket, tuple[float, Any]]
+    ) -> None:
         for _ in range(MAX_IDLE):
             if len(idle) >= MAX_IDLE:
                 _drop_oldest(selector, idle)
@@ -291,8 +299,14 @@ class MetricsServer:
             # Answered from files this process reads itself: no round asked of the master, no worker involved.
             verdict = self._probes.health(self._master_link_open()) if path == "/healthz" else self._probes.readiness()
             body = verdict.reason.encode("utf-8", "replace") + b"\n"
-            start_response(verdict.status, [("Content-Type", "text/plain; charset=utf-8"),
-                                            ("Content-Length", str(len(body))), ("Cache-Control", "no-store")])
+            start_response(
+                verdict.status,
+                [
+                    ("Content-Type", "text/plain; charset=utf-8"),
+                    ("Content-Length", str(len(body))),
+                    ("Cache-Control", "no-store"),
+                ],
+            )
             return [body]
         if path not in ("/", "/metrics"):
             start_response("404 Not Found", [("Content-Type", "text/plain")])
@@ -315,8 +329,9 @@ def _arguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--directory", required=True)
     parser.add_argument("--bind", default="", help="host:port to serve /metrics on; empty: OTLP only")
     parser.add_argument("--successor", action="store_true")
-    parser.add_argument("--optional", action="store_true",
-                        help="metrics_bind was not set: a port in use is not an error")
+    parser.add_argument(
+        "--optional", action="store_true", help="metrics_bind was not set: a port in use is not an error"
+    )
     parser.add_argument("--title", default="")
     parser.add_argument("--run-dir", default="")
     parser.add_argument("--otlp", default="", help="OTLP/HTTP endpoint URL, or 'on' for the OTEL_* variables")
@@ -332,19 +347,27 @@ def bind_failure(bind: str, error: OSError, *, optional: bool) -> str:
     """The first line for a port that could not be bound, with the fix that applies."""
     port = parse_host_port("metrics_bind", bind, 9180)[1]
     if error.errno != errno.EADDRINUSE:
-        return (f"error metrics_bind={bind} cannot be bound ({error.strerror}); give an address of this host "
-                "and a port this user may bind with GUNICORN_INSIGHT_METRICS_BIND=host:port, or 'off' to not "
-                "serve /metrics")
-    holder = (f"another process listens on it (find it with: ss -ltnp 'sport = :{port}'), still after "
-              f"{BIND_FOR:.0f}s of retries")
+        return (
+            f"error metrics_bind={bind} cannot be bound ({error.strerror}); give an address of this host "
+            "and a port this user may bind with GUNICORN_INSIGHT_METRICS_BIND=host:port, or 'off' to not "
+            "serve /metrics"
+        )
+    holder = (
+        f"another process listens on it (find it with: ss -ltnp 'sport = :{port}'), still after "
+        f"{BIND_FOR:.0f}s of retries"
+    )
     if optional:
-        return (f"unavailable /metrics is not served: the default metrics_bind {bind} is in use ({holder}). "
-                "The server runs without it; give each server on this host its own port with "
-                "GUNICORN_INSIGHT_METRICS_BIND=host:port (or the metrics_bind keyword), or 'off' to not serve "
-                "/metrics and silence this warning")
-    return (f"error metrics_bind={bind} cannot be bound (Address already in use): {holder}. Stop that process, "
-            "or give this server a port of its own with GUNICORN_INSIGHT_METRICS_BIND=host:port, or 'off' "
-            "to not serve /metrics")
+        return (
+            f"unavailable /metrics is not served: the default metrics_bind {bind} is in use ({holder}). "
+            "The server runs without it; give each server on this host its own port with "
+            "GUNICORN_INSIGHT_METRICS_BIND=host:port (or the metrics_bind keyword), or 'off' to not serve "
+            "/metrics and silence this warning"
+        )
+    return (
+        f"error metrics_bind={bind} cannot be bound (Address already in use): {holder}. Stop that process, "
+        "or give this server a port of its own with GUNICORN_INSIGHT_METRICS_BIND=host:port, or 'off' "
+        "to not serve /metrics"
+    )
 
 
 def start_otlp(args: argparse.Namespace, link: MasterLink) -> Any:
@@ -356,13 +379,19 @@ def start_otlp(args: argparse.Namespace, link: MasterLink) -> Any:
 
     if os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
         _otlp.log_to_stderr()
-        LOG.warning("gunicorn-insight: otlp=%s is set but OTEL_SDK_DISABLED=true: nothing is exported over OTLP",
-                    args.otlp)
+        LOG.warning(
+            "gunicorn-insight: otlp=%s is set but OTEL_SDK_DISABLED=true: nothing is exported over OTLP", args.otlp
+        )
         return None
 
     options = _otlp.resolve_options(
-        args.otlp, os.environ, service_name=args.service_name, instance_id=args.instance_id,
-        master_pid=args.master_pid or os.getppid(), server_port=args.server_port or None, started=args.started,
+        args.otlp,
+        os.environ,
+        service_name=args.service_name,
+        instance_id=args.instance_id,
+        master_pid=args.master_pid or os.getppid(),
+        server_port=args.server_port or None,
+        started=args.started,
     )
     try:
         export = _otlp.OtlpExport(options, DirectoryCollector(args.directory).collect, link.fresh_round)
@@ -395,8 +424,9 @@ def main(argv: list[str]) -> int:
             return export_only(link, otlp)
         address = parse_host_port("metrics_bind", args.bind, 9180)
         probes = Probes(args.run_dir) if args.run_dir else None
-        server = MetricsServer(address, make_registry(args.directory), link.fresh_round, probes,
-                               lambda: not link.closed)
+        server = MetricsServer(
+            address, make_registry(args.directory), link.fresh_round, probes, lambda: not link.closed
+        )
         try:
             if args.successor:
                 server.bind()  # a successor's parent keeps the port until it exits: wait for it below

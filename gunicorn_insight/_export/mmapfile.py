@@ -27,7 +27,6 @@ _HEADER = 8
 _INITIAL_SIZE = 1 << 16
 
 
-
 def sample_key(metric: str, sample: str, labels: dict[str, str], documentation: str) -> str:
     """The key prometheus_client stores for one sample (sorted, so equal samples share one key)."""
     return json.dumps([metric, sample, labels, documentation], sort_keys=True)
@@ -40,7 +39,7 @@ def go_float(value: float) -> str:
     text = repr(float(value))
     dot = text.find(".")
     if value > 0 and dot > 6:  # Go switches to an exponent where Python still writes digits
-        mantissa = f"{text[0]}.{text[1:dot]}{text[dot + 1:]}".rstrip("0.")
+        mantissa = f"{text[0]}.{text[1:dot]}{text[dot + 1 :]}".rstrip("0.")
         return f"{mantissa}e+{dot - 1:02d}"
     return text
 

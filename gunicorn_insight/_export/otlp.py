@@ -53,8 +53,14 @@ class OtlpOptions:
 
 
 def resolve_options(
-    otlp: str, environ: Mapping[str, str], *, service_name: str, instance_id: str, master_pid: int,
-    server_port: int | None, started: float,
+    otlp: str,
+    environ: Mapping[str, str],
+    *,
+    service_name: str,
+    instance_id: str,
+    master_pid: int,
+    server_port: int | None,
+    started: float,
 ) -> OtlpOptions:
     """Validate the ``otlp`` value and the standard variables; errors name the variable and the fix."""
     if otlp.lower() in ("on", "true", "yes", "1"):
@@ -148,49 +154,73 @@ INSTRUMENTS: dict[str, Instrument] = {
     # The master writes this family (by method, status and route) only when OTLP is on, from the same rounds
     # as gunicorn_request_duration_seconds, which has no status label (see _prometheus.OTLP_DURATION).
     OTLP_DURATION: Instrument(
-        "http.server.request.duration", "s", "histogram", "Duration of HTTP server requests.", http=True),
+        "http.server.request.duration", "s", "histogram", "Duration of HTTP server requests.", http=True
+    ),
     "gunicorn_requests_in_flight": Instrument(
-        "http.server.active_requests", "{request}", "updown", "Number of active HTTP server requests.", http=True),
+        "http.server.active_requests", "{request}", "updown", "Number of active HTTP server requests.", http=True
+    ),
     "gunicorn_requests": Instrument(
-        "gunicorn.requests", "{request}", "counter", "Requests finished, by method, status code and route.",
-        http=True),
+        "gunicorn.requests", "{request}", "counter", "Requests finished, by method, status code and route.", http=True
+    ),
     "gunicorn_request_queue_seconds": Instrument(
-        "gunicorn.request.queue.duration", "s", "histogram",
-        "Time from the proxy's X-Request-Start to a worker picking the request up."),
+        "gunicorn.request.queue.duration",
+        "s",
+        "histogram",
+        "Time from the proxy's X-Request-Start to a worker picking the request up.",
+    ),
     "gunicorn_request_queue_invalid": Instrument(
-        "gunicorn.request.queue.invalid", "{request}", "counter", "X-Request-Start headers ignored."),
+        "gunicorn.request.queue.invalid", "{request}", "counter", "X-Request-Start headers ignored."
+    ),
     "gunicorn_slow_requests": Instrument(
-        "gunicorn.request.slow", "{request}", "counter", "Requests that ran past slow_request_timeout."),
+        "gunicorn.request.slow", "{request}", "counter", "Requests that ran past slow_request_timeout."
+    ),
     "gunicorn_insight_lost_requests": Instrument(
-        "gunicorn.insight.lost_requests", "{request}", "counter",
-        "Finished requests the master could not read in time; stays 0."),
-    "gunicorn_worker_exits": Instrument(
-        "gunicorn.worker.exits", "{exit}", "counter", "Worker exits by cause."),
+        "gunicorn.insight.lost_requests",
+        "{request}",
+        "counter",
+        "Finished requests the master could not read in time; stays 0.",
+    ),
+    "gunicorn_worker_exits": Instrument("gunicorn.worker.exits", "{exit}", "counter", "Worker exits by cause."),
     "gunicorn_workers": Instrument("gunicorn.workers", "{worker}", "gauge", "Live worker processes."),
     "gunicorn_workers_busy": Instrument(
-        "gunicorn.workers.busy", "{worker}", "gauge", "Workers with at least one request in flight."),
+        "gunicorn.workers.busy", "{worker}", "gauge", "Workers with at least one request in flight."
+    ),
     "gunicorn_capacity": Instrument(
-        "gunicorn.capacity", "{request}", "gauge", "Requests the live workers can run at once."),
+        "gunicorn.capacity", "{request}", "gauge", "Requests the live workers can run at once."
+    ),
     "gunicorn_requests_waiting": Instrument(
-        "gunicorn.requests.waiting", "{connection}", "gauge",
-        "gthread: connections accepted, waiting for a free thread."),
+        "gunicorn.requests.waiting",
+        "{connection}",
+        "gauge",
+        "gthread: connections accepted, waiting for a free thread.",
+    ),
     "gunicorn_worker_busy_seconds": Instrument(
-        "gunicorn.worker.busy_time", "s", "counter", "Request-seconds spent by the workers of each slot."),
+        "gunicorn.worker.busy_time", "s", "counter", "Request-seconds spent by the workers of each slot."
+    ),
     "gunicorn_worker_cpu_seconds": Instrument(
-        "gunicorn.worker.cpu.time", "s", "counter", "CPU seconds (user + system) of each slot's workers."),
+        "gunicorn.worker.cpu.time", "s", "counter", "CPU seconds (user + system) of each slot's workers."
+    ),
     "gunicorn_worker_connections": Instrument(
-        "gunicorn.worker.connections", "{connection}", "gauge", "Open client connections per worker slot."),
+        "gunicorn.worker.connections", "{connection}", "gauge", "Open client connections per worker slot."
+    ),
     "gunicorn_worker_connections_limit": Instrument(
-        "gunicorn.worker.connections.limit", "{connection}", "gauge", "Connections one worker accepts at most."),
+        "gunicorn.worker.connections.limit", "{connection}", "gauge", "Connections one worker accepts at most."
+    ),
     "gunicorn_worker_memory_bytes": Instrument(
-        "gunicorn.worker.memory.usage", "By", "gauge", "Resident memory of the worker in each slot."),
+        "gunicorn.worker.memory.usage", "By", "gauge", "Resident memory of the worker in each slot."
+    ),
     "gunicorn_listen_backlog": Instrument(
-        "gunicorn.listen.backlog", "{connection}", "gauge", "Connections waiting in a listener's accept queue."),
+        "gunicorn.listen.backlog", "{connection}", "gauge", "Connections waiting in a listener's accept queue."
+    ),
     "gunicorn_listen_backlog_max": Instrument(
-        "gunicorn.listen.backlog.limit", "{connection}", "gauge", "The accept queue's limit."),
+        "gunicorn.listen.backlog.limit", "{connection}", "gauge", "The accept queue's limit."
+    ),
     "gunicorn_listen_overflows": Instrument(
-        "gunicorn.listen.overflows", "{connection}", "counter",
-        "Connections the kernel dropped because an accept queue was full."),
+        "gunicorn.listen.overflows",
+        "{connection}",
+        "counter",
+        "Connections the kernel dropped because an accept queue was full.",
+    ),
 }
 
 ATTRIBUTE_NAMES = {
@@ -283,8 +313,11 @@ class Translator:
             elif instrument.kind == "counter":
                 data = Sum(self._counter_points(family, instrument, now_ns), temporality, is_monotonic=True)
             elif instrument.kind == "updown":
-                data = Sum(self._gauge_points(family, instrument, now_ns, self._options.started_ns),
-                           AggregationTemporality.CUMULATIVE, is_monotonic=False)
+                data = Sum(
+                    self._gauge_points(family, instrument, now_ns, self._options.started_ns),
+                    AggregationTemporality.CUMULATIVE,
+                    is_monotonic=False,
+                )
             else:
                 data = Gauge(self._gauge_points(family, instrument, now_ns, 0))
             if data.data_points:
@@ -294,9 +327,15 @@ class Translator:
     def _gauge_points(self, family: Any, instrument: Instrument, now_ns: int, start_ns: int) -> list[Any]:
         from opentelemetry.sdk.metrics.export import NumberDataPoint
 
-        return [NumberDataPoint(attributes(sample.labels, instrument, self._options.server_port), start_ns, now_ns,
-                                _number(sample.value))
-                for sample in family.samples]
+        return [
+            NumberDataPoint(
+                attributes(sample.labels, instrument, self._options.server_port),
+                start_ns,
+                now_ns,
+                _number(sample.value),
+            )
+            for sample in family.samples
+        ]
 
     def _counter_points(self, family: Any, instrument: Instrument, now_ns: int) -> list[Any]:
         from opentelemetry.sdk.metrics.export import NumberDataPoint
@@ -314,8 +353,9 @@ class Translator:
                 if previous is not None:
                     start, before = previous
                     value = value - before if value >= before else value  # a reset: all of it is new
-            points.append(NumberDataPoint(attributes(sample.labels, instrument, self._options.server_port), start,
-                                          now_ns, value))
+            points.append(
+                NumberDataPoint(attributes(sample.labels, instrument, self._options.server_port), start, now_ns, value)
+            )
         return points
 
     def _histogram(self, family: Any, instrument: Instrument, temporality: Any, now_ns: int) -> Any:
@@ -330,15 +370,26 @@ class Translator:
                 if previous is not None:
                     start, before = previous
                     if merged.count >= before.count and len(before.buckets) == len(merged.buckets):
-                        point = HistogramPoint(merged.count - before.count, merged.total - before.total,
-                                               merged.bounds, [now - then for now, then in
-                                                               zip(merged.buckets, before.buckets, strict=True)])
-            points.append(HistogramDataPoint(
-                attributes(dict(key), instrument, self._options.server_port), start, now_ns, point.count,
-                point.total, point.buckets, point.bounds,
-                # The files keep no minimum or maximum: None leaves the optional OTLP fields unset.
-                None, None,  # type: ignore[arg-type]
-            ))
+                        point = HistogramPoint(
+                            merged.count - before.count,
+                            merged.total - before.total,
+                            merged.bounds,
+                            [now - then for now, then in zip(merged.buckets, before.buckets, strict=True)],
+                        )
+            points.append(
+                HistogramDataPoint(
+                    attributes(dict(key), instrument, self._options.server_port),
+                    start,
+                    now_ns,
+                    point.count,
+                    point.total,
+                    point.buckets,
+                    point.bounds,
+                    # The files keep no minimum or maximum: None leaves the optional OTLP fields unset.
+                    None,  # type: ignore[arg-type]
+                    None,  # type: ignore[arg-type]
+                )
+            )
         return Histogram(points, temporality)
 
 
@@ -366,8 +417,9 @@ class _FirstError(logging.Handler):
 class OtlpExport:
     """The export loop: every interval, a fresh round, the merged families, one OTLP request."""
 
-    def __init__(self, options: OtlpOptions, collect: Callable[[], Iterable[Any]],
-                 fresh_round: Callable[[], None]) -> None:
+    def __init__(
+        self, options: OtlpOptions, collect: Callable[[], Iterable[Any]], fresh_round: Callable[[], None]
+    ) -> None:
         from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
         from opentelemetry.sdk.resources import OTELResourceDetector, Resource
         from opentelemetry.sdk.util.instrumentation import InstrumentationScope
@@ -377,8 +429,9 @@ class OtlpExport:
         self._fresh_round = fresh_round
         self._translator = Translator(options)
         # OTEL_RESOURCE_ATTRIBUTES and OTEL_SERVICE_NAME win over ours; the SDK's telemetry.sdk.* stay.
-        self._resource = Resource.create().merge(Resource(dict(options.attributes))).merge(
-            OTELResourceDetector().detect())
+        self._resource = (
+            Resource.create().merge(Resource(dict(options.attributes))).merge(OTELResourceDetector().detect())
+        )
         self._scope = InstrumentationScope("gunicorn_insight", __version__)
         self._sdk_error = _FirstError()
         sdk_log = logging.getLogger("opentelemetry")
@@ -421,9 +474,12 @@ class OtlpExport:
             ok, reason = False, f"{type(error).__name__}: {error}"
         if not ok:
             self._failing = True
-            self._warn("otlp-export", logging.WARNING,
-                       f"OTLP export to {self.options.endpoint} failed ({reason}); retrying every "
-                       f"{self.options.interval:g}s, requests are not affected")
+            self._warn(
+                "otlp-export",
+                logging.WARNING,
+                f"OTLP export to {self.options.endpoint} failed ({reason}); retrying every "
+                f"{self.options.interval:g}s, requests are not affected",
+            )
         elif self._failing:
             self._failing = False
             LOG.info("gunicorn-insight: OTLP export to %s works again", self.options.endpoint)
@@ -444,9 +500,9 @@ def log_to_stderr() -> None:
     """This process has no gunicorn logger: write our lines to its stderr (gunicorn's error log) the way
     gunicorn formats its own."""
     handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("[%(asctime)s] [%(process)d] [%(levelname)s] %(message)s",
-                                           "%Y-%m-%d %H:%M:%S %z"))
+    handler.setFormatter(
+        logging.Formatter("[%(asctime)s] [%(process)d] [%(levelname)s] %(message)s", "%Y-%m-%d %H:%M:%S %z")
+    )
     LOG.addHandler(handler)
     LOG.setLevel(logging.INFO)
     LOG.propagate = False
-

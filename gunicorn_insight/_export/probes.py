@@ -65,14 +65,19 @@ def health(run_dir: str, master_link_open: bool, stale: float, started: float, n
     if not isinstance(at, (int, float)):
         waited = now - started
         if waited > stale:
-            return Verdict(False, f"the master has not finished an exporter round in the {waited:.1f}s since "
-                                  "this process started (no status.json): its exporter thread is stuck")
+            return Verdict(
+                False,
+                f"the master has not finished an exporter round in the {waited:.1f}s since "
+                "this process started (no status.json): its exporter thread is stuck",
+            )
         return Verdict(True, "ok: master answering, first exporter round pending")
     # CLOCK_MONOTONIC is one clock for every process on the host, so the master's stamp compares with ours.
     age = now - at
     if age > stale:
-        return Verdict(False, f"the master's last exporter round was {age:.1f}s ago (limit {stale:.0f}s): "
-                              "its exporter thread is stuck")
+        return Verdict(
+            False,
+            f"the master's last exporter round was {age:.1f}s ago (limit {stale:.0f}s): its exporter thread is stuck",
+        )
     return Verdict(True, f"ok: master answering, last round {max(0.0, age):.1f}s ago")
 
 
@@ -110,8 +115,10 @@ def readiness(board: sb.Scoreboard) -> Verdict:
     if ready:
         return Verdict(True, f"ready: {ready} worker{'s' if ready != 1 else ''} serving ({busy} busy)")
     if booting:
-        return Verdict(False, f"not ready: {booting} worker{'s' if booting != 1 else ''} still loading the "
-                              "application, none serving yet")
+        return Verdict(
+            False,
+            f"not ready: {booting} worker{'s' if booting != 1 else ''} still loading the application, none serving yet",
+        )
     return Verdict(False, "not ready: no live worker")
 
 

@@ -186,7 +186,8 @@ def usable_files(directory: str) -> list[str]:
     """The directory's metric files, without those a kill cut short before their header was written, and
     without other ``.db`` files (a user's SQLite database would break every scrape)."""
     return [
-        path for path in glob.glob(os.path.join(directory, "*.db"))
+        path
+        for path in glob.glob(os.path.join(directory, "*.db"))
         if is_metric_file(os.path.basename(path)) and _usable(path)
     ]
 
@@ -258,7 +259,12 @@ class PrometheusSink:
     """
 
     def __init__(
-        self, directory: str, buckets: tuple[float, ...], connections_limit: int, *, routes: bool = False,
+        self,
+        directory: str,
+        buckets: tuple[float, ...],
+        connections_limit: int,
+        *,
+        routes: bool = False,
         otlp: bool = False,
     ) -> None:
         self.directory = directory
@@ -268,48 +274,78 @@ class PrometheusSink:
         self._totals: dict[tuple[str, str], float] = {}
         self._routes = routes
         route = ("route",) if routes else ()
-        self._requests = _counter("gunicorn_requests", "Requests finished, by method and status.",
-                                  ("method", "status", *route))
-        self._duration = _Histogram("gunicorn_request_duration_seconds",
-                                    "Time from pre_request to post_request, by method.", ("method", *route), buckets)
+        self._requests = _counter(
+            "gunicorn_requests", "Requests finished, by method and status.", ("method", "status", *route)
+        )
+        self._duration = _Histogram(
+            "gunicorn_request_duration_seconds",
+            "Time from pre_request to post_request, by method.",
+            ("method", *route),
+            buckets,
+        )
         # OTLP's http.server.request.duration carries the status code; Prometheus's histogram does not (its
         # series would multiply by the statuses), so OTLP gets a family of its own, from the same rounds.
-        self._otlp_duration = _Histogram(OTLP_DURATION, "Request durations by method, status and route, for OTLP.",
-                                         ("method", "status", *route), buckets) if otlp else None
-        self._queue = _Histogram("gunicorn_request_queue_seconds",
-                                 "Time from the proxy's X-Request-Start to a worker picking the request up.", (),
-                                 QUEUE_BUCKETS)
-        self._queue_invalid = _counter("gunicorn_request_queue_invalid",
-                                       "X-Request-Start headers ignored: unparseable, in the future, or too old.")
-        self._lost = _counter("gunicorn_insight_lost_requests",
-                              "Finished requests the master could not read in time (a ring wrapped); stays 0.")
-        self._slow = _counter("gunicorn_slow_requests",
-                              "Requests that ran past slow_request_timeout (logged with their stack).")
+        self._otlp_duration = (
+            _Histogram(
+                OTLP_DURATION,
+                "Request durations by method, status and route, for OTLP.",
+                ("method", "status", *route),
+                buckets,
+            )
+            if otlp
+            else None
+        )
+        self._queue = _Histogram(
+            "gunicorn_request_queue_seconds",
+            "Time from the proxy's X-Request-Start to a worker picking the request up.",
+            (),
+            QUEUE_BUCKETS,
+        )
+        self._queue_invalid = _counter(
+            "gunicorn_request_queue_invalid", "X-Request-Start headers ignored: unparseable, in the future, or too old."
+        )
+        self._lost = _counter(
+            "gunicorn_insight_lost_requests",
+            "Finished requests the master could not read in time (a ring wrapped); stays 0.",
+        )
+        self._slow = _counter(
+            "gunicorn_slow_requests", "Requests that ran past slow_request_timeout (logged with their stack)."
+        )
         self._exits = _counter("gunicorn_worker_exits", "Worker exits by cause.", ("cause",))
-        self._busy_seconds = _counter("gunicorn_worker_busy_seconds",
-                                      "Request-seconds spent by the workers of each slot (rate = busy fraction).",
-                                      ("worker",))
-        self._cpu = _counter("gunicorn_worker_cpu_seconds", "CPU seconds (user + system) of each slot's workers.",
-                             ("worker",))
-        self._overflows = _counter("gunicorn_listen_overflows",
-                                   "Connections the kernel dropped because an accept queue was full (whole "
-                                   "network namespace, since gunicorn started).")
+        self._busy_seconds = _counter(
+            "gunicorn_worker_busy_seconds",
+            "Request-seconds spent by the workers of each slot (rate = busy fraction).",
+            ("worker",),
+        )
+        self._cpu = _counter(
+            "gunicorn_worker_cpu_seconds", "CPU seconds (user + system) of each slot's workers.", ("worker",)
+        )
+        self._overflows = _counter(
+            "gunicorn_listen_overflows",
+            "Connections the kernel dropped because an accept queue was full (whole "
+            "network namespace, since gunicorn started).",
+        )
         self._in_flight = _gauge("gunicorn_requests_in_flight", "Requests being served now.")
         self._workers = _gauge("gunicorn_workers", "Live worker processes.")
         self._busy = _gauge("gunicorn_workers_busy", "Workers with at least one request in flight.")
         self._capacity = _gauge("gunicorn_capacity", "Requests the live workers can run at once.")
-        self._waiting = _gauge("gunicorn_requests_waiting",
-                               "gthread: connections accepted, waiting for a free thread.")
-        self._connections = _gauge("gunicorn_worker_connections", "Open client connections per worker slot.",
-                                   ("worker",))
-        self._limit = _gauge("gunicorn_worker_connections_limit",
-                             "Connections one worker accepts at most (worker_connections; 1 for sync).")
-        self._memory = _gauge("gunicorn_worker_memory_bytes", "Resident memory of the worker in each slot.",
-                              ("worker",))
-        self._backlog = _gauge("gunicorn_listen_backlog", "Connections waiting in a listener's accept queue.",
-                               ("listener",))
-        self._backlog_max = _gauge("gunicorn_listen_backlog_max", "The accept queue's limit (backlog, capped "
-                                   "by somaxconn).", ("listener",))
+        self._waiting = _gauge("gunicorn_requests_waiting", "gthread: connections accepted, waiting for a free thread.")
+        self._connections = _gauge(
+            "gunicorn_worker_connections", "Open client connections per worker slot.", ("worker",)
+        )
+        self._limit = _gauge(
+            "gunicorn_worker_connections_limit",
+            "Connections one worker accepts at most (worker_connections; 1 for sync).",
+        )
+        self._memory = _gauge(
+            "gunicorn_worker_memory_bytes", "Resident memory of the worker in each slot.", ("worker",)
+        )
+        self._backlog = _gauge(
+            "gunicorn_listen_backlog", "Connections waiting in a listener's accept queue.", ("listener",)
+        )
+        self._backlog_max = _gauge(
+            "gunicorn_listen_backlog_max", "The accept queue's limit (backlog, capped by somaxconn).", ("listener",)
+        )
         self._lifecycle_families()
         self._pressure_families()
         self._fold_warned = False
@@ -319,8 +355,14 @@ class PrometheusSink:
             for prefix in ("counter", "histogram", "gauge_livesum"):
                 self._file(prefix)  # every file and its room now, while a shortage can still stop the start
             self._set(self._limit, self._limit.key(""), connections_limit)
-            for family in (self._lost, self._slow, self._queue_invalid, self._overflows, self._stalls,
-                           self._crash_loops):
+            for family in (
+                self._lost,
+                self._slow,
+                self._queue_invalid,
+                self._overflows,
+                self._stalls,
+                self._crash_loops,
+            ):
                 self._add(family, family.key("_total"), 0)  # present from the start, so rate() sees the first one
             for cause in CAUSES:
                 self._add(self._exits, self._exits.key("_total", (cause,)), 0)
@@ -338,47 +380,73 @@ class PrometheusSink:
     def _lifecycle_families(self) -> None:
         self._ready = _gauge("gunicorn_workers_ready", "Live workers that have loaded the application.")
         self._booting = _gauge("gunicorn_workers_booting", "Live workers still loading the application.")
-        self._boot = _Histogram("gunicorn_worker_boot_duration_seconds",
-                                "Seconds from a worker's fork to its application loaded (post_worker_init).", (),
-                                BOOT_BUCKETS)
-        self._stalled = _gauge("gunicorn_stalled_requests",
-                               "Requests in flight while the server is stalled (none finished for "
-                               "slow_request_timeout with demand waiting); 0 otherwise.")
+        self._boot = _Histogram(
+            "gunicorn_worker_boot_duration_seconds",
+            "Seconds from a worker's fork to its application loaded (post_worker_init).",
+            (),
+            BOOT_BUCKETS,
+        )
+        self._stalled = _gauge(
+            "gunicorn_stalled_requests",
+            "Requests in flight while the server is stalled (none finished for "
+            "slow_request_timeout with demand waiting); 0 otherwise.",
+        )
         self._stalls = _counter("gunicorn_stalls", "Stalls detected (each one is logged with its requests).")
-        self._crash_loop = _gauge("gunicorn_worker_crash_loop",
-                                  "1 while workers keep dying soon after they boot, else 0.")
+        self._crash_loop = _gauge(
+            "gunicorn_worker_crash_loop", "1 while workers keep dying soon after they boot, else 0."
+        )
         self._crash_loops = _counter("gunicorn_worker_crash_loops", "Crash loops detected (each one is logged).")
 
     def _pressure_families(self) -> None:
-        self._cpu_periods = _counter("gunicorn_cgroup_cpu_periods",
-                                     "CPU quota enforcement periods of the server's cgroup (cpu.stat nr_periods).")
-        self._throttled_periods = _counter("gunicorn_cgroup_cpu_throttled_periods",
-                                           "Periods in which the cgroup used up its CPU quota (nr_throttled).")
-        self._throttled_seconds = _counter("gunicorn_cgroup_cpu_throttled_seconds",
-                                           "Time the cgroup's tasks were held back by the CPU quota.")
-        self._quota = _gauge("gunicorn_cgroup_cpu_quota_cores",
-                             "The cgroup's CPU quota in cores (quota / period); absent without a quota.")
-        self._cgroup_memory = _gauge("gunicorn_cgroup_memory_usage_bytes",
-                                     "Memory charged to the server's cgroup, page cache included.")
-        self._working_set = _gauge("gunicorn_cgroup_memory_working_set_bytes",
-                                   "Memory charged to the cgroup minus its inactive file cache.")
-        self._memory_limit = _gauge("gunicorn_cgroup_memory_limit_bytes",
-                                    "The cgroup's memory limit (the smallest of its ancestors'); absent without one.")
-        self._psi_some = _counter("gunicorn_pressure_waiting_seconds",
-                                  "Pressure stall information: time at least one task waited for the resource.",
-                                  ("resource",))
-        self._psi_full = _counter("gunicorn_pressure_stalled_seconds",
-                                  "Pressure stall information: time every non-idle task was stalled on the "
-                                  "resource.", ("resource",))
-        self._switches = _counter("gunicorn_worker_context_switches",
-                                  "Context switches of each slot's workers (involuntary: preempted, waiting for a "
-                                  "CPU).", ("worker", "kind"))
-        self._swap = _gauge("gunicorn_worker_swap_bytes", "Memory of the worker in each slot swapped out (VmSwap).",
-                            ("worker",))
+        self._cpu_periods = _counter(
+            "gunicorn_cgroup_cpu_periods", "CPU quota enforcement periods of the server's cgroup (cpu.stat nr_periods)."
+        )
+        self._throttled_periods = _counter(
+            "gunicorn_cgroup_cpu_throttled_periods", "Periods in which the cgroup used up its CPU quota (nr_throttled)."
+        )
+        self._throttled_seconds = _counter(
+            "gunicorn_cgroup_cpu_throttled_seconds", "Time the cgroup's tasks were held back by the CPU quota."
+        )
+        self._quota = _gauge(
+            "gunicorn_cgroup_cpu_quota_cores",
+            "The cgroup's CPU quota in cores (quota / period); absent without a quota.",
+        )
+        self._cgroup_memory = _gauge(
+            "gunicorn_cgroup_memory_usage_bytes", "Memory charged to the server's cgroup, page cache included."
+        )
+        self._working_set = _gauge(
+            "gunicorn_cgroup_memory_working_set_bytes", "Memory charged to the cgroup minus its inactive file cache."
+        )
+        self._memory_limit = _gauge(
+            "gunicorn_cgroup_memory_limit_bytes",
+            "The cgroup's memory limit (the smallest of its ancestors'); absent without one.",
+        )
+        self._psi_some = _counter(
+            "gunicorn_pressure_waiting_seconds",
+            "Pressure stall information: time at least one task waited for the resource.",
+            ("resource",),
+        )
+        self._psi_full = _counter(
+            "gunicorn_pressure_stalled_seconds",
+            "Pressure stall information: time every non-idle task was stalled on the resource.",
+            ("resource",),
+        )
+        self._switches = _counter(
+            "gunicorn_worker_context_switches",
+            "Context switches of each slot's workers (involuntary: preempted, waiting for a CPU).",
+            ("worker", "kind"),
+        )
+        self._swap = _gauge(
+            "gunicorn_worker_swap_bytes", "Memory of the worker in each slot swapped out (VmSwap).", ("worker",)
+        )
 
     def _publish_lifecycle(self, facts: Round) -> None:
-        for family, value in ((self._ready, facts.ready_workers), (self._booting, facts.booting_workers),
-                              (self._stalled, facts.stalled_requests), (self._crash_loop, int(facts.crash_loop))):
+        for family, value in (
+            (self._ready, facts.ready_workers),
+            (self._booting, facts.booting_workers),
+            (self._stalled, facts.stalled_requests),
+            (self._crash_loop, int(facts.crash_loop)),
+        ):
             self._set(family, family.key(""), value)
         for family, amount in ((self._stalls, facts.stalls), (self._crash_loops, facts.crash_loops)):
             if amount:
@@ -394,9 +462,12 @@ class PrometheusSink:
                 self._set(self._cpu_periods, self._cpu_periods.key("_total"), throttling.periods)
                 self._set(self._throttled_periods, self._throttled_periods.key("_total"), throttling.throttled_periods)
                 self._set(self._throttled_seconds, self._throttled_seconds.key("_total"), throttling.throttled_seconds)
-            for family, value in ((self._quota, host.quota_cores), (self._cgroup_memory, host.memory_usage),
-                                  (self._working_set, host.memory_working_set),
-                                  (self._memory_limit, host.memory_limit)):
+            for family, value in (
+                (self._quota, host.quota_cores),
+                (self._cgroup_memory, host.memory_usage),
+                (self._working_set, host.memory_working_set),
+                (self._memory_limit, host.memory_limit),
+            ):
                 if value is not None:
                     self._set(family, family.key(""), value)
             for (resource, kind), seconds in host.pressure.items():
@@ -465,7 +536,10 @@ class PrometheusSink:
             "gunicorn-insight: no room to grow the Prometheus files in %s (%s; %s): the plugin's Prometheus "
             "metrics are off until gunicorn restarts; the application keeps serving. Give that filesystem more "
             "room (Docker: docker run --shm-size=256m) or set GUNICORN_INSIGHT_PROMETHEUS_DIR to a directory "
-            "with room", self.directory, error.strerror, free_space(self.directory),
+            "with room",
+            self.directory,
+            error.strerror,
+            free_space(self.directory),
         )
         self._discard()
 
@@ -489,15 +563,23 @@ class PrometheusSink:
                 self._observe(self._otlp_duration, labels, durations)
         if facts.queue_times:
             self._observe(self._queue, (), facts.queue_times)
-        for family, amount in ((self._queue_invalid, facts.queue_invalid), (self._lost, facts.lost),
-                               (self._slow, facts.slow), (self._overflows, facts.listen_overflows)):
+        for family, amount in (
+            (self._queue_invalid, facts.queue_invalid),
+            (self._lost, facts.lost),
+            (self._slow, facts.slow),
+            (self._overflows, facts.listen_overflows),
+        ):
             if amount:
                 self._add(family, family.key("_total"), amount)
         for cause, count in facts.exits.items():
             self._add(self._exits, self._exits.key("_total", (cause,)), count)
-        for family, value in ((self._in_flight, facts.in_flight), (self._workers, facts.workers),
-                              (self._busy, facts.busy_workers), (self._capacity, facts.capacity),
-                              (self._waiting, facts.waiting)):
+        for family, value in (
+            (self._in_flight, facts.in_flight),
+            (self._workers, facts.workers),
+            (self._busy, facts.busy_workers),
+            (self._capacity, facts.capacity),
+            (self._waiting, facts.waiting),
+        ):
             self._set(family, family.key(""), value)
         for slot, connections in facts.connections.items():
             worker = (str(slot),)
@@ -526,7 +608,9 @@ class PrometheusSink:
                 LOG.warning(
                     "gunicorn-insight: no room in %s (%s; %s) to fold dead workers' metric files into archives: "
                     "they stay as they are (counts stay right, each costs scrape time). Give that filesystem "
-                    "more room (Docker: docker run --shm-size=256m)", self.directory, error.strerror,
+                    "more room (Docker: docker run --shm-size=256m)",
+                    self.directory,
+                    error.strerror,
                     free_space(self.directory),
                 )
 

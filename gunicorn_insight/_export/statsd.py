@@ -104,6 +104,7 @@ class _Pipeline:
             self._client._send(datagram)
         self._stats.clear()
 
+
 class _Client:
     """Datagrams to one numeric address from a non-blocking socket; send errors are counted and reported
     instead of silently dropped. Constructed from an address already found: it never looks a name up."""
@@ -132,8 +133,9 @@ class _Client:
 def _numeric(host: str, port: int) -> tuple[int, Any] | None:
     """The address of an IP literal, found without any lookup; None for a name."""
     try:
-        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM,
-                                                      flags=socket.AI_NUMERICHOST)[0]
+        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM, flags=socket.AI_NUMERICHOST)[
+            0
+        ]
     except (OSError, IndexError):
         return None
     return family, address
@@ -169,8 +171,9 @@ class Resolver:
             return
         self._owner = os.getpid()
         self._wake = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(self._wake,), name="gunicorn-insight-statsd-dns",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, args=(self._wake,), name="gunicorn-insight-statsd-dns", daemon=True
+        )
         self._thread.start()
 
     def _run(self, wake: threading.Event) -> None:
@@ -249,15 +252,21 @@ class StatsdSink:
         if found is None:
             self.dropped_rounds += 1
             why = resolver.error or "the first lookup has not answered yet"
-            _WARN("statsd-resolve", logging.WARNING,
-                  f"cannot reach StatsD at {resolver.host}:{resolver.port}: the name does not resolve ({why}); "
-                  f"metrics are dropped until it does ({self.dropped_rounds} rounds so far). Check the name "
-                  "and the DNS server in /etc/resolv.conf, or give statsd an IP address")
+            _WARN(
+                "statsd-resolve",
+                logging.WARNING,
+                f"cannot reach StatsD at {resolver.host}:{resolver.port}: the name does not resolve ({why}); "
+                f"metrics are dropped until it does ({self.dropped_rounds} rounds so far). Check the name "
+                "and the DNS server in /etc/resolv.conf, or give statsd an IP address",
+            )
             return None
         if resolver.error is not None:
-            _WARN("statsd-re-resolve", logging.WARNING,
-                  f"looking up StatsD host {resolver.host} fails ({resolver.error}); still sending to its last "
-                  f"address {found[1][0]}")
+            _WARN(
+                "statsd-re-resolve",
+                logging.WARNING,
+                f"looking up StatsD host {resolver.host} fails ({resolver.error}); still sending to its last "
+                f"address {found[1][0]}",
+            )
         if self._client is None or self._client._addr != found[1]:
             if self._client is not None:
                 self._client.close()
@@ -281,9 +290,11 @@ class StatsdSink:
         if self._send_requests:
             self._request_lines(pipe, facts, timers)
         name, split = self._name, self._split
-        for metric, count in (("gunicorn.slow_requests", facts.slow),
-                              ("gunicorn.request.queue_invalid", facts.queue_invalid),
-                              ("gunicorn.listen_overflows", facts.listen_overflows)):
+        for metric, count in (
+            ("gunicorn.slow_requests", facts.slow),
+            ("gunicorn.request.queue_invalid", facts.queue_invalid),
+            ("gunicorn.listen_overflows", facts.listen_overflows),
+        ):
             if count:
                 pipe.incr(name(metric), count)
         pipe.timings(name("gunicorn.request.queue"), facts.queue_times, timers)
@@ -293,24 +304,30 @@ class StatsdSink:
             self._worker_states(pipe, facts)
         else:  # gunicorn's statsd logger sends the name untagged: a tagged pair beside it would double a sum
             pipe.gauge(name("gunicorn.workers"), facts.workers)
-        for metric, value in (("gunicorn.workers_busy", facts.busy_workers),
-                              ("gunicorn.capacity", facts.capacity), ("gunicorn.requests_in_flight", facts.in_flight),
-                              ("gunicorn.requests_waiting", facts.waiting),
-                              ("gunicorn.connections", facts.total_connections),
-                              ("gunicorn.worker.connections_limit", self._limit),
-                              ("gunicorn.utilization", self._utilization(facts, elapsed))):
+        for metric, value in (
+            ("gunicorn.workers_busy", facts.busy_workers),
+            ("gunicorn.capacity", facts.capacity),
+            ("gunicorn.requests_in_flight", facts.in_flight),
+            ("gunicorn.requests_waiting", facts.waiting),
+            ("gunicorn.connections", facts.total_connections),
+            ("gunicorn.worker.connections_limit", self._limit),
+            ("gunicorn.utilization", self._utilization(facts, elapsed)),
+        ):
             pipe.gauge(name(metric), value)
         for listener, (queued, limit) in sorted(facts.listeners.items()):
             pipe.gauge(split("gunicorn.listener.{}.backlog", "gunicorn.listen_backlog", "listener", listener), queued)
-            pipe.gauge(split("gunicorn.listener.{}.backlog_max", "gunicorn.listen_backlog_max", "listener", listener),
-                       limit)
+            pipe.gauge(
+                split("gunicorn.listener.{}.backlog_max", "gunicorn.listen_backlog_max", "listener", listener), limit
+            )
         self._lifecycle_lines(pipe, facts, timers)
         self._pressure_lines(pipe, facts)
         for slot, connections in sorted(facts.connections.items()):
-            pipe.gauge(split("gunicorn.worker.{}.connections", "gunicorn.worker.connections", "worker", slot),
-                       connections)
-            pipe.gauge(split("gunicorn.worker.{}.memory", "gunicorn.worker.memory", "worker", slot),
-                       facts.memory.get(slot, 0))
+            pipe.gauge(
+                split("gunicorn.worker.{}.connections", "gunicorn.worker.connections", "worker", slot), connections
+            )
+            pipe.gauge(
+                split("gunicorn.worker.{}.memory", "gunicorn.worker.memory", "worker", slot), facts.memory.get(slot, 0)
+            )
         pipe.send()
 
     def _lifecycle_lines(self, pipe: Any, facts: Round, timers: int) -> None:
@@ -318,10 +335,12 @@ class StatsdSink:
         for metric, count in (("gunicorn.stalls", facts.stalls), ("gunicorn.worker.crash_loops", facts.crash_loops)):
             if count:
                 pipe.incr(name(metric), count)
-        for metric, value in (("gunicorn.workers_ready", facts.ready_workers),
-                              ("gunicorn.workers_booting", facts.booting_workers),
-                              ("gunicorn.stalled_requests", facts.stalled_requests),
-                              ("gunicorn.worker.crash_loop", int(facts.crash_loop))):
+        for metric, value in (
+            ("gunicorn.workers_ready", facts.ready_workers),
+            ("gunicorn.workers_booting", facts.booting_workers),
+            ("gunicorn.stalled_requests", facts.stalled_requests),
+            ("gunicorn.worker.crash_loop", int(facts.crash_loop)),
+        ):
             pipe.gauge(name(metric), value)
         pipe.timings(name("gunicorn.worker.boot_duration"), facts.boot_durations, timers)
 
@@ -339,22 +358,32 @@ class StatsdSink:
             throttling = host.throttling
             if throttling is not None:
                 pipe.incr(name("gunicorn.cgroup.cpu.periods"), int(increase("periods", throttling.periods)))
-                pipe.incr(name("gunicorn.cgroup.cpu.throttled_periods"),
-                          int(increase("throttled_periods", throttling.throttled_periods)))
-                pipe.incr(name("gunicorn.cgroup.cpu.throttled_ms"),
-                          round(increase("throttled", throttling.throttled_seconds) * 1000))
-            for metric, value in (("gunicorn.cgroup.cpu.quota_cores", host.quota_cores),
-                                  ("gunicorn.cgroup.memory.usage", host.memory_usage),
-                                  ("gunicorn.cgroup.memory.working_set", host.memory_working_set),
-                                  ("gunicorn.cgroup.memory.limit", host.memory_limit)):
+                pipe.incr(
+                    name("gunicorn.cgroup.cpu.throttled_periods"),
+                    int(increase("throttled_periods", throttling.throttled_periods)),
+                )
+                pipe.incr(
+                    name("gunicorn.cgroup.cpu.throttled_ms"),
+                    round(increase("throttled", throttling.throttled_seconds) * 1000),
+                )
+            for metric, value in (
+                ("gunicorn.cgroup.cpu.quota_cores", host.quota_cores),
+                ("gunicorn.cgroup.memory.usage", host.memory_usage),
+                ("gunicorn.cgroup.memory.working_set", host.memory_working_set),
+                ("gunicorn.cgroup.memory.limit", host.memory_limit),
+            ):
                 if value is not None:
                     pipe.gauge(name(metric), value)
             for (resource, kind), seconds in sorted(host.pressure.items()):
                 dotted = {"some": "waiting", "full": "stalled"}.get(kind)
                 if dotted is None:
                     continue
-                pipe.incr(split(f"gunicorn.pressure.{{}}.{dotted}_ms", f"gunicorn.pressure.{dotted}_ms", "resource",
-                                resource), round(increase(f"psi.{resource}.{kind}", seconds) * 1000))
+                pipe.incr(
+                    split(
+                        f"gunicorn.pressure.{{}}.{dotted}_ms", f"gunicorn.pressure.{dotted}_ms", "resource", resource
+                    ),
+                    round(increase(f"psi.{resource}.{kind}", seconds) * 1000),
+                )
         for slot, (voluntary, involuntary) in sorted(facts.context_switches.items()):
             for kind, total in (("voluntary", voluntary), ("involuntary", involuntary)):
                 gained = int(increase(f"switches.{slot}.{kind}", total))
@@ -394,8 +423,9 @@ class StatsdSink:
             for (method, status, route), count in sorted(facts.requests.items()):
                 pipe.incr(name("gunicorn.requests", self._request_tags(method, status, route)), count)
             for (method, route), durations in facts.durations.items():
-                pipe.timings(name("gunicorn.request.duration", self._request_tags(method, None, route)), durations,
-                             timers)
+                pipe.timings(
+                    name("gunicorn.request.duration", self._request_tags(method, None, route)), durations, timers
+                )
             self._status_lines(pipe, facts)
             return
         total = facts.total_requests

@@ -51,7 +51,6 @@ class Sink(Protocol):
     def publish(self, facts: Round) -> None: ...
 
 
-
 @dataclass(frozen=True, slots=True)
 class Death:
     """A worker exit as child_exit saw it, kept until the next round judges its cause."""
@@ -71,7 +70,11 @@ class Master:
         self.plan = plan
         self.pid = os.getpid()
         self.board = sb.Scoreboard.create(
-            os.path.join(run_dir, "scoreboard"), plan.slots, plan.entries, RING_RECORDS, master_pid=self.pid,
+            os.path.join(run_dir, "scoreboard"),
+            plan.slots,
+            plan.entries,
+            RING_RECORDS,
+            master_pid=self.pid,
             routes=plan.settings.max_routes if plan.settings.route_label else 0,
         )
         self._free_slots = list(range(plan.slots))
@@ -88,15 +91,26 @@ class Master:
         self.endpoint: MetricsEndpoint | None = None
         settings = plan.settings
         if plan.prometheus_dir is not None:
-            self.prometheus = PrometheusSink(plan.prometheus_dir, settings.buckets, plan.connections_limit,
-                                             routes=settings.route_label, otlp=settings.otlp_enabled)
+            self.prometheus = PrometheusSink(
+                plan.prometheus_dir,
+                settings.buckets,
+                plan.connections_limit,
+                routes=settings.route_label,
+                otlp=settings.otlp_enabled,
+            )
             self._sinks.append(self.prometheus)
             if settings.serves_prometheus or settings.otlp_enabled:
                 try:
                     self.endpoint = MetricsEndpoint(
-                        settings.metrics_address if settings.serves_prometheus else None, plan.prometheus_dir,
-                        successor=plan.successor, error_fd=error_log_fd(), title=title, run_dir=run_dir,
-                        optional=settings.metrics_bind is None, extra_args=otlp_arguments(plan, self.pid))
+                        settings.metrics_address if settings.serves_prometheus else None,
+                        plan.prometheus_dir,
+                        successor=plan.successor,
+                        error_fd=error_log_fd(),
+                        title=title,
+                        run_dir=run_dir,
+                        optional=settings.metrics_bind is None,
+                        extra_args=otlp_arguments(plan, self.pid),
+                    )
                 except MetricsPortTaken as taken:
                     LOG.warning("gunicorn-insight: %s", taken)
         if plan.statsd_target is not None:
@@ -188,8 +202,11 @@ class Master:
             try:
                 self._watch_stall(facts)
                 if self._crash_loop.tick(facts.at):
-                    LOG.warning("gunicorn-insight: crash loop over: fewer than %d early worker deaths in the last "
-                                "%.0fs", self._crash_loop.count, self._crash_loop.window)
+                    LOG.warning(
+                        "gunicorn-insight: crash loop over: fewer than %d early worker deaths in the last %.0fs",
+                        self._crash_loop.count,
+                        self._crash_loop.window,
+                    )
                 facts.crash_loop = self._crash_loop.looping
             except Exception as error:
                 report("watching for stalls and crash loops", error)
@@ -218,32 +235,49 @@ class Master:
         watch = self._crash_loop
         causes = Counter(early.cause for early in watch.deaths)
         LOG.error(
-            'gunicorn-insight: crash loop: %d workers died within %.0fs of starting in the last %.0fs (%s); last: '
+            "gunicorn-insight: crash loop: %d workers died within %.0fs of starting in the last %.0fs (%s); last: "
             'pid=%s slot=%s cause=%s detail="%s" uptime=%.1fs. gunicorn keeps replacing them, so the server '
-            "serves little or nothing: fix the cause named in the \"worker exited\" lines",
-            len(watch.deaths), watch.young, watch.window,
+            'serves little or nothing: fix the cause named in the "worker exited" lines',
+            len(watch.deaths),
+            watch.young,
+            watch.window,
             " ".join(f"{cause}={count}" for cause, count in sorted(causes.items())),
-            death.pid, death.slot, death.cause, death.detail, death.uptime,
+            death.pid,
+            death.slot,
+            death.cause,
+            death.detail,
+            death.uptime,
         )
 
     def _watch_stall(self, facts: Round) -> None:
         heads = sum(self.board.head(index) for index in range(self.board.slots))
-        unmet = (facts.in_flight >= facts.capacity > 0 or facts.waiting > 0
-                 or any(queued for queued, _ in facts.listeners.values()))
+        unmet = (
+            facts.in_flight >= facts.capacity > 0
+            or facts.waiting > 0
+            or any(queued for queued, _ in facts.listeners.values())
+        )
         change = self._stall.observe(facts.at, heads, facts.in_flight, unmet)
         if self._stall.stalled:
             facts.stalled_requests = facts.in_flight
         if change is None:
             return
         if not change.started:
-            LOG.warning("gunicorn-insight: stall over after %.1fs: %s", change.quiet_for,
-                        "requests finish again" if change.resumed else
-                        "no request in flight any more, none finished (see the worker exits above)")
+            LOG.warning(
+                "gunicorn-insight: stall over after %.1fs: %s",
+                change.quiet_for,
+                "requests finish again"
+                if change.resumed
+                else "no request in flight any more, none finished (see the worker exits above)",
+            )
             return
         facts.stalls += 1
         named = sorted(
-            ((facts.at - request.started, view, request) for view in self.board if view.state != sb.FREE
-             for request in view.requests),
+            (
+                (facts.at - request.started, view, request)
+                for view in self.board
+                if view.state != sb.FREE
+                for request in view.requests
+            ),
             key=lambda item: -item[0],
         )
         requests = "; ".join(
@@ -254,10 +288,16 @@ class Master:
         more = len(named) - _STALL_NAMED
         LOG.error(
             "gunicorn-insight: stalled: %d requests in flight, none finished for %.1fs, %d of %d workers busy, "
-            "capacity %d, waiting %d, listen queue %d; requests: %s%s. Their stacks: the \"slow request\" lines "
+            'capacity %d, waiting %d, listen queue %d; requests: %s%s. Their stacks: the "slow request" lines '
             "each worker logged above",
-            facts.in_flight, change.quiet_for, facts.busy_workers, facts.workers, facts.capacity, facts.waiting,
-            sum(queued for queued, _ in facts.listeners.values()), requests or "none readable",
+            facts.in_flight,
+            change.quiet_for,
+            facts.busy_workers,
+            facts.workers,
+            facts.capacity,
+            facts.waiting,
+            sum(queued for queued, _ in facts.listeners.values()),
+            requests or "none readable",
             f"; and {more} more" if more > 0 else "",
         )
 
@@ -305,8 +345,11 @@ class Master:
         self.board.release(slot)
         heapq.heappush(self._free_slots, slot)
         pid = worker.pid if isinstance(worker.pid, int) else 0
-        self._deaths.append(Death(pid, slot, snapshot, time.monotonic(), bool(getattr(worker, "aborted", False)),
-                                  shutdown=shutting_down))
+        self._deaths.append(
+            Death(
+                pid, slot, snapshot, time.monotonic(), bool(getattr(worker, "aborted", False)), shutdown=shutting_down
+            )
+        )
 
     def _bury(self, death: Death, facts: Round) -> str:
         """Classify one exit, count the requests it cut short, log it if it needs a human, tidy its files.
@@ -316,14 +359,24 @@ class Master:
         view = sb.parse_slot(death.slot, death.snapshot, self.board.entries)
         self._drainer.count_cut_short(death.slot, view.requests, death.at, facts)
         signal, exit_code = self.reaps.take(death.pid)
-        verdict = classify(view, aborted=death.aborted, signal=signal, exit_code=exit_code,
-                           oom=signal == "SIGKILL" and not death.aborted and self._oom.claim(),
-                           shutdown=death.shutdown)
+        verdict = classify(
+            view,
+            aborted=death.aborted,
+            signal=signal,
+            exit_code=exit_code,
+            oom=signal == "SIGKILL" and not death.aborted and self._oom.claim(),
+            shutdown=death.shutdown,
+        )
         uptime = death.at - view.spawned if view.spawned else 0.0
         oldest = view.requests[0] if view.requests else None
         self.status.record_exit(
-            pid=death.pid, slot=death.slot, cause=verdict.cause, detail=verdict.detail, uptime=round(uptime, 3),
-            served=view.served, rss=view.rss,
+            pid=death.pid,
+            slot=death.slot,
+            cause=verdict.cause,
+            detail=verdict.detail,
+            uptime=round(uptime, 3),
+            served=view.served,
+            rss=view.rss,
             request=None if oldest is None else f"{oldest.method} {oldest.path}",
             elapsed=None if oldest is None else round(death.at - oldest.started, 3),
         )
@@ -332,14 +385,23 @@ class Master:
         request = "none"
         if oldest is not None:
             others = len(view.requests) - 1 + view.overflow
-            request = (f'"{oldest.method} {oldest.path}" client={oldest.client} '
-                       f"elapsed={death.at - oldest.started:.1f}s thread={oldest.thread}"
-                       + (f" more_in_flight={others}" if others else ""))
+            request = (
+                f'"{oldest.method} {oldest.path}" client={oldest.client} '
+                f"elapsed={death.at - oldest.started:.1f}s thread={oldest.thread}"
+                + (f" more_in_flight={others}" if others else "")
+            )
         LOG.error(
             'gunicorn-insight: worker exited pid=%s slot=%s cause=%s detail="%s" uptime=%.1fs served=%d rss=%s '
             "request=%s%s",
-            death.pid, death.slot, verdict.cause, verdict.detail, uptime, view.served, _megabytes(view.rss),
-            request, f' stack="{verdict.stack_note}"' if verdict.stack_note else "",
+            death.pid,
+            death.slot,
+            verdict.cause,
+            verdict.detail,
+            uptime,
+            view.served,
+            _megabytes(view.rss),
+            request,
+            f' stack="{verdict.stack_note}"' if verdict.stack_note else "",
         )
         return verdict.cause
 
@@ -390,7 +452,11 @@ def _host_reader(plan: Plan) -> HostReader | None:
             "gunicorn-insight: workers=%d share a CPU quota of %.2f cores (cgroup %s): the workers will be "
             "throttled whenever more than %.2f of them run at once; gunicorn's rule of thumb is (2 x cores) + 1 "
             "= %d workers (watch gunicorn_cgroup_cpu_throttled_seconds_total)",
-            plan.workers, quota, reader.sources["cpu"], quota, int(2 * quota + 1),
+            plan.workers,
+            quota,
+            reader.sources["cpu"],
+            quota,
+            int(2 * quota + 1),
         )
     return reader
 

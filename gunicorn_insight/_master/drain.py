@@ -157,8 +157,9 @@ class Drainer:
         return found
 
     @staticmethod
-    def _status_durations(result: Round, counts: Counter[int], keys: array[int], durations: array[float],
-                          label_of: dict[int, str]) -> None:
+    def _status_durations(
+        result: Round, counts: Counter[int], keys: array[int], durations: array[float], label_of: dict[int, str]
+    ) -> None:
         """Durations grouped by the whole key (status, method, route); one list lookup per distinct key."""
         lists = {}
         for key in counts:
@@ -221,10 +222,13 @@ class Drainer:
         return name
 
     def _over_cap(self, example: str) -> str:
-        ROUTE_CAP_WARNING("route-cap", logging.WARNING,
-                          f"more than max_routes={self._max_routes} distinct routes; the rest are counted as "
-                          f"route=\"{OTHER_ROUTE}\" (e.g. {example}). Raise GUNICORN_INSIGHT_MAX_ROUTES if "
-                          "these are real templates, or check that the resolver returns templates, not raw paths")
+        ROUTE_CAP_WARNING(
+            "route-cap",
+            logging.WARNING,
+            f"more than max_routes={self._max_routes} distinct routes; the rest are counted as "
+            f'route="{OTHER_ROUTE}" (e.g. {example}). Raise GUNICORN_INSIGHT_MAX_ROUTES if '
+            "these are real templates, or check that the resolver returns templates, not raw paths",
+        )
         return OTHER_ROUTE
 
 

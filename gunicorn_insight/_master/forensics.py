@@ -90,9 +90,11 @@ class OomCounter:
         self.path = _find_oom_file(proc_self_cgroup, cgroup_root)
         self.last = self.read()
         if self.last is None:
-            LOG.info("gunicorn-insight: no oom_kill count readable in this process's memory cgroup (%s): a worker "
-                     "the OOM killer SIGKILLs is counted as cause=killed, not cause=oom",
-                     self.path or "no memory.events or memory.oom_control found")
+            LOG.info(
+                "gunicorn-insight: no oom_kill count readable in this process's memory cgroup (%s): a worker "
+                "the OOM killer SIGKILLs is counted as cause=killed, not cause=oom",
+                self.path or "no memory.events or memory.oom_control found",
+            )
         self._previous_round = 0
         self._this_round = 0
 
@@ -145,7 +147,12 @@ class Verdict:
 
 
 def classify(  # noqa: PLR0911 - one return per cause reads as the decision table it is
-    view: sb.SlotView, *, aborted: bool, signal: str | None, exit_code: int | None, oom: bool,
+    view: sb.SlotView,
+    *,
+    aborted: bool,
+    signal: str | None,
+    exit_code: int | None,
+    oom: bool,
     shutdown: bool = False,
 ) -> Verdict:
     """The one cause of this exit, a human detail, and what to expect about a stack trace."""
@@ -157,46 +164,69 @@ def classify(  # noqa: PLR0911 - one return per cause reads as the decision tabl
         return _timed_out(abort_ran, signal)
     if shutdown and not flags & sb.FLAG_EXITED:
         if view.requests:
-            return Verdict("graceful", "stopped at shutdown: gunicorn SIGKILLed it when graceful_timeout ran out "
-                           "before its requests finished", "no stack: SIGKILL runs no Python code")
+            return Verdict(
+                "graceful",
+                "stopped at shutdown: gunicorn SIGKILLed it when graceful_timeout ran out before its requests finished",
+                "no stack: SIGKILL runs no Python code",
+            )
         return Verdict("graceful", "stopped at shutdown", "")
     if flags & sb.FLAG_EXITED:
         if flags & sb.FLAG_MAX_REQUESTS:
             return Verdict("max_requests", "recycled after max_requests", "")
         if view.exit_code == 0:
             return Verdict("graceful", "stopped cleanly (TERM, HUP, TTOU or shutdown)", "")
-        return Verdict("crash", f"exited with code {view.exit_code}{_last_words(view)}",
-                       "stack: see gunicorn's traceback above")
+        return Verdict(
+            "crash", f"exited with code {view.exit_code}{_last_words(view)}", "stack: see gunicorn's traceback above"
+        )
     if signal == "SIGKILL":
         if oom:
-            return Verdict("oom", "killed by the kernel's OOM killer (the cgroup's oom_kill count rose)",
-                           "no stack: SIGKILL runs no Python code")
-        return Verdict("killed", "killed by SIGKILL from outside gunicorn (OOM killer not confirmed by the "
-                       "cgroup)", "no stack: SIGKILL runs no Python code")
+            return Verdict(
+                "oom",
+                "killed by the kernel's OOM killer (the cgroup's oom_kill count rose)",
+                "no stack: SIGKILL runs no Python code",
+            )
+        return Verdict(
+            "killed",
+            "killed by SIGKILL from outside gunicorn (OOM killer not confirmed by the cgroup)",
+            "no stack: SIGKILL runs no Python code",
+        )
     if signal is not None:
         if signal == "SIGTERM":
             return Verdict("graceful", "stopped by SIGTERM", "")
         return Verdict("signal", f"killed by {signal}", "no stack: the signal ended the process")
     code = exit_code if exit_code is not None else "unknown"
-    return Verdict("crash", f"exited with code {code} without running gunicorn's exit path (os._exit?)",
-                   "no stack: the process left without a Python exception")
+    return Verdict(
+        "crash",
+        f"exited with code {code} without running gunicorn's exit path (os._exit?)",
+        "no stack: the process left without a Python exception",
+    )
 
 
 def _last_words(view: sb.SlotView) -> str:
     """``: Type: message`` of the exception the worker left with, when it left one; quotes made single so
     the exit line's detail="..." stays one field."""
     return f": {view.last_words.replace(chr(34), chr(39))}" if view.last_words else ""
+
+
 def _timed_out(abort_ran: bool, signal: str | None) -> Verdict:
     """gunicorn timed the worker out: what ended it, read from its abort mark and the signal it died of."""
     if abort_ran:
-        return Verdict("timeout", "gunicorn timed it out (WORKER TIMEOUT) and its abort handler ran",
-                       "stack: written to the error log by worker_abort just before")
+        return Verdict(
+            "timeout",
+            "gunicorn timed it out (WORKER TIMEOUT) and its abort handler ran",
+            "stack: written to the error log by worker_abort just before",
+        )
     if signal is not None and signal.startswith("SIGABRT"):
         # uvicorn's workers put SIGABRT back to its default action: the timeout's SIGABRT itself ends them.
-        return Verdict("timeout_kill", f"gunicorn timed it out (WORKER TIMEOUT) and it died of that {signal} "
-                       "(no abort handler: the worker class leaves SIGABRT at its default action)",
-                       "no stack: the signal's default action runs no Python code; see a slow-request "
-                       "report above if any")
-    return Verdict("timeout_kill", "gunicorn timed it out (WORKER TIMEOUT), the abort handler never ran, "
-                   "then gunicorn sent SIGKILL", "no stack: stuck where Python code cannot run (C code, a "
-                   "blocked event loop), SIGKILL leaves no chance; see a slow-request report above if any")
+        return Verdict(
+            "timeout_kill",
+            f"gunicorn timed it out (WORKER TIMEOUT) and it died of that {signal} "
+            "(no abort handler: the worker class leaves SIGABRT at its default action)",
+            "no stack: the signal's default action runs no Python code; see a slow-request report above if any",
+        )
+    return Verdict(
+        "timeout_kill",
+        "gunicorn timed it out (WORKER TIMEOUT), the abort handler never ran, then gunicorn sent SIGKILL",
+        "no stack: stuck where Python code cannot run (C code, a "
+        "blocked event loop), SIGKILL leaves no chance; see a slow-request report above if any",
+    )

@@ -73,7 +73,8 @@ class Plan:
             statsd_target=settings.statsd_target or gunicorn_target,
             statsd_prefix=getattr(cfg, "statsd_prefix", "") or "",
             statsd_tags=getattr(cfg, "dogstatsd_tags", "") or "",
-            statsd_tagged=settings.dogstatsd if settings.dogstatsd is not None
+            statsd_tagged=settings.dogstatsd
+            if settings.dogstatsd is not None
             else bool(getattr(cfg, "dogstatsd_tags", "")),
             gunicorn_statsd_active=gunicorn_target is not None and _uses_gunicorn_statsd(cfg),
             prometheus_dir=prometheus_dir,
@@ -122,9 +123,20 @@ def otlp_arguments(plan: Plan, master_pid: int) -> list[str]:
     settings = plan.settings
     if not settings.otlp_enabled:
         return []
-    return ["--otlp", settings.otlp_endpoint or "on", "--service-name", plan.service_name,
-            "--instance-id", str(uuid.uuid4()), "--master-pid", str(master_pid),
-            "--server-port", str(plan.server_port or 0), "--started", repr(time.time())]
+    return [
+        "--otlp",
+        settings.otlp_endpoint or "on",
+        "--service-name",
+        plan.service_name,
+        "--instance-id",
+        str(uuid.uuid4()),
+        "--master-pid",
+        str(master_pid),
+        "--server-port",
+        str(plan.server_port or 0),
+        "--started",
+        repr(time.time()),
+    ]
 
 
 def _slow_after(settings: Settings, cfg: Any) -> float:

@@ -29,7 +29,6 @@ UNLIMITED_V1 = 1 << 62
 """cgroup v1 reports "no limit" as the largest page-aligned 64-bit value; anything above this is no limit."""
 
 
-
 def _read(path: str) -> str | None:
     """The whole of a small kernel file; None when it is absent or unreadable. os.read instead of open():
     a dozen of these run every round, and the file object's setup was most of their cost."""
@@ -142,13 +141,18 @@ class HostReader:
                 self._psi[resource] = path
         first = self.read()
         if first.throttling is None:
-            self.missing.append("CPU throttling (no cpu.stat with nr_throttled in this process's cpu cgroup"
-                                + (f" {self._cpu.directory}" if self._cpu else "") + ")")
+            self.missing.append(
+                "CPU throttling (no cpu.stat with nr_throttled in this process's cpu cgroup"
+                + (f" {self._cpu.directory}" if self._cpu else "")
+                + ")"
+            )
         if first.memory_usage is None:
             self.missing.append("cgroup memory usage (no memory cgroup found)")
         if not self._psi:
-            self.missing.append("pressure stall information (no cgroup v2 *.pressure, no /proc/pressure: kernel "
-                                "before 4.20 or booted without psi=1)")
+            self.missing.append(
+                "pressure stall information (no cgroup v2 *.pressure, no /proc/pressure: kernel "
+                "before 4.20 or booted without psi=1)"
+            )
         self.sources = {
             "cpu": self._cpu.directory if self._cpu else None,
             "memory": self._memory.directory if self._memory else None,
@@ -157,8 +161,11 @@ class HostReader:
 
     def describe(self) -> str:
         """Where the readings come from, for the master's startup line."""
-        parts = [f"{name} cgroup {group.directory} (v{group.version})"
-                 for name, group in (("cpu", self._cpu), ("memory", self._memory)) if group is not None]
+        parts = [
+            f"{name} cgroup {group.directory} (v{group.version})"
+            for name, group in (("cpu", self._cpu), ("memory", self._memory))
+            if group is not None
+        ]
         if self.sources["psi"]:
             parts.append(f"PSI {self.sources['psi']}")
         return ", ".join(parts) or "nothing"
@@ -190,8 +197,10 @@ class HostReader:
             if group.version == 2:
                 cores = parse_cpu_max(_read(os.path.join(directory, "cpu.max")))
             else:
-                cores = parse_cfs_quota(_read(os.path.join(directory, "cpu.cfs_quota_us")),
-                                        _read(os.path.join(directory, "cpu.cfs_period_us")))
+                cores = parse_cfs_quota(
+                    _read(os.path.join(directory, "cpu.cfs_quota_us")),
+                    _read(os.path.join(directory, "cpu.cfs_period_us")),
+                )
             if cores is not None:
                 quotas.append(cores)
         return min(quotas) if quotas else None
@@ -246,8 +255,11 @@ def read_process(pid: int, proc: str = "/proc") -> ProcessReading | None:
             except (ValueError, IndexError):
                 continue
     swap = values.get("VmSwap")
-    return ProcessReading(values.get("voluntary_ctxt_switches"), values.get("nonvoluntary_ctxt_switches"),
-                          None if swap is None else swap * 1024)
+    return ProcessReading(
+        values.get("voluntary_ctxt_switches"),
+        values.get("nonvoluntary_ctxt_switches"),
+        None if swap is None else swap * 1024,
+    )
 
 
 @dataclass(slots=True)
@@ -279,8 +291,10 @@ class WorkerReadings:
             reading = read_process(pid, self._proc)
             if reading is not None:
                 if reading.voluntary_switches is not None and reading.involuntary_switches is not None:
-                    state.last = (max(state.last[0], reading.voluntary_switches),
-                                  max(state.last[1], reading.involuntary_switches))
+                    state.last = (
+                        max(state.last[0], reading.voluntary_switches),
+                        max(state.last[1], reading.involuntary_switches),
+                    )
                     state.seen = True
                 if reading.swap_bytes is not None:
                     swap[slot] = reading.swap_bytes

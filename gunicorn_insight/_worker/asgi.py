@@ -81,10 +81,14 @@ def route_template(scope: Scope, root_path: str) -> str | None:
     if not isinstance(path, str) or not path:
         return None
     mounted = scope.get("root_path", root_path)
-    if (isinstance(mounted, str) and mounted != root_path and mounted.startswith(root_path)
-            and not hasattr(route, "routes")
-            and all(f"{{{name}}}" in path for name in scope.get("path_params") or ())):
-        return mounted[len(root_path):] + path
+    if (
+        isinstance(mounted, str)
+        and mounted != root_path
+        and mounted.startswith(root_path)
+        and not hasattr(route, "routes")
+        and all(f"{{{name}}}" in path for name in scope.get("path_params") or ())
+    ):
+        return mounted[len(root_path) :] + path
     return path
 
 
@@ -117,8 +121,16 @@ class RecordingApp:
     Nothing else about the application changes: its own attributes are reachable through this object.
     """
 
-    def __init__(self, app: Any, worker: Any, hooks: tuple[Hook, Hook], *, routes: bool,
-                 count_requests: bool, on_loop: Callable[[asyncio.AbstractEventLoop], None] | None = None) -> None:
+    def __init__(
+        self,
+        app: Any,
+        worker: Any,
+        hooks: tuple[Hook, Hook],
+        *,
+        routes: bool,
+        count_requests: bool,
+        on_loop: Callable[[asyncio.AbstractEventLoop], None] | None = None,
+    ) -> None:
         self.app = app
         self._on_loop = on_loop
         self._worker = worker

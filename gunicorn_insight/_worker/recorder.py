@@ -157,15 +157,47 @@ class RequestRecorder:
     """
 
     __slots__ = (
-        "_atoms", "_board", "_buffer", "_conns_index", "_conns_offset", "_current", "_excluded", "_flags_offset",
-        "_free", "_halfwords", "_head", "_head_index", "_head_offset", "_mask", "_max_routes", "_overflow",
-        "_overflow_offset", "_queue", "_redact", "_resolve", "_resolves_by_key", "_ring_offset", "_route_ids",
-        "_routes", "_routes_offset", "_routes_used", "_start", "_words", "_worker", "dying", "in_flight", "lock",
-        "slot"
+        "_atoms",
+        "_board",
+        "_buffer",
+        "_conns_index",
+        "_conns_offset",
+        "_current",
+        "_excluded",
+        "_flags_offset",
+        "_free",
+        "_halfwords",
+        "_head",
+        "_head_index",
+        "_head_offset",
+        "_mask",
+        "_max_routes",
+        "_overflow",
+        "_overflow_offset",
+        "_queue",
+        "_redact",
+        "_resolve",
+        "_resolves_by_key",
+        "_ring_offset",
+        "_route_ids",
+        "_routes",
+        "_routes_offset",
+        "_routes_used",
+        "_start",
+        "_words",
+        "_worker",
+        "dying",
+        "in_flight",
+        "lock",
+        "slot",
     )
 
     def __init__(
-        self, board: sb.Scoreboard, slot: int, worker: Any, options: RecorderOptions = RecorderOptions(),
+        self,
+        board: sb.Scoreboard,
+        slot: int,
+        worker: Any,
+        options: RecorderOptions = RecorderOptions(),
         current: Callable[[], Any] = threading.get_ident,
     ) -> None:
         self.slot = slot
@@ -233,8 +265,11 @@ class RequestRecorder:
                 number = sb.OVER_ROUTE_CAP
             else:
                 # Read by the master only once routes_used below says it is there.
-                sb.ROUTE.pack_into(self._buffer, self._routes_offset + self._routes_used * sb.ROUTE_SIZE,
-                                   str(name).encode("utf-8", "replace")[: sb.ROUTE_SIZE])
+                sb.ROUTE.pack_into(
+                    self._buffer,
+                    self._routes_offset + self._routes_used * sb.ROUTE_SIZE,
+                    str(name).encode("utf-8", "replace")[: sb.ROUTE_SIZE],
+                )
                 self._routes_used += 1
                 number = self._routes_used
                 sb.store(self._buffer, self._start + sb.OFF_ROUTES_USED, sb.ROUTES_USED, self._routes_used)
@@ -380,8 +415,11 @@ def post_request(worker: Any, req: Any, environ: Any, resp: Any) -> None:  # noq
         if rec._queue:
             # Looked up here, not in pre_request: the environ has the headers hashed already. ASGI workers
             # pass no environ when there is no access log.
-            stamp = (environ.get(_REQUEST_START_KEY) or environ.get(_QUEUE_START_KEY) if environ
-                     else queue_header(getattr(req, "headers", ())))
+            stamp = (
+                environ.get(_REQUEST_START_KEY) or environ.get(_QUEUE_START_KEY)
+                if environ
+                else queue_header(getattr(req, "headers", ()))
+            )
             if stamp:
                 queue = parse_request_start(stamp, time.time() - (now - start))
         status = getattr(resp, "status_code", None)  # gunicorn's WSGI Response parses it once already
@@ -437,8 +475,19 @@ def _compiled() -> tuple[Callable[..., None], Callable[..., None]] | None:
 
         # Refuses (ImportError) a scoreboard layout other than the one _speedups.c writes: a stale build.
         _speedups.bind(
-            globals(), pre_request, post_request, report, describe_peer, parse_status, parse_request_start,
-            queue_header, sb.METHOD_INDEX, sb.OTHER_METHOD, ROUTE_KEY, _REQUEST_START_KEY, _QUEUE_START_KEY,
+            globals(),
+            pre_request,
+            post_request,
+            report,
+            describe_peer,
+            parse_status,
+            parse_request_start,
+            queue_header,
+            sb.METHOD_INDEX,
+            sb.OTHER_METHOD,
+            ROUTE_KEY,
+            _REQUEST_START_KEY,
+            _QUEUE_START_KEY,
             (sb.ENTRY.format, sb.RING.format, sb.HEAD_CONNS.format, _DYING),
         )
     except ImportError:

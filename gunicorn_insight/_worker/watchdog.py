@@ -29,7 +29,6 @@ from .recorder import RequestRecorder
 _MAX_TICK = 1.0
 
 
-
 def write_abort_stack(fd: int, recorder: RequestRecorder | None, pid: int) -> None:
     """Signal-handler safe: one os.write for the header, faulthandler for the frames. No locks, no logging."""
     requests = list(recorder.in_flight.values()) if recorder is not None else []
@@ -103,9 +102,16 @@ class Monitor:
     def _report_slow(self, method: str, path: str, elapsed: float, current: Any) -> None:
         where, stack = self._stack_of(current)
         LOG.warning(
-            "gunicorn-insight: slow request pid=%s slot=%s request=\"%s %s\" elapsed=%.1fs %s (not killed; "
+            'gunicorn-insight: slow request pid=%s slot=%s request="%s %s" elapsed=%.1fs %s (not killed; '
             "threshold slow_request_timeout=%gs); stack, most recent call last:\n%s",
-            os.getpid(), self._recorder.slot, method, path, elapsed, where, self._slow_after, stack,
+            os.getpid(),
+            self._recorder.slot,
+            method,
+            path,
+            elapsed,
+            where,
+            self._slow_after,
+            stack,
         )
 
     def watch_loop(self, loop: Any) -> None:
@@ -152,7 +158,10 @@ class Monitor:
             LOG.warning(
                 "gunicorn-insight: event loop blocked pid=%s slot=%s for %.1fs (no callback ran; every request "
                 "of this worker waits); loop thread stack, most recent call last:\n%s",
-                os.getpid(), self._recorder.slot, blocked_for, _format(sys._current_frames().get(self._main_thread)),
+                os.getpid(),
+                self._recorder.slot,
+                blocked_for,
+                _format(sys._current_frames().get(self._main_thread)),
             )
 
     def _beat(self) -> None:

@@ -44,8 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gunicorn-insight", description="Look inside running gunicorn servers that use gunicorn-insight."
     )
-    parser.add_argument("--version", action=_Version, nargs=0,
-                        help="print this package's version and those it runs with, then exit")
+    parser.add_argument(
+        "--version", action=_Version, nargs=0, help="print this package's version and those it runs with, then exit"
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     status = commands.add_parser("status", help="workers, requests in flight and recent exits, once")
@@ -61,17 +62,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     doctor = commands.add_parser("doctor", help="check a gunicorn configuration, or a running server, for trouble")
     _selectors(doctor)
-    doctor.add_argument("--window", type=float, default=livedoctor.DEFAULT_WINDOW, metavar="SECONDS",
-                        help="with a server selector: seconds to watch the server (default %(default)s)")
-    doctor.add_argument("-c", "--config", metavar="CONFIG",
-                        help="gunicorn config file, or python:module (default: as gunicorn picks it)")
-    doctor.add_argument("--worker-memory-mb", type=int, default=_doctor.DEFAULT_WORKER_MEMORY_MB, metavar="MB",
-                        help="memory one worker needs, for the memory check (default %(default)s)")
+    doctor.add_argument(
+        "--window",
+        type=float,
+        default=livedoctor.DEFAULT_WINDOW,
+        metavar="SECONDS",
+        help="with a server selector: seconds to watch the server (default %(default)s)",
+    )
+    doctor.add_argument(
+        "-c",
+        "--config",
+        metavar="CONFIG",
+        help="gunicorn config file, or python:module (default: as gunicorn picks it)",
+    )
+    doctor.add_argument(
+        "--worker-memory-mb",
+        type=int,
+        default=_doctor.DEFAULT_WORKER_MEMORY_MB,
+        metavar="MB",
+        help="memory one worker needs, for the memory check (default %(default)s)",
+    )
     doctor.add_argument("--json", action="store_true", help="print findings as one JSON object")
-    doctor.add_argument("--import-app", action="store_true",
-                        help="also import the application in a subprocess and time it (runs its import-time code)")
-    doctor.add_argument("--app", metavar="MODULE:VARIABLE",
-                        help="the application for --import-app (default: wsgi_app from the config)")
+    doctor.add_argument(
+        "--import-app",
+        action="store_true",
+        help="also import the application in a subprocess and time it (runs its import-time code)",
+    )
+    doctor.add_argument(
+        "--app", metavar="MODULE:VARIABLE", help="the application for --import-app (default: wsgi_app from the config)"
+    )
     doctor.set_defaults(handler=run_doctor)
     return parser
 
@@ -95,8 +114,13 @@ def version_line() -> str:
 class _Version(argparse.Action):
     """argparse's own version action wraps the line at the terminal width; a bug report wants it whole."""
 
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
-                 option_string: str | None = None) -> None:
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
         print(version_line())
         parser.exit()
 
@@ -171,8 +195,9 @@ def run_status(args: argparse.Namespace) -> int:
 
 
 def _frame(snap: views.StatusDocument, interval: float) -> Group:
-    title = Text(f"gunicorn-insight top  {time.strftime('%H:%M:%S')}  every {interval:g}s  Ctrl-C to quit",
-                 style="reverse")
+    title = Text(
+        f"gunicorn-insight top  {time.strftime('%H:%M:%S')}  every {interval:g}s  Ctrl-C to quit", style="reverse"
+    )
     return Group(title, views.render(snap, max_exits=5))
 
 
@@ -203,9 +228,7 @@ def _gone(server: Server) -> str:
     return f"gunicorn (master pid {server.master_pid}, {server.proc_name}) has exited; nothing left to watch"
 
 
-def _frames(
-    server: Server, board: sb.Scoreboard, args: argparse.Namespace
-) -> Iterator[views.StatusDocument | None]:
+def _frames(server: Server, board: sb.Scoreboard, args: argparse.Namespace) -> Iterator[views.StatusDocument | None]:
     """Snapshots every interval; stops after --iterations, or when the master is gone (yields None)."""
     count = 0
     while args.iterations is None or count < args.iterations:
@@ -252,8 +275,9 @@ def run_doctor(args: argparse.Namespace) -> int:
     if not _selector(args).empty:
         return _run_live_doctor(args)
     try:
-        loaded, ctx, findings = _doctor.diagnose(args.config, args.worker_memory_mb, import_app=args.import_app,
-                                                 app=args.app)
+        loaded, ctx, findings = _doctor.diagnose(
+            args.config, args.worker_memory_mb, import_app=args.import_app, app=args.app
+        )
     except configload.ConfigLoadError as error:
         _error(str(error))
         return EXIT_FAILED

@@ -61,13 +61,10 @@ class Finding:
         return {"check": self.check, "severity": self.severity, "what": self.what, "why": self.why, "fix": self.fix}
 
 
-
 # -- the machine -----------------------------------------------------------------------------------------
 
 
-
 # -- loading the configuration ---------------------------------------------------------------------------
-
 
 
 # -- the context the checks read -------------------------------------------------------------------------
@@ -160,8 +157,7 @@ print(f"imported {time.perf_counter() - started:.6f}")
 """
 
 
-def measure_import(app: str, chdir: str | None, pythonpath: str | None,
-                   deadline: float = IMPORT_DEADLINE) -> AppImport:
+def measure_import(app: str, chdir: str | None, pythonpath: str | None, deadline: float = IMPORT_DEADLINE) -> AppImport:
     """Import the module of ``app`` (``module:variable``) in a fresh interpreter, as a worker would, and time it.
 
     It runs the application's import-time code, so the doctor does it only when asked (--import-app).
@@ -171,8 +167,14 @@ def measure_import(app: str, chdir: str | None, pythonpath: str | None,
     paths = [cwd, *(part for part in (pythonpath or "").split(",") if part)]
     started = time.monotonic()
     try:
-        result = subprocess.run([sys.executable, "-c", _IMPORT_SCRIPT, module, *paths], cwd=cwd,
-                                capture_output=True, text=True, timeout=deadline, check=False)
+        result = subprocess.run(
+            [sys.executable, "-c", _IMPORT_SCRIPT, module, *paths],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=deadline,
+            check=False,
+        )
     except subprocess.TimeoutExpired:
         return AppImport(app, deadline, f"did not finish importing in {deadline:g}s")
     except OSError as error:
@@ -183,6 +185,8 @@ def measure_import(app: str, chdir: str | None, pythonpath: str | None,
         lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
         return AppImport(app, elapsed, lines[-1].strip() if lines else f"exited with status {result.returncode}")
     return AppImport(app, float(match[1]))
+
+
 def _worker_class_uri(cfg: Any) -> Any:
     uri = cfg.settings["worker_class"].get()
     if cfg.worker_class_str == "gthread":
@@ -198,16 +202,21 @@ Check = Callable[[Context], Iterable[Finding]]
 def check_plugin(ctx: Context) -> Iterable[Finding]:
     for message in ctx.plugin_errors:
         yield Finding(
-            "plugin-settings", "error", f"gunicorn_insight.install() refuses its settings: {message}",
+            "plugin-settings",
+            "error",
+            f"gunicorn_insight.install() refuses its settings: {message}",
             "gunicorn stops at startup with this message, before serving anything.",
             "correct the setting named in the message (keyword argument or GUNICORN_INSIGHT_* variable)",
         )
     # A later on_starting does not keep the plugin out: its pre_fork starts it (see _hooks.adopt_late_hooks).
-    installed = any(getattr(ctx.cfg.settings[name].get(), "__gunicorn_insight__", False)
-                    for name in ("on_starting", "pre_fork"))
+    installed = any(
+        getattr(ctx.cfg.settings[name].get(), "__gunicorn_insight__", False) for name in ("on_starting", "pre_fork")
+    )
     if not ctx.plugin_errors and not installed:
         yield Finding(
-            "plugin-installed", "info", "gunicorn-insight is not installed by this configuration",
+            "plugin-installed",
+            "info",
+            "gunicorn-insight is not installed by this configuration",
             "without it there is no scoreboard: status and top cannot find the server and dead workers' "
             "requests go unnamed.",
             "end the config file with `import gunicorn_insight; gunicorn_insight.install(globals())`, "
@@ -218,7 +227,9 @@ def check_plugin(ctx: Context) -> Iterable[Finding]:
 def check_worker_class(ctx: Context) -> Iterable[Finding]:
     if ctx.worker_class_error is not None:
         yield Finding(
-            "worker-class", "error", f"worker_class {ctx.worker_kind!r} cannot be loaded: {ctx.worker_class_error}",
+            "worker-class",
+            "error",
+            f"worker_class {ctx.worker_kind!r} cannot be loaded: {ctx.worker_class_error}",
             "gunicorn imports the worker class when it starts and exits if the import fails.",
             "install the worker's package (e.g. pip install gevent) or fix the class path",
         )
@@ -234,7 +245,9 @@ def check_requests_seen(ctx: Context) -> Iterable[Finding]:
     missing = unseen_requests(load_class(_worker_class_uri(ctx.cfg)))
     if missing:
         yield Finding(
-            "requests-unseen", "warning", missing[0].upper() + missing[1:],
+            "requests-unseen",
+            "warning",
+            missing[0].upper() + missing[1:],
             "gunicorn-insight records requests from gunicorn's request hooks, or on asgi and uvicorn's classes "
             "from an ASGI layer; this class gives it neither. The server also logs this once at startup.",
             "use a worker class gunicorn-insight records (sync, gthread, gevent, asgi, "
@@ -248,14 +261,18 @@ def check_workers_cpus(ctx: Context) -> Iterable[Finding]:
     suggested = 2 * cpus + 1
     if workers > 2 * suggested:
         yield Finding(
-            "workers-cpus", "warning", f"workers={workers} is far above (2 x {cpus} CPUs) + 1 = {suggested}",
+            "workers-cpus",
+            "warning",
+            f"workers={workers} is far above (2 x {cpus} CPUs) + 1 = {suggested}",
             "more processes than the CPUs can run only add memory and context switches; "
             "waiting on I/O is better served by threads or an async worker.",
             f"use about {suggested} workers; for I/O-bound apps add threads (gthread) instead of processes",
         )
     elif workers < cpus:
         yield Finding(
-            "workers-cpus", "warning", f"workers={workers} is fewer than the {cpus} CPUs this host gives it",
+            "workers-cpus",
+            "warning",
+            f"workers={workers} is fewer than the {cpus} CPUs this host gives it",
             "each Python worker uses at most one CPU at a time (the GIL), so CPUs sit idle while requests queue.",
             f"start with (2 x {cpus}) + 1 = {suggested} workers (or set WEB_CONCURRENCY)",
         )
@@ -270,7 +287,8 @@ def check_workers_memory(ctx: Context) -> Iterable[Finding]:
     if needed > available:
         fits = max(1, available // (ctx.worker_memory_mb * 1024 * 1024))
         yield Finding(
-            "workers-memory", "error",
+            "workers-memory",
+            "error",
             f"workers={workers} x ~{ctx.worker_memory_mb} MB = {needed // 1048576} MB, but only "
             f"{available // 1048576} MB is available",
             "when memory runs out the kernel's OOM killer SIGKILLs workers mid-request.",
@@ -283,13 +301,16 @@ def check_timeout(ctx: Context) -> Iterable[Finding]:
     timeout = ctx.cfg.timeout
     if timeout == 0:
         yield Finding(
-            "timeout-zero", "warning", "timeout=0 switches gunicorn's worker timeout off",
+            "timeout-zero",
+            "warning",
+            "timeout=0 switches gunicorn's worker timeout off",
             "a worker stuck in a request is never killed and replaced, so capacity leaks away one worker at a time.",
             "set timeout a little above your slowest legitimate request (default 30)",
         )
     elif timeout > NGINX_PROXY_READ_TIMEOUT:
         yield Finding(
-            "timeout-proxy", "warning",
+            "timeout-proxy",
+            "warning",
             f"timeout={timeout}s is longer than nginx's default proxy_read_timeout of {NGINX_PROXY_READ_TIMEOUT}s",
             "a proxy with default timeouts answers 504 (or 502) before gunicorn gives up on the worker, "
             "so clients see errors while the worker keeps working on a request nobody waits for.",
@@ -301,7 +322,9 @@ def check_worker_tmp_dir(ctx: Context) -> Iterable[Finding]:
     configured = ctx.cfg.worker_tmp_dir
     if configured and not os.path.isdir(configured):
         yield Finding(
-            "worker-tmp-dir", "error", f"worker_tmp_dir={configured} does not exist",
+            "worker-tmp-dir",
+            "error",
+            f"worker_tmp_dir={configured} does not exist",
             "every worker creates its heartbeat file there at boot, and fails to boot without it.",
             "create the directory or use worker_tmp_dir=/dev/shm",
         )
@@ -313,14 +336,17 @@ def check_worker_tmp_dir(ctx: Context) -> Iterable[Finding]:
     memory_backed = fstype in MEMORY_FILESYSTEMS
     if configured and not memory_backed:
         yield Finding(
-            "worker-tmp-dir", "warning", f"worker_tmp_dir={configured} is on a disk-backed filesystem ({fstype})",
+            "worker-tmp-dir",
+            "warning",
+            f"worker_tmp_dir={configured} is on a disk-backed filesystem ({fstype})",
             "each worker keeps touching its heartbeat file to show the master it is alive, and on disk that "
             "write can block behind other I/O until a healthy worker is timed out.",
             "use worker_tmp_dir=/dev/shm (tmpfs)",
         )
     elif not configured:
         yield Finding(
-            "worker-tmp-dir", "warning" if not memory_backed else "info",
+            "worker-tmp-dir",
+            "warning" if not memory_backed else "info",
             f"worker_tmp_dir is unset: heartbeat files go to {directory} ({fstype})",
             "each worker keeps touching its heartbeat file to show the master it is alive; on a disk-backed "
             "filesystem that write can block behind other I/O until a healthy worker is timed out"
@@ -332,7 +358,8 @@ def check_worker_tmp_dir(ctx: Context) -> Iterable[Finding]:
 def check_sync_timeout(ctx: Context) -> Iterable[Finding]:
     if ctx.worker_kind == "sync" and ctx.cfg.timeout > SYNC_LONG_TIMEOUT:
         yield Finding(
-            "sync-long-requests", "warning",
+            "sync-long-requests",
+            "warning",
             f"sync workers with timeout={ctx.cfg.timeout}s (above {SYNC_LONG_TIMEOUT}s)",
             "a sync worker serves one request at a time, so each long request blocks a whole worker and a few "
             "of them queue everything else.",
@@ -346,13 +373,13 @@ def check_gthread_connections(ctx: Context) -> Iterable[Finding]:
         return
     if cfg.worker_connections <= cfg.threads + KEEPALIVE_MARGIN:
         yield Finding(
-            "gthread-keepalive", "warning",
+            "gthread-keepalive",
+            "warning",
             f"gthread with worker_connections={cfg.worker_connections}, threads={cfg.threads} and "
             f"keepalive={cfg.keepalive}s",
             "idle keep-alive connections count against worker_connections, and once they fill it the worker "
             "stops accepting even with idle threads: requests hang.",
-            f"raise worker_connections well above threads (e.g. {max(1000, 10 * cfg.threads)}), "
-            "or set keepalive=0",
+            f"raise worker_connections well above threads (e.g. {max(1000, 10 * cfg.threads)}), or set keepalive=0",
         )
 
 
@@ -360,7 +387,9 @@ def check_max_requests_jitter(ctx: Context) -> Iterable[Finding]:
     cfg = ctx.cfg
     if cfg.max_requests > 0 and cfg.max_requests_jitter <= 0:
         yield Finding(
-            "max-requests-jitter", "warning", f"max_requests={cfg.max_requests} without max_requests_jitter",
+            "max-requests-jitter",
+            "warning",
+            f"max_requests={cfg.max_requests} without max_requests_jitter",
             "workers that start together reach the limit together and restart at the same moment, "
             "leaving nobody to serve.",
             f"set max_requests_jitter to about 10% of max_requests (e.g. {max(1, cfg.max_requests // 10)})",
@@ -371,7 +400,8 @@ def check_backlog(ctx: Context) -> Iterable[Finding]:
     somaxconn = ctx.system.somaxconn
     if somaxconn is not None and ctx.cfg.backlog > somaxconn:
         yield Finding(
-            "backlog-somaxconn", "warning",
+            "backlog-somaxconn",
+            "warning",
             f"backlog={ctx.cfg.backlog} is above the kernel's net.core.somaxconn={somaxconn}",
             "the kernel silently caps the listen queue at somaxconn, so the backlog you asked for is not the "
             "one you get.",
@@ -385,15 +415,18 @@ def check_prometheus_dir(ctx: Context) -> Iterable[Finding]:
         return
     if not os.path.exists(directory):
         yield Finding(
-            "prometheus-dir", "info", f"{_PROMETHEUS_ENV}={directory} does not exist yet",
-            "gunicorn-insight creates it at startup, but a plain prometheus_client setup fails on a missing "
-            "directory.",
+            "prometheus-dir",
+            "info",
+            f"{_PROMETHEUS_ENV}={directory} does not exist yet",
+            "gunicorn-insight creates it at startup, but a plain prometheus_client setup fails on a missing directory.",
             f"create it before starting (mkdir -p {directory})",
         )
         return
     if not os.path.isdir(directory):
         yield Finding(
-            "prometheus-dir", "error", f"{_PROMETHEUS_ENV}={directory} is not a directory",
+            "prometheus-dir",
+            "error",
+            f"{_PROMETHEUS_ENV}={directory} is not a directory",
             "prometheus_client keeps one file per process in that directory; gunicorn-insight stops at startup "
             "and plain prometheus_client fails at the first metric.",
             f"point {_PROMETHEUS_ENV} at an empty directory, e.g. /dev/shm/gunicorn-metrics",
@@ -401,14 +434,17 @@ def check_prometheus_dir(ctx: Context) -> Iterable[Finding]:
         return
     if not os.access(directory, os.W_OK | os.X_OK):
         yield Finding(
-            "prometheus-dir", "error", f"{_PROMETHEUS_ENV}={directory} is not writable by this user",
+            "prometheus-dir",
+            "error",
+            f"{_PROMETHEUS_ENV}={directory} is not writable by this user",
             "every worker writes its metric files there; without write access metrics fail.",
             "give the gunicorn user write access to it, or choose a directory it owns",
         )
     files = [path for path in glob.glob(os.path.join(directory, "*.db")) if is_metric_file(os.path.basename(path))]
     if files and not _prometheus_dir_in_use(directory, files, ctx.live_prometheus_dirs):
         yield Finding(
-            "prometheus-dir", "warning",
+            "prometheus-dir",
+            "warning",
             f"{_PROMETHEUS_ENV}={directory} holds {len(files)} .db files of processes that are gone",
             "prometheus_client merges every file in the directory, so counters from an earlier run are added to "
             "the new one and scrapes get slower with each file.",
@@ -432,14 +468,20 @@ def check_loglevel(ctx: Context) -> Iterable[Finding]:
     if quiet is None:
         return
     if quiet == 1:
-        lost = ("gunicorn's 'Booting worker' and 'Worker exiting' lines and gunicorn-insight's startup line are "
-                "logged at info and vanish, so worker churn leaves no trace.")
+        lost = (
+            "gunicorn's 'Booting worker' and 'Worker exiting' lines and gunicorn-insight's startup line are "
+            "logged at info and vanish, so worker churn leaves no trace."
+        )
     elif quiet == 2:
-        lost = ("gunicorn's worker boot and exit lines (info) vanish; the error-level lines, including "
-                "gunicorn-insight's worker-exit and boot-failure reports, still show.")
+        lost = (
+            "gunicorn's worker boot and exit lines (info) vanish; the error-level lines, including "
+            "gunicorn-insight's worker-exit and boot-failure reports, still show."
+        )
     else:
-        lost = ("with 'critical', boot-failure hints and worker-exit reports (logged at error by gunicorn and "
-                "gunicorn-insight) vanish too, so a crash-looping worker is silent.")
+        lost = (
+            "with 'critical', boot-failure hints and worker-exit reports (logged at error by gunicorn and "
+            "gunicorn-insight) vanish too, so a crash-looping worker is silent."
+        )
     yield Finding("loglevel", "warning", f"loglevel={level}", lost, "use loglevel=info")
 
 
@@ -447,7 +489,9 @@ def check_capture_output(ctx: Context) -> Iterable[Finding]:
     errorlog = ctx.cfg.errorlog
     if not ctx.cfg.capture_output and errorlog and errorlog != "-":
         yield Finding(
-            "capture-output", "info", f"errorlog={errorlog} without capture_output",
+            "capture-output",
+            "info",
+            f"errorlog={errorlog} without capture_output",
             "what the application prints to stdout/stderr (and tracebacks it writes there) does not reach the "
             "error log file, only the terminal or the service manager's log.",
             "set capture_output=True to send it to the error log too",
@@ -466,13 +510,16 @@ class KnownBug:
 
 KNOWN_BUGS: tuple[KnownBug, ...] = (
     KnownBug(
-        (22, 0), "error", "request smuggling through Transfer-Encoding (CVE-2024-1135)",
+        (22, 0),
+        "error",
+        "request smuggling through Transfer-Encoding (CVE-2024-1135)",
         "conflicting Transfer-Encoding headers are accepted, so a proxy and gunicorn can disagree on where a "
         "request ends and a crafted request reaches endpoints the proxy restricts.",
         "upgrade gunicorn to 22.0 or later (24 or later also fixes the SIGCHLD logging crash)",
     ),
     KnownBug(
-        (24, 0), "warning",
+        (24, 0),
+        "warning",
         "logs from inside its SIGCHLD signal handler (gunicorn issues 2564, 2816, 3198)",
         "the master reaps workers and logs their exit inside the signal handler; when the signal interrupts "
         "another log write the master dies with 'RuntimeError: reentrant call inside <_io.BufferedWriter "
@@ -518,10 +565,18 @@ class Platform:
 
 PLATFORMS: tuple[Platform, ...] = (
     Platform("Heroku", ("DYNO",), 30, "the router answers 503 with H12 Request Timeout"),
-    Platform("Azure App Service", ("WEBSITE_SITE_NAME", "WEBSITE_INSTANCE_ID"), 230,
-             "the front end answers 504 (its 230 s limit cannot be raised)"),
-    Platform("Cloud Run", ("K_SERVICE",), 300, "the request fails with 504 at the service's request timeout "
-             "(300 s by default, up to 3600 s)"),
+    Platform(
+        "Azure App Service",
+        ("WEBSITE_SITE_NAME", "WEBSITE_INSTANCE_ID"),
+        230,
+        "the front end answers 504 (its 230 s limit cannot be raised)",
+    ),
+    Platform(
+        "Cloud Run",
+        ("K_SERVICE",),
+        300,
+        "the request fails with 504 at the service's request timeout (300 s by default, up to 3600 s)",
+    ),
 )
 
 
@@ -532,7 +587,8 @@ def check_platform_timeout(ctx: Context) -> Iterable[Finding]:
         if not present or (0 < timeout < platform.limit):
             continue
         yield Finding(
-            "timeout-platform", "warning",
+            "timeout-platform",
+            "warning",
             f"{platform.name} ({present[0]} is set) gives up on a request after {platform.limit}s, and "
             f"timeout={timeout}s" + (" (off)" if timeout == 0 else ""),
             f"{platform.answer} while the worker keeps working on a request nobody waits for, and stays "
@@ -550,7 +606,8 @@ def check_request_bound(ctx: Context) -> Iterable[Finding]:
     if ctx.worker_kind in _REQUEST_TIMEOUT_KINDS or ctx.worker_class_error is not None:
         return
     yield Finding(
-        "timeout-not-per-request", "info",
+        "timeout-not-per-request",
+        "info",
         f"timeout={ctx.cfg.timeout}s does not end a stuck request on {ctx.worker_kind} workers",
         "the worker's main loop keeps its heartbeat going whatever one request does, so a request waiting on "
         "a dead database or API hangs until the client or the proxy gives up: behind nginx, exactly 60 s "
@@ -582,7 +639,8 @@ def check_sync_exposed(ctx: Context) -> Iterable[Finding]:
     exposed = [bind for bind in ctx.cfg.bind if _exposed(bind)]
     if exposed:
         yield Finding(
-            "sync-no-proxy", "info",
+            "sync-no-proxy",
+            "info",
             f"sync workers listen on {', '.join(exposed)}, an address other hosts can reach",
             "a sync worker is held by one client from the first byte of its request to the last byte of the "
             "response, so slow clients (mobile networks, large uploads, slowloris) tie up every worker unless "
@@ -616,7 +674,9 @@ def check_statsd_host(ctx: Context) -> Iterable[Finding]:
         if problem is None:
             continue
         yield Finding(
-            "statsd-host", "warning", f"{setting} names {host!r}, which does not resolve here: {problem}",
+            "statsd-host",
+            "warning",
+            f"{setting} names {host!r}, which does not resolve here: {problem}",
             "gunicorn's own StatsD logger resolves the name once at startup and drops every metric for the "
             "whole run when that fails; gunicorn-insight keeps retrying, but nothing arrives until it resolves.",
             "fix the name (in a container: the aggregator's service name), or use an IP address",
@@ -629,7 +689,9 @@ def check_app_import(ctx: Context) -> Iterable[Finding]:
         return
     if measured.error is not None:
         yield Finding(
-            "app-import", "error", f"importing {measured.app} failed: {measured.error}",
+            "app-import",
+            "error",
+            f"importing {measured.app} failed: {measured.error}",
             "every worker imports the application when it boots; gunicorn stops with 'Worker failed to boot' "
             "(the traceback shows at --log-level debug).",
             "fix the import (run `python -c 'import MODULE'` in the server's environment and directory), or "
@@ -639,7 +701,8 @@ def check_app_import(ctx: Context) -> Iterable[Finding]:
     if measured.seconds >= SLOW_IMPORT and not ctx.cfg.preload_app:
         workers = ctx.cfg.workers
         yield Finding(
-            "preload-slow-import", "warning",
+            "preload-slow-import",
+            "warning",
             f"importing {measured.app} took {measured.seconds:.1f}s and preload_app is off",
             f"each of the {workers} workers repeats that import when it boots: {workers * measured.seconds:.0f} "
             "CPU-seconds at every start and reload, and every worker replaced (max_requests, a crash, a "
@@ -687,7 +750,10 @@ class UsageError(Exception):
 
 
 def diagnose(
-    location: str | None, worker_memory_mb: int = DEFAULT_WORKER_MEMORY_MB, *, import_app: bool = False,
+    location: str | None,
+    worker_memory_mb: int = DEFAULT_WORKER_MEMORY_MB,
+    *,
+    import_app: bool = False,
     app: str | None = None,
 ) -> tuple[Loaded, Context, list[Finding]]:
     """``import_app``: also import the application (``app``, else the config's ``wsgi_app``) in a subprocess
@@ -700,8 +766,9 @@ def diagnose(
     if import_app:
         target = app or loaded.cfg.wsgi_app
         if not target:
-            raise UsageError("--import-app needs the application: give --app module:variable, or set wsgi_app "
-                             "in the config")
+            raise UsageError(
+                "--import-app needs the application: give --app module:variable, or set wsgi_app in the config"
+            )
         ctx.app_import = measure_import(target, loaded.cfg.chdir, loaded.cfg.pythonpath)
     return loaded, ctx, run_checks(ctx)
 
@@ -724,6 +791,7 @@ def facts(loaded: Loaded, ctx: Context) -> dict[str, Any]:
         "somaxconn": ctx.system.somaxconn,
         "worker_memory_mb": ctx.worker_memory_mb,
         "gunicorn_version": ctx.gunicorn_version,
-        "app_import_seconds": None if ctx.app_import is None or ctx.app_import.error else
-        round(ctx.app_import.seconds, 3),
+        "app_import_seconds": None
+        if ctx.app_import is None or ctx.app_import.error
+        else round(ctx.app_import.seconds, 3),
     }

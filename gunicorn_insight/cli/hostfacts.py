@@ -39,8 +39,9 @@ class System:
             cpus = len(os.sched_getaffinity(0))  # CPUs this process may run on, not all the host has
         except (AttributeError, OSError):
             cpus = os.cpu_count() or 1
-        return cls(cpus, _available_memory(), _read_int("/proc/sys/net/core/somaxconn"), _read_mounts(),
-                   tempfile.gettempdir())
+        return cls(
+            cpus, _available_memory(), _read_int("/proc/sys/net/core/somaxconn"), _read_mounts(), tempfile.gettempdir()
+        )
 
     def filesystem(self, path: str) -> str | None:
         """The type of the filesystem ``path`` (or its nearest existing parent) lives on."""

@@ -109,8 +109,11 @@ class LiveFacts:
     def summary(self) -> str:
         """One line of what was measured, above the findings."""
         ratio = self.cpu_per_busy_second
-        memory = ("no cgroup memory limit" if self.memory_limit is None or self.memory_used is None
-                  else f"memory {_mib(self.memory_used)} of {_mib(self.memory_limit)}")
+        memory = (
+            "no cgroup memory limit"
+            if self.memory_limit is None or self.memory_used is None
+            else f"memory {_mib(self.memory_used)} of {_mib(self.memory_limit)}"
+        )
         queue = self.queue_window.mean if self.queue_window is not None else None
         return (
             f"watched {self.window:.1f}s: {self.workers} {self.worker_class} workers, utilisation "
@@ -141,7 +144,8 @@ class LiveFacts:
             "memory_used_bytes": self.memory_used,
             "memory_limit_bytes": self.memory_limit,
             "slow_requests": self.slow_requests,
-            "queue_seconds_mean": None if self.queue_window is None or self.queue_window.mean is None
+            "queue_seconds_mean": None
+            if self.queue_window is None or self.queue_window.mean is None
             else round(self.queue_window.mean, 4),
             "timeout": self.timeout,
         }
@@ -194,8 +198,11 @@ def server_memory(pid: int) -> tuple[int | None, int | None]:
     that cache before it OOM-kills anyone, so it is not memory the workers are short of.
     """
     for version, directory in memory_cgroup_dirs(f"/proc/{pid}/cgroup", include_root=False):
-        names = ("memory.current", "memory.max", "inactive_file") if version == 2 else (
-            "memory.usage_in_bytes", "memory.limit_in_bytes", "total_inactive_file")
+        names = (
+            ("memory.current", "memory.max", "inactive_file")
+            if version == 2
+            else ("memory.usage_in_bytes", "memory.limit_in_bytes", "total_inactive_file")
+        )
         used, limit = _read_int(os.path.join(directory, names[0])), _read_int(os.path.join(directory, names[1]))
         if used is not None and limit is not None and limit < _UNLIMITED:
             return max(0, used - _stat_value(os.path.join(directory, "memory.stat"), names[2])), limit
@@ -345,20 +352,28 @@ def _workers_advice(facts: LiveFacts) -> str:
         return "add workers (or threads) if CPU and memory allow; the CPU share could not be measured"
     if ratio >= CPU_BOUND:
         if cpu_used >= CPU_FULL:
-            return (f"the requests compute ({ratio:.0%} of their time on a CPU) and the workers already use "
-                    f"{cpu_used:.0%} of the {facts.cpus:g} CPUs: more workers will not help; make the hot "
-                    "requests cheaper, or add CPUs or hosts")
+            return (
+                f"the requests compute ({ratio:.0%} of their time on a CPU) and the workers already use "
+                f"{cpu_used:.0%} of the {facts.cpus:g} CPUs: more workers will not help; make the hot "
+                "requests cheaper, or add CPUs or hosts"
+            )
         target = max(facts.workers + 1, math.floor(facts.cpus) + 1)
-        return (f"the requests compute ({ratio:.0%} of their time on a CPU) and CPUs are left: raise workers to "
-                f"about {target} (workers={facts.workers} now, {facts.cpus:g} CPUs)")
+        return (
+            f"the requests compute ({ratio:.0%} of their time on a CPU) and CPUs are left: raise workers to "
+            f"about {target} (workers={facts.workers} now, {facts.cpus:g} CPUs)"
+        )
     if facts.worker_class == "sync":
-        return (f"the requests mostly wait (only {ratio:.0%} of their time on a CPU): switch to gthread "
-                "(e.g. --threads 4, each worker then serves 4 requests at once) or gevent rather than adding "
-                "processes, each of which costs its full memory")
+        return (
+            f"the requests mostly wait (only {ratio:.0%} of their time on a CPU): switch to gthread "
+            "(e.g. --threads 4, each worker then serves 4 requests at once) or gevent rather than adding "
+            "processes, each of which costs its full memory"
+        )
     if facts.worker_class == "gthread":
         threads = facts.per_worker
-        return (f"the requests mostly wait (only {ratio:.0%} of their time on a CPU): raise threads "
-                f"(threads={threads} now, e.g. {threads * 2}), or add workers if memory allows")
+        return (
+            f"the requests mostly wait (only {ratio:.0%} of their time on a CPU): raise threads "
+            f"(threads={threads} now, e.g. {threads * 2}), or add workers if memory allows"
+        )
     return "add workers if memory allows, or find what the requests wait for (database pool, an API)"
 
 
@@ -367,12 +382,16 @@ def check_saturation(facts: LiveFacts) -> Iterable[Finding]:
         return
     ratio = facts.cpu_per_busy_second
     yield Finding(
-        "live-saturation", "warning",
+        "live-saturation",
+        "warning",
         f"every worker busy: utilisation {facts.utilisation:.0%} over {facts.window:.1f}s ({facts.samples} "
         f"samples of the scoreboard), {facts.busy_now} of {facts.capacity} request slots in use at the end "
         f"({facts.workers} {facts.worker_class} workers)"
-        + ("" if ratio is None else f"; CPU {facts.cpu_seconds:.2f}s for {facts.busy_seconds:.1f} "
-                                    f"request-seconds ({ratio:.0%})"),
+        + (
+            ""
+            if ratio is None
+            else f"; CPU {facts.cpu_seconds:.2f}s for {facts.busy_seconds:.1f} request-seconds ({ratio:.0%})"
+        ),
         "new requests wait in the listen queue for a free worker: response times grow by the wait, and "
         "proxies or platforms time out (nginx 504 after 60 s, Heroku H12) while the server looks healthy.",
         _workers_advice(facts),
@@ -385,13 +404,19 @@ def check_backlog(facts: LiveFacts) -> Iterable[Finding]:
     parts = []
     if facts.backlog_peak > 0:
         limit = f" (limit {facts.backlog_limit})" if facts.backlog_limit is not None else ""
-        parts.append(f"up to {facts.backlog_peak} connections waited in the accept queue of "
-                     f"{facts.backlog_listener}{limit} during the window")
+        parts.append(
+            f"up to {facts.backlog_peak} connections waited in the accept queue of "
+            f"{facts.backlog_listener}{limit} during the window"
+        )
     if facts.listen_overflows > 0:
-        parts.append(f"{facts.listen_overflows} connections were dropped by the kernel because the accept queue "
-                     "was full, since the server started")
+        parts.append(
+            f"{facts.listen_overflows} connections were dropped by the kernel because the accept queue "
+            "was full, since the server started"
+        )
     yield Finding(
-        "live-backlog", "warning" if facts.listen_overflows <= 0 else "error", "; ".join(parts),
+        "live-backlog",
+        "warning" if facts.listen_overflows <= 0 else "error",
+        "; ".join(parts),
         "no worker was free to accept them: every one of them waits before its request even starts, and "
         "a full queue refuses connections (nginx: 'connect() failed (111: Connection refused)' or 502).",
         _workers_advice(facts) + "; a deeper backlog only turns the wait into timeouts",
@@ -404,7 +429,8 @@ def check_queue_time(facts: LiveFacts) -> Iterable[Finding]:
         return
     during = "during the window" if measured is facts.queue_window else "since the server started"
     yield Finding(
-        "live-queue-time", "warning",
+        "live-queue-time",
+        "warning",
         f"requests waited {measured.mean * 1000:.0f} ms on average between the proxy and a worker "
         f"({measured.count:.0f} requests {during}, from X-Request-Start)",
         "the time users wait that gunicorn's own request duration does not show: too few free workers.",
@@ -419,7 +445,8 @@ def check_cpu(facts: LiveFacts) -> Iterable[Finding]:
     if used / facts.cpus < CPU_FULL:
         return
     yield Finding(
-        "live-cpu", "warning",
+        "live-cpu",
+        "warning",
         f"the workers used {used:.2f} of the {facts.cpus:g} CPUs the server may use, over {facts.window:.1f}s",
         "the server is CPU-bound: requests queue for a CPU inside the kernel, and more workers or threads only "
         "add memory and context switches.",
@@ -431,13 +458,17 @@ def check_cpu(facts: LiveFacts) -> Iterable[Finding]:
 def check_memory(facts: LiveFacts) -> Iterable[Finding]:
     ooms = [item for item in facts.recent_exits if item.cause == "oom"]
     max_requests = facts.info.max_requests
-    recycle = ("; set max_requests (e.g. 1000, with max_requests_jitter 100) so workers that grow are replaced"
-               if not max_requests else "")
+    recycle = (
+        "; set max_requests (e.g. 1000, with max_requests_jitter 100) so workers that grow are replaced"
+        if not max_requests
+        else ""
+    )
     rss = facts.rss
     each = sum(rss) / len(rss) if rss else 0.0
     if ooms:
         yield Finding(
-            "live-memory", "error",
+            "live-memory",
+            "error",
             f"the OOM killer killed {len(ooms)} worker{'s' if len(ooms) != 1 else ''} recently (last: "
             f"{ooms[-1].request or 'no request in flight'})",
             "each kill drops the requests the worker had in flight (502 at the proxy), and its replacement grows "
@@ -454,10 +485,13 @@ def check_memory(facts: LiveFacts) -> Iterable[Finding]:
     if each > 0:
         others = max(0.0, facts.memory_used - sum(rss))
         fitting = max(1, math.floor((MEMORY_NEAR_LIMIT * facts.memory_limit - others) / each))
-        fits = (f"; about {fitting} worker{'s' if fitting != 1 else ''} of {_mib(each)} fit in "
-                f"{MEMORY_NEAR_LIMIT:.0%} of the limit")
+        fits = (
+            f"; about {fitting} worker{'s' if fitting != 1 else ''} of {_mib(each)} fit in "
+            f"{MEMORY_NEAR_LIMIT:.0%} of the limit"
+        )
     yield Finding(
-        "live-memory", "warning",
+        "live-memory",
+        "warning",
         f"the server's cgroup uses {_mib(facts.memory_used)} (working set) of its {_mib(facts.memory_limit)} "
         f"limit ({share:.0%}); {len(rss)} workers at {_mib(each)} each on average",
         "at the limit the kernel's OOM killer SIGKILLs a worker mid-request, with nothing in gunicorn's log but "
@@ -476,16 +510,20 @@ def check_timeout(facts: LiveFacts) -> Iterable[Finding]:
     evidence = []
     if killed:
         last = killed[-1]
-        evidence.append(f"{len(killed)} worker{'s' if len(killed) != 1 else ''} killed by timeout={timeout:g}s "
-                        f"recently (last: {last.request or 'no request named'}"
-                        + (f" after {last.elapsed:.1f}s" if last.elapsed is not None else "")
-                        + ")")
+        evidence.append(
+            f"{len(killed)} worker{'s' if len(killed) != 1 else ''} killed by timeout={timeout:g}s "
+            f"recently (last: {last.request or 'no request named'}"
+            + (f" after {last.elapsed:.1f}s" if last.elapsed is not None else "")
+            + ")"
+        )
     if facts.slow_requests:
         evidence.append(f"{facts.slow_requests} requests ran past slow_request_timeout since the server started")
     if overdue and oldest is not None:
         evidence.append(f"{oldest[0]} has been running {oldest[1]:.1f}s, past timeout={timeout:g}s")
     yield Finding(
-        "live-timeout", "warning" if killed or overdue else "info", "; ".join(evidence),
+        "live-timeout",
+        "warning" if killed or overdue else "info",
+        "; ".join(evidence),
         "requests this slow are either stuck (a dead database or API) or legitimately long; a timeout below "
         "the slowest legitimate request kills the worker and the request with it ([CRITICAL] WORKER TIMEOUT).",
         "if the slow requests are legitimate, raise timeout above the slowest of them (and keep the proxy's "

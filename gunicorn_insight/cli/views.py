@@ -243,11 +243,22 @@ def snapshot(reading: Reading) -> StatusDocument:
                 "its exporter thread is stuck or the master is overloaded; recent exits may be missing"
             )
     server = ServerFacts(
-        master_pid=info.master_pid, proc_name=info.proc_name, binds=list(info.binds), pidfile=info.pidfile,
-        worker_class=info.worker_class, workers=info.workers, threads=info.threads,
-        connections_limit=info.connections_limit, timeout=info.timeout, started=info.started,
-        scoreboard=info.scoreboard, prometheus_dir=info.prometheus_dir, metrics_url=info.metrics_url,
-        statsd=info.statsd, otlp=info.otlp, run_dir=reading.server.run_dir,
+        master_pid=info.master_pid,
+        proc_name=info.proc_name,
+        binds=list(info.binds),
+        pidfile=info.pidfile,
+        worker_class=info.worker_class,
+        workers=info.workers,
+        threads=info.threads,
+        connections_limit=info.connections_limit,
+        timeout=info.timeout,
+        started=info.started,
+        scoreboard=info.scoreboard,
+        prometheus_dir=info.prometheus_dir,
+        metrics_url=info.metrics_url,
+        statsd=info.statsd,
+        otlp=info.otlp,
+        run_dir=reading.server.run_dir,
         uptime=_seconds(reading.wall - info.started),
     )
     return StatusDocument(
@@ -267,15 +278,28 @@ def snapshot(reading: Reading) -> StatusDocument:
             connections=sum(worker["connections"] for worker in workers),
             served=sum(worker["served"] for worker in workers),
         ),
-        listeners=None if status is None else [
+        listeners=None
+        if status is None
+        else [
             ListenerFacts(name=item.name, backlog=item.backlog, backlog_max=item.backlog_max)
             for item in status.listeners
         ],
         workers=workers,
-        recent_exits=[] if status is None else [
-            ExitFacts(time=item.time, pid=item.pid, slot=item.slot, cause=item.cause, detail=item.detail,
-                      uptime=item.uptime, served=item.served, rss=item.rss, request=item.request,
-                      elapsed=item.elapsed)
+        recent_exits=[]
+        if status is None
+        else [
+            ExitFacts(
+                time=item.time,
+                pid=item.pid,
+                slot=item.slot,
+                cause=item.cause,
+                detail=item.detail,
+                uptime=item.uptime,
+                served=item.served,
+                rss=item.rss,
+                request=item.request,
+                elapsed=item.elapsed,
+            )
             for item in reversed(status.recent_exits)
         ],
         status_age=status_age,
@@ -369,12 +393,24 @@ def _request_cell(worker: WorkerFacts, timeout: int | None) -> tuple[Text, Text]
 def workers_table(snap: StatusDocument) -> Table:
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     for name, justify in (
-        ("slot", "right"), ("pid", "right"), ("state", "left"), ("request", "left"), ("elapsed", "right"),
-        ("served", "right"), ("conns", "right"), ("RSS MiB", "right"), ("age", "right"),
+        ("slot", "right"),
+        ("pid", "right"),
+        ("state", "left"),
+        ("request", "left"),
+        ("elapsed", "right"),
+        ("served", "right"),
+        ("conns", "right"),
+        ("RSS MiB", "right"),
+        ("age", "right"),
     ):
         # Only the request wraps: the numbers stay on one line, readable at a glance in 80 columns.
-        table.add_column(name, justify=justify, no_wrap=name != "request", overflow="fold",  # type: ignore[arg-type]
-                         min_width=24 if name == "request" else None)
+        table.add_column(
+            name,
+            justify=justify,  # type: ignore[arg-type]  # rich wants a Literal; the pairs above are all valid
+            no_wrap=name != "request",
+            overflow="fold",
+            min_width=24 if name == "request" else None,
+        )
     timeout = snap["server"]["timeout"]
     for worker in snap["workers"]:
         request, elapsed = _request_cell(worker, timeout)
@@ -382,8 +418,14 @@ def workers_table(snap: StatusDocument) -> Table:
         if worker["marks"]:
             state.append(f" {','.join(worker['marks'])}", style="red")
         table.add_row(
-            str(worker["slot"]), str(worker["pid"] or "-"), state, request, elapsed, str(worker["served"]),
-            f"{worker['connections']}/{worker['connections_limit']}", mebibytes(worker["rss_bytes"]),
+            str(worker["slot"]),
+            str(worker["pid"] or "-"),
+            state,
+            request,
+            elapsed,
+            str(worker["served"]),
+            f"{worker['connections']}/{worker['connections_limit']}",
+            mebibytes(worker["rss_bytes"]),
             duration(worker["age"]),
         )
     return table
@@ -391,17 +433,27 @@ def workers_table(snap: StatusDocument) -> Table:
 
 def exits_table(exits: Iterable[ExitFacts]) -> Table:
     # Slot, served and RSS stay in the JSON: the human view keeps what explains the exit.
-    table = Table(title="recent exits", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
-                  collapse_padding=True)
+    table = Table(
+        title="recent exits", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True
+    )
     for name in ("time", "pid", "cause", "request", "elapsed", "uptime", "detail"):
-        table.add_column(name, overflow="fold", no_wrap=name not in {"request", "detail"},
-                         justify="right" if name in {"pid", "elapsed", "uptime"} else "left")
+        table.add_column(
+            name,
+            overflow="fold",
+            no_wrap=name not in {"request", "detail"},
+            justify="right" if name in {"pid", "elapsed", "uptime"} else "left",
+        )
     for item in exits:
         cause = item["cause"] or "-"
         expected = cause in {"max_requests", "graceful"}
         table.add_row(
-            clock(item["time"]), str(item["pid"] or "-"), Text(cause, style="" if expected else "bold red"),
-            item["request"] or "-", duration(item["elapsed"]), duration(item["uptime"]), item["detail"],
+            clock(item["time"]),
+            str(item["pid"] or "-"),
+            Text(cause, style="" if expected else "bold red"),
+            item["request"] or "-",
+            duration(item["elapsed"]),
+            duration(item["uptime"]),
+            item["detail"],
         )
     return table
 
@@ -416,4 +468,3 @@ def render(snap: StatusDocument, *, max_exits: int | None = None) -> RenderableT
     if snap["server"]["metrics_url"]:
         parts.append(Text(f"metrics: {snap['server']['metrics_url']}", style="dim"))
     return Group(*parts)
-

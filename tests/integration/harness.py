@@ -70,7 +70,8 @@ class Gunicorn:
     def total(self, name: str, **labels: str) -> float:
         """Sum of the samples of `name` whose labels include these."""
         return sum(
-            value for (sample, sample_labels), value in self.samples().items()
+            value
+            for (sample, sample_labels), value in self.samples().items()
             if sample == name and set(labels.items()) <= set(sample_labels)
         )
 
@@ -214,13 +215,31 @@ def start_gunicorn(
         metrics_port = free_port() if metrics else None
         metrics_bind = f"127.0.0.1:{metrics_port}" if metrics else "off"
         # The second name is for a config that builds its own Settings object, which reads no environment.
-        extra: dict[str, str | None] = {"GUNICORN_INSIGHT_METRICS_BIND": metrics_bind,
-                                        "INSIGHT_TEST_METRICS_BIND": metrics_bind}
+        extra: dict[str, str | None] = {
+            "GUNICORN_INSIGHT_METRICS_BIND": metrics_bind,
+            "INSIGHT_TEST_METRICS_BIND": metrics_bind,
+        }
         extra.update(env or {})
-        argv = [*launcher, *gunicorn_argv(
-            "-c", config, "-b", f"127.0.0.1:{port}", "-w", str(workers), "-k", worker_class, "--chdir", str(cwd),
-            "--graceful-timeout", "5", *args, app, script=script,
-        )]
+        argv = [
+            *launcher,
+            *gunicorn_argv(
+                "-c",
+                config,
+                "-b",
+                f"127.0.0.1:{port}",
+                "-w",
+                str(workers),
+                "-k",
+                worker_class,
+                "--chdir",
+                str(cwd),
+                "--graceful-timeout",
+                "5",
+                *args,
+                app,
+                script=script,
+            ),
+        ]
         process = process_factory(argv, env=clean_environment(extra), cwd=cwd, name="gunicorn")
         # Quick shutdown at teardown: with SIGTERM a request still in flight holds it for graceful_timeout.
         process.teardown_signal = signal.SIGQUIT
@@ -236,8 +255,9 @@ def start_gunicorn(
 
 
 def _ready(process: Process, port: int, metrics_port: int | None, workers: int) -> Gunicorn:
-    board = wait_until(lambda: scoreboard_of(process), timeout=30, what="the master's server.json",
-                       dump=process.describe)
+    board = wait_until(
+        lambda: scoreboard_of(process), timeout=30, what="the master's server.json", dump=process.describe
+    )
     server = Gunicorn(process, port, metrics_port, board)
     # A connect alone could reach whoever else holds the port; the booted workers prove gunicorn bound it.
     server.wait_for_workers(workers)

@@ -120,8 +120,15 @@ class OtlpReceiver:
         return attributes_of(requests[-1].resource_metrics[0].resource.attributes)
 
     def describe(self) -> str:
-        names = sorted({metric.name for request in self.all_requests() for rm in request.resource_metrics
-                        for sm in rm.scope_metrics for metric in sm.metrics})
+        names = sorted(
+            {
+                metric.name
+                for request in self.all_requests()
+                for rm in request.resource_metrics
+                for sm in rm.scope_metrics
+                for metric in sm.metrics
+            }
+        )
         return f"{self.count()} exports to {self.url}; metrics: {', '.join(names)}; bad requests: {self.bad}"
 
 

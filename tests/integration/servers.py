@@ -977,8 +977,7 @@ def process_starter(workdir: Path, processes: list[Process]) -> ProcessFactory:
         name: str | None = None,
     ) -> Process:
         label = name or Path(os.fspath(argv[0])).name
-        process = Process(argv, env=env, cwd=cwd, log_path=workdir / f"process-{next(serial)}-{label}.log",
-                          name=label)
+        process = Process(argv, env=env, cwd=cwd, log_path=workdir / f"process-{next(serial)}-{label}.log", name=label)
         processes.append(process)
         return process
 

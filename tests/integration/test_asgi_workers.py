@@ -22,12 +22,26 @@ ROUTES: dict[str, str | None] = {"GUNICORN_INSIGHT_ROUTE_LABEL": "true"}
 QUIET = {"PYTHONWARNINGS": "ignore::DeprecationWarning"}
 
 
-def start(process_factory: ProcessFactory, worker_class: str, app: str, *, workers: int = 1,
-          args: list[str] | None = None, env: dict[str, str | None] | None = None) -> Gunicorn:
+def start(
+    process_factory: ProcessFactory,
+    worker_class: str,
+    app: str,
+    *,
+    workers: int = 1,
+    args: list[str] | None = None,
+    env: dict[str, str | None] | None = None,
+) -> Gunicorn:
     if worker_class == "asgi" and GUNICORN_VERSION < (24, 0):
         pytest.fail("the asgi worker needs gunicorn >= 24; these tests are not marked oldest")
-    return start_gunicorn(process_factory, app=app, worker_class=worker_class, cwd=APPS, workers=workers,
-                          args=args or [], env={**QUIET, **(env or {})})
+    return start_gunicorn(
+        process_factory,
+        app=app,
+        worker_class=worker_class,
+        cwd=APPS,
+        workers=workers,
+        args=args or [],
+        env={**QUIET, **(env or {})},
+    )
 
 
 @pytest.mark.parametrize("worker_class", ASGI_CLASSES)
@@ -50,8 +64,10 @@ def test_fastapi_requests_counted_by_status_with_route_templates(
 
     assert server.total("gunicorn_requests_total") == 23
     assert server.value("gunicorn_requests_total", method="GET", status="200", route="/items/{item_id}") == 12
-    assert server.value("gunicorn_requests_total", method="GET", status="200",
-                        route="/users/{name}/orders/{order_id}") == 3
+    assert (
+        server.value("gunicorn_requests_total", method="GET", status="200", route="/users/{name}/orders/{order_id}")
+        == 3
+    )
     assert server.value("gunicorn_requests_total", method="GET", status="418", route="/teapot") == 4
     assert server.value("gunicorn_requests_total", method="GET", status="500", route="/boom") == 2
     assert server.value("gunicorn_requests_total", method="GET", status="404", route="none") == 1
@@ -132,8 +148,13 @@ def test_timed_out_uvicorn_worker_names_its_request_and_the_sigabrt(
 def test_worker_class_whose_requests_cannot_be_seen_is_named_once(process_factory: ProcessFactory) -> None:
     """A custom class that neither derives from a known one nor calls the request hooks gets one startup warning
     naming it and what will be missing, instead of silent zeros."""
-    server = start_gunicorn(process_factory, app="app:app", worker_class="custom_worker.PlainWorker",
-                            env={"PYTHONPATH": str(APPS)}, workers=2)
+    server = start_gunicorn(
+        process_factory,
+        app="app:app",
+        worker_class="custom_worker.PlainWorker",
+        env={"PYTHONPATH": str(APPS)},
+        workers=2,
+    )
     assert server.get("/") == 200
     output = server.process.output()
     assert output.count("worker class PlainWorker never calls gunicorn's pre_request/post_request hooks") == 1
@@ -156,10 +177,12 @@ def test_slow_request_reported_with_its_tasks_stack(worker_class: str, process_f
     """A slow awaited request is reported with the stack of its asyncio task (the app's await), not without one."""
     server = start(process_factory, worker_class, "asgi_app:app", env={"GUNICORN_INSIGHT_SLOW_REQUEST_TIMEOUT": "1"})
     fire_and_forget(server, "/slow")
-    slow = server.process.wait_for_log(r'slow request pid=\d+ slot=0 request="GET /slow" elapsed=[\d.]+s task=\S+',
-                                       timeout=30)
-    assert re.search(r"asgi_app.py\", line \d+, in app\n\s+await asyncio\.sleep\(3\)",
-                     server.process.output()[slow.end():]), server.process.output()[slow.start():]
+    slow = server.process.wait_for_log(
+        r'slow request pid=\d+ slot=0 request="GET /slow" elapsed=[\d.]+s task=\S+', timeout=30
+    )
+    assert re.search(
+        r"asgi_app.py\", line \d+, in app\n\s+await asyncio\.sleep\(3\)", server.process.output()[slow.end() :]
+    ), server.process.output()[slow.start() :]
 
 
 @pytest.mark.parametrize("worker_class", UVICORN_CLASSES)
@@ -168,8 +191,7 @@ def test_blocked_uvicorn_loop_reported_with_the_apps_frame(worker_class: str, pr
     server = start(process_factory, worker_class, "asgi_app:app", env={"GUNICORN_INSIGHT_SLOW_REQUEST_TIMEOUT": "1"})
     fire_and_forget(server, "/block")
     blocked = server.process.wait_for_log(r"event loop blocked pid=\d+ slot=0 for [\d.]+s", timeout=30)
-    assert re.search(r"asgi_app.py\", line \d+, in app\n\s+time\.sleep\(3\)",
-                     server.process.output()[blocked.end():])
+    assert re.search(r"asgi_app.py\", line \d+, in app\n\s+time\.sleep\(3\)", server.process.output()[blocked.end() :])
 
 
 @pytest.mark.parametrize("worker_class", UVICORN_CLASSES)
@@ -191,7 +213,8 @@ def test_uvicorn_keep_alive_connections_are_counted(worker_class: str, process_f
 
 def test_uvicorn_limit_concurrency_is_the_connections_limit(process_factory: ProcessFactory) -> None:
     """A uvicorn worker class with limit_concurrency reports that as its connections limit and capacity."""
-    server = start(process_factory, "uvicorn_limited.LimitedWorker", "asgi_app:app", workers=2,
-                   env={"PYTHONPATH": str(APPS)})
+    server = start(
+        process_factory, "uvicorn_limited.LimitedWorker", "asgi_app:app", workers=2, env={"PYTHONPATH": str(APPS)}
+    )
     assert server.value("gunicorn_worker_connections_limit") == 7
     assert server.value("gunicorn_capacity") == 14

@@ -19,7 +19,11 @@ TINY_ROWS = ["sync:both", "ref:gunicorn-statsd"]
 TINY_RESTARTS = [0, 20]
 MODES = ["gunicorn-insight", "plain prometheus_client"]
 PER_ROW = (
-    "bare_cpu_us_per_request", "instrumented_cpu_us_per_request", "bare_rps", "instrumented_rps", "cpu_ratio",
+    "bare_cpu_us_per_request",
+    "instrumented_cpu_us_per_request",
+    "bare_rps",
+    "instrumented_rps",
+    "cpu_ratio",
     "throughput_ratio",
 )
 
@@ -85,11 +89,17 @@ def test_request_path_loop_records_every_request() -> None:
 def test_request_path_reads_cachegrind_summaries() -> None:
     """The four totals are read from cachegrind's summary, whatever its column padding."""
     request_path = load_script("request_path")
-    summary = ("==7== I   refs:      508,493,093\n==7== I1  misses:      3,421,252\n==7== LLi misses:  17,924\n"
-               "==7== D1  misses:      5,686,145  (  5,145,420 rd   +    540,725 wr)\n"
-               "==7== LL misses:         283,713  (     87,532 rd   +    196,181 wr)\n")
+    summary = (
+        "==7== I   refs:      508,493,093\n==7== I1  misses:      3,421,252\n==7== LLi misses:  17,924\n"
+        "==7== D1  misses:      5,686,145  (  5,145,420 rd   +    540,725 wr)\n"
+        "==7== LL misses:         283,713  (     87,532 rd   +    196,181 wr)\n"
+    )
     assert request_path.parse_summary(summary) == {
-        "I refs": 508_493_093, "I1 misses": 3_421_252, "D1 misses": 5_686_145, "LL misses": 283_713}
+        "I refs": 508_493_093,
+        "I1 misses": 3_421_252,
+        "D1 misses": 5_686_145,
+        "LL misses": 283_713,
+    }
 
 
 def test_pin_is_a_diagnostic_that_writes_no_results_by_default() -> None:

@@ -13,8 +13,7 @@ from servers import ProcessFactory
 
 def churn(process_factory: ProcessFactory, requests: int) -> None:
     """`requests` requests, each on a fresh worker (4 at a time); every count arrives, files stay bounded."""
-    server = start_gunicorn(process_factory, app="metrics_app:app", cwd=APPS, workers=4,
-                            args=["--max-requests", "1"])
+    server = start_gunicorn(process_factory, app="metrics_app:app", cwd=APPS, workers=4, args=["--max-requests", "1"])
     with ThreadPoolExecutor(max_workers=4) as pool:
         statuses = list(pool.map(lambda _: server.get("/"), range(requests)))
     assert statuses == [200] * requests

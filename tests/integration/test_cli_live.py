@@ -21,8 +21,14 @@ from gunicorn_insight import _scoreboard as sb
 def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """``python -m gunicorn_insight.cli ...`` as an operator would run it, wide enough not to wrap."""
     env = {**os.environ, "COLUMNS": "200"}
-    return subprocess.run([sys.executable, "-m", "gunicorn_insight.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "gunicorn_insight.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        check=False,
+    )
 
 
 def fire_slow_request(server: Gunicorn, seconds: float) -> threading.Thread:
@@ -104,7 +110,10 @@ def test_top_exits_1_when_gunicorn_stops(process_factory: ProcessFactory) -> Non
     env = {**os.environ, "COLUMNS": "200"}
     top = subprocess.Popen(
         [sys.executable, "-m", "gunicorn_insight.cli", "top", "--pid", str(server.pid), "--interval", "0.2"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
     )
     lines: list[str] = []
     assert top.stdout is not None
@@ -112,8 +121,12 @@ def test_top_exits_1_when_gunicorn_stops(process_factory: ProcessFactory) -> Non
     reader.start()
     try:
         # Stop gunicorn only once top has drawn a frame: before that, top would not have found it at all.
-        wait_until(lambda: any("gunicorn-insight top" in line for line in lines), timeout=30,
-                   what="top's first frame", dump=lambda: "".join(lines))
+        wait_until(
+            lambda: any("gunicorn-insight top" in line for line in lines),
+            timeout=30,
+            what="top's first frame",
+            dump=lambda: "".join(lines),
+        )
         server.process.stop()
         top.wait(timeout=30)
         reader.join(timeout=10)

@@ -11,7 +11,9 @@ from servers import ProcessFactory
 def test_keep_alive_connections_raise_the_worker_gauge_and_fall_back(process_factory: ProcessFactory) -> None:
     """Idle keep-alive connections count on their worker (even with no request running) until they close."""
     server = start_gunicorn(
-        process_factory, worker_class="gthread", workers=1,
+        process_factory,
+        worker_class="gthread",
+        workers=1,
         args=["--threads", "2", "--worker-connections", "50", "--keep-alive", "30"],
     )
     connections = []

@@ -45,8 +45,9 @@ def test_request_of_a_worker_killed_at_timeout_is_counted_once_as_aborted(proces
 @pytest.mark.oldest
 def test_request_aborted_in_python_is_counted_once_with_gunicorns_500(process_factory: ProcessFactory) -> None:
     """Stuck in Python, the abort handler runs and gunicorn answers 500: counted once, as that 500."""
-    server = start_gunicorn(process_factory, workers=1, args=["--timeout", "2"],
-                            env={"GUNICORN_INSIGHT_SLOW_REQUEST_TIMEOUT": "0"})
+    server = start_gunicorn(
+        process_factory, workers=1, args=["--timeout", "2"], env={"GUNICORN_INSIGHT_SLOW_REQUEST_TIMEOUT": "0"}
+    )
     fire_and_forget(server, "/stuck")
     match = server.process.wait_for_log(EXITED, timeout=60)
     assert match["cause"] == "timeout"
@@ -59,10 +60,19 @@ def test_request_aborted_in_python_is_counted_once_with_gunicorns_500(process_fa
 def test_statsd_receives_the_aborted_request(process_factory: ProcessFactory, statsd_daemon: StatsdDaemon) -> None:
     """The StatsD sink sends the killed worker's request as status "aborted" too."""
     host, port = statsd_daemon.udp_address
-    server = start_gunicorn(process_factory, workers=1, args=["--timeout", "2"], metrics=False,
-                            env={"GUNICORN_INSIGHT_STATSD": f"{host}:{port}"})
+    server = start_gunicorn(
+        process_factory,
+        workers=1,
+        args=["--timeout", "2"],
+        metrics=False,
+        env={"GUNICORN_INSIGHT_STATSD": f"{host}:{port}"},
+    )
     fire_and_forget(server, "/stuck-c")
     server.process.wait_for_log(EXITED, timeout=60)
-    wait_until(lambda: statsd_daemon.counters().get("gunicorn.request.status.aborted") == 1, timeout=30,
-               what="gunicorn.request.status.aborted == 1 in statsd", dump=statsd_daemon.dump)
+    wait_until(
+        lambda: statsd_daemon.counters().get("gunicorn.request.status.aborted") == 1,
+        timeout=30,
+        what="gunicorn.request.status.aborted == 1 in statsd",
+        dump=statsd_daemon.dump,
+    )
     assert max(statsd_daemon.timers()["gunicorn.request.duration"]) >= 2000

@@ -40,19 +40,42 @@ LATE_POLL = 2.0
 
 # Every metric family gunicorn-insight exports; the dashboard shows each one somewhere.
 METRIC_FAMILIES = (
-    "gunicorn_requests_total", "gunicorn_request_duration_seconds", "gunicorn_requests_in_flight", "gunicorn_workers",
-    "gunicorn_worker_connections", "gunicorn_worker_connections_limit", "gunicorn_worker_exits_total",
-    "gunicorn_slow_requests_total", "gunicorn_worker_memory_bytes", "gunicorn_insight_lost_requests_total",
-    "gunicorn_workers_busy", "gunicorn_capacity", "gunicorn_worker_busy_seconds_total", "gunicorn_requests_waiting",
-    "gunicorn_listen_backlog", "gunicorn_listen_backlog_max", "gunicorn_listen_overflows_total",
-    "gunicorn_request_queue_seconds", "gunicorn_request_queue_invalid_total", "gunicorn_worker_cpu_seconds_total",
-    "gunicorn_workers_ready", "gunicorn_workers_booting", "gunicorn_worker_boot_duration_seconds",
-    "gunicorn_stalled_requests", "gunicorn_stalls_total", "gunicorn_worker_crash_loop",
-    "gunicorn_worker_crash_loops_total", "gunicorn_cgroup_cpu_periods_total",
-    "gunicorn_cgroup_cpu_throttled_periods_total", "gunicorn_cgroup_cpu_throttled_seconds_total",
+    "gunicorn_requests_total",
+    "gunicorn_request_duration_seconds",
+    "gunicorn_requests_in_flight",
+    "gunicorn_workers",
+    "gunicorn_worker_connections",
+    "gunicorn_worker_connections_limit",
+    "gunicorn_worker_exits_total",
+    "gunicorn_slow_requests_total",
+    "gunicorn_worker_memory_bytes",
+    "gunicorn_insight_lost_requests_total",
+    "gunicorn_workers_busy",
+    "gunicorn_capacity",
+    "gunicorn_worker_busy_seconds_total",
+    "gunicorn_requests_waiting",
+    "gunicorn_listen_backlog",
+    "gunicorn_listen_backlog_max",
+    "gunicorn_listen_overflows_total",
+    "gunicorn_request_queue_seconds",
+    "gunicorn_request_queue_invalid_total",
+    "gunicorn_worker_cpu_seconds_total",
+    "gunicorn_workers_ready",
+    "gunicorn_workers_booting",
+    "gunicorn_worker_boot_duration_seconds",
+    "gunicorn_stalled_requests",
+    "gunicorn_stalls_total",
+    "gunicorn_worker_crash_loop",
+    "gunicorn_worker_crash_loops_total",
+    "gunicorn_cgroup_cpu_periods_total",
+    "gunicorn_cgroup_cpu_throttled_periods_total",
+    "gunicorn_cgroup_cpu_throttled_seconds_total",
     "gunicorn_cgroup_memory_usage_bytes",
-    "gunicorn_cgroup_memory_working_set_bytes", "gunicorn_pressure_waiting_seconds_total",
-    "gunicorn_pressure_stalled_seconds_total", "gunicorn_worker_context_switches_total", "gunicorn_worker_swap_bytes",
+    "gunicorn_cgroup_memory_working_set_bytes",
+    "gunicorn_pressure_waiting_seconds_total",
+    "gunicorn_pressure_stalled_seconds_total",
+    "gunicorn_worker_context_switches_total",
+    "gunicorn_worker_swap_bytes",
     # Not on a panel: gunicorn_cgroup_cpu_quota_cores and gunicorn_cgroup_memory_limit_bytes exist only where a
     # quota or a limit is set, and every panel query must answer on a machine without them (the alerts use them).
 )
@@ -102,8 +125,12 @@ def substitute(expr: str, variables: Mapping[str, str]) -> str:
 
 def _grafana_variables(instance: str) -> dict[str, str]:
     return {
-        "job": JOB, "instance": instance, "datasource": "prometheus",
-        "__rate_interval": RATE_INTERVAL, "__interval": RATE_INTERVAL, "__range": RATE_INTERVAL,
+        "job": JOB,
+        "instance": instance,
+        "datasource": "prometheus",
+        "__rate_interval": RATE_INTERVAL,
+        "__interval": RATE_INTERVAL,
+        "__range": RATE_INTERVAL,
     }
 
 
@@ -183,12 +210,15 @@ def test_every_panel_query_parses(tmp_path: Path) -> None:
     if promtool is None:
         pytest.fail("promtool is not installed: run scripts/test-all, which installs it", pytrace=False)
     variables = _grafana_variables("127.0.0.1:9180")
-    rules = [{"record": f"panel:query_{index}", "expr": substitute(expr, variables)}
-             for index, (_, expr) in enumerate(_targets())]
+    rules = [
+        {"record": f"panel:query_{index}", "expr": substitute(expr, variables)}
+        for index, (_, expr) in enumerate(_targets())
+    ]
     path = tmp_path / "panels.rules.yml"
     path.write_text(json.dumps({"groups": [{"name": "panels", "rules": rules}]}))
-    result = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60,
-                            check=False)
+    result = subprocess.run(
+        [promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60, check=False
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -268,16 +298,22 @@ class Stack:
     def absent_metrics(self, expr: str) -> list[str]:
         """The metrics of `expr` that Prometheus has never scraped from our target."""
         return sorted(
-            name for name in _metric_names(expr)
+            name
+            for name in _metric_names(expr)
             if not self.prometheus.query(f'count({{__name__="{name}", instance="{self.target}"}})')
         )
 
     def diagnosis(self, expr: str, result: list[dict[str, Any]]) -> str:
         absent = self.absent_metrics(expr)
-        why = (f"not exported by gunicorn-insight: {', '.join(absent)}" if absent
-               else f"every metric is exported\n{self.server.process.output()[-3000:]}")
-        return (f"{expr}\n  result: {result}\n  {why}\n  load: {self.load.sent} requests sent, "
-                f"errors: {self.load.errors[-3:]}")
+        why = (
+            f"not exported by gunicorn-insight: {', '.join(absent)}"
+            if absent
+            else f"every metric is exported\n{self.server.process.output()[-3000:]}"
+        )
+        return (
+            f"{expr}\n  result: {result}\n  {why}\n  load: {self.load.sent} requests sent, "
+            f"errors: {self.load.errors[-3:]}"
+        )
 
 
 @pytest.fixture(scope="module")
@@ -295,12 +331,17 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     with contextlib.ExitStack() as cleanup:  # stops everything in reverse order, also when a start fails
         cleanup.callback(stop_processes)
         server = start_gunicorn(
-            process_factory, worker_class="gthread", workers=2,
+            process_factory,
+            worker_class="gthread",
+            workers=2,
             args=["--threads", "4", "--max-requests", "1000", "--max-requests-jitter", "100"],
             env={"GUNICORN_INSIGHT_SLOW_REQUEST_TIMEOUT": "1"},
         )
-        nginx = Nginx(f"127.0.0.1:{server.port}", workdir=workdir / "nginx",
-                      extra_location_directives='proxy_set_header X-Request-Start "t=${msec}";')
+        nginx = Nginx(
+            f"127.0.0.1:{server.port}",
+            workdir=workdir / "nginx",
+            extra_location_directives='proxy_set_header X-Request-Start "t=${msec}";',
+        )
         nginx.start()
         cleanup.callback(nginx.stop)
         load = Load(server.port, nginx.port)
@@ -310,11 +351,18 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         prometheus = PrometheusServer([target], job_name=JOB, scrape_interval=0.5, workdir=workdir / "prometheus")
         prometheus.start()
         cleanup.callback(prometheus.stop)
-        wait_until(prometheus.targets_up, timeout=30, what="Prometheus to scrape gunicorn-insight",
-                   dump=lambda: f"{prometheus.targets_status()}\n{server.process.describe()}")
-        wait_until(lambda: (prometheus.query_value(f"sum(rate(gunicorn_requests_total[{RATE_INTERVAL}]))") or 0) > 0,
-                   timeout=30, what="a non-zero request rate in Prometheus",
-                   dump=lambda: f"{prometheus.dump()}\n{server.process.describe()}")
+        wait_until(
+            prometheus.targets_up,
+            timeout=30,
+            what="Prometheus to scrape gunicorn-insight",
+            dump=lambda: f"{prometheus.targets_status()}\n{server.process.describe()}",
+        )
+        wait_until(
+            lambda: (prometheus.query_value(f"sum(rate(gunicorn_requests_total[{RATE_INTERVAL}]))") or 0) > 0,
+            timeout=30,
+            what="a non-zero request rate in Prometheus",
+            dump=lambda: f"{prometheus.dump()}\n{server.process.describe()}",
+        )
         yield Stack(server, prometheus, load, target, time.monotonic())
 
 
@@ -353,4 +401,5 @@ def test_error_ratio_and_slow_request_alerts_see_this_load(stack: Stack) -> None
     for alert in ("GunicornErrorRatio", "GunicornSlowRequests"):
         result = stack.poll(expressions[alert])
         assert [sample["metric"]["instance"] for sample in result] == [stack.target], stack.diagnosis(
-            expressions[alert], result)
+            expressions[alert], result
+        )

@@ -79,16 +79,25 @@ def test_a_normal_stop_leaves_nothing_in_dev_shm_or_tmp(
     try:
         if daemon:
             assert server.process.wait(timeout=30) == 0
-        wait_until(lambda: pidfile.exists() and pidfile.read_text().strip(), timeout=30, what="the pidfile",
-                   dump=lambda: server.process.describe() + _read(tmp_path / "error.log"))
+        wait_until(
+            lambda: pidfile.exists() and pidfile.read_text().strip(),
+            timeout=30,
+            what="the pidfile",
+            dump=lambda: server.process.describe() + _read(tmp_path / "error.log"),
+        )
         master = int(pidfile.read_text())
-        server_json = wait_until(lambda: _server_json_of(master), timeout=30, what="the master's server.json",
-                                 dump=lambda: _read(tmp_path / "error.log"))
+        server_json = wait_until(
+            lambda: _server_json_of(master),
+            timeout=30,
+            what="the master's server.json",
+            dump=lambda: _read(tmp_path / "error.log"),
+        )
         wait_until(lambda: _accepts(server), timeout=30, what="a 200", dump=lambda: _read(tmp_path / "error.log"))
         assert server_json.parent.is_dir()
         os.kill(master, signal.SIGTERM)
-        wait_until(lambda: _gone(master), timeout=30, what="the master to exit",
-                   dump=lambda: _read(tmp_path / "error.log"))
+        wait_until(
+            lambda: _gone(master), timeout=30, what="the master to exit", dump=lambda: _read(tmp_path / "error.log")
+        )
         # The /metrics process leaves with the master; the directory goes with the master's atexit.
         assert not server_json.parent.exists(), _read(tmp_path / "error.log")
     finally:
@@ -154,8 +163,12 @@ def test_a_prometheus_dir_the_worker_user_cannot_write_is_a_startup_error(
     directory = tmp_path / "metrics"
     directory.mkdir(mode=0o755)
     tmp_path.chmod(0o755)
-    server = start_gunicorn(process_factory, args=["--user", "nobody", "--group", "nogroup"], wait=False,
-                            env={"GUNICORN_INSIGHT_PROMETHEUS_DIR": str(directory)})
+    server = start_gunicorn(
+        process_factory,
+        args=["--user", "nobody", "--group", "nogroup"],
+        wait=False,
+        env={"GUNICORN_INSIGHT_PROMETHEUS_DIR": str(directory)},
+    )
     assert server.process.wait(timeout=30) == 1
     output = server.process.output()
     assert f"Error: prometheus_dir='{directory}' is not writable for uid 65534" in output
@@ -174,16 +187,23 @@ def test_counters_carry_over_a_usr2_upgrade_with_the_embedded_directory(process_
     server.process.wait_for_log(r"still served by the previous master \(USR2 upgrade\)", timeout=30)
     successor = int(re.findall(r"\[(\d+)\] \[INFO\] Starting gunicorn", server.process.output())[-1])
     assert successor != server.pid
-    wait_until(lambda: _server_json_of(successor), timeout=30, what="the new master's server.json",
-               dump=server.process.describe)
+    wait_until(
+        lambda: _server_json_of(successor),
+        timeout=30,
+        what="the new master's server.json",
+        dump=server.process.describe,
+    )
     try:
         os.kill(server.pid, signal.SIGTERM)  # the operator retires the old master
         server.process.wait(timeout=30)
         for _ in range(2):
             assert server.get("/") == 200
-        wait_until(lambda: _total_or_none(server, "gunicorn_requests_total") == 5, timeout=30,
-                   what="the new master to serve 3 + 2 requests",
-                   dump=lambda: f"{_total_or_none(server, 'gunicorn_requests_total')}\n{server.process.describe()}")
+        wait_until(
+            lambda: _total_or_none(server, "gunicorn_requests_total") == 5,
+            timeout=30,
+            what="the new master to serve 3 + 2 requests",
+            dump=lambda: f"{_total_or_none(server, 'gunicorn_requests_total')}\n{server.process.describe()}",
+        )
         assert server.total("app_hits_total") == 5
     finally:
         os.kill(successor, signal.SIGTERM)

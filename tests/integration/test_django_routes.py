@@ -21,9 +21,17 @@ def request(server: Gunicorn, method: str, path: str, headers: dict[str, str] | 
 
 
 def start_django(process_factory: ProcessFactory, middleware_at: str) -> Gunicorn:
-    return start_gunicorn(process_factory, app="django_site.wsgi:application", cwd=APPS, workers=1,
-                          env={"GUNICORN_INSIGHT_ROUTE_LABEL": "true", "ROUTE_MIDDLEWARE_AT": middleware_at,
-                               "DJANGO_SETTINGS_MODULE": "django_site.settings"})
+    return start_gunicorn(
+        process_factory,
+        app="django_site.wsgi:application",
+        cwd=APPS,
+        workers=1,
+        env={
+            "GUNICORN_INSIGHT_ROUTE_LABEL": "true",
+            "ROUTE_MIDDLEWARE_AT": middleware_at,
+            "DJANGO_SETTINGS_MODULE": "django_site.settings",
+        },
+    )
 
 
 def requests_by_label(server: Gunicorn) -> dict[tuple[str, str, str], float]:

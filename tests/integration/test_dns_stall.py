@@ -37,8 +37,9 @@ RESOLV_CONF = "nameserver 127.0.0.1\noptions timeout:30 attempts:1\n"
 
 def _namespaces_available() -> str | None:
     try:
-        probe = subprocess.run(["unshare", "-m", "-n", "sh", "-c", "ip link set lo up"], capture_output=True,
-                               timeout=30, check=False)
+        probe = subprocess.run(
+            ["unshare", "-m", "-n", "sh", "-c", "ip link set lo up"], capture_output=True, timeout=30, check=False
+        )
     except (OSError, subprocess.TimeoutExpired) as error:
         return f"unshare cannot run here: {error}"
     if probe.returncode != 0:
@@ -65,8 +66,19 @@ def test_unanswered_dns_stalls_neither_forks_nor_shutdown(process_factory: Proce
     queries = tmp_path / "queries"
     hole = tmp_path / "black_hole.py"
     hole.write_text(BLACK_HOLE)
-    argv = gunicorn_argv("-c", "python:gunicorn_insight.conf", "-b", f"127.0.0.1:{free_port()}", "-w", "2",
-                         "--chdir", str(EXAMPLES), "--graceful-timeout", "5", "app:app")
+    argv = gunicorn_argv(
+        "-c",
+        "python:gunicorn_insight.conf",
+        "-b",
+        f"127.0.0.1:{free_port()}",
+        "-w",
+        "2",
+        "--chdir",
+        str(EXAMPLES),
+        "--graceful-timeout",
+        "5",
+        "app:app",
+    )
     script = (
         "set -e; ip link set lo up; "
         f"mount --bind {shlex.quote(str(resolv))} /etc/resolv.conf; "
@@ -75,21 +87,31 @@ def test_unanswered_dns_stalls_neither_forks_nor_shutdown(process_factory: Proce
         f"while [ ! -e {shlex.quote(str(queries))}.ready ]; do sleep 0.05; done; "
         f"exec {shlex.join(argv)}"
     )
-    env = clean_environment({"GUNICORN_INSIGHT_STATSD": "statsd.insight-test.invalid:8125",
-                             "GUNICORN_INSIGHT_METRICS_BIND": "off"})
+    env = clean_environment(
+        {"GUNICORN_INSIGHT_STATSD": "statsd.insight-test.invalid:8125", "GUNICORN_INSIGHT_METRICS_BIND": "off"}
+    )
     process = process_factory(["unshare", "-m", "-n", "sh", "-c", script], env=env, cwd=EXAMPLES, name="gunicorn")
-    board = wait_until(lambda: scoreboard_of(process), timeout=60, what="the master's server.json",
-                       dump=process.describe)
+    board = wait_until(
+        lambda: scoreboard_of(process), timeout=60, what="the master's server.json", dump=process.describe
+    )
     wait_until(lambda: len(_ready_pids(board)) == 2, timeout=60, what="2 booted workers", dump=process.describe)
-    wait_until(lambda: queries.exists() and queries.read_text(), timeout=30,
-               what="the master to ask the silent nameserver", dump=process.describe)
+    wait_until(
+        lambda: queries.exists() and queries.read_text(),
+        timeout=30,
+        what="the master to ask the silent nameserver",
+        dump=process.describe,
+    )
 
     before = _ready_pids(board)
     victim = min(before)
     killed_at = time.monotonic()
     subprocess.run(["kill", "-KILL", str(victim)], check=True)
-    replaced = wait_until(lambda: (_ready_pids(board) - before) or None, timeout=25,
-                          what="a new worker in place of the killed one", dump=process.describe)
+    replaced = wait_until(
+        lambda: (_ready_pids(board) - before) or None,
+        timeout=25,
+        what="a new worker in place of the killed one",
+        dump=process.describe,
+    )
     replaced_after = time.monotonic() - killed_at
     # A lookup under the fork lock holds the replacement for the full 30 s resolver timeout.
     assert replaced_after < 10, f"worker replaced after {replaced_after:.1f}s\n{process.describe()}"

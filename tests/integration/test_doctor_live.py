@@ -20,7 +20,11 @@ def doctor(server: Gunicorn, *args: str) -> tuple[int, dict[str, Any]]:
     """``gunicorn-insight doctor --pid <master> --json`` as an operator would run it: (exit status, document)."""
     result = subprocess.run(
         [sys.executable, "-m", "gunicorn_insight.cli", "doctor", "--pid", str(server.pid), "--json", *args],
-        capture_output=True, text=True, timeout=120, check=False, env={**os.environ, "COLUMNS": "200"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, "COLUMNS": "200"},
     )
     assert result.stdout, result.stderr + server.process.describe()
     return result.returncode, json.loads(result.stdout)
@@ -42,19 +46,22 @@ def test_saturated_server_is_told_to_change_worker_class(process_factory: Proces
     """Idle: no saturation finding. Every sync worker blocked waiting: live-saturation with the measured
     utilisation, the backlog, and advice to use threads since the requests wait rather than compute."""
     release = tmp_path / "release"
-    server = start_gunicorn(process_factory, app="gated_app:app", cwd=APPS, workers=2,
-                            env={"GATED_APP_RELEASE": str(release)})
+    server = start_gunicorn(
+        process_factory, app="gated_app:app", cwd=APPS, workers=2, env={"GATED_APP_RELEASE": str(release)}
+    )
     status, idle = doctor(server, "--window", "1")
     assert status == 0, idle
     assert "live-saturation" not in findings(idle)
     assert idle["measured"]["utilisation"] == 0
-    clients = [threading.Thread(target=server.get, args=("/block",), kwargs={"timeout": 150}, daemon=True)
-               for _ in range(4)]
+    clients = [
+        threading.Thread(target=server.get, args=("/block",), kwargs={"timeout": 150}, daemon=True) for _ in range(4)
+    ]
     try:
         for client in clients:
             client.start()
-        wait_until(lambda: busy_workers(server) == 2, timeout=30, what="both workers busy",
-                   dump=server.process.describe)
+        wait_until(
+            lambda: busy_workers(server) == 2, timeout=30, what="both workers busy", dump=server.process.describe
+        )
         _, busy = doctor(server, "--window", "2")
     finally:
         release.touch()
@@ -78,8 +85,12 @@ def test_timeout_below_the_slowest_request(process_factory: ProcessFactory) -> N
     assert "live-timeout" not in findings(before)
     with contextlib.suppress(OSError, http.client.HTTPException):  # the worker dies under it
         server.get("/slow?s=8", timeout=60)
-    wait_until(lambda: server.worker_pids() and server.ready_workers() == 1, timeout=60,
-               what="the replacement worker", dump=server.process.describe)
+    wait_until(
+        lambda: server.worker_pids() and server.ready_workers() == 1,
+        timeout=60,
+        what="the replacement worker",
+        dump=server.process.describe,
+    )
     _, after = doctor(server, "--window", "0.5")
     timeout = findings(after)["live-timeout"]
     assert timeout["severity"] == "warning"
@@ -92,8 +103,9 @@ def test_queue_time_behind_nginx(process_factory: ProcessFactory, nginx_factory:
     """nginx stamps X-Request-Start; a request queued 2 s behind a busy worker makes doctor --pid report the
     queue time; before any request waited it says nothing."""
     server = start_gunicorn(process_factory, workers=1)
-    nginx = nginx_factory(f"127.0.0.1:{server.port}",
-                          extra_location_directives='proxy_set_header X-Request-Start "t=${msec}";')
+    nginx = nginx_factory(
+        f"127.0.0.1:{server.port}", extra_location_directives='proxy_set_header X-Request-Start "t=${msec}";'
+    )
     port = int(nginx.url.rsplit(":", 1)[1])
 
     def through_nginx(path: str) -> None:
@@ -115,4 +127,3 @@ def test_queue_time_behind_nginx(process_factory: ProcessFactory, nginx_factory:
     _, after = doctor(server, "--window", "0.5")
     queue = findings(after)["live-queue-time"]
     assert "3 requests since the server started, from X-Request-Start" in queue["what"], queue
-

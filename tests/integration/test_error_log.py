@@ -18,8 +18,17 @@ def test_metrics_port_in_use_is_written_to_the_error_logfile(process_factory: Pr
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         port = holder.getsockname()[1]
-        argv = gunicorn_argv("-c", "python:gunicorn_insight.conf", "-b", f"127.0.0.1:{free_port()}", "--chdir",
-                             str(EXAMPLES), "--error-logfile", str(error_log), "app:app")
+        argv = gunicorn_argv(
+            "-c",
+            "python:gunicorn_insight.conf",
+            "-b",
+            f"127.0.0.1:{free_port()}",
+            "--chdir",
+            str(EXAMPLES),
+            "--error-logfile",
+            str(error_log),
+            "app:app",
+        )
         env = clean_environment({"GUNICORN_INSIGHT_METRICS_BIND": f"127.0.0.1:{port}"})
         process = process_factory(argv, env=env, cwd=EXAMPLES, name="gunicorn")
         assert process.wait(timeout=60) == 1
@@ -36,8 +45,9 @@ def test_error_is_printed_once_when_the_error_log_is_stderr(process_factory: Pro
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         port = holder.getsockname()[1]
-        argv = gunicorn_argv("-c", "python:gunicorn_insight.conf", "-b", f"127.0.0.1:{free_port()}", "--chdir",
-                             str(EXAMPLES), "app:app")
+        argv = gunicorn_argv(
+            "-c", "python:gunicorn_insight.conf", "-b", f"127.0.0.1:{free_port()}", "--chdir", str(EXAMPLES), "app:app"
+        )
         env = clean_environment({"GUNICORN_INSIGHT_METRICS_BIND": f"127.0.0.1:{port}"})
         process = process_factory(argv, env=env, cwd=EXAMPLES, name="gunicorn")
         assert process.wait(timeout=60) == 1

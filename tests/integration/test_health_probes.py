@@ -60,15 +60,18 @@ def busy_workers(server: Gunicorn) -> int:
 def test_probes_answer_while_every_sync_worker_is_busy(process_factory: ProcessFactory, tmp_path: Path) -> None:
     """Every sync worker blocked in a request: /healthz and /readyz still answer 200 from the /metrics process."""
     release = tmp_path / "release"
-    server = start_gunicorn(process_factory, app="gated_app:app", cwd=APPS, workers=2,
-                            env={"GATED_APP_RELEASE": str(release)})
-    clients = [threading.Thread(target=server.get, args=("/block",), kwargs={"timeout": 150}, daemon=True)
-               for _ in range(4)]
+    server = start_gunicorn(
+        process_factory, app="gated_app:app", cwd=APPS, workers=2, env={"GATED_APP_RELEASE": str(release)}
+    )
+    clients = [
+        threading.Thread(target=server.get, args=("/block",), kwargs={"timeout": 150}, daemon=True) for _ in range(4)
+    ]
     try:
         for client in clients:
             client.start()
-        wait_until(lambda: busy_workers(server) == 2, timeout=30, what="both workers busy",
-                   dump=server.process.describe)
+        wait_until(
+            lambda: busy_workers(server) == 2, timeout=30, what="both workers busy", dump=server.process.describe
+        )
         latencies = []
         for _ in range(5):
             for path in ("/healthz", "/readyz"):
@@ -77,8 +80,10 @@ def test_probes_answer_while_every_sync_worker_is_busy(process_factory: ProcessF
                 latencies.append(seconds)
         assert "2 workers serving (2 busy)" in probe(server, "/readyz")[1]
         assert busy_workers(server) == 2, "a worker was freed during the probes: they did not run saturated"
-        print(f"probe latency with every worker busy: max {max(latencies) * 1000:.1f} ms, "
-              f"median {sorted(latencies)[len(latencies) // 2] * 1000:.1f} ms over {len(latencies)} probes")
+        print(
+            f"probe latency with every worker busy: max {max(latencies) * 1000:.1f} ms, "
+            f"median {sorted(latencies)[len(latencies) // 2] * 1000:.1f} ms over {len(latencies)} probes"
+        )
         assert max(latencies) < PROBE_BOUND, latencies
     finally:
         release.touch()
@@ -89,26 +94,39 @@ def test_probes_answer_while_every_sync_worker_is_busy(process_factory: ProcessF
 def test_readyz_is_503_until_a_worker_has_loaded_the_app(process_factory: ProcessFactory, tmp_path: Path) -> None:
     """While the app's import blocks, /readyz says 503 with the reason and /healthz 200; once loaded, 200."""
     gate = tmp_path / "gate"
-    server = start_gunicorn(process_factory, app="gated_app:app", cwd=APPS, workers=2, wait=False,
-                            env={"GATED_APP_IMPORT_GATE": str(gate)})
+    server = start_gunicorn(
+        process_factory, app="gated_app:app", cwd=APPS, workers=2, wait=False, env={"GATED_APP_IMPORT_GATE": str(gate)}
+    )
     try:
         wait_for_probe(server, "/healthz", 200)
-        wait_until(lambda: (probe_status(server, "/readyz") or (0, ""))[1].startswith("not ready: 2 workers"),
-                   timeout=60, what="both workers booting", dump=server.process.describe)
+        wait_until(
+            lambda: (probe_status(server, "/readyz") or (0, ""))[1].startswith("not ready: 2 workers"),
+            timeout=60,
+            what="both workers booting",
+            dump=server.process.describe,
+        )
         status, body = probe_status(server, "/readyz") or (0, "")
         assert (status, "still loading the application" in body) == (503, True), body
     finally:
         gate.touch()
-    wait_until(lambda: probe_status(server, "/readyz") == (200, "ready: 2 workers serving (0 busy)\n"),
-               timeout=60, what="/readyz 200 once the app is loaded", dump=server.process.describe)
+    wait_until(
+        lambda: probe_status(server, "/readyz") == (200, "ready: 2 workers serving (0 busy)\n"),
+        timeout=60,
+        what="/readyz 200 once the app is loaded",
+        dump=server.process.describe,
+    )
 
 
 def test_stuck_master_fails_healthz_and_dead_workers_fail_readyz(process_factory: ProcessFactory) -> None:
     """Master stopped (SIGSTOP): healthz turns 503 when rounds stop; workers killed meanwhile are unreaped
     zombies, which readyz does not count."""
     server = start_gunicorn(process_factory, workers=2)
-    wait_until(lambda: "last round" in (probe_status(server, "/healthz") or (0, ""))[1], timeout=30,
-               what="a first exporter round", dump=server.process.describe)
+    wait_until(
+        lambda: "last round" in (probe_status(server, "/healthz") or (0, ""))[1],
+        timeout=30,
+        what="a first exporter round",
+        dump=server.process.describe,
+    )
     workers = server.worker_pids()
     assert len(workers) == 2
     server.process.send_signal(signal.SIGSTOP)

@@ -76,7 +76,10 @@ def test_cpu_quota_throttling_is_counted(
     quota as 0.2 cores, and a startup warning that 2 workers exceed (2 x 0.2) + 1."""
     host, port = statsd_daemon.udp_address
     server = start_gunicorn(
-        process_factory, app="pressure_app:app", cwd=APPS, workers=2,
+        process_factory,
+        app="pressure_app:app",
+        cwd=APPS,
+        workers=2,
         env={"GUNICORN_INSIGHT_STATSD": f"{host}:{port}"},
         launcher=[sys.executable, str(APPS / "in_cgroup.py"), str(cpu_cgroup)],
     )
@@ -84,13 +87,21 @@ def test_cpu_quota_throttling_is_counted(
     assert {server.pid, *server.worker_pids()} <= members, "gunicorn is not running inside the test cgroup"
     assert server.value("gunicorn_cgroup_cpu_quota_cores") == pytest.approx(QUOTA_US / PERIOD_US)
     assert server.get("/burn?s=2", timeout=60) == 200
-    wait_until(lambda: server.total("gunicorn_cgroup_cpu_throttled_periods_total") > 0, timeout=30,
-               what="throttled periods > 0", dump=server.process.describe)
+    wait_until(
+        lambda: server.total("gunicorn_cgroup_cpu_throttled_periods_total") > 0,
+        timeout=30,
+        what="throttled periods > 0",
+        dump=server.process.describe,
+    )
     assert server.total("gunicorn_cgroup_cpu_throttled_seconds_total") > 0
     periods = server.total("gunicorn_cgroup_cpu_periods_total")
     assert periods >= server.total("gunicorn_cgroup_cpu_throttled_periods_total")
-    wait_until(lambda: statsd_daemon.counters().get("gunicorn.cgroup.cpu.throttled_periods", 0) > 0, timeout=30,
-               what="gunicorn.cgroup.cpu.throttled_periods > 0 at StatsD", dump=lambda: repr(statsd_daemon.counters()))
+    wait_until(
+        lambda: statsd_daemon.counters().get("gunicorn.cgroup.cpu.throttled_periods", 0) > 0,
+        timeout=30,
+        what="gunicorn.cgroup.cpu.throttled_periods > 0 at StatsD",
+        dump=lambda: repr(statsd_daemon.counters()),
+    )
     assert "workers=2 share a CPU quota of 0.20 cores" in server.process.output()
     # The involuntary switches of the burning worker grow: it was preempted when the quota ran out.
     assert server.total("gunicorn_worker_context_switches_total", kind="involuntary") > 0
@@ -102,8 +113,12 @@ def test_this_machines_files_are_read_and_absent_ones_stay_absent(process_factor
     expected = HostReader().read()
     server = start_gunicorn(process_factory, app="pressure_app:app", cwd=APPS, workers=2)
     assert server.get("/") == 200
-    wait_until(lambda: len([key for key in server.samples() if key[0] == "gunicorn_worker_swap_bytes"]) == 2,
-               timeout=30, what="swap series for both worker slots", dump=server.process.describe)
+    wait_until(
+        lambda: len([key for key in server.samples() if key[0] == "gunicorn_worker_swap_bytes"]) == 2,
+        timeout=30,
+        what="swap series for both worker slots",
+        dump=server.process.describe,
+    )
     names = {name for name, _ in server.samples()}
     for name, present in (
         ("gunicorn_cgroup_cpu_throttled_periods_total", expected.throttling is not None),
@@ -130,11 +145,18 @@ def test_memory_limit_and_usage_of_a_limited_cgroup(
     """gunicorn in a memory cgroup limited to 250 MiB: the limit, the usage and the working set at /metrics."""
     group: Path = request.getfixturevalue("memory_cgroup")
     server = start_gunicorn(
-        process_factory, app="pressure_app:app", cwd=APPS, workers=1,
+        process_factory,
+        app="pressure_app:app",
+        cwd=APPS,
+        workers=1,
         launcher=[sys.executable, str(APPS / "in_cgroup.py"), str(group)],
     )
-    wait_until(lambda: server.value("gunicorn_cgroup_memory_limit_bytes") is not None, timeout=30,
-               what="gunicorn_cgroup_memory_limit_bytes", dump=server.process.describe)
+    wait_until(
+        lambda: server.value("gunicorn_cgroup_memory_limit_bytes") is not None,
+        timeout=30,
+        what="gunicorn_cgroup_memory_limit_bytes",
+        dump=server.process.describe,
+    )
     assert server.value("gunicorn_cgroup_memory_limit_bytes") == OOM_LIMIT
     samples = server.samples()  # one scrape: both values from the same round
     usage = samples.get(("gunicorn_cgroup_memory_usage_bytes", ()))
@@ -169,13 +191,14 @@ def unified_cgroup() -> Iterator[Path]:
         _remove(group)
 
 
-def test_psi_comes_from_the_servers_own_v2_group(
-    unified_cgroup: Path, process_factory: ProcessFactory
-) -> None:
+def test_psi_comes_from_the_servers_own_v2_group(unified_cgroup: Path, process_factory: ProcessFactory) -> None:
     """gunicorn in a v2 group of its own: PSI is read from that group's files (said at startup), not from the
     whole host's /proc/pressure, so the CPU pressure at /metrics is the group's."""
     server = start_gunicorn(
-        process_factory, app="pressure_app:app", cwd=APPS, workers=2,
+        process_factory,
+        app="pressure_app:app",
+        cwd=APPS,
+        workers=2,
         launcher=[sys.executable, str(APPS / "in_cgroup.py"), str(unified_cgroup)],
     )
     assert f"PSI {unified_cgroup}" in server.process.output()

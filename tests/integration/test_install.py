@@ -113,8 +113,9 @@ def test_post_request_defined_after_install_is_chained(
     marks = tmp_path / "marks.txt"
     config = tmp_path / "gunicorn.conf.py"
     config.write_text(LATE_CONFIG.format(marks=str(marks), late=LATE_POST_REQUEST))
-    server = start_gunicorn(process_factory, config=str(config), workers=1,
-                            env={"GUNICORN_INSIGHT_COMPILED_HOOKS": compiled})
+    server = start_gunicorn(
+        process_factory, config=str(config), workers=1, env={"GUNICORN_INSIGHT_COMPILED_HOOKS": compiled}
+    )
     serve_and_check(server, marks)
     assert marks.read_text().splitlines() == [f"post /r{n}" for n in range(20)]
     server.process.wait_for_log(r"post_request defined after install\(\); chained", timeout=10)
@@ -129,8 +130,9 @@ def test_request_hooks_imported_from_another_module_after_install(
     (tmp_path / "team_hooks.py").write_text(HOOKS_MODULE.format(marks=str(marks)))
     config = tmp_path / "gunicorn.conf.py"
     config.write_text(LATE_CONFIG.format(marks=str(marks), late=IMPORTED_HOOKS.format(directory=str(tmp_path))))
-    server = start_gunicorn(process_factory, config=str(config), workers=2,
-                            env={"GUNICORN_INSIGHT_COMPILED_HOOKS": compiled})
+    server = start_gunicorn(
+        process_factory, config=str(config), workers=2, env={"GUNICORN_INSIGHT_COMPILED_HOOKS": compiled}
+    )
     serve_and_check(server, marks)
     lines = marks.read_text().splitlines()
     assert sorted(lines) == sorted([f"pre /r{n}" for n in range(20)] + [f"post /r{n}" for n in range(20)])
@@ -171,11 +173,17 @@ def test_hook_defined_after_install_is_chained_again_after_hup(process_factory: 
     old = set(server.worker_pids())
     server.process.send_signal(signal.SIGHUP)
     server.process.wait_for_log(r"post_request defined after install\(\) in the reloaded config; chained", timeout=30)
-    wait_until(lambda: not old & set(server.worker_pids()) and len(server.worker_pids()) == 1, timeout=30,
-               what="the old worker to be replaced", dump=server.process.describe)
+    wait_until(
+        lambda: not old & set(server.worker_pids()) and len(server.worker_pids()) == 1,
+        timeout=30,
+        what="the old worker to be replaced",
+        dump=server.process.describe,
+    )
     server.wait_for_workers(1)
     serve_and_check(server, marks, requests=5)
     assert marks.read_text().splitlines() == [f"post /r{n}" for n in range(5)]
+
+
 SETTINGS_CONFIG = """
 import os
 import gunicorn_insight
@@ -190,9 +198,14 @@ def test_install_takes_a_settings_object_as_given(process_factory: ProcessFactor
     """install(globals(), Settings(...)) serves with that object's settings; the environment's are named, unused."""
     config = tmp_path / "gunicorn.conf.py"
     config.write_text(SETTINGS_CONFIG)
-    server = start_gunicorn(process_factory, config=str(config), workers=1, env={
-        "GUNICORN_INSIGHT_EXCLUDE_PATHS": "/counted",  # not read: the Settings object is used as it is
-    })
+    server = start_gunicorn(
+        process_factory,
+        config=str(config),
+        workers=1,
+        env={
+            "GUNICORN_INSIGHT_EXCLUDE_PATHS": "/counted",  # not read: the Settings object is used as it is
+        },
+    )
     for path in ("/counted", "/skipped", "/counted"):
         server.get(path)
     server.wait_for_value("gunicorn_requests_total", 2)

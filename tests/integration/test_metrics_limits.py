@@ -72,8 +72,12 @@ def test_a_scrape_flood_does_not_multiply_rounds(process_factory: ProcessFactory
     server = start_gunicorn(process_factory, workers=1, env={"GUNICORN_INSIGHT_INTERVAL": str(interval)})
     assert server.metrics_port is not None
     url = f"http://127.0.0.1:{server.metrics_port}/metrics"
-    wait_until(lambda: os.path.exists(os.path.join(os.path.dirname(server.scoreboard_path), "status.json")),
-               timeout=30, what="status.json", dump=server.process.describe)
+    wait_until(
+        lambda: os.path.exists(os.path.join(os.path.dirname(server.scoreboard_path), "status.json")),
+        timeout=30,
+        what="status.json",
+        dump=server.process.describe,
+    )
     scrapes = 0
     lock = threading.Lock()
 
@@ -94,4 +98,5 @@ def test_a_scrape_flood_does_not_multiply_rounds(process_factory: ProcessFactory
     rounds, elapsed = _rounds(server) - before, time.monotonic() - started
     assert scrapes == 120
     assert rounds <= elapsed / interval + 3, (
-        f"{rounds} rounds in {elapsed:.2f}s for {scrapes} scrapes\n{server.process.describe()}")
+        f"{rounds} rounds in {elapsed:.2f}s for {scrapes} scrapes\n{server.process.describe()}"
+    )

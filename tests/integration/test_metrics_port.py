@@ -15,8 +15,9 @@ from gunicorn_insight.settings import DEFAULT_METRICS_BIND, parse_host_port
 
 
 def _start_on(process_factory: ProcessFactory, metrics_port: int) -> Gunicorn:
-    server = start_gunicorn(process_factory, workers=1,
-                            env={"GUNICORN_INSIGHT_METRICS_BIND": f"127.0.0.1:{metrics_port}"})
+    server = start_gunicorn(
+        process_factory, workers=1, env={"GUNICORN_INSIGHT_METRICS_BIND": f"127.0.0.1:{metrics_port}"}
+    )
     server.metrics_port = metrics_port
     return server
 
@@ -51,8 +52,10 @@ def default_port_held() -> Iterator[int]:
     except OSError as error:
         holder.close()
         if error.errno == errno.EADDRINUSE:
-            pytest.skip(f"another process holds the default metrics port {DEFAULT_METRICS_BIND}; this test "
-                        "needs to hold it itself")
+            pytest.skip(
+                f"another process holds the default metrics port {DEFAULT_METRICS_BIND}; this test "
+                "needs to hold it itself"
+            )
         raise
     holder.listen()
     try:
@@ -65,8 +68,7 @@ def test_default_metrics_port_in_use_is_a_warning_not_a_failure(
     process_factory: ProcessFactory, default_port_held: int
 ) -> None:
     """metrics_bind not set and its default port taken: the server starts and serves, warning once with the fix."""
-    server = start_gunicorn(process_factory, workers=1, metrics=False,
-                            env={"GUNICORN_INSIGHT_METRICS_BIND": None})
+    server = start_gunicorn(process_factory, workers=1, metrics=False, env={"GUNICORN_INSIGHT_METRICS_BIND": None})
     assert server.get("/") == 200
     output = server.process.output()
     warning = f"/metrics is not served: the default metrics_bind {DEFAULT_METRICS_BIND} is in use"

@@ -80,7 +80,10 @@ def test_oom_kill_is_its_own_cause(
     """A worker the kernel OOM-kills is cause oom at /metrics, at StatsD and in the exit line naming its request."""
     host, port = statsd_daemon.udp_address
     server = start_gunicorn(
-        process_factory, app="hungry_app:app", cwd=APPS, workers=1,
+        process_factory,
+        app="hungry_app:app",
+        cwd=APPS,
+        workers=1,
         env={"GUNICORN_INSIGHT_STATSD": f"{host}:{port}"},
         launcher=[sys.executable, str(APPS / "in_cgroup.py"), str(memory_cgroup)],
     )
@@ -96,8 +99,12 @@ def test_oom_kill_is_its_own_cause(
     assert re.search(rf"Worker \(pid:{worker}\) was sent SIGKILL", server.process.output())
     server.wait_for_value("gunicorn_worker_exits_total", 1, cause="oom")
     assert server.total("gunicorn_worker_exits_total", cause="killed") == 0
-    wait_until(lambda: statsd_daemon.counters().get("gunicorn.worker.exit.oom") == 1, timeout=30,
-               what="gunicorn.worker.exit.oom == 1 at StatsD", dump=lambda: repr(statsd_daemon.counters()))
+    wait_until(
+        lambda: statsd_daemon.counters().get("gunicorn.worker.exit.oom") == 1,
+        timeout=30,
+        what="gunicorn.worker.exit.oom == 1 at StatsD",
+        dump=lambda: repr(statsd_daemon.counters()),
+    )
     assert "gunicorn.worker.exit.killed" not in statsd_daemon.counters()
     server.wait_for_workers(1)  # gunicorn replaced the worker, and the server kept serving
     assert server.get("/") == 200
@@ -106,8 +113,13 @@ def test_oom_kill_is_its_own_cause(
 def test_memory_near_the_limit_then_oom(memory_cgroup: Path, process_factory: ProcessFactory) -> None:
     """gunicorn in a 250 MiB cgroup: quiet at first; a worker holding 190 MiB makes live-memory a warning with
     the working set against the limit; once the OOM killer has killed a worker, an error naming the request."""
-    server = start_gunicorn(process_factory, app="hungry_app:app", cwd=APPS, workers=1,
-                            launcher=[sys.executable, str(APPS / "in_cgroup.py"), str(memory_cgroup)])
+    server = start_gunicorn(
+        process_factory,
+        app="hungry_app:app",
+        cwd=APPS,
+        workers=1,
+        launcher=[sys.executable, str(APPS / "in_cgroup.py"), str(memory_cgroup)],
+    )
     _, before = doctor(server, "--window", "0.5")
     assert "live-memory" not in findings(before), before
     assert before["measured"]["memory_limit_bytes"] == LIMIT
@@ -120,8 +132,12 @@ def test_memory_near_the_limit_then_oom(memory_cgroup: Path, process_factory: Pr
     fire_and_forget(server, "/grow")
     server.process.wait_for_log(EXITED, timeout=60)
     server.wait_for_workers(1)
-    wait_until(lambda: any(item.get("cause") == "oom" for item in status_exits(server)), timeout=30,
-               what="the oom exit in status.json", dump=server.process.describe)
+    wait_until(
+        lambda: any(item.get("cause") == "oom" for item in status_exits(server)),
+        timeout=30,
+        what="the oom exit in status.json",
+        dump=server.process.describe,
+    )
     status, killed = doctor(server, "--window", "0.5")
     oom = findings(killed)["live-memory"]
     assert (status, oom["severity"]) == (1, "error")

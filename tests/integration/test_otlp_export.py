@@ -27,10 +27,14 @@ def otlp_env(receiver: OtlpReceiver, **extra: str) -> dict[str, str | None]:
 
 
 def wait_for_total(receiver: OtlpReceiver, server: Gunicorn, name: str, expected: float, **wanted: Any) -> None:
-    wait_until(lambda: point_total(receiver.latest(name), **wanted) == expected, timeout=60,
-               what=f"{name}{wanted or ''} == {expected} in the latest export",
-               dump=lambda: f"got {point_total(receiver.latest(name), **wanted)}\n{receiver.describe()}\n"
-                            f"{server.process.describe()}")
+    wait_until(
+        lambda: point_total(receiver.latest(name), **wanted) == expected,
+        timeout=60,
+        what=f"{name}{wanted or ''} == {expected} in the latest export",
+        dump=lambda: (
+            f"got {point_total(receiver.latest(name), **wanted)}\n{receiver.describe()}\n{server.process.describe()}"
+        ),
+    )
 
 
 @pytest.mark.oldest
@@ -39,8 +43,12 @@ def test_exports_exact_counts_with_http_semantic_conventions(
 ) -> None:
     """Request count and duration count exact, attributes and resource per the conventions; OTLP alone
     (metrics_bind off) still starts the exporting process."""
-    server = start_gunicorn(process_factory, metrics=False, args=["-n", "shop"],
-                            env=otlp_env(otlp_receiver, OTEL_RESOURCE_ATTRIBUTES="deployment.environment.name=test"))
+    server = start_gunicorn(
+        process_factory,
+        metrics=False,
+        args=["-n", "shop"],
+        env=otlp_env(otlp_receiver, OTEL_RESOURCE_ATTRIBUTES="deployment.environment.name=test"),
+    )
     for _ in range(5):
         assert server.get("/") == 200
     for _ in range(3):
@@ -55,7 +63,10 @@ def test_exports_exact_counts_with_http_semantic_conventions(
     for status, count in ((200, 5), (404, 3)):
         point = by_status[status]
         assert attributes_of(point.attributes) == {
-            "http.request.method": "GET", "http.response.status_code": status, "server.port": server.port}
+            "http.request.method": "GET",
+            "http.response.status_code": status,
+            "server.port": server.port,
+        }
         assert (point.count, sum(point.bucket_counts)) == (count, count)
         assert list(point.explicit_bounds) == list(DEFAULT_BUCKETS)
         assert point.sum > 0
@@ -85,16 +96,26 @@ def test_delta_temporality_adds_up_to_the_exact_count(
 ) -> None:
     """With the delta preference, counters and histograms arrive as deltas that sum to what was sent;
     OTEL_SERVICE_NAME wins over proc_name."""
-    env = otlp_env(otlp_receiver, OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE="delta",
-                   OTEL_SERVICE_NAME="checkout")
+    env = otlp_env(
+        otlp_receiver, OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE="delta", OTEL_SERVICE_NAME="checkout"
+    )
     server = start_gunicorn(process_factory, env=env)
     for round_ in range(3):
         for _ in range(4):
             assert server.get("/") == 200
         sent = 4 * (round_ + 1)
-        wait_until(lambda sent=sent: sum(point_total(metric) for metric in  # type: ignore[misc]
-                                         otlp_receiver.metrics("http.server.request.duration")) == sent,
-                   timeout=60, what=f"deltas adding up to {sent}", dump=otlp_receiver.describe)
+        wait_until(
+            lambda sent=sent: (
+                sum(
+                    point_total(metric)
+                    for metric in otlp_receiver.metrics("http.server.request.duration")  # type: ignore[misc]
+                )
+                == sent
+            ),
+            timeout=60,
+            what=f"deltas adding up to {sent}",
+            dump=otlp_receiver.describe,
+        )
     for metric in otlp_receiver.metrics("gunicorn.requests"):
         assert metric.sum.aggregation_temporality == DELTA
     assert sum(point_total(metric) for metric in otlp_receiver.metrics("gunicorn.requests")) == 12

@@ -30,8 +30,12 @@ def test_prometheus_server_sees_the_exact_request_count(
     prometheus = prometheus_factory([f"127.0.0.1:{server.metrics_port}"], scrape_interval=0.5)
 
     def answered(query: str, expected: float) -> None:
-        wait_until(lambda: prometheus.query_value(query) == expected, timeout=30,
-                   what=f"{query} == {expected}", dump=lambda: f"got {prometheus.query_value(query)}")
+        wait_until(
+            lambda: prometheus.query_value(query) == expected,
+            timeout=30,
+            what=f"{query} == {expected}",
+            dump=lambda: f"got {prometheus.query_value(query)}",
+        )
 
     answered("sum(gunicorn_requests_total)", 37)
     answered('sum(gunicorn_requests_total{method="GET",status="404"})', 7)
@@ -103,8 +107,14 @@ def test_asgi_worker_counts_requests(process_factory: ProcessFactory) -> None:
 
     if GUNICORN_VERSION < (24, 0):
         pytest.fail("the asgi worker needs gunicorn >= 24; this test is not marked oldest")
-    server = start_gunicorn(process_factory, app="asgi_app:app", worker_class="asgi", cwd=APPS, workers=1,
-                            args=["--access-logfile", "/dev/null"])
+    server = start_gunicorn(
+        process_factory,
+        app="asgi_app:app",
+        worker_class="asgi",
+        cwd=APPS,
+        workers=1,
+        args=["--access-logfile", "/dev/null"],
+    )
     for _ in range(6):
         server.get("/")
     assert server.value("gunicorn_requests_total", method="GET", status="201") == 6
@@ -122,8 +132,9 @@ gunicorn_insight.install(globals())
 """
 
 
-def test_master_serves_metrics_without_importing_prometheus_client(process_factory: ProcessFactory,
-                                                                   tmp_path: Path) -> None:
+def test_master_serves_metrics_without_importing_prometheus_client(
+    process_factory: ProcessFactory, tmp_path: Path
+) -> None:
     """prometheus_client and the HTTP stack stay out of the master (and so out of every worker it forks)."""
     marks = tmp_path / "modules.json"
     config = tmp_path / "gunicorn.conf.py"
@@ -142,8 +153,12 @@ def test_metrics_process_exits_when_the_master_is_killed(process_factory: Proces
     assert server.metrics_port is not None
     assert server.total("gunicorn_workers") == 1
     os.kill(server.pid, signal.SIGKILL)
-    wait_until(lambda: not Path(f"/proc/{metrics_pid}").exists() or _zombie(metrics_pid), timeout=20,
-               what="the /metrics process to exit after its master was killed", dump=server.process.describe)
+    wait_until(
+        lambda: not Path(f"/proc/{metrics_pid}").exists() or _zombie(metrics_pid),
+        timeout=20,
+        what="the /metrics process to exit after its master was killed",
+        dump=server.process.describe,
+    )
     with socket.socket() as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         probe.bind(("127.0.0.1", server.metrics_port))
@@ -159,8 +174,12 @@ def test_signal_to_the_whole_group_stops_gunicorn_without_restarting_metrics(
     server = start_gunicorn(process_factory, workers=1)
     metrics_pid = server.metrics_pid()
     server.process.stop(sig)
-    wait_until(lambda: not Path(f"/proc/{metrics_pid}").exists() or _zombie(metrics_pid), timeout=20,
-               what="the /metrics process to exit with its master", dump=server.process.describe)
+    wait_until(
+        lambda: not Path(f"/proc/{metrics_pid}").exists() or _zombie(metrics_pid),
+        timeout=20,
+        what="the /metrics process to exit with its master",
+        dump=server.process.describe,
+    )
     output = server.process.output()
     assert "restarting it" not in output
     assert "gunicorn_insight/_export/metrics_process.py" not in output

@@ -15,8 +15,12 @@ def test_reload_replaces_workers_without_losing_counts(process_factory: ProcessF
         server.get("/")
     old = set(server.worker_pids())
     server.process.send_signal(signal.SIGHUP)
-    wait_until(lambda: not old & set(server.worker_pids()) and len(server.worker_pids()) == 2, timeout=30,
-               what="the old workers to be replaced", dump=server.process.describe)
+    wait_until(
+        lambda: not old & set(server.worker_pids()) and len(server.worker_pids()) == 2,
+        timeout=30,
+        what="the old workers to be replaced",
+        dump=server.process.describe,
+    )
     server.wait_for_workers(2)
     for _ in range(5):
         server.get("/")

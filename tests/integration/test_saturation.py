@@ -27,8 +27,12 @@ def test_saturated_sync_workers_show_busy_and_tcp_backlog(process_factory: Proce
     server.wait_for_value("gunicorn_workers_busy", 2)
     assert server.value("gunicorn_capacity") == 2
     listener = f"http://127.0.0.1:{server.port}"
-    wait_until(lambda: (server.value("gunicorn_listen_backlog", listener=listener) or 0) > 0, timeout=20,
-               what="a non-empty TCP accept queue", dump=server.metrics_text)
+    wait_until(
+        lambda: (server.value("gunicorn_listen_backlog", listener=listener) or 0) > 0,
+        timeout=20,
+        what="a non-empty TCP accept queue",
+        dump=server.metrics_text,
+    )
     assert server.value("gunicorn_listen_backlog_max", listener=listener) == 64
     for thread in threads:
         thread.join()
@@ -53,8 +57,12 @@ def test_unix_socket_backlog_is_measured(process_factory: ProcessFactory, short_
 
     for _ in range(4):
         slow_over_unix()
-    wait_until(lambda: (server.value("gunicorn_listen_backlog", listener=listener) or 0) >= 2, timeout=20,
-               what="a non-empty unix accept queue", dump=server.metrics_text)
+    wait_until(
+        lambda: (server.value("gunicorn_listen_backlog", listener=listener) or 0) >= 2,
+        timeout=20,
+        what="a non-empty unix accept queue",
+        dump=server.metrics_text,
+    )
     assert server.value("gunicorn_listen_backlog_max", listener=listener) == 32
     for client in clients:
         client.close()
@@ -65,8 +73,12 @@ def test_gthread_requests_waiting_for_a_thread(process_factory: ProcessFactory) 
     server = start_gunicorn(process_factory, worker_class="gthread", workers=1, args=["--threads", "1"])
     threads = slow_requests(server, 4, 1.5)  # two or more wait for the thread during the first 3 s
     server.wait_for_value("gunicorn_workers_busy", 1)
-    wait_until(lambda: (server.value("gunicorn_requests_waiting") or 0) >= 2, timeout=20,
-               what="connections waiting for a thread", dump=server.metrics_text)
+    wait_until(
+        lambda: (server.value("gunicorn_requests_waiting") or 0) >= 2,
+        timeout=20,
+        what="connections waiting for a thread",
+        dump=server.metrics_text,
+    )
     assert server.value("gunicorn_capacity") == 1
     for thread in threads:
         thread.join()
@@ -116,8 +128,13 @@ def test_bad_queue_headers_are_counted_never_used(process_factory: ProcessFactor
 
 def test_flask_routes_label_templates_and_health_is_excluded(process_factory: ProcessFactory) -> None:
     """Flask's url_rule becomes the route label (never the raw path); /health is left out entirely."""
-    server = start_gunicorn(process_factory, app="flask_app:app", cwd=APPS, workers=2,
-                            env={"GUNICORN_INSIGHT_ROUTE_LABEL": "true", "GUNICORN_INSIGHT_EXCLUDE_PATHS": "/health"})
+    server = start_gunicorn(
+        process_factory,
+        app="flask_app:app",
+        cwd=APPS,
+        workers=2,
+        env={"GUNICORN_INSIGHT_ROUTE_LABEL": "true", "GUNICORN_INSIGHT_EXCLUDE_PATHS": "/health"},
+    )
     for item in range(20):
         assert server.get(f"/items/{item}") == 200
     for _ in range(5):
@@ -131,9 +148,17 @@ def test_flask_routes_label_templates_and_health_is_excluded(process_factory: Pr
 
 def test_route_cap_counts_the_rest_as_other(process_factory: ProcessFactory) -> None:
     """A resolver returning raw paths is held to max_routes distinct values; the rest is 'other', warned once."""
-    server = start_gunicorn(process_factory, app="flask_app:app", cwd=APPS, workers=1,
-                            env={"GUNICORN_INSIGHT_ROUTE_LABEL": "1", "GUNICORN_INSIGHT_MAX_ROUTES": "3",
-                                 "GUNICORN_INSIGHT_ROUTE_RESOLVER": "flask_app:raw_path"})
+    server = start_gunicorn(
+        process_factory,
+        app="flask_app:app",
+        cwd=APPS,
+        workers=1,
+        env={
+            "GUNICORN_INSIGHT_ROUTE_LABEL": "1",
+            "GUNICORN_INSIGHT_MAX_ROUTES": "3",
+            "GUNICORN_INSIGHT_ROUTE_RESOLVER": "flask_app:raw_path",
+        },
+    )
     for item in range(10):
         server.get(f"/items/{item}")
     routes = {dict(labels)["route"] for (name, labels) in server.samples() if name == "gunicorn_requests_total"}
@@ -151,17 +176,27 @@ def test_memory_and_cpu_per_worker(process_factory: ProcessFactory) -> None:
     before = server.total("gunicorn_worker_cpu_seconds_total")
     for _ in range(300):
         server.get("/")
-    wait_until(lambda: server.total("gunicorn_worker_cpu_seconds_total") > before, timeout=20,
-               what="worker CPU seconds to grow", dump=server.metrics_text)
+    wait_until(
+        lambda: server.total("gunicorn_worker_cpu_seconds_total") > before,
+        timeout=20,
+        what="worker CPU seconds to grow",
+        dump=server.metrics_text,
+    )
 
 
 def test_access_log_shows_busy_workers_and_queue_time(process_factory: ProcessFactory, tmp_path: object) -> None:
     """With access_log_atoms, %({x-gunicorn-busy}i)s and %({x-gunicorn-queue-ms}i)s fill gunicorn's access log."""
     log = f"{tmp_path}/access.log"
     server = start_gunicorn(
-        process_factory, workers=2, env={"GUNICORN_INSIGHT_ACCESS_LOG_ATOMS": "true"},
-        args=["--access-logfile", log,
-              "--access-logformat", "%(U)s busy=%({x-gunicorn-busy}i)s q=%({x-gunicorn-queue-ms}i)s"],
+        process_factory,
+        workers=2,
+        env={"GUNICORN_INSIGHT_ACCESS_LOG_ATOMS": "true"},
+        args=[
+            "--access-logfile",
+            log,
+            "--access-logformat",
+            "%(U)s busy=%({x-gunicorn-busy}i)s q=%({x-gunicorn-queue-ms}i)s",
+        ],
     )
     connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
     connection.request("GET", "/", headers={"X-Request-Start": f"t={time.time() - 0.25:.3f}"})

@@ -324,8 +324,13 @@ def test_start_gunicorn_retries_a_port_taken_after_free_port(
         monkeypatch.setattr(harness, "free_port", lambda: next(ports, None) or free_port())
         started: list[Process] = []
 
-        def recording(argv: Sequence[str | os.PathLike[str]], env: Mapping[str, str | None] | None = None,
-                      cwd: str | os.PathLike[str] | None = None, *, name: str | None = None) -> Process:
+        def recording(
+            argv: Sequence[str | os.PathLike[str]],
+            env: Mapping[str, str | None] | None = None,
+            cwd: str | os.PathLike[str] | None = None,
+            *,
+            name: str | None = None,
+        ) -> Process:
             process = process_factory(argv, env, cwd, name=name)
             started.append(process)
             return process

@@ -104,8 +104,12 @@ def test_a_dev_shm_that_fills_up_while_serving_costs_the_metrics_not_the_server(
         assert server.get("/") == 200
     victim = server.worker_pids()[0]
     os.kill(victim, signal.SIGKILL)  # the master forks a replacement into a slot never used before
-    wait_until(lambda: victim not in server.worker_pids() and len(server.worker_pids()) == 2, timeout=30,
-               what="a replacement worker", dump=server.process.describe)
+    wait_until(
+        lambda: victim not in server.worker_pids() and len(server.worker_pids()) == 2,
+        timeout=30,
+        what="a replacement worker",
+        dump=server.process.describe,
+    )
     server.wait_for_workers(2)
     assert server.get("/") == 200
     server.wait_for_value("gunicorn_requests_total", 302)
@@ -137,8 +141,9 @@ def test_room_for_the_scoreboard_but_not_the_metric_files_is_a_clear_startup_err
     status = server.process.wait(timeout=60)
     output = server.process.output()
     assert status == 1, output
-    assert "Error: gunicorn-insight cannot reserve room for its Prometheus files in /dev/shm/gunicorn-insight-" \
-        in output
+    assert (
+        "Error: gunicorn-insight cannot reserve room for its Prometheus files in /dev/shm/gunicorn-insight-" in output
+    )
     assert "GUNICORN_INSIGHT_PROMETHEUS_DIR" in output
     assert "Booting worker" not in output
 
@@ -150,6 +155,9 @@ def test_little_room_left_for_the_applications_files_is_said_once(process_factor
     server = start_gunicorn(process_factory, launcher=_small_shm("3400k"), wait=False)
     server.process.wait_for_port(server.port, timeout=30)
     assert server.get("/") == 200
-    server.process.wait_for_log(r"only 0\.\d MiB left in /dev/shm/gunicorn-insight-\S+/prometheus; the "
-                                r"application's prometheus_client files need 64 KiB", timeout=30)
+    server.process.wait_for_log(
+        r"only 0\.\d MiB left in /dev/shm/gunicorn-insight-\S+/prometheus; the "
+        r"application's prometheus_client files need 64 KiB",
+        timeout=30,
+    )
     assert server.process.output().count("the application's prometheus_client files need") == 1

@@ -11,8 +11,16 @@ from servers import ProcessFactory, free_port
 
 
 def start_expecting_failure(process_factory: ProcessFactory, env: dict[str, str], *args: str) -> str:
-    argv = gunicorn_argv("-c", "python:gunicorn_insight.conf", "-b", f"127.0.0.1:{free_port()}", "--chdir",
-                         str(EXAMPLES), *args, "app:app")
+    argv = gunicorn_argv(
+        "-c",
+        "python:gunicorn_insight.conf",
+        "-b",
+        f"127.0.0.1:{free_port()}",
+        "--chdir",
+        str(EXAMPLES),
+        *args,
+        "app:app",
+    )
     process = process_factory(argv, env=clean_environment(env), cwd=EXAMPLES, name="gunicorn")
     assert process.wait(timeout=30) != 0
     return process.output()
@@ -57,9 +65,7 @@ def test_prometheus_dir_that_is_a_file_fails_at_startup(process_factory: Process
     assert f"prometheus_dir='{blocker}' is not a writable directory" in output
 
 
-def test_prometheus_client_imported_too_early_fails_at_startup(
-    process_factory: ProcessFactory, tmp_path: Path
-) -> None:
+def test_prometheus_client_imported_too_early_fails_at_startup(process_factory: ProcessFactory, tmp_path: Path) -> None:
     """A config that imports prometheus_client before install() gets the error that explains the order."""
     config = tmp_path / "gunicorn.conf.py"
     config.write_text("import prometheus_client\nimport gunicorn_insight\ngunicorn_insight.install(globals())\n")
@@ -74,12 +80,18 @@ def test_prometheus_client_imported_too_early_fails_at_startup(
     ("env", "message"),
     [
         ({"GUNICORN_INSIGHT_OTLP": "collector:4318"}, "otlp='collector:4318' is not an OTLP/HTTP endpoint URL"),
-        ({"GUNICORN_INSIGHT_OTLP": "on", "OTEL_METRIC_EXPORT_INTERVAL": "soon"},
-         "Error: OTEL_METRIC_EXPORT_INTERVAL='soon' must be milliseconds"),
-        ({"GUNICORN_INSIGHT_OTLP": "on", "OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE": "sometimes"},
-         "Error: OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE='sometimes' is not one of"),
-        ({"GUNICORN_INSIGHT_OTLP": "on", "OTEL_EXPORTER_OTLP_ENDPOINT": "grpc://collector:4317"},
-         "Error: OTEL_EXPORTER_OTLP_ENDPOINT='grpc://collector:4317/v1/metrics' is not an http:// or https:// URL"),
+        (
+            {"GUNICORN_INSIGHT_OTLP": "on", "OTEL_METRIC_EXPORT_INTERVAL": "soon"},
+            "Error: OTEL_METRIC_EXPORT_INTERVAL='soon' must be milliseconds",
+        ),
+        (
+            {"GUNICORN_INSIGHT_OTLP": "on", "OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE": "sometimes"},
+            "Error: OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE='sometimes' is not one of",
+        ),
+        (
+            {"GUNICORN_INSIGHT_OTLP": "on", "OTEL_EXPORTER_OTLP_ENDPOINT": "grpc://collector:4317"},
+            "Error: OTEL_EXPORTER_OTLP_ENDPOINT='grpc://collector:4317/v1/metrics' is not an http:// or https:// URL",
+        ),
     ],
 )
 def test_bad_otlp_configuration_fails_at_startup(
@@ -96,8 +108,7 @@ def test_otlp_without_the_sdk_names_the_extra_to_install(process_factory: Proces
     shadow = tmp_path / "no-sdk" / "opentelemetry"
     shadow.mkdir(parents=True)
     (shadow / "__init__.py").write_text("raise ImportError('no OpenTelemetry here (test)')\n")
-    output = start_expecting_failure(process_factory, {"GUNICORN_INSIGHT_OTLP": "on",
-                                                       "PYTHONPATH": str(shadow.parent)})
+    output = start_expecting_failure(process_factory, {"GUNICORN_INSIGHT_OTLP": "on", "PYTHONPATH": str(shadow.parent)})
     assert "Error: otlp='on' needs the OpenTelemetry SDK and its OTLP/HTTP exporter" in output
     assert "pip install 'gunicorn-insight[otlp]'" in output
     assert "Booting worker" not in output

@@ -12,8 +12,12 @@ from servers import ProcessFactory, StatsdDaemon, free_udp_port, wait_until
 def rounds_pass(daemon: StatsdDaemon, count: int = 2) -> None:
     """Wait until the exporter has sent `count` more rounds (each round sends gauges, so packets arrive)."""
     start = daemon.counters().get("statsd.packets_received", 0)
-    wait_until(lambda: daemon.counters().get("statsd.packets_received", 0) >= start + count, timeout=30,
-               what=f"{count} more StatsD rounds", dump=daemon.dump)
+    wait_until(
+        lambda: daemon.counters().get("statsd.packets_received", 0) >= start + count,
+        timeout=30,
+        what=f"{count} more StatsD rounds",
+        dump=daemon.dump,
+    )
 
 
 @pytest.mark.oldest
@@ -24,14 +28,23 @@ def test_statsd_daemon_gets_exact_counts_and_timings(
     """Every request is one count and one timer at the real daemon; per-worker gauges keep separate names."""
     host, port = statsd_daemon.udp_address
     threads = ["--threads", "3"] if worker_class == "gthread" else []  # --threads turns sync into gthread
-    server = start_gunicorn(process_factory, worker_class=worker_class, metrics=False,
-                            env={"GUNICORN_INSIGHT_STATSD": f"{host}:{port}"}, args=threads)
+    server = start_gunicorn(
+        process_factory,
+        worker_class=worker_class,
+        metrics=False,
+        env={"GUNICORN_INSIGHT_STATSD": f"{host}:{port}"},
+        args=threads,
+    )
     for _ in range(25):
         assert server.get("/") == 200
     for _ in range(3):
         assert server.get("/status/503") == 503
-    wait_until(lambda: statsd_daemon.counters().get("gunicorn.requests") == 28, timeout=30,
-               what="gunicorn.requests == 28", dump=lambda: repr(statsd_daemon.counters()))
+    wait_until(
+        lambda: statsd_daemon.counters().get("gunicorn.requests") == 28,
+        timeout=30,
+        what="gunicorn.requests == 28",
+        dump=lambda: repr(statsd_daemon.counters()),
+    )
     rounds_pass(statsd_daemon)
     counters = statsd_daemon.counters()
     assert counters["gunicorn.requests"] == 28
@@ -51,13 +64,23 @@ def test_timers_over_the_cap_reach_the_daemon_as_a_marked_sample(
     """With statsd_timers_per_second low, the daemon gets fewer timer values than requests, marked with their
     rate (no bad lines), while the request counter stays exact."""
     host, port = statsd_daemon.udp_address
-    server = start_gunicorn(process_factory, metrics=False, env={
-        "GUNICORN_INSIGHT_STATSD": f"{host}:{port}", "GUNICORN_INSIGHT_STATSD_TIMERS_PER_SECOND": "4",
-        "GUNICORN_INSIGHT_INTERVAL": "1"})
+    server = start_gunicorn(
+        process_factory,
+        metrics=False,
+        env={
+            "GUNICORN_INSIGHT_STATSD": f"{host}:{port}",
+            "GUNICORN_INSIGHT_STATSD_TIMERS_PER_SECOND": "4",
+            "GUNICORN_INSIGHT_INTERVAL": "1",
+        },
+    )
     for _ in range(80):
         assert server.get("/") == 200
-    wait_until(lambda: statsd_daemon.counters().get("gunicorn.requests") == 80, timeout=30,
-               what="gunicorn.requests == 80", dump=lambda: repr(statsd_daemon.counters()))
+    wait_until(
+        lambda: statsd_daemon.counters().get("gunicorn.requests") == 80,
+        timeout=30,
+        what="gunicorn.requests == 80",
+        dump=lambda: repr(statsd_daemon.counters()),
+    )
     rounds_pass(statsd_daemon)
     assert 2 <= statsd_daemon.timer_counts()["gunicorn.request.duration"] < 80
     assert statsd_daemon.bad_lines() == 0
@@ -69,12 +92,17 @@ def test_gunicorn_statsd_settings_are_reused_without_double_counting(
 ) -> None:
     """With only gunicorn's --statsd-host/--statsd-prefix set, we add our gauges and never re-count requests."""
     host, port = statsd_daemon.udp_address
-    server = start_gunicorn(process_factory, metrics=False,
-                            args=["--statsd-host", f"{host}:{port}", "--statsd-prefix", "shop"])
+    server = start_gunicorn(
+        process_factory, metrics=False, args=["--statsd-host", f"{host}:{port}", "--statsd-prefix", "shop"]
+    )
     for _ in range(10):
         server.get("/")
-    wait_until(lambda: statsd_daemon.counters().get("shop.gunicorn.requests") == 10, timeout=30,
-               what="shop.gunicorn.requests == 10", dump=lambda: repr(statsd_daemon.counters()))
+    wait_until(
+        lambda: statsd_daemon.counters().get("shop.gunicorn.requests") == 10,
+        timeout=30,
+        what="shop.gunicorn.requests == 10",
+        dump=lambda: repr(statsd_daemon.counters()),
+    )
     rounds_pass(statsd_daemon, 3)
     assert statsd_daemon.counters()["shop.gunicorn.requests"] == 10
     assert statsd_daemon.timer_counts()["shop.gunicorn.request.duration"] == 10
@@ -94,8 +122,12 @@ def test_aggregator_down_then_up_resumes_without_hurting_the_server(
     with StatsdDaemon(tmp_path / "late-statsd", extra_config={"port": port}) as daemon:
         for _ in range(5):
             assert server.get("/") == 200
-        wait_until(lambda: daemon.counters().get("gunicorn.requests", 0) >= 5, timeout=30,
-                   what="counts after the daemon came back", dump=daemon.dump)
+        wait_until(
+            lambda: daemon.counters().get("gunicorn.requests", 0) >= 5,
+            timeout=30,
+            what="counts after the daemon came back",
+            dump=daemon.dump,
+        )
     assert "Traceback" not in server.process.output()
 
 
@@ -108,8 +140,12 @@ def test_dogstatsd_mode_sends_the_names_datadogs_gunicorn_integration_reads(
     import threading
 
     host, port = statsd_daemon.udp_address
-    server = start_gunicorn(process_factory, metrics=False, env={"GUNICORN_INSIGHT_STATSD": f"{host}:{port}"},
-                            args=["--dogstatsd-tags", "env:test"])
+    server = start_gunicorn(
+        process_factory,
+        metrics=False,
+        env={"GUNICORN_INSIGHT_STATSD": f"{host}:{port}"},
+        args=["--dogstatsd-tags", "env:test"],
+    )
     for _ in range(6):
         assert server.get("/") == 200
     for _ in range(2):
@@ -117,13 +153,21 @@ def test_dogstatsd_mode_sends_the_names_datadogs_gunicorn_integration_reads(
     slow = threading.Thread(target=server.get, args=("/slow?s=3",))
     slow.start()
     try:
-        wait_until(lambda: statsd_daemon.gauges().get("gunicorn.workers;state=working;env=test") == 1, timeout=30,
-                   what="gunicorn.workers{state:working} == 1", dump=lambda: repr(statsd_daemon.gauges()))
+        wait_until(
+            lambda: statsd_daemon.gauges().get("gunicorn.workers;state=working;env=test") == 1,
+            timeout=30,
+            what="gunicorn.workers{state:working} == 1",
+            dump=lambda: repr(statsd_daemon.gauges()),
+        )
         assert statsd_daemon.gauges()["gunicorn.workers;state=idle;env=test"] == 1
     finally:
         slow.join()
-    wait_until(lambda: statsd_daemon.counters().get("gunicorn.request.status.200;env=test") == 7, timeout=30,
-               what="gunicorn.request.status.200{env:test} == 7", dump=lambda: repr(statsd_daemon.counters()))
+    wait_until(
+        lambda: statsd_daemon.counters().get("gunicorn.request.status.200;env=test") == 7,
+        timeout=30,
+        what="gunicorn.request.status.200{env:test} == 7",
+        dump=lambda: repr(statsd_daemon.counters()),
+    )
     rounds_pass(statsd_daemon)
     counters = statsd_daemon.counters()
     assert counters["gunicorn.request.status.503;env=test"] == 2

@@ -23,14 +23,19 @@ def test_usr2_successor_takes_over_the_metrics_port(process_factory: ProcessFact
     assert successor != server.pid
     os.kill(server.pid, signal.SIGTERM)  # the operator retires the old master
     server.process.wait(timeout=30)
-    wait_until(lambda: _serves(server), timeout=30, what="the successor to serve /metrics",
-               dump=server.process.describe)
+    wait_until(
+        lambda: _serves(server), timeout=30, what="the successor to serve /metrics", dump=server.process.describe
+    )
     assert handover
     for _ in range(2):
         server.get("/")
     # The old master handed its counts over when it exited (see test_deployments for the counters' test).
-    wait_until(lambda: server.total("gunicorn_requests_total") == 3 + 2, timeout=30,
-               what="the successor to count on from the old master's requests", dump=server.process.describe)
+    wait_until(
+        lambda: server.total("gunicorn_requests_total") == 3 + 2,
+        timeout=30,
+        what="the successor to count on from the old master's requests",
+        dump=server.process.describe,
+    )
     os.kill(successor, signal.SIGTERM)
 
 

@@ -51,7 +51,7 @@ def test_request_stuck_in_c_code_is_named_after_sigkill(process_factory: Process
     assert (match["path"], slow["path"]) == ("/stuck-c?<redacted>", "/stuck-c?<redacted>")
     assert float(match["elapsed"]) >= 2
     assert "no stack" in match["stack"]
-    assert "pbkdf2_hmac" in output[slow.end():match.start()]  # the stack, taken before the kill
+    assert "pbkdf2_hmac" in output[slow.end() : match.start()]  # the stack, taken before the kill
     assert "hunter2" not in output
     server.wait_for_value("gunicorn_worker_exits_total", 1, cause="timeout_kill")
     server.wait_for_value("gunicorn_slow_requests_total", 1)
@@ -60,15 +60,17 @@ def test_request_stuck_in_c_code_is_named_after_sigkill(process_factory: Process
 @pytest.mark.oldest
 def test_request_stuck_in_python_is_aborted_with_its_stack(process_factory: ProcessFactory) -> None:
     """Sync worker stuck in Python: worker_abort writes the stack signal-safely; cause is timeout."""
-    server = start_gunicorn(process_factory, workers=1, args=["--timeout", "2"],
-                            env={"GUNICORN_INSIGHT_SLOW_REQUEST_TIMEOUT": "0"})
+    server = start_gunicorn(
+        process_factory, workers=1, args=["--timeout", "2"], env={"GUNICORN_INSIGHT_SLOW_REQUEST_TIMEOUT": "0"}
+    )
     fire_and_forget(server, "/stuck")
-    header = server.process.wait_for_log(r"worker pid=\d+ aborted \(WORKER TIMEOUT\) while serving GET /stuck; stack:",
-                                         timeout=30)
+    header = server.process.wait_for_log(
+        r"worker pid=\d+ aborted \(WORKER TIMEOUT\) while serving GET /stuck; stack:", timeout=30
+    )
     match = server.process.wait_for_log(EXITED, timeout=30)
     assert match["cause"] == "timeout"
     assert match["path"] == "/stuck"
-    assert re.search(r'File "[^"]*examples/app.py", line \d+ in app', server.process.output()[header.end():])
+    assert re.search(r'File "[^"]*examples/app.py", line \d+ in app', server.process.output()[header.end() :])
     assert "slow request" not in server.process.output()  # slow_request_timeout=0 turned the watchdog off
     server.wait_for_value("gunicorn_worker_exits_total", 1, cause="timeout")
 
@@ -76,13 +78,17 @@ def test_request_stuck_in_python_is_aborted_with_its_stack(process_factory: Proc
 def test_gthread_stuck_thread_is_reported_not_killed(process_factory: ProcessFactory) -> None:
     """gthread never times out a stuck thread: the watchdog logs it once with the app's frame, and counts it."""
     # The stuck thread outlives the worker's quick exit; a short graceful_timeout ends the teardown sooner.
-    server = start_gunicorn(process_factory, worker_class="gthread", workers=1,
-                            args=["--threads", "2", "--graceful-timeout", "1"],
-                            env={"GUNICORN_INSIGHT_SLOW_REQUEST_TIMEOUT": "1"})
+    server = start_gunicorn(
+        process_factory,
+        worker_class="gthread",
+        workers=1,
+        args=["--threads", "2", "--graceful-timeout", "1"],
+        env={"GUNICORN_INSIGHT_SLOW_REQUEST_TIMEOUT": "1"},
+    )
     fire_and_forget(server, "/stuck")
     slow = server.process.wait_for_log(SLOW, timeout=30)
     assert slow["path"] == "/stuck"
-    assert re.search(r'File "[^"]*examples/app.py", line \d+, in app', server.process.output()[slow.end():])
+    assert re.search(r'File "[^"]*examples/app.py", line \d+, in app', server.process.output()[slow.end() :])
     server.wait_for_value("gunicorn_slow_requests_total", 1)
     assert server.get("/") == 200  # the other thread still serves
     assert server.process.output().count("slow request") == 1
@@ -91,11 +97,16 @@ def test_gthread_stuck_thread_is_reported_not_killed(process_factory: ProcessFac
 
 def test_gevent_stuck_greenlet_stack_and_timeout(process_factory: ProcessFactory) -> None:
     """gevent: a real thread reports the stuck greenlet's stack; gunicorn's abort is classified timeout."""
-    server = start_gunicorn(process_factory, worker_class="gevent", workers=1, args=["--timeout", "3"],
-                            env={"GUNICORN_INSIGHT_SLOW_REQUEST_TIMEOUT": "1"})
+    server = start_gunicorn(
+        process_factory,
+        worker_class="gevent",
+        workers=1,
+        args=["--timeout", "3"],
+        env={"GUNICORN_INSIGHT_SLOW_REQUEST_TIMEOUT": "1"},
+    )
     fire_and_forget(server, "/stuck")
     slow = server.process.wait_for_log(SLOW + r" greenlet=0x[0-9a-f]+", timeout=30)
-    assert re.search(r"in app\n", server.process.output()[slow.end():])
+    assert re.search(r"in app\n", server.process.output()[slow.end() :])
     match = server.process.wait_for_log(EXITED, timeout=30)
     assert match["cause"] in ("timeout", "timeout_kill")
     assert match["path"] == "/stuck"
@@ -138,8 +149,9 @@ def test_worker_exiting_non_zero_is_a_crash(process_factory: ProcessFactory) -> 
 def test_graceful_shutdown_is_not_an_incident(process_factory: ProcessFactory, statsd_daemon: StatsdDaemon) -> None:
     """TERM to the master: every worker exit is counted graceful, in the last round, with no death line."""
     host, port = statsd_daemon.udp_address
-    server = start_gunicorn(process_factory, workers=2, metrics=False,
-                            env={"GUNICORN_INSIGHT_STATSD": f"{host}:{port}"})
+    server = start_gunicorn(
+        process_factory, workers=2, metrics=False, env={"GUNICORN_INSIGHT_STATSD": f"{host}:{port}"}
+    )
     server.process.stop()
     assert statsd_daemon.counters().get("gunicorn.worker.exit.graceful") == 2
     assert "worker exited" not in server.process.output()
@@ -149,18 +161,32 @@ def test_graceful_shutdown_is_not_an_incident(process_factory: ProcessFactory, s
 def test_app_failing_at_import_is_a_boot_failure(process_factory: ProcessFactory, statsd_daemon: StatsdDaemon) -> None:
     """An import error: one line with the exception's summary and the hint, counted boot_failure at StatsD."""
     host, port = statsd_daemon.udp_address
-    server = start_gunicorn(process_factory, app="broken_app:app", cwd=APPS, workers=1, metrics=False, wait=False,
-                            env={"GUNICORN_INSIGHT_STATSD": f"{host}:{port}"})
+    server = start_gunicorn(
+        process_factory,
+        app="broken_app:app",
+        cwd=APPS,
+        workers=1,
+        metrics=False,
+        wait=False,
+        env={"GUNICORN_INSIGHT_STATSD": f"{host}:{port}"},
+    )
     assert server.process.wait(timeout=60) != 0
     output = server.process.output()
-    assert re.search(r"gunicorn-insight: worker pid=\d+ could not load the application: RuntimeError: "
-                     r"DATABASE_URL is not set; if no traceback is above .* rerun with --log-level debug", output)
+    assert re.search(
+        r"gunicorn-insight: worker pid=\d+ could not load the application: RuntimeError: "
+        r"DATABASE_URL is not set; if no traceback is above .* rerun with --log-level debug",
+        output,
+    )
     assert "second line" not in output.split("could not load the application")[1].splitlines()[0]
     match = re.search(EXITED, output, re.MULTILINE)
     assert match is not None
     assert match["cause"] == "boot_failure"
-    wait_until(lambda: statsd_daemon.counters().get("gunicorn.worker.exit.boot_failure") == 1, timeout=10,
-               what="the boot failure counted at StatsD", dump=statsd_daemon.dump)
+    wait_until(
+        lambda: statsd_daemon.counters().get("gunicorn.worker.exit.boot_failure") == 1,
+        timeout=10,
+        what="the boot failure counted at StatsD",
+        dump=statsd_daemon.dump,
+    )
 
 
 def test_kill_is_classified_even_when_gunicorn_logs_nothing(process_factory: ProcessFactory) -> None:
@@ -175,11 +201,20 @@ def test_kill_is_classified_even_when_gunicorn_logs_nothing(process_factory: Pro
 def test_request_cut_off_at_shutdown_is_named(process_factory: ProcessFactory, statsd_daemon: StatsdDaemon) -> None:
     """A worker SIGKILLed when graceful_timeout runs out at shutdown: counted graceful, its request named."""
     host, port = statsd_daemon.udp_address
-    server = start_gunicorn(process_factory, workers=1, metrics=False, args=["--graceful-timeout", "1"],
-                            env={"GUNICORN_INSIGHT_STATSD": f"{host}:{port}"})
+    server = start_gunicorn(
+        process_factory,
+        workers=1,
+        metrics=False,
+        args=["--graceful-timeout", "1"],
+        env={"GUNICORN_INSIGHT_STATSD": f"{host}:{port}"},
+    )
     fire_and_forget(server, "/slow?s=30")
-    wait_until(lambda: statsd_daemon.gauges().get("gunicorn.requests_in_flight") == 1, timeout=20,
-               what="the slow request in flight", dump=statsd_daemon.dump)
+    wait_until(
+        lambda: statsd_daemon.gauges().get("gunicorn.requests_in_flight") == 1,
+        timeout=20,
+        what="the slow request in flight",
+        dump=statsd_daemon.dump,
+    )
     server.process.stop()
     match = re.search(EXITED, server.process.output(), re.MULTILINE)
     assert match is not None, server.process.output()
@@ -205,8 +240,14 @@ def test_blocked_asyncio_loop_is_reported_with_its_stack(process_factory: Proces
 
     if GUNICORN_VERSION < (24, 0):
         pytest.fail("the asgi worker needs gunicorn >= 24; this test is not marked oldest")
-    server = start_gunicorn(process_factory, app="asgi_app:app", worker_class="asgi", cwd=APPS, workers=1,
-                            env={"GUNICORN_INSIGHT_SLOW_REQUEST_TIMEOUT": "1"})
+    server = start_gunicorn(
+        process_factory,
+        app="asgi_app:app",
+        worker_class="asgi",
+        cwd=APPS,
+        workers=1,
+        env={"GUNICORN_INSIGHT_SLOW_REQUEST_TIMEOUT": "1"},
+    )
     fire_and_forget(server, "/block")
     blocked = server.process.wait_for_log(r"event loop blocked pid=\d+ slot=0 for [\d.]+s", timeout=30)
-    assert re.search(r"asgi_app.py\", line \d+, in app\n\s+time\.sleep\(3\)", server.process.output()[blocked.end():])
+    assert re.search(r"asgi_app.py\", line \d+, in app\n\s+time\.sleep\(3\)", server.process.output()[blocked.end() :])

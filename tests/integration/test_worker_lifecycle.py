@@ -9,17 +9,22 @@ from harness import APPS, start_gunicorn
 from servers import ProcessFactory, wait_until
 from test_worker_death import EXITED, fire_and_forget
 
-STALLED = (r"gunicorn-insight: stalled: (?P<in_flight>\d+) requests in flight, none finished for (?P<quiet>[\d.]+)s, "
-           r"(?P<busy>\d+) of (?P<workers>\d+) workers busy.*; requests: (?P<requests>.*)\. Their stacks")
-CRASH_LOOP = (r"gunicorn-insight: crash loop: (?P<count>\d+) workers died within 60s of starting in the last 300s "
-              r'\((?P<causes>[^)]*)\); last: pid=\d+ slot=\d+ cause=crash detail="(?P<detail>[^"]*)"')
+STALLED = (
+    r"gunicorn-insight: stalled: (?P<in_flight>\d+) requests in flight, none finished for (?P<quiet>[\d.]+)s, "
+    r"(?P<busy>\d+) of (?P<workers>\d+) workers busy.*; requests: (?P<requests>.*)\. Their stacks"
+)
+CRASH_LOOP = (
+    r"gunicorn-insight: crash loop: (?P<count>\d+) workers died within 60s of starting in the last 300s "
+    r'\((?P<causes>[^)]*)\); last: pid=\d+ slot=\d+ cause=crash detail="(?P<detail>[^"]*)"'
+)
 
 
 def test_every_worker_blocked_is_a_stall_named_with_its_requests(process_factory: ProcessFactory) -> None:
     """Two sync workers both sleeping and a third request queued: one stall line naming both requests, the
     stall gauge and counter, then "stall over" once they finish."""
-    server = start_gunicorn(process_factory, app="pressure_app:app", cwd=APPS, workers=2,
-                            env={"GUNICORN_INSIGHT_SLOW_REQUEST_TIMEOUT": "1"})
+    server = start_gunicorn(
+        process_factory, app="pressure_app:app", cwd=APPS, workers=2, env={"GUNICORN_INSIGHT_SLOW_REQUEST_TIMEOUT": "1"}
+    )
     for _ in range(3):
         fire_and_forget(server, "/slow?s=6")
     match = server.process.wait_for_log(STALLED, timeout=30)
@@ -28,16 +33,18 @@ def test_every_worker_blocked_is_a_stall_named_with_its_requests(process_factory
     assert match["requests"].count('"GET /slow?<redacted>"') == 2, match["requests"]
     assert server.value("gunicorn_stalled_requests") == 2
     assert server.value("gunicorn_stalls_total") == 1
-    server.process.wait_for_log(r"gunicorn-insight: stall over after [\d.]+s: requests finish again", timeout=30,
-                                since=match.end())
+    server.process.wait_for_log(
+        r"gunicorn-insight: stall over after [\d.]+s: requests finish again", timeout=30, since=match.end()
+    )
     server.wait_for_value("gunicorn_stalled_requests", 0)
     assert server.process.output().count("gunicorn-insight: stalled:") == 1
 
 
 def test_a_lone_slow_request_is_no_stall(process_factory: ProcessFactory) -> None:
     """One worker of two sleeping, nothing waiting: a slow request, never a stall."""
-    server = start_gunicorn(process_factory, app="pressure_app:app", cwd=APPS, workers=2,
-                            env={"GUNICORN_INSIGHT_SLOW_REQUEST_TIMEOUT": "1"})
+    server = start_gunicorn(
+        process_factory, app="pressure_app:app", cwd=APPS, workers=2, env={"GUNICORN_INSIGHT_SLOW_REQUEST_TIMEOUT": "1"}
+    )
     assert server.get("/slow?s=3", timeout=30) == 200
     server.wait_for_value("gunicorn_slow_requests_total", 1)
     assert "gunicorn-insight: stalled" not in server.process.output()
@@ -47,8 +54,14 @@ def test_a_lone_slow_request_is_no_stall(process_factory: ProcessFactory) -> Non
 def test_workers_dying_after_boot_are_a_crash_loop(process_factory: ProcessFactory) -> None:
     """A worker class that raises soon after boot, every time: each exit line carries the exception, one crash
     loop line names it, and the crash-loop gauge and counter say so."""
-    server = start_gunicorn(process_factory, app="pressure_app:app", cwd=APPS, workers=1,
-                            args=["-k", "pressure_app.CrashingWorker"], wait=False)
+    server = start_gunicorn(
+        process_factory,
+        app="pressure_app:app",
+        cwd=APPS,
+        workers=1,
+        args=["-k", "pressure_app.CrashingWorker"],
+        wait=False,
+    )
     match = server.process.wait_for_log(CRASH_LOOP, timeout=60)
     assert int(match["count"]) >= 3
     assert match["causes"].startswith("crash=")
@@ -59,8 +72,12 @@ def test_workers_dying_after_boot_are_a_crash_loop(process_factory: ProcessFacto
         assert exit_line["cause"] == "crash"
         assert exit_line["detail"] == "exited with code -1: RuntimeError: lost the database connection pool"
     assert server.process.output().count("gunicorn-insight: crash loop:") == 1
-    wait_until(lambda: server.value("gunicorn_worker_crash_loop") == 1, timeout=30,
-               what="gunicorn_worker_crash_loop == 1", dump=server.process.describe)
+    wait_until(
+        lambda: server.value("gunicorn_worker_crash_loop") == 1,
+        timeout=30,
+        what="gunicorn_worker_crash_loop == 1",
+        dump=server.process.describe,
+    )
     assert server.value("gunicorn_worker_crash_loops_total") == 1
     assert server.total("gunicorn_worker_exits_total", cause="crash") >= 3
 
@@ -77,11 +94,21 @@ def test_boot_duration_and_ready_workers(process_factory: ProcessFactory) -> Non
 def test_a_worker_importing_its_app_is_booting_and_adds_no_capacity(process_factory: ProcessFactory) -> None:
     """While the application takes 3 s to import, the worker is live but booting and capacity is 0; then it
     is ready, capacity 1, and its boot duration covers the import."""
-    server = start_gunicorn(process_factory, app="pressure_app:app", cwd=APPS, workers=1,
-                            env={"PRESSURE_APP_IMPORT_SECONDS": "3"}, wait=False)
+    server = start_gunicorn(
+        process_factory,
+        app="pressure_app:app",
+        cwd=APPS,
+        workers=1,
+        env={"PRESSURE_APP_IMPORT_SECONDS": "3"},
+        wait=False,
+    )
     server.process.wait_for_port(server.port, timeout=30)
-    wait_until(lambda: server.value("gunicorn_workers_booting") == 1, timeout=30,
-               what="one booting worker", dump=server.process.describe)
+    wait_until(
+        lambda: server.value("gunicorn_workers_booting") == 1,
+        timeout=30,
+        what="one booting worker",
+        dump=server.process.describe,
+    )
     assert (server.value("gunicorn_workers"), server.value("gunicorn_workers_ready")) == (1, 0)
     assert server.value("gunicorn_capacity") == 0
     server.wait_for_value("gunicorn_workers_ready", 1)
