@@ -59,7 +59,7 @@ class Round:
     stalls: int = 0
     """Stalls that began this round."""
     crash_loop: bool = False
-    """Workers keep dying soon after they boot (see _lifecycle.CrashLoopWatch)."""
+    """Workers keep dying soon after they boot (see _master.lifecycle.CrashLoopWatch)."""
     crash_loops: int = 0
     """Crash loops that began this round."""
     host: HostPressure | None = None

@@ -685,7 +685,7 @@ it starts serving (uvicorn's hands ``worker.wsgi`` to its server in ``run()``)."
 
 
 def record_asgi_requests(worker: Any, plan: Plan, monitor: Monitor | None = None) -> None:
-    """Wrap the loaded application in the recording ASGI layer (see _asgi), on the classes that need it.
+    """Wrap the loaded application in the recording ASGI layer (see _worker.asgi), on the classes that need it.
 
     gunicorn's asgi worker also calls the request hooks, with less than the layer sees (no status or route
     without its access log, no client address): this worker gets the user's own hooks back, so each request

@@ -273,7 +273,7 @@ class Scoreboard:
         return cls(path, buffer)
 
     def close(self) -> None:
-        with contextlib.suppress(BufferError):  # a recorder's word views (see _worker): unmapped when they go
+        with contextlib.suppress(BufferError):  # a recorder's word views (see _worker.recorder): unmapped when they go
             self.buffer.close()
 
     def offset(self, index: int) -> int:

@@ -1,4 +1,4 @@
-"""The master's handle on the /metrics process (see _http): start it, answer it, restart it, stop it.
+"""The master's handle on the /metrics process (see metrics_process): start it, answer it, restart it, stop it.
 
 The process is spawned with ``posix_spawn`` (no fork of the master, so none of gunicorn's or our fork
 handlers run) from a fresh interpreter, so nothing the master holds leaks into it but the socket pair
@@ -58,7 +58,7 @@ class MetricsEndpoint:
         optional: bool = False,
         extra_args: Sequence[str] = (),
     ) -> None:
-        """``address`` None: the process only exports over OTLP (see _otlp). ``optional``: metrics_bind was
+        """``address`` None: the process only exports over OTLP (see otlp). ``optional``: metrics_bind was
         not set, so a port in use raises :class:`MetricsPortTaken` instead of a :class:`ConfigurationError`."""
         self._bind = join_host_port(*address) if address is not None else ""
         self._extra_args = tuple(extra_args)

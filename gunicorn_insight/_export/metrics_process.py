@@ -2,7 +2,7 @@
 
 prometheus_client and the stdlib HTTP stack are imported here, never in the master: every worker
 gunicorn forks carries the master's memory, and these would add about 1.5 MB to each one. The master
-starts this process (see _endpoint) with one end of a socket pair as file descriptor 3 and talks to it
+starts this process (see metrics_link) with one end of a socket pair as file descriptor 3 and talks to it
 in single bytes: before each scrape this process sends ``r``, the master drains the scoreboard into the
 files and answers ``d``, so a scrape always includes the requests finished before it. When the socket
 closes (the master stopped or died) this process closes its listening socket at once, so a master started

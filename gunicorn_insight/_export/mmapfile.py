@@ -2,7 +2,7 @@
 
 The master writes its metrics into these files and folds dead workers' files into archives. Importing
 prometheus_client there would put its 1.5 MB of module objects into every worker gunicorn forks, so the
-master speaks the format itself; only the /metrics process (see _http) imports the library.
+master speaks the format itself; only the /metrics process (see metrics_process) imports the library.
 ``tests/test_mmapfile.py`` checks each direction against the installed prometheus_client.
 
 The format: a 4-byte little-endian count of bytes used (from the start of the file), 4 bytes of padding,

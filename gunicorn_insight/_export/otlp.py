@@ -1,4 +1,4 @@
-"""OTLP/HTTP metrics export, run by the /metrics process (see _http), never by the master or a worker.
+"""OTLP/HTTP metrics export, run by the /metrics process (see metrics_process), never by the master or a worker.
 
 The numbers are the ones Prometheus serves: every export interval this process asks the master for a
 round (as a scrape does), merges the multiprocess directory with the same collector, and translates the

@@ -1,4 +1,4 @@
-"""``/healthz`` and ``/readyz``, answered by the /metrics process (see _http) from facts it can read alone.
+"""``/healthz`` and ``/readyz``, answered by the /metrics process (see metrics_process) from facts it can read alone.
 
 Neither probe goes through a worker or waits for the master, so a pod whose workers are all busy still
 answers at once.

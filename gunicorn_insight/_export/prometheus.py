@@ -1,10 +1,10 @@
 """Prometheus export through prometheus_client's multiprocess files.
 
 The master writes the plugin's metrics into the multiprocess directory, where the application's own
-metrics (written by the workers) already are; the /metrics process (_http) serves both. Files of dead
+metrics (written by the workers) already are; the /metrics process (metrics_process) serves both. Files of dead
 workers are folded into one ``*_archive-<master pid>.db`` file per type so the directory, and therefore
 scrape time, stays bounded however many workers have come and gone. This module never imports
-prometheus_client: the master writes the format itself (_mmapfile).
+prometheus_client: the master writes the format itself (mmapfile).
 """
 
 from __future__ import annotations
@@ -203,7 +203,7 @@ def _usable(path: str) -> bool:
 
 
 OTLP_ONLY_PREFIX = "gunicorn_insight_otlp_"
-"""Families written for the OTLP export alone: /metrics leaves them out (see _http.make_registry)."""
+"""Families written for the OTLP export alone: /metrics leaves them out (see metrics_process.make_registry)."""
 OTLP_DURATION = OTLP_ONLY_PREFIX + "request_duration_seconds"
 
 BOOT_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)

@@ -1,10 +1,10 @@
 """The master's side: slots for workers, the exporter thread, death reports, the /metrics process.
 
 One thread of ours runs in the master: the exporter, which runs a round every ``interval`` and sooner when
-the /metrics process (see _endpoint and _http) asks for one before a scrape, but never two rounds less
-than ``min(interval, SCRAPE_ROUND_GAP)`` apart: a scrape waits at most that long for a round that starts
-after it asked, and a scrape flood cannot make the master run more rounds (the StatsD sink's host name is
-looked up by a thread of its own, see _statsd). Every round (drain, metric files, StatsD sends, logging)
+the /metrics process (see _export.metrics_link) asks for one before a scrape, but never two rounds less than
+``min(interval, SCRAPE_ROUND_GAP)`` apart: a scrape waits at most that long for a round that starts after it
+asked, and a scrape flood cannot make the master run more rounds (the StatsD sink's host name is looked up
+by a thread of its own, see _export.statsd). Every round (drain, metric files, StatsD sends, logging)
 runs while holding ``_round_lock``; nothing in it waits on the network. The fork handlers take that lock
 before gunicorn forks a worker, so a child is never born while a round is half way through a write or a
 log call; waiting is bounded by one round (milliseconds).

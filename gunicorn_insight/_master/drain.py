@@ -174,7 +174,7 @@ class Drainer:
     def count_cut_short(self, index: int, requests: tuple[sb.InFlight, ...], died: float, result: Round) -> int:
         """The requests a worker died under, read from its last snapshot: each is counted once, with status
         NO_RESPONSE and its duration up to the death. One post_request already counted (a signal handler had
-        run, see _worker) is not counted again. Returns how many were counted."""
+        run, see _worker.recorder) is not counted again. Returns how many were counted."""
         counted = 0
         for request in requests:
             if request.counted:

@@ -119,7 +119,7 @@ def single_port(binds: list[str]) -> int | None:
 
 
 def otlp_arguments(plan: Plan, master_pid: int) -> list[str]:
-    """What the /metrics process needs to export over OTLP (see _otlp); nothing when OTLP is off."""
+    """What the /metrics process needs to export over OTLP (see _export.otlp); nothing when OTLP is off."""
     settings = plan.settings
     if not settings.otlp_enabled:
         return []

@@ -8,7 +8,7 @@
  * The Python module stays the definition. Everything unusual is handed to it before any state changes:
  * no free entry, a path, query or method that is not a plain str, a non-ASCII method. Rarer steps that need Python anyway call the same Python functions (describe_peer,
  * parse_status, parse_request_start, queue_header, route_number, add_overflow, add_log_atoms), and every
- * error is handed to _safety.report, as the Python hooks do. Layouts: gunicorn_insight/_scoreboard.py.
+ * error is handed to _report.report, as the Python hooks do. Layouts: gunicorn_insight/_scoreboard.py.
  *
  * The GIL is held throughout, and no Python code runs between reading the ring head and publishing the
  * next one. gthread's recorder has a lock, which post_request holds from start to end as the Python hook
@@ -166,7 +166,7 @@ current_recorder(int *failed)
     return recorder;
 }
 
-/* Hand the pending exception to _safety.report, as the Python hooks' except clause does. */
+/* Hand the pending exception to _report.report, as the Python hooks' except clause does. */
 static void
 report_error(const char *hook)
 {

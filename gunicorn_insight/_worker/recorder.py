@@ -97,7 +97,7 @@ def parse_request_start(value: str, now: float) -> float:
 
 
 def default_route(environ: Any) -> str | None:
-    """The route template the framework (see _routes) or the application put in the environ."""
+    """The route template the framework (see routes) or the application put in the environ."""
     route = environ.get(ROUTE_KEY)
     return str(route) if route else None
 

@@ -120,7 +120,7 @@ class ListenerFacts(TypedDict):
 
 
 class ExitFacts(TypedDict):
-    """One recent worker exit (the fields of _status.WorkerExit)."""
+    """One recent worker exit (the fields of _runfiles.WorkerExit)."""
 
     time: float
     pid: int
