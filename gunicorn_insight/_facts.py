@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Protocol
 
 
 @dataclass(slots=True)
@@ -116,3 +117,15 @@ def status_label(status: int) -> str:
     if status == NO_RESPONSE:
         return "aborted"
     return str(status) if status else "unknown"
+
+
+class Sink(Protocol):
+    """An exporter the master feeds each round's facts to (Prometheus files, StatsD)."""
+
+    def publish(self, facts: Round) -> None: ...
+
+    def forget_process(self, pid: int) -> None:
+        """A worker is gone: fold or drop what the sink keeps per process."""
+
+    def close(self) -> None:
+        """The master is stopping, after its last round."""

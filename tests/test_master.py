@@ -126,7 +126,7 @@ def test_an_exit_with_a_request_in_flight_is_one_line_naming_it(
     """A worker SIGKILLed mid-request: one 'worker exited' line with cause, request and client; one recent exit."""
     worker, recorder = worker_of(master, 4242)
     start(recorder, FakeRequest("GET", "/report", query="id=7"))
-    master.reaps.observe("Worker (pid:%s) was sent SIGKILL! Perhaps out of memory?", (4242,))
+    master.exits.reaps.observe("Worker (pid:%s) was sent SIGKILL! Perhaps out of memory?", (4242,))
     master.worker_gone(worker)
     with caplog.at_level(logging.ERROR):
         master.run_round()

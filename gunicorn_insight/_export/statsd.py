@@ -460,6 +460,9 @@ class StatsdSink:
             tags.append(f"route:{clean_tag(route)}")
         return ",".join(tags)
 
+    def forget_process(self, pid: int) -> None:
+        """StatsD keeps nothing per process: a dead worker leaves nothing to fold."""
+
     def close(self) -> None:
         if self.resolver is not None:
             self.resolver.stop()

@@ -1,4 +1,5 @@
-"""The master's side: slots for workers, the exporter thread, death reports, the /metrics process.
+"""The master's side: slots for workers, the exporter thread and its rounds, the sinks and the /metrics
+process. A worker's exit is handed to forensics.ExitReports, which judges it in the next round.
 
 One thread of ours runs in the master: the exporter, which runs a round every ``interval`` and sooner when
 the /metrics process (see _export.metrics_link) asks for one before a scrape, but never two rounds less than
@@ -20,22 +21,20 @@ import heapq
 import os
 import threading
 import time
-from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from .. import _scoreboard as sb
 from .._export.metrics_link import MetricsEndpoint, MetricsPortTaken, wait_readable
 from .._export.prometheus import PrometheusSink
 from .._export.statsd import StatsdSink
-from .._facts import EXPECTED, Round
+from .._facts import Round, Sink
 from .._report import LOG, error_log_fd, report
 from .._runfiles import StatusFiles
 from .backlog import backlog, listen_overflows
 from .drain import Drainer
-from .forensics import OomCounter, ReapWatcher, classify
-from .lifecycle import CrashLoopWatch, EarlyDeath, StallWatch
+from .forensics import Death, ExitReports
+from .lifecycle import StallWatch
 from .plan import Plan, otlp_arguments
 from .pressure import HostReader, WorkerReadings
 
@@ -43,24 +42,6 @@ SLOT_ATTRIBUTE = "_gunicorn_insight_slot"
 RING_RECORDS = 8192
 SCRAPE_ROUND_GAP = 1.0
 """Seconds at least between two rounds when interval is longer: a scrape waits at most this long."""
-
-
-class Sink(Protocol):
-    """An exporter the master feeds each round's facts to (Prometheus files, StatsD)."""
-
-    def publish(self, facts: Round) -> None: ...
-
-
-@dataclass(frozen=True, slots=True)
-class Death:
-    """A worker exit as child_exit saw it, kept until the next round judges its cause."""
-
-    pid: int
-    slot: int
-    snapshot: bytes
-    at: float
-    aborted: bool
-    shutdown: bool = False
 
 
 class Master:
@@ -78,7 +59,6 @@ class Master:
             routes=plan.settings.max_routes if plan.settings.route_label else 0,
         )
         self._free_slots = list(range(plan.slots))
-        self._deaths: deque[Death] = deque()
         self._round_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -126,15 +106,13 @@ class Master:
             )
             self._sinks.append(self.statsd)
         self.in_child = False
-        self.reaps = ReapWatcher()
-        self._oom = OomCounter()
         self.status = StatusFiles(run_dir)
+        self.exits = ExitReports(self.board, self._drainer, self.status, self._sinks)
         self._host = _host_reader(plan)
         self._worker_readings = WorkerReadings()
         # A stall is judged against the slow-request threshold: the watchdogs have logged each stuck
         # request's stack by the time the master names the stall.
         self._stall = StallWatch(plan.slow_request_timeout if plan.slow_request_timeout > 0 else 30.0)
-        self._crash_loop = CrashLoopWatch()
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
@@ -147,14 +125,12 @@ class Master:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        self.queue_unreaped_exits()
+        self.exits.queue_unreaped()
         self.run_round()
         if self.endpoint is not None:
             self.endpoint.close()
-        if self.statsd is not None:
-            self.statsd.close()
-        if self.prometheus is not None:
-            self.prometheus.close()
+        for sink in self._sinks:
+            sink.close()
 
     def _run(self) -> None:
         interval = self.plan.settings.interval
@@ -191,23 +167,9 @@ class Master:
                 self._read_host(facts)
             except Exception as error:
                 report("reading host pressure", error)
-            self._oom.poll()
-            while self._deaths:
-                death = self._deaths.popleft()
-                try:
-                    facts.exits[self._bury(death, facts)] += 1
-                    self._watch_crash_loop(facts)
-                except Exception as error:
-                    report("reporting a worker exit", error)
+            self.exits.judge(facts)
             try:
                 self._watch_stall(facts)
-                if self._crash_loop.tick(facts.at):
-                    LOG.warning(
-                        "gunicorn-insight: crash loop over: fewer than %d early worker deaths in the last %.0fs",
-                        self._crash_loop.count,
-                        self._crash_loop.window,
-                    )
-                facts.crash_loop = self._crash_loop.looping
             except Exception as error:
                 report("watching for stalls and crash loops", error)
             for sink in self._sinks:
@@ -224,30 +186,6 @@ class Master:
         if self._host is not None:
             facts.host = self._host.read()
         facts.context_switches, facts.swap = self._worker_readings.read(facts.pids)
-
-    def _watch_crash_loop(self, facts: Round) -> None:
-        """After _bury: the exit it recorded joins the crash-loop window."""
-        exit_ = self.status.exits[-1]
-        death = EarlyDeath(facts.at, exit_.pid, exit_.slot, exit_.cause, exit_.detail, exit_.uptime)
-        if not self._crash_loop.exited(death, expected=death.cause in EXPECTED):
-            return
-        facts.crash_loops += 1
-        watch = self._crash_loop
-        causes = Counter(early.cause for early in watch.deaths)
-        LOG.error(
-            "gunicorn-insight: crash loop: %d workers died within %.0fs of starting in the last %.0fs (%s); last: "
-            'pid=%s slot=%s cause=%s detail="%s" uptime=%.1fs. gunicorn keeps replacing them, so the server '
-            'serves little or nothing: fix the cause named in the "worker exited" lines',
-            len(watch.deaths),
-            watch.young,
-            watch.window,
-            " ".join(f"{cause}={count}" for cause, count in sorted(causes.items())),
-            death.pid,
-            death.slot,
-            death.cause,
-            death.detail,
-            death.uptime,
-        )
 
     def _watch_stall(self, facts: Round) -> None:
         heads = sum(self.board.head(index) for index in range(self.board.slots))
@@ -302,7 +240,7 @@ class Master:
         )
 
     def watch_logger(self, log: Any) -> None:
-        self.reaps.watch(log)
+        self.exits.reaps.watch(log)
 
     def watch_listeners(self, listeners: Callable[[], list[Any]]) -> None:
         """gunicorn's listening sockets, re-read every round (a HUP can replace them)."""
@@ -345,76 +283,11 @@ class Master:
         self.board.release(slot)
         heapq.heappush(self._free_slots, slot)
         pid = worker.pid if isinstance(worker.pid, int) else 0
-        self._deaths.append(
+        self.exits.queue(
             Death(
                 pid, slot, snapshot, time.monotonic(), bool(getattr(worker, "aborted", False)), shutdown=shutting_down
             )
         )
-
-    def _bury(self, death: Death, facts: Round) -> str:
-        """Classify one exit, count the requests it cut short, log it if it needs a human, tidy its files.
-        Returns the cause."""
-        if self.prometheus is not None and death.pid:
-            self.prometheus.forget_process(death.pid)
-        view = sb.parse_slot(death.slot, death.snapshot, self.board.entries)
-        self._drainer.count_cut_short(death.slot, view.requests, death.at, facts)
-        signal, exit_code = self.reaps.take(death.pid)
-        verdict = classify(
-            view,
-            aborted=death.aborted,
-            signal=signal,
-            exit_code=exit_code,
-            oom=signal == "SIGKILL" and not death.aborted and self._oom.claim(),
-            shutdown=death.shutdown,
-        )
-        uptime = death.at - view.spawned if view.spawned else 0.0
-        oldest = view.requests[0] if view.requests else None
-        self.status.record_exit(
-            pid=death.pid,
-            slot=death.slot,
-            cause=verdict.cause,
-            detail=verdict.detail,
-            uptime=round(uptime, 3),
-            served=view.served,
-            rss=view.rss,
-            request=None if oldest is None else f"{oldest.method} {oldest.path}",
-            elapsed=None if oldest is None else round(death.at - oldest.started, 3),
-        )
-        if verdict.cause in EXPECTED and oldest is None:
-            return verdict.cause
-        request = "none"
-        if oldest is not None:
-            others = len(view.requests) - 1 + view.overflow
-            request = (
-                f'"{oldest.method} {oldest.path}" client={oldest.client} '
-                f"elapsed={death.at - oldest.started:.1f}s thread={oldest.thread}"
-                + (f" more_in_flight={others}" if others else "")
-            )
-        LOG.error(
-            'gunicorn-insight: worker exited pid=%s slot=%s cause=%s detail="%s" uptime=%.1fs served=%d rss=%s '
-            "request=%s%s",
-            death.pid,
-            death.slot,
-            verdict.cause,
-            verdict.detail,
-            uptime,
-            view.served,
-            _megabytes(view.rss),
-            request,
-            f' stack="{verdict.stack_note}"' if verdict.stack_note else "",
-        )
-        return verdict.cause
-
-    def queue_unreaped_exits(self) -> None:
-        """Exits gunicorn never passed to child_exit, found in the board when the master stops: a boot
-        failure (gunicorn halts on exit code 3 or 4) and workers SIGKILLed when graceful_timeout ran out."""
-        for view in self.board:
-            if view.state == sb.FREE or not view.pid:
-                continue
-            snapshot = self.board.snapshot(view.index)
-            self.board.release(view.index)
-            known = bool(view.flags & sb.FLAG_BOOT_FAILED) or view.pid in self.reaps.exit_codes
-            self._deaths.append(Death(view.pid, view.index, snapshot, time.monotonic(), False, shutdown=not known))
 
     # -- fork safety ----------------------------------------------------------------------------
 
@@ -459,10 +332,6 @@ def _host_reader(plan: Plan) -> HostReader | None:
             int(2 * quota + 1),
         )
     return reader
-
-
-def _megabytes(rss: int) -> str:
-    return f"{rss / 1048576:.1f}MiB" if rss else "unknown"
 
 
 CURRENT: Master | None = None

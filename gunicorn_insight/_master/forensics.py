@@ -15,14 +15,20 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Callable
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from .. import _scoreboard as sb
 from .._cgroup import memory_cgroup_dirs
+from .._facts import EXPECTED, Round, Sink
 from .._gunicorn import REAP_EXITED, REAP_SENT
-from .._report import LOG
+from .._report import LOG, report
+from .._runfiles import StatusFiles
+from .drain import Drainer
+from .lifecycle import CrashLoopWatch, EarlyDeath
 
 
 class ReapWatcher:
@@ -230,3 +236,154 @@ def _timed_out(abort_ran: bool, signal: str | None) -> Verdict:
         "no stack: stuck where Python code cannot run (C code, a "
         "blocked event loop), SIGKILL leaves no chance; see a slow-request report above if any",
     )
+
+
+@dataclass(frozen=True, slots=True)
+class Death:
+    """A worker exit as child_exit saw it, kept until the next round judges its cause."""
+
+    pid: int
+    slot: int
+    snapshot: bytes
+    at: float
+    aborted: bool
+    shutdown: bool = False
+
+
+class ExitReports:
+    """Worker exits from ``child_exit`` to their exit line: queued there without a lock or a log call (it
+    can run inside gunicorn 23's SIGCHLD handler), judged by the exporter's next round.
+
+    Judging an exit classifies it, counts the requests it cut short, records it for ``status.json``, logs it
+    when a human should know, lets every sink forget the dead process, and feeds the crash-loop watch.
+    """
+
+    def __init__(self, board: sb.Scoreboard, drainer: Drainer, status: StatusFiles, sinks: Sequence[Sink]) -> None:
+        self._board = board
+        self._drainer = drainer
+        self._status = status
+        self._sinks = sinks
+        self._deaths: deque[Death] = deque()
+        self.reaps = ReapWatcher()
+        self._oom = OomCounter()
+        self._crash_loop = CrashLoopWatch()
+
+    def queue(self, death: Death) -> None:
+        """Signal-handler safe: one deque append."""
+        self._deaths.append(death)
+
+    def queue_unreaped(self) -> None:
+        """Exits gunicorn never passed to child_exit, found in the board when the master stops: a boot
+        failure (gunicorn halts on exit code 3 or 4) and workers SIGKILLed when graceful_timeout ran out."""
+        for view in self._board:
+            if view.state == sb.FREE or not view.pid:
+                continue
+            snapshot = self._board.snapshot(view.index)
+            self._board.release(view.index)
+            known = bool(view.flags & sb.FLAG_BOOT_FAILED) or view.pid in self.reaps.exit_codes
+            self.queue(Death(view.pid, view.index, snapshot, time.monotonic(), False, shutdown=not known))
+
+    def judge(self, facts: Round) -> None:
+        """Every exit queued since the last round: its cause counted in ``facts.exits``, and the crash-loop
+        state in ``facts``."""
+        self._oom.poll()
+        while self._deaths:
+            death = self._deaths.popleft()
+            try:
+                facts.exits[self._bury(death, facts)] += 1
+                self._watch_crash_loop(facts)
+            except Exception as error:
+                report("reporting a worker exit", error)
+        try:
+            if self._crash_loop.tick(facts.at):
+                LOG.warning(
+                    "gunicorn-insight: crash loop over: fewer than %d early worker deaths in the last %.0fs",
+                    self._crash_loop.count,
+                    self._crash_loop.window,
+                )
+            facts.crash_loop = self._crash_loop.looping
+        except Exception as error:
+            report("watching for crash loops", error)
+
+    def _bury(self, death: Death, facts: Round) -> str:
+        """Classify one exit, count the requests it cut short, log it if it needs a human, tidy its files.
+        Returns the cause."""
+        if death.pid:
+            for sink in self._sinks:
+                sink.forget_process(death.pid)
+        view = sb.parse_slot(death.slot, death.snapshot, self._board.entries)
+        self._drainer.count_cut_short(death.slot, view.requests, death.at, facts)
+        signal, exit_code = self.reaps.take(death.pid)
+        verdict = classify(
+            view,
+            aborted=death.aborted,
+            signal=signal,
+            exit_code=exit_code,
+            oom=signal == "SIGKILL" and not death.aborted and self._oom.claim(),
+            shutdown=death.shutdown,
+        )
+        uptime = death.at - view.spawned if view.spawned else 0.0
+        oldest = view.requests[0] if view.requests else None
+        self._status.record_exit(
+            pid=death.pid,
+            slot=death.slot,
+            cause=verdict.cause,
+            detail=verdict.detail,
+            uptime=round(uptime, 3),
+            served=view.served,
+            rss=view.rss,
+            request=None if oldest is None else f"{oldest.method} {oldest.path}",
+            elapsed=None if oldest is None else round(death.at - oldest.started, 3),
+        )
+        if verdict.cause in EXPECTED and oldest is None:
+            return verdict.cause
+        request = "none"
+        if oldest is not None:
+            others = len(view.requests) - 1 + view.overflow
+            request = (
+                f'"{oldest.method} {oldest.path}" client={oldest.client} '
+                f"elapsed={death.at - oldest.started:.1f}s thread={oldest.thread}"
+                + (f" more_in_flight={others}" if others else "")
+            )
+        LOG.error(
+            'gunicorn-insight: worker exited pid=%s slot=%s cause=%s detail="%s" uptime=%.1fs served=%d rss=%s '
+            "request=%s%s",
+            death.pid,
+            death.slot,
+            verdict.cause,
+            verdict.detail,
+            uptime,
+            view.served,
+            _megabytes(view.rss),
+            request,
+            f' stack="{verdict.stack_note}"' if verdict.stack_note else "",
+        )
+        return verdict.cause
+
+    def _watch_crash_loop(self, facts: Round) -> None:
+        """After _bury: the exit it recorded joins the crash-loop window."""
+        exit_ = self._status.exits[-1]
+        death = EarlyDeath(facts.at, exit_.pid, exit_.slot, exit_.cause, exit_.detail, exit_.uptime)
+        if not self._crash_loop.exited(death, expected=death.cause in EXPECTED):
+            return
+        facts.crash_loops += 1
+        watch = self._crash_loop
+        causes = Counter(early.cause for early in watch.deaths)
+        LOG.error(
+            "gunicorn-insight: crash loop: %d workers died within %.0fs of starting in the last %.0fs (%s); last: "
+            'pid=%s slot=%s cause=%s detail="%s" uptime=%.1fs. gunicorn keeps replacing them, so the server '
+            'serves little or nothing: fix the cause named in the "worker exited" lines',
+            len(watch.deaths),
+            watch.young,
+            watch.window,
+            " ".join(f"{cause}={count}" for cause, count in sorted(causes.items())),
+            death.pid,
+            death.slot,
+            death.cause,
+            death.detail,
+            death.uptime,
+        )
+
+
+def _megabytes(rss: int) -> str:
+    return f"{rss / 1048576:.1f}MiB" if rss else "unknown"
