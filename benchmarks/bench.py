@@ -58,6 +58,11 @@ T = TypeVar("T")
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+# One process toolkit for the tests and the benchmark: starting, watching and stopping processes, ports.
+sys.path.insert(0, str(ROOT / "tests" / "integration"))
+from servers import Process, free_port, free_udp_port, port_accepts  # noqa: E402 -- found through the line above
+from servers import wait_until as _wait_until  # noqa: E402 -- likewise
+
 STATSD_JS = ROOT / ".tools" / "statsd" / "node_modules" / "statsd" / "stats.js"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -186,91 +191,11 @@ def parse_restarts(spec: str) -> list[int]:
 
 
 def wait_until(predicate: Callable[[], T | None], *, timeout: float, what: str, interval: float = 0.02) -> T:
-    """Poll until `predicate` returns something truthy; its exceptions propagate at once (fail fast)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() >= deadline:
-            raise BenchError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
-
-
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    """A 127.0.0.1 port that was free a moment ago; starts retry on a clash (see GunicornServer.start)."""
-    with socket.socket(socket.AF_INET, kind) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def port_accepts(port: int) -> bool:
+    """The toolkit's wait_until, failing as the benchmark fails everywhere: with a BenchError."""
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
-class Managed:
-    """A child process in its own session, output to a file (a full pipe can never block it)."""
-
-    def __init__(self, argv: Sequence[str], *, env: Mapping[str, str], cwd: Path, log_path: Path, name: str) -> None:
-        self.argv = list(argv)
-        self.name = name
-        self.log_path = log_path
-        with open(log_path, "ab") as log:
-            self._popen = subprocess.Popen(
-                self.argv,
-                env=dict(env),
-                cwd=cwd,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # its own process group: one killpg reaches the master and every worker
-            )
-        self.pid = self._popen.pid
-
-    def alive(self) -> bool:
-        return self._popen.poll() is None
-
-    @property
-    def returncode(self) -> int | None:
-        return self._popen.poll()
-
-    def output(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def describe(self, tail: int = 40) -> str:
-        state = "running" if self.alive() else f"exited with status {self.returncode}"
-        lines = self.output().splitlines()[-tail:]
-        return f"{self.name} (pid {self.pid}, {state}): {shlex.join(self.argv)}\n" + "\n".join(lines)
-
-    def wait(self, timeout: float) -> int:
-        try:
-            return self._popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise BenchError(f"{self.name} did not finish within {timeout:.0f}s\n{self.describe()}") from None
-
-    def _killpg(self, sig: int) -> None:
-        # The group id is the leader's pid; the kernel does not reuse it while the group has members.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, sig)
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM to the whole group, SIGKILL after `timeout`; always reaps. Idempotent."""
-        if self._popen.poll() is None:
-            self._killpg(signal.SIGTERM)
-            try:
-                self._popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self._killpg(signal.SIGKILL)
-                self._popen.wait()
-        self._killpg(signal.SIGKILL)  # workers a dead master left behind must not outlive the benchmark
+        return _wait_until(predicate, timeout=timeout, what=what, interval=interval)
+    except AssertionError as error:
+        raise BenchError(str(error)) from None
 
 
 class Supervisor:
@@ -279,19 +204,21 @@ class Supervisor:
     def __init__(self, workdir: Path, server_cpus: set[int] | None = None) -> None:
         self.workdir = workdir
         self.server_cpus = server_cpus  # --pin: the CPUs gunicorn may run on; None: any
-        self._processes: list[Managed] = []
+        self._processes: list[Process] = []
         self._serial = 0
 
     def start(
         self, argv: Sequence[str], *, name: str, env: Mapping[str, str] | None = None, cwd: Path = HERE
-    ) -> Managed:
+    ) -> Process:
         self._serial += 1
         log_path = self.workdir / f"{self._serial:04d}-{name}.log"
-        process = Managed(argv, env=env if env is not None else os.environ, cwd=cwd, log_path=log_path, name=name)
+        # Process lays its env over ours; None removes a variable, so the child gets exactly `env`.
+        given = dict(env if env is not None else os.environ)
+        process = Process(argv, env={**dict.fromkeys(os.environ), **given}, cwd=cwd, log_path=log_path, name=name)
         self._processes.append(process)
         return process
 
-    def stop(self, process: Managed) -> None:
+    def stop(self, process: Process) -> None:
         process.stop()
         with contextlib.suppress(ValueError):
             self._processes.remove(process)
@@ -483,7 +410,7 @@ class StatsdSink:
     def __init__(self, supervisor: Supervisor, prefer: str) -> None:
         self.port = 0
         self.description = ""
-        self._process: Managed | None = None
+        self._process: Process | None = None
         self._socket: socket.socket | None = None
         self._stop = threading.Event()
         node = shutil.which("node")
@@ -499,7 +426,7 @@ class StatsdSink:
         return f"127.0.0.1:{self.port}"
 
     def _start_daemon(self, supervisor: Supervisor, node: str) -> None:
-        self.port, mgmt_port = free_port(socket.SOCK_DGRAM), free_port()
+        self.port, mgmt_port = free_udp_port(), free_port()
         config = {
             "address": "127.0.0.1",
             "port": self.port,
@@ -631,7 +558,7 @@ class GunicornServer:
         self.extra_args = tuple(extra_args)
         self.port = 0
         self.metrics_port: int | None = None
-        self.process: Managed | None = None
+        self.process: Process | None = None
         self.ready_dir = Path(tempfile.mkdtemp(prefix="ready-", dir=supervisor.workdir))
         self.prometheus_dir: str | None = None
         self._log_offset = 0
@@ -847,7 +774,10 @@ class LoadGenerator:
             ]
         process = self.supervisor.start(argv, name="load")
         try:
-            status = process.wait(seconds + 60)
+            try:
+                status = process.wait(seconds + 60)
+            except AssertionError as error:  # the toolkit's timeout
+                raise BenchError(str(error)) from None
             output = process.output()
             if status != 0:
                 raise BenchError(f"the load generator failed\n{process.describe()}")

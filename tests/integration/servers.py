@@ -81,7 +81,7 @@ def wait_until(
     raise AssertionError(message)
 
 
-def _port_accepts(port: int, host: str = "127.0.0.1") -> bool:
+def port_accepts(port: int, host: str = "127.0.0.1") -> bool:
     try:
         with socket.create_connection((host, port), timeout=0.5):
             return True
@@ -165,10 +165,13 @@ class Process:
     def alive(self) -> bool:
         return self._popen.poll() is None
 
-    def describe(self) -> str:
-        """Command line, state and output, for failure messages."""
+    def describe(self, tail: int | None = None) -> str:
+        """Command line, state and output (its last ``tail`` lines when given), for failure messages."""
         state = "running" if self.alive() else f"exited with {self._popen.returncode}"
-        return _section(f"{self.name} (pid {self.pid}, {state}): {shlex.join(self.argv)}", self.output())
+        output = self.output()
+        if tail is not None:
+            output = "\n".join(output.splitlines()[-tail:])
+        return _section(f"{self.name} (pid {self.pid}, {state}): {shlex.join(self.argv)}", output)
 
     def assert_alive(self, waiting_for: str) -> None:
         """Fail with the exit status and output if the process has exited (for readiness predicates)."""
@@ -193,7 +196,7 @@ class Process:
 
         def accepting() -> bool:
             self.assert_alive(what)
-            return _port_accepts(port, host)
+            return port_accepts(port, host)
 
         wait_until(accepting, timeout=timeout, what=what, dump=self.describe)
 
