@@ -381,7 +381,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         # `gunicorn-insight status | head`: the reader left; that is not an error worth a traceback.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
-
-
-if __name__ == "__main__":
-    sys.exit(main())
