@@ -34,7 +34,7 @@ from ._worker.asgi import RecordingApp, current_task, find_uvicorn_connections
 from ._worker.recorder import RequestRecorder, post_request, pre_request, summarize
 from ._worker.routes import hook_frameworks
 from ._worker.watchdog import Monitor, write_abort_stack
-from .settings import ENV_PREFIX, ConfigurationError, Settings
+from .settings import ENV_PREFIX, ConfigurationError, Settings, otlp_protocol
 
 PROMETHEUS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 EMBEDDED_ENV = "_GUNICORN_INSIGHT_EMBEDDED_DIR"  # leading underscore: not a setting, never validated as one
@@ -484,7 +484,9 @@ def _describe(server: Any, master: _arbiter.Master) -> ServerInfo:
         prometheus_dir=plan.prometheus_dir,
         metrics_url=(master.endpoint.url or None) if master.endpoint is not None else None,
         statsd=repr(plan.statsd_target) if plan.statsd_target is not None else None,
-        otlp=(plan.settings.otlp_endpoint or "OTEL_EXPORTER_OTLP_*") if plan.settings.otlp_enabled else None,
+        otlp=(plan.settings.otlp_destination(os.environ) or "OTEL_EXPORTER_OTLP_*")
+        if plan.settings.otlp_enabled
+        else None,
     )
 
 
@@ -508,7 +510,8 @@ def _announce(master: _arbiter.Master) -> None:
     if plan.statsd_target is not None:
         where.append(f"StatsD to {plan.statsd_target!r}")
     if plan.settings.otlp_enabled:
-        where.append(f"OTLP to {plan.settings.otlp_endpoint or 'the OTEL_EXPORTER_OTLP_* endpoint'}")
+        destination = plan.settings.otlp_destination(os.environ) or "the OTEL_EXPORTER_OTLP_* endpoint"
+        where.append(f"OTLP to {destination}" + (" over gRPC" if otlp_protocol(os.environ) == "grpc" else ""))
     LOG.info(
         "gunicorn-insight: %s (worker class %s, %s request hooks, scoreboard %s)",
         "; ".join(where) or "no exporter",
