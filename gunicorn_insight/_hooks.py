@@ -31,6 +31,7 @@ from ._space import mebibytes
 from ._version import __version__
 from ._worker import recorder as _recorder
 from ._worker.asgi import RecordingApp, current_task, find_uvicorn_connections
+from ._worker.loglines import SlotLogLines
 from ._worker.recorder import RequestRecorder, post_request, pre_request, summarize
 from ._worker.routes import hook_frameworks
 from ._worker.watchdog import Monitor, write_abort_stack
@@ -524,7 +525,8 @@ def _announce(master: _arbiter.Master) -> None:
     if plan.gunicorn_statsd_active and master.statsd is not None:
         LOG.info(
             "gunicorn-insight: gunicorn's own statsd logger already sends gunicorn.requests, "
-            "gunicorn.request.duration and gunicorn.request.status.*; gunicorn-insight leaves those to it"
+            "gunicorn.request.duration, gunicorn.request.status.* and gunicorn.log.*; gunicorn-insight leaves "
+            "those to it"
         )
 
 
@@ -646,6 +648,8 @@ def post_fork(server: Any, worker: Any) -> None:
         if master.plan.worker_kind == "uvicorn":
             worker.nr_conns = 0  # the recorder reads it from the start; counted once the server runs
         _recorder.RECORDER = RequestRecorder(master.board, slot, worker, master.plan.recorder, current)
+        if master.log_lines is not None:  # the logger object came wrapped from the master: count into the slot
+            master.log_lines.in_worker(SlotLogLines(master.board.buffer, master.board.offset(slot)).count)
         if master.plan.worker_kind == "uvicorn":
             _recorder.RECORDER.unmark(sb.FLAG_COUNTS_CONNECTIONS)  # until then: the requests in flight
     except Exception as error:
