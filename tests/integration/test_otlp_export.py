@@ -211,6 +211,22 @@ def test_grpc_protocol_exports_exact_counts_to_a_grpc_receiver(
     assert json.loads(marks.read_text()) == []
 
 
+def test_grpc_endpoint_down_then_back(process_factory: ProcessFactory, grpc_otlp_receiver: GrpcOtlpReceiver) -> None:
+    """Over gRPC too, a collector that is down costs one warning and the export resumes with exact counts."""
+    grpc_otlp_receiver.stop()
+    env = {"GUNICORN_INSIGHT_OTLP": grpc_otlp_receiver.url, "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL": "grpc", **FAST}
+    server = start_gunicorn(process_factory, env=env, metrics=False)
+    for _ in range(5):
+        assert server.get("/") == 200
+    server.process.wait_for_log(r"OTLP export to http://127\.0\.0\.1:\d+ failed \(", timeout=60)
+    grpc_otlp_receiver.start()
+    wait_for_total(grpc_otlp_receiver, server, "http.server.request.duration", 5)
+    server.process.wait_for_log(r"OTLP export to \S+ works again", timeout=30)
+    output = server.process.output()
+    assert output.count("OTLP export to") == 2  # one warning (rate-limited), one recovery line
+    assert "Traceback" not in output
+
+
 def test_sdk_disabled_exports_nothing_and_says_so(process_factory: ProcessFactory, otlp_receiver: OtlpReceiver) -> None:
     """OTEL_SDK_DISABLED=true is honoured: gunicorn serves, one line says OTLP is off, the receiver gets nothing."""
     server = start_gunicorn(process_factory, env=otlp_env(otlp_receiver, OTEL_SDK_DISABLED="true"))
