@@ -45,6 +45,9 @@ class Round:
     """slot -> resident bytes of its live worker, read from /proc by the master this round."""
     slow: int = 0
     """Requests the workers' watchdogs reported slow this round."""
+    log_lines: Counter[str] = field(default_factory=Counter)
+    """level (critical, error, warning, exception) -> lines gunicorn's logger logged this round, in the master
+    and the workers; counted only while gunicorn-insight's StatsD sink stands in for gunicorn's statsd logger."""
     exits: Counter[str] = field(default_factory=Counter)
     """cause -> workers that exited this round (filled in by the master after the drain)."""
     at: float = 0.0

@@ -31,10 +31,11 @@ from ._space import mebibytes
 from ._version import __version__
 from ._worker import recorder as _recorder
 from ._worker.asgi import RecordingApp, current_task, find_uvicorn_connections
+from ._worker.loglines import SlotLogLines
 from ._worker.recorder import RequestRecorder, post_request, pre_request, summarize
 from ._worker.routes import hook_frameworks
 from ._worker.watchdog import Monitor, write_abort_stack
-from .settings import ENV_PREFIX, ConfigurationError, Settings
+from .settings import ENV_PREFIX, ConfigurationError, Settings, otlp_protocol
 
 PROMETHEUS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 EMBEDDED_ENV = "_GUNICORN_INSIGHT_EMBEDDED_DIR"  # leading underscore: not a setting, never validated as one
@@ -484,7 +485,9 @@ def _describe(server: Any, master: _arbiter.Master) -> ServerInfo:
         prometheus_dir=plan.prometheus_dir,
         metrics_url=(master.endpoint.url or None) if master.endpoint is not None else None,
         statsd=repr(plan.statsd_target) if plan.statsd_target is not None else None,
-        otlp=(plan.settings.otlp_endpoint or "OTEL_EXPORTER_OTLP_*") if plan.settings.otlp_enabled else None,
+        otlp=(plan.settings.otlp_destination(os.environ) or "OTEL_EXPORTER_OTLP_*")
+        if plan.settings.otlp_enabled
+        else None,
     )
 
 
@@ -508,7 +511,8 @@ def _announce(master: _arbiter.Master) -> None:
     if plan.statsd_target is not None:
         where.append(f"StatsD to {plan.statsd_target!r}")
     if plan.settings.otlp_enabled:
-        where.append(f"OTLP to {plan.settings.otlp_endpoint or 'the OTEL_EXPORTER_OTLP_* endpoint'}")
+        destination = plan.settings.otlp_destination(os.environ) or "the OTEL_EXPORTER_OTLP_* endpoint"
+        where.append(f"OTLP to {destination}" + (" over gRPC" if otlp_protocol(os.environ) == "grpc" else ""))
     LOG.info(
         "gunicorn-insight: %s (worker class %s, %s request hooks, scoreboard %s)",
         "; ".join(where) or "no exporter",
@@ -521,7 +525,8 @@ def _announce(master: _arbiter.Master) -> None:
     if plan.gunicorn_statsd_active and master.statsd is not None:
         LOG.info(
             "gunicorn-insight: gunicorn's own statsd logger already sends gunicorn.requests, "
-            "gunicorn.request.duration and gunicorn.request.status.*; gunicorn-insight leaves those to it"
+            "gunicorn.request.duration, gunicorn.request.status.* and gunicorn.log.*; gunicorn-insight leaves "
+            "those to it"
         )
 
 
@@ -643,6 +648,8 @@ def post_fork(server: Any, worker: Any) -> None:
         if master.plan.worker_kind == "uvicorn":
             worker.nr_conns = 0  # the recorder reads it from the start; counted once the server runs
         _recorder.RECORDER = RequestRecorder(master.board, slot, worker, master.plan.recorder, current)
+        if master.log_lines is not None:  # the logger object came wrapped from the master: count into the slot
+            master.log_lines.in_worker(SlotLogLines(master.board.buffer, master.board.offset(slot)).count)
         if master.plan.worker_kind == "uvicorn":
             _recorder.RECORDER.unmark(sb.FLAG_COUNTS_CONNECTIONS)  # until then: the requests in flight
     except Exception as error:

@@ -51,8 +51,12 @@ SLOW = struct.Struct("<I")  # +60: slow requests reported by the watchdog, ever,
 RSS = struct.Struct("<Q")  # +64: resident memory in bytes, sampled by the master
 WAITING = struct.Struct("<I")  # +72: gthread: accepted connections waiting for a free thread
 ROUTES_USED = struct.Struct("<I")  # +76: entries filled in this slot's route table (it outlives workers)
+# +80, +88, +96, +104: lines gunicorn's logger logged at each of LOG_LEVELS, ever, by this slot's workers (they
+# outlive a worker as the ring head does). Only counted when the master asks (see _master.loglines).
+LOG_LINES = struct.Struct("<Q")
+LOG_LEVELS = ("critical", "error", "warning", "exception")
 LAST_WORDS = struct.Struct("<128s")  # +128: why the worker is exiting (the boot exception), utf-8
-SLOT_HEADER = struct.Struct("<QIBBxxQIIQddiIQII48x128s")
+SLOT_HEADER = struct.Struct("<QIBBxxQIIQddiIQII4Q16x128s")
 SLOT_HEADER_SIZE = 256
 OFF_PID, OFF_STATE, OFF_FLAGS, OFF_HEAD, OFF_CONNS, OFF_OVERFLOW, OFF_BASE, OFF_SPAWNED, OFF_BOOTED = (
     8,
@@ -65,7 +69,15 @@ OFF_PID, OFF_STATE, OFF_FLAGS, OFF_HEAD, OFF_CONNS, OFF_OVERFLOW, OFF_BASE, OFF_
     40,
     48,
 )
-OFF_EXIT_CODE, OFF_SLOW, OFF_RSS, OFF_WAITING, OFF_ROUTES_USED, OFF_LAST_WORDS = 56, 60, 64, 72, 76, 128
+OFF_EXIT_CODE, OFF_SLOW, OFF_RSS, OFF_WAITING, OFF_ROUTES_USED, OFF_LOG_LINES, OFF_LAST_WORDS = (
+    56,
+    60,
+    64,
+    72,
+    76,
+    80,
+    128,
+)
 
 # In use, start (monotonic), thread, method, client host, client port (0: not TCP), path.
 ENTRY = struct.Struct("<B7xdQ8s46sH176s")
@@ -127,6 +139,8 @@ class SlotView:
     rss: int
     waiting: int
     routes_used: int
+    log_lines: tuple[int, ...]
+    """Per LOG_LEVELS, lines gunicorn's logger logged in this slot's workers, ever (0 unless counted)."""
     last_words: str
     requests: tuple[InFlight, ...]
 
@@ -183,6 +197,7 @@ def parse_slot(index: int, data: bytes, entries: int) -> SlotView:
         rss,
         waiting,
         routes_used,
+        *log_lines,
         last_words,
     ) = SLOT_HEADER.unpack_from(data, 0)
     requests = []
@@ -218,6 +233,7 @@ def parse_slot(index: int, data: bytes, entries: int) -> SlotView:
         rss,
         waiting,
         routes_used,
+        tuple(log_lines),
         _text(last_words),
         tuple(requests),
     )
@@ -337,6 +353,11 @@ class Scoreboard:
 
     def slow(self, index: int) -> int:
         return int(SLOW.unpack_from(self.buffer, self.offset(index) + OFF_SLOW)[0])
+
+    def log_lines(self, index: int) -> tuple[int, ...]:
+        """The slot's LOG_LINES counters, in LOG_LEVELS order."""
+        start = self.offset(index) + OFF_LOG_LINES
+        return tuple(LOG_LINES.unpack_from(self.buffer, start + 8 * n)[0] for n in range(len(LOG_LEVELS)))
 
     def set_rss(self, index: int, rss: int) -> None:
         store(self.buffer, self.offset(index) + OFF_RSS, RSS, rss)

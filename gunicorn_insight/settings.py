@@ -105,8 +105,9 @@ class Settings:
     """Use the request hooks compiled from _speedups.c where the package was built with them; off: the
     pure-Python hooks (same behaviour, more CPU per request)."""
     otlp: str | None = None
-    """Send metrics over OTLP/HTTP: the endpoint URL, or ``on`` to take it (and headers, timeout...) from
-    the standard ``OTEL_EXPORTER_OTLP_*`` variables; ``off``/unset: no OTLP."""
+    """Send metrics over OTLP (HTTP, or gRPC when ``OTEL_EXPORTER_OTLP_[METRICS_]PROTOCOL=grpc``): the
+    endpoint URL, or ``on`` to take it (and headers, timeout...) from the standard ``OTEL_EXPORTER_OTLP_*``
+    variables; ``off``/unset: no OTLP."""
 
     def __post_init__(self) -> None:
         for name, check in _VALIDATORS.items():
@@ -161,6 +162,13 @@ class Settings:
         if not self.otlp_enabled or self.otlp is None or self.otlp.lower() in _TRUE:
             return None
         return _otlp_metrics_url(self.otlp)
+
+    def otlp_destination(self, environ: Mapping[str, str]) -> str | None:
+        """Where OTLP goes, for the startup line and server.json: :attr:`otlp_endpoint` over HTTP, the URL
+        as given over gRPC (which has no path); None when the ``OTEL_EXPORTER_OTLP_*`` variables decide."""
+        if otlp_protocol(environ) == "grpc" and self.otlp_endpoint is not None:
+            return self.otlp
+        return self.otlp_endpoint
 
     @property
     def serves_prometheus(self) -> bool:
@@ -353,6 +361,19 @@ def _check_resolver(value: Any) -> Callable[[Any], str | None] | None:
     return resolver  # type: ignore[no-any-return]
 
 
+OTLP_PROTOCOL_VARIABLES = ("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL")
+
+
+def otlp_protocol(environ: Mapping[str, str]) -> str:
+    """The OTLP transport the standard variables ask for (the metrics one wins), http/protobuf by default.
+    Not checked here: the exporting process refuses a protocol it cannot send (see _export.otlp)."""
+    for variable in OTLP_PROTOCOL_VARIABLES:
+        value = environ.get(variable, "").strip()
+        if value:
+            return value
+    return "http/protobuf"
+
+
 def _otlp_metrics_url(value: str) -> str:
     """An OTLP/HTTP base URL gets the metrics signal path, as ``OTEL_EXPORTER_OTLP_ENDPOINT`` does."""
     parts = urlsplit(value)
@@ -372,8 +393,9 @@ def _check_otlp(raw: Any) -> str | None:
         port = -1
     if parts.scheme not in ("http", "https") or not parts.hostname or port == -1:
         raise ConfigurationError(
-            f"otlp={value!r} is not an OTLP/HTTP endpoint URL; write it like 'http://collector:4318' "
-            "(the /v1/metrics path is added when the URL has no path), or 'on' to take the endpoint from "
+            f"otlp={value!r} is not an OTLP endpoint URL; write it like 'http://collector:4318' "
+            "(the /v1/metrics path is added when the URL has no path; for gRPC 'http://collector:4317'), or "
+            "'on' to take the endpoint from "
             "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT / OTEL_EXPORTER_OTLP_ENDPOINT"
         )
     return value

@@ -40,7 +40,12 @@ def oldest_pins() -> dict[str, str]:
 def test_the_libraries_used_at_their_boundary_have_both_ends() -> None:
     """prometheus_client (file format) and the OpenTelemetry SDK have an upper bound; StatsD needs no library."""
     bounded = {name for name, (_, high) in ranges().items() if high}
-    assert {"prometheus-client", "opentelemetry-sdk", "opentelemetry-exporter-otlp-proto-http"} <= bounded
+    assert {
+        "prometheus-client",
+        "opentelemetry-sdk",
+        "opentelemetry-exporter-otlp-proto-http",
+        "opentelemetry-exporter-otlp-proto-grpc",
+    } <= bounded
     assert "statsd" not in ranges()
 
 

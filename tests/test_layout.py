@@ -18,17 +18,24 @@ HOOKS = ("gunicorn_insight._hooks",)
 
 ROLES = {
     # what gunicorn loads through install(): the master and, by fork, every worker
-    "plugin": (("gunicorn_insight", "gunicorn_insight.conf"), (*HEAVY, *CLI, "opentelemetry", "google.protobuf")),
+    "plugin": (
+        ("gunicorn_insight", "gunicorn_insight.conf"),
+        (*HEAVY, *CLI, "opentelemetry", "google.protobuf", "grpc"),
+    ),
     "worker": (
         (
             "gunicorn_insight._worker.recorder",
             "gunicorn_insight._worker.watchdog",
             "gunicorn_insight._worker.routes",
             "gunicorn_insight._worker.asgi",
+            "gunicorn_insight._worker.loglines",
         ),
-        (*HEAVY, *CLI, *MASTER, *EXPORT, *HOOKS, "opentelemetry"),
+        (*HEAVY, *CLI, *MASTER, *EXPORT, *HOOKS, "opentelemetry", "grpc"),
     ),
-    "master": (("gunicorn_insight._master.arbiter",), (*HEAVY, *CLI, *HOOKS, "opentelemetry", "google.protobuf")),
+    "master": (
+        ("gunicorn_insight._master.arbiter", "gunicorn_insight._master.loglines"),
+        (*HEAVY, *CLI, *HOOKS, "opentelemetry", "google.protobuf", "grpc"),
+    ),
     "export": (
         (
             "gunicorn_insight._export.prometheus",
@@ -37,7 +44,7 @@ ROLES = {
             "gunicorn_insight._export.mmapfile",
         ),
         # what the master loads of the export side: no OpenTelemetry (only the metrics process runs it)
-        (*HEAVY, *CLI, *MASTER, *WORKER, *HOOKS, "opentelemetry"),
+        (*HEAVY, *CLI, *MASTER, *WORKER, *HOOKS, "opentelemetry", "grpc"),
     ),
     "metrics process": (
         (

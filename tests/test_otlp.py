@@ -45,7 +45,7 @@ def test_otlp_setting_takes_a_base_url_a_full_url_or_on(value: str, endpoint: st
 @pytest.mark.parametrize("value", ["collector:4318", "grpc://collector:4317", "http://", "http://host:99999"])
 def test_bad_otlp_url_names_the_field_and_the_fix(value: str) -> None:
     """Not an http(s) URL: refused with an example of one."""
-    with pytest.raises(ConfigurationError, match=r"otlp=.* is not an OTLP/HTTP endpoint URL; write it like"):
+    with pytest.raises(ConfigurationError, match=r"otlp=.* is not an OTLP endpoint URL; write it like"):
         Settings.build({"otlp": value}, {})
 
 
@@ -69,10 +69,28 @@ def test_endpoint_comes_from_the_standard_variables() -> None:
 
 
 def test_the_http_protobuf_protocol_is_accepted_and_the_signal_variable_wins() -> None:
-    """http/protobuf is what is sent; the metrics-specific variable overrides the general one."""
+    """http/protobuf is the default; the metrics-specific variable overrides the general one."""
+    assert options().protocol == "http/protobuf"
     assert options(OTEL_EXPORTER_OTLP_PROTOCOL="http/protobuf").endpoint == "http://localhost:4318/v1/metrics"
     resolved = options(OTEL_EXPORTER_OTLP_METRICS_PROTOCOL="http/protobuf", OTEL_EXPORTER_OTLP_PROTOCOL="grpc")
-    assert resolved.endpoint == "http://localhost:4318/v1/metrics"
+    assert (resolved.protocol, resolved.endpoint) == ("http/protobuf", "http://localhost:4318/v1/metrics")
+
+
+def test_grpc_endpoints_have_no_signal_path() -> None:
+    """gRPC: port 4317 by default, the base endpoint used as it is, the signal variable winning over the general."""
+    assert (
+        options(OTEL_EXPORTER_OTLP_PROTOCOL="grpc").protocol,
+        options(OTEL_EXPORTER_OTLP_PROTOCOL="grpc").endpoint,
+    ) == (
+        "grpc",
+        "http://localhost:4317",
+    )
+    grpc = options(OTEL_EXPORTER_OTLP_METRICS_PROTOCOL="grpc", OTEL_EXPORTER_OTLP_ENDPOINT="https://c:4317")
+    assert (grpc.protocol, grpc.endpoint) == ("grpc", "https://c:4317")
+    settings = Settings.build({"otlp": "http://collector:4317"}, {})
+    assert settings.otlp_destination({"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}) == "http://collector:4317"
+    assert settings.otlp_destination({}) == "http://collector:4317/v1/metrics"
+    assert Settings.build({"otlp": "on"}, {}).otlp_destination({"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}) is None
 
 
 def test_interval_and_temporality_come_from_the_standard_variables() -> None:
@@ -91,7 +109,7 @@ def test_interval_and_temporality_come_from_the_standard_variables() -> None:
         ({"OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE": "both"}, "is not one of cumulative, delta"),
         ({"OTEL_RESOURCE_ATTRIBUTES": "team=web,oops"}, "OTEL_RESOURCE_ATTRIBUTES has 'oops', which is not key"),
         ({"OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": "collector:4318"}, "is not an http:// or https:// URL"),
-        ({"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}, "OTEL_EXPORTER_OTLP_PROTOCOL='grpc': gunicorn-insight sends"),
+        ({"OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"}, "OTEL_EXPORTER_OTLP_PROTOCOL='http/json': gunicorn-insight"),
         (
             {"OTEL_EXPORTER_OTLP_METRICS_PROTOCOL": "http/json", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"},
             "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL='http/json'",

@@ -334,7 +334,7 @@ def _arguments(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--title", default="")
     parser.add_argument("--run-dir", default="")
-    parser.add_argument("--otlp", default="", help="OTLP/HTTP endpoint URL, or 'on' for the OTEL_* variables")
+    parser.add_argument("--otlp", default="", help="OTLP endpoint URL, or 'on' for the OTEL_* variables")
     parser.add_argument("--service-name", default="gunicorn")
     parser.add_argument("--instance-id", default="")
     parser.add_argument("--master-pid", type=int, default=0)
@@ -396,9 +396,10 @@ def start_otlp(args: argparse.Namespace, link: MasterLink) -> Any:
     try:
         export = _otlp.OtlpExport(options, DirectoryCollector(args.directory).collect, link.fresh_round)
     except ImportError as error:
+        transport = "gRPC" if options.protocol == "grpc" else "HTTP"
         raise ConfigurationError(
-            f"otlp={args.otlp!r} needs the OpenTelemetry SDK and its OTLP/HTTP exporter ({error}); install them "
-            "with: pip install 'gunicorn-insight[otlp]'"
+            f"otlp={args.otlp!r} needs the OpenTelemetry SDK and its OTLP/{transport} exporter ({error}); install "
+            f"them with: pip install 'gunicorn-insight[{_otlp.EXTRAS[options.protocol]}]'"
         ) from None
     _otlp.log_to_stderr()
     return export

@@ -1,9 +1,10 @@
-"""OTLP/HTTP metrics export, run by the /metrics process (see metrics_process), never by the master or a worker.
+"""OTLP metrics export (HTTP, or gRPC with the otlp-grpc extra), run by the /metrics process (see
+metrics_process), never by the master or a worker.
 
 The numbers are the ones Prometheus serves: every export interval this process asks the master for a
 round (as a scrape does), merges the multiprocess directory with the same collector, and translates the
 merged families into OpenTelemetry metric data following the HTTP semantic conventions. The official
-SDK's data classes and its OTLP/HTTP exporter encode and send them; nothing here writes protobuf.
+SDK's data classes and its OTLP exporter (HTTP or gRPC) encode and send them; nothing here writes protobuf.
 
 The OpenTelemetry SDK is imported only by :class:`OtlpExport` (in this process). The rest of the module
 is plain Python: option parsing and the translation table are testable without the SDK.
@@ -24,10 +25,14 @@ from urllib.parse import urlsplit
 
 from .._report import LOG, RateLimitedLog
 from .._version import __version__
-from ..settings import ConfigurationError
+from ..settings import OTLP_PROTOCOL_VARIABLES, ConfigurationError
 from .prometheus import OTLP_DURATION
 
 DEFAULT_ENDPOINT = "http://localhost:4318/v1/metrics"
+DEFAULT_GRPC_ENDPOINT = "http://localhost:4317"
+PROTOCOLS = ("http/protobuf", "grpc")
+EXTRAS = {"http/protobuf": "otlp", "grpc": "otlp-grpc"}
+"""The package extra that installs the exporter of each protocol."""
 DEFAULT_INTERVAL_MS = 60000
 TEMPORALITIES = ("cumulative", "delta", "lowmemory")
 WARN_EVERY = 300.0
@@ -40,6 +45,8 @@ class OtlpOptions:
     """Everything the export needs, resolved from the ``otlp`` setting and the ``OTEL_*`` variables."""
 
     endpoint: str
+    protocol: str
+    """``http/protobuf`` (the default) or ``grpc``."""
     interval: float
     """Seconds between two exports (``OTEL_METRIC_EXPORT_INTERVAL``, in milliseconds there)."""
     delta: bool
@@ -63,26 +70,22 @@ def resolve_options(
     started: float,
 ) -> OtlpOptions:
     """Validate the ``otlp`` value and the standard variables; errors name the variable and the fix."""
+    protocol = _protocol(environ)
+    grpc = protocol == "grpc"
     if otlp.lower() in ("on", "true", "yes", "1"):
         endpoint = environ.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "").strip()
         source = "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"
         if not endpoint:
             base = environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip()
             source = "OTEL_EXPORTER_OTLP_ENDPOINT"
-            endpoint = f"{base.removesuffix('/')}/v1/metrics" if base else DEFAULT_ENDPOINT
+            if grpc:  # gRPC has no signal path: the base endpoint is the metrics endpoint
+                endpoint = base or DEFAULT_GRPC_ENDPOINT
+            else:
+                endpoint = f"{base.removesuffix('/')}/v1/metrics" if base else DEFAULT_ENDPOINT
         _check_url(source, endpoint)
     else:
         endpoint = otlp
         _check_url("otlp", endpoint)
-    for variable in ("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"):
-        protocol = environ.get(variable, "").strip()
-        if protocol:
-            if protocol != "http/protobuf":
-                raise ConfigurationError(
-                    f"{variable}={protocol!r}: gunicorn-insight sends OTLP as http/protobuf only; set it to "
-                    "http/protobuf (collectors listen for it on port 4318) or unset it"
-                )
-            break  # the signal-specific variable wins over the general one
     raw_interval = environ.get("OTEL_METRIC_EXPORT_INTERVAL", "").strip() or str(DEFAULT_INTERVAL_MS)
     try:
         interval_ms = float(raw_interval)
@@ -108,6 +111,7 @@ def resolve_options(
             )
     return OtlpOptions(
         endpoint=endpoint,
+        protocol=protocol,
         interval=interval_ms / 1000.0,
         delta=raw_temporality.lower() != "cumulative",
         attributes={
@@ -121,6 +125,21 @@ def resolve_options(
     )
 
 
+def _protocol(environ: Mapping[str, str]) -> str:
+    for variable in OTLP_PROTOCOL_VARIABLES:
+        value = environ.get(variable, "").strip()
+        if not value:
+            continue
+        if value not in PROTOCOLS:
+            raise ConfigurationError(
+                f"{variable}={value!r}: gunicorn-insight sends OTLP as http/protobuf (collectors listen on port "
+                "4318) or grpc (port 4317, with pip install 'gunicorn-insight[otlp-grpc]'); set one of those or "
+                "unset it"
+            )
+        return value  # the signal-specific variable wins over the general one
+    return "http/protobuf"
+
+
 def _check_url(field: str, url: str) -> None:
     parts = urlsplit(url)
     try:
@@ -129,8 +148,8 @@ def _check_url(field: str, url: str) -> None:
         port_ok = False
     if parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
         raise ConfigurationError(
-            f"{field}={url!r} is not an http:// or https:// URL; give the collector's OTLP/HTTP endpoint, "
-            "e.g. http://collector:4318/v1/metrics (gunicorn-insight sends OTLP over HTTP, not gRPC)"
+            f"{field}={url!r} is not an http:// or https:// URL; give the collector's OTLP endpoint, "
+            "e.g. http://collector:4318/v1/metrics (or http://collector:4317 with the grpc protocol)"
         )
 
 
@@ -420,7 +439,6 @@ class OtlpExport:
     def __init__(
         self, options: OtlpOptions, collect: Callable[[], Iterable[Any]], fresh_round: Callable[[], None]
     ) -> None:
-        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
         from opentelemetry.sdk.resources import OTELResourceDetector, Resource
         from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
@@ -437,7 +455,7 @@ class OtlpExport:
         sdk_log = logging.getLogger("opentelemetry")
         sdk_log.addHandler(self._sdk_error)
         sdk_log.propagate = False  # its per-attempt retries and tracebacks would flood gunicorn's error log
-        self._exporter = OTLPMetricExporter(endpoint=options.endpoint)
+        self._exporter = _exporter_class(options.protocol)(endpoint=options.endpoint)
         self._warn = RateLimitedLog(period=WARN_EVERY)
         self._failing = False
         self._stop = threading.Event()
@@ -494,6 +512,18 @@ class OtlpExport:
             self.export_once()
         with contextlib.suppress(Exception):
             self._exporter.shutdown()
+
+
+def _exporter_class(protocol: str) -> Any:
+    """The official exporter of the protocol; ImportError when its extra is not installed. An http:// gRPC
+    endpoint is a plaintext channel, https:// a TLS one (the exporter decides from the scheme)."""
+    if protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter as Grpc
+
+        return Grpc
+    from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter as Http
+
+    return Http
 
 
 def log_to_stderr() -> None:

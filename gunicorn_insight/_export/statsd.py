@@ -287,8 +287,10 @@ class StatsdSink:
         pipe = client.pipeline()
         elapsed = self._since_last_round(facts)
         timers = self._timer_limit(elapsed)
-        if self._send_requests:
+        if self._send_requests:  # else gunicorn's statsd logger sends these, and gunicorn.log.*, itself
             self._request_lines(pipe, facts, timers)
+            for level, count in sorted(facts.log_lines.items()):
+                pipe.incr(self._name(f"gunicorn.log.{level}"), count)
         name, split = self._name, self._split
         for metric, count in (
             ("gunicorn.slow_requests", facts.slow),

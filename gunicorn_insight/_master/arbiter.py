@@ -35,6 +35,7 @@ from .backlog import backlog, listen_overflows
 from .drain import Drainer
 from .forensics import Death, ExitReports
 from .lifecycle import StallWatch
+from .loglines import LogLineWatch
 from .plan import Plan, otlp_arguments
 from .pressure import HostReader, WorkerReadings
 
@@ -105,6 +106,8 @@ class Master:
                 interval=settings.interval,
             )
             self._sinks.append(self.statsd)
+        # gunicorn.log.*: gunicorn's statsd logger counts its log lines itself; without it, we do.
+        self.log_lines = LogLineWatch() if self.statsd is not None and not plan.gunicorn_statsd_active else None
         self.in_child = False
         self.status = StatusFiles(run_dir)
         self.exits = ExitReports(self.board, self._drainer, self.status, self._sinks)
@@ -158,6 +161,8 @@ class Master:
         with self._round_lock:
             try:
                 facts = self._drainer.collect()
+                if self.log_lines is not None:
+                    facts.log_lines.update(self.log_lines.take())
                 facts.capacity = facts.ready_workers * self.plan.per_worker_capacity  # booting ones serve nothing
                 self._sample_listeners(facts)
             except Exception as error:
@@ -241,6 +246,8 @@ class Master:
 
     def watch_logger(self, log: Any) -> None:
         self.exits.reaps.watch(log)
+        if self.log_lines is not None:
+            self.log_lines.watch(log)
 
     def watch_listeners(self, listeners: Callable[[], list[Any]]) -> None:
         """gunicorn's listening sockets, re-read every round (a HUP can replace them)."""

@@ -46,6 +46,7 @@ class Drainer:
         slots = range(board.slots)
         self._cursors = [board.head(index) for index in slots]
         self._slow_cursors = [board.slow(index) for index in slots]
+        self._log_cursors = [list(board.log_lines(index)) for index in slots]
         self._seen: set[int] = set()
         self._completed = [0.0 for _ in slots]
         self._busy = [0.0 for _ in slots]
@@ -66,6 +67,7 @@ class Drainer:
             if slow > self._slow_cursors[index]:  # a count only grows: a smaller one is a torn read, ignored
                 result.slow += slow - self._slow_cursors[index]
                 self._slow_cursors[index] = slow
+            self._count_log_lines(index, result)
             if board.buffer[board.offset(index) + sb.OFF_STATE] == sb.FREE:
                 if index in self._seen:
                     self._departed(index, result)
@@ -89,6 +91,13 @@ class Drainer:
                 result.memory[index] = rss
             result.cpu_seconds[index] = self._cpu(index, view.pid)
         return result
+
+    def _count_log_lines(self, index: int, result: Round) -> None:
+        cursors = self._log_cursors[index]
+        for level, (total, seen) in enumerate(zip(self._board.log_lines(index), cursors, strict=True)):
+            if total > seen:  # a count only grows, across the slot's workers: a smaller one is a torn read
+                result.log_lines[sb.LOG_LEVELS[level]] += total - seen
+                cursors[level] = total
 
     def _lifecycle(self, index: int, view: sb.SlotView, result: Round) -> None:
         result.pids[index] = view.pid

@@ -125,7 +125,7 @@ def otlp_arguments(plan: Plan, master_pid: int) -> list[str]:
         return []
     return [
         "--otlp",
-        settings.otlp_endpoint or "on",
+        settings.otlp_destination(os.environ) or "on",
         "--service-name",
         plan.service_name,
         "--instance-id",

@@ -1,6 +1,7 @@
 """The integration fixtures; their code is in fixtures.py (type-checked there, see its docstring)."""
 
 from fixtures import (
+    grpc_otlp_receiver,
     nginx_factory,
     otlp_receiver,
     process_factory,
@@ -11,6 +12,7 @@ from fixtures import (
 )
 
 __all__ = [
+    "grpc_otlp_receiver",
     "nginx_factory",
     "otlp_receiver",
     "process_factory",

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from otlp_receiver import OtlpReceiver
+from otlp_receiver import GrpcOtlpReceiver, OtlpReceiver
 from servers import (
     STATSD_JS_ENV,
     Nginx,
@@ -184,6 +184,17 @@ def nginx_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Ng
 def otlp_receiver() -> Iterator[OtlpReceiver]:
     """An OTLP/HTTP receiver in the test process on a free port, running; stopped at teardown."""
     receiver = OtlpReceiver()
+    receiver.start()
+    try:
+        yield receiver
+    finally:
+        receiver.stop()
+
+
+@pytest.fixture
+def grpc_otlp_receiver() -> Iterator[GrpcOtlpReceiver]:
+    """An OTLP/gRPC receiver (grpcio serving MetricsService) in the test process on a free port; stopped at teardown."""
+    receiver = GrpcOtlpReceiver()
     receiver.start()
     try:
         yield receiver

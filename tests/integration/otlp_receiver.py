@@ -1,5 +1,6 @@
-"""An OTLP/HTTP metrics receiver in the test process: decodes every export with the official protobuf
-classes (opentelemetry-proto's ExportMetricsServiceRequest) and keeps them for assertions."""
+"""OTLP metrics receivers in the test process, over HTTP and over gRPC: each decodes every export with the
+official protobuf classes (opentelemetry-proto's ExportMetricsServiceRequest; over gRPC its generated
+MetricsService servicer) and keeps them for assertions."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ import gzip
 import threading
 import zlib
 from collections.abc import Iterator
+from concurrent import futures
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2_grpc
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceRequest,
     ExportMetricsServiceResponse,
@@ -130,6 +133,41 @@ class OtlpReceiver:
             }
         )
         return f"{self.count()} exports to {self.url}; metrics: {', '.join(names)}; bad requests: {self.bad}"
+
+
+class GrpcOtlpReceiver(OtlpReceiver):
+    """The same receiver as a gRPC server: grpcio serving opentelemetry-proto's MetricsService."""
+
+    def __init__(self, port: int | None = None) -> None:
+        super().__init__(port)
+        self._grpc_server: Any = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        import grpc
+
+        receiver = self
+
+        class Servicer(metrics_service_pb2_grpc.MetricsServiceServicer):
+            def Export(self, request: ExportMetricsServiceRequest, context: Any) -> ExportMetricsServiceResponse:
+                with receiver._lock:
+                    receiver.requests.append(request)
+                return ExportMetricsServiceResponse()
+
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(Servicer(), server)
+        if server.add_insecure_port(f"127.0.0.1:{self.port}") != self.port:
+            raise OSError(f"gRPC receiver could not bind 127.0.0.1:{self.port}")
+        server.start()
+        self._grpc_server = server
+
+    def stop(self) -> None:
+        if self._grpc_server is not None:
+            self._grpc_server.stop(grace=None).wait(10)
+            self._grpc_server = None
 
 
 def points(metric: Any) -> list[Any]:

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from harness import Gunicorn, start_gunicorn
-from otlp_receiver import OtlpReceiver, attributes_of, point_total, points
+from otlp_receiver import GrpcOtlpReceiver, OtlpReceiver, attributes_of, point_total, points
 from servers import ProcessFactory, wait_until
 
 from gunicorn_insight.settings import DEFAULT_BUCKETS
@@ -162,7 +162,7 @@ import gunicorn_insight
 
 def when_ready(server):
     with open({marks!r}, "w") as marks:
-        json.dump(sorted(name for name in sys.modules if name.startswith(("opentelemetry", "google.protobuf"))),
+        json.dump(sorted(name for name in sys.modules if name.startswith(("opentelemetry", "google.protobuf", "grpc"))),
                   marks)
 
 gunicorn_insight.install(globals())
@@ -180,6 +180,51 @@ def test_master_exports_otlp_without_importing_opentelemetry(
     server.get("/")
     wait_for_total(otlp_receiver, server, "gunicorn.requests", 1)
     assert json.loads(marks.read_text()) == []
+
+
+@pytest.mark.oldest
+def test_grpc_protocol_exports_exact_counts_to_a_grpc_receiver(
+    process_factory: ProcessFactory, grpc_otlp_receiver: GrpcOtlpReceiver, tmp_path: Path
+) -> None:
+    """OTEL_EXPORTER_OTLP_PROTOCOL=grpc: exact request counts reach a gRPC MetricsService; grpc, protobuf and
+    the SDK stay out of the master."""
+    marks = tmp_path / "modules.json"
+    config = tmp_path / "gunicorn.conf.py"
+    config.write_text(MODULES_CONFIG.format(marks=str(marks)))
+    env = {
+        "GUNICORN_INSIGHT_OTLP": "on",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": grpc_otlp_receiver.url,
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+        **FAST,
+    }
+    server = start_gunicorn(process_factory, config=str(config), env=env, metrics=False)
+    server.process.wait_for_log(r"OTLP to the OTEL_EXPORTER_OTLP_\* endpoint over gRPC", timeout=30)
+    for _ in range(4):
+        assert server.get("/") == 200
+    for _ in range(2):
+        assert server.get("/status/404") == 404
+    wait_for_total(grpc_otlp_receiver, server, "http.server.request.duration", 6)
+    wait_for_total(grpc_otlp_receiver, server, "gunicorn.requests", 2, **{"http.response.status_code": 404})
+    requests = grpc_otlp_receiver.latest("gunicorn.requests")
+    assert point_total(requests, **{"http.response.status_code": 200, "http.request.method": "GET"}) == 4
+    assert grpc_otlp_receiver.resource()["process.pid"] == server.pid
+    assert json.loads(marks.read_text()) == []
+
+
+def test_grpc_endpoint_down_then_back(process_factory: ProcessFactory, grpc_otlp_receiver: GrpcOtlpReceiver) -> None:
+    """Over gRPC too, a collector that is down costs one warning and the export resumes with exact counts."""
+    grpc_otlp_receiver.stop()
+    env = {"GUNICORN_INSIGHT_OTLP": grpc_otlp_receiver.url, "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL": "grpc", **FAST}
+    server = start_gunicorn(process_factory, env=env, metrics=False)
+    for _ in range(5):
+        assert server.get("/") == 200
+    server.process.wait_for_log(r"OTLP export to http://127\.0\.0\.1:\d+ failed \(", timeout=60)
+    grpc_otlp_receiver.start()
+    wait_for_total(grpc_otlp_receiver, server, "http.server.request.duration", 5)
+    server.process.wait_for_log(r"OTLP export to \S+ works again", timeout=30)
+    output = server.process.output()
+    assert output.count("OTLP export to") == 2  # one warning (rate-limited), one recovery line
+    assert "Traceback" not in output
 
 
 def test_sdk_disabled_exports_nothing_and_says_so(process_factory: ProcessFactory, otlp_receiver: OtlpReceiver) -> None:

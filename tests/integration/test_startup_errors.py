@@ -79,7 +79,7 @@ def test_prometheus_client_imported_too_early_fails_at_startup(process_factory: 
 @pytest.mark.parametrize(
     ("env", "message"),
     [
-        ({"GUNICORN_INSIGHT_OTLP": "collector:4318"}, "otlp='collector:4318' is not an OTLP/HTTP endpoint URL"),
+        ({"GUNICORN_INSIGHT_OTLP": "collector:4318"}, "otlp='collector:4318' is not an OTLP endpoint URL"),
         (
             {"GUNICORN_INSIGHT_OTLP": "on", "OTEL_METRIC_EXPORT_INTERVAL": "soon"},
             "Error: OTEL_METRIC_EXPORT_INTERVAL='soon' must be milliseconds",
@@ -87,6 +87,10 @@ def test_prometheus_client_imported_too_early_fails_at_startup(process_factory: 
         (
             {"GUNICORN_INSIGHT_OTLP": "on", "OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE": "sometimes"},
             "Error: OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE='sometimes' is not one of",
+        ),
+        (
+            {"GUNICORN_INSIGHT_OTLP": "on", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"},
+            "Error: OTEL_EXPORTER_OTLP_PROTOCOL='http/json': gunicorn-insight sends OTLP as http/protobuf",
         ),
         (
             {"GUNICORN_INSIGHT_OTLP": "on", "OTEL_EXPORTER_OTLP_ENDPOINT": "grpc://collector:4317"},
@@ -111,4 +115,16 @@ def test_otlp_without_the_sdk_names_the_extra_to_install(process_factory: Proces
     output = start_expecting_failure(process_factory, {"GUNICORN_INSIGHT_OTLP": "on", "PYTHONPATH": str(shadow.parent)})
     assert "Error: otlp='on' needs the OpenTelemetry SDK and its OTLP/HTTP exporter" in output
     assert "pip install 'gunicorn-insight[otlp]'" in output
+    assert "Booting worker" not in output
+
+
+def test_otlp_grpc_without_grpcio_names_the_grpc_extra(process_factory: ProcessFactory, tmp_path: Path) -> None:
+    """The grpc protocol where the gRPC exporter cannot be imported: a startup error naming the otlp-grpc extra."""
+    shadow = tmp_path / "no-grpc" / "grpc"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('no grpcio here (test)')\n")
+    env = {"GUNICORN_INSIGHT_OTLP": "on", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc", "PYTHONPATH": str(shadow.parent)}
+    output = start_expecting_failure(process_factory, env)
+    assert "Error: otlp='on' needs the OpenTelemetry SDK and its OTLP/gRPC exporter" in output
+    assert "pip install 'gunicorn-insight[otlp-grpc]'" in output
     assert "Booting worker" not in output

@@ -178,3 +178,76 @@ def test_dogstatsd_mode_sends_the_names_datadogs_gunicorn_integration_reads(
     assert (gauges["gunicorn.workers;state=working;env=test"], gauges["gunicorn.workers;state=idle;env=test"]) == (0, 2)
     assert "gunicorn.workers;env=test" not in gauges
     assert statsd_daemon.bad_lines() == 0
+
+
+LOG_LINES_CONFIG = """
+import gunicorn_insight
+
+def when_ready(server):
+    server.log.warning("the master's own warning (test)")
+
+def pre_request(worker, req):
+    if req.path == "/status/202":  # the example app answers it; the hook logs as the worker
+        worker.log.error("a worker's error (test)")
+        worker.log.warning("a worker's warning (test)")
+
+gunicorn_insight.install(globals())
+"""
+
+
+def log_lines_server(process_factory: ProcessFactory, tmp_path: Path, args: list[str], env: dict[str, str]) -> None:
+    """One worker that restarts after two requests: it logs an error and a warning, then a request raises
+    (gunicorn logs the exception) and it is replaced; the next worker, in the same slot, logs again. The
+    master logs one warning of its own."""
+    config = tmp_path / "gunicorn.conf.py"
+    config.write_text(LOG_LINES_CONFIG)
+    server = start_gunicorn(
+        process_factory, config=str(config), workers=1, metrics=False, args=["--max-requests", "2", *args], env=env
+    )
+    first = server.worker_pids()
+    assert server.get("/status/202") == 202
+    assert server.get("/error") == 500
+    assert server.get("/status/202") == 202
+    assert server.worker_pids() != first, "the worker was not replaced after --max-requests 2"
+
+
+@pytest.mark.oldest
+def test_dogstatsd_mode_counts_gunicorns_log_lines_like_its_statsd_logger(
+    process_factory: ProcessFactory, statsd_daemon: StatsdDaemon, tmp_path: Path
+) -> None:
+    """Without gunicorn's statsd logger, gunicorn.log.* counts the master's and the workers' lines exactly,
+    across a worker replaced in the same slot."""
+    host, port = statsd_daemon.udp_address
+    log_lines_server(
+        process_factory, tmp_path, ["--dogstatsd-tags", "env:test"], {"GUNICORN_INSIGHT_STATSD": f"{host}:{port}"}
+    )
+    expected = {"gunicorn.log.warning;env=test": 3, "gunicorn.log.error;env=test": 2}
+    expected["gunicorn.log.exception;env=test"] = 1
+    wait_until(
+        lambda: {name: statsd_daemon.counters().get(name) for name in expected} == expected,
+        timeout=30,
+        what=f"{expected}",
+        dump=lambda: repr(statsd_daemon.counters()),
+    )
+    rounds_pass(statsd_daemon, 3)
+    counters = statsd_daemon.counters()
+    assert {name: counters.get(name) for name in expected} == expected
+    assert not [name for name in counters if name.startswith("gunicorn.log.critical")]
+
+
+def test_gunicorns_statsd_logger_alone_counts_its_log_lines(
+    process_factory: ProcessFactory, statsd_daemon: StatsdDaemon, tmp_path: Path
+) -> None:
+    """With gunicorn's --statsd-host, its statsd logger sends gunicorn.log.*; gunicorn-insight adds nothing."""
+    host, port = statsd_daemon.udp_address
+    log_lines_server(process_factory, tmp_path, ["--statsd-host", f"{host}:{port}"], {})
+    expected = {"gunicorn.log.warning": 3, "gunicorn.log.error": 2, "gunicorn.log.exception": 1}
+    wait_until(
+        lambda: {name: statsd_daemon.counters().get(name) for name in expected} == expected,
+        timeout=30,
+        what=f"{expected}",
+        dump=lambda: repr(statsd_daemon.counters()),
+    )
+    rounds_pass(statsd_daemon, 3)
+    counters = statsd_daemon.counters()
+    assert {name: counters.get(name) for name in expected} == expected
