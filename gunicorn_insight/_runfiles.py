@@ -34,6 +34,10 @@ SERVER_FORMAT = 1
 STATUS_FORMAT = 1
 """Version of status.json's fields, bumped on the same rule."""
 RECENT_EXITS = 20
+STACKS_FILE = "stacks-{slot}.json"
+"""A worker's answer to ``gunicorn-insight stacks`` (written by its watchdog, overwritten by the next answer)."""
+STACKS_FORMAT = 1
+"""Version of the stacks file's fields, bumped on the same rule as the others."""
 
 
 class ContractError(ValueError):

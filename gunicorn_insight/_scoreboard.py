@@ -51,8 +51,11 @@ SLOW = struct.Struct("<I")  # +60: slow requests reported by the watchdog, ever,
 RSS = struct.Struct("<Q")  # +64: resident memory in bytes, sampled by the master
 WAITING = struct.Struct("<I")  # +72: gthread: accepted connections waiting for a free thread
 ROUTES_USED = struct.Struct("<I")  # +76: entries filled in this slot's route table (it outlives workers)
+# +80: bumped by ``gunicorn-insight stacks`` (its only writer); the worker's watchdog answers each new value with
+# a stacks file in the run directory. Kept across workers, like the ring head, so a number is never reused soon.
+STACKS_ASKED = struct.Struct("<I")
 LAST_WORDS = struct.Struct("<128s")  # +128: why the worker is exiting (the boot exception), utf-8
-SLOT_HEADER = struct.Struct("<QIBBxxQIIQddiIQII48x128s")
+SLOT_HEADER = struct.Struct("<QIBBxxQIIQddiIQII4x44x128s")  # the 4x: STACKS_ASKED, read on its own
 SLOT_HEADER_SIZE = 256
 OFF_PID, OFF_STATE, OFF_FLAGS, OFF_HEAD, OFF_CONNS, OFF_OVERFLOW, OFF_BASE, OFF_SPAWNED, OFF_BOOTED = (
     8,
@@ -65,7 +68,15 @@ OFF_PID, OFF_STATE, OFF_FLAGS, OFF_HEAD, OFF_CONNS, OFF_OVERFLOW, OFF_BASE, OFF_
     40,
     48,
 )
-OFF_EXIT_CODE, OFF_SLOW, OFF_RSS, OFF_WAITING, OFF_ROUTES_USED, OFF_LAST_WORDS = 56, 60, 64, 72, 76, 128
+OFF_EXIT_CODE, OFF_SLOW, OFF_RSS, OFF_WAITING, OFF_ROUTES_USED, OFF_STACKS_ASKED, OFF_LAST_WORDS = (
+    56,
+    60,
+    64,
+    72,
+    76,
+    80,
+    128,
+)
 
 # In use, start (monotonic), thread, method, client host, client port (0: not TCP), path.
 ENTRY = struct.Struct("<B7xdQ8s46sH176s")
@@ -263,11 +274,13 @@ class Scoreboard:
         return cls(path, buffer)
 
     @classmethod
-    def attach(cls, path: str) -> Scoreboard:
-        """Map an existing scoreboard read-only (tools and tests that watch a running server)."""
-        fd = os.open(path, os.O_RDONLY)
+    def attach(cls, path: str, *, writable: bool = False) -> Scoreboard:
+        """Map an existing scoreboard read-only (tools and tests that watch a running server); ``writable``
+        only for ``gunicorn-insight stacks``, which writes nothing but the slots' STACKS_ASKED fields."""
+        fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
         try:
-            buffer = mmap.mmap(fd, 0, mmap.MAP_SHARED, mmap.PROT_READ)
+            protection = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+            buffer = mmap.mmap(fd, 0, mmap.MAP_SHARED, protection)
         finally:
             os.close(fd)
         return cls(path, buffer)
@@ -334,6 +347,15 @@ class Scoreboard:
         start = self.offset(index)
         store(self.buffer, start + OFF_STATE, STATE, FREE)
         store(self.buffer, start + OFF_PID, PID, 0)
+
+    def stacks_asked(self, index: int) -> int:
+        return int(STACKS_ASKED.unpack_from(self.buffer, self.offset(index) + OFF_STACKS_ASKED)[0])
+
+    def ask_stacks(self, index: int) -> int:
+        """Ask the slot's worker for its stacks (see gunicorn_insight.cli.stacks); the number its answer carries."""
+        asked = (self.stacks_asked(index) + 1) & 0xFFFFFFFF
+        store(self.buffer, self.offset(index) + OFF_STACKS_ASKED, STACKS_ASKED, asked)
+        return asked
 
     def slow(self, index: int) -> int:
         return int(SLOW.unpack_from(self.buffer, self.offset(index) + OFF_SLOW)[0])
