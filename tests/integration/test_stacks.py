@@ -43,10 +43,12 @@ def wait_in_flight(server: Gunicorn, path: str, count: int) -> dict[int, int]:
     return wait_until(serving, timeout=30, what=f"{count} x {path} in flight", dump=server.process.describe)
 
 
-def start(process_factory: ProcessFactory, tmp_path: Path, worker_class: str, *args: str) -> Gunicorn:
+def start(
+    process_factory: ProcessFactory, tmp_path: Path, worker_class: str, *args: str, app: str = "stacks_app:app"
+) -> Gunicorn:
     return start_gunicorn(
         process_factory,
-        app="stacks_app:app",
+        app=app,
         cwd=APPS,
         worker_class=worker_class,
         workers=2,
@@ -94,6 +96,34 @@ def test_stacks_names_the_function_each_request_is_in(
     assert "wait_in_known_function" in text.stdout
     assert f"{requests} request(s) with this stack" in text.stdout
     assert "GET /wait" in text.stdout
+
+
+@pytest.mark.parametrize(
+    ("worker_class", "app", "where", "function"),
+    [
+        ("gevent", "stacks_app:app", "greenlet=0x", "wait_in_known_function"),
+        ("uvicorn_worker.UvicornWorker", "stacks_app:asgi_app", "task=", "wait_in_known_coroutine"),
+    ],
+)
+def test_stacks_of_greenlets_and_tasks(
+    process_factory: ProcessFactory, tmp_path: Path, worker_class: str, app: str, where: str, function: str
+) -> None:
+    """On gevent and uvicorn each request's stack is its greenlet's or its task's, named as such."""
+    server = start(process_factory, tmp_path, worker_class, app=app)
+    for _ in range(2):
+        fire(server, "/wait")
+    wait_in_flight(server, "/wait", 2)
+    try:
+        result = run_cli("stacks", "--pid", str(server.pid), "--json")
+    finally:
+        (tmp_path / "release").touch()
+    assert result.returncode == 0, result.stdout + result.stderr
+    document = json.loads(result.stdout)
+    requests = [(r, group) for group in document["groups"] for r in group["requests"] if r["path"] == "/wait"]
+    assert len(requests) == 2, document
+    for request, group in requests:
+        assert request["where"].startswith(where), request
+        assert function in [frame["function"] for frame in group["stack"]], group
 
 
 def test_stacks_of_one_worker_by_its_pid(process_factory: ProcessFactory, tmp_path: Path) -> None:

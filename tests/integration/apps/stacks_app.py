@@ -6,10 +6,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 _LONGEST_WAIT = 120.0
@@ -33,3 +34,18 @@ def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable
         hold_the_gil()
     start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "3")])
     return [b"ok\n"]
+
+
+async def wait_in_known_coroutine(release: str | None) -> None:
+    give_up = time.monotonic() + _LONGEST_WAIT
+    while not (release and os.path.exists(release)) and time.monotonic() < give_up:
+        await asyncio.sleep(0.05)
+
+
+async def asgi_app(scope: dict[str, Any], receive: Callable[[], Awaitable[Any]], send: Callable[[Any], Any]) -> None:
+    if scope["type"] != "http":
+        return  # lifespan: nothing to set up
+    if scope["path"] == "/wait":
+        await wait_in_known_coroutine(os.environ.get("STACKS_APP_RELEASE"))
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+    await send({"type": "http.response.body", "body": b"ok\n"})
