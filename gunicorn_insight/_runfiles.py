@@ -138,7 +138,7 @@ def write_json(path: str, payload: Mapping[str, Any]) -> None:
     fd, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=os.path.dirname(path))
     try:
         with os.fdopen(fd, "w") as handle:
-            json.dump(payload, handle, separators=(",", ":"))
+            handle.write(json.dumps(payload, separators=(",", ":")))  # dumps: the C encoder; dump streams in Python
         os.chmod(temporary, 0o644)  # readable by the CLI of any user, as before
         os.replace(temporary, path)
     except BaseException:
