@@ -667,16 +667,16 @@ def post_worker_init(worker: Any) -> None:
         STATE.error_fd = error_log_fd()
         if master.plan.recorder.routes:
             hook_frameworks()
-        slow_after = master.plan.slow_request_timeout
-        if slow_after > 0 or hasattr(worker, "nr_conns"):
-            monitor = Monitor(
-                recorder,
-                worker,
-                slow_after,
-                greenlets=master.plan.worker_kind == "gevent",
-                loop=getattr(worker, "loop", None) if master.plan.worker_kind == "asgi" else None,
-            )
-            monitor.start()
+        # Always started: besides slow requests and connections it answers `gunicorn-insight stacks`.
+        monitor = Monitor(
+            recorder,
+            worker,
+            master.plan.slow_request_timeout,
+            greenlets=master.plan.worker_kind == "gevent",
+            loop=getattr(worker, "loop", None) if master.plan.worker_kind == "asgi" else None,
+            stacks_dir=STATE.run_dir,
+        )
+        monitor.start()
     except Exception as error:
         report("post_worker_init", error)
     try:

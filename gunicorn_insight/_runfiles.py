@@ -34,6 +34,10 @@ SERVER_FORMAT = 1
 STATUS_FORMAT = 1
 """Version of status.json's fields, bumped on the same rule."""
 RECENT_EXITS = 20
+STACKS_FILE = "stacks-{slot}.json"
+"""A worker's answer to ``gunicorn-insight stacks`` (written by its watchdog, overwritten by the next answer)."""
+STACKS_FORMAT = 1
+"""Version of the stacks file's fields, bumped on the same rule as the others."""
 
 
 class ContractError(ValueError):
@@ -134,7 +138,7 @@ def write_json(path: str, payload: Mapping[str, Any]) -> None:
     fd, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=os.path.dirname(path))
     try:
         with os.fdopen(fd, "w") as handle:
-            json.dump(payload, handle, separators=(",", ":"))
+            handle.write(json.dumps(payload, separators=(",", ":")))  # dumps: the C encoder; dump streams in Python
         os.chmod(temporary, 0o644)  # readable by the CLI of any user, as before
         os.replace(temporary, path)
     except BaseException:

@@ -55,8 +55,11 @@ ROUTES_USED = struct.Struct("<I")  # +76: entries filled in this slot's route ta
 # outlive a worker as the ring head does). Only counted when the master asks (see _master.loglines).
 LOG_LINES = struct.Struct("<Q")
 LOG_LEVELS = ("critical", "error", "warning", "exception")
+# +112: bumped by ``gunicorn-insight stacks`` (its only writer); the worker's watchdog answers each new value with
+# a stacks file in the run directory. Kept across workers, like the ring head, so a number is never reused soon.
+STACKS_ASKED = struct.Struct("<I")
 LAST_WORDS = struct.Struct("<128s")  # +128: why the worker is exiting (the boot exception), utf-8
-SLOT_HEADER = struct.Struct("<QIBBxxQIIQddiIQII4Q16x128s")
+SLOT_HEADER = struct.Struct("<QIBBxxQIIQddiIQII4Q4x12x128s")  # the 4x: STACKS_ASKED, read on its own
 SLOT_HEADER_SIZE = 256
 OFF_PID, OFF_STATE, OFF_FLAGS, OFF_HEAD, OFF_CONNS, OFF_OVERFLOW, OFF_BASE, OFF_SPAWNED, OFF_BOOTED = (
     8,
@@ -69,13 +72,14 @@ OFF_PID, OFF_STATE, OFF_FLAGS, OFF_HEAD, OFF_CONNS, OFF_OVERFLOW, OFF_BASE, OFF_
     40,
     48,
 )
-OFF_EXIT_CODE, OFF_SLOW, OFF_RSS, OFF_WAITING, OFF_ROUTES_USED, OFF_LOG_LINES, OFF_LAST_WORDS = (
+OFF_EXIT_CODE, OFF_SLOW, OFF_RSS, OFF_WAITING, OFF_ROUTES_USED, OFF_LOG_LINES, OFF_STACKS_ASKED, OFF_LAST_WORDS = (
     56,
     60,
     64,
     72,
     76,
     80,
+    112,
     128,
 )
 
@@ -279,11 +283,13 @@ class Scoreboard:
         return cls(path, buffer)
 
     @classmethod
-    def attach(cls, path: str) -> Scoreboard:
-        """Map an existing scoreboard read-only (tools and tests that watch a running server)."""
-        fd = os.open(path, os.O_RDONLY)
+    def attach(cls, path: str, *, writable: bool = False) -> Scoreboard:
+        """Map an existing scoreboard read-only (tools and tests that watch a running server); ``writable``
+        only for ``gunicorn-insight stacks``, which writes nothing but the slots' STACKS_ASKED fields."""
+        fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
         try:
-            buffer = mmap.mmap(fd, 0, mmap.MAP_SHARED, mmap.PROT_READ)
+            protection = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+            buffer = mmap.mmap(fd, 0, mmap.MAP_SHARED, protection)
         finally:
             os.close(fd)
         return cls(path, buffer)
@@ -350,6 +356,15 @@ class Scoreboard:
         start = self.offset(index)
         store(self.buffer, start + OFF_STATE, STATE, FREE)
         store(self.buffer, start + OFF_PID, PID, 0)
+
+    def stacks_asked(self, index: int) -> int:
+        return int(STACKS_ASKED.unpack_from(self.buffer, self.offset(index) + OFF_STACKS_ASKED)[0])
+
+    def ask_stacks(self, index: int) -> int:
+        """Ask the slot's worker for its stacks (see gunicorn_insight.cli.stacks); the number its answer carries."""
+        asked = (self.stacks_asked(index) + 1) & 0xFFFFFFFF
+        store(self.buffer, self.offset(index) + OFF_STACKS_ASKED, STACKS_ASKED, asked)
+        return asked
 
     def slow(self, index: int) -> int:
         return int(SLOW.unpack_from(self.buffer, self.offset(index) + OFF_SLOW)[0])

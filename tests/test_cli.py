@@ -307,7 +307,7 @@ def test_permission_denied_on_the_scoreboard_says_who_to_run_as(
 ) -> None:
     """A scoreboard this user may not read: exit 1, naming the file and suggesting the owner or root."""
 
-    def denied(path: str) -> sb.Scoreboard:
+    def denied(path: str, *, writable: bool = False) -> sb.Scoreboard:
         raise PermissionError(13, "Permission denied", path)
 
     monkeypatch.setattr(sb.Scoreboard, "attach", denied)

@@ -300,6 +300,10 @@ class RequestRecorder:
         if queue is not None:
             sb.store(self._buffer, self._start + sb.OFF_WAITING, sb.WAITING, queue.qsize())
 
+    def stacks_asked(self) -> int:
+        """How many times ``gunicorn-insight stacks`` has asked this slot for its stacks (see _worker.watchdog)."""
+        return self._board.stacks_asked(self.slot)
+
     def count_slow(self) -> None:
         """One more slow request (only the watchdog thread calls this, so the count needs no lock)."""
         offset = self._start + sb.OFF_SLOW

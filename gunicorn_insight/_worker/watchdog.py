@@ -6,6 +6,12 @@ tick it looks at the requests in flight and, for each that has run past ``slow_r
 request and the stack of the thread (or greenlet) serving it, once, like PHP-FPM's slowlog. Nothing is
 killed. With nothing slow a tick costs one dict copy.
 
+On demand it answers ``gunicorn-insight stacks``: the command bumps the slot's STACKS_ASKED field in the
+scoreboard, and the next tick writes the stack of every request in flight to ``stacks-<slot>.json`` in the
+run directory (mkstemp, then rename: a reader never sees half a file). No signal is involved, so gunicorn
+never sees the question, and a worker that cannot run this thread (stuck in C code holding the GIL) simply
+does not answer: the command names it.
+
 It also writes the stack for ``worker_abort``: that runs inside a signal handler, so it uses only
 ``os.write`` and ``faulthandler`` (both async-signal-safe) on the error log's file descriptor.
 """
@@ -24,9 +30,11 @@ from types import FrameType
 from typing import Any
 
 from .._report import LOG, report
+from .._runfiles import STACKS_FILE, STACKS_FORMAT, write_json
 from .recorder import RequestRecorder
 
 _MAX_TICK = 1.0
+_MAX_FRAMES = 100  # the innermost ones: where a request is stuck matters more than how it got there
 
 
 def write_abort_stack(fd: int, recorder: RequestRecorder | None, pid: int) -> None:
@@ -49,8 +57,12 @@ class Monitor:
         *,
         greenlets: bool = False,
         loop: Any = None,
+        stacks_dir: str | None = None,
     ) -> None:
         self._recorder = recorder
+        self._stacks_dir = stacks_dir
+        # Questions asked before this worker existed were for its predecessor: only newer ones are answered.
+        self._stacks_answered = recorder.stacks_asked() if stacks_dir is not None else 0
         self._worker = worker
         self._slow_after = slow_after
         self._greenlets = greenlets
@@ -86,6 +98,11 @@ class Monitor:
         if self._connections is not None:
             self._worker.nr_conns = self._connections()
         self._recorder.refresh_connections()
+        if self._stacks_dir is not None:
+            asked = self._recorder.stacks_asked()
+            if asked != self._stacks_answered:
+                self._stacks_answered = asked
+                self._answer_stacks(asked)
         if self._slow_after <= 0:
             return
         now = time.monotonic()
@@ -98,6 +115,36 @@ class Monitor:
                 self._report_slow(method, path, now - start, current)
         if self._loop is not None:
             self._watch_loop(now)
+
+    def _answer_stacks(self, asked: int) -> None:
+        """Write every request's stack for ``gunicorn-insight stacks``; a file whose ``asked`` is the question."""
+        assert self._stacks_dir is not None
+        requests = []
+        for start, _entry, current, method, path in self._recorder.in_flight.copy().values():
+            where, summary, note = self._frames_of(current)
+            requests.append(
+                {
+                    "method": method,
+                    "path": path,
+                    "started": start,
+                    "where": where,
+                    "thread": current if type(current) is int else id(current),
+                    "stack": [
+                        {"file": frame.filename, "line": frame.lineno, "function": frame.name, "code": frame.line}
+                        for frame in summary or ()
+                    ],
+                    "note": note,
+                }
+            )
+        answer = {
+            "format": STACKS_FORMAT,
+            "asked": asked,
+            "pid": os.getpid(),
+            "slot": self._recorder.slot,
+            "monotonic": time.monotonic(),
+            "requests": requests,
+        }
+        write_json(os.path.join(self._stacks_dir, STACKS_FILE.format(slot=self._recorder.slot)), answer)
 
     def _report_slow(self, method: str, path: str, elapsed: float, current: Any) -> None:
         where, stack = self._stack_of(current)
@@ -120,30 +167,37 @@ class Monitor:
         self._loop = loop
 
     def _stack_of(self, current: Any) -> tuple[str, str]:
+        where, summary, note = self._frames_of(current)
+        return where, "".join(summary.format()) if summary else f"  ({note})\n"
+
+    def _frames_of(self, current: Any) -> tuple[str, traceback.StackSummary | None, str | None]:
+        """Where the request runs, its stack (outermost first), or None and why there is none."""
         frames = sys._current_frames()
         if isinstance(current, asyncio.Task):
-            return f"task={current.get_name()}", self._task_stack(current, frames)
+            return (f"task={current.get_name()}", *self._task_stack(current, frames))
         if self._loop is not None:
-            return "task=asyncio", "  (an asyncio task has no thread of its own; a blocked loop is reported apart)\n"
+            return "task=asyncio", None, "an asyncio task has no thread of its own; a blocked loop is reported apart"
         if self._greenlets:
             frame = getattr(current, "gr_frame", None)
             if frame is None:  # the greenlet is the one running: its frames are the main thread's
                 frame = frames.get(self._main_thread)
-            return f"greenlet={id(current):#x}", _format(frame)
-        return f"thread={current}", _format(frames.get(current))
+            return (f"greenlet={id(current):#x}", *_summary(frame))
+        return (f"thread={current}", *_summary(frames.get(current)))
 
-    def _task_stack(self, task: asyncio.Task[Any], frames: dict[int, FrameType]) -> str:
+    def _task_stack(
+        self, task: asyncio.Task[Any], frames: dict[int, FrameType]
+    ) -> tuple[traceback.StackSummary | None, str | None]:
         """The running task's stack is the loop thread's; a suspended one's is its chain of awaits."""
         loop = self._loop
         if loop is not None and asyncio.current_task(loop) is task:
-            return _format(frames.get(self._main_thread))
+            return _summary(frames.get(self._main_thread))
         try:
             awaiting = _awaits(task.get_coro())
         except Exception:  # the task moved on while we looked: read from another thread, without a lock
             awaiting = []
         if not awaiting:
-            return "  (the task has no Python frame now: finished, or not started)\n"
-        return "".join(traceback.StackSummary.extract((frame, frame.f_lineno) for frame in awaiting).format())
+            return None, "the task has no Python frame now: finished, or not started"
+        return traceback.StackSummary.extract((frame, frame.f_lineno) for frame in awaiting[-_MAX_FRAMES:]), None
 
     def _watch_loop(self, now: float) -> None:
         loop = self._loop
@@ -181,10 +235,18 @@ def _awaits(coro: Any) -> list[FrameType]:
     return frames
 
 
-def _format(frame: FrameType | None) -> str:
+_NO_FRAME = "no Python frame: the thread has finished or is outside Python"
+
+
+def _summary(frame: FrameType | None) -> tuple[traceback.StackSummary | None, str | None]:
     if frame is None:
-        return "  (no Python frame: the thread has finished or is outside Python)\n"
-    return "".join(traceback.format_stack(frame))
+        return None, _NO_FRAME
+    return traceback.extract_stack(frame, limit=_MAX_FRAMES), None
+
+
+def _format(frame: FrameType | None) -> str:
+    summary, note = _summary(frame)
+    return "".join(summary.format()) if summary else f"  ({note})\n"
 
 
 def _start_daemon(target: Callable[[], None]) -> None:

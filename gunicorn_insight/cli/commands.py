@@ -1,5 +1,6 @@
-"""The ``gunicorn-insight`` command: ``status``, ``top`` and ``doctor``.
+"""The ``gunicorn-insight`` command: ``status``, ``top``, ``stacks`` and ``doctor``.
 
+``stacks`` writes one field per worker slot, the question its watchdog answers (see cli/stacks.py).
 ``status`` and ``top`` only read: the scoreboard is mapped read-only and the JSON files are opened for
 reading, so pointing them at a production server cannot disturb it. Exit status: 0 success, 1 nothing to
 show (no server, permission denied, the server went away, doctor found an error), 2 a usage problem
@@ -27,6 +28,7 @@ from .. import _scoreboard as sb
 from .._discovery import DiscoveryError, Selector, Server
 from . import configload, livedoctor, views
 from . import doctor as _doctor
+from . import stacks as _stacks
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -59,6 +61,20 @@ def build_parser() -> argparse.ArgumentParser:
     top.add_argument("--interval", type=float, default=1.0, metavar="SECONDS", help="seconds between refreshes")
     top.add_argument("--iterations", type=int, default=None, metavar="N", help="stop after N frames (scripts, tests)")
     top.set_defaults(handler=run_top)
+
+    stacks = commands.add_parser(
+        "stacks", help="the Python stack of every request in flight, from the workers themselves (no ptrace)"
+    )
+    _selectors(stacks)
+    stacks.add_argument(
+        "--wait",
+        type=float,
+        default=_stacks.DEFAULT_WAIT,
+        metavar="SECONDS",
+        help="how long to wait for the workers' answers (default %(default)s)",
+    )
+    stacks.add_argument("--json", action="store_true", help="print one JSON object (keys: see docs/cli.md)")
+    stacks.set_defaults(handler=run_stacks)
 
     doctor = commands.add_parser("doctor", help="check a gunicorn configuration, or a running server, for trouble")
     _selectors(doctor)
@@ -141,15 +157,15 @@ def _selector(args: argparse.Namespace) -> Selector:
     return Selector(pid=args.pid, pidfile=args.pidfile, name=args.name, prometheus_dir=args.prometheus_dir)
 
 
-def _attach(server: Server) -> sb.Scoreboard:
+def _attach(server: Server, *, writable: bool = False) -> sb.Scoreboard:
     """The server's scoreboard, or a DiscoveryError saying why not and what to do."""
     path = server.scoreboard_path
     try:
-        return sb.Scoreboard.attach(path)
+        return sb.Scoreboard.attach(path, writable=writable)
     except PermissionError:
         owner = _discovery.user_name(_owner(path))
         raise DiscoveryError(
-            f"permission denied reading the scoreboard {path} (owned by {owner}); "
+            f"permission denied {'opening' if writable else 'reading'} the scoreboard {path} (owned by {owner}); "
             f"run as the server's user (sudo -u {owner} gunicorn-insight ...) or as root"
         ) from None
     except FileNotFoundError:
@@ -263,6 +279,30 @@ def _top_batch(console: Console, server: Server, board: sb.Scoreboard, args: arg
         console.print()
         console.file.flush()
     return EXIT_OK
+
+
+def run_stacks(args: argparse.Namespace) -> int:
+    if not 0 < args.wait <= 60:
+        _error(f"--wait {args.wait} must be between 0 and 60 seconds, e.g. --wait 3")
+        return EXIT_USAGE
+    try:
+        server = _discovery.select(_selector(args))
+        board = _attach(server, writable=True)
+    except DiscoveryError as error:
+        _error(str(error))
+        return error.code
+    # --pid of a worker (rather than the master) asks that worker alone.
+    only_pid = args.pid if args.pid is not None and args.pid != server.master_pid else None
+    try:
+        collected = _stacks.collect(server, board, args.wait, only_pid)
+    finally:
+        board.close()
+    document = _stacks.document(server, collected)
+    if args.json:
+        print(json.dumps(document, indent=2))
+    else:
+        _stacks.render(_console(), document)
+    return EXIT_FAILED if _stacks.unanswered(document) else EXIT_OK
 
 
 _SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
