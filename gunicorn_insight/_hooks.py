@@ -33,6 +33,7 @@ from ._worker import recorder as _recorder
 from ._worker.asgi import RecordingApp, current_task, find_uvicorn_connections
 from ._worker.recorder import RequestRecorder, post_request, pre_request, summarize
 from ._worker.routes import hook_frameworks
+from ._worker.unseen import AcceptWatch
 from ._worker.watchdog import Monitor, write_abort_stack
 from .settings import ENV_PREFIX, ConfigurationError, Settings
 
@@ -677,6 +678,15 @@ def post_worker_init(worker: Any) -> None:
             record_asgi_requests(worker, _arbiter.CURRENT.plan, monitor)
     except Exception as error:
         report("wrapping the ASGI application", error)
+    try:
+        recorder, master = _recorder.RECORDER, _arbiter.CURRENT
+        # Where the ASGI layer records, every request is seen; where the startup warning spoke, it is said.
+        plan = master.plan if master is not None else None
+        watched = plan is not None and not plan.requests_unseen and plan.worker_kind not in ASGI_APP_ATTRIBUTES
+        if recorder is not None and watched:
+            AcceptWatch(recorder).install(list(getattr(worker, "sockets", None) or ()))
+    except Exception as error:
+        report("watching accepted connections", error)
 
 
 ASGI_APP_ATTRIBUTES = {"uvicorn": "wsgi", "asgi": "asgi"}

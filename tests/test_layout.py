@@ -25,6 +25,7 @@ ROLES = {
             "gunicorn_insight._worker.watchdog",
             "gunicorn_insight._worker.routes",
             "gunicorn_insight._worker.asgi",
+            "gunicorn_insight._worker.unseen",
         ),
         (*HEAVY, *CLI, *MASTER, *EXPORT, *HOOKS, "opentelemetry"),
     ),
