@@ -638,7 +638,7 @@ def post_fork(server: Any, worker: Any) -> None:
         slot = getattr(worker, _arbiter.SLOT_ATTRIBUTE, None)
         if master is None or slot is None or STATE.settings is None:
             return
-        current = _greenlet_getcurrent() if master.plan.worker_kind == "gevent" else threading.get_ident
+        current = _greenlet_getcurrent() if master.plan.worker_kind in GREEN_KINDS else threading.get_ident
         if master.plan.worker_kind in ASGI_APP_ATTRIBUTES:
             current = current_task  # only the ASGI layer records there, inside the request's task
         if master.plan.worker_kind == "uvicorn":
@@ -667,7 +667,7 @@ def post_worker_init(worker: Any) -> None:
                 recorder,
                 worker,
                 slow_after,
-                greenlets=master.plan.worker_kind == "gevent",
+                greenlets=master.plan.worker_kind if master.plan.worker_kind in GREEN_KINDS else None,
                 loop=getattr(worker, "loop", None) if master.plan.worker_kind == "asgi" else None,
             )
             monitor.start()
@@ -688,6 +688,9 @@ def post_worker_init(worker: Any) -> None:
     except Exception as error:
         report("watching accepted connections", error)
 
+
+GREEN_KINDS = frozenset({"gevent", "eventlet"})
+"""Worker classes that serve requests on greenlets and monkey-patch threading (the watchdog needs a real one)."""
 
 ASGI_APP_ATTRIBUTES = {"uvicorn": "wsgi", "asgi": "asgi"}
 """Worker classes whose requests the ASGI layer records, and where each keeps the loaded application until
