@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
 from harness import APPS, start_gunicorn
 from servers import ProcessFactory, wait_until
+from test_cli_live import run_cli
 
 UNSEEN = "accepted 10 connections and recorded no request"
 
 
 def test_subclass_bypassing_the_hooks_is_named_once(process_factory: ProcessFactory) -> None:
-    """A sync subclass whose handle_request skips the hooks: after 10 connections one warning names the class."""
+    """A sync subclass whose handle_request skips the hooks: after 10 connections one warning names the class, and
+    status marks the worker."""
     server = start_gunicorn(
         process_factory,
         worker_class="custom_worker.BypassingSyncWorker",
@@ -34,6 +37,11 @@ def test_subclass_bypassing_the_hooks_is_named_once(process_factory: ProcessFact
     output = server.process.output()
     assert output.count(UNSEEN) == 1, output
     assert "self.cfg.pre_request(self, req)" in output
+    status = run_cli("status", "--pid", str(server.pid), "--json")
+    assert status.returncode == 0, status.stderr
+    marked = [worker for worker in json.loads(status.stdout)["workers"] if "requests_unseen" in worker["marks"]]
+    assert marked, status.stdout  # status says which worker, next to its "served 0"
+    assert all(worker["served"] == 0 for worker in marked)
 
 
 @pytest.mark.parametrize("worker_class", ["sync", "gthread"])
