@@ -123,9 +123,20 @@ PLUGIN_CONFIGS: dict[str, dict[str, str]] = {
         **EVERYTHING_EXTRA_ENV,
     },
 }
-WORKER_CLASSES: dict[str, tuple[str, ...]] = {"sync": (), "gthread": ("--threads", "4"), "gevent": ()}
-# Reference rows run on the sync worker, like the field notes' baseline figures.
-REFERENCES = ("gunicorn-statsd", "prometheus-recipe")
+WORKER_CLASSES: dict[str, tuple[str, ...]] = {"sync": (), "gthread": ("--threads", "4"), "gevent": (), "uvicorn": ()}
+# What -k gets for a row's worker, where it is not the row's name.
+WORKER_CLASS_ARGUMENT = {"uvicorn": "uvicorn_worker.UvicornWorker"}
+# The application each worker class serves: the cheapest there is of its kind (WSGI, or ASGI for uvicorn's).
+APPS = {"uvicorn": "hello_asgi:app"}
+# Reference rows and the worker class each runs on: the first two on sync, like the field notes' baseline
+# figures; FastAPI's usual metrics middleware on uvicorn's worker, serving a FastAPI hello app both ways.
+REFERENCES = {"gunicorn-statsd": "sync", "prometheus-recipe": "sync", "fastapi-instrumentator": "uvicorn"}
+# The packages a row's worker class or reference needs beyond gunicorn, and where they come from.
+ROW_PACKAGES = {
+    "gevent": ("gevent",),
+    "uvicorn": ("uvicorn", "uvicorn-worker"),
+    "fastapi-instrumentator": ("fastapi", "prometheus-fastapi-instrumentator"),
+}
 PLUGIN_CONF = "python:gunicorn_insight.conf"
 RECIPE_CONF = HERE / "recipe_prometheus.conf.py"
 
@@ -136,7 +147,7 @@ class BenchError(RuntimeError):
 
 @dataclass(frozen=True)
 class Row:
-    worker: str  # sync, gthread, gevent, or "ref"
+    worker: str  # sync, gthread, gevent, uvicorn, or "ref"
     config: str  # a PLUGIN_CONFIGS key, or a REFERENCES entry for worker "ref"
 
     @property
@@ -145,7 +156,7 @@ class Row:
 
     @property
     def worker_class(self) -> str:
-        return "sync" if self.is_reference else self.worker
+        return REFERENCES[self.config] if self.is_reference else self.worker
 
     @property
     def is_reference(self) -> bool:
@@ -598,7 +609,7 @@ class GunicornServer:
             "-w",
             str(self.workers),
             "-k",
-            self.worker_class,
+            WORKER_CLASS_ARGUMENT.get(self.worker_class, self.worker_class),
             *WORKER_CLASSES[self.worker_class],
             "--chdir",
             str(HERE),
@@ -687,13 +698,18 @@ def running(server: GunicornServer, timeout: float = 60.0) -> Iterator[list[int]
 
 
 def launch_for(row: Row, instrumented: bool) -> Launch:
+    if row.config == "fastapi-instrumentator":
+        if not instrumented:
+            return Launch(app="hello_fastapi:app")
+        return Launch(app="hello_fastapi:app", env={"BENCH_INSTRUMENTATOR": "1"}, prometheus_dir=True)
+    app = APPS.get(row.worker_class, Launch.app)
     if not instrumented:
-        return Launch()
+        return Launch(app=app)
     if row.config == "gunicorn-statsd":
         return Launch(args=("--statsd-host", "{statsd}"))
     if row.config == "prometheus-recipe":
         return Launch(config=str(RECIPE_CONF), prometheus_dir=True)
-    return Launch(config=PLUGIN_CONF, env=PLUGIN_CONFIGS[row.config])
+    return Launch(app=app, config=PLUGIN_CONF, env=PLUGIN_CONFIGS[row.config])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1342,7 +1358,17 @@ def code_measured(package: Path) -> dict[str, Any]:
 
 def versions() -> dict[str, str]:
     found = {"python": platform.python_version()}
-    for package in ("gunicorn", "gunicorn-insight", "prometheus_client", "statsd", "gevent"):
+    for package in (
+        "gunicorn",
+        "gunicorn-insight",
+        "prometheus_client",
+        "statsd",
+        "gevent",
+        "uvicorn",
+        "uvicorn-worker",
+        "fastapi",
+        "prometheus-fastapi-instrumentator",
+    ):
         try:
             found[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
@@ -1533,11 +1559,14 @@ def pin_cpus() -> dict[str, list[int]]:
 def run(args: argparse.Namespace) -> int:
     rows = parse_rows(args.rows)
     restarts = [] if args.restarts.strip() == "none" else parse_restarts(args.restarts)
-    if any(row.worker_class == "gevent" for row in rows):
-        try:
-            importlib.metadata.version("gevent")
-        except importlib.metadata.PackageNotFoundError:
-            raise BenchError("gevent rows need gevent: pip install gevent, or leave them out with --rows") from None
+    for row in rows:
+        for package in ROW_PACKAGES.get(row.worker_class, ()) + ROW_PACKAGES.get(row.config, ()):
+            try:
+                importlib.metadata.version(package)
+            except importlib.metadata.PackageNotFoundError:
+                raise BenchError(
+                    f"row {row.name} needs {package}: pip install -e '.[bench]', or leave it out with --rows"
+                ) from None
     pinned = pin_cpus() if args.pin else None
     workdir = Path(tempfile.mkdtemp(prefix="gunicorn-insight-bench-"))
     supervisor = Supervisor(workdir, set(pinned["server"]) if pinned else None)

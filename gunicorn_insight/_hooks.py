@@ -34,6 +34,7 @@ from ._worker.asgi import RecordingApp, current_task, find_uvicorn_connections
 from ._worker.loglines import SlotLogLines
 from ._worker.recorder import RequestRecorder, post_request, pre_request, summarize
 from ._worker.routes import hook_frameworks
+from ._worker.unseen import AcceptWatch
 from ._worker.watchdog import Monitor, write_abort_stack
 from .settings import ENV_PREFIX, ConfigurationError, Settings, otlp_protocol
 
@@ -642,7 +643,7 @@ def post_fork(server: Any, worker: Any) -> None:
         slot = getattr(worker, _arbiter.SLOT_ATTRIBUTE, None)
         if master is None or slot is None or STATE.settings is None:
             return
-        current = _greenlet_getcurrent() if master.plan.worker_kind == "gevent" else threading.get_ident
+        current = _greenlet_getcurrent() if master.plan.worker_kind in GREEN_KINDS else threading.get_ident
         if master.plan.worker_kind in ASGI_APP_ATTRIBUTES:
             current = current_task  # only the ASGI layer records there, inside the request's task
         if master.plan.worker_kind == "uvicorn":
@@ -672,7 +673,7 @@ def post_worker_init(worker: Any) -> None:
             recorder,
             worker,
             master.plan.slow_request_timeout,
-            greenlets=master.plan.worker_kind == "gevent",
+            greenlets=master.plan.worker_kind if master.plan.worker_kind in GREEN_KINDS else None,
             loop=getattr(worker, "loop", None) if master.plan.worker_kind == "asgi" else None,
             stacks_dir=STATE.run_dir,
         )
@@ -684,7 +685,19 @@ def post_worker_init(worker: Any) -> None:
             record_asgi_requests(worker, _arbiter.CURRENT.plan, monitor)
     except Exception as error:
         report("wrapping the ASGI application", error)
+    try:
+        recorder, master = _recorder.RECORDER, _arbiter.CURRENT
+        # Where the ASGI layer records, every request is seen; where the startup warning spoke, it is said.
+        plan = master.plan if master is not None else None
+        watched = plan is not None and not plan.requests_unseen and plan.worker_kind not in ASGI_APP_ATTRIBUTES
+        if recorder is not None and watched:
+            AcceptWatch(recorder).install(list(getattr(worker, "sockets", None) or ()))
+    except Exception as error:
+        report("watching accepted connections", error)
 
+
+GREEN_KINDS = frozenset({"gevent", "eventlet"})
+"""Worker classes that serve requests on greenlets and monkey-patch threading (the watchdog needs a real one)."""
 
 ASGI_APP_ATTRIBUTES = {"uvicorn": "wsgi", "asgi": "asgi"}
 """Worker classes whose requests the ASGI layer records, and where each keeps the loaded application until

@@ -101,6 +101,7 @@ FLAG_COUNTS_CONNECTIONS = 4  # the worker class has nr_conns; the connections fi
 FLAG_EXITED = 8  # worker_exit ran in the worker: it left through Python, with the exit code recorded
 FLAG_MAX_REQUESTS = 16  # it was leaving because it reached max_requests
 FLAG_BOOT_FAILED = 32  # it never finished loading the application
+FLAG_REQUESTS_UNSEEN = 64  # it accepted connections and recorded no request: its class bypasses the hooks
 
 METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "CONNECT", "TRACE", "other")
 METHOD_INDEX = {name: index for index, name in enumerate(METHODS)}

@@ -29,6 +29,7 @@ ROLES = {
             "gunicorn_insight._worker.routes",
             "gunicorn_insight._worker.asgi",
             "gunicorn_insight._worker.loglines",
+            "gunicorn_insight._worker.unseen",
         ),
         (*HEAVY, *CLI, *MASTER, *EXPORT, *HOOKS, "opentelemetry", "grpc"),
     ),

@@ -31,6 +31,7 @@ from .._export.statsd import StatsdSink
 from .._facts import Round, Sink
 from .._report import LOG, error_log_fd, report
 from .._runfiles import StatusFiles
+from .._worker.unseen import ENOUGH_CONNECTIONS
 from .backlog import backlog, listen_overflows
 from .drain import Drainer
 from .forensics import Death, ExitReports
@@ -116,6 +117,7 @@ class Master:
         # A stall is judged against the slow-request threshold: the watchdogs have logged each stuck
         # request's stack by the time the master names the stall.
         self._stall = StallWatch(plan.slow_request_timeout if plan.slow_request_timeout > 0 else 30.0)
+        self._told_unseen = False
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
@@ -173,6 +175,8 @@ class Master:
             except Exception as error:
                 report("reading host pressure", error)
             self.exits.judge(facts)
+            if not self._told_unseen:
+                self._tell_requests_unseen()
             try:
                 self._watch_stall(facts)
             except Exception as error:
@@ -186,6 +190,27 @@ class Master:
                 self.status.write_round(facts)
             except Exception as error:
                 report("writing status.json", error)
+
+    def _tell_requests_unseen(self) -> None:
+        """Once per server: a worker accepted connections and recorded no request (see _worker.unseen)."""
+        board = self.board
+        for index in range(board.slots):
+            if board.buffer[board.offset(index) + sb.OFF_FLAGS] & sb.FLAG_REQUESTS_UNSEEN:
+                self._told_unseen = True
+                LOG.warning(
+                    "gunicorn-insight: worker pid=%s slot=%s accepted %d connections and recorded no request: "
+                    "worker class %s does not call gunicorn's pre_request/post_request hooks around its "
+                    "requests (a subclass whose handle_request is its own?), so its request counts, durations, "
+                    "statuses, routes, requests in flight and slow-request reports are missing (absent, not "
+                    "zero). Call self.cfg.pre_request(self, req) before and self.cfg.post_request(self, req, "
+                    "environ, resp) after each request, as gunicorn's classes do. (Connections that carry no "
+                    "request, such as TCP health checks, count too.) Said once",
+                    board.read(index).pid,
+                    index,
+                    ENOUGH_CONNECTIONS,
+                    self.plan.worker_class_name,
+                )
+                return
 
     def _read_host(self, facts: Round) -> None:
         if self._host is not None:

@@ -44,6 +44,8 @@ class Plan:
     """gunicorn's proc_name: OTLP's default service.name."""
     server_port: int | None = None
     """The TCP port gunicorn listens on, when it binds exactly one (OTLP's server.port)."""
+    worker_class_name: str = ""
+    """gunicorn's worker class as module.name, for messages about it."""
 
     @classmethod
     def resolve(cls, settings: Settings, cfg: Any, prometheus_dir: str | None) -> Plan:
@@ -95,7 +97,16 @@ class Plan:
             requests_unseen=_unseen_requests_of(cfg),
             service_name=str(getattr(cfg, "proc_name", None) or "gunicorn"),
             server_port=single_port(getattr(cfg, "bind", None) or []),
+            worker_class_name=_class_name(cfg),
         )
+
+
+def _class_name(cfg: Any) -> str:
+    try:
+        klass = cfg.worker_class
+        return f"{klass.__module__}.{klass.__qualname__}"
+    except Exception:  # a class gunicorn cannot load stops gunicorn itself, with its own message
+        return "unknown"
 
 
 def _uvicorn_limit(cfg: Any) -> int:

@@ -164,6 +164,7 @@ class RequestRecorder:
         "_conns_offset",
         "_current",
         "_excluded",
+        "_first_head",
         "_flags_offset",
         "_free",
         "_halfwords",
@@ -215,7 +216,7 @@ class RequestRecorder:
         self._ring_offset = board.ring_offset(slot)
         self._routes_offset = board.routes_offset(slot)
         self._mask = board.ring - 1
-        self._head = board.head(slot)
+        self._head = self._first_head = board.head(slot)
         # Byte offsets of the free entries. pop() and append() on a list are atomic under the GIL, so
         # gthread's pool threads share it safely.
         self._free = [board.entries_offset(slot) + n * sb.ENTRY_SIZE for n in range(board.entries - 1, -1, -1)]
@@ -246,6 +247,11 @@ class RequestRecorder:
         start = self._start
         sb.store(self._buffer, start + sb.OFF_BOOTED, sb.BOOTED, monotonic())
         sb.store(self._buffer, start + sb.OFF_STATE, sb.STATE, sb.READY)
+
+    def recorded_any(self) -> bool:
+        """This worker has recorded a request, or has one in flight (the slot's head, which the compiled hooks
+        move too, not ``_head``, which only the Python hooks keep)."""
+        return self._words[self._head_index] != self._first_head or bool(self.in_flight)
 
     def route_number(self, environ: Any) -> int:
         """A route post_request did not find by key: resolve it and give it the next number in this

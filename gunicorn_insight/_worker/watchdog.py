@@ -55,7 +55,7 @@ class Monitor:
         worker: Any,
         slow_after: float,
         *,
-        greenlets: bool = False,
+        greenlets: str | None = None,
         loop: Any = None,
         stacks_dir: str | None = None,
     ) -> None:
@@ -75,9 +75,10 @@ class Monitor:
         self.interval = min(_MAX_TICK, slow_after / 4) if slow_after > 0 else _MAX_TICK
 
     def start(self) -> None:
-        start_thread, sleep = _real_threads() if self._greenlets else (_start_daemon, time.sleep)
-        if self._greenlets:
-            self._main_thread = _real_get_ident()
+        greenlets = self._greenlets
+        start_thread, sleep = _real_threads(greenlets) if greenlets else (_start_daemon, time.sleep)
+        if greenlets:
+            self._main_thread = _real_get_ident(greenlets)
 
         def run() -> None:
             while True:
@@ -253,16 +254,24 @@ def _start_daemon(target: Callable[[], None]) -> None:
     threading.Thread(target=target, name="gunicorn-insight-watchdog", daemon=True).start()
 
 
-def _real_threads() -> tuple[Callable[[Callable[[], None]], None], Callable[[float], None]]:
-    """gevent patches threading into greenlets; a watchdog must be a real thread to see a stuck hub."""
-    from gevent import monkey
-
-    start_new_thread = monkey.get_original("_thread", "start_new_thread")
-    sleep = monkey.get_original("time", "sleep")
+def _real_threads(library: str) -> tuple[Callable[[Callable[[], None]], None], Callable[[float], None]]:
+    """gevent and eventlet patch threading into greenlets; a watchdog must be a real thread to see a stuck hub
+    (and a green watchdog's own frames would pass for the request's)."""
+    start_new_thread = _original(library, "_thread", "start_new_thread")
+    sleep = _original(library, "time", "sleep")
     return (lambda target: start_new_thread(target, ())), sleep
 
 
-def _real_get_ident() -> int:
+def _real_get_ident(library: str) -> int:
+    return int(_original(library, "_thread", "get_ident")())
+
+
+def _original(library: str, module: str, name: str) -> Any:
+    """The function as it was before ``library`` ("gevent" or "eventlet") monkey-patched ``module``."""
+    if library == "eventlet":
+        from eventlet import patcher
+
+        return getattr(patcher.original(module), name)
     from gevent import monkey
 
-    return int(monkey.get_original("_thread", "get_ident")())
+    return monkey.get_original(module, name)

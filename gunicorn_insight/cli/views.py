@@ -39,6 +39,7 @@ _MARKS = (
     (sb.FLAG_EXITED, "exiting"),
     (sb.FLAG_MAX_REQUESTS, "max_requests"),
     (sb.FLAG_BOOT_FAILED, "boot_failed"),
+    (sb.FLAG_REQUESTS_UNSEEN, "requests_unseen"),
 )
 
 
