@@ -14,6 +14,8 @@ class Round:
 
     requests: Counter[tuple[str, int, str]] = field(default_factory=Counter)
     """(method, status, route) -> requests finished this round; route is "" without route labels."""
+    client_closed: Counter[tuple[str, str]] = field(default_factory=Counter)
+    """(method, route) -> requests finished this round whose client had gone before the response."""
     durations: dict[tuple[str, str], list[float]] = field(default_factory=dict)
     """(method, route) -> durations in seconds of the requests finished this round."""
     status_durations: dict[tuple[str, int, str], list[float]] = field(default_factory=dict)

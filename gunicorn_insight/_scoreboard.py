@@ -29,7 +29,7 @@ from ._space import free_space, mebibytes, reserve
 from .settings import ConfigurationError, join_host_port
 
 MAGIC = b"GINSIGHT"
-VERSION = 4
+VERSION = 5
 PAGE = mmap.PAGESIZE
 
 HEADER = struct.Struct("<8sIIIIII")  # magic, version, slots, entries, ring, master pid, routes
@@ -71,12 +71,15 @@ OFF_EXIT_CODE, OFF_SLOW, OFF_RSS, OFF_WAITING, OFF_ROUTES_USED, OFF_LAST_WORDS =
 ENTRY = struct.Struct("<B7xdQ8s46sH176s")
 ENTRY_SIZE = 256
 ENTRY_IN_USE, ENTRY_COUNTED = 1, 2  # the first byte; COUNTED: finished and counted, kept for a death report
-RING = struct.Struct("<ddHHHxx")  # duration s, queue s (NaN: none, negative: invalid), status, method, route
-# The drain reads the third 8-byte word of a record as one number: status | method << 16 | route << 32.
+# duration s, queue s (NaN: none, negative: invalid), status, method, route, outcome (RECORD_* bits)
+RING = struct.Struct("<ddHHHH")
+# The drain reads the third 8-byte word of a record as one number:
+# status | method << 16 | route << 32 | outcome << 48.
 RING_SIZE = RING.size
 ROUTE = struct.Struct("<64s")  # one route template, utf-8; ring records refer to it as index + 1
 ROUTE_SIZE = ROUTE.size
 NO_ROUTE, OVER_ROUTE_CAP = 0, 0xFFFF
+RECORD_CLIENT_CLOSED = 1  # the client had gone before the response was written (see _worker.recorder)
 
 FREE, BOOTING, READY = 0, 1, 2
 FLAG_ABORT_HANDLER = 1  # gunicorn's SIGABRT handler ran worker_abort (the timeout path it can see)
@@ -364,7 +367,7 @@ class Scoreboard:
     def head(self, index: int) -> int:
         return int(HEAD_CONNS.unpack_from(self.buffer, self.offset(index) + OFF_HEAD)[0])
 
-    def read_ring(self, index: int, start: int, stop: int) -> Iterator[tuple[float, float, int, int, int]]:
+    def read_ring(self, index: int, start: int, stop: int) -> Iterator[tuple[float, float, int, int, int, int]]:
         """Records ``start`` to ``stop`` (absolute counts, at most one ring's worth)."""
         return RING.iter_unpack(self.ring_bytes(index, start, stop))
 

@@ -146,3 +146,20 @@ def test_requests_a_worker_died_under_are_counted_once_as_aborted(board: sb.Scor
     assert facts.requests == {("GET", 200, ""): 2, ("GET", 500, ""): 1, ("POST", NO_RESPONSE, ""): 1}
     assert facts.durations["POST", ""] == [31.5]
     assert status_label(NO_RESPONSE) == "aborted"
+
+
+def test_client_closed_requests_are_counted_apart_and_with_the_rest(board: sb.Scoreboard) -> None:
+    """A record marked client closed counts in requests and durations as usual, and in client_closed."""
+    drainer = Drainer(board)
+    board.assign(0, 0.0)
+    rec = RequestRecorder(board, 0, Worker())
+    serve(rec, 2)
+    base = board.ring_offset(0)
+    for n in range(2, 5):  # three more records, the way post_request writes them, two of them hang-ups
+        outcome = sb.RECORD_CLIENT_CLOSED if n < 4 else 0
+        sb.RING.pack_into(board.buffer, base + n * sb.RING_SIZE, 0.5, sb.NO_QUEUE_TIME, 200, 0, 0, outcome)
+    sb.store(board.buffer, board.offset(0) + sb.OFF_HEAD, sb.HEAD_CONNS, 5, 0)
+    facts = drainer.collect()
+    assert facts.requests == {("GET", 200, ""): 5}
+    assert facts.client_closed == {("GET", ""): 2}
+    assert len(facts.durations["GET", ""]) == 5

@@ -277,6 +277,11 @@ class PrometheusSink:
         self._requests = _counter(
             "gunicorn_requests", "Requests finished, by method and status.", ("method", "status", *route)
         )
+        self._client_closed = _counter(
+            "gunicorn_requests_client_closed",
+            "Requests whose client had gone before the response was written (nginx 499, platform timeouts).",
+            ("method", *route),
+        )
         self._duration = _Histogram(
             "gunicorn_request_duration_seconds",
             "Time from pre_request to post_request, by method.",
@@ -555,6 +560,9 @@ class PrometheusSink:
         for (method, status, route), count in facts.requests.items():
             labels = (method, status_label(status), *((route or "none",) if self._routes else ()))
             self._add(requests, requests.key("_total", labels), count)
+        for (method, route), count in facts.client_closed.items():
+            labels = (method, *((route or "none",) if self._routes else ()))
+            self._add(self._client_closed, self._client_closed.key("_total", labels), count)
         for (method, route), durations in facts.durations.items():
             self._observe(self._duration, (method, *((route or "none",) if self._routes else ())), durations)
         if self._otlp_duration is not None:

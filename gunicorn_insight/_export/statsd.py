@@ -426,11 +426,16 @@ class StatsdSink:
                 pipe.timings(
                     name("gunicorn.request.duration", self._request_tags(method, None, route)), durations, timers
                 )
+            for (method, route), count in sorted(facts.client_closed.items()):
+                pipe.incr(name("gunicorn.requests.client_closed", self._request_tags(method, None, route)), count)
             self._status_lines(pipe, facts)
             return
         total = facts.total_requests
         if total:
             pipe.incr(name("gunicorn.requests"), total)
+        closed = sum(facts.client_closed.values())
+        if closed:
+            pipe.incr(name("gunicorn.requests.client_closed"), closed)
         self._status_lines(pipe, facts)
         duration = name("gunicorn.request.duration")
         # One timer for every method and route: their durations are one population to sample from.

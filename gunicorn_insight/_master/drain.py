@@ -119,23 +119,17 @@ class Drainer:
         if _SWAP:
             doubles.byteswap()
             words.byteswap()
-        keys = words[2::3]  # status | method << 16 | route << 32: see sb.RING
+        keys = words[2::3]  # status | method << 16 | route << 32 | outcome << 48: see sb.RING
         durations = doubles[0::3]
         counts = Counter(keys)
-        label_of: dict[int, str] = {}
-        for key, count in counts.items():
-            route = key >> 32 & 0xFFFF
-            label = label_of.get(route)
-            if label is None:
-                label = label_of[route] = self._route_label(index, route) if route else ""
-            result.requests[_method_name(key >> 16 & 0xFFFF), key & 0xFFFF, label] += count
-        groups = {key >> 16 for key in counts}
+        label_of = self._count(index, counts, result)
+        groups = {key >> 16 & 0xFFFFFFFF for key in counts}
         if len(groups) == 1:
             (group,) = groups
             self._durations(result, group, label_of).extend(durations.tolist())
         else:
             for key, duration in zip(keys, durations, strict=True):
-                self._durations(result, key >> 16, label_of).append(duration)
+                self._durations(result, key >> 16 & 0xFFFFFFFF, label_of).append(duration)
         if self._by_status:
             self._status_durations(result, counts, keys, durations, label_of)
         completed = sum(durations)
@@ -146,6 +140,20 @@ class Drainer:
                 result.queue_invalid += 1
         self._completed[index] += completed
         self._cursors[index] = head
+
+    def _count(self, index: int, counts: Counter[int], result: Round) -> dict[int, str]:
+        """Add the records' counts by key to the round; returns the route label of each route number seen."""
+        label_of: dict[int, str] = {}
+        for key, count in counts.items():
+            route = key >> 32 & 0xFFFF
+            label = label_of.get(route)
+            if label is None:
+                label = label_of[route] = self._route_label(index, route) if route else ""
+            method = _method_name(key >> 16 & 0xFFFF)
+            result.requests[method, key & 0xFFFF, label] += count
+            if key >> 48 & sb.RECORD_CLIENT_CLOSED:
+                result.client_closed[method, label] += count
+        return label_of
 
     @staticmethod
     def _durations(result: Round, group: int, label_of: dict[int, str]) -> list[float]:

@@ -89,6 +89,7 @@ class Plan:
                 # The atoms cost a scan of the scoreboard per request: pay it only if an access log uses them.
                 access_log_atoms=settings.access_log_atoms and bool(getattr(cfg, "accesslog", None)),
                 threaded=kind not in ONE_THREAD_KINDS,
+                slow_after=_slow_after(settings, cfg),
             ),
             per_worker_capacity=concurrency,
             workers=workers,
