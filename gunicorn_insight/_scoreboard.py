@@ -9,7 +9,7 @@ Layout (little endian)::
     header   one page   magic, version, slots, entries per slot, ring size, master pid
     slot i   header 256 bytes, ``entries`` request entries of 256 bytes, the ring; padded to whole pages
 
-The ring holds one 24-byte record per finished request. ``head`` counts records ever written to the
+The ring holds one 32-byte record per finished request. ``head`` counts records ever written to the
 slot and survives worker replacement, so a reader's cursor stays valid across deaths: a request
 finished by a worker that has since died is still read, never lost.
 """
@@ -29,7 +29,7 @@ from ._space import free_space, mebibytes, reserve
 from .settings import ConfigurationError, join_host_port
 
 MAGIC = b"GINSIGHT"
-VERSION = 5
+VERSION = 6
 PAGE = mmap.PAGESIZE
 
 HEADER = struct.Struct("<8sIIIIII")  # magic, version, slots, entries, ring, master pid, routes
@@ -71,10 +71,12 @@ OFF_EXIT_CODE, OFF_SLOW, OFF_RSS, OFF_WAITING, OFF_ROUTES_USED, OFF_LAST_WORDS =
 ENTRY = struct.Struct("<B7xdQ8s46sH176s")
 ENTRY_SIZE = 256
 ENTRY_IN_USE, ENTRY_COUNTED = 1, 2  # the first byte; COUNTED: finished and counted, kept for a death report
-# duration s, queue s (NaN: none, negative: invalid), status, method, route, outcome (RECORD_* bits)
-RING = struct.Struct("<ddHHHH")
-# The drain reads the third 8-byte word of a record as one number:
+# duration s, queue s (NaN: none, negative: invalid), status, method, route, outcome (RECORD_* bits),
+# CPU s of the request's thread (NaN: the worker class runs several requests on one thread).
+RING = struct.Struct("<ddHHHHd")
+# The drain reads the records as 8-byte words, the third as one number:
 # status | method << 16 | route << 32 | outcome << 48.
+RING_WORDS = RING.size // 8
 RING_SIZE = RING.size
 ROUTE = struct.Struct("<64s")  # one route template, utf-8; ring records refer to it as index + 1
 ROUTE_SIZE = ROUTE.size
@@ -367,7 +369,7 @@ class Scoreboard:
     def head(self, index: int) -> int:
         return int(HEAD_CONNS.unpack_from(self.buffer, self.offset(index) + OFF_HEAD)[0])
 
-    def read_ring(self, index: int, start: int, stop: int) -> Iterator[tuple[float, float, int, int, int, int]]:
+    def read_ring(self, index: int, start: int, stop: int) -> Iterator[tuple[float, float, int, int, int, int, float]]:
         """Records ``start`` to ``stop`` (absolute counts, at most one ring's worth)."""
         return RING.iter_unpack(self.ring_bytes(index, start, stop))
 

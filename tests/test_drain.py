@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from itertools import chain
 
 from fakes import FakeRequest, FakeResponse, finish, start
@@ -157,9 +158,36 @@ def test_client_closed_requests_are_counted_apart_and_with_the_rest(board: sb.Sc
     base = board.ring_offset(0)
     for n in range(2, 5):  # three more records, the way post_request writes them, two of them hang-ups
         outcome = sb.RECORD_CLIENT_CLOSED if n < 4 else 0
-        sb.RING.pack_into(board.buffer, base + n * sb.RING_SIZE, 0.5, sb.NO_QUEUE_TIME, 200, 0, 0, outcome)
+        sb.RING.pack_into(board.buffer, base + n * sb.RING_SIZE, 0.5, sb.NO_QUEUE_TIME, 200, 0, 0, outcome, 0.1)
     sb.store(board.buffer, board.offset(0) + sb.OFF_HEAD, sb.HEAD_CONNS, 5, 0)
     facts = drainer.collect()
     assert facts.requests == {("GET", 200, ""): 5}
     assert facts.client_closed == {("GET", ""): 2}
     assert len(facts.durations["GET", ""]) == 5
+
+
+def test_request_cpu_is_summed_per_request_or_shared_from_the_worker(board: sb.Scoreboard) -> None:
+    """Records carrying CPU are summed by (method, status, route); NaN ones share the slot's CPU by duration."""
+    drainer = Drainer(board)
+    board.assign(0, 0.0)
+    base = board.ring_offset(0)
+    for n, (duration, status, cpu) in enumerate([(0.5, 200, 0.4), (0.5, 200, 0.1), (1.0, 500, 0.25)]):
+        sb.RING.pack_into(board.buffer, base + n * sb.RING_SIZE, duration, sb.NO_QUEUE_TIME, status, 0, 0, 0, cpu)
+    sb.store(board.buffer, board.offset(0) + sb.OFF_HEAD, sb.HEAD_CONNS, 3, 0)
+    assert drainer.collect().request_cpu == {("GET", 200, ""): 0.5, ("GET", 500, ""): 0.25}
+
+    worker_cpu = iter([10.0, 10.9])  # the worker's utime + stime at two rounds
+    drainer._cpu = lambda index, pid: next(worker_cpu) if index == 1 else 0.0  # type: ignore[method-assign]
+    board.assign(1, 0.0)
+    sb.store(board.buffer, board.offset(1) + sb.OFF_STATE, sb.STATE, sb.READY)
+    drainer.collect()  # the first reading of the slot's CPU
+    base = board.ring_offset(1)
+    for n, (duration, method) in enumerate([(0.2, 0), (0.1, 1)]):
+        sb.RING.pack_into(
+            board.buffer, base + n * sb.RING_SIZE, duration, sb.NO_QUEUE_TIME, 200, method, 0, 0, math.nan
+        )
+    sb.store(board.buffer, board.offset(1) + sb.OFF_HEAD, sb.HEAD_CONNS, 2, 0)
+    shared = drainer.collect().request_cpu
+    assert shared.keys() == {("GET", 200, ""), ("POST", 200, "")}
+    assert abs(shared["GET", 200, ""] - 0.6) < 1e-9
+    assert abs(shared["POST", 200, ""] - 0.3) < 1e-9

@@ -101,6 +101,7 @@ def masked(board: sb.Scoreboard) -> tuple[bytes, list[tuple[float, ...]]]:
         start = board.ring_offset(0) - base + record * sb.RING_SIZE
         queues.append(struct.unpack_from("<d", data, start + 8))
         data[start : start + 16] = bytes(16)
+        data[start + 24 : start + 32] = bytes(8)  # the CPU clock differs as the monotonic one does
     return bytes(data), queues
 
 
@@ -351,7 +352,7 @@ def test_both_hooks_tell_a_client_gone_from_one_that_read_the_response(
         _recorder.RECORDER = None
         for sock in sockets:
             sock.close()
-    ((*_, outcome),) = board.read_ring(0, 0, 1)
+    ((*_, outcome, _),) = board.read_ring(0, 0, 1)
     assert outcome == expected, name
 
 
@@ -375,7 +376,43 @@ def test_both_hooks_count_a_failed_write_and_name_a_slow_one(
                 post_request(None, req, {}, FakeResponse("200 OK"))
     finally:
         _recorder.RECORDER = None
-    assert [record[-1] for record in board.read_ring(0, 0, 2)] == [sb.RECORD_CLIENT_CLOSED] * 2
+    assert [record[5] for record in board.read_ring(0, 0, 2)] == [sb.RECORD_CLIENT_CLOSED] * 2
     lines = [record.getMessage() for record in caplog.records if "client closed" in record.getMessage()]
     assert len(lines) == 1
     assert 'request="GET /slow"' in lines[0]
+
+
+def burn(seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        sum(range(1000))
+
+
+@pytest.mark.parametrize("implementation", sorted(fakes.IMPLEMENTATIONS))
+def test_both_hooks_record_the_threads_cpu_apart_from_waiting(board: sb.Scoreboard, implementation: str) -> None:
+    """The record's CPU is the thread's CPU clock from pre_request to post_request: it covers the work done
+    between them and no more; where requests share a thread (thread_cpu off) it is NaN, for the master."""
+    pre_request, post_request = fakes.IMPLEMENTATIONS[implementation]
+    board.assign(0, now=1.0)
+    bounds = []
+    try:
+        for thread_cpu in (True, False):
+            options = RecorderOptions(threaded=False, thread_cpu=thread_cpu)
+            _recorder.RECORDER = RequestRecorder(board, 0, object(), options)
+            for work in (burn, time.sleep):
+                req = FakeRequest()
+                outer = time.thread_time()
+                pre_request(None, req)
+                inner = time.thread_time()
+                work(0.1)
+                worked = time.thread_time() - inner
+                post_request(None, req, {}, FakeResponse("200 OK"))
+                bounds.append((worked, time.thread_time() - outer))
+    finally:
+        _recorder.RECORDER = None
+    cpus = [record[6] for record in board.read_ring(0, 0, 4)]
+    for cpu, (at_least, at_most) in zip(cpus[:2], bounds[:2], strict=True):
+        assert at_least <= cpu <= at_most, (cpu, at_least, at_most)
+    assert cpus[0] > 0.01, "burning the CPU for 0.1 s was not seen"
+    assert math.isnan(cpus[2])
+    assert math.isnan(cpus[3])

@@ -52,6 +52,8 @@ class Drainer:
         self._cpu_base = [0.0 for _ in slots]
         self._cpu_pid = [0 for _ in slots]
         self._cpu_last = [0.0 for _ in slots]
+        self._cpu_seen: list[float | None] = [None for _ in slots]  # the slot's CPU seconds at the last round
+        self._unshared: list[dict[tuple[str, int, str], float]] = [{} for _ in slots]
         self._route_names: list[list[str]] = [[] for _ in slots]
         self._boot_seen = [0 for _ in slots]  # the generation whose boot duration was reported
         self._labels: set[str] = set()
@@ -87,7 +89,8 @@ class Drainer:
             if rss:
                 board.set_rss(index, rss)
                 result.memory[index] = rss
-            result.cpu_seconds[index] = self._cpu(index, view.pid)
+            result.cpu_seconds[index] = used = self._cpu(index, view.pid)
+            self._share_worker_cpu(index, used, result)
         return result
 
     def _lifecycle(self, index: int, view: sb.SlotView, result: Round) -> None:
@@ -119,8 +122,9 @@ class Drainer:
         if _SWAP:
             doubles.byteswap()
             words.byteswap()
-        keys = words[2::3]  # status | method << 16 | route << 32 | outcome << 48: see sb.RING
-        durations = doubles[0::3]
+        step = sb.RING_WORDS
+        keys = words[2::step]  # status | method << 16 | route << 32 | outcome << 48: see sb.RING
+        durations = doubles[0::step]
         counts = Counter(keys)
         label_of = self._count(index, counts, result)
         groups = {key >> 16 & 0xFFFFFFFF for key in counts}
@@ -132,8 +136,17 @@ class Drainer:
                 self._durations(result, key >> 16 & 0xFFFFFFFF, label_of).append(duration)
         if self._by_status:
             self._status_durations(result, counts, keys, durations, label_of)
+        self._request_cpu(
+            self._unshared[index],
+            result,
+            counts=counts,
+            keys=keys,
+            durations=durations,
+            cpus=doubles[3::step],
+            label_of=label_of,
+        )
         completed = sum(durations)
-        for queue in filterfalse(isnan, doubles[1::3]):  # NaN: the request carried no queue header
+        for queue in filterfalse(isnan, doubles[1::step]):  # NaN: the request carried no queue header
             if queue >= 0:
                 result.queue_times.append(queue)
             else:
@@ -154,6 +167,50 @@ class Drainer:
             if key >> 48 & sb.RECORD_CLIENT_CLOSED:
                 result.client_closed[method, label] += count
         return label_of
+
+    @staticmethod
+    def _request_cpu(
+        share: dict[tuple[str, int, str], float],
+        result: Round,
+        *,
+        counts: Counter[int],
+        keys: array[int],
+        durations: array[float],
+        cpus: array[float],
+        label_of: dict[int, str],
+    ) -> None:
+        """CPU seconds by (method, status, route): the records' own where they carry one. A worker class that runs
+        many requests on one thread writes NaN; those requests share the worker's CPU time of the round in
+        proportion to their durations, once the round has read it (_share_worker_cpu)."""
+        request_cpu = result.request_cpu
+        if len(counts) == 1:  # the usual round of a slot: one key, so sums in C (NaN: no CPU of their own)
+            (key,) = counts
+            group = (_method_name(key >> 16 & 0xFFFF), key & 0xFFFF, label_of[key >> 32 & 0xFFFF])
+            cpu = sum(cpus)
+            if isnan(cpu):
+                share[group] = share.get(group, 0.0) + sum(durations)
+            else:
+                request_cpu[group] = request_cpu.get(group, 0.0) + cpu
+            return
+        for key, cpu, duration in zip(keys, cpus, durations, strict=True):
+            group = (_method_name(key >> 16 & 0xFFFF), key & 0xFFFF, label_of[key >> 32 & 0xFFFF])
+            if isnan(cpu):
+                share[group] = share.get(group, 0.0) + duration
+            else:
+                request_cpu[group] = request_cpu.get(group, 0.0) + cpu
+
+    def _share_worker_cpu(self, index: int, used: float, result: Round) -> None:
+        """Give the slot's CPU time since the last round to the requests it finished without one of their own."""
+        share = self._unshared[index]
+        previous, self._cpu_seen[index] = self._cpu_seen[index], used
+        if not share:
+            return
+        total = sum(share.values())
+        spent = max(0.0, used - previous) if previous is not None else 0.0
+        for group, duration in share.items():
+            portion = spent * duration / total if total > 0 else spent / len(share)
+            result.request_cpu[group] = result.request_cpu.get(group, 0.0) + portion
+        share.clear()
 
     @staticmethod
     def _durations(result: Round, group: int, label_of: dict[int, str]) -> list[float]:
@@ -204,7 +261,8 @@ class Drainer:
         """A slot without a live worker keeps its counters and reports no connections."""
         result.connections[index] = 0
         result.busy_seconds[index] = self._busy[index] = max(self._busy[index], self._completed[index])
-        result.cpu_seconds[index] = self._cpu_base[index] + self._cpu_last[index]
+        result.cpu_seconds[index] = used = self._cpu_base[index] + self._cpu_last[index]
+        self._share_worker_cpu(index, used, result)
 
     def _cpu(self, index: int, pid: int) -> float:
         if pid != self._cpu_pid[index]:

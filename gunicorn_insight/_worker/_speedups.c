@@ -29,7 +29,7 @@
 #error "the scoreboard is little-endian; big-endian machines use the pure-Python hooks"
 #endif
 
-/* ENTRY = "<B7xdQ8s46sH176s", RING = "<ddHHHH", HEAD_CONNS = "<QI" (checked against _scoreboard by bind). */
+/* ENTRY = "<B7xdQ8s46sH176s", RING = "<ddHHHHd", HEAD_CONNS = "<QI" (checked against _scoreboard by bind). */
 #define ENTRY_SIZE 256
 #define ENTRY_START 8
 #define ENTRY_THREAD 16
@@ -40,7 +40,7 @@
 #define ENTRY_PORT 78
 #define ENTRY_PATH 80
 #define PATH_WIDTH 176
-#define RING_SIZE 24
+#define RING_SIZE 32
 #define DYING 3 /* FLAG_ABORT_HANDLER | FLAG_INT_HANDLER */
 #define RECORD_CLIENT_CLOSED 1
 #define TCP_INFO_BYTES 28 /* up to tcpi_unacked (u32 at byte 24) */
@@ -65,7 +65,7 @@ typedef struct {
     PyObject *buffer, *free_entries, *in_flight, *current, *excluded, *route_ids, *worker;
     Py_ssize_t head_offset, ring_offset, flags_offset;
     unsigned long long mask;
-    int redact, queue, atoms, routes, resolves_by_key;
+    int redact, queue, atoms, routes, resolves_by_key, thread_cpu;
 } Bound;
 
 static Bound bound;
@@ -140,7 +140,8 @@ bind_recorder(PyObject *recorder)
         || read_ssize(recorder, "_flags_offset", &bound.flags_offset) < 0 || read_ssize(recorder, "_mask", &mask) < 0
         || read_flag(recorder, "_redact", &bound.redact) < 0 || read_flag(recorder, "_queue", &bound.queue) < 0
         || read_flag(recorder, "_atoms", &bound.atoms) < 0 || read_flag(recorder, "_routes", &bound.routes) < 0
-        || read_flag(recorder, "_resolves_by_key", &bound.resolves_by_key) < 0) {
+        || read_flag(recorder, "_resolves_by_key", &bound.resolves_by_key) < 0
+        || read_flag(recorder, "_thread_cpu", &bound.thread_cpu) < 0) {
         clear_bound();
         return -1;
     }
@@ -331,7 +332,7 @@ pre_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         shown = Py_NewRef(path);
     if (shown == NULL || (current = PyObject_CallNoArgs(bound.current)) == NULL)
         goto error;
-    record = PyTuple_New(5);
+    record = PyTuple_New(6);
     if (record == NULL)
         goto error;
     PyTuple_SET_ITEM(record, 0, PyFloat_FromDouble(now));
@@ -339,7 +340,10 @@ pre_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     PyTuple_SET_ITEM(record, 2, Py_NewRef(current));
     PyTuple_SET_ITEM(record, 3, Py_NewRef(method));
     PyTuple_SET_ITEM(record, 4, Py_NewRef(shown));
-    if (PyTuple_GET_ITEM(record, 0) == NULL || PyDict_SetItem(bound.in_flight, req, record) < 0)
+    /* time.thread_time() is this clock: the request owns its thread (sync, gthread), else NaN */
+    PyTuple_SET_ITEM(record, 5, PyFloat_FromDouble(bound.thread_cpu ? clock_seconds(CLOCK_THREAD_CPUTIME_ID) : Py_NAN));
+    if (PyTuple_GET_ITEM(record, 0) == NULL || PyTuple_GET_ITEM(record, 5) == NULL
+        || PyDict_SetItem(bound.in_flight, req, record) < 0)
         goto error;
 
     peer = PyObject_GetAttr(req, s_peer_addr);
@@ -499,7 +503,7 @@ post_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     PyObject *recorder, *req, *environ, *resp, *started = NULL, *stamp = NULL, *status_object = NULL, *key = NULL,
         *method = NULL, *connections = NULL, *lock = NULL, *result;
-    double now, start, queue = Py_NAN, duration;
+    double now, start, queue = Py_NAN, duration, cpu = Py_NAN;
     long status, route = 0, method_number;
     int closed;
     unsigned long long head, conns = 0;
@@ -533,7 +537,7 @@ post_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_INCREF(started);
     if (PyDict_DelItem(bound.in_flight, req) < 0)
         goto error;
-    if (!PyTuple_CheckExact(started) || PyTuple_GET_SIZE(started) != 5) {
+    if (!PyTuple_CheckExact(started) || PyTuple_GET_SIZE(started) != 6) {
         PyErr_SetString(PyExc_TypeError, "in_flight holds something that is not a request record");
         goto error;
     }
@@ -541,6 +545,12 @@ post_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     entry = PyLong_AsSsize_t(PyTuple_GET_ITEM(started, 1));
     if (PyErr_Occurred())
         goto error;
+    if (bound.thread_cpu) {
+        double cpu_start = PyFloat_AsDouble(PyTuple_GET_ITEM(started, 5));
+        if (cpu_start == -1.0 && PyErr_Occurred())
+            goto error;
+        cpu = clock_seconds(CLOCK_THREAD_CPUTIME_ID) - cpu_start;
+    }
     environ_given = environ == Py_None ? 0 : PyObject_IsTrue(environ);
     if (environ_given < 0)
         goto error;
@@ -695,6 +705,7 @@ post_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         put_u16(buf + at + 18, (unsigned long)method_number);
         put_u16(buf + at + 20, (unsigned long)route);
         put_u16(buf + at + 22, (unsigned long)closed);
+        memcpy(buf + at + 24, &cpu, 8);
         head += 1;
         /* Publishing the head after the record is what makes the record visible to the master. The head is
          * one aligned 8-byte store (the memcpy compiles to a single mov), never zero-filled first as
@@ -759,7 +770,7 @@ bind_hooks(PyObject *module, PyObject *args)
                           &status, &queue, &scan, &PyDict_Type, &methods, &other, &route_key, &request_start,
                           &queue_start, &layouts))
         return NULL;
-    expected = Py_BuildValue("(sssi)", "<B7xdQ8s46sH176s", "<ddHHHH", "<QI", DYING);
+    expected = Py_BuildValue("(sssi)", "<B7xdQ8s46sH176s", "<ddHHHHd", "<QI", DYING);
     if (expected == NULL)
         return NULL;
     same = PyObject_RichCompareBool(layouts, expected, Py_EQ);

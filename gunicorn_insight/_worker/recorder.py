@@ -13,6 +13,7 @@ compares the bytes both write.
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import sys
@@ -22,7 +23,7 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
-from time import monotonic
+from time import monotonic, thread_time
 from typing import Any
 
 from .. import _scoreboard as sb
@@ -41,10 +42,12 @@ _METHOD_BYTES = {method: method.encode() for method in sb.METHODS}
 # Module globals, not attributes of sb: one dictionary lookup each on the request path instead of two.
 _method_index, _OTHER_METHOD, _RING_SIZE = sb.METHOD_INDEX.get, sb.OTHER_METHOD, sb.RING_SIZE
 _NO_QUEUE_TIME, _NO_ROUTE = sb.NO_QUEUE_TIME, sb.NO_ROUTE
+_NO_CPU = math.nan
 
 
-InFlightRequest = tuple[float, int, Any, str, str]
-"""start (monotonic), scoreboard entry's byte offset (-1: none free), thread ident or greenlet, method, display path.
+InFlightRequest = tuple[float, int, Any, str, str, float]
+"""start (monotonic), scoreboard entry's byte offset (-1: none free), thread ident or greenlet, method, display path,
+the thread's CPU clock at the start (NaN where requests share a thread).
 
 ``in_flight`` maps gunicorn's request object itself to one of these: hashing it is a pointer hash, where
 ``id(req)`` would cost an audit event and an int allocation per request."""
@@ -182,6 +185,7 @@ class RecorderOptions:
     access_log_atoms: bool = False
     threaded: bool = True  # the worker class runs requests on several OS threads (gthread, unknown classes)
     slow_after: float = 0.0  # a request the client left after this many seconds is logged; 0: none is
+    thread_cpu: bool = False  # each request owns its OS thread (sync, gthread): its CPU is the thread's CPU clock
 
 
 class RequestRecorder:
@@ -222,6 +226,7 @@ class RequestRecorder:
         "_routes_used",
         "_slow_after",
         "_start",
+        "_thread_cpu",
         "_words",
         "_worker",
         "dying",
@@ -272,6 +277,7 @@ class RequestRecorder:
         self._resolves_by_key = options.route_resolver is None
         self._max_routes = board.routes
         self._slow_after = options.slow_after
+        self._thread_cpu = options.thread_cpu
         # The route table belongs to the slot, not the worker: keep the numbers a predecessor gave out.
         self._route_ids = {name: n + 1 for n, name in enumerate(board.route_names(slot))}
         self._routes_used = len(self._route_ids)
@@ -422,7 +428,7 @@ def pre_request(worker: Any, req: Any) -> None:
             path = f"{path}?<redacted>" if rec._redact else f"{path}?{query}"
         method = req.method or ""
         current = rec._current()
-        rec.in_flight[req] = (now, entry, current, method, path)
+        rec.in_flight[req] = (now, entry, current, method, path, thread_time() if rec._thread_cpu else _NO_CPU)
         if entry >= 0:
             peer = getattr(req, "peer_addr", None)
             try:
@@ -466,7 +472,8 @@ def post_request(worker: Any, req: Any, environ: Any, resp: Any) -> None:  # noq
         started = rec.in_flight.pop(req, None)
         if started is None:
             return  # not recorded: an excluded path, or pre_request never ran for it
-        start, entry, _, method, path = started
+        start, entry, _, method, path, cpu_start = started
+        cpu = thread_time() - cpu_start if rec._thread_cpu else _NO_CPU
         queue = _NO_QUEUE_TIME
         if rec._queue:
             # Looked up here, not in pre_request: the environ has the headers hashed already. ASGI workers
@@ -500,6 +507,7 @@ def post_request(worker: Any, req: Any, environ: Any, resp: Any) -> None:  # noq
             _method_index(method, _OTHER_METHOD),
             route,
             closed,
+            cpu,
         )
         rec._head = head = head + 1
         # Publishing the head after the record is what makes the record visible to the master.

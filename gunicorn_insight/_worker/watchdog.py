@@ -91,7 +91,7 @@ class Monitor:
         now = time.monotonic()
         in_flight = self._recorder.in_flight.copy()
         self._reported &= in_flight.keys()
-        for key, (start, _entry, current, method, path) in in_flight.items():
+        for key, (start, _entry, current, method, path, _cpu) in in_flight.items():
             if key not in self._reported and now - start >= self._slow_after:
                 self._reported.add(key)
                 self._recorder.count_slow()
