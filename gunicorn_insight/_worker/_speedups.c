@@ -455,9 +455,9 @@ lookup(PyObject *environ, PyObject *key)
 /* recorder.client_closed without a Python call: the exception gunicorn's write raised, still in flight in its
  * finally, else the connection's TCP state. Sets *closed to RECORD_CLIENT_CLOSED or 0; -1 on a Python error. */
 static int
-client_closed(PyObject *resp, int *closed)
+client_closed(PyObject *req, PyObject *resp, int *closed)
 {
-    PyObject *type, *value, *traceback, *sock;
+    PyObject *type, *value, *traceback, *peer, *sock;
     unsigned char info[TCP_INFO_BYTES];
     socklen_t length = sizeof info;
     uint32_t unacked;
@@ -477,6 +477,18 @@ client_closed(PyObject *resp, int *closed)
             return 0;
         }
     }
+    /* only a TCP peer (an address tuple) has a TCP state to ask */
+    peer = PyObject_GetAttr(req, s_peer_addr);
+    if (peer == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_AttributeError))
+            return -1;
+        PyErr_Clear();
+        return 0;
+    }
+    matches = PyTuple_CheckExact(peer);
+    Py_DECREF(peer);
+    if (!matches)
+        return 0;
     sock = PyObject_GetAttr(resp, s_sock);
     if (sock == NULL) {
         if (!PyErr_ExceptionMatches(PyExc_AttributeError))
@@ -662,7 +674,7 @@ post_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         }
     }
 
-    if (client_closed(resp, &closed) < 0)
+    if (client_closed(req, resp, &closed) < 0)
         goto error;
     if (closed) {
         /* rare: the request is named in the log when it was slow (before the ring is read, like the Python

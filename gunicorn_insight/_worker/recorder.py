@@ -137,7 +137,7 @@ _TCP_CLOSE_WAIT, _TCP_CLOSE = 8, 7  # linux/tcp_states.h
 _TCP_INFO_BYTES = 28  # up to tcpi_unacked (u32 at byte 24)
 
 
-def client_closed(resp: Any) -> int:
+def client_closed(req: Any, resp: Any) -> int:
     """RECORD_CLIENT_CLOSED when the client had gone before the response reached it, else 0.
 
     Exact for TCP on Linux and for unix sockets; it sees nothing where the response has no socket (ASGI).
@@ -151,7 +151,8 @@ def client_closed(resp: Any) -> int:
     """
     if isinstance(sys.exc_info()[1], _HUNG_UP):
         return sb.RECORD_CLIENT_CLOSED
-    sock = getattr(resp, "sock", None)
+    # Only a TCP peer (an address tuple) has a TCP state: asking a unix socket would raise, at ten times the cost.
+    sock = getattr(resp, "sock", None) if type(getattr(req, "peer_addr", None)) is tuple else None
     if sock is None or _TCP_INFO is None:
         return 0
     try:
@@ -494,7 +495,7 @@ def post_request(worker: Any, req: Any, environ: Any, resp: Any) -> None:  # noq
             key = environ.get(ROUTE_KEY) if environ and rec._resolves_by_key else None
             known = rec._route_ids.get(key) if type(key) is str else None
             route = rec.route_number(environ) if known is None else known
-        closed = client_closed(resp)
+        closed = client_closed(req, resp)
         if closed:
             rec.client_gone(method, path, now - start)
         head = rec._head
