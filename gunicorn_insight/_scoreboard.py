@@ -51,8 +51,9 @@ SLOW = struct.Struct("<I")  # +60: slow requests reported by the watchdog, ever,
 RSS = struct.Struct("<Q")  # +64: resident memory in bytes, sampled by the master
 WAITING = struct.Struct("<I")  # +72: gthread: accepted connections waiting for a free thread
 ROUTES_USED = struct.Struct("<I")  # +76: entries filled in this slot's route table (it outlives workers)
+BOOT_CPU = struct.Struct("<d")  # +80: the worker's CPU seconds (user + system) when it became ready
 LAST_WORDS = struct.Struct("<128s")  # +128: why the worker is exiting (the boot exception), utf-8
-SLOT_HEADER = struct.Struct("<QIBBxxQIIQddiIQII48x128s")
+SLOT_HEADER = struct.Struct("<QIBBxxQIIQddiIQIId40x128s")
 SLOT_HEADER_SIZE = 256
 OFF_PID, OFF_STATE, OFF_FLAGS, OFF_HEAD, OFF_CONNS, OFF_OVERFLOW, OFF_BASE, OFF_SPAWNED, OFF_BOOTED = (
     8,
@@ -65,7 +66,15 @@ OFF_PID, OFF_STATE, OFF_FLAGS, OFF_HEAD, OFF_CONNS, OFF_OVERFLOW, OFF_BASE, OFF_
     40,
     48,
 )
-OFF_EXIT_CODE, OFF_SLOW, OFF_RSS, OFF_WAITING, OFF_ROUTES_USED, OFF_LAST_WORDS = 56, 60, 64, 72, 76, 128
+OFF_EXIT_CODE, OFF_SLOW, OFF_RSS, OFF_WAITING, OFF_ROUTES_USED, OFF_BOOT_CPU, OFF_LAST_WORDS = (
+    56,
+    60,
+    64,
+    72,
+    76,
+    80,
+    128,
+)
 
 # In use, start (monotonic), thread, method, client host, client port (0: not TCP), path.
 ENTRY = struct.Struct("<B7xdQ8s46sH176s")
@@ -132,6 +141,7 @@ class SlotView:
     rss: int
     waiting: int
     routes_used: int
+    boot_cpu: float
     last_words: str
     requests: tuple[InFlight, ...]
 
@@ -188,6 +198,7 @@ def parse_slot(index: int, data: bytes, entries: int) -> SlotView:
         rss,
         waiting,
         routes_used,
+        boot_cpu,
         last_words,
     ) = SLOT_HEADER.unpack_from(data, 0)
     requests = []
@@ -223,6 +234,7 @@ def parse_slot(index: int, data: bytes, entries: int) -> SlotView:
         rss,
         waiting,
         routes_used,
+        boot_cpu,
         _text(last_words),
         tuple(requests),
     )
@@ -330,6 +342,7 @@ class Scoreboard:
         store(buffer, start + OFF_EXIT_CODE, EXIT_CODE, 0)
         store(buffer, start + OFF_RSS, RSS, 0)
         store(buffer, start + OFF_WAITING, WAITING, 0)
+        store(buffer, start + OFF_BOOT_CPU, BOOT_CPU, 0.0)
         store(buffer, start + OFF_LAST_WORDS, LAST_WORDS, b"")
         buffer[start + SLOT_HEADER_SIZE : self.ring_offset(index)] = bytes(self.entries * ENTRY_SIZE)
         store(buffer, start + OFF_STATE, STATE, BOOTING)

@@ -176,7 +176,7 @@ def test_request_cpu_is_summed_per_request_or_shared_from_the_worker(board: sb.S
     sb.store(board.buffer, board.offset(0) + sb.OFF_HEAD, sb.HEAD_CONNS, 3, 0)
     assert drainer.collect().request_cpu == {("GET", 200, ""): 0.5, ("GET", 500, ""): 0.25}
 
-    worker_cpu = iter([10.0, 10.9])  # the worker's utime + stime at two rounds
+    worker_cpu = iter([10.0, 10.9])  # the worker's utime + stime at two rounds, idle at the first
     drainer._cpu = lambda index, pid: next(worker_cpu) if index == 1 else 0.0  # type: ignore[method-assign]
     board.assign(1, 0.0)
     sb.store(board.buffer, board.offset(1) + sb.OFF_STATE, sb.STATE, sb.READY)
@@ -191,3 +191,39 @@ def test_request_cpu_is_summed_per_request_or_shared_from_the_worker(board: sb.S
     assert shared.keys() == {("GET", 200, ""), ("POST", 200, "")}
     assert abs(shared["GET", 200, ""] - 0.6) < 1e-9
     assert abs(shared["POST", 200, ""] - 0.3) < 1e-9
+
+
+def test_worker_cpu_waits_for_the_requests_in_flight(board: sb.Scoreboard) -> None:
+    """Rounds in which requests run and none finishes keep the worker's CPU for them; idle rounds drop it."""
+    drainer = Drainer(board)
+    worker_cpu = iter([1.0, 1.5, 3.0, 4.0, 4.2])
+    drainer._cpu = lambda index, pid: next(worker_cpu) if index == 0 else 0.0  # type: ignore[method-assign]
+    board.assign(0, 0.0)
+    rec = RequestRecorder(board, 0, Worker())
+    drainer.collect()  # idle: 1.0
+    req = FakeRequest()
+    start(rec, req)
+    drainer.collect()  # in flight, none finished: 1.5 stays for it
+    drainer.collect()  # still running: 3.0
+    finish(rec, req, {}, FakeResponse("200 OK"))
+    sb.RING.pack_into(board.buffer, board.ring_offset(0), 2.0, sb.NO_QUEUE_TIME, 200, 0, 0, 0, math.nan)
+    assert drainer.collect().request_cpu == {("GET", 200, ""): 3.0}  # 4.0 - 1.0
+    assert drainer.collect().request_cpu == {}  # idle again: 0.2 is nobody's
+
+
+def test_a_ready_workers_cpu_counts_from_when_it_became_ready(board: sb.Scoreboard) -> None:
+    """The first round may come while a request already runs: its share starts at the worker's ready moment
+    (the CPU it recorded then), not at that round, and the boot's CPU is no request's."""
+    drainer = Drainer(board)
+    worker_cpu = iter([1.5, 2.0])
+    drainer._cpu = lambda index, pid: next(worker_cpu) if index == 0 else 0.0  # type: ignore[method-assign]
+    board.assign(0, 0.0)
+    rec = RequestRecorder(board, 0, Worker())
+    sb.store(board.buffer, board.offset(0) + sb.OFF_BOOT_CPU, sb.BOOT_CPU, 0.75)  # what booted() stores
+    sb.store(board.buffer, board.offset(0) + sb.OFF_STATE, sb.STATE, sb.READY)
+    req = FakeRequest()
+    start(rec, req)
+    assert drainer.collect().request_cpu == {}  # the first round: the request is running
+    finish(rec, req, {}, FakeResponse("200 OK"))
+    sb.RING.pack_into(board.buffer, board.ring_offset(0), 1.0, sb.NO_QUEUE_TIME, 200, 0, 0, 0, math.nan)
+    assert drainer.collect().request_cpu == {("GET", 200, ""): 1.25}  # 2.0 - 0.75

@@ -53,6 +53,7 @@ class Drainer:
         self._cpu_pid = [0 for _ in slots]
         self._cpu_last = [0.0 for _ in slots]
         self._cpu_seen: list[float | None] = [None for _ in slots]  # the slot's CPU seconds at the last round
+        self._cpu_seen_pid = [0 for _ in slots]  # the worker whose ready moment _cpu_seen started from
         self._unshared: list[dict[tuple[str, int, str], float]] = [{} for _ in slots]
         self._route_names: list[list[str]] = [[] for _ in slots]
         self._boot_seen = [0 for _ in slots]  # the generation whose boot duration was reported
@@ -90,7 +91,7 @@ class Drainer:
                 board.set_rss(index, rss)
                 result.memory[index] = rss
             result.cpu_seconds[index] = used = self._cpu(index, view.pid)
-            self._share_worker_cpu(index, used, result)
+            self._share_worker_cpu(index, used, result, busy=view.in_flight > 0, worker=(view.pid, view.boot_cpu))
         return result
 
     def _lifecycle(self, index: int, view: sb.SlotView, result: Round) -> None:
@@ -199,12 +200,24 @@ class Drainer:
             else:
                 request_cpu[group] = request_cpu.get(group, 0.0) + cpu
 
-    def _share_worker_cpu(self, index: int, used: float, result: Round) -> None:
-        """Give the slot's CPU time since the last round to the requests it finished without one of their own."""
+    def _share_worker_cpu(
+        self, index: int, used: float, result: Round, *, busy: bool, worker: tuple[int, float] | None = None
+    ) -> None:
+        """Give the slot's CPU time since it was last given (or idle) to the requests it finished without a CPU
+        time of their own. While requests are in flight and none finishes, the CPU waits for them; a worker
+        with nothing to serve lets it go (its idle loop is no request's), and so does a new worker's boot:
+        ``worker`` is (pid, CPU seconds when it became ready, 0.0 while booting)."""
         share = self._unshared[index]
-        previous, self._cpu_seen[index] = self._cpu_seen[index], used
+        if worker is not None and worker[0] != self._cpu_seen_pid[index] and worker[1] > 0:
+            # The first reading of a ready worker: count from the moment it was ready, even when the first
+            # round comes while a request is already running.
+            self._cpu_seen_pid[index] = worker[0]
+            self._cpu_seen[index] = self._cpu_base[index] + worker[1]
         if not share:
+            if not busy:
+                self._cpu_seen[index] = used
             return
+        previous, self._cpu_seen[index] = self._cpu_seen[index], used
         total = sum(share.values())
         spent = max(0.0, used - previous) if previous is not None else 0.0
         for group, duration in share.items():
@@ -262,7 +275,7 @@ class Drainer:
         result.connections[index] = 0
         result.busy_seconds[index] = self._busy[index] = max(self._busy[index], self._completed[index])
         result.cpu_seconds[index] = used = self._cpu_base[index] + self._cpu_last[index]
-        self._share_worker_cpu(index, used, result)
+        self._share_worker_cpu(index, used, result, busy=False)
 
     def _cpu(self, index: int, pid: int) -> float:
         if pid != self._cpu_pid[index]:

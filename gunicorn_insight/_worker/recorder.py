@@ -291,6 +291,8 @@ class RequestRecorder:
     def booted(self) -> None:
         start = self._start
         sb.store(self._buffer, start + sb.OFF_BOOTED, sb.BOOTED, monotonic())
+        # What loading the application cost is no request's CPU (see _master.drain, _share_worker_cpu).
+        sb.store(self._buffer, start + sb.OFF_BOOT_CPU, sb.BOOT_CPU, time.process_time())
         sb.store(self._buffer, start + sb.OFF_STATE, sb.STATE, sb.READY)
 
     def route_number(self, environ: Any) -> int:
