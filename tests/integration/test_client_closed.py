@@ -74,3 +74,13 @@ def test_nginx_giving_up_on_a_request_is_a_hang_up(
     server.wait_for_value("gunicorn_requests_total", 21, timeout=60, method="GET", status="200")
     assert server.value("gunicorn_requests_client_closed_total", method="GET") == 1
     assert " 499 " in nginx.access_log_path.read_text()
+
+
+def test_the_asgi_worker_says_once_that_it_cannot_see_hang_ups(process_factory: ProcessFactory) -> None:
+    """No client socket reaches the hooks on the asgi worker: one startup line says so, the counter is absent."""
+    server = start_gunicorn(process_factory, app="asgi_app:app", cwd=APPS, worker_class="asgi", workers=1)
+    hang_up(server.port, "/slow", after=0.3)
+    assert server.get("/") == 201
+    server.wait_for_value("gunicorn_requests_total", 2, timeout=60, method="GET", status="201")
+    assert server.process.output().count("clients that hang up before the response are not seen") == 1
+    assert server.value("gunicorn_requests_client_closed_total", method="GET") is None
