@@ -14,6 +14,11 @@ class Round:
 
     requests: Counter[tuple[str, int, str]] = field(default_factory=Counter)
     """(method, status, route) -> requests finished this round; route is "" without route labels."""
+    request_cpu: dict[tuple[str, int, str], float] = field(default_factory=dict)
+    """(method, status, route) -> CPU seconds of the requests finished this round (see drain: per request
+    where a request owns its thread, the worker's CPU shared by duration elsewhere)."""
+    client_closed: Counter[tuple[str, str]] = field(default_factory=Counter)
+    """(method, route) -> requests finished this round whose client had gone before the response."""
     durations: dict[tuple[str, str], list[float]] = field(default_factory=dict)
     """(method, route) -> durations in seconds of the requests finished this round."""
     status_durations: dict[tuple[str, int, str], list[float]] = field(default_factory=dict)

@@ -11,6 +11,8 @@ from typing import Any
 # Worker classes that call pre_request and post_request from one OS thread (greenlets and coroutines never
 # switch inside a hook): their recorder needs no lock. Custom classes are not assumed to be among them.
 ONE_THREAD_KINDS = frozenset({"sync", "gevent", "eventlet", "tornado", "asgi", "uvicorn"})
+THREAD_PER_REQUEST_KINDS = frozenset({"sync", "gthread"})
+"""Each request runs on an OS thread of its own from pre_request to post_request: its CPU is that thread's."""
 
 
 def worker_kind(cfg: Any) -> str:

@@ -523,6 +523,12 @@ def _announce(master: _arbiter.Master) -> None:
     )
     if plan.requests_unseen:
         LOG.warning("gunicorn-insight: %s", plan.requests_unseen)
+    elif plan.worker_kind in ("asgi", "uvicorn"):
+        LOG.info(
+            "gunicorn-insight: on the %s worker class the request hooks have no client socket, so clients that "
+            "hang up before the response are not seen: gunicorn_requests_client_closed_total stays absent",
+            plan.worker_kind,
+        )
     if plan.gunicorn_statsd_active and master.statsd is not None:
         LOG.info(
             "gunicorn-insight: gunicorn's own statsd logger already sends gunicorn.requests, "

@@ -9,7 +9,7 @@ Layout (little endian)::
     header   one page   magic, version, slots, entries per slot, ring size, master pid
     slot i   header 256 bytes, ``entries`` request entries of 256 bytes, the ring; padded to whole pages
 
-The ring holds one 24-byte record per finished request. ``head`` counts records ever written to the
+The ring holds one 32-byte record per finished request. ``head`` counts records ever written to the
 slot and survives worker replacement, so a reader's cursor stays valid across deaths: a request
 finished by a worker that has since died is still read, never lost.
 """
@@ -29,7 +29,7 @@ from ._space import free_space, mebibytes, reserve
 from .settings import ConfigurationError, join_host_port
 
 MAGIC = b"GINSIGHT"
-VERSION = 4
+VERSION = 6
 PAGE = mmap.PAGESIZE
 
 HEADER = struct.Struct("<8sIIIIII")  # magic, version, slots, entries, ring, master pid, routes
@@ -58,8 +58,9 @@ LOG_LEVELS = ("critical", "error", "warning", "exception")
 # +112: bumped by ``gunicorn-insight stacks`` (its only writer); the worker's watchdog answers each new value with
 # a stacks file in the run directory. Kept across workers, like the ring head, so a number is never reused soon.
 STACKS_ASKED = struct.Struct("<I")
+BOOT_CPU = struct.Struct("<d")  # +120: the worker's CPU seconds (user + system) when it became ready
 LAST_WORDS = struct.Struct("<128s")  # +128: why the worker is exiting (the boot exception), utf-8
-SLOT_HEADER = struct.Struct("<QIBBxxQIIQddiIQII4Q4x12x128s")  # the 4x: STACKS_ASKED, read on its own
+SLOT_HEADER = struct.Struct("<QIBBxxQIIQddiIQII4Q4x4xd128s")  # the first 4x: STACKS_ASKED, read on its own
 SLOT_HEADER_SIZE = 256
 OFF_PID, OFF_STATE, OFF_FLAGS, OFF_HEAD, OFF_CONNS, OFF_OVERFLOW, OFF_BASE, OFF_SPAWNED, OFF_BOOTED = (
     8,
@@ -72,7 +73,17 @@ OFF_PID, OFF_STATE, OFF_FLAGS, OFF_HEAD, OFF_CONNS, OFF_OVERFLOW, OFF_BASE, OFF_
     40,
     48,
 )
-OFF_EXIT_CODE, OFF_SLOW, OFF_RSS, OFF_WAITING, OFF_ROUTES_USED, OFF_LOG_LINES, OFF_STACKS_ASKED, OFF_LAST_WORDS = (
+(
+    OFF_EXIT_CODE,
+    OFF_SLOW,
+    OFF_RSS,
+    OFF_WAITING,
+    OFF_ROUTES_USED,
+    OFF_LOG_LINES,
+    OFF_STACKS_ASKED,
+    OFF_BOOT_CPU,
+    OFF_LAST_WORDS,
+) = (
     56,
     60,
     64,
@@ -80,6 +91,7 @@ OFF_EXIT_CODE, OFF_SLOW, OFF_RSS, OFF_WAITING, OFF_ROUTES_USED, OFF_LOG_LINES, O
     76,
     80,
     112,
+    120,
     128,
 )
 
@@ -87,12 +99,17 @@ OFF_EXIT_CODE, OFF_SLOW, OFF_RSS, OFF_WAITING, OFF_ROUTES_USED, OFF_LOG_LINES, O
 ENTRY = struct.Struct("<B7xdQ8s46sH176s")
 ENTRY_SIZE = 256
 ENTRY_IN_USE, ENTRY_COUNTED = 1, 2  # the first byte; COUNTED: finished and counted, kept for a death report
-RING = struct.Struct("<ddHHHxx")  # duration s, queue s (NaN: none, negative: invalid), status, method, route
-# The drain reads the third 8-byte word of a record as one number: status | method << 16 | route << 32.
+# duration s, queue s (NaN: none, negative: invalid), status, method, route, outcome (RECORD_* bits),
+# CPU s of the request's thread (NaN: the worker class runs several requests on one thread).
+RING = struct.Struct("<ddHHHHd")
+# The drain reads the records as 8-byte words, the third as one number:
+# status | method << 16 | route << 32 | outcome << 48.
+RING_WORDS = RING.size // 8
 RING_SIZE = RING.size
 ROUTE = struct.Struct("<64s")  # one route template, utf-8; ring records refer to it as index + 1
 ROUTE_SIZE = ROUTE.size
 NO_ROUTE, OVER_ROUTE_CAP = 0, 0xFFFF
+RECORD_CLIENT_CLOSED = 1  # the client had gone before the response was written (see _worker.recorder)
 
 FREE, BOOTING, READY = 0, 1, 2
 FLAG_ABORT_HANDLER = 1  # gunicorn's SIGABRT handler ran worker_abort (the timeout path it can see)
@@ -146,6 +163,7 @@ class SlotView:
     routes_used: int
     log_lines: tuple[int, ...]
     """Per LOG_LEVELS, lines gunicorn's logger logged in this slot's workers, ever (0 unless counted)."""
+    boot_cpu: float
     last_words: str
     requests: tuple[InFlight, ...]
 
@@ -203,6 +221,7 @@ def parse_slot(index: int, data: bytes, entries: int) -> SlotView:
         waiting,
         routes_used,
         *log_lines,
+        boot_cpu,
         last_words,
     ) = SLOT_HEADER.unpack_from(data, 0)
     requests = []
@@ -239,6 +258,7 @@ def parse_slot(index: int, data: bytes, entries: int) -> SlotView:
         waiting,
         routes_used,
         tuple(log_lines),
+        boot_cpu,
         _text(last_words),
         tuple(requests),
     )
@@ -348,6 +368,7 @@ class Scoreboard:
         store(buffer, start + OFF_EXIT_CODE, EXIT_CODE, 0)
         store(buffer, start + OFF_RSS, RSS, 0)
         store(buffer, start + OFF_WAITING, WAITING, 0)
+        store(buffer, start + OFF_BOOT_CPU, BOOT_CPU, 0.0)
         store(buffer, start + OFF_LAST_WORDS, LAST_WORDS, b"")
         buffer[start + SLOT_HEADER_SIZE : self.ring_offset(index)] = bytes(self.entries * ENTRY_SIZE)
         store(buffer, start + OFF_STATE, STATE, BOOTING)
@@ -401,7 +422,7 @@ class Scoreboard:
     def head(self, index: int) -> int:
         return int(HEAD_CONNS.unpack_from(self.buffer, self.offset(index) + OFF_HEAD)[0])
 
-    def read_ring(self, index: int, start: int, stop: int) -> Iterator[tuple[float, float, int, int, int]]:
+    def read_ring(self, index: int, start: int, stop: int) -> Iterator[tuple[float, float, int, int, int, int, float]]:
         """Records ``start`` to ``stop`` (absolute counts, at most one ring's worth)."""
         return RING.iter_unpack(self.ring_bytes(index, start, stop))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from itertools import chain
 
 from fakes import FakeRequest, FakeResponse, finish, start
@@ -146,3 +147,83 @@ def test_requests_a_worker_died_under_are_counted_once_as_aborted(board: sb.Scor
     assert facts.requests == {("GET", 200, ""): 2, ("GET", 500, ""): 1, ("POST", NO_RESPONSE, ""): 1}
     assert facts.durations["POST", ""] == [31.5]
     assert status_label(NO_RESPONSE) == "aborted"
+
+
+def test_client_closed_requests_are_counted_apart_and_with_the_rest(board: sb.Scoreboard) -> None:
+    """A record marked client closed counts in requests and durations as usual, and in client_closed."""
+    drainer = Drainer(board)
+    board.assign(0, 0.0)
+    rec = RequestRecorder(board, 0, Worker())
+    serve(rec, 2)
+    base = board.ring_offset(0)
+    for n in range(2, 5):  # three more records, the way post_request writes them, two of them hang-ups
+        outcome = sb.RECORD_CLIENT_CLOSED if n < 4 else 0
+        sb.RING.pack_into(board.buffer, base + n * sb.RING_SIZE, 0.5, sb.NO_QUEUE_TIME, 200, 0, 0, outcome, 0.1)
+    sb.store(board.buffer, board.offset(0) + sb.OFF_HEAD, sb.HEAD_CONNS, 5, 0)
+    facts = drainer.collect()
+    assert facts.requests == {("GET", 200, ""): 5}
+    assert facts.client_closed == {("GET", ""): 2}
+    assert len(facts.durations["GET", ""]) == 5
+
+
+def test_request_cpu_is_summed_per_request_or_shared_from_the_worker(board: sb.Scoreboard) -> None:
+    """Records carrying CPU are summed by (method, status, route); NaN ones share the slot's CPU by duration."""
+    drainer = Drainer(board)
+    board.assign(0, 0.0)
+    base = board.ring_offset(0)
+    for n, (duration, status, cpu) in enumerate([(0.5, 200, 0.4), (0.5, 200, 0.1), (1.0, 500, 0.25)]):
+        sb.RING.pack_into(board.buffer, base + n * sb.RING_SIZE, duration, sb.NO_QUEUE_TIME, status, 0, 0, 0, cpu)
+    sb.store(board.buffer, board.offset(0) + sb.OFF_HEAD, sb.HEAD_CONNS, 3, 0)
+    assert drainer.collect().request_cpu == {("GET", 200, ""): 0.5, ("GET", 500, ""): 0.25}
+
+    worker_cpu = iter([10.0, 10.9])  # the worker's utime + stime at two rounds, idle at the first
+    drainer._cpu = lambda index, pid: next(worker_cpu) if index == 1 else 0.0  # type: ignore[method-assign]
+    board.assign(1, 0.0)
+    sb.store(board.buffer, board.offset(1) + sb.OFF_STATE, sb.STATE, sb.READY)
+    drainer.collect()  # the first reading of the slot's CPU
+    base = board.ring_offset(1)
+    for n, (duration, method) in enumerate([(0.2, 0), (0.1, 1)]):
+        sb.RING.pack_into(
+            board.buffer, base + n * sb.RING_SIZE, duration, sb.NO_QUEUE_TIME, 200, method, 0, 0, math.nan
+        )
+    sb.store(board.buffer, board.offset(1) + sb.OFF_HEAD, sb.HEAD_CONNS, 2, 0)
+    shared = drainer.collect().request_cpu
+    assert shared.keys() == {("GET", 200, ""), ("POST", 200, "")}
+    assert abs(shared["GET", 200, ""] - 0.6) < 1e-9
+    assert abs(shared["POST", 200, ""] - 0.3) < 1e-9
+
+
+def test_worker_cpu_waits_for_the_requests_in_flight(board: sb.Scoreboard) -> None:
+    """Rounds in which requests run and none finishes keep the worker's CPU for them; idle rounds drop it."""
+    drainer = Drainer(board)
+    worker_cpu = iter([1.0, 1.5, 3.0, 4.0, 4.2])
+    drainer._cpu = lambda index, pid: next(worker_cpu) if index == 0 else 0.0  # type: ignore[method-assign]
+    board.assign(0, 0.0)
+    rec = RequestRecorder(board, 0, Worker())
+    drainer.collect()  # idle: 1.0
+    req = FakeRequest()
+    start(rec, req)
+    drainer.collect()  # in flight, none finished: 1.5 stays for it
+    drainer.collect()  # still running: 3.0
+    finish(rec, req, {}, FakeResponse("200 OK"))
+    sb.RING.pack_into(board.buffer, board.ring_offset(0), 2.0, sb.NO_QUEUE_TIME, 200, 0, 0, 0, math.nan)
+    assert drainer.collect().request_cpu == {("GET", 200, ""): 3.0}  # 4.0 - 1.0
+    assert drainer.collect().request_cpu == {}  # idle again: 0.2 is nobody's
+
+
+def test_a_ready_workers_cpu_counts_from_when_it_became_ready(board: sb.Scoreboard) -> None:
+    """The first round may come while a request already runs: its share starts at the worker's ready moment
+    (the CPU it recorded then), not at that round, and the boot's CPU is no request's."""
+    drainer = Drainer(board)
+    worker_cpu = iter([1.5, 2.0])
+    drainer._cpu = lambda index, pid: next(worker_cpu) if index == 0 else 0.0  # type: ignore[method-assign]
+    board.assign(0, 0.0)
+    rec = RequestRecorder(board, 0, Worker())
+    sb.store(board.buffer, board.offset(0) + sb.OFF_BOOT_CPU, sb.BOOT_CPU, 0.75)  # what booted() stores
+    sb.store(board.buffer, board.offset(0) + sb.OFF_STATE, sb.STATE, sb.READY)
+    req = FakeRequest()
+    start(rec, req)
+    assert drainer.collect().request_cpu == {}  # the first round: the request is running
+    finish(rec, req, {}, FakeResponse("200 OK"))
+    sb.RING.pack_into(board.buffer, board.ring_offset(0), 1.0, sb.NO_QUEUE_TIME, 200, 0, 0, 0, math.nan)
+    assert drainer.collect().request_cpu == {("GET", 200, ""): 1.25}  # 2.0 - 0.75

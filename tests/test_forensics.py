@@ -11,7 +11,7 @@ import pytest
 from gunicorn_insight import _scoreboard as sb
 from gunicorn_insight._master.forensics import OomCounter, ReapWatcher, classify
 
-BLANK = sb.SlotView(0, 1, 42, sb.READY, 0, 0, 0, 0, 0, 1.0, 2.0, 0, 0, 0, 0, 0, (0, 0, 0, 0), "", ())
+BLANK = sb.SlotView(0, 1, 42, sb.READY, 0, 0, 0, 0, 0, 1.0, 2.0, 0, 0, 0, 0, 0, (0, 0, 0, 0), 0.0, "", ())
 
 
 def view(flags: int = 0, exit_code: int = 0, last_words: str = "") -> sb.SlotView:

@@ -50,7 +50,7 @@ def test_read_ring_handles_wrap_around(board: sb.Scoreboard) -> None:
     """Records are read in order even when they straddle the end of the ring."""
     base = board.ring_offset(1)
     for count in range(10):  # records 0..9 in a ring of 8: 8 and 9 overwrite 0 and 1
-        sb.RING.pack_into(board.buffer, base + (count % 8) * sb.RING_SIZE, float(count), 0.0, 200, 0, 0)
+        sb.RING.pack_into(board.buffer, base + (count % 8) * sb.RING_SIZE, float(count), 0.0, 200, 0, 0, 0, 0.0)
     durations = [record[0] for record in board.read_ring(1, 5, 10)]
     assert durations == [5.0, 6.0, 7.0, 8.0, 9.0]
     assert [record[0] for record in board.read_ring(1, 2, 10)] == [float(n) for n in range(2, 10)]

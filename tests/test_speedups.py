@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import socket
 import struct
 import threading
 import time
@@ -100,6 +101,7 @@ def masked(board: sb.Scoreboard) -> tuple[bytes, list[tuple[float, ...]]]:
         start = board.ring_offset(0) - base + record * sb.RING_SIZE
         queues.append(struct.unpack_from("<d", data, start + 8))
         data[start : start + 16] = bytes(16)
+        data[start + 24 : start + 32] = bytes(8)  # the CPU clock differs as the monotonic one does
     return bytes(data), queues
 
 
@@ -258,3 +260,159 @@ def test_a_stale_build_falls_back_to_the_python_hooks(
 
     monkeypatch.setattr(_speedups, "bind", refuse)
     assert _recorder._compiled() is None
+
+
+class SocketResponse:
+    """gunicorn's WSGI Response as post_request sees it: its status parsed, and the client's socket."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.status, self.status_code, self.sock = "200 OK", 200, sock
+
+
+def connected() -> tuple[socket.socket, socket.socket]:
+    """A loopback TCP connection: (the server's accepted socket, the client's)."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname())
+        server, _ = listener.accept()
+    return server, client
+
+
+def wait_for(condition: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + 5.0
+    while not condition():
+        assert time.monotonic() < deadline, "the kernel never delivered the client's close"
+        time.sleep(0.01)
+
+
+def peer_closed(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+def hang_up_cases() -> list[tuple[str, int, Callable[[], tuple[Any, list[socket.socket]]]]]:
+    """(name, expected outcome bits, make the response): each as gunicorn leaves it after writing."""
+
+    def alive() -> tuple[Any, list[socket.socket]]:
+        server, client = connected()
+        server.sendall(b"HTTP/1.1 200 OK\r\n\r\n")
+        return SocketResponse(server), [server, client]
+
+    def gone_before_response() -> tuple[Any, list[socket.socket]]:
+        server, client = connected()
+        client.close()  # nginx giving up (499): a FIN, then a reset for the response written after it
+        wait_for(lambda: peer_closed(server))
+        server.sendall(b"HTTP/1.1 200 OK\r\n\r\n")
+        wait_for(lambda: server.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == 7)
+        return SocketResponse(server), [server]
+
+    def closed_after_reading() -> tuple[Any, list[socket.socket]]:
+        server, client = connected()
+        server.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        client.recv(100)
+        client.close()  # read the whole response first: not a hang-up, however soon it closes
+        wait_for(lambda: peer_closed(server))
+        return SocketResponse(server), [server]
+
+    def unix_socket() -> tuple[Any, list[socket.socket]]:
+        server, client = socket.socketpair()
+        return SocketResponse(server), [server, client]
+
+    return [
+        ("alive", 0, alive),
+        ("gone before the response", sb.RECORD_CLIENT_CLOSED, gone_before_response),
+        ("closed after reading", 0, closed_after_reading),
+        ("unix socket", 0, unix_socket),
+        ("no socket", 0, lambda: (FakeResponse("200 OK"), [])),
+    ]
+
+
+@pytest.mark.parametrize("implementation", sorted(fakes.IMPLEMENTATIONS))
+@pytest.mark.parametrize(("name", "expected", "make"), hang_up_cases(), ids=[case[0] for case in hang_up_cases()])
+def test_both_hooks_tell_a_client_gone_from_one_that_read_the_response(
+    board: sb.Scoreboard,
+    implementation: str,
+    name: str,
+    expected: int,
+    make: Callable[[], tuple[Any, list[socket.socket]]],
+) -> None:
+    """The ring record's outcome says client closed only when the client left before taking the response."""
+    board.assign(0, now=1.0)
+    _recorder.RECORDER = RequestRecorder(board, 0, object(), RecorderOptions(threaded=False))
+    pre_request, post_request = fakes.IMPLEMENTATIONS[implementation]
+    resp, sockets = make()
+    try:
+        req = FakeRequest()
+        pre_request(None, req)
+        post_request(None, req, {}, resp)
+    finally:
+        _recorder.RECORDER = None
+        for sock in sockets:
+            sock.close()
+    ((*_, outcome, _),) = board.read_ring(0, 0, 1)
+    assert outcome == expected, name
+
+
+@pytest.mark.parametrize("implementation", sorted(fakes.IMPLEMENTATIONS))
+def test_both_hooks_count_a_failed_write_and_name_a_slow_one(
+    board: sb.Scoreboard, implementation: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """EPIPE still in flight in gunicorn's finally marks the record; a slow one is named in one log line."""
+    board.assign(0, now=1.0)
+    _recorder.RECORDER = RequestRecorder(board, 0, object(), RecorderOptions(threaded=False, slow_after=0.05))
+    pre_request, post_request = fakes.IMPLEMENTATIONS[implementation]
+    fast, slow = FakeRequest(path="/fast"), FakeRequest(path="/slow")
+    try:
+        for req in (fast, slow):
+            pre_request(None, req)
+            if req is slow:
+                time.sleep(0.1)
+            try:
+                raise BrokenPipeError(32, "Broken pipe")
+            except OSError:
+                post_request(None, req, {}, FakeResponse("200 OK"))
+    finally:
+        _recorder.RECORDER = None
+    assert [record[5] for record in board.read_ring(0, 0, 2)] == [sb.RECORD_CLIENT_CLOSED] * 2
+    lines = [record.getMessage() for record in caplog.records if "client closed" in record.getMessage()]
+    assert len(lines) == 1
+    assert 'request="GET /slow"' in lines[0]
+
+
+def burn(seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        sum(range(1000))
+
+
+@pytest.mark.parametrize("implementation", sorted(fakes.IMPLEMENTATIONS))
+def test_both_hooks_record_the_threads_cpu_apart_from_waiting(board: sb.Scoreboard, implementation: str) -> None:
+    """The record's CPU is the thread's CPU clock from pre_request to post_request: it covers the work done
+    between them and no more; where requests share a thread (thread_cpu off) it is NaN, for the master."""
+    pre_request, post_request = fakes.IMPLEMENTATIONS[implementation]
+    board.assign(0, now=1.0)
+    bounds = []
+    try:
+        for thread_cpu in (True, False):
+            options = RecorderOptions(threaded=False, thread_cpu=thread_cpu)
+            _recorder.RECORDER = RequestRecorder(board, 0, object(), options)
+            for work in (burn, time.sleep):
+                req = FakeRequest()
+                outer = time.thread_time()
+                pre_request(None, req)
+                inner = time.thread_time()
+                work(0.1)
+                worked = time.thread_time() - inner
+                post_request(None, req, {}, FakeResponse("200 OK"))
+                bounds.append((worked, time.thread_time() - outer))
+    finally:
+        _recorder.RECORDER = None
+    cpus = [record[6] for record in board.read_ring(0, 0, 4)]
+    for cpu, (at_least, at_most) in zip(cpus[:2], bounds[:2], strict=True):
+        assert at_least <= cpu <= at_most, (cpu, at_least, at_most)
+    assert cpus[0] > 0.01, "burning the CPU for 0.1 s was not seen"
+    assert math.isnan(cpus[2])
+    assert math.isnan(cpus[3])

@@ -306,3 +306,18 @@ def test_requests_cut_short_by_a_death_are_sent_as_aborted(receiver: socket.sock
     make_sink(receiver.getsockname(), tagged=True).publish(facts)
     lines = b"\n".join(datagrams(receiver)).decode().splitlines()
     assert "gunicorn.requests:1|c|#method:GET,status:aborted" in lines
+
+
+def test_client_hang_ups_are_sent_in_both_modes(receiver: socket.socket) -> None:
+    """gunicorn.requests.client_closed: one total in plain mode, by method and route in DogStatsD mode."""
+    facts = Round(
+        requests=Counter({("GET", 200, "/report"): 3}),
+        durations={("GET", "/report"): [1.0, 2.0, 3.0]},
+        client_closed=Counter({("GET", "/report"): 2}),
+    )
+    make_sink(receiver.getsockname()).publish(facts)
+    lines = b"\n".join(datagrams(receiver)).decode().splitlines()
+    assert "gunicorn.requests.client_closed:2|c" in lines
+    make_sink(receiver.getsockname(), tagged=True).publish(facts)
+    lines = b"\n".join(datagrams(receiver)).decode().splitlines()
+    assert "gunicorn.requests.client_closed:2|c|#method:GET,route:/report" in lines

@@ -69,10 +69,10 @@ def test_finished_request_lands_in_the_ring(board: sb.Scoreboard) -> None:
     assert view.requests == ()
     assert view.head == 1
     assert view.served == 1
-    ((duration, queue, status, method, route),) = board.read_ring(0, 0, 1)
+    ((duration, queue, status, method, route, outcome, _),) = board.read_ring(0, 0, 1)
     assert 0 <= duration < 1
     assert math.isnan(queue)
-    assert (status, sb.METHODS[method], route) == (404, "DELETE", 0)
+    assert (status, sb.METHODS[method], route, outcome) == (404, "DELETE", 0, 0)
 
 
 def test_unknown_methods_are_bounded(board: sb.Scoreboard) -> None:
@@ -81,7 +81,7 @@ def test_unknown_methods_are_bounded(board: sb.Scoreboard) -> None:
     req = FakeRequest("BREW", "/pot")
     start(rec, req)
     finish(rec, req, {}, FakeResponse("418 I'm a teapot"))
-    ((_, _, _, method, _),) = board.read_ring(0, 0, 1)
+    ((_, _, _, method, _, _, _),) = board.read_ring(0, 0, 1)
     assert sb.METHODS[method] == "other"
 
 
@@ -163,7 +163,7 @@ def test_status_gunicorn_parsed_is_taken_as_is(board: sb.Scoreboard) -> None:
     resp.status_code = 201  # type: ignore[attr-defined]
     start(rec, req)
     finish(rec, req, {}, resp)
-    ((_, _, status, _, _),) = board.read_ring(0, 0, 1)
+    ((_, _, status, _, _, _, _),) = board.read_ring(0, 0, 1)
     assert status == 201
 
 
@@ -198,7 +198,7 @@ def test_queue_time_is_read_from_the_environ(board: sb.Scoreboard) -> None:
     req = FakeRequest()
     start(rec, req)
     finish(rec, req, {"HTTP_X_REQUEST_START": f"t={time.time() - 0.25:.3f}"}, FakeResponse("200 OK"))
-    ((_, queue, _, _, _),) = board.read_ring(0, 0, 1)
+    ((_, queue, _, _, _, _, _),) = board.read_ring(0, 0, 1)
     assert 0.24 <= queue < 5
 
 
@@ -208,7 +208,7 @@ def test_queue_time_without_an_environ_comes_from_the_request_headers(board: sb.
     req = FakeRequest(headers=[("HOST", "x"), ("X-QUEUE-START", f"t={time.time() - 0.25:.3f}")])
     start(rec, req)
     finish(rec, req, None, FakeResponse(200))
-    ((_, queue, status, _, _),) = board.read_ring(0, 0, 1)
+    ((_, queue, status, _, _, _, _),) = board.read_ring(0, 0, 1)
     assert (0.24 <= queue < 5, status) == (True, 200)
 
 
@@ -262,7 +262,7 @@ def test_threads_sharing_a_recorder_lose_no_record(board: sb.Scoreboard) -> None
         sys.setswitchinterval(interval)
     view = board.read(0)
     assert (view.head, view.in_flight) == (1800, 0)
-    assert [status for _, _, status, _, _ in board.read_ring(0, 1800 - 8, 1800)] == [200] * 8
+    assert [status for _, _, status, _, _, _, _ in board.read_ring(0, 1800 - 8, 1800)] == [200] * 8
 
 
 def test_the_monitor_thread_never_moves_the_ring_head(board: sb.Scoreboard) -> None:

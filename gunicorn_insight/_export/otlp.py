@@ -181,6 +181,20 @@ INSTRUMENTS: dict[str, Instrument] = {
     "gunicorn_requests": Instrument(
         "gunicorn.requests", "{request}", "counter", "Requests finished, by method, status code and route.", http=True
     ),
+    "gunicorn_request_cpu_seconds": Instrument(
+        "gunicorn.request.cpu.time",
+        "s",
+        "counter",
+        "CPU seconds spent by requests, by method, status code and route.",
+        http=True,
+    ),
+    "gunicorn_requests_client_closed": Instrument(
+        "gunicorn.requests.client_closed",
+        "{request}",
+        "counter",
+        "Requests whose client had gone before the response was written.",
+        http=True,
+    ),
     "gunicorn_request_queue_seconds": Instrument(
         "gunicorn.request.queue.duration",
         "s",

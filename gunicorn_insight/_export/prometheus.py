@@ -277,6 +277,17 @@ class PrometheusSink:
         self._requests = _counter(
             "gunicorn_requests", "Requests finished, by method and status.", ("method", "status", *route)
         )
+        self._request_cpu = _counter(
+            "gunicorn_request_cpu_seconds",
+            "CPU seconds spent by requests, by method and status (per request on sync and gthread workers, "
+            "the worker's CPU shared by duration elsewhere).",
+            ("method", "status", *route),
+        )
+        self._client_closed = _counter(
+            "gunicorn_requests_client_closed",
+            "Requests whose client had gone before the response was written (nginx 499, platform timeouts).",
+            ("method", *route),
+        )
         self._duration = _Histogram(
             "gunicorn_request_duration_seconds",
             "Time from pre_request to post_request, by method.",
@@ -555,6 +566,7 @@ class PrometheusSink:
         for (method, status, route), count in facts.requests.items():
             labels = (method, status_label(status), *((route or "none",) if self._routes else ()))
             self._add(requests, requests.key("_total", labels), count)
+        self._publish_outcomes(facts)
         for (method, route), durations in facts.durations.items():
             self._observe(self._duration, (method, *((route or "none",) if self._routes else ())), durations)
         if self._otlp_duration is not None:
@@ -592,6 +604,15 @@ class PrometheusSink:
             self._set(self._backlog_max, self._backlog_max.key("", (listener,)), limit)
         self._publish_lifecycle(facts)
         self._publish_pressure(facts)
+
+    def _publish_outcomes(self, facts: Round) -> None:
+        """What the requests cost in CPU, and which of them their clients left."""
+        for (method, status, route), seconds in facts.request_cpu.items():
+            labels = (method, status_label(status), *((route or "none",) if self._routes else ()))
+            self._add(self._request_cpu, self._request_cpu.key("_total", labels), seconds)
+        for (method, route), count in facts.client_closed.items():
+            labels = (method, *((route or "none",) if self._routes else ()))
+            self._add(self._client_closed, self._client_closed.key("_total", labels), count)
 
     def forget_process(self, pid: int) -> None:
         """Fold a dead worker's files into the archive files, then delete them."""

@@ -428,11 +428,23 @@ class StatsdSink:
                 pipe.timings(
                     name("gunicorn.request.duration", self._request_tags(method, None, route)), durations, timers
                 )
+            for (method, route), count in sorted(facts.client_closed.items()):
+                pipe.incr(name("gunicorn.requests.client_closed", self._request_tags(method, None, route)), count)
+            for (method, status, route), seconds in sorted(facts.request_cpu.items()):
+                pipe.incr(
+                    name("gunicorn.request.cpu_ms", self._request_tags(method, status, route)), round(seconds * 1000)
+                )
             self._status_lines(pipe, facts)
             return
         total = facts.total_requests
         if total:
             pipe.incr(name("gunicorn.requests"), total)
+        closed = sum(facts.client_closed.values())
+        if closed:
+            pipe.incr(name("gunicorn.requests.client_closed"), closed)
+        cpu = round(sum(facts.request_cpu.values()), 6)
+        if cpu:
+            pipe.incr(name("gunicorn.request.cpu"), cpu)
         self._status_lines(pipe, facts)
         duration = name("gunicorn.request.duration")
         # One timer for every method and route: their durations are one population to sample from.

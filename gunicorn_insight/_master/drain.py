@@ -53,6 +53,9 @@ class Drainer:
         self._cpu_base = [0.0 for _ in slots]
         self._cpu_pid = [0 for _ in slots]
         self._cpu_last = [0.0 for _ in slots]
+        self._cpu_seen: list[float | None] = [None for _ in slots]  # the slot's CPU seconds at the last round
+        self._cpu_seen_pid = [0 for _ in slots]  # the worker whose ready moment _cpu_seen started from
+        self._unshared: list[dict[tuple[str, int, str], float]] = [{} for _ in slots]
         self._route_names: list[list[str]] = [[] for _ in slots]
         self._boot_seen = [0 for _ in slots]  # the generation whose boot duration was reported
         self._labels: set[str] = set()
@@ -89,7 +92,8 @@ class Drainer:
             if rss:
                 board.set_rss(index, rss)
                 result.memory[index] = rss
-            result.cpu_seconds[index] = self._cpu(index, view.pid)
+            result.cpu_seconds[index] = used = self._cpu(index, view.pid)
+            self._share_worker_cpu(index, used, result, busy=view.in_flight > 0, worker=(view.pid, view.boot_cpu))
         return result
 
     def _count_log_lines(self, index: int, result: Round) -> None:
@@ -128,33 +132,107 @@ class Drainer:
         if _SWAP:
             doubles.byteswap()
             words.byteswap()
-        keys = words[2::3]  # status | method << 16 | route << 32: see sb.RING
-        durations = doubles[0::3]
+        step = sb.RING_WORDS
+        keys = words[2::step]  # status | method << 16 | route << 32 | outcome << 48: see sb.RING
+        durations = doubles[0::step]
         counts = Counter(keys)
-        label_of: dict[int, str] = {}
-        for key, count in counts.items():
-            route = key >> 32 & 0xFFFF
-            label = label_of.get(route)
-            if label is None:
-                label = label_of[route] = self._route_label(index, route) if route else ""
-            result.requests[_method_name(key >> 16 & 0xFFFF), key & 0xFFFF, label] += count
-        groups = {key >> 16 for key in counts}
+        label_of = self._count(index, counts, result)
+        groups = {key >> 16 & 0xFFFFFFFF for key in counts}
         if len(groups) == 1:
             (group,) = groups
             self._durations(result, group, label_of).extend(durations.tolist())
         else:
             for key, duration in zip(keys, durations, strict=True):
-                self._durations(result, key >> 16, label_of).append(duration)
+                self._durations(result, key >> 16 & 0xFFFFFFFF, label_of).append(duration)
         if self._by_status:
             self._status_durations(result, counts, keys, durations, label_of)
+        self._request_cpu(
+            self._unshared[index],
+            result,
+            counts=counts,
+            keys=keys,
+            durations=durations,
+            cpus=doubles[3::step],
+            label_of=label_of,
+        )
         completed = sum(durations)
-        for queue in filterfalse(isnan, doubles[1::3]):  # NaN: the request carried no queue header
+        for queue in filterfalse(isnan, doubles[1::step]):  # NaN: the request carried no queue header
             if queue >= 0:
                 result.queue_times.append(queue)
             else:
                 result.queue_invalid += 1
         self._completed[index] += completed
         self._cursors[index] = head
+
+    def _count(self, index: int, counts: Counter[int], result: Round) -> dict[int, str]:
+        """Add the records' counts by key to the round; returns the route label of each route number seen."""
+        label_of: dict[int, str] = {}
+        for key, count in counts.items():
+            route = key >> 32 & 0xFFFF
+            label = label_of.get(route)
+            if label is None:
+                label = label_of[route] = self._route_label(index, route) if route else ""
+            method = _method_name(key >> 16 & 0xFFFF)
+            result.requests[method, key & 0xFFFF, label] += count
+            if key >> 48 & sb.RECORD_CLIENT_CLOSED:
+                result.client_closed[method, label] += count
+        return label_of
+
+    @staticmethod
+    def _request_cpu(
+        share: dict[tuple[str, int, str], float],
+        result: Round,
+        *,
+        counts: Counter[int],
+        keys: array[int],
+        durations: array[float],
+        cpus: array[float],
+        label_of: dict[int, str],
+    ) -> None:
+        """CPU seconds by (method, status, route): the records' own where they carry one. A worker class that runs
+        many requests on one thread writes NaN; those requests share the worker's CPU time of the round in
+        proportion to their durations, once the round has read it (_share_worker_cpu)."""
+        request_cpu = result.request_cpu
+        if len(counts) == 1:  # the usual round of a slot: one key, so sums in C (NaN: no CPU of their own)
+            (key,) = counts
+            group = (_method_name(key >> 16 & 0xFFFF), key & 0xFFFF, label_of[key >> 32 & 0xFFFF])
+            cpu = sum(cpus)
+            if isnan(cpu):
+                share[group] = share.get(group, 0.0) + sum(durations)
+            else:
+                request_cpu[group] = request_cpu.get(group, 0.0) + cpu
+            return
+        for key, cpu, duration in zip(keys, cpus, durations, strict=True):
+            group = (_method_name(key >> 16 & 0xFFFF), key & 0xFFFF, label_of[key >> 32 & 0xFFFF])
+            if isnan(cpu):
+                share[group] = share.get(group, 0.0) + duration
+            else:
+                request_cpu[group] = request_cpu.get(group, 0.0) + cpu
+
+    def _share_worker_cpu(
+        self, index: int, used: float, result: Round, *, busy: bool, worker: tuple[int, float] | None = None
+    ) -> None:
+        """Give the slot's CPU time since it was last given (or idle) to the requests it finished without a CPU
+        time of their own. While requests are in flight and none finishes, the CPU waits for them; a worker
+        with nothing to serve lets it go (its idle loop is no request's), and so does a new worker's boot:
+        ``worker`` is (pid, CPU seconds when it became ready, 0.0 while booting)."""
+        share = self._unshared[index]
+        if worker is not None and worker[0] != self._cpu_seen_pid[index] and worker[1] > 0:
+            # The first reading of a ready worker: count from the moment it was ready, even when the first
+            # round comes while a request is already running.
+            self._cpu_seen_pid[index] = worker[0]
+            self._cpu_seen[index] = self._cpu_base[index] + worker[1]
+        if not share:
+            if not busy:
+                self._cpu_seen[index] = used
+            return
+        previous, self._cpu_seen[index] = self._cpu_seen[index], used
+        total = sum(share.values())
+        spent = max(0.0, used - previous) if previous is not None else 0.0
+        for group, duration in share.items():
+            portion = spent * duration / total if total > 0 else spent / len(share)
+            result.request_cpu[group] = result.request_cpu.get(group, 0.0) + portion
+        share.clear()
 
     @staticmethod
     def _durations(result: Round, group: int, label_of: dict[int, str]) -> list[float]:
@@ -205,7 +283,8 @@ class Drainer:
         """A slot without a live worker keeps its counters and reports no connections."""
         result.connections[index] = 0
         result.busy_seconds[index] = self._busy[index] = max(self._busy[index], self._completed[index])
-        result.cpu_seconds[index] = self._cpu_base[index] + self._cpu_last[index]
+        result.cpu_seconds[index] = used = self._cpu_base[index] + self._cpu_last[index]
+        self._share_worker_cpu(index, used, result, busy=False)
 
     def _cpu(self, index: int, pid: int) -> float:
         if pid != self._cpu_pid[index]:

@@ -8,7 +8,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from .._gunicorn import ONE_THREAD_KINDS, _uses_gunicorn_statsd, unseen_requests, worker_kind
+from .._gunicorn import ONE_THREAD_KINDS, THREAD_PER_REQUEST_KINDS, _uses_gunicorn_statsd, unseen_requests, worker_kind
 from .._worker.recorder import RecorderOptions
 from ..settings import Settings
 
@@ -91,6 +91,8 @@ class Plan:
                 # The atoms cost a scan of the scoreboard per request: pay it only if an access log uses them.
                 access_log_atoms=settings.access_log_atoms and bool(getattr(cfg, "accesslog", None)),
                 threaded=kind not in ONE_THREAD_KINDS,
+                slow_after=_slow_after(settings, cfg),
+                thread_cpu=kind in THREAD_PER_REQUEST_KINDS,
             ),
             per_worker_capacity=concurrency,
             workers=workers,

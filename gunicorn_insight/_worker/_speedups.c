@@ -19,14 +19,17 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <math.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <time.h>
 
 #if PY_BIG_ENDIAN
 #error "the scoreboard is little-endian; big-endian machines use the pure-Python hooks"
 #endif
 
-/* ENTRY = "<B7xdQ8s46sH176s", RING = "<ddHHHxx", HEAD_CONNS = "<QI" (checked against _scoreboard by bind). */
+/* ENTRY = "<B7xdQ8s46sH176s", RING = "<ddHHHHd", HEAD_CONNS = "<QI" (checked against _scoreboard by bind). */
 #define ENTRY_SIZE 256
 #define ENTRY_START 8
 #define ENTRY_THREAD 16
@@ -37,8 +40,12 @@
 #define ENTRY_PORT 78
 #define ENTRY_PATH 80
 #define PATH_WIDTH 176
-#define RING_SIZE 24
+#define RING_SIZE 32
 #define DYING 3 /* FLAG_ABORT_HANDLER | FLAG_INT_HANDLER */
+#define RECORD_CLIENT_CLOSED 1
+#define TCP_INFO_BYTES 28 /* up to tcpi_unacked (u32 at byte 24) */
+#define STATE_CLOSE 7
+#define STATE_CLOSE_WAIT 8
 
 /* What bind() hands over from the Python side: the module globals holding RECORDER, and the functions the
  * rare paths call. */
@@ -46,8 +53,8 @@ static PyObject *worker_globals, *python_pre_request, *python_post_request, *rep
     *parse_status, *parse_request_start, *queue_header, *method_index;
 static PyObject *s_RECORDER, *s_path, *s_query, *s_method, *s_peer_addr, *s_status_code, *s_nr_conns,
     *s_route_number, *s_add_overflow, *s_add_log_atoms, *s_headers, *s_acquire, *s_release, *s_request_start_key,
-    *s_queue_start_key, *s_route_key;
-static PyObject *minus_one;
+    *s_queue_start_key, *s_route_key, *s_sock, *s_client_gone;
+static PyObject *minus_one, *hung_up;
 static long other_method;
 
 /* The recorder the fields below were read from (a strong reference, so its address cannot be reused). */
@@ -58,7 +65,7 @@ typedef struct {
     PyObject *buffer, *free_entries, *in_flight, *current, *excluded, *route_ids, *worker;
     Py_ssize_t head_offset, ring_offset, flags_offset;
     unsigned long long mask;
-    int redact, queue, atoms, routes, resolves_by_key;
+    int redact, queue, atoms, routes, resolves_by_key, thread_cpu;
 } Bound;
 
 static Bound bound;
@@ -133,7 +140,8 @@ bind_recorder(PyObject *recorder)
         || read_ssize(recorder, "_flags_offset", &bound.flags_offset) < 0 || read_ssize(recorder, "_mask", &mask) < 0
         || read_flag(recorder, "_redact", &bound.redact) < 0 || read_flag(recorder, "_queue", &bound.queue) < 0
         || read_flag(recorder, "_atoms", &bound.atoms) < 0 || read_flag(recorder, "_routes", &bound.routes) < 0
-        || read_flag(recorder, "_resolves_by_key", &bound.resolves_by_key) < 0) {
+        || read_flag(recorder, "_resolves_by_key", &bound.resolves_by_key) < 0
+        || read_flag(recorder, "_thread_cpu", &bound.thread_cpu) < 0) {
         clear_bound();
         return -1;
     }
@@ -324,7 +332,7 @@ pre_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         shown = Py_NewRef(path);
     if (shown == NULL || (current = PyObject_CallNoArgs(bound.current)) == NULL)
         goto error;
-    record = PyTuple_New(5);
+    record = PyTuple_New(6);
     if (record == NULL)
         goto error;
     PyTuple_SET_ITEM(record, 0, PyFloat_FromDouble(now));
@@ -332,7 +340,10 @@ pre_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     PyTuple_SET_ITEM(record, 2, Py_NewRef(current));
     PyTuple_SET_ITEM(record, 3, Py_NewRef(method));
     PyTuple_SET_ITEM(record, 4, Py_NewRef(shown));
-    if (PyTuple_GET_ITEM(record, 0) == NULL || PyDict_SetItem(bound.in_flight, req, record) < 0)
+    /* time.thread_time() is this clock: the request owns its thread (sync, gthread), else NaN */
+    PyTuple_SET_ITEM(record, 5, PyFloat_FromDouble(bound.thread_cpu ? clock_seconds(CLOCK_THREAD_CPUTIME_ID) : Py_NAN));
+    if (PyTuple_GET_ITEM(record, 0) == NULL || PyTuple_GET_ITEM(record, 5) == NULL
+        || PyDict_SetItem(bound.in_flight, req, record) < 0)
         goto error;
 
     peer = PyObject_GetAttr(req, s_peer_addr);
@@ -441,13 +452,72 @@ lookup(PyObject *environ, PyObject *key)
     return PyObject_CallMethod(environ, "get", "O", key);
 }
 
+/* recorder.client_closed without a Python call: the exception gunicorn's write raised, still in flight in its
+ * finally, else the connection's TCP state. Sets *closed to RECORD_CLIENT_CLOSED or 0; -1 on a Python error. */
+static int
+client_closed(PyObject *req, PyObject *resp, int *closed)
+{
+    PyObject *type, *value, *traceback, *peer, *sock;
+    unsigned char info[TCP_INFO_BYTES];
+    socklen_t length = sizeof info;
+    uint32_t unacked;
+    int fd, matches;
+
+    *closed = 0;
+    PyErr_GetExcInfo(&type, &value, &traceback);
+    Py_XDECREF(type);
+    Py_XDECREF(traceback);
+    if (value != NULL) {
+        matches = PyObject_IsInstance(value, hung_up);
+        Py_DECREF(value);
+        if (matches < 0)
+            return -1;
+        if (matches) {
+            *closed = RECORD_CLIENT_CLOSED;
+            return 0;
+        }
+    }
+    /* only a TCP peer (an address tuple) has a TCP state to ask */
+    peer = PyObject_GetAttr(req, s_peer_addr);
+    if (peer == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_AttributeError))
+            return -1;
+        PyErr_Clear();
+        return 0;
+    }
+    matches = PyTuple_CheckExact(peer);
+    Py_DECREF(peer);
+    if (!matches)
+        return 0;
+    sock = PyObject_GetAttr(resp, s_sock);
+    if (sock == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_AttributeError))
+            return -1;
+        PyErr_Clear();
+        return 0;
+    }
+    fd = sock == Py_None ? -1 : PyObject_AsFileDescriptor(sock);
+    Py_DECREF(sock);
+    if (fd < 0) {
+        PyErr_Clear(); /* no socket, or a closed one: nothing to ask, as the Python hook's except says */
+        return 0;
+    }
+    if (getsockopt(fd, IPPROTO_TCP, TCP_INFO, info, &length) < 0 || length < TCP_INFO_BYTES)
+        return 0; /* not TCP: a unix socket's closed peer fails the write instead */
+    memcpy(&unacked, info + 24, 4);
+    if (info[0] == STATE_CLOSE || (info[0] == STATE_CLOSE_WAIT && unacked))
+        *closed = RECORD_CLIENT_CLOSED;
+    return 0;
+}
+
 static PyObject *
 post_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     PyObject *recorder, *req, *environ, *resp, *started = NULL, *stamp = NULL, *status_object = NULL, *key = NULL,
         *method = NULL, *connections = NULL, *lock = NULL, *result;
-    double now, start, queue = Py_NAN, duration;
+    double now, start, queue = Py_NAN, duration, cpu = Py_NAN;
     long status, route = 0, method_number;
+    int closed;
     unsigned long long head, conns = 0;
     Py_ssize_t entry;
     int environ_given;
@@ -479,7 +549,7 @@ post_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_INCREF(started);
     if (PyDict_DelItem(bound.in_flight, req) < 0)
         goto error;
-    if (!PyTuple_CheckExact(started) || PyTuple_GET_SIZE(started) != 5) {
+    if (!PyTuple_CheckExact(started) || PyTuple_GET_SIZE(started) != 6) {
         PyErr_SetString(PyExc_TypeError, "in_flight holds something that is not a request record");
         goto error;
     }
@@ -487,6 +557,12 @@ post_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     entry = PyLong_AsSsize_t(PyTuple_GET_ITEM(started, 1));
     if (PyErr_Occurred())
         goto error;
+    if (bound.thread_cpu) {
+        double cpu_start = PyFloat_AsDouble(PyTuple_GET_ITEM(started, 5));
+        if (cpu_start == -1.0 && PyErr_Occurred())
+            goto error;
+        cpu = clock_seconds(CLOCK_THREAD_CPUTIME_ID) - cpu_start;
+    }
     environ_given = environ == Py_None ? 0 : PyObject_IsTrue(environ);
     if (environ_given < 0)
         goto error;
@@ -598,6 +674,22 @@ post_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         }
     }
 
+    if (client_closed(req, resp, &closed) < 0)
+        goto error;
+    if (closed) {
+        /* rare: the request is named in the log when it was slow (before the ring is read, like the Python
+         * hook, so no Python code runs between reading the head and publishing the next one) */
+        PyObject *duration_object = PyFloat_FromDouble(now - start);
+        if (duration_object == NULL)
+            goto error;
+        result = PyObject_CallMethodObjArgs(recorder, s_client_gone, PyTuple_GET_ITEM(started, 3),
+                                            PyTuple_GET_ITEM(started, 4), duration_object, NULL);
+        Py_DECREF(duration_object);
+        if (result == NULL)
+            goto error;
+        Py_DECREF(result);
+    }
+
     if (PyObject_GetBuffer(bound.buffer, &view, PyBUF_WRITABLE) < 0)
         goto error;
     if (bound.head_offset + 12 > view.len || bound.flags_offset >= view.len
@@ -624,6 +716,8 @@ post_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         put_u16(buf + at + 16, (unsigned long)status);
         put_u16(buf + at + 18, (unsigned long)method_number);
         put_u16(buf + at + 20, (unsigned long)route);
+        put_u16(buf + at + 22, (unsigned long)closed);
+        memcpy(buf + at + 24, &cpu, 8);
         head += 1;
         /* Publishing the head after the record is what makes the record visible to the master. The head is
          * one aligned 8-byte store (the memcpy compiles to a single mov), never zero-filled first as
@@ -678,7 +772,7 @@ done:
 /* bind(globals, pre_request, post_request, report, describe_peer, parse_status, parse_request_start,
  *      queue_header, method_index, other_method, route_key, request_start_key, queue_start_key, layouts) */
 static PyObject *
-bind(PyObject *module, PyObject *args)
+bind_hooks(PyObject *module, PyObject *args)
 {
     PyObject *globals, *pre, *post, *reporter, *peer, *status, *queue, *scan, *methods, *route_key,
         *request_start, *queue_start, *layouts, *expected;
@@ -688,7 +782,7 @@ bind(PyObject *module, PyObject *args)
                           &status, &queue, &scan, &PyDict_Type, &methods, &other, &route_key, &request_start,
                           &queue_start, &layouts))
         return NULL;
-    expected = Py_BuildValue("(sssi)", "<B7xdQ8s46sH176s", "<ddHHHxx", "<QI", DYING);
+    expected = Py_BuildValue("(sssi)", "<B7xdQ8s46sH176s", "<ddHHHHd", "<QI", DYING);
     if (expected == NULL)
         return NULL;
     same = PyObject_RichCompareBool(layouts, expected, Py_EQ);
@@ -723,7 +817,7 @@ static PyMethodDef methods[] = {
     {"post_request", (PyCFunction)(void (*)(void))post_request, METH_FASTCALL,
      "post_request($module, worker, req, environ, resp, /)\n--\n\n"
      "gunicorn's post_request hook: write the finished request into this worker's ring."},
-    {"bind", bind, METH_VARARGS, "Hand over what the hooks need from gunicorn_insight._worker.recorder (it calls this once)."},
+    {"bind", bind_hooks, METH_VARARGS, "Hand over what the hooks need from gunicorn_insight._worker.recorder (it calls this once)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -750,8 +844,13 @@ PyInit__speedups(void)
     INTERN(s_headers, "headers");
     INTERN(s_acquire, "acquire");
     INTERN(s_release, "release");
+    INTERN(s_sock, "sock");
+    INTERN(s_client_gone, "client_gone");
 #undef INTERN
     if ((minus_one = PyLong_FromLong(-1)) == NULL)
+        return NULL;
+    hung_up = PyTuple_Pack(3, PyExc_BrokenPipeError, PyExc_ConnectionResetError, PyExc_ConnectionAbortedError);
+    if (hung_up == NULL)
         return NULL;
     return PyModule_Create(&speedups);
 }

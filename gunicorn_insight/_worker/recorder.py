@@ -13,7 +13,9 @@ compares the bytes both write.
 
 from __future__ import annotations
 
+import math
 import os
+import socket
 import sys
 import sysconfig
 import threading
@@ -21,11 +23,11 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
-from time import monotonic
+from time import monotonic, thread_time
 from typing import Any
 
 from .. import _scoreboard as sb
-from .._report import report
+from .._report import LOG, report
 from .routes import ROUTE_KEY
 
 _DYING = sb.FLAG_ABORT_HANDLER | sb.FLAG_INT_HANDLER
@@ -40,10 +42,12 @@ _METHOD_BYTES = {method: method.encode() for method in sb.METHODS}
 # Module globals, not attributes of sb: one dictionary lookup each on the request path instead of two.
 _method_index, _OTHER_METHOD, _RING_SIZE = sb.METHOD_INDEX.get, sb.OTHER_METHOD, sb.RING_SIZE
 _NO_QUEUE_TIME, _NO_ROUTE = sb.NO_QUEUE_TIME, sb.NO_ROUTE
+_NO_CPU = math.nan
 
 
-InFlightRequest = tuple[float, int, Any, str, str]
-"""start (monotonic), scoreboard entry's byte offset (-1: none free), thread ident or greenlet, method, display path.
+InFlightRequest = tuple[float, int, Any, str, str, float]
+"""start (monotonic), scoreboard entry's byte offset (-1: none free), thread ident or greenlet, method, display path,
+the thread's CPU clock at the start (NaN where requests share a thread).
 
 ``in_flight`` maps gunicorn's request object itself to one of these: hashing it is a pointer hash, where
 ``id(req)`` would cost an audit event and an int allocation per request."""
@@ -127,6 +131,42 @@ def parse_status(resp: Any) -> int:
         return 0
 
 
+_HUNG_UP = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
+_TCP_INFO = getattr(socket, "TCP_INFO", None)  # Linux only: elsewhere only a failed write is seen
+_TCP_CLOSE_WAIT, _TCP_CLOSE = 8, 7  # linux/tcp_states.h
+_TCP_INFO_BYTES = 28  # up to tcpi_unacked (u32 at byte 24)
+
+
+def client_closed(req: Any, resp: Any) -> int:
+    """RECORD_CLIENT_CLOSED when the client had gone before the response reached it, else 0.
+
+    Exact for TCP on Linux and for unix sockets; it sees nothing where the response has no socket (ASGI).
+    Called in post_request, which gunicorn runs in a ``finally`` after writing the response:
+
+    - the write failed (EPIPE, ECONNRESET): the exception is still in flight here;
+    - the client reset the connection (TCP state CLOSE): its kernel refused the response;
+    - the client closed (CLOSE_WAIT) while part of the response is still unacknowledged: it stopped
+      before taking the response. A client (or nginx) that read the whole response and then closed has
+      acknowledged every byte, so it is not counted, however fast it closed.
+    """
+    if isinstance(sys.exc_info()[1], _HUNG_UP):
+        return sb.RECORD_CLIENT_CLOSED
+    # Only a TCP peer (an address tuple) has a TCP state: asking a unix socket would raise, at ten times the cost.
+    sock = getattr(resp, "sock", None) if type(getattr(req, "peer_addr", None)) is tuple else None
+    if sock is None or _TCP_INFO is None:
+        return 0
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, _TCP_INFO_BYTES)
+    except (OSError, AttributeError, TypeError):  # not TCP (a unix socket: a closed peer fails the write), closed
+        return 0
+    if len(info) < _TCP_INFO_BYTES:
+        return 0
+    state = info[0]
+    if state == _TCP_CLOSE or (state == _TCP_CLOSE_WAIT and int.from_bytes(info[24:28], sys.byteorder)):
+        return sb.RECORD_CLIENT_CLOSED
+    return 0
+
+
 def describe_peer(peer: Any) -> bytes:
     """The client of a request that did not come over TCP: the unix socket's name, if it has one."""
     if isinstance(peer, bytes):
@@ -145,6 +185,8 @@ class RecorderOptions:
     route_resolver: Callable[[Any], str | None] | None = None
     access_log_atoms: bool = False
     threaded: bool = True  # the worker class runs requests on several OS threads (gthread, unknown classes)
+    slow_after: float = 0.0  # a request the client left after this many seconds is logged; 0: none is
+    thread_cpu: bool = False  # each request owns its OS thread (sync, gthread): its CPU is the thread's CPU clock
 
 
 class RequestRecorder:
@@ -184,7 +226,9 @@ class RequestRecorder:
         "_routes",
         "_routes_offset",
         "_routes_used",
+        "_slow_after",
         "_start",
+        "_thread_cpu",
         "_words",
         "_worker",
         "dying",
@@ -234,6 +278,8 @@ class RequestRecorder:
         self._resolve = options.route_resolver or default_route
         self._resolves_by_key = options.route_resolver is None
         self._max_routes = board.routes
+        self._slow_after = options.slow_after
+        self._thread_cpu = options.thread_cpu
         # The route table belongs to the slot, not the worker: keep the numbers a predecessor gave out.
         self._route_ids = {name: n + 1 for n, name in enumerate(board.route_names(slot))}
         self._routes_used = len(self._route_ids)
@@ -246,6 +292,8 @@ class RequestRecorder:
     def booted(self) -> None:
         start = self._start
         sb.store(self._buffer, start + sb.OFF_BOOTED, sb.BOOTED, monotonic())
+        # What loading the application cost is no request's CPU (see _master.drain, _share_worker_cpu).
+        sb.store(self._buffer, start + sb.OFF_BOOT_CPU, sb.BOOT_CPU, time.process_time())
         sb.store(self._buffer, start + sb.OFF_STATE, sb.STATE, sb.READY)
 
     def recorded_any(self) -> bool:
@@ -281,6 +329,23 @@ class RequestRecorder:
                 sb.store(self._buffer, self._start + sb.OFF_ROUTES_USED, sb.ROUTES_USED, self._routes_used)
             self._route_ids[name] = number
         return number
+
+    def client_gone(self, method: str, path: str, duration: float) -> None:
+        """The client of a finished request had gone: name the request when it was slow (counted anyway)."""
+        try:
+            if self._slow_after and duration >= self._slow_after:
+                LOG.warning(
+                    'gunicorn-insight: client closed the connection before the response pid=%s slot=%s request="%s %s" '
+                    "duration=%.1fs (the worker kept serving a request nobody was waiting for; a proxy or platform "
+                    "timeout shorter than the request, or an impatient client)",
+                    os.getpid(),
+                    self.slot,
+                    method,
+                    path,
+                    duration,
+                )
+        except Exception as error:
+            report("the client-closed log", error)
 
     def add_overflow(self, change: int) -> None:
         """Requests in flight without an entry of their own (more at once than the slot has entries)."""
@@ -376,7 +441,7 @@ def pre_request(worker: Any, req: Any) -> None:
             path = f"{path}?<redacted>" if rec._redact else f"{path}?{query}"
         method = req.method or ""
         current = rec._current()
-        rec.in_flight[req] = (now, entry, current, method, path)
+        rec.in_flight[req] = (now, entry, current, method, path, thread_time() if rec._thread_cpu else _NO_CPU)
         if entry >= 0:
             peer = getattr(req, "peer_addr", None)
             try:
@@ -420,7 +485,8 @@ def post_request(worker: Any, req: Any, environ: Any, resp: Any) -> None:  # noq
         started = rec.in_flight.pop(req, None)
         if started is None:
             return  # not recorded: an excluded path, or pre_request never ran for it
-        start, entry, _, method, _ = started
+        start, entry, _, method, path, cpu_start = started
+        cpu = thread_time() - cpu_start if rec._thread_cpu else _NO_CPU
         queue = _NO_QUEUE_TIME
         if rec._queue:
             # Looked up here, not in pre_request: the environ has the headers hashed already. ASGI workers
@@ -441,6 +507,9 @@ def post_request(worker: Any, req: Any, environ: Any, resp: Any) -> None:  # noq
             key = environ.get(ROUTE_KEY) if environ and rec._resolves_by_key else None
             known = rec._route_ids.get(key) if type(key) is str else None
             route = rec.route_number(environ) if known is None else known
+        closed = client_closed(req, resp)
+        if closed:
+            rec.client_gone(method, path, now - start)
         head = rec._head
         _pack_record(
             rec._buffer,
@@ -450,6 +519,8 @@ def post_request(worker: Any, req: Any, environ: Any, resp: Any) -> None:  # noq
             status,
             _method_index(method, _OTHER_METHOD),
             route,
+            closed,
+            cpu,
         )
         rec._head = head = head + 1
         # Publishing the head after the record is what makes the record visible to the master.

@@ -109,7 +109,7 @@ class Monitor:
         now = time.monotonic()
         in_flight = self._recorder.in_flight.copy()
         self._reported &= in_flight.keys()
-        for key, (start, _entry, current, method, path) in in_flight.items():
+        for key, (start, _entry, current, method, path, _cpu) in in_flight.items():
             if key not in self._reported and now - start >= self._slow_after:
                 self._reported.add(key)
                 self._recorder.count_slow()
@@ -121,7 +121,7 @@ class Monitor:
         """Write every request's stack for ``gunicorn-insight stacks``; a file whose ``asked`` is the question."""
         assert self._stacks_dir is not None
         requests = []
-        for start, _entry, current, method, path in self._recorder.in_flight.copy().values():
+        for start, _entry, current, method, path, _cpu in self._recorder.in_flight.copy().values():
             where, summary, note = self._frames_of(current)
             requests.append(
                 {

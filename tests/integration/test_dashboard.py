@@ -41,6 +41,8 @@ LATE_POLL = 2.0
 # Every metric family gunicorn-insight exports; the dashboard shows each one somewhere.
 METRIC_FAMILIES = (
     "gunicorn_requests_total",
+    "gunicorn_request_cpu_seconds_total",
+    "gunicorn_requests_client_closed_total",
     "gunicorn_request_duration_seconds",
     "gunicorn_requests_in_flight",
     "gunicorn_workers",

@@ -80,9 +80,9 @@ def test_no_room_for_the_scoreboard_is_a_clear_startup_error(process_factory: Pr
     status = server.process.wait(timeout=60)
     output = server.process.output()
     assert status == 1, output  # gunicorn's own exit for an error while starting; SIGBUS would be -7
-    assert "Error: gunicorn-insight cannot reserve 3.1 MiB for its scoreboard in /dev/shm/gunicorn-insight-" in output
+    assert "Error: gunicorn-insight cannot reserve 4.1 MiB for its scoreboard in /dev/shm/gunicorn-insight-" in output
     assert "--shm-size" in output
-    assert "GUNICORN_INSIGHT_MAX_WORKERS (16 slots of 196 KiB" in output
+    assert "GUNICORN_INSIGHT_MAX_WORKERS (16 slots of 260 KiB" in output
     assert "Booting worker" not in output
 
 
