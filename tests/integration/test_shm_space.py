@@ -135,9 +135,9 @@ def test_a_dev_shm_that_fills_up_while_serving_costs_the_metrics_not_the_server(
 def test_room_for_the_scoreboard_but_not_the_metric_files_is_a_clear_startup_error(
     process_factory: ProcessFactory,
 ) -> None:
-    """The scoreboard (3,140 KiB) fits, the master's 64 KiB metric files do not: one line naming the
+    """The scoreboard (4,164 KiB) fits, the master's 64 KiB metric files do not: one line naming the
     Prometheus directory and the fixes."""
-    server = start_gunicorn(process_factory, launcher=_small_shm("3200k"), wait=False)
+    server = start_gunicorn(process_factory, launcher=_small_shm("4224k"), wait=False)
     status = server.process.wait(timeout=60)
     output = server.process.output()
     assert status == 1, output
@@ -152,7 +152,7 @@ def test_room_for_the_scoreboard_but_not_the_metric_files_is_a_clear_startup_err
 def test_little_room_left_for_the_applications_files_is_said_once(process_factory: ProcessFactory) -> None:
     """Room for the plugin's reserved files but not for the application's (which prometheus_client does not
     reserve): the server starts and serves, with one warning naming the room left and the fixes."""
-    server = start_gunicorn(process_factory, launcher=_small_shm("3400k"), wait=False)
+    server = start_gunicorn(process_factory, launcher=_small_shm("4424k"), wait=False)
     server.process.wait_for_port(server.port, timeout=30)
     assert server.get("/") == 200
     server.process.wait_for_log(
