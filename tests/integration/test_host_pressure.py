@@ -3,14 +3,13 @@ that a CPU-bound request runs into."""
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cgroups import child_cgroup
 from harness import APPS, start_gunicorn
 from servers import ProcessFactory, StatsdDaemon, wait_until
 from test_oom import LIMIT as OOM_LIMIT
@@ -30,12 +29,7 @@ def cpu_cgroup() -> Iterator[Path]:
     if not found:
         pytest.skip("no cpu cgroup in /proc/self/cgroup")
     version, parent = found[0]
-    group = Path(parent) / f"gunicorn-insight-cpu-test-{os.getpid()}"
-    try:
-        group.mkdir()
-    except OSError as error:
-        pytest.skip(f"cannot create a cpu cgroup (v{version}) under {parent}: {error}")
-    try:
+    with child_cgroup(parent, version, "cpu") as group:
         try:
             if version == 2:
                 (group / "cpu.max").write_text(f"{QUOTA_US} {PERIOD_US}\n")
@@ -45,28 +39,6 @@ def cpu_cgroup() -> Iterator[Path]:
         except OSError as error:  # v2: the parent does not delegate the cpu controller to its children
             pytest.skip(f"cannot set a CPU quota in {group} (v{version}): {error}")
         yield group
-    finally:
-        _remove(group)
-
-
-def _remove(group: Path) -> None:
-    """Kill whatever is left in the group (the harness already stopped gunicorn), then rmdir it."""
-    procs = group / "cgroup.procs"
-
-    def removed() -> bool:
-        with contextlib.suppress(OSError, ValueError):
-            for pid in procs.read_text().split():
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(int(pid), signal.SIGKILL)
-        try:
-            group.rmdir()
-        except FileNotFoundError:
-            return True
-        except OSError:  # EBUSY until the last member has been reaped
-            return False
-        return True
-
-    wait_until(removed, timeout=30, what=f"the test cgroup {group} to be empty and removed")
 
 
 def test_cpu_quota_throttling_is_counted(
@@ -178,17 +150,10 @@ def unified_cgroup() -> Iterator[Path]:
     found = [directory for version, directory, _ in cgroup_dirs("") if version == 2]
     if not found:
         pytest.skip("no cgroup v2 group in /proc/self/cgroup (neither v2 nor hybrid)")
-    group = Path(found[0]) / f"gunicorn-insight-psi-test-{os.getpid()}"
-    try:
-        group.mkdir()
-    except OSError as error:
-        pytest.skip(f"cannot create a cgroup v2 group under {found[0]}: {error}")
-    try:
+    with child_cgroup(found[0], 2, "psi") as group:
         if not (group / "cpu.pressure").exists():
             pytest.skip(f"{group} has no cpu.pressure: the kernel keeps no PSI per cgroup")
         yield group
-    finally:
-        _remove(group)
 
 
 def test_psi_comes_from_the_servers_own_v2_group(unified_cgroup: Path, process_factory: ProcessFactory) -> None:

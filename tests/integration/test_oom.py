@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
-import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -14,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cgroups import child_cgroup
 from harness import APPS, Gunicorn, start_gunicorn
 from servers import ProcessFactory, StatsdDaemon, wait_until
 from test_doctor_live import doctor, findings
@@ -36,12 +34,7 @@ def memory_cgroup() -> Iterator[Path]:
     if not found:
         pytest.skip("no memory cgroup in /proc/self/cgroup (neither v1 nor v2 memory controller)")
     version, parent = found[0]
-    group = Path(parent) / f"gunicorn-insight-test-{os.getpid()}"
-    try:
-        group.mkdir()
-    except OSError as error:
-        pytest.skip(f"cannot create a memory cgroup (v{version}) under {parent}: {error}")
-    try:
+    with child_cgroup(parent, version, "memory") as group:
         limit = group / _limit_file(version)
         try:
             limit.write_text(f"{LIMIT}\n")
@@ -50,28 +43,6 @@ def memory_cgroup() -> Iterator[Path]:
         if version == 2 and (group / "memory.swap.max").exists():
             (group / "memory.swap.max").write_text("0\n")  # swapping would postpone the OOM kill indefinitely
         yield group
-    finally:
-        _remove(group)
-
-
-def _remove(group: Path) -> None:
-    """Kill whatever is left in the group (the harness already stopped gunicorn), then rmdir it."""
-    procs = group / "cgroup.procs"
-
-    def removed() -> bool:
-        with contextlib.suppress(OSError, ValueError):
-            for pid in procs.read_text().split():
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(int(pid), signal.SIGKILL)
-        try:
-            group.rmdir()
-        except FileNotFoundError:
-            return True
-        except OSError:  # EBUSY until the last member has been reaped
-            return False
-        return True
-
-    wait_until(removed, timeout=30, what=f"the test cgroup {group} to be empty and removed")
 
 
 def test_oom_kill_is_its_own_cause(
