@@ -130,6 +130,7 @@ def test_oom_counter_reads_cgroup_v2(tmp_path: Path) -> None:
     proc.write_text("0::/app.slice\n")
     events = tmp_path / "root" / "app.slice" / "memory.events"
     events.parent.mkdir(parents=True)
+    (tmp_path / "root" / "cgroup.controllers").write_text("cpu memory\n")  # what marks a v2 mount
     events.write_text("low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n")
     counter = OomCounter(str(proc), str(tmp_path / "root"))
     counter.poll()
@@ -149,6 +150,7 @@ def test_oom_kill_stays_claimable_one_round_only(tmp_path: Path) -> None:
     proc.write_text("0::/app.slice\n")
     events = tmp_path / "root" / "app.slice" / "memory.events"
     events.parent.mkdir(parents=True)
+    (tmp_path / "root" / "cgroup.controllers").write_text("cpu memory\n")  # what marks a v2 mount
     events.write_text("oom 0\noom_kill 0\n")
     counter = OomCounter(str(proc), str(tmp_path / "root"))
     events.write_text("oom 2\noom_kill 2\n")
