@@ -77,7 +77,9 @@ def request_loop(mode: str, requests: int, raw_request: bytes) -> None:
             routes=100,
         )
         board.assign(0, time.monotonic())
-        options = recorder.RecorderOptions(routes=True, exclude_paths=frozenset({"/healthz"}), threaded=False)
+        options = recorder.RecorderOptions(
+            routes=True, exclude_paths=frozenset({"/healthz"}), threaded=False, thread_cpu=True
+        )
         recorder.RECORDER = recorder.RequestRecorder(board, 0, worker, options)
         if mode == "compiled":
             if recorder.COMPILED is None:

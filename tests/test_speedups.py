@@ -7,7 +7,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -240,6 +240,7 @@ def test_bind_refuses_a_scoreboard_layout_it_was_not_written_for(
             ROUTE_KEY,
             "HTTP_X_REQUEST_START",
             "HTTP_X_QUEUE_START",
+            _recorder.HANG_UP_CHECK_AFTER,
             ("<B7xdQ8s46sH200s", sb.RING.format, "<QI", 3),
         )
     board.assign(0, now=1.0)
@@ -293,6 +294,19 @@ def peer_closed(sock: socket.socket) -> bool:
         return True
 
 
+@pytest.fixture
+def hang_up_check_after(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[float], None]]:
+    """Sets recorder.HANG_UP_CHECK_AFTER for both implementations (the compiled hooks take it when bound)."""
+
+    def change(seconds: float) -> None:
+        monkeypatch.setattr(_recorder, "HANG_UP_CHECK_AFTER", seconds)
+        _recorder._compiled()
+
+    yield change
+    monkeypatch.undo()
+    _recorder._compiled()
+
+
 def hang_up_cases() -> list[tuple[str, int, Callable[[], tuple[Any, list[socket.socket]]]]]:
     """(name, expected outcome bits, make the response): each as gunicorn leaves it after writing."""
 
@@ -338,8 +352,10 @@ def test_both_hooks_tell_a_client_gone_from_one_that_read_the_response(
     name: str,
     expected: int,
     make: Callable[[], tuple[Any, list[socket.socket]]],
+    hang_up_check_after: Callable[[float], None],
 ) -> None:
     """The ring record's outcome says client closed only when the client left before taking the response."""
+    hang_up_check_after(0.0)  # every request is asked, however quick
     board.assign(0, now=1.0)
     _recorder.RECORDER = RequestRecorder(board, 0, object(), RecorderOptions(threaded=False))
     pre_request, post_request = fakes.IMPLEMENTATIONS[implementation]
@@ -416,3 +432,32 @@ def test_both_hooks_record_the_threads_cpu_apart_from_waiting(board: sb.Scoreboa
     assert cpus[0] > 0.01, "burning the CPU for 0.1 s was not seen"
     assert math.isnan(cpus[2])
     assert math.isnan(cpus[3])
+
+
+@pytest.mark.parametrize("implementation", sorted(fakes.IMPLEMENTATIONS))
+def test_only_requests_past_the_threshold_ask_the_tcp_state(
+    board: sb.Scoreboard, implementation: str, hang_up_check_after: Callable[[float], None]
+) -> None:
+    """A client gone before the response is a hang-up for a request of at least HANG_UP_CHECK_AFTER; a
+    quicker request is not asked (the question costs a system call)."""
+    board.assign(0, now=1.0)
+    pre_request, post_request = fakes.IMPLEMENTATIONS[implementation]
+    ((_, _, gone_before_response),) = [case for case in hang_up_cases() if case[0] == "gone before the response"]
+    for threshold in (3600.0, 0.0):
+        hang_up_check_after(threshold)
+        _recorder.RECORDER = RequestRecorder(board, 0, object(), RecorderOptions(threaded=False))
+        resp, sockets = gone_before_response()
+        try:
+            req = FakeRequest()
+            pre_request(None, req)
+            post_request(None, req, {}, resp)
+        finally:
+            _recorder.RECORDER = None
+            for sock in sockets:
+                sock.close()
+    assert [record[5] for record in board.read_ring(0, 0, 2)] == [0, sb.RECORD_CLIENT_CLOSED]
+
+
+def test_the_hang_up_threshold_is_short_beside_any_client_timeout() -> None:
+    """The threshold stays far below what a client or proxy waits before giving up (a second or more)."""
+    assert 0 < _recorder.HANG_UP_CHECK_AFTER <= 0.01

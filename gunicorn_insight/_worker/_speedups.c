@@ -56,6 +56,7 @@ static PyObject *s_RECORDER, *s_path, *s_query, *s_method, *s_peer_addr, *s_stat
     *s_queue_start_key, *s_route_key, *s_sock, *s_client_gone;
 static PyObject *minus_one, *hung_up;
 static long other_method;
+static double hang_up_check_after; /* recorder.HANG_UP_CHECK_AFTER, from bind() */
 
 /* The recorder the fields below were read from (a strong reference, so its address cannot be reused). */
 typedef struct {
@@ -453,9 +454,10 @@ lookup(PyObject *environ, PyObject *key)
 }
 
 /* recorder.client_closed without a Python call: the exception gunicorn's write raised, still in flight in its
- * finally, else the connection's TCP state. Sets *closed to RECORD_CLIENT_CLOSED or 0; -1 on a Python error. */
+ * finally, else (for a request of at least recorder.HANG_UP_CHECK_AFTER) the connection's TCP state. Sets *closed to
+ * RECORD_CLIENT_CLOSED or 0; -1 on a Python error. */
 static int
-client_closed(PyObject *req, PyObject *resp, int *closed)
+client_closed(PyObject *req, PyObject *resp, double duration, int *closed)
 {
     PyObject *type, *value, *traceback, *peer, *sock;
     unsigned char info[TCP_INFO_BYTES];
@@ -467,7 +469,7 @@ client_closed(PyObject *req, PyObject *resp, int *closed)
     PyErr_GetExcInfo(&type, &value, &traceback);
     Py_XDECREF(type);
     Py_XDECREF(traceback);
-    if (value != NULL) {
+    if (value != NULL && value != Py_None) { /* None: nothing in flight, and isinstance(None, ...) is slow */
         matches = PyObject_IsInstance(value, hung_up);
         Py_DECREF(value);
         if (matches < 0)
@@ -477,6 +479,11 @@ client_closed(PyObject *req, PyObject *resp, int *closed)
             return 0;
         }
     }
+    else {
+        Py_XDECREF(value);
+    }
+    if (duration < hang_up_check_after)
+        return 0;
     /* only a TCP peer (an address tuple) has a TCP state to ask */
     peer = PyObject_GetAttr(req, s_peer_addr);
     if (peer == NULL) {
@@ -674,7 +681,7 @@ post_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         }
     }
 
-    if (client_closed(req, resp, &closed) < 0)
+    if (client_closed(req, resp, now - start, &closed) < 0)
         goto error;
     if (closed) {
         /* rare: the request is named in the log when it was slow (before the ring is read, like the Python
@@ -770,17 +777,19 @@ done:
 }
 
 /* bind(globals, pre_request, post_request, report, describe_peer, parse_status, parse_request_start,
- *      queue_header, method_index, other_method, route_key, request_start_key, queue_start_key, layouts) */
+ *      queue_header, method_index, other_method, route_key, request_start_key, queue_start_key,
+ *      hang_up_check_after, layouts) */
 static PyObject *
 bind_hooks(PyObject *module, PyObject *args)
 {
     PyObject *globals, *pre, *post, *reporter, *peer, *status, *queue, *scan, *methods, *route_key,
         *request_start, *queue_start, *layouts, *expected;
     long other;
+    double check_after;
     int same;
-    if (!PyArg_ParseTuple(args, "O!OOOOOOOO!lUUUO:bind", &PyDict_Type, &globals, &pre, &post, &reporter, &peer,
+    if (!PyArg_ParseTuple(args, "O!OOOOOOOO!lUUUdO:bind", &PyDict_Type, &globals, &pre, &post, &reporter, &peer,
                           &status, &queue, &scan, &PyDict_Type, &methods, &other, &route_key, &request_start,
-                          &queue_start, &layouts))
+                          &queue_start, &check_after, &layouts))
         return NULL;
     expected = Py_BuildValue("(sssi)", "<B7xdQ8s46sH176s", "<ddHHHHd", "<QI", DYING);
     if (expected == NULL)
@@ -807,6 +816,7 @@ bind_hooks(PyObject *module, PyObject *args)
     Py_XSETREF(s_request_start_key, Py_NewRef(request_start));
     Py_XSETREF(s_queue_start_key, Py_NewRef(queue_start));
     other_method = other;
+    hang_up_check_after = check_after;
     Py_RETURN_NONE;
 }
 

@@ -17,6 +17,7 @@ def bind(
     route_key: str,
     request_start_key: str,
     queue_start_key: str,
+    hang_up_check_after: float,
     layouts: tuple[str, str, str, int],
     /,
 ) -> None: ...

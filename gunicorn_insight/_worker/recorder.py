@@ -135,13 +135,19 @@ _HUNG_UP = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
 _TCP_INFO = getattr(socket, "TCP_INFO", None)  # Linux only: elsewhere only a failed write is seen
 _TCP_CLOSE_WAIT, _TCP_CLOSE = 8, 7  # linux/tcp_states.h
 _TCP_INFO_BYTES = 28  # up to tcpi_unacked (u32 at byte 24)
+# The TCP state is asked only of requests that took at least this long (seconds). The question costs a system
+# call and a Python call for the socket's descriptor, about 1 us: 1% of a fast request, and a client that gives
+# up (nginx's 499, a platform's timeout) has waited far longer than this. A failed write counts at any duration.
+# _speedups.c's HANG_UP_CHECK_AFTER is the same number (a test compares them).
+HANG_UP_CHECK_AFTER = 0.001
 
 
-def client_closed(req: Any, resp: Any) -> int:
+def client_closed(req: Any, resp: Any, duration: float) -> int:
     """RECORD_CLIENT_CLOSED when the client had gone before the response reached it, else 0.
 
-    Exact for TCP on Linux and for unix sockets; it sees nothing where the response has no socket (ASGI).
-    Called in post_request, which gunicorn runs in a ``finally`` after writing the response:
+    Exact for TCP on Linux and for unix sockets, for requests of at least HANG_UP_CHECK_AFTER; it sees nothing
+    where the response has no socket (ASGI). Called in post_request, which gunicorn runs in a ``finally`` after
+    writing the response:
 
     - the write failed (EPIPE, ECONNRESET): the exception is still in flight here;
     - the client reset the connection (TCP state CLOSE): its kernel refused the response;
@@ -149,10 +155,12 @@ def client_closed(req: Any, resp: Any) -> int:
       before taking the response. A client (or nginx) that read the whole response and then closed has
       acknowledged every byte, so it is not counted, however fast it closed.
     """
-    if isinstance(sys.exc_info()[1], _HUNG_UP):
+    in_flight = sys.exc_info()[1]
+    if in_flight is not None and isinstance(in_flight, _HUNG_UP):
         return sb.RECORD_CLIENT_CLOSED
     # Only a TCP peer (an address tuple) has a TCP state: asking a unix socket would raise, at ten times the cost.
-    sock = getattr(resp, "sock", None) if type(getattr(req, "peer_addr", None)) is tuple else None
+    asked = duration >= HANG_UP_CHECK_AFTER and type(getattr(req, "peer_addr", None)) is tuple
+    sock = getattr(resp, "sock", None) if asked else None
     if sock is None or _TCP_INFO is None:
         return 0
     try:
@@ -507,7 +515,7 @@ def post_request(worker: Any, req: Any, environ: Any, resp: Any) -> None:  # noq
             key = environ.get(ROUTE_KEY) if environ and rec._resolves_by_key else None
             known = rec._route_ids.get(key) if type(key) is str else None
             route = rec.route_number(environ) if known is None else known
-        closed = client_closed(req, resp)
+        closed = client_closed(req, resp, now - start)
         if closed:
             rec.client_gone(method, path, now - start)
         head = rec._head
@@ -569,6 +577,7 @@ def _compiled() -> tuple[Callable[..., None], Callable[..., None]] | None:
             ROUTE_KEY,
             _REQUEST_START_KEY,
             _QUEUE_START_KEY,
+            HANG_UP_CHECK_AFTER,
             (sb.ENTRY.format, sb.RING.format, sb.HEAD_CONNS.format, _DYING),
         )
     except ImportError:
