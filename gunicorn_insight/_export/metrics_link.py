@@ -22,6 +22,9 @@ from ..settings import ConfigurationError, join_host_port
 
 STARTUP_DEADLINE = 30.0
 RESTART_EVERY = 5.0
+# How long the master's exit waits for the process's last OTLP export: the master removes the embedded
+# directory that export reads once it has exited.
+EXIT_WAIT = 5.0
 """Seconds between attempts to restart a /metrics process that died."""
 
 _WARN = RateLimitedLog(period=300.0)
@@ -218,11 +221,32 @@ class MetricsEndpoint:
         else:
             LOG.info("gunicorn-insight: the /metrics process is back (pid %s) at %s", self.pid, self.url)
 
-    def close(self) -> None:
-        """The process sees the socket close and exits."""
+    def close(self, wait: float = 0.0) -> None:
+        """The process sees the socket close, exports one last time (OTLP) and exits. ``wait``: seconds to
+        wait for that, so that what it reads is still there when it reads it."""
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+        if wait > 0 and self.pid:
+            self._wait_exit(wait)
+
+    def _wait_exit(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if os.waitpid(self.pid, os.WNOHANG)[0]:
+                    return
+            except ChildProcessError:  # reaped already (gunicorn's SIGCHLD handler reaps every child)
+                return
+            if time.monotonic() >= deadline:
+                LOG.warning(
+                    "gunicorn-insight: the /metrics process (pid %s) was still exporting %gs after the master "
+                    "stopped; the master exits without waiting longer, so its last OTLP export may fail",
+                    self.pid,
+                    timeout,
+                )
+                return
+            time.sleep(0.01)
 
     def close_in_child(self) -> None:
         """A forked worker must not hold the socket: the process would not notice the master is gone."""

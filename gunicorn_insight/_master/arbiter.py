@@ -25,7 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .. import _scoreboard as sb
-from .._export.metrics_link import MetricsEndpoint, MetricsPortTaken, wait_readable
+from .._export.metrics_link import EXIT_WAIT, MetricsEndpoint, MetricsPortTaken, wait_readable
 from .._export.prometheus import PrometheusSink
 from .._export.statsd import StatsdSink
 from .._facts import Round, Sink
@@ -133,7 +133,7 @@ class Master:
         self.exits.queue_unreaped()
         self.run_round()
         if self.endpoint is not None:
-            self.endpoint.close()
+            self.endpoint.close(wait=EXIT_WAIT)
         for sink in self._sinks:
             sink.close()
 

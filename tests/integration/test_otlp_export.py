@@ -235,3 +235,16 @@ def test_sdk_disabled_exports_nothing_and_says_so(process_factory: ProcessFactor
         assert server.get("/") == 200
     assert server.total("gunicorn_requests_total") == 3  # a scrape: the same rounds an export would have read
     assert otlp_receiver.count() == 0
+
+
+def test_the_last_export_at_stop_carries_the_last_requests(
+    process_factory: ProcessFactory, otlp_receiver: OtlpReceiver
+) -> None:
+    """A stop exports the final round before the embedded directory goes: nothing lost, no failure logged."""
+    env = otlp_env(otlp_receiver, OTEL_METRIC_EXPORT_INTERVAL="600000")  # only the export at stop
+    server = start_gunicorn(process_factory, env=env, metrics=False)
+    for _ in range(3):
+        assert server.get("/") == 200
+    assert server.process.stop(timeout=30) == 0
+    assert point_total(otlp_receiver.latest("gunicorn.requests")) == 3, server.process.describe()
+    assert "OTLP export" not in server.process.output(), server.process.describe()
