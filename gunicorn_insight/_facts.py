@@ -61,6 +61,8 @@ class Round:
     ready_workers: int = 0
     """Live workers that have loaded the application (post_worker_init ran); the rest are booting."""
     booting_workers: int = 0
+    desired_workers: int | None = None
+    """The number of workers gunicorn keeps (``workers``, moved by TTIN/TTOU); None where it was not read."""
     boot_durations: list[float] = field(default_factory=list)
     """Seconds from fork to application loaded, of the workers that became ready this round."""
     stalled_requests: int = 0

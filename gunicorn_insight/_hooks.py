@@ -332,6 +332,7 @@ def on_starting(server: Any) -> None:
         report("handing the run directory to the worker user", error)
     master.watch_logger(server.log)
     master.watch_listeners(lambda: list(server.LISTENERS))
+    master.watch_desired(lambda: int(server.num_workers))
     try:
         master.status.write_server(_describe(server, master))
     except Exception as error:

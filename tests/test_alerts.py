@@ -45,6 +45,7 @@ METRICS = {
     "gunicorn_worker_cpu_seconds_total",
     "gunicorn_workers_ready",
     "gunicorn_workers_booting",
+    "gunicorn_workers_desired",
     "gunicorn_stalled_requests",
     "gunicorn_stalls_total",
     "gunicorn_worker_crash_loop",

@@ -208,7 +208,7 @@ def test_host_pressure_lines_send_what_the_kernel_counters_gained(receiver: sock
         throttling=CpuThrottling(110, 14, 1.25), memory_usage=310, memory_limit=1000, pressure={("cpu", "some"): 2.5}
     )
     second.context_switches, second.swap = {0: (15, 1)}, {0: 0}
-    second.stalls, second.stalled_requests = 1, 2
+    second.stalls, second.stalled_requests, second.desired_workers = 1, 2, 3
     sink.publish(second)
     lines = b"\n".join(datagrams(receiver)).decode().splitlines()
     for line in (
@@ -222,6 +222,7 @@ def test_host_pressure_lines_send_what_the_kernel_counters_gained(receiver: sock
         "gunicorn.worker.0.swap:0|g",
         "gunicorn.stalls:1|c",
         "gunicorn.stalled_requests:2|g",
+        "gunicorn.workers_desired:3|g",
     ):
         assert line in lines, line
     assert not [line for line in lines if "quota_cores" in line or "working_set" in line]

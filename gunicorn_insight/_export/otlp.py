@@ -215,6 +215,9 @@ INSTRUMENTS: dict[str, Instrument] = {
     ),
     "gunicorn_worker_exits": Instrument("gunicorn.worker.exits", "{exit}", "counter", "Worker exits by cause."),
     "gunicorn_workers": Instrument("gunicorn.workers", "{worker}", "gauge", "Live worker processes."),
+    "gunicorn_workers_desired": Instrument(
+        "gunicorn.workers.desired", "{worker}", "gauge", "The number of workers gunicorn keeps."
+    ),
     "gunicorn_workers_busy": Instrument(
         "gunicorn.workers.busy", "{worker}", "gauge", "Workers with at least one request in flight."
     ),

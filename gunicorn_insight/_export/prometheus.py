@@ -391,6 +391,9 @@ class PrometheusSink:
     def _lifecycle_families(self) -> None:
         self._ready = _gauge("gunicorn_workers_ready", "Live workers that have loaded the application.")
         self._booting = _gauge("gunicorn_workers_booting", "Live workers still loading the application.")
+        self._desired = _gauge(
+            "gunicorn_workers_desired", "The number of workers gunicorn keeps (workers, moved by TTIN/TTOU)."
+        )
         self._boot = _Histogram(
             "gunicorn_worker_boot_duration_seconds",
             "Seconds from a worker's fork to its application loaded (post_worker_init).",
@@ -464,6 +467,8 @@ class PrometheusSink:
                 self._add(family, family.key("_total"), amount)
         if facts.boot_durations:
             self._observe(self._boot, (), facts.boot_durations)
+        if facts.desired_workers is not None:
+            self._set(self._desired, self._desired.key(""), facts.desired_workers)
 
     def _publish_pressure(self, facts: Round) -> None:
         host = facts.host

@@ -345,6 +345,8 @@ class StatsdSink:
         ):
             pipe.gauge(name(metric), value)
         pipe.timings(name("gunicorn.worker.boot_duration"), facts.boot_durations, timers)
+        if facts.desired_workers is not None:
+            pipe.gauge(name("gunicorn.workers_desired"), facts.desired_workers)
 
     def _increase(self, key: str, total: float) -> float:
         """What a kernel counter (an absolute total) gained since the previous round; 0 the first time."""

@@ -66,6 +66,7 @@ class Master:
         self._thread: threading.Thread | None = None
         self._drainer = Drainer(self.board, plan.settings.max_routes, by_status=plan.settings.otlp_enabled)
         self._listeners: Callable[[], list[Any]] = list
+        self._desired: Callable[[], int] | None = None
         self._overflows = listen_overflows()
         self._sinks: list[Sink] = []
         self.prometheus: PrometheusSink | None = None
@@ -166,6 +167,8 @@ class Master:
                 if self.log_lines is not None:
                     facts.log_lines.update(self.log_lines.take())
                 facts.capacity = facts.ready_workers * self.plan.per_worker_capacity  # booting ones serve nothing
+                if self._desired is not None:
+                    facts.desired_workers = self._desired()
                 self._sample_listeners(facts)
             except Exception as error:
                 report("reading the scoreboard", error)
@@ -273,6 +276,10 @@ class Master:
         self.exits.reaps.watch(log)
         if self.log_lines is not None:
             self.log_lines.watch(log)
+
+    def watch_desired(self, desired: Callable[[], int]) -> None:
+        """The worker count gunicorn's arbiter keeps, re-read every round (TTIN and TTOU move it)."""
+        self._desired = desired
 
     def watch_listeners(self, listeners: Callable[[], list[Any]]) -> None:
         """gunicorn's listening sockets, re-read every round (a HUP can replace them)."""

@@ -36,11 +36,15 @@ def test_reload_replaces_workers_without_losing_counts(process_factory: ProcessF
 
 
 def test_scaling_up_and_down_follows_the_worker_count(process_factory: ProcessFactory) -> None:
-    """TTIN adds a worker with its own slot, TTOU removes one; gunicorn_workers follows."""
+    """TTIN adds a worker with its own slot, TTOU removes one; gunicorn_workers and the number gunicorn keeps
+    (gunicorn_workers_desired) follow."""
     server = start_gunicorn(process_factory, workers=2)
+    server.wait_for_value("gunicorn_workers_desired", 2)
     server.process.send_signal(signal.SIGTTIN)
     server.wait_for_workers(3)
     server.wait_for_value("gunicorn_workers", 3)
+    server.wait_for_value("gunicorn_workers_desired", 3)
     server.process.send_signal(signal.SIGTTOU)
     server.wait_for_value("gunicorn_workers", 2)
+    server.wait_for_value("gunicorn_workers_desired", 2)
     assert server.ready_workers() == 2
