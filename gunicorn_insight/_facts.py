@@ -80,6 +80,10 @@ class Round:
     missing until /proc/<pid>/status could be read for one of its workers."""
     swap: dict[int, int] = field(default_factory=dict)
     """slot -> bytes of its live worker swapped out (VmSwap)."""
+    open_fds: dict[int, int] = field(default_factory=dict)
+    """slot -> open file descriptors of its live worker (/proc/<pid>/fd)."""
+    fd_limits: dict[int, int] = field(default_factory=dict)
+    """slot -> its live worker's soft limit on open file descriptors; absent where unlimited or unreadable."""
 
     @property
     def total_requests(self) -> int:

@@ -61,6 +61,8 @@ METRICS = {
     "gunicorn_pressure_stalled_seconds_total",
     "gunicorn_worker_context_switches_total",
     "gunicorn_worker_swap_bytes",
+    "gunicorn_worker_open_fds",
+    "gunicorn_worker_max_fds",
     "gunicorn_worker_boot_duration_seconds_bucket",
     "gunicorn_worker_boot_duration_seconds_sum",
     "gunicorn_worker_boot_duration_seconds_count",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from gunicorn_insight._master.pressure import (
     parse_cpu_max,
     parse_cpu_stat,
     parse_psi,
+    read_descriptors,
     read_process,
 )
 
@@ -186,12 +188,42 @@ def test_worker_switches_survive_replacement(tmp_path: Path) -> None:
 
     readings = WorkerReadings(str(tmp_path))
     status(100, 10, 1, 0)
-    assert readings.read({0: 100, 1: 999}) == ({0: (10, 1)}, {0: 0})
+    assert readings.read({0: 100, 1: 999})[:2] == ({0: (10, 1)}, {0: 0})
     status(100, 25, 4, 8)
-    assert readings.read({0: 100}) == ({0: (25, 4)}, {0: 8192})
+    assert readings.read({0: 100})[:2] == ({0: (25, 4)}, {0: 8192})
     os.remove(tmp_path / "100" / "status")
     status(101, 5, 2, 0)
-    assert readings.read({0: 101}) == ({0: (30, 6)}, {0: 0})
+    assert readings.read({0: 101})[:2] == ({0: (30, 6)}, {0: 0})
+
+
+LIMITS = """Limit                     Soft Limit           Hard Limit           Units
+Max cpu time              unlimited            unlimited            seconds
+Max open files            {soft}                 {hard}               files
+Max processes             63643                63643                processes
+"""
+
+
+def test_open_descriptors_and_their_limit(tmp_path: Path) -> None:
+    """Entries of /proc/<pid>/fd and the soft "Max open files"; unlimited is no limit, a gone pid nothing."""
+    for pid, soft in ((42, "1024"), (43, "unlimited")):
+        (tmp_path / str(pid) / "fd").mkdir(parents=True)
+        for fd in range(5):
+            (tmp_path / str(pid) / "fd" / str(fd)).touch()
+        write(tmp_path / str(pid) / "limits", LIMITS.format(soft=soft, hard="4096"))
+    assert read_descriptors(42, str(tmp_path)) == (5, 1024)
+    assert read_descriptors(43, str(tmp_path)) == (5, None)
+    assert read_descriptors(44, str(tmp_path)) is None
+    facts = WorkerReadings(str(tmp_path)).read({0: 42, 1: 43, 2: 44})
+    assert (facts.open_fds, facts.fd_limits) == ({0: 5, 1: 5}, {0: 1024})
+
+
+def test_open_descriptors_of_this_process() -> None:
+    """On this machine, for this process: what /proc/self/fd lists and RLIMIT_NOFILE's soft limit."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    reading = read_descriptors(os.getpid())
+    assert reading is not None
+    assert reading[0] == len(os.listdir("/proc/self/fd"))  # both count the descriptor that lists them
+    assert reading[1] == (None if soft == resource.RLIM_INFINITY else soft)
 
 
 def test_real_machine_readings() -> None:

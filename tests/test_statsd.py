@@ -209,6 +209,7 @@ def test_host_pressure_lines_send_what_the_kernel_counters_gained(receiver: sock
     )
     second.context_switches, second.swap = {0: (15, 1)}, {0: 0}
     second.stalls, second.stalled_requests, second.desired_workers = 1, 2, 3
+    second.open_fds, second.fd_limits = {0: 12}, {0: 1024}
     sink.publish(second)
     lines = b"\n".join(datagrams(receiver)).decode().splitlines()
     for line in (
@@ -223,6 +224,8 @@ def test_host_pressure_lines_send_what_the_kernel_counters_gained(receiver: sock
         "gunicorn.stalls:1|c",
         "gunicorn.stalled_requests:2|g",
         "gunicorn.workers_desired:3|g",
+        "gunicorn.worker.0.open_fds:12|g",
+        "gunicorn.worker.0.max_fds:1024|g",
     ):
         assert line in lines, line
     assert not [line for line in lines if "quota_cores" in line or "working_set" in line]

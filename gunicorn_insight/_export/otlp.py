@@ -245,6 +245,18 @@ INSTRUMENTS: dict[str, Instrument] = {
     "gunicorn_worker_memory_bytes": Instrument(
         "gunicorn.worker.memory.usage", "By", "gauge", "Resident memory of the worker in each slot."
     ),
+    "gunicorn_worker_open_fds": Instrument(
+        "gunicorn.worker.file_descriptor.count",
+        "{file_descriptor}",
+        "gauge",
+        "Open file descriptors of each slot's worker.",
+    ),
+    "gunicorn_worker_max_fds": Instrument(
+        "gunicorn.worker.file_descriptor.limit",
+        "{file_descriptor}",
+        "gauge",
+        "The soft limit on open file descriptors of each slot's worker.",
+    ),
     "gunicorn_listen_backlog": Instrument(
         "gunicorn.listen.backlog", "{connection}", "gauge", "Connections waiting in a listener's accept queue."
     ),

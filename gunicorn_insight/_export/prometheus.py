@@ -453,6 +453,10 @@ class PrometheusSink:
         self._swap = _gauge(
             "gunicorn_worker_swap_bytes", "Memory of the worker in each slot swapped out (VmSwap).", ("worker",)
         )
+        self._open_fds = _gauge("gunicorn_worker_open_fds", "Open file descriptors of each slot's worker.", ("worker",))
+        self._max_fds = _gauge(
+            "gunicorn_worker_max_fds", "The soft limit on open file descriptors of each slot's worker.", ("worker",)
+        )
 
     def _publish_lifecycle(self, facts: Round) -> None:
         for family, value in (
@@ -494,12 +498,17 @@ class PrometheusSink:
             worker = str(slot)
             self._set(self._switches, self._switches.key("_total", (worker, "voluntary")), voluntary)
             self._set(self._switches, self._switches.key("_total", (worker, "involuntary")), involuntary)
-        for slot, swapped in facts.swap.items():
-            self._set(self._swap, self._swap.key("", (str(slot),)), swapped)
-        for slot in facts.connections.keys() - facts.pids.keys():  # slots whose worker is gone swap nothing
-            key = self._swap.key("", (str(slot),))
-            if (self._swap.file_prefix, key) in self._totals:
-                self._set(self._swap, key, 0)
+        for family, readings in (
+            (self._swap, facts.swap),
+            (self._open_fds, facts.open_fds),
+            (self._max_fds, facts.fd_limits),
+        ):
+            for slot, value in readings.items():
+                self._set(family, family.key("", (str(slot),)), value)
+            for slot in facts.connections.keys() - facts.pids.keys():  # a slot whose worker is gone holds nothing
+                key = family.key("", (str(slot),))
+                if (family.file_prefix, key) in self._totals:
+                    self._set(family, key, 0)
 
     def _file(self, prefix: str) -> MetricFile:
         found = self._files.get(prefix)

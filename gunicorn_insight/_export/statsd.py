@@ -388,17 +388,24 @@ class StatsdSink:
                     ),
                     round(increase(f"psi.{resource}.{kind}", seconds) * 1000),
                 )
+        self._worker_process_lines(pipe, facts)
+
+    def _worker_process_lines(self, pipe: Any, facts: Round) -> None:
+        """What /proc says of each worker: context switches gained this round, swap and file descriptors."""
         for slot, (voluntary, involuntary) in sorted(facts.context_switches.items()):
             for kind, total in (("voluntary", voluntary), ("involuntary", involuntary)):
-                gained = int(increase(f"switches.{slot}.{kind}", total))
+                gained = int(self._increase(f"switches.{slot}.{kind}", total))
                 if not gained:
                     continue
                 if self._tagged:
                     pipe.incr(self._name("gunicorn.worker.context_switches", f"worker:{slot},kind:{kind}"), gained)
                 else:
                     pipe.incr(self._name(f"gunicorn.worker.{slot}.context_switches.{kind}"), gained)
-        for slot, swapped in sorted(facts.swap.items()):
-            pipe.gauge(split("gunicorn.worker.{}.swap", "gunicorn.worker.swap", "worker", slot), swapped)
+        for metric, readings in (("swap", facts.swap), ("open_fds", facts.open_fds), ("max_fds", facts.fd_limits)):
+            for slot, value in sorted(readings.items()):
+                pipe.gauge(
+                    self._split(f"gunicorn.worker.{{}}.{metric}", f"gunicorn.worker.{metric}", "worker", slot), value
+                )
 
     def _since_last_round(self, facts: Round) -> float | None:
         """Seconds since the previous round (a scrape can start one early); None for the first one."""

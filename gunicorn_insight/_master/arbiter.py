@@ -218,7 +218,7 @@ class Master:
     def _read_host(self, facts: Round) -> None:
         if self._host is not None:
             facts.host = self._host.read()
-        facts.context_switches, facts.swap = self._worker_readings.read(facts.pids)
+        facts.context_switches, facts.swap, facts.open_fds, facts.fd_limits = self._worker_readings.read(facts.pids)
 
     def _watch_stall(self, facts: Round) -> None:
         heads = sum(self.board.head(index) for index in range(self.board.slots))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from .._cgroup import cgroup_dirs
 from .._facts import CpuThrottling, HostPressure
@@ -262,6 +263,23 @@ def read_process(pid: int, proc: str = "/proc") -> ProcessReading | None:
     )
 
 
+def read_descriptors(pid: int, proc: str = "/proc") -> tuple[int, int | None] | None:
+    """(open file descriptors, the soft limit on them or None when unlimited) of one process; None when it is
+    gone or its /proc entries cannot be read (another user's process, for a master that is not root)."""
+    try:
+        opened = len(os.listdir(f"{proc}/{pid}/fd"))
+    except OSError:
+        return None
+    limits = _read(f"{proc}/{pid}/limits")
+    if limits is None:
+        return None
+    for line in limits.splitlines():
+        if line.startswith("Max open files"):
+            soft = line[len("Max open files") :].split()[0]
+            return opened, int(soft) if soft.isdigit() else None
+    return None
+
+
 @dataclass(slots=True)
 class _SlotSwitches:
     pid: int = 0
@@ -269,6 +287,17 @@ class _SlotSwitches:
     last: tuple[int, int] = (0, 0)
     seen: bool = False
     """A reading ever succeeded: until then the slot's switches are unknown, not 0."""
+
+
+class WorkerFacts(NamedTuple):
+    switches: dict[int, tuple[int, int]]
+    """slot -> (voluntary, involuntary) context switches ever, for every slot seen."""
+    swap: dict[int, int]
+    """slot -> swapped bytes of its live worker."""
+    open_fds: dict[int, int]
+    """slot -> open file descriptors of its live worker."""
+    fd_limits: dict[int, int]
+    """slot -> its live worker's soft limit on open file descriptors (absent: unlimited, or unreadable)."""
 
 
 class WorkerReadings:
@@ -279,10 +308,9 @@ class WorkerReadings:
         self._proc = proc
         self._slots: dict[int, _SlotSwitches] = {}
 
-    def read(self, pids: dict[int, int]) -> tuple[dict[int, tuple[int, int]], dict[int, int]]:
-        """slot -> (voluntary, involuntary) ever, for every slot seen; slot -> swapped bytes of live workers."""
+    def read(self, pids: dict[int, int]) -> WorkerFacts:
         switches: dict[int, tuple[int, int]] = {}
-        swap: dict[int, int] = {}
+        found = WorkerFacts(switches, {}, {}, {})
         for slot, pid in pids.items():
             state = self._slots.setdefault(slot, _SlotSwitches())
             if pid != state.pid:
@@ -297,8 +325,13 @@ class WorkerReadings:
                     )
                     state.seen = True
                 if reading.swap_bytes is not None:
-                    swap[slot] = reading.swap_bytes
+                    found.swap[slot] = reading.swap_bytes
+            descriptors = read_descriptors(pid, self._proc)
+            if descriptors is not None:
+                found.open_fds[slot], limit = descriptors
+                if limit is not None:
+                    found.fd_limits[slot] = limit
         for slot, state in self._slots.items():
             if state.seen:
                 switches[slot] = (state.base[0] + state.last[0], state.base[1] + state.last[1])
-        return switches, swap
+        return found

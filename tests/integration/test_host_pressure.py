@@ -173,3 +173,30 @@ def test_psi_comes_from_the_servers_own_v2_group(unified_cgroup: Path, process_f
     # The group's total only grows, so what was exported before it was read cannot exceed it; the host's
     # /proc/pressure total (everything the machine ever waited) would.
     assert exported <= group_total, (exported, group_total, Path("/proc/pressure/cpu").read_text())
+
+
+def test_open_descriptors_against_the_workers_limit(process_factory: ProcessFactory) -> None:
+    """A worker leaking descriptors under `ulimit -n 256` shows them against that limit, per slot."""
+    server = start_gunicorn(
+        process_factory,
+        app="pressure_app:app",
+        cwd=APPS,
+        workers=1,
+        launcher=["prlimit", "--nofile=256:256", "--"],
+    )
+    wait_until(
+        lambda: server.value("gunicorn_worker_max_fds", worker="0") == 256,
+        timeout=30,
+        what="gunicorn_worker_max_fds == 256",
+        dump=server.process.describe,
+    )
+    before = server.value("gunicorn_worker_open_fds", worker="0")
+    assert before is not None
+    assert 0 < before < 50, before
+    assert server.get("/hold?n=200") == 200
+    wait_until(
+        lambda: (server.value("gunicorn_worker_open_fds", worker="0") or 0) >= before + 200,
+        timeout=30,
+        what=f"gunicorn_worker_open_fds >= {before} + 200",
+        dump=lambda: f"{server.value('gunicorn_worker_open_fds', worker='0')}\n{server.process.describe()}",
+    )

@@ -1,5 +1,6 @@
 """``/burn?s=N`` spins on the CPU for N seconds of wall time (a CPU-bound request), ``/slow?s=N`` sleeps N
-seconds, anything else answers at once. ``CrashingWorker``: a sync worker that dies of an exception soon after
+seconds, ``/hold?n=N`` opens N more handles on /dev/null and keeps them (a descriptor leak), anything else
+answers at once. ``CrashingWorker``: a sync worker that dies of an exception soon after
 it has booted, every time (a crash loop). With ``PRESSURE_APP_IMPORT_SECONDS`` set, importing the module takes
 that long (a slow-to-import application: its workers stay booting meanwhile)."""
 
@@ -14,6 +15,7 @@ from urllib.parse import parse_qs
 from gunicorn.workers.sync import SyncWorker
 
 time.sleep(float(os.environ.get("PRESSURE_APP_IMPORT_SECONDS", "0")))
+HELD: list[Any] = []
 
 
 def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
@@ -25,6 +27,8 @@ def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable
             sum(range(10000))
     elif path == "/slow":
         time.sleep(seconds)
+    elif path == "/hold":
+        HELD.extend(open(os.devnull) for _ in range(int(parse_qs(environ["QUERY_STRING"])["n"][0])))  # noqa: SIM115 -- a leak on purpose
     start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "3")])
     return [b"ok\n"]
 
