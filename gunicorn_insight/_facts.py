@@ -62,6 +62,8 @@ class Round:
     """Live workers that have loaded the application (post_worker_init ran); the rest are booting."""
     booting_workers: int = 0
     desired_workers: int | None = None
+    master_loop_stuck: float | None = None
+    """Seconds since gunicorn's master loop was last seen waiting for signals (0: this round); None: unknown."""
     """The number of workers gunicorn keeps (``workers``, moved by TTIN/TTOU); None where it was not read."""
     boot_durations: list[float] = field(default_factory=list)
     """Seconds from fork to application loaded, of the workers that became ready this round."""

@@ -46,6 +46,7 @@ METRICS = {
     "gunicorn_workers_ready",
     "gunicorn_workers_booting",
     "gunicorn_workers_desired",
+    "gunicorn_master_loop_stuck_seconds",
     "gunicorn_stalled_requests",
     "gunicorn_stalls_total",
     "gunicorn_worker_crash_loop",

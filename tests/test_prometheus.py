@@ -291,7 +291,7 @@ def test_host_pressure_and_lifecycle_are_exported_and_absent_stays_absent(tmp_pa
                             pressure={("cpu", "some"): 2.5, ("memory", "full"): 0.25})
         facts = Round(workers=2, ready_workers=1, booting_workers=1, boot_durations=[0.7], stalled_requests=2,
                       stalls=1, crash_loop=True, crash_loops=1, host=host, context_switches={0: (40, 3)},
-                      swap={0: 4096}, connections={0: 1, 1: 0}, pids={0: 10}, desired_workers=2,
+                      swap={0: 4096}, connections={0: 1, 1: 0}, pids={0: 10}, desired_workers=2, master_loop_stuck=6.5,
                       open_fds={0: 12}, fd_limits={0: 1024})
         sink.publish(facts)
         print(generate_latest(make_registry(directory)).decode())
@@ -311,6 +311,7 @@ def test_host_pressure_and_lifecycle_are_exported_and_absent_stays_absent(tmp_pa
         "gunicorn_workers_ready 1.0",
         "gunicorn_workers_booting 1.0",
         "gunicorn_workers_desired 2.0",
+        "gunicorn_master_loop_stuck_seconds 6.5",
         'gunicorn_worker_open_fds{worker="0"} 12.0',
         'gunicorn_worker_max_fds{worker="0"} 1024.0',
         'gunicorn_worker_boot_duration_seconds_bucket{le="1.0"} 1.0',
@@ -350,6 +351,7 @@ def test_no_host_reading_writes_no_host_series(tmp_path: Path) -> None:
     samples = [line for line in out.splitlines() if line and not line.startswith("#")]
     assert not [line for line in samples if line.startswith(("gunicorn_cgroup_", "gunicorn_pressure_"))]
     assert "gunicorn_workers_desired" not in out
+    assert "gunicorn_master_loop_stuck_seconds" not in out
 
 
 def test_scrapes_read_only_regular_metric_files(tmp_path: Path) -> None:

@@ -218,6 +218,12 @@ INSTRUMENTS: dict[str, Instrument] = {
     "gunicorn_workers_desired": Instrument(
         "gunicorn.workers.desired", "{worker}", "gauge", "The number of workers gunicorn keeps."
     ),
+    "gunicorn_master_loop_stuck_seconds": Instrument(
+        "gunicorn.master.loop.stuck_time",
+        "s",
+        "gauge",
+        "Seconds since gunicorn's master loop was last seen waiting for signals.",
+    ),
     "gunicorn_workers_busy": Instrument(
         "gunicorn.workers.busy", "{worker}", "gauge", "Workers with at least one request in flight."
     ),

@@ -394,6 +394,10 @@ class PrometheusSink:
         self._desired = _gauge(
             "gunicorn_workers_desired", "The number of workers gunicorn keeps (workers, moved by TTIN/TTOU)."
         )
+        self._loop_stuck = _gauge(
+            "gunicorn_master_loop_stuck_seconds",
+            "Seconds since gunicorn's master loop was last seen waiting for signals; 0 while it goes round.",
+        )
         self._boot = _Histogram(
             "gunicorn_worker_boot_duration_seconds",
             "Seconds from a worker's fork to its application loaded (post_worker_init).",
@@ -471,8 +475,9 @@ class PrometheusSink:
                 self._add(family, family.key("_total"), amount)
         if facts.boot_durations:
             self._observe(self._boot, (), facts.boot_durations)
-        if facts.desired_workers is not None:
-            self._set(self._desired, self._desired.key(""), facts.desired_workers)
+        for family, reading in ((self._desired, facts.desired_workers), (self._loop_stuck, facts.master_loop_stuck)):
+            if reading is not None:
+                self._set(family, family.key(""), reading)
 
     def _publish_pressure(self, facts: Round) -> None:
         host = facts.host

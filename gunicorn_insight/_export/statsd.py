@@ -347,6 +347,8 @@ class StatsdSink:
         pipe.timings(name("gunicorn.worker.boot_duration"), facts.boot_durations, timers)
         if facts.desired_workers is not None:
             pipe.gauge(name("gunicorn.workers_desired"), facts.desired_workers)
+        if facts.master_loop_stuck is not None:
+            pipe.gauge(name("gunicorn.master.loop_stuck_ms"), round(facts.master_loop_stuck * 1000))
 
     def _increase(self, key: str, total: float) -> float:
         """What a kernel counter (an absolute total) gained since the previous round; 0 the first time."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import heapq
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -37,12 +38,14 @@ from .drain import Drainer
 from .forensics import Death, ExitReports
 from .lifecycle import StallWatch
 from .loglines import LogLineWatch
+from .mainloop import MainLoopWatch
 from .plan import Plan, otlp_arguments
 from .pressure import HostReader, WorkerReadings
 
 SLOT_ATTRIBUTE = "_gunicorn_insight_slot"
 RING_RECORDS = 8192
 SCRAPE_ROUND_GAP = 1.0
+LOOP_UNKNOWN_AFTER = 60.0  # seconds of rounds without seeing gunicorn's loop wait before saying it is not measured
 """Seconds at least between two rounds when interval is longer: a scrape waits at most this long."""
 
 
@@ -119,6 +122,9 @@ class Master:
         # request's stack by the time the master names the stall.
         self._stall = StallWatch(plan.slow_request_timeout if plan.slow_request_timeout > 0 else 30.0)
         self._told_unseen = False
+        self._main_loop = MainLoopWatch(threading.main_thread().ident or 0)
+        self._started = time.monotonic()
+        self._told_loop_unknown = False
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
@@ -184,6 +190,10 @@ class Master:
                 self._watch_stall(facts)
             except Exception as error:
                 report("watching for stalls and crash loops", error)
+            try:
+                self._watch_main_loop(facts)
+            except Exception as error:
+                report("watching gunicorn's master loop", error)
             for sink in self._sinks:
                 try:
                     sink.publish(facts)
@@ -271,6 +281,30 @@ class Master:
             requests or "none readable",
             f"; and {more} more" if more > 0 else "",
         )
+
+    def _watch_main_loop(self, facts: Round) -> None:
+        now = time.monotonic()
+        facts.master_loop_stuck, change = self._main_loop.observe(now, sys._current_frames())
+        if not self._main_loop.recognised and not self._told_loop_unknown and now - self._started > LOOP_UNKNOWN_AFTER:
+            self._told_loop_unknown = True
+            LOG.info(
+                "gunicorn-insight: gunicorn's master loop was never seen waiting for signals (in Arbiter.sleep or "
+                "wait_for_signals) in %.0fs, so whether it goes round is not measured: "
+                "gunicorn_master_loop_stuck_seconds stays absent",
+                LOOP_UNKNOWN_AFTER,
+            )
+        if change is None:
+            return
+        if change.blocked:
+            LOG.error(
+                "gunicorn-insight: gunicorn's master loop has not gone round for %.1fs: meanwhile no signal is "
+                "handled, and no worker is killed for its timeout or replaced when it dies; the master's main "
+                "thread, most recent call last:\n%s",
+                change.seconds,
+                change.stack,
+            )
+        else:
+            LOG.warning("gunicorn-insight: gunicorn's master loop goes round again after %.1fs", change.seconds)
 
     def watch_logger(self, log: Any) -> None:
         self.exits.reaps.watch(log)

@@ -4,7 +4,10 @@ exception a crashing worker left in its exit line, boot durations and ready work
 from __future__ import annotations
 
 import re
+import signal
+from pathlib import Path
 
+import pytest
 from harness import APPS, start_gunicorn
 from servers import ProcessFactory, wait_until
 from test_worker_death import EXITED, fire_and_forget
@@ -114,3 +117,43 @@ def test_a_worker_importing_its_app_is_booting_and_adds_no_capacity(process_fact
     server.wait_for_value("gunicorn_workers_ready", 1)
     assert server.value("gunicorn_capacity") == 1
     assert server.total("gunicorn_worker_boot_duration_seconds_sum") >= 3
+
+
+BLOCKING_RELOAD_CONFIG = """
+import time
+
+import gunicorn_insight
+
+
+def on_reload(server):
+    time.sleep(8)  # a hook doing slow I/O in gunicorn's master loop
+
+
+gunicorn_insight.install(globals())
+"""
+
+
+@pytest.mark.oldest
+def test_a_blocked_master_loop_is_measured_and_named_with_its_stack(
+    process_factory: ProcessFactory, tmp_path: Path
+) -> None:
+    """A hook that holds gunicorn's master loop for 8 s: the gauge climbs past 5 s, one line names the hook's
+    frame, one more says the loop goes round again, and the gauge is back at 0."""
+    config = tmp_path / "gunicorn.conf.py"
+    config.write_text(BLOCKING_RELOAD_CONFIG)
+    server = start_gunicorn(process_factory, config=str(config), workers=1)
+    server.wait_for_value("gunicorn_master_loop_stuck_seconds", 0)
+    server.process.send_signal(signal.SIGHUP)
+    wait_until(
+        lambda: (server.value("gunicorn_master_loop_stuck_seconds") or 0) >= 5,
+        timeout=30,
+        what="gunicorn_master_loop_stuck_seconds >= 5",
+        dump=server.process.describe,
+    )
+    found = server.process.wait_for_log(
+        r"gunicorn's master loop has not gone round for \d+\.\ds: [^\n]*\n(?:.*\n)*?.*in on_reload\n\s+time\.sleep",
+        timeout=30,
+    )
+    server.process.wait_for_log(r"gunicorn's master loop goes round again after \d+\.\ds", timeout=30)
+    server.wait_for_value("gunicorn_master_loop_stuck_seconds", 0)
+    assert server.process.output().count("master loop has not gone round") == 1, found.group(0)
