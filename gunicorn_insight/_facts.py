@@ -119,6 +119,10 @@ class HostPressure:
     memory_usage: int | None = None
     memory_working_set: int | None = None
     memory_limit: int | None = None
+    pids: int | None = None
+    """Processes and threads in the cgroup (``pids.current``)."""
+    pids_limit: int | None = None
+    """The lowest ``pids.max`` of the group and its ancestors; None where all are ``max``."""
     pressure: dict[tuple[str, str], float] = field(default_factory=dict)
     """(resource, "some" or "full") -> seconds ever stalled (PSI ``total=``, in microseconds in the file)."""
 

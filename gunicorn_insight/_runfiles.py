@@ -297,6 +297,8 @@ def host_status(facts: Round) -> dict[str, Any]:
             ("memory_usage_bytes", host.memory_usage),
             ("memory_working_set_bytes", host.memory_working_set),
             ("memory_limit_bytes", host.memory_limit),
+            ("pids", host.pids),
+            ("pids_limit", host.pids_limit),
         )
         if value is not None
     }

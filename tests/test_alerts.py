@@ -58,6 +58,8 @@ METRICS = {
     "gunicorn_cgroup_memory_usage_bytes",
     "gunicorn_cgroup_memory_working_set_bytes",
     "gunicorn_cgroup_memory_limit_bytes",
+    "gunicorn_cgroup_pids",
+    "gunicorn_cgroup_pids_limit",
     "gunicorn_pressure_waiting_seconds_total",
     "gunicorn_pressure_stalled_seconds_total",
     "gunicorn_worker_context_switches_total",

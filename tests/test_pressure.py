@@ -33,7 +33,10 @@ def write(path: Path, text: str) -> None:
 def v1_tree(tmp_path: Path, *, quota: int = 150000, limit: int = 512 << 20) -> tuple[Path, Path]:
     """cpu,cpuacct and memory hierarchies with the process in /app (the parent /kubepods has no quota)."""
     cgroup = tmp_path / "cgroup"
-    write(tmp_path / "self_cgroup", "12:memory:/kubepods/app\n4:cpu,cpuacct:/kubepods/app\n1:name=systemd:/x\n")
+    write(
+        tmp_path / "self_cgroup",
+        "12:memory:/kubepods/app\n8:pids:/kubepods/app\n4:cpu,cpuacct:/kubepods/app\n1:name=systemd:/x\n",
+    )
     cpu = cgroup / "cpu,cpuacct" / "kubepods" / "app"
     write(cpu / "cpu.stat", "nr_periods 120\nnr_throttled 30\nthrottled_time 2500000000\n")
     write(cpu / "cpu.cfs_quota_us", f"{quota}\n")
@@ -43,6 +46,10 @@ def v1_tree(tmp_path: Path, *, quota: int = 150000, limit: int = 512 << 20) -> t
     memory = cgroup / "memory" / "kubepods" / "app"
     write(memory / "memory.usage_in_bytes", f"{300 << 20}\n")
     write(memory / "memory.stat", f"cache 1000\ntotal_inactive_file {100 << 20}\nhierarchical_memory_limit {limit}\n")
+    pids = cgroup / "pids" / "kubepods" / "app"
+    write(pids / "pids.current", "17\n")
+    write(pids / "pids.max", "max\n")
+    write(pids.parent / "pids.max", "100\n")
     return cgroup, tmp_path / "self_cgroup"
 
 
@@ -59,6 +66,8 @@ def v2_tree(tmp_path: Path, *, hybrid: bool = False) -> tuple[Path, Path]:
     write(group / "memory.current", f"{200 << 20}\n")
     write(group / "memory.stat", f"anon 1\ninactive_file {50 << 20}\n")
     write(group / "memory.max", "max\n")
+    write(group / "pids.current", "9\n")
+    write(group / "pids.max", "max\n")
     write(group.parent / "memory.max", f"{256 << 20}\n")
     write(group / "cpu.pressure", PSI_CPU)
     write(group / "memory.pressure", PSI_MEMORY)
@@ -67,13 +76,14 @@ def v2_tree(tmp_path: Path, *, hybrid: bool = False) -> tuple[Path, Path]:
 
 def test_v1_throttling_quota_and_memory(tmp_path: Path) -> None:
     """v1: throttled_time in ns, quota/period as cores, working set = usage - total_inactive_file, the
-    hierarchical limit."""
+    hierarchical limit; the pids count and the lowest pids.max of the group and its ancestors."""
     cgroup, self_cgroup = v1_tree(tmp_path)
     reader = HostReader(str(self_cgroup), str(cgroup), proc=str(tmp_path / "no-proc"))
     reading = reader.read()
     assert reading.throttling == CpuThrottling(periods=120, throttled_periods=30, throttled_seconds=2.5)
     assert reading.quota_cores == 1.5
     assert (reading.memory_usage, reading.memory_working_set, reading.memory_limit) == (300 << 20, 200 << 20, 512 << 20)
+    assert (reading.pids, reading.pids_limit) == (17, 100)
     assert reading.pressure == {}
     assert any("pressure stall information" in line for line in reader.missing)
 
@@ -97,6 +107,7 @@ def test_v2_throttling_quota_memory_and_psi(tmp_path: Path, hybrid: bool) -> Non
     assert reading.throttling == CpuThrottling(periods=50, throttled_periods=5, throttled_seconds=0.75)
     assert reading.quota_cores == 2.0
     assert (reading.memory_usage, reading.memory_working_set, reading.memory_limit) == (200 << 20, 150 << 20, 256 << 20)
+    assert (reading.pids, reading.pids_limit) == (9, None)  # "max" all the way up: no limit, not 0
     assert reading.pressure == {
         ("cpu", "some"): 2.5,
         ("cpu", "full"): 0.0,
@@ -137,8 +148,9 @@ def test_no_cgroup_at_all_is_absent_and_said(tmp_path: Path) -> None:
         None,
         None,
     )
+    assert (reading.pids, reading.pids_limit) == (None, None)
     assert reading.pressure == {}
-    assert len(reader.missing) == 3
+    assert len(reader.missing) == 4
 
 
 def test_parsers_reject_garbage() -> None:

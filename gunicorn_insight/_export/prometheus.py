@@ -439,6 +439,12 @@ class PrometheusSink:
             "gunicorn_cgroup_memory_limit_bytes",
             "The cgroup's memory limit (the smallest of its ancestors'); absent without one.",
         )
+        self._cgroup_pids = _gauge(
+            "gunicorn_cgroup_pids", "Processes and threads in the server's cgroup (pids.current)."
+        )
+        self._pids_limit = _gauge(
+            "gunicorn_cgroup_pids_limit", "The cgroup's limit on processes and threads (pids.max); absent without one."
+        )
         self._psi_some = _counter(
             "gunicorn_pressure_waiting_seconds",
             "Pressure stall information: time at least one task waited for the resource.",
@@ -492,6 +498,8 @@ class PrometheusSink:
                 (self._cgroup_memory, host.memory_usage),
                 (self._working_set, host.memory_working_set),
                 (self._memory_limit, host.memory_limit),
+                (self._cgroup_pids, host.pids),
+                (self._pids_limit, host.pids_limit),
             ):
                 if value is not None:
                     self._set(family, family.key(""), value)

@@ -377,6 +377,8 @@ class StatsdSink:
                 ("gunicorn.cgroup.memory.usage", host.memory_usage),
                 ("gunicorn.cgroup.memory.working_set", host.memory_working_set),
                 ("gunicorn.cgroup.memory.limit", host.memory_limit),
+                ("gunicorn.cgroup.pids", host.pids),
+                ("gunicorn.cgroup.pids_limit", host.pids_limit),
             ):
                 if value is not None:
                     pipe.gauge(name(metric), value)

@@ -131,6 +131,7 @@ class HostReader:
         self.missing: list[str] = []
         self._cpu = self._controller("cpu", proc_self_cgroup, root, "cpu.stat")
         self._memory = self._controller("memory", proc_self_cgroup, root, "memory.current", "memory.usage_in_bytes")
+        self._pids = self._controller("pids", proc_self_cgroup, root, "pids.current")
         self._psi: dict[str, str] = {}
         unified = [directory for version, directory, _ in cgroup_dirs("", proc_self_cgroup, root) if version == 2]
         for resource in PSI_RESOURCES:
@@ -149,6 +150,8 @@ class HostReader:
             )
         if first.memory_usage is None:
             self.missing.append("cgroup memory usage (no memory cgroup found)")
+        if first.pids is None:
+            self.missing.append("cgroup process count (no pids cgroup with pids.current: the root group has none)")
         if not self._psi:
             self.missing.append(
                 "pressure stall information (no cgroup v2 *.pressure, no /proc/pressure: kernel "
@@ -157,6 +160,7 @@ class HostReader:
         self.sources = {
             "cpu": self._cpu.directory if self._cpu else None,
             "memory": self._memory.directory if self._memory else None,
+            "pids": self._pids.directory if self._pids else None,
             "psi": os.path.dirname(next(iter(self._psi.values()))) if self._psi else None,
         }
 
@@ -164,7 +168,7 @@ class HostReader:
         """Where the readings come from, for the master's startup line."""
         parts = [
             f"{name} cgroup {group.directory} (v{group.version})"
-            for name, group in (("cpu", self._cpu), ("memory", self._memory))
+            for name, group in (("cpu", self._cpu), ("memory", self._memory), ("pids", self._pids))
             if group is not None
         ]
         if self.sources["psi"]:
@@ -186,6 +190,16 @@ class HostReader:
         memory = self._memory
         if memory is not None:
             self._read_memory(memory, reading)
+        pids = self._pids
+        if pids is not None:
+            current = (_read(os.path.join(pids.directory, "pids.current")) or "").strip()
+            reading.pids = int(current) if current.isdigit() else None
+            limits = [
+                int(text)
+                for ancestor in _ancestors(pids.directory, pids.mount)
+                if (text := (_read(os.path.join(ancestor, "pids.max")) or "").strip()).isdigit()
+            ]
+            reading.pids_limit = min(limits) if limits else None
         for resource, path in self._psi.items():
             for kind, seconds in parse_psi(_read(path)).items():
                 reading.pressure[resource, kind] = seconds

@@ -98,6 +98,8 @@ def test_this_machines_files_are_read_and_absent_ones_stay_absent(process_factor
         ("gunicorn_cgroup_memory_usage_bytes", expected.memory_usage is not None),
         ("gunicorn_cgroup_memory_limit_bytes", expected.memory_limit is not None),
         ("gunicorn_pressure_waiting_seconds_total", bool(expected.pressure)),
+        ("gunicorn_cgroup_pids", expected.pids is not None),
+        ("gunicorn_cgroup_pids_limit", expected.pids_limit is not None),
     ):
         assert (name in names) == present, (name, present, expected)
     if os.path.exists("/proc/pressure/cpu"):
@@ -105,7 +107,7 @@ def test_this_machines_files_are_read_and_absent_ones_stay_absent(process_factor
     for slot in ("0", "1"):
         assert server.value("gunicorn_worker_context_switches_total", worker=slot, kind="voluntary") is not None
     output = server.process.output()
-    if expected.pressure and expected.memory_usage is not None and expected.throttling is not None:
+    if expected.pressure and None not in (expected.memory_usage, expected.throttling, expected.pids):
         assert "gunicorn-insight: cannot read" not in output
     else:
         assert "gunicorn-insight: cannot read" in output
@@ -200,3 +202,36 @@ def test_open_descriptors_against_the_workers_limit(process_factory: ProcessFact
         what=f"gunicorn_worker_open_fds >= {before} + 200",
         dump=lambda: f"{server.value('gunicorn_worker_open_fds', worker='0')}\n{server.process.describe()}",
     )
+
+
+PIDS_LIMIT = 64
+
+
+@pytest.fixture
+def pids_cgroup() -> Iterator[Path]:
+    """A child of this process's pids cgroup limited to PIDS_LIMIT tasks; emptied and removed at teardown."""
+    found = [(version, directory) for version, directory, _ in cgroup_dirs("pids")]
+    if not found:
+        pytest.skip("no pids cgroup in /proc/self/cgroup")
+    version, parent = found[0]
+    with child_cgroup(parent, version, "pids") as group:
+        try:
+            (group / "pids.max").write_text(f"{PIDS_LIMIT}\n")
+        except OSError as error:  # v2: the parent does not delegate the pids controller to its children
+            pytest.skip(f"cannot limit tasks in {group} (v{version}): {error}")
+        yield group
+
+
+def test_tasks_against_the_cgroups_pids_limit(pids_cgroup: Path, process_factory: ProcessFactory) -> None:
+    """In a cgroup with pids.max=64: the limit, and a count of tasks that covers at least the master, the
+    workers and the /metrics process."""
+    server = start_gunicorn(
+        process_factory,
+        workers=2,
+        launcher=[sys.executable, str(APPS / "in_cgroup.py"), str(pids_cgroup)],
+    )
+    server.wait_for_value("gunicorn_cgroup_pids_limit", PIDS_LIMIT)
+    counted = server.value("gunicorn_cgroup_pids")
+    assert counted is not None
+    assert 4 <= counted <= PIDS_LIMIT, counted
+    assert server.process.output().count("cgroup process count") == 0, server.process.describe()
