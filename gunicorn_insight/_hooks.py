@@ -24,6 +24,7 @@ from . import _scoreboard as sb
 from ._export import prometheus as _prometheus
 from ._gunicorn import HOOK_ARITY
 from ._master import arbiter as _arbiter
+from ._master import binds as _binds
 from ._master.plan import Plan
 from ._report import LOG, error_log_fd, report
 from ._runfiles import ServerInfo
@@ -339,6 +340,10 @@ def on_starting(server: Any) -> None:
         report("writing server.json", error)
     master.start()
     _announce(master)
+    try:
+        _binds.warn_if_taken(server)
+    except Exception as error:
+        report("naming who holds the addresses to bind", error)
     try:
         _warn_if_little_room(master.plan.prometheus_dir, int(getattr(server.cfg, "workers", 1) or 1))
     except Exception as error:

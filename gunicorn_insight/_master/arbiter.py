@@ -34,6 +34,7 @@ from .._report import LOG, error_log_fd, report
 from .._runfiles import StatusFiles
 from .._worker.unseen import ENOUGH_CONNECTIONS
 from .backlog import backlog, listen_overflows
+from .binds import SocketFiles
 from .drain import Drainer
 from .forensics import Death, ExitReports
 from .lifecycle import StallWatch
@@ -70,6 +71,7 @@ class Master:
         self._drainer = Drainer(self.board, plan.settings.max_routes, by_status=plan.settings.otlp_enabled)
         self._listeners: Callable[[], list[Any]] = list
         self._desired: Callable[[], int] | None = None
+        self._socket_files = SocketFiles()
         self._overflows = listen_overflows()
         self._sinks: list[Sink] = []
         self.prometheus: PrometheusSink | None = None
@@ -320,7 +322,12 @@ class Master:
         self._listeners = listeners
 
     def _sample_listeners(self, facts: Round) -> None:
-        for listener in self._listeners():
+        listeners = self._listeners()
+        try:
+            self._socket_files.check(listeners)
+        except Exception as error:
+            report("checking the unix socket files", error)
+        for listener in listeners:
             sock = getattr(listener, "sock", None)
             measured = backlog(sock) if sock is not None else None
             if measured is not None:
