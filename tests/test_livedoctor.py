@@ -10,6 +10,7 @@ import pytest
 
 from gunicorn_insight._runfiles import WorkerExit
 from gunicorn_insight.cli import livedoctor
+from gunicorn_insight.cli.hostfacts import GunicornOnHost
 from gunicorn_insight.cli.livedoctor import Histogram, LiveFacts
 
 MIB = 1 << 20
@@ -175,3 +176,19 @@ def test_slow_requests_and_overdue_requests() -> None:
 def test_timeout_quiet_when_nothing_was_slow() -> None:
     """No timed-out exit, no slow request, nothing overdue: quiet."""
     assert checks(livedoctor.check_timeout, facts(oldest_request=("GET /", 0.2))) == []
+
+
+def test_a_host_nearly_out_of_memory_names_every_gunicorn_on_it() -> None:
+    """MemAvailable under 10% of MemTotal: live-host-memory with the host's figures, every gunicorn server's
+    memory and this one's; 10% or more, or no /proc/meminfo: nothing."""
+    on_host = GunicornOnHost(servers=3, processes=14, rss=700 * MIB)
+    low = facts(host_memory=(1024 * MIB, 60 * MIB), host_gunicorn=on_host)
+    (finding,) = [found for found in livedoctor.run_live_checks(low) if found.check == "live-host-memory"]
+    assert finding.severity == "warning"
+    assert finding.what == (
+        "the host has 60 MiB of 1024 MiB available (6%); 3 gunicorn servers on this host use 700 MiB in 14 "
+        "processes, this server's 4 workers 400 MiB"
+    )
+    assert "--preload" in finding.fix
+    for quiet in (facts(host_memory=(1024 * MIB, 200 * MIB), host_gunicorn=on_host), facts(host_memory=None)):
+        assert "live-host-memory" not in {found.check for found in livedoctor.run_live_checks(quiet)}

@@ -3,6 +3,7 @@ limit included), somaxconn, mounts."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import tempfile
@@ -104,3 +105,66 @@ def _cgroup_headroom(proc_self_cgroup: str = "/proc/self/cgroup", root: str = "/
 def _available_memory() -> int | None:
     values = [value for value in (_meminfo_available(), _cgroup_headroom()) if value is not None]
     return min(values) if values else None
+
+
+def meminfo(path: str = "/proc/meminfo") -> tuple[int, int] | None:
+    """(MemTotal, MemAvailable) of the host in bytes; None where the file lacks either."""
+    found: dict[str, int] = {}
+    try:
+        with open(path) as handle:
+            for line in handle:
+                name, _, rest = line.partition(":")
+                if name in ("MemTotal", "MemAvailable"):
+                    found[name] = int(rest.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    if len(found) < 2:
+        return None
+    return found["MemTotal"], found["MemAvailable"]
+
+
+@dataclass(frozen=True)
+class GunicornOnHost:
+    """Every gunicorn server this user can see on the host, instrumented or not."""
+
+    servers: int
+    processes: int
+    rss: int
+    """Resident bytes of all their processes (masters, workers and their other children)."""
+
+
+def _is_gunicorn(arguments: list[str]) -> bool:
+    """gunicorn's master or worker by its command line: ``gunicorn ...``, ``python .../gunicorn ...``,
+    ``python -m gunicorn ...``, or the title setproctitle gives (``gunicorn: worker [app]``)."""
+    names = [os.path.basename(argument) for argument in arguments[:2]]
+    if any(name.startswith("gunicorn") and not name.startswith("gunicorn-insight") for name in names):
+        return True
+    return any(first == "-m" and second == "gunicorn" for first, second in itertools.pairwise(arguments))
+
+
+def _process(directory: str) -> tuple[list[str], int, int] | None:
+    """(command line, parent pid, resident bytes) of one /proc entry; None when gone or unreadable."""
+    try:
+        with open(os.path.join(directory, "cmdline"), "rb") as handle:
+            arguments = [part.decode("utf-8", "replace") for part in handle.read().split(b"\0") if part]
+        with open(os.path.join(directory, "stat")) as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return arguments, int(fields[1]), int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def gunicorn_on_host(proc: str = "/proc") -> GunicornOnHost:
+    """Servers: gunicorn processes whose parent is not one; each counts with all its children."""
+    processes: dict[int, tuple[int, int, bool]] = {}  # pid -> (parent, rss, gunicorn)
+    for entry in os.scandir(proc):
+        if entry.name.isdigit():
+            found = _process(entry.path)
+            if found is not None:
+                arguments, parent, rss = found
+                processes[int(entry.name)] = (parent, rss, _is_gunicorn(arguments))
+    masters = {
+        pid for pid, (parent, _, ours) in processes.items() if ours and not processes.get(parent, (0, 0, False))[2]
+    }
+    members = {pid for pid, (parent, _, ours) in processes.items() if ours or parent in masters}
+    return GunicornOnHost(len(masters), len(members), sum(processes[pid][1] for pid in members))

@@ -24,6 +24,7 @@ from .._cgroup import memory_cgroup_dirs
 from .._discovery import Server
 from .._runfiles import ServerInfo, StatusRecord, WorkerExit
 from .doctor import Finding
+from .hostfacts import GunicornOnHost, gunicorn_on_host, meminfo
 from .views import read_status
 
 DEFAULT_WINDOW = 3.0
@@ -35,6 +36,8 @@ CPU_BOUND = 0.6
 CPU_FULL = 0.9
 """Share of the CPUs the workers may use at or above which the CPUs are the limit."""
 MEMORY_NEAR_LIMIT = 0.8
+HOST_MEMORY_LOW = 0.1
+"""The host's MemAvailable below this share of MemTotal: memory is nearly exhausted."""
 QUEUE_SLOW = 0.1
 """Mean seconds a request waits for a worker at or above which the queue is worth a finding."""
 TIMEOUT_CAUSES = ("timeout", "timeout_kill")
@@ -97,6 +100,10 @@ class LiveFacts:
     queue_window: Histogram | None = None
     """Queue time observed during the window; None when the server exports no Prometheus files."""
     queue_total: Histogram | None = None
+    host_memory: tuple[int, int] | None = None
+    """(MemTotal, MemAvailable) of the host, in bytes."""
+    host_gunicorn: GunicornOnHost | None = None
+    """Every gunicorn server on the host, this one included."""
 
     @property
     def timeout(self) -> float:
@@ -143,6 +150,10 @@ class LiveFacts:
             "worker_rss_bytes": self.rss,
             "memory_used_bytes": self.memory_used,
             "memory_limit_bytes": self.memory_limit,
+            "host_memory_total_bytes": None if self.host_memory is None else self.host_memory[0],
+            "host_memory_available_bytes": None if self.host_memory is None else self.host_memory[1],
+            "host_gunicorn_servers": None if self.host_gunicorn is None else self.host_gunicorn.servers,
+            "host_gunicorn_rss_bytes": None if self.host_gunicorn is None else self.host_gunicorn.rss,
             "slow_requests": self.slow_requests,
             "queue_seconds_mean": None
             if self.queue_window is None or self.queue_window.mean is None
@@ -277,6 +288,7 @@ def measure(server: Server, board: sb.Scoreboard, window: float = DEFAULT_WINDOW
             facts.cpu_seconds += used - facts.cpu_start[view.pid]
     facts.rss = [view.rss for view in views if view.rss]
     facts.memory_used, facts.memory_limit = server_memory(server.master_pid)
+    facts.host_memory, facts.host_gunicorn = meminfo(), gunicorn_on_host()
     facts.slow_requests = sum(view.slow for view in board if view.state != sb.FREE)
     requests = [request for view in views for request in view.requests]
     if requests:
@@ -500,6 +512,36 @@ def check_memory(facts: LiveFacts) -> Iterable[Finding]:
     )
 
 
+def check_host_memory(facts: LiveFacts) -> Iterable[Finding]:
+    """The whole host nearly out of memory: every gunicorn on it shares what is left (several sites on one
+    small machine), whatever this server's own cgroup allows."""
+    if facts.host_memory is None:
+        return
+    total, available = facts.host_memory
+    if available >= HOST_MEMORY_LOW * total:
+        return
+    ours = sum(facts.rss)
+    everyone = ""
+    if facts.host_gunicorn is not None and facts.host_gunicorn.servers:
+        on_host = facts.host_gunicorn
+        everyone = (
+            f"; {on_host.servers} gunicorn server{'s' if on_host.servers != 1 else ''} on this host use "
+            f"{_mib(on_host.rss)} in {on_host.processes} processes"
+        )
+    yield Finding(
+        "live-host-memory",
+        "warning",
+        f"the host has {_mib(available)} of {_mib(total)} available ({available / total:.0%})"
+        + everyone
+        + f", this server's {len(facts.rss)} workers {_mib(ours)}",
+        "when the host runs out, the kernel's OOM killer SIGKILLs the largest process, often a worker of any of "
+        "these servers mid-request, with nothing in gunicorn's log but 'Perhaps out of memory?'.",
+        "give each server fewer workers (gunicorn-insight status lists every server and its workers' memory), "
+        "load the application before forking (--preload) so workers share its memory, recycle workers that "
+        "grow (max_requests), or move a server to another host",
+    )
+
+
 def check_timeout(facts: LiveFacts) -> Iterable[Finding]:
     killed = [item for item in facts.recent_exits if item.cause in TIMEOUT_CAUSES]
     timeout = facts.timeout
@@ -538,6 +580,7 @@ LIVE_CHECKS: list[LiveCheck] = [
     check_queue_time,
     check_cpu,
     check_memory,
+    check_host_memory,
     check_timeout,
 ]
 

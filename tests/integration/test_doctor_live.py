@@ -53,6 +53,7 @@ def test_saturated_server_is_told_to_change_worker_class(process_factory: Proces
     assert status == 0, idle
     assert "live-saturation" not in findings(idle)
     assert idle["measured"]["utilisation"] == 0
+    assert idle["measured"]["host_gunicorn_servers"] >= 1  # this server, found in /proc by its command line
     clients = [
         threading.Thread(target=server.get, args=("/block",), kwargs={"timeout": 150}, daemon=True) for _ in range(4)
     ]
