@@ -67,20 +67,27 @@ def test_holders_are_named_from_their_descriptors(tcp_listener: int) -> None:
         os.waitpid(pid, 0)
 
 
-def test_a_replaced_or_removed_socket_file_is_told_once(
-    unix_listener: str, caplog: pytest.LogCaptureFixture, tmp_path: Path
-) -> None:
-    """The first check remembers the file; a new file at the path is 'replaced', a missing one 'removed',
-    each said once per path."""
-    listener = SimpleNamespace(sock=socket.socket(socket.AF_UNIX), cfg_addr=unix_listener)
+def test_a_replaced_or_removed_socket_file_is_told_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The socket's own file (sock_diag's inode) is fine; a new file at the path is 'replaced', a missing one
+    'removed', each said once."""
+    path = str(tmp_path / "app.sock")
     files = SocketFiles()
-    with caplog.at_level(logging.ERROR, logger="gunicorn.error"):
+    with socket.socket(socket.AF_UNIX) as ours, caplog.at_level(logging.ERROR, logger="gunicorn.error"):
+        ours.bind(path)
+        ours.listen()
+        listener = SimpleNamespace(sock=ours, cfg_addr=path)
         files.check([listener])
         assert caplog.records == []
-        os.remove(unix_listener)
+        os.remove(path)
+        with socket.socket(socket.AF_UNIX) as theirs:
+            theirs.bind(path)
+            theirs.listen()
+            files.check([listener])
+            files.check([listener])
+        os.remove(path)
         files.check([listener])
         files.check([listener])
-    listener.sock.close()
     messages = [record.getMessage() for record in caplog.records]
-    assert len(messages) == 1
-    assert f"the socket file unix:{unix_listener} was removed" in messages[0]
+    assert len(messages) == 2, messages
+    assert f"the socket file unix:{path} was replaced, now served by pid {os.getpid()} (" in messages[0]
+    assert f"the socket file unix:{path} was removed" in messages[1]

@@ -2,7 +2,8 @@
 
 TCP: ``getsockopt(TCP_INFO)`` on a listening socket reports the accept queue in ``tcpi_unacked`` and its
 limit in ``tcpi_sacked``. Unix sockets: the kernel's sock_diag netlink interface answers, for one socket
-inode, ``UNIX_DIAG_RQLEN`` = (queued connections, limit). Elsewhere the values are simply absent.
+inode, ``UNIX_DIAG_RQLEN`` = (queued connections, limit), and ``UNIX_DIAG_VFS``, the inode of the file the
+socket is bound to. Elsewhere the values are simply absent.
 Overflows (connections the kernel dropped because the queue was full) are a TCP counter of the network
 namespace, ``TcpExt: ListenOverflows`` in /proc/net/netstat.
 """
@@ -22,7 +23,9 @@ _SOCK_DIAG_BY_FAMILY = 20
 _NLM_F_REQUEST = 1
 _NLMSG_ERROR = 2
 _TCP_LISTEN = 10
+_UDIAG_SHOW_VFS = 0x02
 _UDIAG_SHOW_RQLEN = 0x10
+_UNIX_DIAG_VFS = 1
 _UNIX_DIAG_RQLEN = 4
 _NLMSGHDR = struct.Struct("=IHHII")
 _UNIX_DIAG_REQ = struct.Struct("=BBHIIIII")  # family, protocol, pad, states, inode, show, cookie[2]
@@ -42,37 +45,47 @@ def tcp_backlog(sock: socket.socket) -> tuple[int, int] | None:
 
 
 def unix_backlog(sock: socket.socket) -> tuple[int, int] | None:
+    found = _unix_diag(sock, _UDIAG_SHOW_RQLEN).get(_UNIX_DIAG_RQLEN)
+    return None if found is None or len(found) < 8 else struct.unpack_from("=II", found)
+
+
+def unix_bound_inode(sock: socket.socket) -> int | None:
+    """The inode of the file a listening unix socket is bound to (what ``stat(path)`` shows while the file is
+    its own); None where the kernel does not say (an abstract socket, no sock_diag)."""
+    found = _unix_diag(sock, _UDIAG_SHOW_VFS).get(_UNIX_DIAG_VFS)
+    return None if found is None or len(found) < 4 else int(struct.unpack_from("=I", found)[0])
+
+
+def _unix_diag(sock: socket.socket, show: int) -> dict[int, bytes]:
+    """The attributes sock_diag gives about one listening unix socket: attribute type -> payload."""
     if not sys.platform.startswith("linux"):
-        return None
+        return {}
     try:
         inode = os.fstat(sock.fileno()).st_ino
         with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_SOCK_DIAG) as netlink:
             netlink.settimeout(1.0)
-            request = _UNIX_DIAG_REQ.pack(
-                socket.AF_UNIX, 0, 0, 1 << _TCP_LISTEN, inode, _UDIAG_SHOW_RQLEN, _NO_COOKIE, _NO_COOKIE
-            )
+            request = _UNIX_DIAG_REQ.pack(socket.AF_UNIX, 0, 0, 1 << _TCP_LISTEN, inode, show, _NO_COOKIE, _NO_COOKIE)
             header = _NLMSGHDR.pack(_NLMSGHDR.size + len(request), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST, 1, 0)
             netlink.send(header + request)
             return _parse_unix_diag(netlink.recv(65536))
     except (OSError, struct.error):
-        return None
+        return {}
 
 
-def _parse_unix_diag(data: bytes) -> tuple[int, int] | None:
+def _parse_unix_diag(data: bytes) -> dict[int, bytes]:
     length, kind, _flags, _seq, _pid = _NLMSGHDR.unpack_from(data, 0)
     if kind == _NLMSG_ERROR:
-        return None
+        return {}
+    found = {}
     offset = _NLMSGHDR.size + _UNIX_DIAG_MSG.size
     end = min(length, len(data))
     while offset + _RTATTR.size <= end:
         size, attribute = _RTATTR.unpack_from(data, offset)
         if size < _RTATTR.size:
-            return None
-        if attribute == _UNIX_DIAG_RQLEN:
-            queued, limit = struct.unpack_from("=II", data, offset + _RTATTR.size)
-            return queued, limit
+            break
+        found[attribute] = data[offset + _RTATTR.size : offset + size]
         offset += (size + 3) & ~3
-    return None
+    return found
 
 
 def backlog(sock: socket.socket) -> tuple[int, int] | None:

@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from .._report import LOG
+from .backlog import unix_bound_inode
 
 _LISTEN_TCP = "0A"  # include/net/tcp_states.h: TCP_LISTEN
 _ACCEPTING = 0x10000  # __SO_ACCEPTCON in /proc/net/unix's Flags: a listening socket
@@ -154,23 +155,26 @@ def warn_if_taken(server: Any) -> None:
 
 
 class SocketFiles:
-    """The files of this server's unix sockets, checked each round: another process that removes or replaces
-    one (a previous server exiting, a second one starting) cuts this server off from new connections."""
+    """The files of this server's unix sockets, checked each round against the file each socket is bound to
+    (sock_diag): another process that removes or replaces one (a previous server exiting, a second one
+    starting) cuts this server off from new connections."""
 
     def __init__(self) -> None:
-        self._known: dict[str, tuple[int, int] | None] = {}
-        self._told: set[str] = set()
+        self._told: set[tuple[str, int, str]] = set()
 
     def check(self, listeners: Iterable[Any]) -> None:
         for listener in listeners:
             sock, path = getattr(listener, "sock", None), getattr(listener, "cfg_addr", None)
             if sock is None or not isinstance(path, str) or not is_unix(sock):
                 continue
+            bound = unix_bound_inode(sock)
+            if bound is None:
+                continue  # the kernel does not say which file the socket is bound to: nothing to compare
             now = socket_file(path)
-            first = self._known.setdefault(path, now)
-            if now == first or path in self._told or first is None:
+            state = "removed" if now is None else "ours" if now[1] == bound else "replaced"
+            if state == "ours" or (path, bound, state) in self._told:
                 continue
-            self._told.add(path)
+            self._told.add((path, bound, state))
             if now is None:
                 LOG.error(
                     "gunicorn-insight: the socket file unix:%s was removed: new connections cannot reach this "
