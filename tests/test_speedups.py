@@ -344,6 +344,21 @@ def hang_up_cases() -> list[tuple[str, int, Callable[[], tuple[Any, list[socket.
     ]
 
 
+def serve_one(board: sb.Scoreboard, implementation: str, make: Callable[[], tuple[Any, list[socket.socket]]]) -> None:
+    """One request through the hooks of ``implementation`` with the response ``make`` gives; sockets closed."""
+    _recorder.RECORDER = RequestRecorder(board, 0, object(), RecorderOptions(threaded=False))
+    pre_request, post_request = fakes.IMPLEMENTATIONS[implementation]
+    resp, sockets = make()
+    try:
+        req = FakeRequest()
+        pre_request(None, req)
+        post_request(None, req, {}, resp)
+    finally:
+        _recorder.RECORDER = None
+        for sock in sockets:
+            sock.close()
+
+
 @pytest.mark.parametrize("implementation", sorted(fakes.IMPLEMENTATIONS))
 @pytest.mark.parametrize(("name", "expected", "make"), hang_up_cases(), ids=[case[0] for case in hang_up_cases()])
 def test_both_hooks_tell_a_client_gone_from_one_that_read_the_response(
@@ -357,17 +372,7 @@ def test_both_hooks_tell_a_client_gone_from_one_that_read_the_response(
     """The ring record's outcome says client closed only when the client left before taking the response."""
     hang_up_check_after(0.0)  # every request is asked, however quick
     board.assign(0, now=1.0)
-    _recorder.RECORDER = RequestRecorder(board, 0, object(), RecorderOptions(threaded=False))
-    pre_request, post_request = fakes.IMPLEMENTATIONS[implementation]
-    resp, sockets = make()
-    try:
-        req = FakeRequest()
-        pre_request(None, req)
-        post_request(None, req, {}, resp)
-    finally:
-        _recorder.RECORDER = None
-        for sock in sockets:
-            sock.close()
+    serve_one(board, implementation, make)
     ((*_, outcome, _),) = board.read_ring(0, 0, 1)
     assert outcome == expected, name
 
@@ -441,20 +446,10 @@ def test_only_requests_past_the_threshold_ask_the_tcp_state(
     """A client gone before the response is a hang-up for a request of at least HANG_UP_CHECK_AFTER; a
     quicker request is not asked (the question costs a system call)."""
     board.assign(0, now=1.0)
-    pre_request, post_request = fakes.IMPLEMENTATIONS[implementation]
     ((_, _, gone_before_response),) = [case for case in hang_up_cases() if case[0] == "gone before the response"]
     for threshold in (3600.0, 0.0):
         hang_up_check_after(threshold)
-        _recorder.RECORDER = RequestRecorder(board, 0, object(), RecorderOptions(threaded=False))
-        resp, sockets = gone_before_response()
-        try:
-            req = FakeRequest()
-            pre_request(None, req)
-            post_request(None, req, {}, resp)
-        finally:
-            _recorder.RECORDER = None
-            for sock in sockets:
-                sock.close()
+        serve_one(board, implementation, gone_before_response)
     assert [record[5] for record in board.read_ring(0, 0, 2)] == [0, sb.RECORD_CLIENT_CLOSED]
 
 

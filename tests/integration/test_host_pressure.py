@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -22,23 +22,33 @@ QUOTA_US, PERIOD_US = 20_000, 100_000
 """0.2 cores: one busy worker is throttled in most periods."""
 
 
+def limited_cgroup(controller: str, limits: Callable[[int], dict[str, str]]) -> Iterator[Path]:
+    """A child of this process's ``controller`` cgroup with ``limits(version)`` written into its files (in
+    order); emptied and removed at teardown. Skips, saying why, where the machine cannot give one."""
+    found = [(version, directory) for version, directory, _ in cgroup_dirs(controller)]
+    if not found:
+        pytest.skip(f"no {controller} cgroup in /proc/self/cgroup")
+    version, parent = found[0]
+    with child_cgroup(parent, version, controller) as group:
+        try:
+            for name, value in limits(version).items():
+                (group / name).write_text(f"{value}\n")
+        except OSError as error:  # v2: the parent does not delegate the controller to its children
+            pytest.skip(f"cannot limit {controller} in {group} (v{version}): {error}")
+        yield group
+
+
 @pytest.fixture
 def cpu_cgroup() -> Iterator[Path]:
-    """A child of this process's cpu cgroup with a 0.2-core quota; emptied and removed at teardown."""
-    found = [(version, directory) for version, directory, _ in cgroup_dirs("cpu")]
-    if not found:
-        pytest.skip("no cpu cgroup in /proc/self/cgroup")
-    version, parent = found[0]
-    with child_cgroup(parent, version, "cpu") as group:
-        try:
-            if version == 2:
-                (group / "cpu.max").write_text(f"{QUOTA_US} {PERIOD_US}\n")
-            else:
-                (group / "cpu.cfs_period_us").write_text(f"{PERIOD_US}\n")
-                (group / "cpu.cfs_quota_us").write_text(f"{QUOTA_US}\n")
-        except OSError as error:  # v2: the parent does not delegate the cpu controller to its children
-            pytest.skip(f"cannot set a CPU quota in {group} (v{version}): {error}")
-        yield group
+    """A child of this process's cpu cgroup with a 0.2-core quota."""
+    yield from limited_cgroup(
+        "cpu",
+        lambda version: (
+            {"cpu.max": f"{QUOTA_US} {PERIOD_US}"}
+            if version == 2
+            else {"cpu.cfs_period_us": str(PERIOD_US), "cpu.cfs_quota_us": str(QUOTA_US)}
+        ),
+    )
 
 
 def test_cpu_quota_throttling_is_counted(
@@ -209,17 +219,8 @@ PIDS_LIMIT = 64
 
 @pytest.fixture
 def pids_cgroup() -> Iterator[Path]:
-    """A child of this process's pids cgroup limited to PIDS_LIMIT tasks; emptied and removed at teardown."""
-    found = [(version, directory) for version, directory, _ in cgroup_dirs("pids")]
-    if not found:
-        pytest.skip("no pids cgroup in /proc/self/cgroup")
-    version, parent = found[0]
-    with child_cgroup(parent, version, "pids") as group:
-        try:
-            (group / "pids.max").write_text(f"{PIDS_LIMIT}\n")
-        except OSError as error:  # v2: the parent does not delegate the pids controller to its children
-            pytest.skip(f"cannot limit tasks in {group} (v{version}): {error}")
-        yield group
+    """A child of this process's pids cgroup limited to PIDS_LIMIT tasks."""
+    yield from limited_cgroup("pids", lambda _: {"pids.max": str(PIDS_LIMIT)})
 
 
 def test_tasks_against_the_cgroups_pids_limit(pids_cgroup: Path, process_factory: ProcessFactory) -> None:
