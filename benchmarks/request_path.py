@@ -78,7 +78,11 @@ def request_loop(mode: str, requests: int, raw_request: bytes) -> None:
         )
         board.assign(0, time.monotonic())
         options = recorder.RecorderOptions(
-            routes=True, exclude_paths=frozenset({"/healthz"}), threaded=False, thread_cpu=True
+            routes=True,
+            exclude_paths=frozenset({"/healthz"}),
+            access_log_atoms=True,
+            threaded=False,
+            thread_cpu=True,
         )
         recorder.RECORDER = recorder.RequestRecorder(board, 0, worker, options)
         if mode == "compiled":

@@ -279,8 +279,8 @@ class Scoreboard:
         self.master_pid: int = master_pid
         self.routes: int = routes
         self.slot_size = slot_size(entries, ring, routes)
-        self._flag_slices: list[tuple[int, int, int]] | None = None
-        self._no_flags = b""
+        self._flag_slices: tuple[tuple[int, int, int], ...] | None = None
+        self._no_flags = bytes(entries)  # every entry's in-use flag clear: an idle slot
 
     @classmethod
     def create(cls, path: str, slots: int, entries: int, ring: int, *, master_pid: int, routes: int = 0) -> Scoreboard:
@@ -405,19 +405,22 @@ class Scoreboard:
         Runs on the request path when access-log atoms are on: per slot one byte and one strided slice
         (the entries' in-use flags) compared against zeros, all in C.
         """
-        buffer = self.buffer
-        if self._flag_slices is None:
-            self._flag_slices = [
-                (self.offset(index) + OFF_STATE, self.entries_offset(index), self.ring_offset(index))
-                for index in range(self.slots)
-            ]
-            self._no_flags = bytes(self.entries)
-        idle = self._no_flags
+        buffer, idle = self.buffer, self._no_flags
         return sum(
             1
-            for state, first, end in self._flag_slices
+            for state, first, end in self.flag_slices()
             if buffer[state] == READY and buffer[first:end:ENTRY_SIZE] != idle
         )
+
+    def flag_slices(self) -> tuple[tuple[int, int, int], ...]:
+        """Per slot: the offsets of its state byte, its first entry (whose first byte is its in-use flag) and
+        the end of its entries (the compiled hooks read busy workers from the same offsets)."""
+        if self._flag_slices is None:
+            self._flag_slices = tuple(
+                (self.offset(index) + OFF_STATE, self.entries_offset(index), self.ring_offset(index))
+                for index in range(self.slots)
+            )
+        return self._flag_slices
 
     def head(self, index: int) -> int:
         return int(HEAD_CONNS.unpack_from(self.buffer, self.offset(index) + OFF_HEAD)[0])

@@ -456,3 +456,53 @@ def test_only_requests_past_the_threshold_ask_the_tcp_state(
 def test_the_hang_up_threshold_is_short_beside_any_client_timeout() -> None:
     """The threshold stays far below what a client or proxy waits before giving up (a second or more)."""
     assert 0 < _recorder.HANG_UP_CHECK_AFTER <= 0.01
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [("HOST", "example.com")],
+        [("HOST", "example.com"), ("X-QUEUE-START", stamp(0.25)), ("X-REQUEST-START", stamp(0.05))],
+        [("X-QUEUE-START", stamp(0.3))],
+        [("X-REQUEST-START", "t=garbage")],
+    ],
+    ids=["no stamp", "request start wins", "queue start", "garbage"],
+)
+def test_both_hooks_add_the_same_access_log_atoms(
+    compiled: tuple[Callable[..., None], Callable[..., None]], board: sb.Scoreboard, headers: list[tuple[str, str]]
+) -> None:
+    """access_log_atoms: the compiled pre_request appends what recorder.add_log_atoms does (busy workers with
+    this request counted, queue milliseconds or "-"), for each kind of stamp."""
+    for slot in (0, 1, 2):
+        board.assign(slot, now=1.0)
+        board.buffer[board.entries_offset(slot)] = slot > 0  # in flight: slots 1 and 2 (ours gets its own)
+    for slot in (0, 2):  # slot 1 is still booting: not counted, whatever its entries say
+        sb.store(board.buffer, board.offset(slot) + sb.OFF_STATE, sb.STATE, sb.READY)
+    added = {}
+    try:
+        for name, (pre_request, _) in (("python", fakes.IMPLEMENTATIONS["python"]), ("compiled", compiled)):
+            options = RecorderOptions(threaded=False, access_log_atoms=True)
+            _recorder.RECORDER = RequestRecorder(board, 0, object(), options)
+            req = FakeRequest(headers=list(headers))
+            pre_request(None, req)
+            added[name] = req.headers[len(headers) :]
+            _recorder.RECORDER.in_flight.clear()
+    finally:
+        _recorder.RECORDER = None
+    python, ours = added["python"], added["compiled"]
+    assert [name for name, _ in ours] == ["X-GUNICORN-BUSY", "X-GUNICORN-QUEUE-MS"]
+    assert ours[0] == python[0] == ("X-GUNICORN-BUSY", "2")
+    assert (ours[1][1] == "-") == (python[1][1] == "-")
+    if python[1][1] != "-":
+        assert abs(float(ours[1][1]) - float(python[1][1])) < 50  # the two read the clock a moment apart
+
+
+def test_the_extension_is_built_from_the_c_file_as_it_is(
+    compiled: tuple[Callable[..., None], Callable[..., None]],
+) -> None:
+    """A build that failed leaves the previous .so in place (the extension is optional to pip): tests would then
+    run a stale binary. Rebuild with `python setup.py build_ext --inplace` when this fails."""
+    from gunicorn_insight._worker import _speedups
+
+    source = Path(_recorder.__file__).with_name("_speedups.c")
+    assert Path(_speedups.__file__).stat().st_mtime >= source.stat().st_mtime, "rebuild the extension"

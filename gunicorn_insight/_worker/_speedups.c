@@ -7,7 +7,7 @@
  *
  * The Python module stays the definition. Everything unusual is handed to it before any state changes:
  * no free entry, a path, query or method that is not a plain str, a non-ASCII method. Rarer steps that need Python anyway call the same Python functions (describe_peer,
- * parse_status, parse_request_start, queue_header, route_number, add_overflow, add_log_atoms), and every
+ * parse_status, parse_request_start, queue_header, route_number, add_overflow), and every
  * error is handed to _report.report, as the Python hooks do. Layouts: gunicorn_insight/_scoreboard.py.
  *
  * The GIL is held throughout, and no Python code runs between reading the ring head and publishing the
@@ -52,8 +52,11 @@
 static PyObject *worker_globals, *python_pre_request, *python_post_request, *report, *describe_peer,
     *parse_status, *parse_request_start, *queue_header, *method_index;
 static PyObject *s_RECORDER, *s_path, *s_query, *s_method, *s_peer_addr, *s_status_code, *s_nr_conns,
-    *s_route_number, *s_add_overflow, *s_add_log_atoms, *s_headers, *s_acquire, *s_release, *s_request_start_key,
-    *s_queue_start_key, *s_route_key, *s_sock, *s_client_gone;
+    *s_route_number, *s_add_overflow, *s_headers, *s_acquire, *s_release, *s_request_start_key,
+    *s_queue_start_key, *s_route_key, *s_sock, *s_client_gone, *s_busy_header, *s_queue_ms_header, *s_no_queue;
+/* X-GUNICORN-BUSY's values, made once each: a count of busy workers is small */
+#define BUSY_TEXTS 64
+static PyObject *busy_texts[BUSY_TEXTS];
 static PyObject *minus_one, *hung_up;
 static long other_method;
 static double hang_up_check_after; /* recorder.HANG_UP_CHECK_AFTER, from bind() */
@@ -67,6 +70,10 @@ typedef struct {
     Py_ssize_t head_offset, ring_offset, flags_offset;
     unsigned long long mask;
     int redact, queue, atoms, routes, resolves_by_key, thread_cpu;
+    /* atoms only: per slot, the offsets of its state byte, its first entry and the end of its entries; the
+     * state of a slot that serves (recorder._busy_layout, from Scoreboard.flag_slices) */
+    Py_ssize_t *busy_offsets, busy_slots;
+    int ready_state;
 } Bound;
 
 static Bound bound;
@@ -83,6 +90,9 @@ clear_bound(void)
     Py_CLEAR(bound.route_ids);
     Py_CLEAR(bound.worker);
     Py_CLEAR(bound.lock);
+    PyMem_Free(bound.busy_offsets);
+    bound.busy_offsets = NULL;
+    bound.busy_slots = 0;
     bound.delegate = 1;
 }
 
@@ -115,6 +125,44 @@ read_object(PyObject *obj, const char *name, PyObject **out)
     return *out == NULL ? -1 : 0;
 }
 
+/* recorder._busy_layout = (ready state, ((state, first, end), ...)) into bound's C array. */
+static int
+read_busy_layout(PyObject *recorder)
+{
+    PyObject *layout, *slots;
+    Py_ssize_t count, index;
+    long ready;
+    if (read_object(recorder, "_busy_layout", &layout) < 0)
+        return -1;
+    if (!PyTuple_Check(layout) || PyTuple_GET_SIZE(layout) != 2 || !PyTuple_Check(PyTuple_GET_ITEM(layout, 1))) {
+        Py_DECREF(layout);
+        PyErr_SetString(PyExc_TypeError, "recorder._busy_layout is not (ready, ((state, first, end), ...))");
+        return -1;
+    }
+    ready = PyLong_AsLong(PyTuple_GET_ITEM(layout, 0));
+    slots = PyTuple_GET_ITEM(layout, 1);
+    count = PyTuple_GET_SIZE(slots);
+    bound.busy_offsets = PyMem_New(Py_ssize_t, 3 * count + 1);
+    if (bound.busy_offsets == NULL || (ready == -1 && PyErr_Occurred())) {
+        Py_DECREF(layout);
+        if (!PyErr_Occurred())
+            PyErr_NoMemory();
+        return -1;
+    }
+    for (index = 0; index < count; index++) {
+        PyObject *slot = PyTuple_GET_ITEM(slots, index);
+        if (!PyArg_ParseTuple(slot, "nnn", &bound.busy_offsets[3 * index], &bound.busy_offsets[3 * index + 1],
+                              &bound.busy_offsets[3 * index + 2])) {
+            Py_DECREF(layout);
+            return -1;
+        }
+    }
+    bound.busy_slots = count;
+    bound.ready_state = (int)ready;
+    Py_DECREF(layout);
+    return 0;
+}
+
 /* Read a new recorder's fields once: a worker makes one recorder, so this runs once per worker. */
 static int
 bind_recorder(PyObject *recorder)
@@ -142,7 +190,8 @@ bind_recorder(PyObject *recorder)
         || read_flag(recorder, "_redact", &bound.redact) < 0 || read_flag(recorder, "_queue", &bound.queue) < 0
         || read_flag(recorder, "_atoms", &bound.atoms) < 0 || read_flag(recorder, "_routes", &bound.routes) < 0
         || read_flag(recorder, "_resolves_by_key", &bound.resolves_by_key) < 0
-        || read_flag(recorder, "_thread_cpu", &bound.thread_cpu) < 0) {
+        || read_flag(recorder, "_thread_cpu", &bound.thread_cpu) < 0
+        || (bound.atoms && read_busy_layout(recorder) < 0)) {
         clear_bound();
         return -1;
     }
@@ -269,6 +318,110 @@ static inline int
 is_text(PyObject *value)
 {
     return value == Py_None || PyUnicode_CheckExact(value);
+}
+
+/* recorder.add_log_atoms without a Python call: X-GUNICORN-BUSY (live slots with a request in flight, this one
+ * included) and X-GUNICORN-QUEUE-MS (from X-Request-Start, else X-Queue-Start; "-" without a usable one)
+ * appended to the request's headers, where gunicorn's access log reads %({name}i)s. */
+static int
+log_atoms(PyObject *req)
+{
+    PyObject *headers = NULL, *stamp = NULL, *busy_text = NULL, *queue_text = NULL, *pair;
+    Py_buffer view;
+    Py_ssize_t index, at;
+    long busy = 0;
+    double queue = Py_NAN;
+    int status = -1;
+
+    if (PyObject_GetBuffer(bound.buffer, &view, PyBUF_SIMPLE) < 0)
+        return -1;
+    for (index = 0; index < bound.busy_slots; index++) {
+        const unsigned char *buf = (const unsigned char *)view.buf;
+        Py_ssize_t state = bound.busy_offsets[3 * index], first = bound.busy_offsets[3 * index + 1],
+                   end = bound.busy_offsets[3 * index + 2];
+        if (state >= view.len || end > view.len || buf[state] != bound.ready_state)
+            continue;
+        for (at = first; at < end; at += ENTRY_SIZE) {
+            if (buf[at]) {
+                busy++;
+                break;
+            }
+        }
+    }
+    PyBuffer_Release(&view);
+
+    if ((headers = PyObject_GetAttr(req, s_headers)) == NULL)
+        return -1;
+    if (!PyList_Check(headers)) {
+        PyErr_SetString(PyExc_TypeError, "req.headers is not a list");
+        goto finish;
+    }
+    for (index = 0; index < PyList_GET_SIZE(headers); index++) {
+        PyObject *item = PyList_GET_ITEM(headers, index), *name;
+        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 2 || !PyUnicode_Check(name = PyTuple_GET_ITEM(item, 0)))
+            continue;
+        if (PyUnicode_CompareWithASCIIString(name, "X-REQUEST-START") == 0) {
+            Py_XSETREF(stamp, PyObject_Str(PyTuple_GET_ITEM(item, 1)));
+            break;
+        }
+        if (stamp == NULL && PyUnicode_CompareWithASCIIString(name, "X-QUEUE-START") == 0)
+            stamp = PyObject_Str(PyTuple_GET_ITEM(item, 1));
+        if (PyErr_Occurred())
+            goto finish;
+    }
+    if (PyErr_Occurred())
+        goto finish;
+    if (stamp != NULL) {
+        PyObject *wall = PyFloat_FromDouble(clock_seconds(CLOCK_REALTIME)), *parsed;
+        if (wall == NULL)
+            goto finish;
+        parsed = PyObject_CallFunctionObjArgs(parse_request_start, stamp, wall, NULL);
+        Py_DECREF(wall);
+        if (parsed == NULL)
+            goto finish;
+        queue = PyFloat_AsDouble(parsed);
+        Py_DECREF(parsed);
+        if (queue == -1.0 && PyErr_Occurred())
+            goto finish;
+    }
+    if (queue >= 0) { /* NaN (no stamp) and -1 (one that cannot be right) both fail this */
+        char *text = PyOS_double_to_string(queue * 1000, 'f', 1, 0, NULL);
+        if (text == NULL)
+            goto finish;
+        queue_text = PyUnicode_FromString(text);
+        PyMem_Free(text);
+    }
+    else {
+        queue_text = Py_NewRef(s_no_queue);
+    }
+    if (queue_text == NULL)
+        goto finish;
+    if (busy < BUSY_TEXTS) {
+        if (busy_texts[busy] == NULL && (busy_texts[busy] = PyUnicode_FromFormat("%ld", busy)) == NULL)
+            goto finish;
+        busy_text = Py_NewRef(busy_texts[busy]);
+    }
+    else if ((busy_text = PyUnicode_FromFormat("%ld", busy)) == NULL) {
+        goto finish;
+    }
+    if ((pair = PyTuple_Pack(2, s_busy_header, busy_text)) == NULL)
+        goto finish;
+    status = PyList_Append(headers, pair);
+    Py_DECREF(pair);
+    if (status == 0) {
+        if ((pair = PyTuple_Pack(2, s_queue_ms_header, queue_text)) == NULL)
+            status = -1;
+        else {
+            status = PyList_Append(headers, pair);
+            Py_DECREF(pair);
+        }
+    }
+finish:
+    Py_XDECREF(headers);
+    Py_XDECREF(stamp);
+    Py_XDECREF(busy_text);
+    Py_XDECREF(queue_text);
+    return status;
 }
 
 static PyObject *
@@ -418,12 +571,8 @@ pre_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
     PyBuffer_Release(&view);
 
-    if (bound.atoms) {
-        result = PyObject_CallMethodOneArg(recorder, s_add_log_atoms, req);
-        if (result == NULL)
-            goto error;
-        Py_DECREF(result);
-    }
+    if (bound.atoms && log_atoms(req) < 0)
+        goto error;
     goto done;
 
 error:
@@ -850,12 +999,14 @@ PyInit__speedups(void)
     INTERN(s_nr_conns, "nr_conns");
     INTERN(s_route_number, "route_number");
     INTERN(s_add_overflow, "add_overflow");
-    INTERN(s_add_log_atoms, "add_log_atoms");
     INTERN(s_headers, "headers");
     INTERN(s_acquire, "acquire");
     INTERN(s_release, "release");
     INTERN(s_sock, "sock");
     INTERN(s_client_gone, "client_gone");
+    INTERN(s_busy_header, "X-GUNICORN-BUSY");
+    INTERN(s_queue_ms_header, "X-GUNICORN-QUEUE-MS");
+    INTERN(s_no_queue, "-");
 #undef INTERN
     if ((minus_one = PyLong_FromLong(-1)) == NULL)
         return NULL;

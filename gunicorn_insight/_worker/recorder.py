@@ -210,6 +210,7 @@ class RequestRecorder:
         "_atoms",
         "_board",
         "_buffer",
+        "_busy_layout",
         "_conns_index",
         "_conns_offset",
         "_current",
@@ -282,6 +283,7 @@ class RequestRecorder:
         self._queue = options.queue_time
         self._excluded = options.exclude_paths
         self._atoms = options.access_log_atoms
+        self._busy_layout = (sb.READY, board.flag_slices())  # for the compiled hooks' access-log atoms
         self._routes = options.routes and board.routes > 0
         self._resolve = options.route_resolver or default_route
         self._resolves_by_key = options.route_resolver is None
