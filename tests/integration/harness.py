@@ -241,8 +241,11 @@ def start_gunicorn(
             ),
         ]
         process = process_factory(argv, env=clean_environment(extra), cwd=cwd, name="gunicorn")
-        # Quick shutdown at teardown: with SIGTERM a request still in flight holds it for graceful_timeout.
+        # Quick shutdown at teardown: with SIGTERM a request still in flight holds it for graceful_timeout, and
+        # so does a worker that outlives SIGQUIT (uvicorn's ignore it; a gthread request holds the exit): half
+        # a second after SIGQUIT, the workers get SIGKILL and the master cleans up after them.
         process.teardown_signal = signal.SIGQUIT
+        process.teardown_grace = 0.5
         if not wait:
             return Gunicorn(process, port, metrics_port, "")
         try:
