@@ -167,3 +167,28 @@ def test_watchdog_tick_reports_a_slow_request_once(master: Master, caplog: pytes
     assert 'request="GET /slow" elapsed=' in line
     assert "in test_watchdog_tick_reports_a_slow_request_once" in line  # this thread's stack
     assert master.board.read(recorder.slot).slow == 1
+
+
+def test_stop_ends_the_exporter_without_waiting_out_the_interval(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """stop() wakes the exporter thread sleeping between rounds (60 s here): the thread has ended when stop()
+    goes on to its last round, instead of stop() giving up its join after 5 s with the thread still asleep."""
+    plan = Plan.resolve(Settings(metrics_bind="off", interval=60), gunicorn_config(workers=1), None)
+    master = Master(plan, str(tmp_path), "test")
+    try:
+        master.start()
+        thread = master._thread
+        assert thread is not None
+        alive_at_last_round: list[bool] = []
+        queue_unreaped = master.exits.queue_unreaped
+
+        def last_round_begins() -> None:
+            alive_at_last_round.append(thread.is_alive())
+            queue_unreaped()
+
+        monkeypatch.setattr(master.exits, "queue_unreaped", last_round_begins)
+        master.stop()
+        assert alive_at_last_round == [False]
+    finally:
+        master.board.close()

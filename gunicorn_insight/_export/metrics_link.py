@@ -256,13 +256,17 @@ class MetricsEndpoint:
         self._sock = self._starting = None
 
 
-def wait_readable(endpoint: MetricsEndpoint | None, timeout: float) -> None:
-    """Sleep up to ``timeout`` seconds, waking early when the /metrics process asks for a round."""
-    fd = endpoint.fileno() if endpoint is not None else -1
-    if fd < 0:
+def wait_readable(endpoint: MetricsEndpoint | None, timeout: float, wake_fd: int = -1) -> None:
+    """Sleep up to ``timeout`` seconds, waking early when the /metrics process asks for a round or ``wake_fd``
+    is readable (the master is stopping)."""
+    fds = [fd for fd in (endpoint.fileno() if endpoint is not None else -1, wake_fd) if fd >= 0]
+    if not fds:
         time.sleep(timeout)
         return
-    _readable(fd, timeout)
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, select.POLLIN)
+    poller.poll(timeout * 1000.0)
 
 
 def _readable(fd: int, timeout: float) -> bool:

@@ -68,6 +68,8 @@ class Master:
         self._round_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # stop() writes a byte here: the exporter, waiting up to a whole interval, ends at once.
+        self._wake_read = self._wake_write = -1
         self._drainer = Drainer(self.board, plan.settings.max_routes, by_status=plan.settings.otlp_enabled)
         self._listeners: Callable[[], list[Any]] = list
         self._desired: Callable[[], int] | None = None
@@ -131,14 +133,18 @@ class Master:
     # -- lifecycle ----------------------------------------------------------------------------------
 
     def start(self) -> None:
+        self._wake_read, self._wake_write = os.pipe()
         self._thread = threading.Thread(target=self._run, name="gunicorn-insight-exporter", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
         """Last round (so nothing finished before shutdown is lost), then close everything."""
         self._stop.set()
+        if self._wake_write >= 0:
+            os.write(self._wake_write, b"x")
         if self._thread is not None:
             self._thread.join(timeout=5)
+        self._close_wake()
         self.exits.queue_unreaped()
         self.run_round()
         if self.endpoint is not None:
@@ -154,7 +160,7 @@ class Master:
         next_round = last_round + interval
         while not self._stop.is_set():
             due = min(next_round, last_round + gap) if endpoint is not None and endpoint.pending else next_round
-            wait_readable(endpoint, max(0.0, due - time.monotonic()))
+            wait_readable(endpoint, max(0.0, due - time.monotonic()), self._wake_read)
             if self._stop.is_set():
                 return
             if endpoint is not None:
@@ -369,6 +375,12 @@ class Master:
             )
         )
 
+    def _close_wake(self) -> None:
+        for fd in (self._wake_read, self._wake_write):
+            if fd >= 0:
+                os.close(fd)
+        self._wake_read = self._wake_write = -1
+
     # -- fork safety ----------------------------------------------------------------------------
 
     def before_fork(self) -> None:
@@ -380,6 +392,7 @@ class Master:
     def after_fork_in_child(self) -> None:
         self._round_lock.release()
         self.in_child = True
+        self._close_wake()
         if self.endpoint is not None:
             self.endpoint.close_in_child()
         if self.statsd is not None:

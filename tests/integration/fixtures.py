@@ -104,7 +104,7 @@ def process_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[
     finally:
         with contextlib.ExitStack() as stack:
             for process in processes:
-                stack.callback(process.stop, process.teardown_signal)
+                stack.callback(process.stop, process.teardown_signal, grace=process.teardown_grace)
         if _test_failed(request):
             for process in processes:
                 _print_dump(f"process {process.name} pid {process.pid}", process.describe())

@@ -26,6 +26,10 @@ ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
 APPS = Path(__file__).resolve().parent / "apps"
 GUNICORN_VERSION = tuple(int(part) for part in gunicorn.__version__.split(".")[:2])
+TEST_INTERVAL = 0.1
+"""The plugin's interval in the servers start_gunicorn starts, unless the test asks for another. A scrape
+waits for the master's next round, and tests scrape often: at the default 0.5 s, that waiting was most of many
+tests' time. Tests of the default's behaviour end to end pass interval=None (the plugin's default)."""
 
 
 @dataclass
@@ -203,6 +207,7 @@ def start_gunicorn(
     wait: bool = True,
     script: bool = False,
     launcher: Sequence[str] = (),
+    interval: float | None = TEST_INTERVAL,
 ) -> Gunicorn:
     """gunicorn on a free port with the plugin; waits until every worker has booted.
 
@@ -219,6 +224,8 @@ def start_gunicorn(
             "GUNICORN_INSIGHT_METRICS_BIND": metrics_bind,
             "INSIGHT_TEST_METRICS_BIND": metrics_bind,
         }
+        if interval is not None:
+            extra["GUNICORN_INSIGHT_INTERVAL"] = str(interval)
         extra.update(env or {})
         argv = [
             *launcher,
@@ -241,8 +248,12 @@ def start_gunicorn(
             ),
         ]
         process = process_factory(argv, env=clean_environment(extra), cwd=cwd, name="gunicorn")
-        # Quick shutdown at teardown: with SIGTERM a request still in flight holds it for graceful_timeout.
-        process.teardown_signal = signal.SIGQUIT
+        # Quick shutdown at teardown. A request still in flight would hold the master for graceful_timeout,
+        # after SIGTERM and even after SIGQUIT (uvicorn's and gunicorn's asgi workers ignore SIGQUIT, a gthread
+        # request holds the exit): 0.25 s after the signal the workers get SIGKILL, and the master cleans up
+        # after them. SIGTERM, not SIGQUIT: idle sync, gthread and uvicorn workers leave at once on it.
+        process.teardown_signal = signal.SIGTERM
+        process.teardown_grace = 0.25
         if not wait:
             return Gunicorn(process, port, metrics_port, "")
         try:

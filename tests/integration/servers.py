@@ -137,6 +137,10 @@ class Process:
         self.teardown_signal: int = signal.SIGTERM
         """What the fixture that started it sends at teardown; a test that is done with a server wants it gone
         at once, not a graceful shutdown that waits for requests still in flight (gunicorn: SIGQUIT)."""
+        self.teardown_grace: float | None = None
+        """Seconds the leader gets at teardown, after teardown_signal, before the rest of its process group is
+        SIGKILLed (None: no such limit). For a gunicorn master: workers that outlive SIGQUIT (uvicorn's ignore
+        it, a gthread request in flight holds the interpreter's exit) would hold it for graceful_timeout."""
         with open(self.log_path, "ab") as log:
             self._popen = subprocess.Popen(
                 self.argv,
@@ -229,13 +233,34 @@ class Process:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, sig)
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int:
+    def _kill_followers(self) -> None:
+        """SIGKILL every process of the group but the leader, which stays to clean up after them."""
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or int(entry) == self.pid:
+                continue
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue  # gone meanwhile
+            group = int(stat.rsplit(")", 1)[1].split()[2])  # after the name: state, ppid, pgrp
+            if group == self.pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(entry), signal.SIGKILL)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10, *, grace: float | None = None) -> int:
         """Send `sig` to the whole process group, SIGKILL it after `timeout`; always reaps. Idempotent.
 
-        Returns the leader's exit status (negative signal number if a signal ended it).
+        With `grace`, the rest of the group is SIGKILLed when the leader has not exited `grace` seconds after
+        `sig`; the leader keeps the rest of `timeout`. Returns the leader's exit status (negative signal number
+        if a signal ended it).
         """
         if self._popen.poll() is None:
             self._signal_group(sig)
+            if grace is not None:
+                try:
+                    self._popen.wait(grace)
+                except subprocess.TimeoutExpired:
+                    self._kill_followers()
             try:
                 self._popen.wait(timeout)
             except subprocess.TimeoutExpired:

@@ -28,8 +28,8 @@ def churn(process_factory: ProcessFactory, requests: int) -> None:
 
 
 def test_churn_loses_no_count_and_keeps_files_bounded(process_factory: ProcessFactory) -> None:
-    """100 requests, each on a fresh worker: plugin and app totals are exact, dead workers' files merged."""
-    churn(process_factory, 100)
+    """40 requests, each on a fresh worker: plugin and app totals are exact, dead workers' files merged."""
+    churn(process_factory, 40)
 
 
 @pytest.mark.slow

@@ -338,6 +338,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             workers=2,
             args=["--threads", "4", "--max-requests", "1000", "--max-requests-jitter", "100"],
             env={"GUNICORN_INSIGHT_SLOW_REQUEST_TIMEOUT": "1"},
+            interval=None,  # the plugin's default, as the dashboard's users run it
         )
         nginx = Nginx(
             f"127.0.0.1:{server.port}",

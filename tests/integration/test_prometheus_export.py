@@ -22,7 +22,7 @@ def test_prometheus_server_sees_the_exact_request_count(
 ) -> None:
     """A real Prometheus scraping the embedded /metrics answers PromQL with exactly the requests sent."""
     threads = ["--threads", "4"] if worker_class == "gthread" else []  # --threads turns sync into gthread
-    server = start_gunicorn(process_factory, worker_class=worker_class, args=threads)
+    server = start_gunicorn(process_factory, worker_class=worker_class, args=threads, interval=None)
     for _ in range(30):
         assert server.get("/") == 200
     for _ in range(7):
@@ -65,8 +65,9 @@ def test_either_request_hooks_count_every_request(compiled: str, process_factory
 
 
 def test_scrape_is_fresh_and_never_double_counts(process_factory: ProcessFactory) -> None:
-    """Each scrape drains the scoreboard first: counts are exact at once and stable across scrapes."""
-    server = start_gunicorn(process_factory)
+    """Each scrape drains the scoreboard first (at the default interval): counts are exact at once and stable
+    across scrapes."""
+    server = start_gunicorn(process_factory, interval=None)
     for _ in range(12):
         server.get("/")
     assert server.total("gunicorn_requests_total") == 12

@@ -276,6 +276,24 @@ def test_process_stop_kills_the_whole_group(process_factory: ProcessFactory) -> 
     wait_until(lambda: _gone(child_pid), timeout=5, what=f"child {child_pid} to die")
 
 
+def test_process_stop_grace_kills_the_followers_and_lets_the_leader_finish(process_factory: ProcessFactory) -> None:
+    """stop(grace=) SIGKILLs the group's other processes once the grace is over; the leader, which waits for its
+    child (as a gunicorn master waits for workers that ignore SIGQUIT), then exits on its own."""
+    child = _IGNORE_SIGTERM_AND_SLEEP + "time.sleep(300)"
+    leader = (
+        _IGNORE_SIGTERM_AND_SLEEP
+        + "import subprocess, sys; "
+        + f"child = subprocess.Popen([sys.executable, '-c', {child!r}]); "
+        + "print(f'child={child.pid}', flush=True); sys.exit(child.wait() == -signal.SIGKILL and 7)"
+    )
+    process = process_factory([sys.executable, "-c", leader])
+    process.wait_for_log(r"^child=(\d+)$", timeout=10)
+
+    status = process.stop(timeout=30, grace=0.5)
+
+    assert status == 7, process.describe()  # not -SIGKILL: the leader saw its child killed and exited itself
+
+
 def test_process_wait_for_log_fails_fast_when_the_process_dies(process_factory: ProcessFactory) -> None:
     """A readiness wait on a process that exits reports its status and output instead of timing out."""
     process = process_factory([sys.executable, "-c", "print('boom'); raise SystemExit(3)"])

@@ -43,9 +43,17 @@ def wait_in_flight(server: Gunicorn, path: str, count: int) -> dict[int, int]:
     return wait_until(serving, timeout=30, what=f"{count} x {path} in flight", dump=server.process.describe)
 
 
+def release(tmp_path: Path) -> None:
+    """Let the /wait requests finish: the first byte of the file they watch becomes 1 (written in place: the
+    app maps the file, and a truncated mapping would be a SIGBUS)."""
+    with open(tmp_path / "release", "r+b") as file:
+        file.write(b"\1")
+
+
 def start(
     process_factory: ProcessFactory, tmp_path: Path, worker_class: str, *args: str, app: str = "stacks_app:app"
 ) -> Gunicorn:
+    (tmp_path / "release").write_bytes(b"\0")
     return start_gunicorn(
         process_factory,
         app=app,
@@ -71,7 +79,7 @@ def test_stacks_names_the_function_each_request_is_in(
         result = run_cli("stacks", "--pid", str(server.pid), "--json")
         text = run_cli("stacks", "--pid", str(server.pid))
     finally:
-        (tmp_path / "release").touch()
+        release(tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     document = json.loads(result.stdout)
     assert document["format"] == 1
@@ -116,7 +124,7 @@ def test_stacks_of_greenlets_and_tasks(
     try:
         result = run_cli("stacks", "--pid", str(server.pid), "--json")
     finally:
-        (tmp_path / "release").touch()
+        release(tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     document = json.loads(result.stdout)
     requests = [(r, group) for group in document["groups"] for r in group["requests"] if r["path"] == "/wait"]
@@ -134,7 +142,7 @@ def test_stacks_of_one_worker_by_its_pid(process_factory: ProcessFactory, tmp_pa
     try:
         result = run_cli("stacks", "--pid", str(busy), "--json")
     finally:
-        (tmp_path / "release").touch()
+        release(tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     document = json.loads(result.stdout)
     assert [worker["pid"] for worker in document["workers"]] == [busy]
@@ -152,7 +160,7 @@ def test_a_worker_holding_the_gil_is_named_as_not_answering(process_factory: Pro
         result = run_cli("stacks", "--pid", str(server.pid), "--json", "--wait", "2")
         text = run_cli("stacks", "--pid", str(server.pid), "--wait", "2")
     finally:
-        (tmp_path / "release").touch()
+        release(tmp_path)
     assert result.returncode == 1, result.stdout + result.stderr
     document = json.loads(result.stdout)
     by_pid = {worker["pid"]: worker for worker in document["workers"]}

@@ -33,7 +33,7 @@ def test_subclass_bypassing_the_hooks_is_named_once(process_factory: ProcessFact
     for _ in range(30):  # both workers have now seen enough: still one warning
         assert server.get("/") == 200
     server.process.wait_for_log(r"worker class custom_worker\.BypassingSyncWorker does not call", timeout=5)
-    time.sleep(1.5)  # a few master rounds (0.5 s each) to log a second warning, if it would
+    time.sleep(1.5)  # master rounds (0.1 s each here) that would log a second warning, if any did
     output = server.process.output()
     assert output.count(UNSEEN) == 1, output
     assert "self.cfg.pre_request(self, req)" in output
