@@ -142,7 +142,12 @@ def test_a_blocked_master_loop_is_measured_and_named_with_its_stack(
     config = tmp_path / "gunicorn.conf.py"
     config.write_text(BLOCKING_RELOAD_CONFIG)
     server = start_gunicorn(process_factory, config=str(config), workers=1)
-    server.wait_for_value("gunicorn_master_loop_stuck_seconds", 0)
+    wait_until(  # present and 0: the master has seen the loop wait (an absent gauge sums to 0 as well)
+        lambda: server.value("gunicorn_master_loop_stuck_seconds") == 0,
+        timeout=30,
+        what="gunicorn_master_loop_stuck_seconds == 0",
+        dump=server.process.describe,
+    )
     server.process.send_signal(signal.SIGHUP)
     wait_until(
         lambda: (server.value("gunicorn_master_loop_stuck_seconds") or 0) >= 5,
