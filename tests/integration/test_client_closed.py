@@ -35,7 +35,7 @@ def read_whole(port: int, path: str) -> None:
         connection.close()
 
 
-@pytest.mark.parametrize("worker_class", ["sync", "gthread"])
+@pytest.mark.parametrize("worker_class", ["sync", "gthread", "gevent"])
 def test_a_client_that_leaves_before_the_response_is_counted_and_named(
     process_factory: ProcessFactory, worker_class: str
 ) -> None:
