@@ -31,7 +31,7 @@ SERVER_FILE = "server.json"
 STATUS_FILE = "status.json"
 SERVER_FORMAT = 1
 """Version of server.json's fields; bumped when a field is removed or changes meaning (adding one is not)."""
-STATUS_FORMAT = 1
+STATUS_FORMAT = 2
 """Version of status.json's fields, bumped on the same rule."""
 RECENT_EXITS = 20
 STACKS_FILE = "stacks-{slot}.json"
@@ -130,6 +130,10 @@ class StatusRecord:
     crash_loop: bool
     host: dict[str, Any]
     """The host readings (see host_status); a reading the kernel did not give is left out."""
+    workers_desired: int | None
+    """The number of workers gunicorn keeps (``workers``, moved by TTIN/TTOU); None where it was not read."""
+    master_loop_stuck: float | None
+    """Seconds since gunicorn's master loop was last seen waiting for signals; None while unknown."""
 
 
 def write_json(path: str, payload: Mapping[str, Any]) -> None:
@@ -280,6 +284,8 @@ class StatusFiles:
             stalled_requests=facts.stalled_requests,
             crash_loop=facts.crash_loop,
             host=host_status(facts),
+            workers_desired=facts.desired_workers,
+            master_loop_stuck=facts.master_loop_stuck,
         )
         write_json(os.path.join(self.run_dir, STATUS_FILE), encode(record))
 

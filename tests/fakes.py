@@ -123,5 +123,7 @@ def status_record(**fields: Any) -> StatusRecord:
         stalled_requests=0,
         crash_loop=False,
         host={},
+        workers_desired=2,
+        master_loop_stuck=0.0,
     )
     return dataclasses.replace(record, **fields)

@@ -214,6 +214,22 @@ def test_status_age_is_judged_against_the_round_interval(server: FakeServer) -> 
     assert len(snapshot_of(server)["warnings"]) == 1
 
 
+def test_totals_say_when_workers_differ_from_what_gunicorn_keeps_and_the_master_loop_is_stuck(
+    server: FakeServer,
+) -> None:
+    """From status.json: "(gunicorn keeps N)" when the live workers differ from it, and the master loop's stuck
+    time from 5 s on; neither when all is well."""
+    server.write_status(workers_desired=3, master_loop_stuck=12.0)
+    text = rendered(snapshot_of(server))
+    assert "(gunicorn keeps 3)" in text
+    assert "master loop stuck 12.0s" in text
+    live = snapshot_of(server)["totals"]["workers"]
+    server.write_status(workers_desired=live, master_loop_stuck=0.5)
+    text = rendered(snapshot_of(server))
+    assert "gunicorn keeps" not in text
+    assert "master loop stuck" not in text
+
+
 def test_human_rendering_has_every_column(server: FakeServer) -> None:
     """The table shows slot, pid, state, request, elapsed, served, conns/limit, RSS MiB and age."""
     text = rendered(snapshot_of(server))
@@ -282,6 +298,8 @@ def test_status_json_has_the_documented_keys(server: FakeServer, capsys: pytest.
         "waiting",
         "connections",
         "served",
+        "desired",
+        "master_loop_stuck",
     ]
     assert document["workers"][0]["requests"][0]["path"] == "/checkout?<redacted>"
     assert document["server"]["run_dir"] == str(server.run_dir)

@@ -108,7 +108,9 @@ def test_unknown_keys_are_ignored_and_ints_count_as_floats() -> None:
 
 def test_nested_records_name_the_path_to_a_bad_field() -> None:
     """A bad value inside a listener names the list index and the field."""
-    raw = as_json(StatusRecord(1.0, 2.0, 1, 0, 0, 1, 0, 0, (Listener("l", 1, 2),), 0, 0, (), 1, 1, 0, 0, False, {}))
+    raw = as_json(
+        StatusRecord(1.0, 2.0, 1, 0, 0, 1, 0, 0, (Listener("l", 1, 2),), 0, 0, (), 1, 1, 0, 0, False, {}, 2, 0.0)
+    )
     assert raw["format"] == STATUS_FORMAT
     raw["listeners"][0]["backlog"] = "many"
     with pytest.raises(ContractError, match=r"status.json: listeners\[0\]: backlog is 'many', not int"):

@@ -32,6 +32,8 @@ FORMAT = 1
 STALE_STATUS = 5.0
 """status.json is rewritten every round: older than this, or three rounds when server.json gives the
 round ``interval`` (0.5 s by default, up to 60 s), means the master's exporter is not keeping up."""
+MASTER_LOOP_STUCK = 5.0
+"""Seconds of gunicorn's master loop not seen waiting from which status says it is stuck (as the master's log)."""
 
 _MARKS = (
     (sb.FLAG_ABORT_HANDLER, "timeout_abort"),
@@ -110,6 +112,10 @@ class Totals(TypedDict):
     waiting: int
     connections: int
     served: int
+    desired: int | None
+    """The number of workers gunicorn keeps, from the master's last round; None before one."""
+    master_loop_stuck: float | None
+    """Seconds since gunicorn's master loop was last seen waiting for signals (the last round); None: unknown."""
 
 
 class ListenerFacts(TypedDict):
@@ -278,6 +284,8 @@ def snapshot(reading: Reading) -> StatusDocument:
             waiting=sum(worker["waiting"] for worker in workers),
             connections=sum(worker["connections"] for worker in workers),
             served=sum(worker["served"] for worker in workers),
+            desired=status.workers_desired if status is not None else None,
+            master_loop_stuck=status.master_loop_stuck if status is not None else None,
         ),
         listeners=None
         if status is None
@@ -358,6 +366,9 @@ def _totals(snap: StatusDocument) -> Text:
     if totals["booting"]:
         workers += f" ({totals['booting']} booting)"
     text.append(workers)
+    desired = totals["desired"]
+    if desired is not None and desired != totals["workers"]:
+        text.append(f" (gunicorn keeps {desired})", style="bold yellow")
     capacity = totals["capacity"]
     saturated = capacity > 0 and totals["busy"] >= capacity
     text.append("   busy ")
@@ -374,6 +385,10 @@ def _totals(snap: StatusDocument) -> Text:
         style = "bold red" if isinstance(backlog, int) and backlog > 0 else ""
         text.append(f"   backlog {listener['name']} ")
         text.append(f"{backlog if backlog is not None else '-'}/{most if most is not None else '-'}", style=style)
+    stuck = totals["master_loop_stuck"]
+    if stuck is not None and stuck >= MASTER_LOOP_STUCK:
+        text.append("   master loop stuck ")
+        text.append(duration(stuck), style="bold red")
     return text
 
 
