@@ -127,6 +127,11 @@ class HostPressure:
     """(resource, "some" or "full") -> seconds ever stalled (PSI ``total=``, in microseconds in the file)."""
 
 
+FATAL_SIGNALS = ("SIGSEGV", "SIGBUS", "SIGFPE", "SIGILL", "SIGABRT")
+"""The signals whose death the worker's faulthandler writes every thread's stack for (a crash in C code, an
+abort()), unless a handler of the application's or gunicorn's owns the signal (see _worker.watchdog)."""
+
+
 NO_RESPONSE = -1
 """The status of a request whose worker died under it (timeout kill, OOM, crash): no response was sent."""
 

@@ -36,7 +36,7 @@ from ._worker.loglines import SlotLogLines
 from ._worker.recorder import RequestRecorder, post_request, pre_request, summarize
 from ._worker.routes import hook_frameworks
 from ._worker.unseen import AcceptWatch
-from ._worker.watchdog import Monitor, write_abort_stack
+from ._worker.watchdog import Monitor, dump_stacks_on_fatal_signals, write_abort_stack
 from .settings import ENV_PREFIX, ConfigurationError, Settings, otlp_protocol
 
 PROMETHEUS_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -678,6 +678,7 @@ def post_worker_init(worker: Any) -> None:
             return
         recorder.booted()
         STATE.error_fd = error_log_fd()
+        dump_stacks_on_fatal_signals(STATE.error_fd)
         if master.plan.recorder.routes:
             hook_frameworks()
         # Always started: besides slow requests and connections it answers `gunicorn-insight stacks`.

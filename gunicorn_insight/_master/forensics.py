@@ -23,7 +23,7 @@ from typing import Any
 
 from .. import _scoreboard as sb
 from .._cgroup import memory_cgroup_dirs
-from .._facts import EXPECTED, Round, Sink
+from .._facts import EXPECTED, FATAL_SIGNALS, Round, Sink
 from .._gunicorn import REAP_EXITED, REAP_SENT
 from .._report import LOG, report
 from .._runfiles import StatusFiles
@@ -199,6 +199,12 @@ def classify(  # noqa: PLR0911 - one return per cause reads as the decision tabl
     if signal is not None:
         if signal == "SIGTERM":
             return Verdict("graceful", "stopped by SIGTERM", "")
+        if signal.startswith(FATAL_SIGNALS):
+            return Verdict(
+                "signal",
+                f"killed by {signal}",
+                "stack: every thread's, written by faulthandler to the error log just before (Fatal Python error)",
+            )
         return Verdict("signal", f"killed by {signal}", "no stack: the signal ended the process")
     code = exit_code if exit_code is not None else "unknown"
     return Verdict(
@@ -228,7 +234,8 @@ def _timed_out(abort_ran: bool, signal: str | None) -> Verdict:
             "timeout_kill",
             f"gunicorn timed it out (WORKER TIMEOUT) and it died of that {signal} "
             "(no abort handler: the worker class leaves SIGABRT at its default action)",
-            "no stack: the signal's default action runs no Python code; see a slow-request report above if any",
+            "stack: every thread's, written by faulthandler to the error log just before (Fatal Python error: "
+            "Aborted); see a slow-request report above if any",
         )
     return Verdict(
         "timeout_kill",

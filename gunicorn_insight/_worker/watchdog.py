@@ -29,6 +29,7 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
+from .._facts import FATAL_SIGNALS
 from .._report import LOG, report
 from .._runfiles import STACKS_FILE, STACKS_FORMAT, write_json
 from .recorder import RequestRecorder
@@ -275,3 +276,26 @@ def _original(library: str, module: str, name: str) -> Any:
     from gevent import monkey
 
     return monkey.get_original(module, name)
+
+
+def dump_stacks_on_fatal_signals(fd: int) -> list[str]:
+    """Have faulthandler write every thread's Python stack to ``fd`` (the error log) when the worker dies of a
+    fatal signal, for the signals nobody else handles. A handler already installed from Python keeps its
+    signal (gunicorn's SIGABRT handler, which runs worker_abort): faulthandler would take it, dump a misleading
+    "Fatal Python error" for a timeout and run it only afterwards. A C handler (getsignal says None) is
+    called by faulthandler after its dump. Returns the signals now covered.
+
+    faulthandler writes to a duplicate of ``fd``: gunicorn reopens its log files on USR1, and a dump must go
+    to the (rotated) log, never to whatever reuses the old descriptor number."""
+    import signal
+
+    numbers = [getattr(signal, name) for name in FATAL_SIGNALS if hasattr(signal, name)]
+    before = {number: signal.getsignal(number) for number in numbers}
+    faulthandler.enable(file=os.dup(fd), all_threads=True)
+    covered = []
+    for number, handler in before.items():
+        if callable(handler) or handler == signal.SIG_IGN:
+            signal.signal(number, handler)  # put the owner's handler back, in front of faulthandler's
+        else:
+            covered.append(signal.Signals(number).name)
+    return covered

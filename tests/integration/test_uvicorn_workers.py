@@ -34,7 +34,7 @@ def test_timed_out_uvicorn_worker_names_its_request_and_the_sigabrt(
     worker_class: str, process_factory: ProcessFactory
 ) -> None:
     """A uvicorn worker timed out with its loop blocked dies of the SIGABRT itself: the exit line says so (not
-    SIGKILL) and names the request in flight."""
+    SIGKILL) and names the request in flight; faulthandler wrote the blocked frame's stack before it died."""
     server = start(process_factory, worker_class, "asgi_app:app", args=["--timeout", "2"])
     fire_and_forget(server, "/stuck")
     match = server.process.wait_for_log(EXITED, timeout=60)
@@ -43,6 +43,9 @@ def test_timed_out_uvicorn_worker_names_its_request_and_the_sigabrt(
     assert match["client"].startswith("127.0.0.1:")
     assert "SIGKILL" not in match["detail"] + (match["stack"] or "")
     server.wait_for_value("gunicorn_worker_exits_total", 1, cause="timeout_kill")
+    output = server.process.output()
+    assert "Fatal Python error: Aborted" in output
+    assert re.search(r'File ".*asgi_app\.py", line \d+ in ', output), output
 
 
 @pytest.mark.parametrize("worker_class", UVICORN_CLASSES)

@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import threading
+import urllib.request
 
 import pytest
 from harness import APPS, Gunicorn, start_gunicorn
@@ -251,3 +252,21 @@ def test_blocked_asyncio_loop_is_reported_with_its_stack(process_factory: Proces
     fire_and_forget(server, "/block")
     blocked = server.process.wait_for_log(r"event loop blocked pid=\d+ slot=0 for [\d.]+s", timeout=30)
     assert re.search(r"asgi_app.py\", line \d+, in app\n\s+time\.sleep\(3\)", server.process.output()[blocked.end() :])
+
+
+def test_a_crash_in_c_code_leaves_the_python_stack(process_factory: ProcessFactory) -> None:
+    """A segfault in the application: faulthandler writes the crashing thread's stack (the app's frame) to the
+    error log, the exit line says where it is; gunicorn's own SIGABRT handler stays in place."""
+    server = start_gunicorn(process_factory, app="crash_app:app", cwd=APPS, workers=1)
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/abort-handler", timeout=30) as response:
+        assert response.read() == b"Worker.handle_abort"
+    (pid,) = server.worker_pids()
+    with contextlib.suppress(OSError, http.client.HTTPException):  # the worker dies under the request
+        server.get("/segfault")
+    match = server.process.wait_for_log(EXITED, timeout=30)
+    assert (int(match["pid"]), match["cause"]) == (pid, "signal")
+    assert "SIGSEGV" in match["detail"]
+    assert "written by faulthandler" in match.group(0)
+    output = server.process.output()
+    assert "Fatal Python error: Segmentation fault" in output
+    assert re.search(r'File ".*crash_app\.py", line \d+ in read_address_zero', output), output
