@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import resource
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -229,13 +231,26 @@ def test_open_descriptors_and_their_limit(tmp_path: Path) -> None:
     assert (facts.open_fds, facts.fd_limits) == ({0: 5, 1: 5}, {0: 1024})
 
 
-def test_open_descriptors_of_this_process() -> None:
-    """On this machine, for this process: what /proc/self/fd lists and RLIMIT_NOFILE's soft limit."""
+def test_open_descriptors_of_another_process() -> None:
+    """On this machine, for a child that holds a known set of descriptors: what its /proc/<pid>/fd lists, and
+    the soft RLIMIT_NOFILE it inherited."""
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    reading = read_descriptors(os.getpid())
-    assert reading is not None
-    assert reading[0] == len(os.listdir("/proc/self/fd"))  # both count the descriptor that lists them
-    assert reading[1] == (None if soft == resource.RLIM_INFINITY else soft)
+    with subprocess.Popen(
+        [sys.executable, "-c", "import sys; print('ready', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        close_fds=True,
+    ) as child:
+        try:
+            assert child.stdout is not None
+            assert child.stdout.readline() == b"ready\n"  # started: its descriptors no longer change
+            reading = read_descriptors(child.pid)
+            assert reading is not None
+            assert reading[0] == len(os.listdir(f"/proc/{child.pid}/fd"))
+            assert reading[1] == (None if soft == resource.RLIM_INFINITY else soft)
+        finally:
+            assert child.stdin is not None
+            child.stdin.close()
 
 
 def test_real_machine_readings() -> None:
