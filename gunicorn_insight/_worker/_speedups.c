@@ -320,6 +320,23 @@ is_text(PyObject *value)
     return value == Py_None || PyUnicode_CheckExact(value);
 }
 
+/* recorder.parse_request_start(stamp, wall): seconds the request waited before ``wall`` (the moment it
+ * started, as wall-clock time), NaN without a usable stamp, -1 for one that cannot be right. -1 on error. */
+static int
+queue_seconds(PyObject *stamp, double wall, double *queue)
+{
+    PyObject *started = PyFloat_FromDouble(wall), *parsed;
+    if (started == NULL)
+        return -1;
+    parsed = PyObject_CallFunctionObjArgs(parse_request_start, stamp, started, NULL);
+    Py_DECREF(started);
+    if (parsed == NULL)
+        return -1;
+    *queue = PyFloat_AsDouble(parsed);
+    Py_DECREF(parsed);
+    return (*queue == -1.0 && PyErr_Occurred()) ? -1 : 0;
+}
+
 /* recorder.add_log_atoms without a Python call: X-GUNICORN-BUSY (live slots with a request in flight, this one
  * included) and X-GUNICORN-QUEUE-MS (from X-Request-Start, else X-Queue-Start; "-" without a usable one)
  * appended to the request's headers, where gunicorn's access log reads %({name}i)s. */
@@ -371,19 +388,8 @@ log_atoms(PyObject *req)
     }
     if (PyErr_Occurred())
         goto finish;
-    if (stamp != NULL) {
-        PyObject *wall = PyFloat_FromDouble(clock_seconds(CLOCK_REALTIME)), *parsed;
-        if (wall == NULL)
-            goto finish;
-        parsed = PyObject_CallFunctionObjArgs(parse_request_start, stamp, wall, NULL);
-        Py_DECREF(wall);
-        if (parsed == NULL)
-            goto finish;
-        queue = PyFloat_AsDouble(parsed);
-        Py_DECREF(parsed);
-        if (queue == -1.0 && PyErr_Occurred())
-            goto finish;
-    }
+    if (stamp != NULL && queue_seconds(stamp, clock_seconds(CLOCK_REALTIME), &queue) < 0)
+        goto finish;
     if (queue >= 0) { /* NaN (no stamp) and -1 (one that cannot be right) both fail this */
         char *text = PyOS_double_to_string(queue * 1000, 'f', 1, 0, NULL);
         if (text == NULL)
@@ -748,19 +754,8 @@ post_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         }
         if (stamp == NULL || (given = PyObject_IsTrue(stamp)) < 0)
             goto error;
-        if (given) {
-            PyObject *wall = PyFloat_FromDouble(clock_seconds(CLOCK_REALTIME) - (now - start)), *parsed;
-            if (wall == NULL)
-                goto error;
-            parsed = PyObject_CallFunctionObjArgs(parse_request_start, stamp, wall, NULL);
-            Py_DECREF(wall);
-            if (parsed == NULL)
-                goto error;
-            queue = PyFloat_AsDouble(parsed);
-            Py_DECREF(parsed);
-            if (queue == -1.0 && PyErr_Occurred())
-                goto error;
-        }
+        if (given && queue_seconds(stamp, clock_seconds(CLOCK_REALTIME) - (now - start), &queue) < 0)
+            goto error;
     }
 
     status_object = PyObject_GetAttr(resp, s_status_code); /* gunicorn's WSGI Response parses it once */
