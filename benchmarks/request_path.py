@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """What the plugin's two request hooks cost, counted by cachegrind instead of timed.
 
-    python benchmarks/request_path.py [--proxy] [--hooks compiled|python] [--requests 1000]
+    python benchmarks/request_path.py [--worker sync|uvicorn] [--proxy] [--hooks compiled|python] [--requests 1000]
 
 bench.py measures the overhead end to end, but on a small VM its pair-to-pair noise (a few percent) is
 wider than a request-path change is worth. This counts instead: one process does what gunicorn's sync
@@ -12,6 +12,12 @@ short and a long loop, so interpreter start-up cancels out; the difference divid
 is the cost per request: instructions, first-level cache misses (instructions and data) and last-level
 misses. The counts are deterministic (hash seed fixed); the "cycles" column is only the usual estimate,
 instructions + 10 x L1 misses + 100 x LL misses.
+
+``--worker uvicorn`` does what uvicorn's worker class does per request instead: its HTTP protocol (the one
+uvicorn picks, h11 unless httptools is installed) parses the request from a transport, runs the
+application in a task of its own on an asyncio loop and writes the response; the application is
+``benchmarks/hello_asgi.py``'s, bare, or inside the recording ASGI layer with the hooks configured like
+bench.py's ``uvicorn:everything`` row. One keep-alive connection serves every request, as wrk's do.
 
 ``--proxy`` sends what a request behind nginx carries: a query string, an ``X-Request-Start`` stamp and
 the usual forwarding headers. Needs valgrind (Debian package ``valgrind``). To compare two checkouts (from
@@ -120,6 +126,99 @@ def request_loop(mode: str, requests: int, raw_request: bytes) -> None:
             sys.exit(f"request_path: the hooks recorded {recorded} of {WARMUP + requests} requests")
 
 
+def asgi_request_loop(mode: str, requests: int, raw_request: bytes) -> None:
+    """The child for ``--worker uvicorn``: uvicorn's per-request work on one keep-alive connection."""
+    import asyncio
+
+    from uvicorn.config import Config
+    from uvicorn.server import ServerState
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from hello_asgi import app  # the benchmark's ASGI application, bare or wrapped alike
+
+    class Worker:  # what the layer and the hooks read from uvicorn's worker
+        nr = 0
+        nr_conns = 1
+
+    worker = Worker()
+    served: Any = app
+    if mode != "bare":
+        from gunicorn_insight import _scoreboard as sb
+        from gunicorn_insight._worker import asgi, recorder
+
+        board = sb.Scoreboard.create(
+            os.path.join(tempfile.mkdtemp(), "scoreboard"),
+            slots=2,
+            entries=1,
+            ring=8192,
+            master_pid=os.getpid(),
+            routes=100,
+        )
+        board.assign(0, time.monotonic())
+        options = recorder.RecorderOptions(
+            routes=True, exclude_paths=frozenset({"/healthz"}), threaded=False, access_log_atoms=True
+        )
+        recorder.RECORDER = recorder.RequestRecorder(board, 0, worker, options, asgi.current_task)
+        if mode == "compiled":
+            if recorder.COMPILED is None:
+                sys.exit(
+                    "request_path: gunicorn_insight._worker._speedups is not built; reinstall with a C compiler present"
+                )
+            hooks = recorder.COMPILED
+        else:
+            hooks = (recorder.pre_request, recorder.post_request)
+        served = asgi.RecordingApp(app, worker, hooks, routes=True, count_requests=True)
+
+    class Transport(asyncio.Transport):
+        """A connected socket's transport, as the protocol sees it; what it writes is counted, not sent."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.responses = 0
+
+        def get_extra_info(self, name: str, default: Any = None) -> Any:
+            return {"peername": ("127.0.0.1", 45678), "sockname": ("127.0.0.1", 8000)}.get(name, default)
+
+        def write(self, data: Any) -> None:
+            self.responses += bytes(data).startswith(b"HTTP/1.1 200 OK\r\n")
+
+        def close(self) -> None:
+            pass
+
+        def is_closing(self) -> bool:
+            return False
+
+        def pause_reading(self) -> None:
+            pass
+
+        def resume_reading(self) -> None:
+            pass
+
+    async def serve() -> None:
+        # As uvicorn's worker configures it under gunicorn (uvicorn_worker.UvicornWorker), app aside.
+        config = Config(served, log_config=None, timeout_keep_alive=2, forwarded_allow_ips="127.0.0.1")
+        config.load()
+        state = ServerState()
+        protocol: Any = config.http_protocol_class(config=config, server_state=state, app_state={})
+        transport = Transport()
+        protocol.connection_made(transport)
+        for _ in range(WARMUP + requests):
+            protocol.data_received(raw_request)
+            (task,) = state.tasks
+            await task
+            if protocol.__class__.__name__ == "H11Protocol":
+                await asyncio.sleep(0)  # h11 reads the next request from a callback of the finished cycle
+        protocol.connection_lost(None)
+        if transport.responses != WARMUP + requests:
+            sys.exit(f"request_path: {transport.responses} of {WARMUP + requests} requests were answered 200 OK")
+
+    asyncio.run(serve())
+    if mode != "bare":
+        recorded = board.read(0).head
+        if recorded != WARMUP + requests or worker.nr != WARMUP + requests:
+            sys.exit(f"request_path: the layer recorded {recorded} of {WARMUP + requests} requests")
+
+
 def parse_summary(text: str) -> dict[str, int]:
     """The totals of cachegrind's summary (``==123== I   refs:      508,493,093``) for each of EVENTS."""
     counts = {}
@@ -131,7 +230,7 @@ def parse_summary(text: str) -> dict[str, int]:
     return counts
 
 
-def cachegrind(mode: str, requests: int, proxy: bool) -> dict[str, int]:
+def cachegrind(mode: str, requests: int, proxy: bool, worker: str) -> dict[str, int]:
     command = [
         "valgrind",
         "--tool=cachegrind",
@@ -143,6 +242,8 @@ def cachegrind(mode: str, requests: int, proxy: bool) -> dict[str, int]:
         mode,
         "--requests",
         str(requests),
+        "--worker",
+        worker,
     ] + (["--proxy"] if proxy else [])
     done = subprocess.run(
         command, capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": "0"}, check=False
@@ -153,8 +254,8 @@ def cachegrind(mode: str, requests: int, proxy: bool) -> dict[str, int]:
     return counts
 
 
-def per_request(mode: str, requests: int, proxy: bool) -> dict[str, float]:
-    short, long = cachegrind(mode, 100, proxy), cachegrind(mode, 100 + requests, proxy)
+def per_request(mode: str, requests: int, proxy: bool, worker: str) -> dict[str, float]:
+    short, long = cachegrind(mode, 100, proxy, worker), cachegrind(mode, 100 + requests, proxy, worker)
     return {event: (long[event] - short[event]) / requests for event in EVENTS}
 
 
@@ -172,13 +273,22 @@ def main() -> None:
         default="compiled",
         help="the compiled request hooks (the default where they are built) or the pure-Python ones",
     )
+    parser.add_argument(
+        "--worker",
+        choices=("sync", "uvicorn"),
+        default="sync",
+        help="gunicorn's sync worker and the request hooks (default), or uvicorn's and the recording ASGI layer",
+    )
     parser.add_argument("--child", choices=("bare", "compiled", "python"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.requests < 1:
         parser.error(f"--requests must be at least 1, got {args.requests}")
     raw_request = proxied_request() if args.proxy else PLAIN_REQUEST
+    if args.worker == "uvicorn":
+        raw_request = raw_request.replace(b"Connection: close\r\n", b"")  # one keep-alive connection serves all
     if args.child:
-        request_loop(args.child, args.requests, raw_request)
+        loop = asgi_request_loop if args.worker == "uvicorn" else request_loop
+        loop(args.child, args.requests, raw_request)
         return
     if shutil.which("valgrind") is None:
         sys.exit("request_path: valgrind is not installed (Debian: apt-get install valgrind)")
@@ -186,10 +296,11 @@ def main() -> None:
 
     print(
         f"gunicorn-insight from {os.path.dirname(gunicorn_insight.__file__)}; "
-        f"{'proxied' if args.proxy else 'plain (wrk-like)'} request; {args.hooks} hooks; "
+        f"{args.worker} worker; {'proxied' if args.proxy else 'plain (wrk-like)'} request; {args.hooks} hooks; "
         f"{args.requests} requests per mode"
     )
-    bare, plugin = per_request("bare", args.requests, args.proxy), per_request(args.hooks, args.requests, args.proxy)
+    bare = per_request("bare", args.requests, args.proxy, args.worker)
+    plugin = per_request(args.hooks, args.requests, args.proxy, args.worker)
     print(f"{'per request':<16}{'bare':>12}{'plugin':>12}{'added':>12}{'added %':>10}")
     rows = [(EVENTS[event], bare[event], plugin[event]) for event in EVENTS]
     rows.append(("est. cycles", estimated_cycles(bare), estimated_cycles(plugin)))

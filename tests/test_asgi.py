@@ -33,6 +33,14 @@ class Route:
         self.path = path
 
 
+class FormattedRoute:
+    """Starlette's: the template is ``path_format`` (``path`` keeps the converters)."""
+
+    def __init__(self, path: str) -> None:
+        self.path_format = path
+        self.path = path.replace("}", ":int}")
+
+
 def stamp(seconds_ago: float) -> str:
     return f"t={time.time() - seconds_ago:.3f}"
 
@@ -51,9 +59,11 @@ class Case:
         status: int | None = 200,
         route: str | None = None,
         mount: str = "",
+        formatted: bool = False,
     ) -> None:
         self.method, self.path, self.query, self.client = method, path, query, client
         self.headers, self.status, self.route, self.mount = headers, status, route, mount
+        self.formatted = formatted
 
     def gunicorn(self) -> tuple[FakeRequest, dict[str, Any], FakeResponse]:
         peer = tuple(self.client) if self.client else None
@@ -80,7 +90,7 @@ class Case:
     async def app(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         """Routes like Starlette (scope["route"], a mount extending root_path), answers or fails."""
         if self.route:
-            scope["route"] = Route(self.route)
+            scope["route"] = FormattedRoute(self.route) if self.formatted else Route(self.route)
             scope["root_path"] = scope["root_path"] + self.mount
         if self.status is None:
             raise RuntimeError("the application failed before its response")
@@ -89,10 +99,10 @@ class Case:
 
 
 CASES = [
-    Case("GET", "/items/3", route="/items/{item_id}"),
+    Case("GET", "/items/3", route="/items/{item_id}", formatted=True),
     Case("POST", "/login", query="password=hunter2", headers=(("X-Request-Start", stamp(0.2)),), status=302),
     Case("PROPFIND", "/caf\u00e9", client=["::1", 8080], status=207, route="/items/{item_id}"),
-    Case("GET", "/api/things/x", status=404, route="/things/{thing_id}", mount="/api"),
+    Case("GET", "/api/things/x", status=404, route="/things/{thing_id}", mount="/api", formatted=True),
     Case("GET", "/boom", status=None, headers=(("X-Queue-Start", stamp(0.1)), ("X-Request-Start", "garbage"))),
     Case("GET", "/healthz"),
     Case("DELETE", "/unix", client=None, status=204, headers=(("X-Queue-Start", f"{time.time() * 1000:.0f}"),)),
@@ -234,8 +244,8 @@ def test_a_failing_recorder_never_costs_the_request(board: sb.Scoreboard, monkey
 
     reports: list[str] = []
     monkeypatch.setattr(_asgi, "report", lambda what, error: reports.append(what))
-    monkeypatch.setattr(_asgi, "AsgiRequest", broken)
     layer = _asgi.RecordingApp(CASES[0].app, Worker(), fakes.HOOKS, routes=True, count_requests=True)
+    layer._serving = (None, broken, *layer._serving[2:])
     asyncio.run(layer(CASES[0].scope(), _receive, send))
     assert answered == [200]
     assert reports == ["recording an ASGI request"]
@@ -331,3 +341,19 @@ def test_request_is_recorded_before_the_last_of_its_response_goes_out(board: sb.
         ("http.response.body", False, 1),
     ]
     assert (board.head(0), worker.nr) == (1, 1)
+
+
+def test_current_task_is_the_running_task_else_the_thread() -> None:
+    """The compiled current_task and the Python one agree: the running asyncio task inside a loop, the thread's
+    id outside one (what the scoreboard and the watchdog key a request by)."""
+    import threading
+
+    implementations = [_asgi._current_task, _asgi.current_task]
+    assert (_asgi.current_task is not _asgi._current_task) == (_recorder.COMPILED is not None)
+
+    async def inside() -> list[Any]:
+        return [(find(), asyncio.current_task()) for find in implementations]
+
+    for found, running in asyncio.run(inside()):
+        assert found is running
+    assert [find() for find in implementations] == [threading.get_ident()] * 2

@@ -22,6 +22,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <string.h>
+#include <structmember.h>
 #include <sys/socket.h>
 #include <time.h>
 
@@ -60,6 +61,7 @@ static PyObject *busy_texts[BUSY_TEXTS];
 static PyObject *minus_one, *hung_up;
 static long other_method;
 static double hang_up_check_after; /* recorder.HANG_UP_CHECK_AFTER, from bind() */
+static PyTypeObject RecordingType; /* the ASGI layer's request, below */
 
 /* The recorder the fields below were read from (a strong reference, so its address cannot be reused). */
 typedef struct {
@@ -577,8 +579,8 @@ pre_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
     PyBuffer_Release(&view);
 
-    if (bound.atoms && log_atoms(req) < 0)
-        goto error;
+    if (bound.atoms && Py_TYPE(req) != &RecordingType && log_atoms(req) < 0)
+        goto error; /* (no gunicorn access log reads an ASGI request's headers) */
     goto done;
 
 error:
@@ -920,6 +922,510 @@ done:
     Py_RETURN_NONE;
 }
 
+/* ------------------------------------------------------------------------------------------------------------
+ * The recording ASGI layer's per-request work (gunicorn_insight/_worker/asgi.py), compiled.
+ *
+ * asgi.py stays the definition: with the compiled hooks, RecordingApp hands each HTTP request to asgi_start,
+ * which makes one Recording: the stand-in for gunicorn's request and response that the two hooks above read
+ * (members, not a Python object's attributes), and the send callable the application gets. Calling it looks at
+ * the message and returns what the server's send returns, so no coroutine is made per request or per message
+ * beyond the server's own. The hooks are called as C functions: the same code, so the same bytes.
+ * Anything unusual (a scope that is not a dict, headers that are not bytes pairs, a route inside a mount) is
+ * handed to asgi.py's own functions (queue_stamp, route_template), bound by bind_asgi.
+ */
+
+static PyObject *asgi_route_template, *asgi_queue_stamp, *running_loop, *task_of_loop, *thread_ident;
+static PyObject *s_type, *s_status, *s_more_body, *s_query_string, *s_client, *s_root_path, *s_route,
+    *s_path_format, *s_asgi_scope, *s_nr, *s_empty, *s_get, *one, *five_hundred;
+
+typedef struct {
+    PyObject_HEAD
+    /* what the hooks read, as members: the request's, and the response's status_code (500 until the
+     * application starts its response, what the server answers when it fails before) */
+    PyObject *method, *path, *query, *peer_addr, *status_code;
+    PyObject *worker, *scope, *root_path, *send;
+    PyObject *no_socket; /* always NULL: the "sock" member, None, for post_request's client_closed */
+    vectorcallfunc vectorcall;
+    char finished, routes, count;
+} Recording;
+
+static PyTypeObject RecordingType;
+
+/* mapping.get(key, fallback): a new reference, NULL with an exception */
+static PyObject *
+get_or(PyObject *mapping, PyObject *key, PyObject *fallback)
+{
+    if (PyDict_CheckExact(mapping)) {
+        PyObject *value = PyDict_GetItemWithError(mapping, key);
+        if (value != NULL)
+            return Py_NewRef(value);
+        return PyErr_Occurred() ? NULL : Py_NewRef(fallback);
+    }
+    return PyObject_CallMethodObjArgs(mapping, s_get, key, fallback, NULL);
+}
+
+/* mapping.get(key) or fallback */
+static PyObject *
+get_truthy_or(PyObject *mapping, PyObject *key, PyObject *fallback)
+{
+    PyObject *value = get_or(mapping, key, Py_None);
+    int truth;
+    if (value == NULL)
+        return NULL;
+    truth = PyObject_IsTrue(value);
+    if (truth < 0) {
+        Py_DECREF(value);
+        return NULL;
+    }
+    if (!truth)
+        Py_SETREF(value, Py_NewRef(fallback));
+    return value;
+}
+
+/* queue_stamp(scope) of asgi.py: (environ key, header value) of X-Request-Start, else X-Queue-Start; 0: none,
+ * 1: found (new references), -1: an exception. */
+static int
+asgi_stamp(PyObject *scope, PyObject **key, PyObject **value)
+{
+    PyObject *headers, *found_value = NULL, *found_key = NULL, *stamp = NULL;
+    Py_ssize_t count, n;
+    int result = 0;
+    *key = *value = NULL;
+    if ((headers = get_or(scope, s_headers, Py_None)) == NULL)
+        return -1;
+    if (!PyList_CheckExact(headers) && !PyTuple_CheckExact(headers)) {
+        if (headers == Py_None) {
+            Py_DECREF(headers);
+            return 0;
+        }
+        goto python;
+    }
+    count = PySequence_Fast_GET_SIZE(headers);
+    for (n = 0; n < count; n++) {
+        PyObject *pair = PySequence_Fast_GET_ITEM(headers, n), *name, *text;
+        const char *data;
+        Py_ssize_t length;
+        int request_start;
+        if (!PyTuple_CheckExact(pair) && !PyList_CheckExact(pair))
+            goto python;
+        if (PySequence_Fast_GET_SIZE(pair) != 2)
+            goto python;
+        name = PySequence_Fast_GET_ITEM(pair, 0);
+        if (!PyBytes_CheckExact(name) || !PyBytes_CheckExact(PySequence_Fast_GET_ITEM(pair, 1)))
+            goto python;
+        data = PyBytes_AS_STRING(name);
+        length = PyBytes_GET_SIZE(name);
+        if (length == 15 && strncasecmp(data, "x-request-start", 15) == 0)
+            request_start = 1;
+        else if (length == 13 && strncasecmp(data, "x-queue-start", 13) == 0)
+            request_start = 0;
+        else
+            continue;
+        if (!request_start && found_key != NULL)
+            continue; /* the first X-Queue-Start counts, unless an X-Request-Start comes */
+        text = PySequence_Fast_GET_ITEM(pair, 1);
+        text = PyUnicode_DecodeLatin1(PyBytes_AS_STRING(text), PyBytes_GET_SIZE(text), NULL);
+        if (text == NULL)
+            goto error;
+        Py_XSETREF(found_value, text);
+        Py_XSETREF(found_key, Py_NewRef(request_start ? s_request_start_key : s_queue_start_key));
+        if (request_start)
+            break;
+    }
+    Py_DECREF(headers);
+    *key = found_key;
+    *value = found_value;
+    return found_key != NULL;
+
+python:
+    /* not the list of (bytes, bytes) pairs an ASGI server gives: the Python definition reads it */
+    Py_CLEAR(found_key);
+    Py_CLEAR(found_value);
+    if ((stamp = PyObject_CallOneArg(asgi_queue_stamp, scope)) == NULL)
+        goto error;
+    if (stamp != Py_None) {
+        PyObject *name;
+        if (!PyTuple_CheckExact(stamp) || PyTuple_GET_SIZE(stamp) != 2) {
+            PyErr_SetString(PyExc_TypeError, "queue_stamp returned no (name, value) pair");
+            goto error;
+        }
+        name = PyTuple_GET_ITEM(stamp, 0);
+        if (!PyUnicode_Check(name)) {
+            PyErr_SetString(PyExc_TypeError, "queue_stamp returned a name that is not a str");
+            goto error;
+        }
+        *key = Py_NewRef(PyUnicode_CompareWithASCIIString(name, "X-REQUEST-START") == 0 ? s_request_start_key
+                                                                                          : s_queue_start_key);
+        *value = Py_NewRef(PyTuple_GET_ITEM(stamp, 1));
+        result = 1;
+    }
+    Py_DECREF(stamp);
+    Py_DECREF(headers);
+    return result;
+error:
+    Py_XDECREF(stamp);
+    Py_XDECREF(found_key);
+    Py_XDECREF(found_value);
+    Py_DECREF(headers);
+    return -1;
+}
+
+/* route_template(scope, root_path) of asgi.py: a new reference to the template or None; NULL: an exception.
+ * Here only the usual case: a route whose path_format is a str, outside any mount. */
+static PyObject *
+asgi_route(Recording *self)
+{
+    PyObject *route, *path = NULL, *mounted = NULL;
+    int same;
+    if (!PyDict_CheckExact(self->scope))
+        goto python;
+    route = PyDict_GetItemWithError(self->scope, s_route);
+    if (route == NULL)
+        return PyErr_Occurred() ? NULL : Py_NewRef(Py_None);
+    if (route == Py_None)
+        return Py_NewRef(Py_None);
+    path = PyObject_GetAttr(route, s_path_format); /* Starlette's routes have it */
+    if (path == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_AttributeError))
+            return NULL;
+        PyErr_Clear();
+        goto python;
+    }
+    if (!PyUnicode_CheckExact(path) || PyUnicode_GET_LENGTH(path) == 0)
+        goto python;
+    mounted = PyDict_GetItemWithError(self->scope, s_root_path);
+    if (mounted == NULL) {
+        if (PyErr_Occurred())
+            goto error;
+        return path;
+    }
+    same = mounted == self->root_path ? 1 : PyObject_RichCompareBool(mounted, self->root_path, Py_EQ);
+    if (same < 0)
+        goto error;
+    if (same)
+        return path;
+python:
+    Py_XDECREF(path);
+    return PyObject_CallFunctionObjArgs(asgi_route_template, self->scope, self->root_path, NULL);
+error:
+    Py_DECREF(path);
+    return NULL;
+}
+
+/* RecordingApp._finish: the request's environ for post_request, worker.nr counted, post_request called. */
+static void
+recording_finish(Recording *self)
+{
+    PyObject *environ = NULL, *key = NULL, *value = NULL, *route = NULL, *args[4];
+    int found;
+    self->finished = 1;
+    if ((environ = PyDict_New()) == NULL)
+        goto error;
+    if ((found = asgi_stamp(self->scope, &key, &value)) < 0)
+        goto error;
+    if (found && PyDict_SetItem(environ, key, value) < 0)
+        goto error;
+    if (self->routes) {
+        if ((route = asgi_route(self)) == NULL)
+            goto error;
+        if (route != Py_None && PyDict_SetItem(environ, s_route_key, route) < 0)
+            goto error;
+    }
+    /* always there: post_request reads an empty environ as "none given" and scans for headers instead */
+    if (PyDict_SetItem(environ, s_asgi_scope, self->scope) < 0)
+        goto error;
+    if (self->count) {
+        PyObject *nr = PyObject_GetAttr(self->worker, s_nr), *more;
+        if (nr == NULL)
+            goto error;
+        more = PyNumber_Add(nr, one);
+        Py_DECREF(nr);
+        if (more == NULL)
+            goto error;
+        found = PyObject_SetAttr(self->worker, s_nr, more);
+        Py_DECREF(more);
+        if (found < 0)
+            goto error;
+    }
+    args[0] = self->worker;
+    args[1] = (PyObject *)self;
+    args[2] = environ;
+    args[3] = (PyObject *)self;
+    Py_XDECREF(post_request(NULL, args, 4)); /* it reports its own errors, and returns None */
+    if (PyErr_Occurred())
+        goto error;
+    goto done;
+error:
+    report_error("recording an ASGI request");
+done:
+    Py_XDECREF(environ);
+    Py_XDECREF(key);
+    Py_XDECREF(value);
+    Py_XDECREF(route);
+}
+
+/* The application's send: note the status, record the request before the last of its response goes out,
+ * then hand the message on and return what the server's send returns (the awaitable the application awaits). */
+static PyObject *
+recording_send(PyObject *callable, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    Recording *self = (Recording *)callable;
+    PyObject *message, *kind = NULL;
+    if (PyVectorcall_NARGS(nargsf) != 1 || (kwnames != NULL && PyTuple_GET_SIZE(kwnames) > 0)) {
+        PyErr_SetString(PyExc_TypeError, "send() takes exactly one argument, the message");
+        return NULL;
+    }
+    message = args[0];
+    if ((kind = get_or(message, s_type, Py_None)) == NULL)
+        goto error;
+    if (PyUnicode_CheckExact(kind)) {
+        if (PyUnicode_CompareWithASCIIString(kind, "http.response.start") == 0) {
+            PyObject *status = get_or(message, s_status, five_hundred);
+            if (status == NULL)
+                goto error;
+            Py_SETREF(self->status_code, status);
+        }
+        else if (!self->finished
+                 && (PyUnicode_CompareWithASCIIString(kind, "http.response.body") == 0
+                     || PyUnicode_CompareWithASCIIString(kind, "http.response.pathsend") == 0
+                     || PyUnicode_CompareWithASCIIString(kind, "http.response.zerocopysend") == 0)) {
+            PyObject *more = get_or(message, s_more_body, Py_False);
+            int truth;
+            if (more == NULL)
+                goto error;
+            truth = PyObject_IsTrue(more);
+            Py_DECREF(more);
+            if (truth < 0)
+                goto error;
+            if (!truth)
+                recording_finish(self);
+        }
+    }
+    goto send;
+error:
+    report_error("recording an ASGI request"); /* our bug: the message still goes out */
+send:
+    Py_XDECREF(kind);
+    return PyObject_Vectorcall(self->send, args, 1, NULL);
+}
+
+/* finish(): what the layer calls once the application has returned or failed; nothing when already recorded. */
+static PyObject *
+recording_finish_method(PyObject *self, PyObject *unused)
+{
+    if (!((Recording *)self)->finished)
+        recording_finish((Recording *)self);
+    Py_RETURN_NONE;
+}
+
+/* asgi_start(worker, scope, send, routes, count_requests): the request's Recording, after pre_request. */
+static PyObject *
+asgi_start(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    Recording *self;
+    PyObject *scope, *query, *client, *hook_args[2];
+    int routes, count;
+    if (nargs != 5) {
+        PyErr_Format(PyExc_TypeError, "asgi_start() takes 5 positional arguments (%zd given)", nargs);
+        return NULL;
+    }
+    if ((routes = PyObject_IsTrue(args[3])) < 0 || (count = PyObject_IsTrue(args[4])) < 0)
+        return NULL;
+    scope = args[1];
+    self = PyObject_GC_New(Recording, &RecordingType);
+    if (self == NULL)
+        return NULL;
+    self->vectorcall = recording_send;
+    self->worker = Py_NewRef(args[0]);
+    self->scope = Py_NewRef(scope);
+    self->send = Py_NewRef(args[2]);
+    self->status_code = Py_NewRef(five_hundred);
+    self->finished = 0;
+    self->routes = (char)routes;
+    self->count = (char)count;
+    self->method = self->path = self->query = self->peer_addr = self->root_path = self->no_socket = NULL;
+    PyObject_GC_Track(self);
+    if ((self->method = get_truthy_or(scope, s_method, s_empty)) == NULL
+        || (self->path = get_truthy_or(scope, s_path, s_empty)) == NULL
+        || (self->root_path = get_or(scope, s_root_path, s_empty)) == NULL
+        || (query = get_truthy_or(scope, s_query_string, s_empty)) == NULL)
+        goto error;
+    if (query == s_empty)
+        self->query = query;
+    else {
+        self->query = PyBytes_CheckExact(query)
+                          ? PyUnicode_DecodeLatin1(PyBytes_AS_STRING(query), PyBytes_GET_SIZE(query), NULL)
+                          : PyObject_CallMethod(query, "decode", "s", "latin-1");
+        Py_DECREF(query);
+        if (self->query == NULL)
+            goto error;
+    }
+    /* ASGI servers give [host, port] or (host, port); the hooks take a tuple as a TCP peer, anything else
+     * (None on a unix socket) as "unix". */
+    if ((client = get_truthy_or(scope, s_client, Py_None)) == NULL)
+        goto error;
+    if (client == Py_None || PyTuple_CheckExact(client))
+        self->peer_addr = client;
+    else {
+        self->peer_addr = PySequence_Tuple(client);
+        Py_DECREF(client);
+        if (self->peer_addr == NULL)
+            goto error;
+    }
+    hook_args[0] = self->worker;
+    hook_args[1] = (PyObject *)self;
+    Py_XDECREF(pre_request(NULL, hook_args, 2)); /* it reports its own errors, and returns None */
+    if (PyErr_Occurred())
+        goto error;
+    return (PyObject *)self;
+error:
+    Py_DECREF(self);
+    return NULL;
+}
+
+static int
+recording_traverse(Recording *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->method);
+    Py_VISIT(self->path);
+    Py_VISIT(self->query);
+    Py_VISIT(self->peer_addr);
+    Py_VISIT(self->status_code);
+    Py_VISIT(self->worker);
+    Py_VISIT(self->scope);
+    Py_VISIT(self->root_path);
+    Py_VISIT(self->send);
+    return 0;
+}
+
+static int
+recording_clear(Recording *self)
+{
+    Py_CLEAR(self->method);
+    Py_CLEAR(self->path);
+    Py_CLEAR(self->query);
+    Py_CLEAR(self->peer_addr);
+    Py_CLEAR(self->status_code);
+    Py_CLEAR(self->worker);
+    Py_CLEAR(self->scope);
+    Py_CLEAR(self->root_path);
+    Py_CLEAR(self->send);
+    return 0;
+}
+
+static void
+recording_dealloc(Recording *self)
+{
+    PyObject_GC_UnTrack(self);
+    recording_clear(self);
+    PyObject_GC_Del(self);
+}
+
+/* The hooks' attribute reads, answered from the fields without the type's generic lookup (the members below
+ * give the same answers to everyone else). */
+static PyObject *
+recording_getattro(PyObject *object, PyObject *name)
+{
+    Recording *self = (Recording *)object;
+    PyObject *value = NULL;
+    if (name == s_path)
+        value = self->path;
+    else if (name == s_method)
+        value = self->method;
+    else if (name == s_query)
+        value = self->query;
+    else if (name == s_peer_addr)
+        value = self->peer_addr;
+    else if (name == s_status_code)
+        value = self->status_code;
+    else if (name == s_sock)
+        return Py_NewRef(Py_None);
+    else
+        return PyObject_GenericGetAttr(object, name);
+    return Py_NewRef(value != NULL ? value : Py_None);
+}
+
+static PyMemberDef recording_members[] = {
+    {"method", T_OBJECT, offsetof(Recording, method), READONLY, NULL},
+    {"path", T_OBJECT, offsetof(Recording, path), READONLY, NULL},
+    {"query", T_OBJECT, offsetof(Recording, query), READONLY, NULL},
+    {"peer_addr", T_OBJECT, offsetof(Recording, peer_addr), READONLY, NULL},
+    {"status_code", T_OBJECT, offsetof(Recording, status_code), READONLY, NULL},
+    /* no socket to ask for the TCP state (post_request's client_closed): None, without raising */
+    {"sock", T_OBJECT, offsetof(Recording, no_socket), READONLY, NULL},
+    {NULL},
+};
+
+static PyMethodDef recording_methods[] = {
+    {"finish", recording_finish_method, METH_NOARGS,
+     "Record the request now, unless its response has finished already (the application returned or failed)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject RecordingType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "gunicorn_insight._worker._speedups.Recording",
+    .tp_basicsize = sizeof(Recording),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = "One HTTP request through the recording ASGI layer: the request hooks' request and response, and "
+              "the send callable the application gets (see asgi_start).",
+    .tp_vectorcall_offset = offsetof(Recording, vectorcall),
+    .tp_call = PyVectorcall_Call,
+    .tp_getattro = recording_getattro,
+    .tp_traverse = (traverseproc)recording_traverse,
+    .tp_clear = (inquiry)recording_clear,
+    .tp_dealloc = (destructor)recording_dealloc,
+    .tp_members = recording_members,
+    .tp_methods = recording_methods,
+};
+
+/* current_task() of asgi.py, without a Python frame: the running loop's task, else the thread's id. */
+static PyObject *
+current_task(PyObject *module, PyObject *unused)
+{
+    PyObject *loop, *task;
+    if (running_loop == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "current_task() before bind_asgi()");
+        return NULL;
+    }
+    if ((loop = PyObject_CallNoArgs(running_loop)) == NULL)
+        return NULL;
+    if (loop == Py_None)
+        task = NULL;
+    else if (PyDict_CheckExact(task_of_loop)) {
+        task = Py_XNewRef(PyDict_GetItemWithError(task_of_loop, loop));
+        if (task == NULL && PyErr_Occurred()) {
+            Py_DECREF(loop);
+            return NULL;
+        }
+    }
+    else if ((task = PyObject_CallOneArg(task_of_loop, loop)) == NULL) {
+        Py_DECREF(loop);
+        return NULL;
+    }
+    Py_DECREF(loop);
+    if (task == NULL || task == Py_None) {
+        Py_XDECREF(task);
+        return PyObject_CallNoArgs(thread_ident);
+    }
+    return task;
+}
+
+/* bind_asgi(route_template, queue_stamp, running_loop, task_of_loop, thread_ident): asgi.py's definitions, for
+ * what asgi_start leaves to them, and what its current_task reads (task_of_loop: a dict, or a function). */
+static PyObject *
+bind_asgi(PyObject *module, PyObject *args)
+{
+    PyObject *route_template, *queue_stamp, *loop, *tasks, *ident;
+    if (!PyArg_ParseTuple(args, "OOOOO:bind_asgi", &route_template, &queue_stamp, &loop, &tasks, &ident))
+        return NULL;
+    Py_XSETREF(asgi_route_template, Py_NewRef(route_template));
+    Py_XSETREF(asgi_queue_stamp, Py_NewRef(queue_stamp));
+    Py_XSETREF(running_loop, Py_NewRef(loop));
+    Py_XSETREF(task_of_loop, Py_NewRef(tasks));
+    Py_XSETREF(thread_ident, Py_NewRef(ident));
+    Py_RETURN_NONE;
+}
+
 /* bind(globals, pre_request, post_request, report, describe_peer, parse_status, parse_request_start,
  *      queue_header, method_index, other_method, route_key, request_start_key, queue_start_key,
  *      hang_up_check_after, layouts) */
@@ -971,6 +1477,15 @@ static PyMethodDef methods[] = {
     {"post_request", (PyCFunction)(void (*)(void))post_request, METH_FASTCALL,
      "post_request($module, worker, req, environ, resp, /)\n--\n\n"
      "gunicorn's post_request hook: write the finished request into this worker's ring."},
+    {"asgi_start", (PyCFunction)(void (*)(void))asgi_start, METH_FASTCALL,
+     "asgi_start($module, worker, scope, send, routes, count_requests, /)\n--\n\n"
+     "The recording ASGI layer's start of an HTTP request: pre_request, then the Recording the application "
+     "gets as its send."},
+    {"bind_asgi", bind_asgi, METH_VARARGS,
+     "Hand over asgi.py's route_template and queue_stamp, and what current_task reads (it calls this once)."},
+    {"current_task", current_task, METH_NOARGS,
+     "current_task($module, /)\n--\n\n"
+     "The running event loop's current task, else the thread's id (asgi.current_task, compiled)."},
     {"bind", bind_hooks, METH_VARARGS, "Hand over what the hooks need from gunicorn_insight._worker.recorder (it calls this once)."},
     {NULL, NULL, 0, NULL},
 };
@@ -1002,11 +1517,26 @@ PyInit__speedups(void)
     INTERN(s_busy_header, "X-GUNICORN-BUSY");
     INTERN(s_queue_ms_header, "X-GUNICORN-QUEUE-MS");
     INTERN(s_no_queue, "-");
+    INTERN(s_type, "type");
+    INTERN(s_status, "status");
+    INTERN(s_more_body, "more_body");
+    INTERN(s_query_string, "query_string");
+    INTERN(s_client, "client");
+    INTERN(s_root_path, "root_path");
+    INTERN(s_route, "route");
+    INTERN(s_path_format, "path_format");
+    INTERN(s_asgi_scope, "asgi.scope");
+    INTERN(s_nr, "nr");
+    INTERN(s_empty, "");
+    INTERN(s_get, "get");
 #undef INTERN
     if ((minus_one = PyLong_FromLong(-1)) == NULL)
         return NULL;
     hung_up = PyTuple_Pack(3, PyExc_BrokenPipeError, PyExc_ConnectionResetError, PyExc_ConnectionAbortedError);
     if (hung_up == NULL)
+        return NULL;
+    if ((one = PyLong_FromLong(1)) == NULL || (five_hundred = PyLong_FromLong(500)) == NULL
+        || PyType_Ready(&RecordingType) < 0)
         return NULL;
     return PyModule_Create(&speedups);
 }

@@ -21,3 +21,27 @@ def bind(
     layouts: tuple[str, str, str, int],
     /,
 ) -> None: ...
+
+class Recording:
+    """One HTTP request through the recording ASGI layer (asgi.py): the hooks' request and response, and the
+    application's send."""
+
+    method: str
+    path: str
+    query: str
+    peer_addr: Any
+    status_code: Any
+    sock: None
+    def __call__(self, message: Any, /) -> Any: ...
+    def finish(self) -> None: ...
+
+def asgi_start(worker: Any, scope: Any, send: Any, routes: bool, count_requests: bool, /) -> Recording: ...
+def bind_asgi(
+    route_template: Callable[[Any, str], str | None],
+    queue_stamp: Callable[[Any], Any],
+    running_loop: Callable[[], Any],
+    task_of_loop: Any,
+    thread_ident: Callable[[], int],
+    /,
+) -> None: ...
+def current_task() -> Any: ...

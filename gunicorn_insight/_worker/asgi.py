@@ -5,7 +5,9 @@ uvicorn's worker classes never call gunicorn's ``pre_request``/``post_request``,
 log is on, and with a request that has no peer address. So on those classes the worker wraps the loaded
 application in :class:`RecordingApp`, which hands each HTTP request to the very same two hooks
 (compiled or Python, whichever install() chose) through a small stand-in for gunicorn's request: one
-definition of what a request writes, identical bytes in the slot.
+definition of what a request writes, identical bytes in the slot. With the compiled hooks the stand-in and
+the per-request steps are C too (``_speedups.asgi_start``), falling back to this module's functions for
+anything unusual; the application's ``send`` is a plain callable, not a coroutine of the layer's own.
 
 Only ``http`` scopes are requests. ``lifespan`` and ``websocket`` scopes go to the application untouched
 and are not counted (a websocket connection can last hours: it is not a request with a duration).
@@ -21,6 +23,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from .._report import report
+from . import recorder
 from .routes import ROUTE_KEY
 
 Scope = MutableMapping[str, Any]
@@ -30,20 +33,39 @@ Send = Callable[[Message], Awaitable[None]]
 Hook = Callable[..., None]
 
 _QUEUE_HEADERS = {b"x-request-start": "X-REQUEST-START", b"x-queue-start": "X-QUEUE-START"}
+_QUEUE_HEADER_LENGTHS = frozenset(map(len, _QUEUE_HEADERS))
 _FINAL_MESSAGES = frozenset({"http.response.body", "http.response.pathsend", "http.response.zerocopysend"})
 _ENVIRON_KEYS = {"X-REQUEST-START": "HTTP_X_REQUEST_START", "X-QUEUE-START": "HTTP_X_QUEUE_START"}
 
 
 class AsgiRequest:
-    """What the request hooks read from gunicorn's request and response objects, taken from an ASGI scope.
+    """One HTTP request through the layer, for the Python hooks: what they read from gunicorn's request and
+    response objects, taken from an ASGI scope, and the ``send`` the application gets.
 
-    One object is both: ``status_code`` is what post_request reads first from a response. It starts at
-    500, what the server answers when the application fails before starting its response (gunicorn's
-    WSGI path records the same)."""
+    One object is both request and response: ``status_code`` is what post_request reads first from a response.
+    It starts at 500, what the server answers when the application fails before starting its response
+    (gunicorn's WSGI path records the same). ``_speedups.Recording`` is the same thing in C, for the compiled
+    hooks (see RecordingApp)."""
 
-    __slots__ = ("headers", "method", "path", "peer_addr", "query", "status_code")
+    __slots__ = (
+        "_count",
+        "_finished",
+        "_post_request",
+        "_routes",
+        "_scope",
+        "_send",
+        "_worker",
+        "method",
+        "path",
+        "peer_addr",
+        "query",
+        "root_path",
+        "status_code",
+    )
 
-    def __init__(self, scope: Scope) -> None:
+    sock = None  # no socket to ask for the TCP state (post_request's client_closed)
+
+    def __init__(self, scope: Scope, send: Send, worker: Any, finishing: tuple[Hook, bool, bool]) -> None:
         self.method: str = scope.get("method") or ""
         self.path: str = scope.get("path") or ""
         query = scope.get("query_string")
@@ -52,15 +74,63 @@ class AsgiRequest:
         # ASGI servers give [host, port] or (host, port); the hooks take a tuple as a TCP peer, anything else
         # (None on a unix socket) as "unix".
         self.peer_addr: Any = tuple(client) if client else None
-        self.headers: list[tuple[str, str]] = []
+        self.root_path = scope.get("root_path", "")
         self.status_code = 500
+        self._scope, self._send, self._finished = scope, send, False
+        self._worker = worker
+        self._post_request, self._routes, self._count = finishing  # post_request, routes, count_requests
+
+    def __call__(self, message: Message) -> Awaitable[None]:
+        """The application's send: a plain call returning the server's awaitable, no coroutine of its own."""
+        try:
+            kind = message.get("type")
+            if kind == "http.response.start":
+                self.status_code = message.get("status", 500)
+            elif not self._finished and kind in _FINAL_MESSAGES and not message.get("more_body", False):
+                # Recorded before the last of the response goes out, so a client that got its answer never
+                # reads a count without it; what runs after (background tasks) is not the request's time.
+                self.finish()
+        except Exception as error:  # our bug: the message still goes out
+            report("recording an ASGI request", error)
+        return self._send(message)
+
+    def finish(self) -> None:
+        """Record the request now, unless its response has finished already."""
+        if self._finished:
+            return
+        self._finished = True
+        worker = self._worker
+        try:
+            environ = request_environ(self._scope, self.root_path, self._routes)
+            if self._count:
+                worker.nr += 1
+            self._post_request(worker, self, environ, self)
+        except Exception as error:
+            report("recording an ASGI request", error)
+
+
+def request_environ(scope: Scope, root_path: str, routes: bool) -> dict[str, Any]:
+    """What post_request reads from a WSGI environ, for an ASGI request: the queue time header, the route.
+
+    ``asgi.scope`` is always there (for a route_resolver written for ASGI): an empty environ would read as none
+    given."""
+    environ: dict[str, Any] = {"asgi.scope": scope}
+    stamp = queue_stamp(scope)
+    if stamp is not None:
+        environ[_ENVIRON_KEYS[stamp[0]]] = stamp[1]
+    if routes:
+        route = route_template(scope, root_path)
+        if route is not None:
+            environ[ROUTE_KEY] = route
+    return environ
 
 
 def queue_stamp(scope: Scope) -> tuple[str, str] | None:
     """(header name as gunicorn spells it, value) of X-Request-Start, else X-Queue-Start, from an ASGI scope."""
     found = None
     for name, value in scope.get("headers") or ():
-        known = _QUEUE_HEADERS.get(bytes(name).lower())
+        # A length compared first: most headers are neither, and lower() would copy every name.
+        known = _QUEUE_HEADERS.get(bytes(name).lower()) if len(name) in _QUEUE_HEADER_LENGTHS else None
         if known is not None:
             if known == "X-REQUEST-START":
                 return known, bytes(value).decode("latin-1")
@@ -92,13 +162,19 @@ def route_template(scope: Scope, root_path: str) -> str | None:
     return path
 
 
-def current_task() -> Any:
-    """What serves the request now, for the scoreboard and the watchdog: the asyncio task (its stack is the
-    request's), or the thread where there is none (another event loop library)."""
-    try:
-        return asyncio.current_task() or threading.get_ident()
-    except RuntimeError:
-        return threading.get_ident()
+_RUNNING_LOOP = asyncio.events._get_running_loop
+_TASK_OF_LOOP: Any = (
+    # Before 3.12, asyncio.current_task() is Python reading this dict: read it straight (once per request).
+    asyncio.tasks._current_tasks  # type: ignore[attr-defined]  # private, as above
+    if sys.version_info < (3, 12) and isinstance(getattr(asyncio.tasks, "_current_tasks", None), dict)
+    else asyncio.current_task
+)
+
+
+def _current_task() -> Any:
+    loop = _RUNNING_LOOP()
+    task = None if loop is None else _TASK_OF_LOOP.get(loop) if type(_TASK_OF_LOOP) is dict else _TASK_OF_LOOP(loop)
+    return threading.get_ident() if task is None else task
 
 
 def _is_asgi3(app: Any) -> bool:
@@ -132,80 +208,96 @@ class RecordingApp:
         on_loop: Callable[[asyncio.AbstractEventLoop], None] | None = None,
     ) -> None:
         self.app = app
-        self._on_loop = on_loop
-        self._worker = worker
-        self._pre_request, self._post_request = hooks
-        self._routes = routes
-        self._count = count_requests
-        self._asgi3 = _is_asgi3(app)
+        app3: Callable[[Scope, Receive, Send], Awaitable[None]] = (
+            app if _is_asgi3(app) else lambda scope, receive, send: app(scope)(receive, send)
+        )
+        # The compiled hooks get the compiled request (one C call to start, none per message but the send's);
+        # any other pair, the Python one: the same steps, so the same bytes.
+        compiled = _compiled_start()
+        start = (
+            compiled
+            if compiled is not None and hooks == recorder.COMPILED
+            else _python_start(hooks, routes, count_requests)
+        )
+        # What a request needs, read with one attribute lookup: __getattr__ (below) makes each lookup on this
+        # object a slow one (the interpreter does not specialize them).
+        self._serving: tuple[
+            Any, Callable[..., Any], Any, Callable[[Scope, Receive, Send], Awaitable[None]], bool, bool
+        ] = (
+            on_loop,
+            start,
+            worker,
+            app3,
+            routes,
+            count_requests,
+        )
 
     def __getattr__(self, name: str) -> Any:
         if name == "app":  # not set yet (copy, pickle): no recursion
             raise AttributeError(name)
         return getattr(self.app, name)
 
-    async def _call(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self._asgi3:
-            await self.app(scope, receive, send)
-        else:
-            await self.app(scope)(receive, send)
-
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self._on_loop is not None:  # the first call (lifespan, at startup): the loop the server runs
-            on_loop, self._on_loop = self._on_loop, None
+        on_loop, start, worker, app, routes, count = self._serving
+        if on_loop is not None:  # the first call (lifespan, at startup): the loop the server runs
+            self._serving = (None, start, worker, app, routes, count)
             try:
                 on_loop(asyncio.get_running_loop())
             except Exception as error:
                 report("finding the event loop", error)
         if scope.get("type") != "http":
-            await self._call(scope, receive, send)
+            await app(scope, receive, send)
             return
-        worker = self._worker
         try:
-            req = AsgiRequest(scope)
-            root_path = scope.get("root_path", "")
-            self._pre_request(worker, req)
+            request = start(worker, scope, send, routes, count)
         except Exception as error:  # our bug must not cost the application its request
             report("recording an ASGI request", error)
-            await self._call(scope, receive, send)
+            await app(scope, receive, send)
             return
-
-        finished = False
-
-        async def recording_send(message: Message) -> None:
-            nonlocal finished
-            kind = message.get("type")
-            if kind == "http.response.start":
-                req.status_code = message.get("status", 500)
-            elif not finished and (kind in _FINAL_MESSAGES and not message.get("more_body", False)):
-                # Recorded before the last of the response goes out, so a client that got its answer never
-                # reads a count without it; what runs after (background tasks) is not the request's time.
-                finished = True
-                self._finish(worker, req, scope, root_path)
-            await send(message)
-
         try:
-            await self._call(scope, receive, recording_send)
+            await app(scope, receive, request)
         finally:
-            if not finished:  # the application failed, or returned without finishing its response
-                self._finish(worker, req, scope, root_path)
+            # The application failed, or returned without finishing its response: recorded now (else nothing).
+            request.finish()
 
-    def _finish(self, worker: Any, req: AsgiRequest, scope: Scope, root_path: str) -> None:
-        try:
-            environ: dict[str, Any] = {}
-            stamp = queue_stamp(scope)
-            if stamp is not None:
-                environ[_ENVIRON_KEYS[stamp[0]]] = stamp[1]
-            if self._routes:
-                route = route_template(scope, root_path)
-                if route is not None:
-                    environ[ROUTE_KEY] = route
-                environ["asgi.scope"] = scope  # for a route_resolver written for ASGI
-            if self._count:
-                worker.nr += 1
-            self._post_request(worker, req, environ, req)
-        except Exception as error:
-            report("recording an ASGI request", error)
+
+def _python_start(
+    hooks: tuple[Hook, Hook], routes: bool, count: bool
+) -> Callable[[Any, Scope, Send, bool, bool], AsgiRequest]:
+    """What asgi_start does, for the Python hooks (or any other pair); the layer's routes and count_requests
+    are this one's already."""
+    pre_request, post_request = hooks
+    finishing = (post_request, routes, count)
+
+    def start(worker: Any, scope: Scope, send: Send, _routes: bool, _count: bool) -> AsgiRequest:
+        req = AsgiRequest(scope, send, worker, finishing)
+        pre_request(worker, req)
+        return req
+
+    return start
+
+
+def _compiled_start() -> Callable[[Any, Scope, Send, bool, bool], Any] | None:
+    """_speedups.asgi_start, bound to this module's definitions; None where the compiled hooks are not built."""
+    if recorder.COMPILED is None:
+        return None
+    from . import _speedups
+
+    return _speedups.asgi_start
+
+
+def _compiled_current_task() -> Callable[[], Any] | None:
+    if recorder.COMPILED is None:
+        return None
+    from . import _speedups
+
+    _speedups.bind_asgi(route_template, queue_stamp, _RUNNING_LOOP, _TASK_OF_LOOP, threading.get_ident)
+    return _speedups.current_task
+
+
+current_task: Callable[[], Any] = _compiled_current_task() or _current_task
+"""What serves the request now, for the scoreboard and the watchdog: the asyncio task (its stack is the
+request's), or the thread where there is none (another event loop library). In C where the hooks are."""
 
 
 def find_uvicorn_connections(worker: Any, found: Callable[[Callable[[], int]], None]) -> None:

@@ -364,6 +364,8 @@ class RequestRecorder:
 
     def add_log_atoms(self, req: Any) -> None:
         """Make busy workers and queue time usable in access_log_format as %({x-gunicorn-busy}i)s etc."""
+        if type(getattr(req, "headers", None)) is not list:  # the ASGI layer's request: no gunicorn access log
+            return
         busy = self._board.busy_workers()
         queue = request_queue_time(req.headers)
         queue_ms = f"{queue * 1000:.1f}" if queue >= 0 else "-"
