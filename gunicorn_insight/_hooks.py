@@ -166,6 +166,29 @@ def inspecting() -> Iterator[None]:
         STATE.inspecting, STATE.settings = before
 
 
+def _remove_stale_run_dirs(run_dir: str | None) -> None:
+    """Remove, beside ours, the run directories of masters that are gone: a master killed with SIGKILL (or by
+    the OOM killer) leaves its directory, about 4 MiB of /dev/shm each, and a server restarted that way again
+    and again would fill it. Gone means what `status` means by stale: the pid in server.json runs no more, or
+    runs a process that started after it (a reused pid). A master removes its own user's; root's, any (with
+    --user a directory belongs to the workers' user)."""
+    if run_dir is None:
+        return
+    me = os.geteuid()
+    stale = [
+        path for path in _discovery.scan([os.path.dirname(run_dir)]).stale if me == 0 or os.stat(path).st_uid == me
+    ]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    if stale:
+        LOG.info(
+            "gunicorn-insight: removed %d run director%s of masters that are gone (killed with SIGKILL?): %s",
+            len(stale),
+            "y" if len(stale) == 1 else "ies",
+            ", ".join(sorted(stale)[:5]) + (", ..." if len(stale) > 5 else ""),
+        )
+
+
 def _remove_run_dir() -> None:
     # Workers run atexit handlers too (gunicorn exits them with sys.exit): only the master cleans up. The
     # owner is the process that loaded the config until on_starting names the master (with --daemon, a
@@ -344,6 +367,10 @@ def on_starting(server: Any) -> None:
         _binds.warn_if_taken(server)
     except Exception as error:
         report("naming who holds the addresses to bind", error)
+    try:
+        _remove_stale_run_dirs(STATE.run_dir)
+    except Exception as error:
+        report("removing the run directories of masters that are gone", error)
     try:
         _warn_if_little_room(master.plan.prometheus_dir, int(getattr(server.cfg, "workers", 1) or 1))
     except Exception as error:

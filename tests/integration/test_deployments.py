@@ -12,6 +12,7 @@ import re
 import signal
 import sqlite3
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -46,12 +47,15 @@ def test_a_second_server_keeps_the_first_ones_files_and_the_users_app_db(
         assert database.execute("select count(*) from orders").fetchone() == (0,)
 
 
-def _server_json_of(master_pid: int) -> Path | None:
+def _server_json_of(master_pid: int, since: float) -> Path | None:
+    """The server.json of the master with this pid that started after ``since`` (wall clock): a directory
+    left by an earlier run's killed master can carry the same pid, reused."""
     for path in glob.glob("/dev/shm/gunicorn-insight-*/server.json") + glob.glob(
         os.path.join(tempfile.gettempdir(), "gunicorn-insight-*", "server.json")
     ):
         try:
-            if json.loads(Path(path).read_text())["master_pid"] == master_pid:
+            described = json.loads(Path(path).read_text())
+            if described["master_pid"] == master_pid and described["started"] >= since:
                 return Path(path)
         except (OSError, ValueError, KeyError):
             continue
@@ -74,6 +78,7 @@ def test_a_normal_stop_leaves_nothing_in_dev_shm_or_tmp(
     that loaded the config)."""
     pidfile = tmp_path / "gunicorn.pid"
     args = ["--pid", str(pidfile), "--error-logfile", str(tmp_path / "error.log")]
+    since = time.time()
     server = start_gunicorn(process_factory, args=[*args, "--daemon"] if daemon else args, wait=False)
     master = 0
     try:
@@ -87,7 +92,7 @@ def test_a_normal_stop_leaves_nothing_in_dev_shm_or_tmp(
         )
         master = int(pidfile.read_text())
         server_json = wait_until(
-            lambda: _server_json_of(master),
+            lambda: _server_json_of(master, since),
             timeout=30,
             what="the master's server.json",
             dump=lambda: _read(tmp_path / "error.log"),
@@ -183,12 +188,13 @@ def test_counters_carry_over_a_usr2_upgrade_with_the_embedded_directory(process_
     for _ in range(3):
         assert server.get("/") == 200
     server.wait_for_value("gunicorn_requests_total", 3)
+    since = time.time()
     server.process.send_signal(signal.SIGUSR2)
     server.process.wait_for_log(r"still served by the previous master \(USR2 upgrade\)", timeout=30)
     successor = int(re.findall(r"\[(\d+)\] \[INFO\] Starting gunicorn", server.process.output())[-1])
     assert successor != server.pid
     wait_until(
-        lambda: _server_json_of(successor),
+        lambda: _server_json_of(successor, since),
         timeout=30,
         what="the new master's server.json",
         dump=server.process.describe,
@@ -215,3 +221,21 @@ def _total_or_none(server: Gunicorn, name: str) -> float | None:
         return server.total(name)
     except OSError:
         return None  # the new master's /metrics process is still taking the port over
+
+
+def test_run_directories_of_masters_that_are_gone_are_removed_at_start(
+    process_factory: ProcessFactory,
+) -> None:
+    """A run directory whose server.json names a master that no longer runs (a SIGKILLed one) is removed when
+    the next server starts, said in one line; a live server's directory stays."""
+    live = start_gunicorn(process_factory, workers=1)
+    live_json = _server_json_of(live.pid, 0)
+    assert live_json is not None
+    described = json.loads(live_json.read_text())
+    gone = Path(tempfile.mkdtemp(prefix="gunicorn-insight-", dir=live_json.parent.parent))
+    (gone / "scoreboard").write_bytes(b"\0" * 4096)
+    (gone / "server.json").write_text(json.dumps({**described, "master_pid": 4_194_304 + 1}))  # above pid_max
+    server = start_gunicorn(process_factory, workers=1)
+    server.process.wait_for_log(r"removed \d+ run director(y|ies) of masters that are gone", timeout=30)
+    assert not gone.exists(), server.process.describe()
+    assert live_json.exists(), "a live master's directory was removed"
