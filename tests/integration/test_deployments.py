@@ -221,21 +221,3 @@ def _total_or_none(server: Gunicorn, name: str) -> float | None:
         return server.total(name)
     except OSError:
         return None  # the new master's /metrics process is still taking the port over
-
-
-def test_run_directories_of_masters_that_are_gone_are_removed_at_start(
-    process_factory: ProcessFactory,
-) -> None:
-    """A run directory whose server.json names a master that no longer runs (a SIGKILLed one) is removed when
-    the next server starts, said in one line; a live server's directory stays."""
-    live = start_gunicorn(process_factory, workers=1)
-    live_json = _server_json_of(live.pid, 0)
-    assert live_json is not None
-    described = json.loads(live_json.read_text())
-    gone = Path(tempfile.mkdtemp(prefix="gunicorn-insight-", dir=live_json.parent.parent))
-    (gone / "scoreboard").write_bytes(b"\0" * 4096)
-    (gone / "server.json").write_text(json.dumps({**described, "master_pid": 4_194_304 + 1}))  # above pid_max
-    server = start_gunicorn(process_factory, workers=1)
-    server.process.wait_for_log(r"removed \d+ run director(y|ies) of masters that are gone", timeout=30)
-    assert not gone.exists(), server.process.describe()
-    assert live_json.exists(), "a live master's directory was removed"

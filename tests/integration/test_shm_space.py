@@ -161,3 +161,29 @@ def test_little_room_left_for_the_applications_files_is_said_once(process_factor
         timeout=30,
     )
     assert server.process.output().count("the application's prometheus_client files need") == 1
+
+
+def test_run_directories_of_masters_that_are_gone_are_removed_at_start(
+    namespaces: None, process_factory: ProcessFactory, tmp_path: Path
+) -> None:
+    """In a /dev/shm of its own, a server starts beside two run directories: the one whose server.json names
+    a master that no longer runs is removed, in one line; the one of a master that runs stays."""
+    live = start_gunicorn(process_factory, workers=1)
+    described = json.loads((Path(live.scoreboard_path).parent / "server.json").read_text())
+    (tmp_path / "gone.json").write_text(json.dumps({**described, "master_pid": 4_194_304 + 1}))  # above pid_max
+    (tmp_path / "live.json").write_text(json.dumps(described))
+    plant = " && ".join(
+        f"mkdir -m 700 /dev/shm/gunicorn-insight-{name} && "
+        f"cp {tmp_path / name}.json /dev/shm/gunicorn-insight-{name}/server.json"
+        for name in ("gone", "live")
+    )
+    script = f'mount -t tmpfs -o size=64m gi-test-shm /dev/shm && {plant} && exec "$@"'
+    launcher = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh"]
+    server = start_gunicorn(process_factory, workers=1, launcher=launcher, wait=False)
+    server.process.wait_for_log(
+        r"removed 1 run directory of masters that are gone \(killed with SIGKILL\?\): /dev/shm/gunicorn-insight-gone",
+        timeout=30,
+    )
+    shm = Path(f"/proc/{server.pid}/root/dev/shm")
+    assert not (shm / "gunicorn-insight-gone").exists()
+    assert (shm / "gunicorn-insight-live" / "server.json").exists()
