@@ -144,19 +144,24 @@ def test_oom_counter_reads_cgroup_v2(tmp_path: Path) -> None:
     assert not counter.claim()  # nothing new: an old kill is never blamed for a later SIGKILL
 
 
-def test_oom_kill_stays_claimable_one_round_only(tmp_path: Path) -> None:
-    """A kill counted by the poll just before its victim was reaped is claimed in the next round, not later."""
+def test_oom_kill_stays_claimable_for_a_window_of_seconds(tmp_path: Path) -> None:
+    """A kill counted before its victim's reap is logged can be claimed for CLAIM_WINDOW seconds however many
+    rounds pass meanwhile (rounds can be 0.05 s apart), and not after."""
     proc = tmp_path / "cgroup"
     proc.write_text("0::/app.slice\n")
     events = tmp_path / "root" / "app.slice" / "memory.events"
     events.parent.mkdir(parents=True)
     (tmp_path / "root" / "cgroup.controllers").write_text("cpu memory\n")  # what marks a v2 mount
     events.write_text("oom 0\noom_kill 0\n")
-    counter = OomCounter(str(proc), str(tmp_path / "root"))
+    now = [100.0]
+    counter = OomCounter(str(proc), str(tmp_path / "root"), clock=lambda: now[0])
     events.write_text("oom 2\noom_kill 2\n")
-    counter.poll()  # both kills seen; their exits arrive in the next round
-    counter.poll()
+    counter.poll()  # both kills seen; their exits are reaped later
+    for _ in range(30):  # 30 rounds of 0.05 s
+        now[0] += 0.05
+        counter.poll()
     assert counter.claim()
+    now[0] += OomCounter.CLAIM_WINDOW
     counter.poll()
     assert not counter.claim()  # the second kill was never claimed and has expired
 

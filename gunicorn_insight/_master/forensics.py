@@ -87,13 +87,23 @@ def _signal_name(status: int) -> str:
 class OomCounter:
     """The kernel's count of OOM kills in our own cgroup (v2 memory.events, or v1 memory.oom_control).
 
-    :meth:`poll` runs every round; the kills it finds are a budget that SIGKILLs may claim in that round and
-    the next one (the kernel counts the kill before the victim is reaped, so a poll can fall between the two),
-    never later: an OOM kill from hours ago is never blamed for today's ``kill -9``.
+    :meth:`poll` runs every round; the kills it finds are a budget that SIGKILLs may claim for CLAIM_WINDOW
+    seconds (the kernel counts the kill before the victim is reaped and gunicorn logs the reap, so a poll can
+    fall between the two; rounds can be 0.05 s apart, hence seconds, not rounds), never later: an OOM kill
+    from hours ago is never blamed for today's ``kill -9``.
     """
 
-    def __init__(self, proc_self_cgroup: str = "/proc/self/cgroup", cgroup_root: str = "/sys/fs/cgroup") -> None:
+    CLAIM_WINDOW = 2.0
+
+    def __init__(
+        self,
+        proc_self_cgroup: str = "/proc/self/cgroup",
+        cgroup_root: str = "/sys/fs/cgroup",
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.path = _find_oom_file(proc_self_cgroup, cgroup_root)
+        self._clock = clock
+        self._claimable: deque[float] = deque()  # when each unclaimed kill was seen, oldest first
         self.last = self.read()
         if self.last is None:
             LOG.info(
@@ -101,8 +111,6 @@ class OomCounter:
                 "the OOM killer SIGKILLs is counted as cause=killed, not cause=oom",
                 self.path or "no memory.events or memory.oom_control found",
             )
-        self._previous_round = 0
-        self._this_round = 0
 
     def read(self) -> int | None:
         if self.path is None:
@@ -118,21 +126,25 @@ class OomCounter:
         return None
 
     def poll(self) -> None:
-        """Kills since the previous poll become claimable; those unclaimed for a whole round expire."""
-        now = self.read()
-        before, self.last = self.last, now
-        fresh = max(0, now - before) if now is not None and before is not None else 0
-        self._previous_round, self._this_round = self._this_round, fresh
+        """Kills since the previous poll become claimable; those unclaimed for CLAIM_WINDOW seconds expire."""
+        count = self.read()
+        before, self.last = self.last, count
+        fresh = max(0, count - before) if count is not None and before is not None else 0
+        now = self._clock()
+        self._claimable.extend([now] * fresh)
+        self._expire(now)
 
     def claim(self) -> bool:
         """Did the kernel OOM-kill something in our cgroup lately that no other exit has claimed?"""
-        if self._previous_round > 0:
-            self._previous_round -= 1
-            return True
-        if self._this_round > 0:
-            self._this_round -= 1
+        self._expire(self._clock())
+        if self._claimable:
+            self._claimable.popleft()
             return True
         return False
+
+    def _expire(self, now: float) -> None:
+        while self._claimable and now - self._claimable[0] > self.CLAIM_WINDOW:
+            self._claimable.popleft()
 
 
 def _find_oom_file(proc_self_cgroup: str, cgroup_root: str) -> str | None:
