@@ -52,6 +52,33 @@ def proxied_request() -> bytes:
     )
 
 
+def record_into_a_scoreboard(worker: Any, *, thread_cpu: bool, current: Any = None) -> Any:
+    """A fresh scoreboard and the process's recorder on slot 0, configured like bench.py's everything row (the
+    thread's CPU clock where requests own their thread); returns the scoreboard."""
+    from gunicorn_insight import _scoreboard as sb
+    from gunicorn_insight._worker import recorder
+
+    board = sb.Scoreboard.create(
+        os.path.join(tempfile.mkdtemp(), "scoreboard"),
+        slots=2,
+        entries=1,
+        ring=8192,
+        master_pid=os.getpid(),
+        routes=100,
+    )
+    board.assign(0, time.monotonic())
+    options = recorder.RecorderOptions(
+        routes=True,
+        exclude_paths=frozenset({"/healthz"}),
+        access_log_atoms=True,
+        threaded=False,
+        thread_cpu=thread_cpu,
+    )
+    extra = () if current is None else (current,)
+    recorder.RECORDER = recorder.RequestRecorder(board, 0, worker, options, *extra)
+    return board
+
+
 def request_loop(mode: str, requests: int, raw_request: bytes) -> None:
     """The child: a sync worker's per-request work, ``requests`` times after a warm-up."""
     from gunicorn.config import Config
@@ -71,26 +98,9 @@ def request_loop(mode: str, requests: int, raw_request: bytes) -> None:
     worker = Worker()
     pre_request, post_request = cfg.pre_request, cfg.post_request
     if mode != "bare":
-        from gunicorn_insight import _scoreboard as sb
         from gunicorn_insight._worker import recorder
 
-        board = sb.Scoreboard.create(
-            os.path.join(tempfile.mkdtemp(), "scoreboard"),
-            slots=2,
-            entries=1,
-            ring=8192,
-            master_pid=os.getpid(),
-            routes=100,
-        )
-        board.assign(0, time.monotonic())
-        options = recorder.RecorderOptions(
-            routes=True,
-            exclude_paths=frozenset({"/healthz"}),
-            access_log_atoms=True,
-            threaded=False,
-            thread_cpu=True,
-        )
-        recorder.RECORDER = recorder.RequestRecorder(board, 0, worker, options)
+        board = record_into_a_scoreboard(worker, thread_cpu=True)
         if mode == "compiled":
             if recorder.COMPILED is None:
                 sys.exit(
@@ -143,22 +153,9 @@ def asgi_request_loop(mode: str, requests: int, raw_request: bytes) -> None:
     worker = Worker()
     served: Any = app
     if mode != "bare":
-        from gunicorn_insight import _scoreboard as sb
         from gunicorn_insight._worker import asgi, recorder
 
-        board = sb.Scoreboard.create(
-            os.path.join(tempfile.mkdtemp(), "scoreboard"),
-            slots=2,
-            entries=1,
-            ring=8192,
-            master_pid=os.getpid(),
-            routes=100,
-        )
-        board.assign(0, time.monotonic())
-        options = recorder.RecorderOptions(
-            routes=True, exclude_paths=frozenset({"/healthz"}), threaded=False, access_log_atoms=True
-        )
-        recorder.RECORDER = recorder.RequestRecorder(board, 0, worker, options, asgi.current_task)
+        board = record_into_a_scoreboard(worker, thread_cpu=False, current=asgi.current_task)
         if mode == "compiled":
             if recorder.COMPILED is None:
                 sys.exit(
