@@ -155,6 +155,28 @@ def test_gthread_keepalive_filling_worker_connections(
 
 
 @pytest.mark.parametrize(
+    ("settings", "version", "expected"),
+    [
+        (
+            {"worker_class": "gthread", "keepalive": 5, "max_requests": 1000},
+            "26.0.0",
+            [("recycle-keepalive", "warning")],
+        ),
+        ({"worker_class": "gthread", "keepalive": 5, "max_requests": 1000}, "27.0.1", []),
+        ({"worker_class": "gthread", "keepalive": 0, "max_requests": 1000}, "26.0.0", []),
+        ({"worker_class": "gthread", "keepalive": 5}, "26.0.0", []),
+        ({"worker_class": "sync", "keepalive": 5, "max_requests": 1000}, "26.0.0", []),
+    ],
+    ids=["gthread recycling before 27", "gunicorn 27", "keepalive off", "no recycling", "sync"],
+)
+def test_recycling_with_keepalive_before_gunicorn_27(
+    settings: dict[str, Any], version: str, expected: list[tuple[str, str]]
+) -> None:
+    """gthread recycling workers (max_requests) with keep-alive on before gunicorn 27 warns of the proxy's 502."""
+    assert found(_doctor.check_recycle_keepalive, settings, gunicorn_version=version) == expected
+
+
+@pytest.mark.parametrize(
     ("settings", "expected"),
     [
         ({"max_requests": 1000}, [("max-requests-jitter", "warning")]),

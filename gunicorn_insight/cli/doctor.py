@@ -396,6 +396,32 @@ def check_max_requests_jitter(ctx: Context) -> Iterable[Finding]:
         )
 
 
+RECYCLE_LINGER_SINCE = (27,)
+"""The gunicorn whose stopping gthread worker keeps its kept-alive connections open a moment (2 s) and answers
+a request that arrives on one, instead of closing them at once."""
+
+
+def check_recycle_keepalive(ctx: Context) -> Iterable[Finding]:
+    cfg = ctx.cfg
+    version = parse_version(ctx.gunicorn_version)
+    if ctx.worker_kind != "gthread" or cfg.keepalive <= 0 or cfg.max_requests <= 0 or not version:
+        return
+    if version < RECYCLE_LINGER_SINCE:
+        yield Finding(
+            "recycle-keepalive",
+            "warning",
+            f"gthread with keepalive={cfg.keepalive}s and max_requests={cfg.max_requests} on gunicorn "
+            f"{ctx.gunicorn_version}",
+            "a worker that reaches max_requests closes its idle keep-alive connections at once; a proxy that "
+            "reuses upstream connections (nginx's upstream keepalive) and sends a request on one at that moment "
+            "gets a 502 ('upstream prematurely closed connection'). Nothing reaches gunicorn's hooks, so no "
+            "metric counts it.",
+            "upgrade gunicorn to 27 or later (a stopping worker answers such a request with Connection: close), "
+            "or let the proxy retry it (nginx: proxy_next_upstream error; idempotent requests only), or set "
+            "keepalive=0",
+        )
+
+
 def check_backlog(ctx: Context) -> Iterable[Finding]:
     somaxconn = ctx.system.somaxconn
     if somaxconn is not None and ctx.cfg.backlog > somaxconn:
@@ -724,6 +750,7 @@ CHECKS: list[Check] = [
     check_sync_timeout,
     check_gthread_connections,
     check_max_requests_jitter,
+    check_recycle_keepalive,
     check_backlog,
     check_prometheus_dir,
     check_loglevel,
