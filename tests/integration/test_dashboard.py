@@ -78,6 +78,10 @@ METRIC_FAMILIES = (
     "gunicorn_pressure_stalled_seconds_total",
     "gunicorn_worker_context_switches_total",
     "gunicorn_worker_swap_bytes",
+    "gunicorn_worker_open_fds",
+    "gunicorn_worker_max_fds",
+    "gunicorn_workers_desired",
+    "gunicorn_master_loop_stuck_seconds",
     # Not on a panel: gunicorn_cgroup_cpu_quota_cores and gunicorn_cgroup_memory_limit_bytes exist only where a
     # quota or a limit is set, and every panel query must answer on a machine without them (the alerts use them).
 )
