@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -127,3 +128,28 @@ def status_record(**fields: Any) -> StatusRecord:
         master_loop_stuck=0.0,
     )
     return dataclasses.replace(record, **fields)
+
+
+def served_families() -> dict[str, str]:
+    """Every metric family /metrics serves, as the Prometheus sink declares them (all options on): name ->
+    kind ("counter", "gauge_livesum" or "histogram"). The one list alerts, panels and tests check names
+    against; the families written for OTLP alone are left out, as /metrics leaves them out."""
+    from gunicorn_insight._export.prometheus import OTLP_ONLY_PREFIX, PrometheusSink, _Family
+
+    with tempfile.TemporaryDirectory() as directory:
+        sink = PrometheusSink(directory, (0.1, 1.0), 1, routes=True, otlp=True)
+        try:
+            return {
+                family.name: family.file_prefix
+                for family in vars(sink).values()
+                if isinstance(family, _Family) and not family.name.startswith(OTLP_ONLY_PREFIX)
+            }
+        finally:
+            sink.close()
+
+
+def served_samples() -> set[str]:
+    """The sample names of served_families(): ``_total`` for counters, ``_bucket``/``_sum``/``_count`` for
+    histograms."""
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count")}
+    return {name + suffix for name, kind in served_families().items() for suffix in suffixes.get(kind, ("",))}

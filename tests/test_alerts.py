@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import fakes
 import pytest
 import yaml
 
@@ -17,60 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RULES = ROOT / "alerts" / "gunicorn-insight.rules.yml"
 RULE_TESTS = ROOT / "alerts" / "gunicorn-insight.rules.test.yml"
 
-# The metric names gunicorn-insight exports (docs/metrics.md), plus Prometheus' own `up`.
-METRICS = {
-    "gunicorn_requests_total",
-    "gunicorn_request_duration_seconds_bucket",
-    "gunicorn_request_duration_seconds_sum",
-    "gunicorn_request_duration_seconds_count",
-    "gunicorn_requests_in_flight",
-    "gunicorn_workers",
-    "gunicorn_worker_connections",
-    "gunicorn_worker_connections_limit",
-    "gunicorn_worker_exits_total",
-    "gunicorn_slow_requests_total",
-    "gunicorn_worker_memory_bytes",
-    "gunicorn_insight_lost_requests_total",
-    "gunicorn_workers_busy",
-    "gunicorn_capacity",
-    "gunicorn_worker_busy_seconds_total",
-    "gunicorn_requests_waiting",
-    "gunicorn_listen_backlog",
-    "gunicorn_listen_backlog_max",
-    "gunicorn_listen_overflows_total",
-    "gunicorn_request_queue_seconds_bucket",
-    "gunicorn_request_queue_seconds_sum",
-    "gunicorn_request_queue_seconds_count",
-    "gunicorn_request_queue_invalid_total",
-    "gunicorn_worker_cpu_seconds_total",
-    "gunicorn_workers_ready",
-    "gunicorn_workers_booting",
-    "gunicorn_workers_desired",
-    "gunicorn_master_loop_stuck_seconds",
-    "gunicorn_stalled_requests",
-    "gunicorn_stalls_total",
-    "gunicorn_worker_crash_loop",
-    "gunicorn_worker_crash_loops_total",
-    "gunicorn_cgroup_cpu_periods_total",
-    "gunicorn_cgroup_cpu_throttled_periods_total",
-    "gunicorn_cgroup_cpu_throttled_seconds_total",
-    "gunicorn_cgroup_cpu_quota_cores",
-    "gunicorn_cgroup_memory_usage_bytes",
-    "gunicorn_cgroup_memory_working_set_bytes",
-    "gunicorn_cgroup_memory_limit_bytes",
-    "gunicorn_cgroup_pids",
-    "gunicorn_cgroup_pids_limit",
-    "gunicorn_pressure_waiting_seconds_total",
-    "gunicorn_pressure_stalled_seconds_total",
-    "gunicorn_worker_context_switches_total",
-    "gunicorn_worker_swap_bytes",
-    "gunicorn_worker_open_fds",
-    "gunicorn_worker_max_fds",
-    "gunicorn_worker_boot_duration_seconds_bucket",
-    "gunicorn_worker_boot_duration_seconds_sum",
-    "gunicorn_worker_boot_duration_seconds_count",
-    "up",
-}
+# The sample names /metrics serves, plus Prometheus' own `up`.
+METRICS = fakes.served_samples() | {"up"}
 SEVERITIES = {"critical", "warning", "info"}
 
 

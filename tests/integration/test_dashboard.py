@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import fakes
 import pytest
 import yaml
 from harness import ROOT, Gunicorn, start_gunicorn
@@ -38,52 +39,17 @@ RATE_INTERVAL = "30s"
 DATA_DEADLINE = 60.0
 LATE_POLL = 2.0
 
-# Every metric family gunicorn-insight exports; the dashboard shows each one somewhere.
-METRIC_FAMILIES = (
-    "gunicorn_requests_total",
-    "gunicorn_request_cpu_seconds_total",
-    "gunicorn_requests_client_closed_total",
-    "gunicorn_request_duration_seconds",
-    "gunicorn_requests_in_flight",
-    "gunicorn_workers",
-    "gunicorn_worker_connections",
-    "gunicorn_worker_connections_limit",
-    "gunicorn_worker_exits_total",
-    "gunicorn_slow_requests_total",
-    "gunicorn_worker_memory_bytes",
-    "gunicorn_insight_lost_requests_total",
-    "gunicorn_workers_busy",
-    "gunicorn_capacity",
-    "gunicorn_worker_busy_seconds_total",
-    "gunicorn_requests_waiting",
-    "gunicorn_listen_backlog",
-    "gunicorn_listen_backlog_max",
-    "gunicorn_listen_overflows_total",
-    "gunicorn_request_queue_seconds",
-    "gunicorn_request_queue_invalid_total",
-    "gunicorn_worker_cpu_seconds_total",
-    "gunicorn_workers_ready",
-    "gunicorn_workers_booting",
-    "gunicorn_worker_boot_duration_seconds",
-    "gunicorn_stalled_requests",
-    "gunicorn_stalls_total",
-    "gunicorn_worker_crash_loop",
-    "gunicorn_worker_crash_loops_total",
-    "gunicorn_cgroup_cpu_periods_total",
-    "gunicorn_cgroup_cpu_throttled_periods_total",
-    "gunicorn_cgroup_cpu_throttled_seconds_total",
-    "gunicorn_cgroup_memory_usage_bytes",
-    "gunicorn_cgroup_memory_working_set_bytes",
-    "gunicorn_pressure_waiting_seconds_total",
-    "gunicorn_pressure_stalled_seconds_total",
-    "gunicorn_worker_context_switches_total",
-    "gunicorn_worker_swap_bytes",
-    "gunicorn_worker_open_fds",
-    "gunicorn_worker_max_fds",
-    "gunicorn_workers_desired",
-    "gunicorn_master_loop_stuck_seconds",
-    # Not on a panel: gunicorn_cgroup_cpu_quota_cores and gunicorn_cgroup_memory_limit_bytes exist only where a
-    # quota or a limit is set, and every panel query must answer on a machine without them (the alerts use them).
+# Families no panel draws, and why; every other family /metrics serves is on some panel.
+NOT_DRAWN = {
+    "gunicorn_cgroup_cpu_quota_cores": "absent without a quota; the throttling it causes is drawn",
+    "gunicorn_cgroup_memory_limit_bytes": "absent without a limit; the working set it is compared with is drawn",
+    "gunicorn_cgroup_pids": "most servers run without a pids count; GunicornPidsNearLimit watches it",
+    "gunicorn_cgroup_pids_limit": "as gunicorn_cgroup_pids",
+}
+METRIC_FAMILIES = tuple(
+    name + ("_total" if kind == "counter" else "")
+    for name, kind in sorted(fakes.served_families().items())
+    if name not in NOT_DRAWN
 )
 
 
