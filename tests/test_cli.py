@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -19,7 +20,7 @@ from rich.console import Console
 
 from gunicorn_insight import _discovery
 from gunicorn_insight import _scoreboard as sb
-from gunicorn_insight._runfiles import STATUS_FORMAT, encode
+from gunicorn_insight._runfiles import STATUS_FORMAT, WorkerExit, encode
 from gunicorn_insight._worker.recorder import RequestRecorder
 from gunicorn_insight.cli import commands, views
 
@@ -254,6 +255,11 @@ def test_durations_are_short_and_readable(seconds: float | None, text: str) -> N
 
 
 # -- the command ------------------------------------------------------------------------------------------------
+
+
+def test_recent_exits_in_status_json_are_the_master_s_records_field_for_field() -> None:
+    """status --json's recent_exits items (ExitFacts) have exactly the fields of the master's WorkerExit."""
+    assert list(views.ExitFacts.__annotations__) == [field.name for field in dataclasses.fields(WorkerExit)]
 
 
 def test_status_json_has_the_documented_keys(server: FakeServer, capsys: pytest.CaptureFixture[str]) -> None:
