@@ -7,10 +7,10 @@ import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
+from gunicorn_insight._master import backlog
 from gunicorn_insight._master.binds import SocketFiles, listening_tcp, listening_unix, taken_binds
 
 
@@ -75,18 +75,20 @@ def test_a_replaced_or_removed_socket_file_is_told_once(tmp_path: Path, caplog: 
     with socket.socket(socket.AF_UNIX) as ours, caplog.at_level(logging.ERROR, logger="gunicorn.error"):
         ours.bind(path)
         ours.listen()
-        listener = SimpleNamespace(sock=ours, cfg_addr=path)
-        files.check([listener])
+        queue, bound = backlog.unix_listener(ours)
+        assert queue is not None  # the one query answers both
+        assert bound == os.stat(path).st_ino
+        files.check(path, bound)
         assert caplog.records == []
         os.remove(path)
         with socket.socket(socket.AF_UNIX) as theirs:
             theirs.bind(path)
             theirs.listen()
-            files.check([listener])
-            files.check([listener])
+            files.check(path, bound)
+            files.check(path, bound)
         os.remove(path)
-        files.check([listener])
-        files.check([listener])
+        files.check(path, bound)
+        files.check(path, bound)
     messages = [record.getMessage() for record in caplog.records]
     assert len(messages) == 2, messages
     assert f"the socket file unix:{path} was replaced, now served by pid {os.getpid()} (" in messages[0]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import heapq
 import os
+import socket
 import sys
 import threading
 import time
@@ -33,7 +34,7 @@ from .._facts import Round, Sink
 from .._report import LOG, error_log_fd, report
 from .._runfiles import StatusFiles
 from .._worker.unseen import ENOUGH_CONNECTIONS
-from .backlog import backlog, listen_overflows
+from .backlog import backlog, listen_overflows, unix_listener
 from .binds import SocketFiles
 from .drain import Drainer
 from .forensics import Death, ExitReports
@@ -328,14 +329,20 @@ class Master:
         self._listeners = listeners
 
     def _sample_listeners(self, facts: Round) -> None:
-        listeners = self._listeners()
-        try:
-            self._socket_files.check(listeners)
-        except Exception as error:
-            report("checking the unix socket files", error)
-        for listener in listeners:
+        for listener in self._listeners():
             sock = getattr(listener, "sock", None)
-            measured = backlog(sock) if sock is not None else None
+            if sock is None:
+                continue
+            if sock.family == socket.AF_UNIX:  # one sock_diag query for the queue and the socket's file
+                measured, bound = unix_listener(sock)
+                path = getattr(listener, "cfg_addr", None)
+                if bound is not None and isinstance(path, str):
+                    try:
+                        self._socket_files.check(path, bound)
+                    except Exception as error:
+                        report("checking the unix socket files", error)
+            else:
+                measured = backlog(sock)
             if measured is not None:
                 facts.listeners[str(listener)] = measured
         overflows = listen_overflows()

@@ -44,16 +44,20 @@ def tcp_backlog(sock: socket.socket) -> tuple[int, int] | None:
     return info[_UNACKED], info[_SACKED]
 
 
+def unix_listener(sock: socket.socket) -> tuple[tuple[int, int] | None, int | None]:
+    """From one sock_diag query: the accept queue (queued connections, limit), and the inode of the file the
+    listening unix socket is bound to (what ``stat(path)`` shows while the file is its own). Each is None
+    where the kernel does not say (an abstract socket has no file, no sock_diag gives nothing)."""
+    found = _unix_diag(sock, _UDIAG_SHOW_RQLEN | _UDIAG_SHOW_VFS)
+    queue, vfs = found.get(_UNIX_DIAG_RQLEN), found.get(_UNIX_DIAG_VFS)
+    return (
+        None if queue is None or len(queue) < 8 else struct.unpack_from("=II", queue),
+        None if vfs is None or len(vfs) < 4 else int(struct.unpack_from("=I", vfs)[0]),
+    )
+
+
 def unix_backlog(sock: socket.socket) -> tuple[int, int] | None:
-    found = _unix_diag(sock, _UDIAG_SHOW_RQLEN).get(_UNIX_DIAG_RQLEN)
-    return None if found is None or len(found) < 8 else struct.unpack_from("=II", found)
-
-
-def unix_bound_inode(sock: socket.socket) -> int | None:
-    """The inode of the file a listening unix socket is bound to (what ``stat(path)`` shows while the file is
-    its own); None where the kernel does not say (an abstract socket, no sock_diag)."""
-    found = _unix_diag(sock, _UDIAG_SHOW_VFS).get(_UNIX_DIAG_VFS)
-    return None if found is None or len(found) < 4 else int(struct.unpack_from("=I", found)[0])
+    return unix_listener(sock)[0]
 
 
 def _unix_diag(sock: socket.socket, show: int) -> dict[int, bytes]:

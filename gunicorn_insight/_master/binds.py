@@ -13,12 +13,10 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import os
-import socket
 from collections.abc import Iterable
 from typing import Any
 
 from .._report import LOG
-from .backlog import unix_bound_inode
 
 _LISTEN_TCP = "0A"  # include/net/tcp_states.h: TCP_LISTEN
 _ACCEPTING = 0x10000  # __SO_ACCEPTCON in /proc/net/unix's Flags: a listening socket
@@ -141,10 +139,6 @@ def socket_file(path: str) -> tuple[int, int] | None:
     return status.st_dev, status.st_ino
 
 
-def is_unix(sock: socket.socket) -> bool:
-    return sock.family == socket.AF_UNIX
-
-
 def warn_if_taken(server: Any) -> None:
     """In on_starting, before gunicorn binds: one warning per address another process listens on."""
     if os.environ.get("GUNICORN_FD") or os.environ.get("LISTEN_FDS"):
@@ -162,30 +156,24 @@ class SocketFiles:
     def __init__(self) -> None:
         self._told: set[tuple[str, int, str]] = set()
 
-    def check(self, listeners: Iterable[Any]) -> None:
-        for listener in listeners:
-            sock, path = getattr(listener, "sock", None), getattr(listener, "cfg_addr", None)
-            if sock is None or not isinstance(path, str) or not is_unix(sock):
-                continue
-            bound = unix_bound_inode(sock)
-            if bound is None:
-                continue  # the kernel does not say which file the socket is bound to: nothing to compare
-            now = socket_file(path)
-            state = "removed" if now is None else "ours" if now[1] == bound else "replaced"
-            if state == "ours" or (path, bound, state) in self._told:
-                continue
-            self._told.add((path, bound, state))
-            if now is None:
-                LOG.error(
-                    "gunicorn-insight: the socket file unix:%s was removed: new connections cannot reach this "
-                    "server (the proxy fails with 'No such file or directory', 502). Another process removed it "
-                    "(often a previous gunicorn exiting); restart this one, or send it HUP to bind again",
-                    path,
-                )
-            else:
-                LOG.error(
-                    "gunicorn-insight: the socket file unix:%s was replaced, now served by %s: new connections go "
-                    "there, not to this server",
-                    path,
-                    _named(holders(listening_unix(path))),
-                )
+    def check(self, path: str, bound: int) -> None:
+        """``bound``: the inode of the file the listening socket at ``path`` is bound to (sock_diag)."""
+        now = socket_file(path)
+        state = "removed" if now is None else "ours" if now[1] == bound else "replaced"
+        if state == "ours" or (path, bound, state) in self._told:
+            return
+        self._told.add((path, bound, state))
+        if now is None:
+            LOG.error(
+                "gunicorn-insight: the socket file unix:%s was removed: new connections cannot reach this "
+                "server (the proxy fails with 'No such file or directory', 502). Another process removed it "
+                "(often a previous gunicorn exiting); restart this one, or send it HUP to bind again",
+                path,
+            )
+        else:
+            LOG.error(
+                "gunicorn-insight: the socket file unix:%s was replaced, now served by %s: new connections go "
+                "there, not to this server",
+                path,
+                _named(holders(listening_unix(path))),
+            )
