@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import _scoreboard as sb
+from ._proc import TICKS, stat_fields
 from ._runfiles import SERVER_FILE, STATUS_FILE, ContractError, ServerInfo, read_record
 
 RUN_DIR_PREFIX = "gunicorn-insight-"
@@ -125,20 +126,14 @@ def pid_alive(pid: int) -> bool:
 
 def process_start_time(pid: int) -> float | None:
     """Wall-clock time the process started, from /proc; None when unknown (not Linux, gone)."""
+    fields = stat_fields(pid)
     try:
-        with open(f"/proc/{pid}/stat") as handle:
-            stat = handle.read()
         with open("/proc/stat") as handle:
             boot = next(float(line.split()[1]) for line in handle if line.startswith("btime "))
+        ticks = int(fields[19]) if fields is not None else None  # starttime, in clock ticks since boot
     except (OSError, StopIteration, ValueError, IndexError):
         return None
-    # Field 22 (starttime, in clock ticks since boot) counted after the ")" that ends the command name.
-    fields = stat.rsplit(")", 1)[-1].split()
-    try:
-        ticks = int(fields[19])
-    except (IndexError, ValueError):
-        return None
-    return boot + ticks / os.sysconf("SC_CLK_TCK")
+    return None if ticks is None else boot + ticks / TICKS
 
 
 def is_live(info: ServerInfo) -> bool:

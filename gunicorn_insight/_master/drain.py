@@ -16,6 +16,7 @@ from math import isnan
 
 from .. import _scoreboard as sb
 from .._facts import NO_RESPONSE, Round
+from .._proc import cpu_seconds
 from .._report import RateLimitedLog
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -322,16 +323,3 @@ class Drainer:
 
 OTHER_ROUTE = "other"
 ROUTE_CAP_WARNING = RateLimitedLog(period=3600.0)
-_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float | None:
-    """utime + stime of a process from /proc/<pid>/stat; None when it is gone."""
-    if not pid:
-        return None
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            fields = handle.read().rsplit(b")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / _TICKS
-    except (OSError, ValueError, IndexError):
-        return None

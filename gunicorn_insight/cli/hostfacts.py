@@ -10,6 +10,7 @@ import tempfile
 from dataclasses import dataclass
 
 from .._cgroup import memory_cgroup_dirs
+from .._proc import stat_fields
 
 MEMORY_FILESYSTEMS = frozenset({"tmpfs", "ramfs", "devtmpfs", "hugetlbfs"})
 
@@ -142,16 +143,17 @@ def _is_gunicorn(arguments: list[str]) -> bool:
     return any(first == "-m" and second == "gunicorn" for first, second in itertools.pairwise(arguments))
 
 
-def _process(directory: str) -> tuple[list[str], int, int] | None:
+def _process(proc: str, pid: int) -> tuple[list[str], int, int] | None:
     """(command line, parent pid, resident bytes) of one /proc entry; None when gone or unreadable."""
-    try:
-        with open(os.path.join(directory, "cmdline"), "rb") as handle:
-            arguments = [part.decode("utf-8", "replace") for part in handle.read().split(b"\0") if part]
-        with open(os.path.join(directory, "stat")) as handle:
-            fields = handle.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
+    fields = stat_fields(pid, proc)
+    if fields is None:
         return None
-    return arguments, int(fields[1]), int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+    try:
+        with open(f"{proc}/{pid}/cmdline", "rb") as handle:
+            arguments = [part.decode("utf-8", "replace") for part in handle.read().split(b"\0") if part]
+        return arguments, int(fields[1]), int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def gunicorn_on_host(proc: str = "/proc") -> GunicornOnHost:
@@ -159,7 +161,7 @@ def gunicorn_on_host(proc: str = "/proc") -> GunicornOnHost:
     processes: dict[int, tuple[int, int, bool]] = {}  # pid -> (parent, rss, gunicorn)
     for entry in os.scandir(proc):
         if entry.name.isdigit():
-            found = _process(entry.path)
+            found = _process(proc, int(entry.name))
             if found is not None:
                 arguments, parent, rss = found
                 processes[int(entry.name)] = (parent, rss, _is_gunicorn(arguments))

@@ -22,6 +22,7 @@ from typing import Any
 from .. import _scoreboard as sb
 from .._cgroup import memory_cgroup_dirs
 from .._discovery import Server
+from .._proc import cpu_seconds
 from .._runfiles import ServerInfo, StatusRecord, WorkerExit
 from .doctor import Finding
 from .hostfacts import GunicornOnHost, gunicorn_on_host, meminfo
@@ -41,7 +42,6 @@ HOST_MEMORY_LOW = 0.1
 QUEUE_SLOW = 0.1
 """Mean seconds a request waits for a worker at or above which the queue is worth a finding."""
 TIMEOUT_CAUSES = ("timeout", "timeout_kill")
-_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 _UNLIMITED = 1 << 60
 _QUEUE = "gunicorn_request_queue_seconds"
 
@@ -165,15 +165,6 @@ class LiveFacts:
 # -- measuring -------------------------------------------------------------------------------------------
 
 
-def _cpu_seconds(pid: int) -> float | None:
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            fields = handle.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
-    except (OSError, IndexError, ValueError):
-        return None
-
-
 def _read_int(path: str) -> int | None:
     try:
         with open(path) as handle:
@@ -283,7 +274,7 @@ def measure(server: Server, board: sb.Scoreboard, window: float = DEFAULT_WINDOW
     queue_before = read_histogram(server.prometheus_dir, _QUEUE)
     views = _watch(facts, server, board)
     for view in views:
-        used = _cpu_seconds(view.pid)
+        used = cpu_seconds(view.pid)
         if used is not None and view.pid in facts.cpu_start:
             facts.cpu_seconds += used - facts.cpu_start[view.pid]
     facts.rss = [view.rss for view in views if view.rss]
@@ -315,7 +306,7 @@ def _watch(facts: LiveFacts, server: Server, board: sb.Scoreboard) -> list[sb.Sl
         now = time.monotonic()
         for view in views:
             if view.pid not in facts.cpu_start:
-                used = _cpu_seconds(view.pid)
+                used = cpu_seconds(view.pid)
                 if used is not None:
                     facts.cpu_start[view.pid] = used
         busy = sum(min(view.in_flight, per_worker) for view in views)

@@ -1,0 +1,29 @@
+"""What /proc/<pid>/stat says of one process (Linux), for every role that looks at another process: the
+master (its workers' CPU), the command line (doctor, discovery), each from the same parser."""
+
+from __future__ import annotations
+
+import os
+
+TICKS = os.sysconf("SC_CLK_TCK")
+"""Clock ticks per second: the unit of utime, stime and starttime."""
+
+
+def stat_fields(pid: int, proc: str = "/proc") -> list[bytes] | None:
+    """The fields of /proc/<pid>/stat after the command name, which may hold spaces and parentheses: ``[0]``
+    is the state, ``[1]`` the parent's pid, ``[11]`` utime, ``[12]`` stime, ``[19]`` starttime, ``[21]`` the
+    resident pages (proc(5) numbers them from 3). None when the process is gone or unreadable."""
+    try:
+        with open(f"{proc}/{pid}/stat", "rb") as handle:
+            return handle.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """utime + stime of a process; None when it is gone (or pid is 0: no process)."""
+    fields = stat_fields(pid) if pid else None
+    try:
+        return None if fields is None else (int(fields[11]) + int(fields[12])) / TICKS
+    except (IndexError, ValueError):
+        return None
