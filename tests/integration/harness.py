@@ -90,6 +90,14 @@ class Gunicorn:
     def board(self) -> sb.Scoreboard:
         return sb.Scoreboard.attach(self.scoreboard_path)
 
+    def busy_workers(self) -> int:
+        """Live workers with a request in flight, read from the scoreboard as the access-log atoms read it."""
+        board = self.board()
+        try:
+            return board.busy_workers()
+        finally:
+            board.close()
+
     def ready_workers(self) -> int:
         board = self.board()
         try:

@@ -34,14 +34,6 @@ def findings(document: dict[str, Any]) -> dict[str, dict[str, str]]:
     return {finding["check"]: finding for finding in document["findings"]}
 
 
-def busy_workers(server: Gunicorn) -> int:
-    board = server.board()
-    try:
-        return board.busy_workers()
-    finally:
-        board.close()
-
-
 def test_saturated_server_is_told_to_change_worker_class(process_factory: ProcessFactory, tmp_path: Path) -> None:
     """Idle: no saturation finding. Every sync worker blocked waiting: live-saturation with the measured
     utilisation, the backlog, and advice to use threads since the requests wait rather than compute."""
@@ -61,7 +53,7 @@ def test_saturated_server_is_told_to_change_worker_class(process_factory: Proces
         for client in clients:
             client.start()
         wait_until(
-            lambda: busy_workers(server) == 2, timeout=30, what="both workers busy", dump=server.process.describe
+            lambda: server.busy_workers() == 2, timeout=30, what="both workers busy", dump=server.process.describe
         )
         _, busy = doctor(server, "--window", "2")
     finally:

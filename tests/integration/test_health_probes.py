@@ -49,14 +49,6 @@ def wait_for_probe(server: Gunicorn, path: str, status: int, timeout: float = 60
     return wait_until(answered, timeout=timeout, what=f"{path} answering {status}", dump=server.process.describe)
 
 
-def busy_workers(server: Gunicorn) -> int:
-    board = server.board()
-    try:
-        return board.busy_workers()
-    finally:
-        board.close()
-
-
 def test_probes_answer_while_every_sync_worker_is_busy(process_factory: ProcessFactory, tmp_path: Path) -> None:
     """Every sync worker blocked in a request: /healthz and /readyz still answer 200 from the /metrics process."""
     release = tmp_path / "release"
@@ -70,7 +62,7 @@ def test_probes_answer_while_every_sync_worker_is_busy(process_factory: ProcessF
         for client in clients:
             client.start()
         wait_until(
-            lambda: busy_workers(server) == 2, timeout=30, what="both workers busy", dump=server.process.describe
+            lambda: server.busy_workers() == 2, timeout=30, what="both workers busy", dump=server.process.describe
         )
         latencies = []
         for _ in range(5):
@@ -79,7 +71,7 @@ def test_probes_answer_while_every_sync_worker_is_busy(process_factory: ProcessF
                 assert status == 200, (path, body)
                 latencies.append(seconds)
         assert "2 workers serving (2 busy)" in probe(server, "/readyz")[1]
-        assert busy_workers(server) == 2, "a worker was freed during the probes: they did not run saturated"
+        assert server.busy_workers() == 2, "a worker was freed during the probes: they did not run saturated"
         print(
             f"probe latency with every worker busy: max {max(latencies) * 1000:.1f} ms, "
             f"median {sorted(latencies)[len(latencies) // 2] * 1000:.1f} ms over {len(latencies)} probes"
