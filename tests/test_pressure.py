@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import resource
 import subprocess
@@ -297,3 +298,14 @@ def test_status_json_carries_the_readings_it_has(tmp_path: Path) -> None:
         "pressure_seconds": {"memory_some": 1.5},
         "swap_bytes": 4096,
     }
+
+
+def test_descriptors_that_cannot_be_read_are_said_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A live worker (its status readable) whose fd directory is not: no reading, and one line saying so."""
+    write(tmp_path / "42" / "status", "voluntary_ctxt_switches:\t1\nnonvoluntary_ctxt_switches:\t1\n")
+    readings = WorkerReadings(str(tmp_path))
+    with caplog.at_level(logging.INFO, logger="gunicorn.error"):
+        for _ in range(3):
+            facts = readings.read({0: 42})
+            assert (facts.open_fds, facts.fd_limits) == ({}, {})
+    assert caplog.text.count("cannot read the open files of worker pid 42") == 1

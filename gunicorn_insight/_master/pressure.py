@@ -24,6 +24,7 @@ from typing import NamedTuple
 
 from .._cgroup import cgroup_dirs
 from .._facts import CpuThrottling, HostPressure
+from .._report import LOG
 
 PSI_RESOURCES = ("cpu", "memory", "io")
 UNLIMITED_V1 = 1 << 62
@@ -325,6 +326,7 @@ class WorkerReadings:
     def __init__(self, proc: str = "/proc") -> None:
         self._proc = proc
         self._slots: dict[int, _SlotSwitches] = {}
+        self._told_descriptors = False
 
     def read(self, pids: dict[int, int]) -> WorkerFacts:
         switches: dict[int, tuple[int, int]] = {}
@@ -349,6 +351,16 @@ class WorkerReadings:
                 found.open_fds[slot], limit = descriptors
                 if limit is not None:
                     found.fd_limits[slot] = limit
+            elif reading is not None and not self._told_descriptors:  # alive, but its descriptors are hidden
+                self._told_descriptors = True
+                LOG.info(
+                    "gunicorn-insight: cannot read the open files of worker pid %s (%s/%s/fd and limits: another "
+                    "user's process, and this master is not root?); gunicorn_worker_open_fds and "
+                    "gunicorn_worker_max_fds are absent where they cannot be read",
+                    pid,
+                    self._proc,
+                    pid,
+                )
         for slot, state in self._slots.items():
             if state.seen:
                 switches[slot] = (state.base[0] + state.last[0], state.base[1] + state.last[1])
