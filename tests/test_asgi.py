@@ -357,3 +357,52 @@ def test_current_task_is_the_running_task_else_the_thread() -> None:
     for found, running in asyncio.run(inside()):
         assert found is running
     assert [find() for find in implementations] == [threading.get_ident()] * 2
+
+
+def test_current_task_asks_for_the_running_loop_once_per_loop_and_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both current_tasks ask asyncio for the running loop (a getpid() each time) only when the loop the thread
+    found before has no task running: once per loop and thread, and still right after a loop is replaced or in
+    another thread's loop."""
+    import concurrent.futures
+    import threading
+
+    asked: list[int] = []
+    asyncio_running_loop = _asgi._RUNNING_LOOP
+
+    def counting_running_loop() -> Any:
+        asked.append(threading.get_ident())
+        return asyncio_running_loop()
+
+    monkeypatch.setattr(_asgi, "_RUNNING_LOOP", counting_running_loop)
+    implementations = [_asgi._current_task]
+    if _recorder.COMPILED is not None:
+        from gunicorn_insight._worker import _speedups
+
+        def bind(running_loop: Callable[[], Any]) -> None:
+            _speedups.bind_asgi(
+                _asgi.route_template, _asgi.queue_stamp, running_loop, _asgi._TASK_OF_LOOP, threading.get_ident
+            )
+
+        bind(counting_running_loop)
+        implementations.append(_speedups.current_task)
+    try:
+        for find in implementations:
+
+            async def one_request(find: Callable[[], Any] = find) -> bool:
+                return find() is asyncio.current_task()
+
+            async def three_requests() -> list[bool]:
+                return [await asyncio.create_task(one_request()) for _ in range(3)]
+
+            asked.clear()
+            assert asyncio.run(three_requests()) == [True] * 3
+            assert len(asked) == 1
+            assert asyncio.run(three_requests()) == [True] * 3  # a new loop in the same thread
+            assert len(asked) == 2
+            with concurrent.futures.ThreadPoolExecutor(1) as other_thread:
+                assert other_thread.submit(asyncio.run, three_requests()).result() == [True] * 3
+            assert len(asked) == 3
+            assert find() == threading.get_ident()  # no loop running: the thread
+    finally:
+        if _recorder.COMPILED is not None:
+            bind(asyncio_running_loop)

@@ -21,6 +21,7 @@
 #include <math.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <pthread.h>
 #include <string.h>
 #include <structmember.h>
 #include <sys/socket.h>
@@ -1378,36 +1379,64 @@ static PyTypeObject RecordingType = {
     .tp_methods = recording_methods,
 };
 
+/* The loop current_task() last found running, and the thread it ran in. Asking for the running loop costs a
+ * getpid() system call (asyncio checks for a fork), once per request; the loop a thread found keeps serving
+ * it, so it is asked only when that loop has no task running now (it stopped, or another thread asks). */
+static PyObject *known_loop;
+static unsigned long known_loop_thread;
+
+/* In a forked child the loop is the parent's: forgotten (its reference stays, harmlessly, in the child). */
+static void
+forget_known_loop(void)
+{
+    known_loop = NULL;
+}
+
+/* The task running on loop now, a new reference; NULL with no exception when there is none. */
+static PyObject *
+task_running_on(PyObject *loop)
+{
+    PyObject *task;
+    if (PyDict_CheckExact(task_of_loop))
+        return Py_XNewRef(PyDict_GetItemWithError(task_of_loop, loop));
+    if ((task = PyObject_CallOneArg(task_of_loop, loop)) == NULL)
+        return NULL;
+    if (task == Py_None)
+        Py_CLEAR(task);
+    return task;
+}
+
 /* current_task() of asgi.py, without a Python frame: the running loop's task, else the thread's id. */
 static PyObject *
 current_task(PyObject *module, PyObject *unused)
 {
-    PyObject *loop, *task;
+    PyObject *loop, *task = NULL;
+    unsigned long thread = PyThread_get_thread_ident();
     if (running_loop == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "current_task() before bind_asgi()");
         return NULL;
     }
+    /* A loop runs in one thread, and a thread runs one loop at a time: a task running on the loop this thread
+     * found before is this thread's. */
+    if (known_loop != NULL && thread == known_loop_thread) {
+        if ((task = task_running_on(known_loop)) != NULL)
+            return task;
+        if (PyErr_Occurred())
+            return NULL;
+    }
     if ((loop = PyObject_CallNoArgs(running_loop)) == NULL)
         return NULL;
-    if (loop == Py_None)
-        task = NULL;
-    else if (PyDict_CheckExact(task_of_loop)) {
-        task = Py_XNewRef(PyDict_GetItemWithError(task_of_loop, loop));
+    if (loop != Py_None) {
+        task = task_running_on(loop);
         if (task == NULL && PyErr_Occurred()) {
             Py_DECREF(loop);
             return NULL;
         }
-    }
-    else if ((task = PyObject_CallOneArg(task_of_loop, loop)) == NULL) {
-        Py_DECREF(loop);
-        return NULL;
+        Py_XSETREF(known_loop, Py_NewRef(loop));
+        known_loop_thread = thread;
     }
     Py_DECREF(loop);
-    if (task == NULL || task == Py_None) {
-        Py_XDECREF(task);
-        return PyObject_CallNoArgs(thread_ident);
-    }
-    return task;
+    return task != NULL ? task : PyObject_CallNoArgs(thread_ident);
 }
 
 /* bind_asgi(route_template, queue_stamp, running_loop, task_of_loop, thread_ident): asgi.py's definitions, for
@@ -1538,5 +1567,9 @@ PyInit__speedups(void)
     if ((one = PyLong_FromLong(1)) == NULL || (five_hundred = PyLong_FromLong(500)) == NULL
         || PyType_Ready(&RecordingType) < 0)
         return NULL;
+    if (pthread_atfork(NULL, NULL, forget_known_loop) != 0) {
+        PyErr_SetString(PyExc_OSError, "pthread_atfork failed");
+        return NULL;
+    }
     return PyModule_Create(&speedups);
 }

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import os
 import sys
 import threading
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -171,10 +172,40 @@ _TASK_OF_LOOP: Any = (
 )
 
 
+class _KnownLoop:
+    """The loop :func:`_current_task` last found running, and the thread it ran in. Asking for the running loop
+    costs a getpid() system call (asyncio checks for a fork), once per request; a thread's loop keeps serving
+    it, so it is asked again only when that loop has no task running now (it stopped, or another thread
+    asks). A loop runs in one thread and a thread runs one loop at a time: a task running on the loop this
+    thread found before is this thread's."""
+
+    loop: Any = None
+    thread = 0
+
+    @classmethod
+    def forget(cls) -> None:
+        cls.loop = None  # in a forked child the loop is the parent's
+
+
+os.register_at_fork(after_in_child=_KnownLoop.forget)
+
+
+def _task_running_on(loop: Any) -> Any:
+    return _TASK_OF_LOOP.get(loop) if type(_TASK_OF_LOOP) is dict else _TASK_OF_LOOP(loop)
+
+
 def _current_task() -> Any:
+    thread = threading.get_ident()
+    if _KnownLoop.loop is not None and thread == _KnownLoop.thread:
+        task = _task_running_on(_KnownLoop.loop)
+        if task is not None:
+            return task
     loop = _RUNNING_LOOP()
-    task = None if loop is None else _TASK_OF_LOOP.get(loop) if type(_TASK_OF_LOOP) is dict else _TASK_OF_LOOP(loop)
-    return threading.get_ident() if task is None else task
+    if loop is None:
+        return thread
+    _KnownLoop.loop, _KnownLoop.thread = loop, thread
+    task = _task_running_on(loop)
+    return thread if task is None else task
 
 
 def _is_asgi3(app: Any) -> bool:
