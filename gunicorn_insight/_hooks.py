@@ -31,7 +31,7 @@ from ._runfiles import ServerInfo
 from ._space import mebibytes
 from ._version import __version__
 from ._worker import recorder as _recorder
-from ._worker.asgi import RecordingApp, current_task, find_uvicorn_connections
+from ._worker.asgi import RecordingApp, current_task, find_uvicorn_state
 from ._worker.loglines import SlotLogLines
 from ._worker.recorder import RequestRecorder, post_request, pre_request, summarize
 from ._worker.routes import hook_frameworks
@@ -59,9 +59,11 @@ class _State:
     error_fd = 2
     inspecting = False
     started = False
+    """on_starting (or pre_fork in its place) has run in this master: the plugin's master side was tried."""
+    uvicorn_requests: Callable[[], int] | None = None
+    """The requests uvicorn's server counted (for max_requests), once the worker has found it."""
     adopted_cfg: Any = None
     """The gunicorn configuration whose hooks were last checked against ours (held, so no id is reused)."""
-    """on_starting (or pre_fork in its place) has run in this master: the plugin's master side was tried."""
 
 
 STATE = _State()
@@ -608,7 +610,8 @@ def worker_exit(server: Any, worker: Any) -> None:
         recorder = _recorder.RECORDER
         if recorder is None:
             return
-        boot_error = recorder.exiting(worker)
+        served = STATE.uvicorn_requests
+        boot_error = recorder.exiting(worker, served=None if served is None else served())
         if not getattr(worker, "booted", True):
             LOG.error(
                 "gunicorn-insight: worker pid=%s could not load the application: %s; if no traceback is above "
@@ -779,21 +782,25 @@ def record_asgi_requests(worker: Any, plan: Plan, monitor: Monitor | None = None
             worker,
             hooks,
             routes=plan.recorder.routes,
-            count_requests=plan.worker_kind == "uvicorn",
             on_loop=on_loop,
         ),
     )
     if plan.worker_kind == "asgi":
         _hand_back_request_hooks(worker.cfg)
-    if plan.worker_kind == "uvicorn" and monitor is not None:
-        find_uvicorn_connections(worker, lambda connections: _count_uvicorn_connections(worker, monitor, connections))
+    if plan.worker_kind == "uvicorn":
+        find_uvicorn_state(worker, lambda state: _watch_uvicorn_state(worker, monitor, state))
 
 
-def _count_uvicorn_connections(worker: Any, monitor: Monitor, connections: Callable[[], int]) -> None:
-    worker.nr_conns = connections()
-    monitor.count_connections(connections)
-    if _recorder.RECORDER is not None:
-        _recorder.RECORDER.mark(sb.FLAG_COUNTS_CONNECTIONS)
+def _watch_uvicorn_state(worker: Any, monitor: Monitor | None, state: Any) -> None:
+    """uvicorn's server keeps the counts gunicorn's worker would: its requests (for max_requests, read when the
+    worker exits) and its open connections."""
+    STATE.uvicorn_requests = lambda: int(state.total_requests)
+    if monitor is not None:
+        connections = state.connections
+        worker.nr_conns = len(connections)
+        monitor.count_connections(lambda: len(connections))
+        if _recorder.RECORDER is not None:
+            _recorder.RECORDER.mark(sb.FLAG_COUNTS_CONNECTIONS)
 
 
 def _hand_back_request_hooks(cfg: Any) -> None:

@@ -137,7 +137,7 @@ def through_layer(hooks: Hooks, worker: Worker) -> None:
                 await release.wait()
                 await case.app(scope, receive, send)
 
-            layer = _asgi.RecordingApp(app, worker, hooks, routes=True, count_requests=True)
+            layer = _asgi.RecordingApp(app, worker, hooks, routes=True)
             try:
                 await layer(case.scope(), _receive, _noop_send)
             except RuntimeError:
@@ -152,7 +152,7 @@ def through_layer(hooks: Hooks, worker: Worker) -> None:
     asyncio.run(serve())
 
 
-def recorded(board: sb.Scoreboard, serve: Callable[[Hooks, Worker], None], hooks: Hooks) -> Worker:
+def recorded(board: sb.Scoreboard, serve: Callable[[Hooks, Worker], None], hooks: Hooks) -> None:
     board.assign(0, now=1.0)
     worker = Worker()
     _recorder.RECORDER = RequestRecorder(
@@ -160,7 +160,6 @@ def recorded(board: sb.Scoreboard, serve: Callable[[Hooks, Worker], None], hooks
     )
     serve(hooks, worker)
     _recorder.RECORDER = None
-    return worker
 
 
 def test_asgi_layer_writes_the_bytes_the_request_hooks_write(tmp_path: Path) -> None:
@@ -177,7 +176,8 @@ def test_asgi_layer_writes_the_bytes_the_request_hooks_write(tmp_path: Path) -> 
         for name in runs
     }
     try:
-        workers = {name: recorded(boards[name], *runs[name]) for name in runs}
+        for name, (serve, hooks) in runs.items():
+            recorded(boards[name], serve, hooks)
         reference_bytes, reference_queues = masked(boards["hooks"])
         for name in runs:
             data, queues = masked(boards[name])
@@ -187,7 +187,6 @@ def test_asgi_layer_writes_the_bytes_the_request_hooks_write(tmp_path: Path) -> 
         view = boards["layer+python"].read(0)
         assert view.head == 6  # seven requests, one excluded
         assert boards["layer+python"].route_names(0) == ["/api/things/{thing_id}", "/items/{item_id}"]
-        assert workers["layer+python"].nr == 7  # max_requests counts every request, as uvicorn does
         statuses = [record[2] for record in boards["layer+python"].read_ring(0, 0, 6)]
         assert statuses == [204, 500, 404, 207, 302, 200]
     finally:
@@ -205,13 +204,12 @@ def test_lifespan_and_websocket_scopes_pass_through_unrecorded(board: sb.Scorebo
     board.assign(0, now=1.0)
     worker = Worker()
     _recorder.RECORDER = RequestRecorder(board, 0, worker, RecorderOptions(threaded=False))
-    layer = _asgi.RecordingApp(app, worker, fakes.HOOKS, routes=True, count_requests=True)
+    layer = _asgi.RecordingApp(app, worker, fakes.HOOKS, routes=True)
     scopes: list[dict[str, Any]] = [{"type": "lifespan"}, {"type": "websocket", "path": "/ws"}]
     for scope in scopes:
         asyncio.run(layer(scope, _receive, _noop_send))
     assert seen == scopes
     assert board.read(0).head == 0
-    assert worker.nr == 0
 
 
 def test_double_callable_applications_keep_working(board: sb.Scoreboard) -> None:
@@ -226,7 +224,7 @@ def test_double_callable_applications_keep_working(board: sb.Scoreboard) -> None
 
     board.assign(0, now=1.0)
     _recorder.RECORDER = RequestRecorder(board, 0, Worker(), RecorderOptions(threaded=False))
-    layer = _asgi.RecordingApp(Asgi2, Worker(), fakes.HOOKS, routes=False, count_requests=False)
+    layer = _asgi.RecordingApp(Asgi2, Worker(), fakes.HOOKS, routes=False)
     asyncio.run(layer(CASES[0].scope(), _receive, _noop_send))
     assert [record[2] for record in board.read_ring(0, 0, 1)] == [202]
 
@@ -244,7 +242,7 @@ def test_a_failing_recorder_never_costs_the_request(board: sb.Scoreboard, monkey
 
     reports: list[str] = []
     monkeypatch.setattr(_asgi, "report", lambda what, error: reports.append(what))
-    layer = _asgi.RecordingApp(CASES[0].app, Worker(), fakes.HOOKS, routes=True, count_requests=True)
+    layer = _asgi.RecordingApp(CASES[0].app, Worker(), fakes.HOOKS, routes=True)
     layer._serving = (None, broken, *layer._serving[2:])
     asyncio.run(layer(CASES[0].scope(), _receive, send))
     assert answered == [200]
@@ -333,14 +331,14 @@ def test_request_is_recorded_before_the_last_of_its_response_goes_out(board: sb.
     board.assign(0, now=1.0)
     worker = Worker()
     _recorder.RECORDER = RequestRecorder(board, 0, worker, RecorderOptions(threaded=False))
-    layer = _asgi.RecordingApp(app, worker, fakes.HOOKS, routes=False, count_requests=True)
+    layer = _asgi.RecordingApp(app, worker, fakes.HOOKS, routes=False)
     asyncio.run(layer(CASES[0].scope(), _receive, send))
     assert heads == [
         ("http.response.start", False, 0),
         ("http.response.body", True, 0),
         ("http.response.body", False, 1),
     ]
-    assert (board.head(0), worker.nr) == (1, 1)
+    assert board.head(0) == 1
 
 
 def test_current_task_is_the_running_task_else_the_thread() -> None:

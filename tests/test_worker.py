@@ -307,3 +307,14 @@ def test_a_clean_exit_leaves_no_last_words(board: sb.Scoreboard) -> None:
     except SystemExit:
         rec.exiting(worker)
     assert board.read(0).last_words == ""
+
+
+def test_an_exit_after_the_servers_own_request_count_reached_max_requests_is_marked(board: sb.Scoreboard) -> None:
+    """exiting(served=N) judges max_requests by the server's own count (uvicorn's), not gunicorn's worker.nr."""
+    worker = FakeWorker()
+    worker.max_requests = 5  # type: ignore[attr-defined]
+    worker.nr = 0  # type: ignore[attr-defined]  # uvicorn's workers never count in it
+    for served, marked in ((4, False), (5, True)):
+        board.assign(0, now=1.0)
+        recorder(board).exiting(worker, served=served)
+        assert bool(board.read(0).flags & sb.FLAG_MAX_REQUESTS) == marked, served

@@ -937,7 +937,7 @@ done:
 
 static PyObject *asgi_route_template, *asgi_queue_stamp, *running_loop, *task_of_loop, *thread_ident;
 static PyObject *s_type, *s_status, *s_more_body, *s_query_string, *s_client, *s_root_path, *s_route,
-    *s_path_format, *s_asgi_scope, *s_nr, *s_empty, *s_get, *one, *five_hundred;
+    *s_path_format, *s_asgi_scope, *s_empty, *s_get, *five_hundred;
 
 typedef struct {
     PyObject_HEAD
@@ -947,7 +947,7 @@ typedef struct {
     PyObject *worker, *scope, *root_path, *send;
     PyObject *no_socket; /* always NULL: the "sock" member, None, for post_request's client_closed */
     vectorcallfunc vectorcall;
-    char finished, routes, count;
+    char finished, routes;
 } Recording;
 
 static PyTypeObject RecordingType;
@@ -1113,7 +1113,7 @@ error:
     return NULL;
 }
 
-/* RecordingApp._finish: the request's environ for post_request, worker.nr counted, post_request called. */
+/* AsgiRequest.finish: the request's environ for post_request, post_request called. */
 static void
 recording_finish(Recording *self)
 {
@@ -1135,19 +1135,6 @@ recording_finish(Recording *self)
     /* always there: post_request reads an empty environ as "none given" and scans for headers instead */
     if (PyDict_SetItem(environ, s_asgi_scope, self->scope) < 0)
         goto error;
-    if (self->count) {
-        PyObject *nr = PyObject_GetAttr(self->worker, s_nr), *more;
-        if (nr == NULL)
-            goto error;
-        more = PyNumber_Add(nr, one);
-        Py_DECREF(nr);
-        if (more == NULL)
-            goto error;
-        found = PyObject_SetAttr(self->worker, s_nr, more);
-        Py_DECREF(more);
-        if (found < 0)
-            goto error;
-    }
     args[0] = self->worker;
     args[1] = (PyObject *)self;
     args[2] = environ;
@@ -1219,18 +1206,18 @@ recording_finish_method(PyObject *self, PyObject *unused)
     Py_RETURN_NONE;
 }
 
-/* asgi_start(worker, scope, send, routes, count_requests): the request's Recording, after pre_request. */
+/* asgi_start(worker, scope, send, routes): the request's Recording, after pre_request. */
 static PyObject *
 asgi_start(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     Recording *self;
     PyObject *scope, *query, *client, *hook_args[2];
-    int routes, count;
-    if (nargs != 5) {
-        PyErr_Format(PyExc_TypeError, "asgi_start() takes 5 positional arguments (%zd given)", nargs);
+    int routes;
+    if (nargs != 4) {
+        PyErr_Format(PyExc_TypeError, "asgi_start() takes 4 positional arguments (%zd given)", nargs);
         return NULL;
     }
-    if ((routes = PyObject_IsTrue(args[3])) < 0 || (count = PyObject_IsTrue(args[4])) < 0)
+    if ((routes = PyObject_IsTrue(args[3])) < 0)
         return NULL;
     scope = args[1];
     self = PyObject_GC_New(Recording, &RecordingType);
@@ -1243,7 +1230,6 @@ asgi_start(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     self->status_code = Py_NewRef(five_hundred);
     self->finished = 0;
     self->routes = (char)routes;
-    self->count = (char)count;
     self->method = self->path = self->query = self->peer_addr = self->root_path = self->no_socket = NULL;
     PyObject_GC_Track(self);
     if ((self->method = get_truthy_or(scope, s_method, s_empty)) == NULL
@@ -1507,7 +1493,7 @@ static PyMethodDef methods[] = {
      "post_request($module, worker, req, environ, resp, /)\n--\n\n"
      "gunicorn's post_request hook: write the finished request into this worker's ring."},
     {"asgi_start", (PyCFunction)(void (*)(void))asgi_start, METH_FASTCALL,
-     "asgi_start($module, worker, scope, send, routes, count_requests, /)\n--\n\n"
+     "asgi_start($module, worker, scope, send, routes, /)\n--\n\n"
      "The recording ASGI layer's start of an HTTP request: pre_request, then the Recording the application "
      "gets as its send."},
     {"bind_asgi", bind_asgi, METH_VARARGS,
@@ -1555,7 +1541,6 @@ PyInit__speedups(void)
     INTERN(s_route, "route");
     INTERN(s_path_format, "path_format");
     INTERN(s_asgi_scope, "asgi.scope");
-    INTERN(s_nr, "nr");
     INTERN(s_empty, "");
     INTERN(s_get, "get");
 #undef INTERN
@@ -1564,7 +1549,7 @@ PyInit__speedups(void)
     hung_up = PyTuple_Pack(3, PyExc_BrokenPipeError, PyExc_ConnectionResetError, PyExc_ConnectionAbortedError);
     if (hung_up == NULL)
         return NULL;
-    if ((one = PyLong_FromLong(1)) == NULL || (five_hundred = PyLong_FromLong(500)) == NULL
+    if ((five_hundred = PyLong_FromLong(500)) == NULL
         || PyType_Ready(&RecordingType) < 0)
         return NULL;
     if (pthread_atfork(NULL, NULL, forget_known_loop) != 0) {

@@ -49,7 +49,6 @@ class AsgiRequest:
     hooks (see RecordingApp)."""
 
     __slots__ = (
-        "_count",
         "_finished",
         "_post_request",
         "_routes",
@@ -66,7 +65,7 @@ class AsgiRequest:
 
     sock = None  # no socket to ask for the TCP state (post_request's client_closed)
 
-    def __init__(self, scope: Scope, send: Send, worker: Any, finishing: tuple[Hook, bool, bool]) -> None:
+    def __init__(self, scope: Scope, send: Send, worker: Any, finishing: tuple[Hook, bool]) -> None:
         self.method: str = scope.get("method") or ""
         self.path: str = scope.get("path") or ""
         query = scope.get("query_string")
@@ -79,7 +78,7 @@ class AsgiRequest:
         self.status_code = 500
         self._scope, self._send, self._finished = scope, send, False
         self._worker = worker
-        self._post_request, self._routes, self._count = finishing  # post_request, routes, count_requests
+        self._post_request, self._routes = finishing
 
     def __call__(self, message: Message) -> Awaitable[None]:
         """The application's send: a plain call returning the server's awaitable, no coroutine of its own."""
@@ -103,8 +102,6 @@ class AsgiRequest:
         worker = self._worker
         try:
             environ = request_environ(self._scope, self.root_path, self._routes)
-            if self._count:
-                worker.nr += 1
             self._post_request(worker, self, environ, self)
         except Exception as error:
             report("recording an ASGI request", error)
@@ -221,8 +218,6 @@ def _is_asgi3(app: Any) -> bool:
 class RecordingApp:
     """The application, with each HTTP request written to the scoreboard by the request hooks.
 
-    ``count_requests`` adds one to ``worker.nr`` per finished HTTP request, for worker classes (uvicorn's)
-    that do not keep gunicorn's count, so an exit after ``max_requests`` is told apart from a plain stop.
     ``on_loop`` is given the running event loop at the first call, for a worker (uvicorn's) that creates its
     loop only when it starts serving.
     Nothing else about the application changes: its own attributes are reachable through this object.
@@ -235,7 +230,6 @@ class RecordingApp:
         hooks: tuple[Hook, Hook],
         *,
         routes: bool,
-        count_requests: bool,
         on_loop: Callable[[asyncio.AbstractEventLoop], None] | None = None,
     ) -> None:
         self.app = app
@@ -245,22 +239,15 @@ class RecordingApp:
         # The compiled hooks get the compiled request (one C call to start, none per message but the send's);
         # any other pair, the Python one: the same steps, so the same bytes.
         compiled = _compiled_start()
-        start = (
-            compiled
-            if compiled is not None and hooks == recorder.COMPILED
-            else _python_start(hooks, routes, count_requests)
-        )
+        start = compiled if compiled is not None and hooks == recorder.COMPILED else _python_start(hooks, routes)
         # What a request needs, read with one attribute lookup: __getattr__ (below) makes each lookup on this
         # object a slow one (the interpreter does not specialize them).
-        self._serving: tuple[
-            Any, Callable[..., Any], Any, Callable[[Scope, Receive, Send], Awaitable[None]], bool, bool
-        ] = (
+        self._serving: tuple[Any, Callable[..., Any], Any, Callable[[Scope, Receive, Send], Awaitable[None]], bool] = (
             on_loop,
             start,
             worker,
             app3,
             routes,
-            count_requests,
         )
 
     def __getattr__(self, name: str) -> Any:
@@ -269,9 +256,9 @@ class RecordingApp:
         return getattr(self.app, name)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        on_loop, start, worker, app, routes, count = self._serving
+        on_loop, start, worker, app, routes = self._serving
         if on_loop is not None:  # the first call (lifespan, at startup): the loop the server runs
-            self._serving = (None, start, worker, app, routes, count)
+            self._serving = (None, start, worker, app, routes)
             try:
                 on_loop(asyncio.get_running_loop())
             except Exception as error:
@@ -280,7 +267,7 @@ class RecordingApp:
             await app(scope, receive, send)
             return
         try:
-            request = start(worker, scope, send, routes, count)
+            request = start(worker, scope, send, routes)
         except Exception as error:  # our bug must not cost the application its request
             report("recording an ASGI request", error)
             await app(scope, receive, send)
@@ -292,15 +279,13 @@ class RecordingApp:
             request.finish()
 
 
-def _python_start(
-    hooks: tuple[Hook, Hook], routes: bool, count: bool
-) -> Callable[[Any, Scope, Send, bool, bool], AsgiRequest]:
-    """What asgi_start does, for the Python hooks (or any other pair); the layer's routes and count_requests
-    are this one's already."""
+def _python_start(hooks: tuple[Hook, Hook], routes: bool) -> Callable[[Any, Scope, Send, bool], AsgiRequest]:
+    """What asgi_start does, for the Python hooks (or any other pair); the layer's routes are this one's
+    already."""
     pre_request, post_request = hooks
-    finishing = (post_request, routes, count)
+    finishing = (post_request, routes)
 
-    def start(worker: Any, scope: Scope, send: Send, _routes: bool, _count: bool) -> AsgiRequest:
+    def start(worker: Any, scope: Scope, send: Send, _routes: bool) -> AsgiRequest:
         req = AsgiRequest(scope, send, worker, finishing)
         pre_request(worker, req)
         return req
@@ -308,7 +293,7 @@ def _python_start(
     return start
 
 
-def _compiled_start() -> Callable[[Any, Scope, Send, bool, bool], Any] | None:
+def _compiled_start() -> Callable[[Any, Scope, Send, bool], Any] | None:
     """_speedups.asgi_start, bound to this module's definitions; None where the compiled hooks are not built."""
     if recorder.COMPILED is None:
         return None
@@ -331,12 +316,13 @@ current_task: Callable[[], Any] = _compiled_current_task() or _current_task
 request's), or the thread where there is none (another event loop library). In C where the hooks are."""
 
 
-def find_uvicorn_connections(worker: Any, found: Callable[[Callable[[], int]], None]) -> None:
-    """Call ``found`` with a function counting the open connections of uvicorn's server, once it runs.
+def find_uvicorn_state(worker: Any, found: Callable[[Any], None]) -> None:
+    """Call ``found`` with uvicorn's ``ServerState`` (its open ``connections``, its ``total_requests``) once
+    its server runs.
 
     uvicorn's worker builds its ``Server`` inside ``run()`` and keeps it in a local variable; the server calls
     ``config.callback_notify`` (the heartbeat) from its own method on its first tick. The first call is
-    intercepted to read that server's ``server_state.connections``, then uvicorn's callback is put back."""
+    intercepted to read that server's ``server_state``, then uvicorn's callback is put back."""
     config: Any = getattr(worker, "config", None)
     notify = getattr(config, "callback_notify", None)
     if config is None or notify is None:
@@ -346,11 +332,13 @@ def find_uvicorn_connections(worker: Any, found: Callable[[Callable[[], int]], N
         config.callback_notify = notify
         try:
             server = sys._getframe(1).f_locals.get("self")
-            connections = getattr(getattr(server, "server_state", None), "connections", None)
-            if isinstance(connections, (set, dict, list)):
-                found(lambda: len(connections))
+            state = getattr(server, "server_state", None)
+            if isinstance(getattr(state, "connections", None), (set, dict, list)) and isinstance(
+                getattr(state, "total_requests", None), int
+            ):
+                found(state)
         except Exception as error:
-            report("finding uvicorn's connections", error)
+            report("finding uvicorn's server state", error)
         await notify()
 
     config.callback_notify = callback_notify

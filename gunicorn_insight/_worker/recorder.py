@@ -393,8 +393,10 @@ class RequestRecorder:
         (slow,) = sb.SLOW.unpack_from(self._buffer, offset)
         sb.store(self._buffer, offset, sb.SLOW, slow + 1)
 
-    def exiting(self, worker: Any) -> BaseException | None:
-        """worker_exit ran in the worker: record how it is leaving. Returns the boot error, if that is why."""
+    def exiting(self, worker: Any, *, served: int | None = None) -> BaseException | None:
+        """worker_exit ran in the worker: record how it is leaving. Returns the boot error, if that is why.
+
+        ``served``: the requests the worker's server counted itself (uvicorn's), else gunicorn's ``worker.nr``."""
         start = self._start
         error = sys.exc_info()[1]
         code = 0
@@ -410,7 +412,7 @@ class RequestRecorder:
         elif code and error is not None:
             # A crash after boot: the exception gunicorn turned into sys.exit(-1), for the master's exit line.
             sb.store(self._buffer, start + sb.OFF_LAST_WORDS, sb.LAST_WORDS, summarize(error).encode()[:128])
-        if getattr(worker, "nr", 0) >= getattr(worker, "max_requests", sys.maxsize):
+        if (getattr(worker, "nr", 0) if served is None else served) >= getattr(worker, "max_requests", sys.maxsize):
             flags |= sb.FLAG_MAX_REQUESTS
         sb.store(self._buffer, start + sb.OFF_EXIT_CODE, sb.EXIT_CODE, code)
         self.mark(flags)
