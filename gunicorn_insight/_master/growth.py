@@ -62,60 +62,84 @@ def _fit(xs: list[float], ys: list[float]) -> tuple[float, float, float] | None:
     return slope, mean_y - slope * mean_x, sxy / math.sqrt(sxx * syy)
 
 
-@dataclass(slots=True)
-class _Held:
-    pid: int
-    points: deque[tuple[int, int]] = field(default_factory=lambda: deque(maxlen=WINDOW_ROUNDS))
-    estimate: HeldMemory | None = None
+class _Window:
+    """The last WINDOW_ROUNDS points (requests in flight, RSS) of one worker, with running sums, so a round
+    costs the same whatever the window's length (exact: Python's integers)."""
+
+    __slots__ = ("estimate", "pid", "sx", "sxx", "sxy", "sy", "syy", "xs", "ys")
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.xs: deque[int] = deque()
+        self.ys: deque[int] = deque()
+        self.sx = self.sy = self.sxx = self.syy = self.sxy = 0
+        self.estimate: HeldMemory | None = None
+
+    def add(self, x: int, y: int) -> None:
+        self.xs.append(x)
+        self.ys.append(y)
+        self._count(x, y, 1)
+        if len(self.xs) > WINDOW_ROUNDS:
+            self._count(self.xs.popleft(), self.ys.popleft(), -1)
+
+    def _count(self, x: int, y: int, sign: int) -> None:
+        self.sx += sign * x
+        self.sy += sign * y
+        self.sxx += sign * x * x
+        self.syy += sign * y * y
+        self.sxy += sign * x * y
 
 
 class HeldMemoryWatch:
     """Per slot: the memory one request in flight holds, from the rounds' (requests in flight, RSS)."""
 
     def __init__(self) -> None:
-        self._slots: dict[int, _Held] = {}
+        self._slots: dict[int, _Window] = {}
 
     def observe(self, slot: int, pid: int, in_flight: int, rss: int | None) -> None:
-        state = self._slots.get(slot)
-        if state is None or state.pid != pid:
-            state = self._slots[slot] = _Held(pid)
+        window = self._slots.get(slot)
+        if window is None or window.pid != pid:
+            window = self._slots[slot] = _Window(pid)
         if rss is None:
             return  # not read this round: a gap, never a 0
-        state.points.append((in_flight, rss))
-        estimate = self._estimate(slot, state)
+        window.add(in_flight, rss)
+        estimate = self._estimate(slot, window)
         if estimate is not None:
-            state.estimate = estimate
+            window.estimate = estimate
 
     def forget(self, live_slots: set[int]) -> None:
         for slot in self._slots.keys() - live_slots:
             del self._slots[slot]
 
     def estimates(self) -> tuple[HeldMemory, ...]:
-        return tuple(state.estimate for _, state in sorted(self._slots.items()) if state.estimate is not None)
+        return tuple(window.estimate for _, window in sorted(self._slots.items()) if window.estimate is not None)
 
     @staticmethod
-    def _estimate(slot: int, state: _Held) -> HeldMemory | None:
-        points = state.points
-        if len(points) < MIN_ROUNDS:
+    def _estimate(slot: int, window: _Window) -> HeldMemory | None:
+        count = len(window.xs)
+        if count < MIN_ROUNDS:
             return None
-        xs = [float(x) for x, _ in points]
-        low, high = min(xs), max(xs)
+        low, high = min(window.xs), max(window.xs)
         if high - low < MIN_SPREAD:
             return None
-        fitted = _fit(xs, [float(y) for _, y in points])
-        if fitted is None:
+        # count times the (co)variances, in exact integers: a flat RSS is exactly 0, never rounding noise.
+        sxx = count * window.sxx - window.sx * window.sx
+        syy = count * window.syy - window.sy * window.sy
+        sxy = count * window.sxy - window.sx * window.sy
+        if sxx <= 0 or syy <= 0:
             return None
-        slope, intercept, correlation = fitted
+        slope = sxy / sxx
+        correlation = sxy / math.sqrt(sxx * syy)
         if correlation < MIN_CORRELATION or slope * (high - low) < MIN_EFFECT:
             return None
         return HeldMemory(
             slot=slot,
-            pid=state.pid,
+            pid=window.pid,
             bytes_per_request=round(slope),
-            idle_bytes=max(0, round(intercept)),
-            requests_low=int(low),
-            requests_high=int(high),
-            rounds=len(points),
+            idle_bytes=max(0, round((window.sy - slope * window.sx) / count)),
+            requests_low=low,
+            requests_high=high,
+            rounds=count,
             correlation=round(correlation, 3),
             measured=time.time(),
         )
@@ -179,13 +203,17 @@ class GrowthWatch:
         assert state.base is not None
         base_served, base_readings = state.base
         base = base_readings.get(resource)
-        samples = [(served, value) for served, readings in state.idle if (value := readings.get(resource)) is not None]
-        if base is None or len(samples) < MIN_IDLE_SAMPLES:
+        last_served, last_readings = state.idle[-1]
+        last = last_readings.get(resource)
+        # The cheap tests first: most rounds of most workers end here, before any pass over the samples.
+        if base is None or last is None or len(state.idle) < MIN_IDLE_SAMPLES:
             return None
-        last_served, last = samples[-1]
         served = last_served - base_served
         grown = last - base
         if served < MIN_SERVED or grown < MIN_GROWTH[resource]:
+            return None
+        samples = [(at, value) for at, readings in state.idle if (value := readings.get(resource)) is not None]
+        if len(samples) < MIN_IDLE_SAMPLES:
             return None
         points = [(base_served, base), *samples]
         fitted = _fit([float(x) for x, _ in points], [float(y) for _, y in points])

@@ -362,7 +362,8 @@ class WorkerReadings:
                 LOG.info(
                     "gunicorn-insight: cannot read the open files of worker pid %s (%s/%s/fd and limits: another "
                     "user's process, and this master is not root?); gunicorn_worker_open_fds and "
-                    "gunicorn_worker_max_fds are absent where they cannot be read",
+                    "gunicorn_worker_max_fds are absent, and descriptor leaks are not judged, where they cannot be "
+                    "read",
                     pid,
                     self._proc,
                     pid,
