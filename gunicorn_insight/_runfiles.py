@@ -249,8 +249,9 @@ _R = TypeVar("_R")
 def decode(kind: type[_R], data: Any, source: str) -> _R:
     """The record of type `kind` held in `data` (parsed JSON) read from `source` (a path, for messages).
 
-    Keys the record does not know are ignored (a newer writer of the same format may add some); a missing
-    or mistyped field, or another format number, is a ContractError naming the file and the field.
+    Keys the record does not know are ignored (a newer writer of the same format may add some); a field added
+    within the format has a default, taken when an older writer left it out; any other missing or mistyped
+    field, or another format number, is a ContractError naming the file and the field.
     """
     expected = SERVER_FORMAT if kind is ServerInfo else STATUS_FORMAT
     if not isinstance(data, dict):
@@ -279,6 +280,9 @@ def _fields(kind: type[_R], data: Mapping[str, Any], where: str) -> _R:
     values: dict[str, Any] = {}
     for field in dataclasses.fields(kind):  # type: ignore[arg-type]  # kind is one of the records above
         if field.name not in data:
+            if field.default is not dataclasses.MISSING:  # added within the format: an older writer's file
+                values[field.name] = field.default
+                continue
             raise ContractError(f"{where} has no field {field.name!r}")
         values[field.name] = _value(hints[field.name], data[field.name], f"{where}: {field.name}")
     return kind(**values)
