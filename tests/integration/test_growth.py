@@ -7,6 +7,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import pytest
 from harness import APPS, Gunicorn, start_gunicorn
 from servers import ProcessFactory, wait_until
 from test_doctor_live import doctor, findings
@@ -50,9 +51,14 @@ def _hold_requests(server: Gunicorn, count: int, megabytes: int) -> list[threadi
     return clients
 
 
-def test_memory_each_held_request_costs_is_measured(process_factory: ProcessFactory, tmp_path: Path) -> None:
-    """gevent requests each holding 4 MiB: the master measures about 4 MiB per request in flight and
-    doctor --pid says what worker_connections lets a worker reach; requests holding nothing: no finding."""
+@pytest.mark.parametrize(
+    ("worker_class", "setting"), [("gevent", "worker_connections"), ("gthread", "threads")], ids=["gevent", "gthread"]
+)
+def test_memory_each_held_request_costs_is_measured(
+    process_factory: ProcessFactory, tmp_path: Path, worker_class: str, setting: str
+) -> None:
+    """Requests each holding 4 MiB: the master measures about 4 MiB per request in flight and doctor --pid
+    says what the concurrency setting lets a worker reach; requests holding nothing: no finding."""
     release = tmp_path / "release"
 
     def holding(megabytes: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -60,9 +66,9 @@ def test_memory_each_held_request_costs_is_measured(process_factory: ProcessFact
             process_factory,
             app="growth_app:app",
             cwd=APPS,
-            worker_class="gevent",
+            worker_class=worker_class,
             workers=1,
-            args=["--worker-connections", "100"],
+            args=["--worker-connections", "100", "--threads", "16"],
             env={"GROWTH_APP_RELEASE": str(release)},
         )
         clients = _hold_requests(server, 10, megabytes)
@@ -85,8 +91,9 @@ def test_memory_each_held_request_costs_is_measured(process_factory: ProcessFact
     assert held["requests_high"] - held["requests_low"] >= 4, held
     finding = findings(document)["live-memory-per-request"]
     assert "each request held open costs about" in finding["what"], finding
-    assert "at worker_connections=100 a worker could reach" in finding["what"], finding
-    assert "lower worker_connections" in finding["fix"], finding
+    limit = 100 if setting == "worker_connections" else 16
+    assert f"at {setting}={limit} a worker could reach" in finding["what"], finding
+    assert f"lower {setting}" in finding["fix"], finding
 
 
 def _leaky_server(process_factory: ProcessFactory, path: str) -> Gunicorn:
