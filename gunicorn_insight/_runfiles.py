@@ -152,7 +152,7 @@ class Growth:
             f"worker pid={self.pid} slot={self.slot} holds more {name} with every request it serves: "
             f"{show(self.at_ready)} when it became ready, {show(self.now)} after {self.served} requests "
             f"(about {rate} more per 1,000 requests), and they are still held while it is idle"
-            + (f"; they are {self.kinds}" if self.kinds else "")
+            + (f"; its descriptors by kind, when last listed: {self.kinds}" if self.kinds else "")
         )
 
     def fix(self, max_requests: int, fd_limit: int | None = None) -> str:

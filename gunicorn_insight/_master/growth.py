@@ -46,11 +46,13 @@ MIN_GROWTH = {"open_fds": 20, "threads": 20, "memory_bytes": 64 << 20}
 RESOURCES = ("open_fds", "threads", "memory_bytes")
 STILL_RISING = 0.25
 """Share of the growth that must come in the later half of the requests served: a leak keeps going."""
+KINDS_EVERY = 30.0
+"""Seconds between two listings of a leaking worker's descriptors by kind."""
 
 
-def _fit(xs: list[float], ys: list[float]) -> tuple[float, float, float] | None:
-    """(slope, intercept, correlation) of the least-squares line through the points; None when either
-    coordinate does not vary."""
+def _fit(xs: list[float], ys: list[float]) -> tuple[float, float] | None:
+    """(slope, correlation) of the least-squares line through the points; None when either coordinate does
+    not vary."""
     count = len(xs)
     mean_x, mean_y = sum(xs) / count, sum(ys) / count
     sxx = sum((x - mean_x) ** 2 for x in xs)
@@ -58,8 +60,7 @@ def _fit(xs: list[float], ys: list[float]) -> tuple[float, float, float] | None:
     sxy = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True))
     if sxx <= 0 or syy <= 0:
         return None
-    slope = sxy / sxx
-    return slope, mean_y - slope * mean_x, sxy / math.sqrt(sxx * syy)
+    return sxy / sxx, sxy / math.sqrt(sxx * syy)
 
 
 class _Window:
@@ -153,6 +154,9 @@ class _Worker:
     idle: list[tuple[int, dict[str, int | None]]] = field(default_factory=list)
     told: set[str] = field(default_factory=set)
     found: dict[str, Growth] = field(default_factory=dict)
+    kinds: str = ""
+    kinds_at: float = -KINDS_EVERY
+    """When the descriptors' kinds were last listed: one readlink per descriptor, so not every round."""
 
 
 class GrowthWatch:
@@ -217,7 +221,7 @@ class GrowthWatch:
             return None
         points = [(base_served, base), *samples]
         fitted = _fit([float(x) for x, _ in points], [float(y) for _, y in points])
-        if fitted is None or fitted[2] < MIN_CORRELATION or fitted[0] <= 0:
+        if fitted is None or fitted[1] < MIN_CORRELATION or fitted[0] <= 0:
             return None
         middle = base_served + served / 2
         at_middle = min(points, key=lambda point: abs(point[0] - middle))
@@ -231,8 +235,14 @@ class GrowthWatch:
             now=last,
             served=served,
             per_1000=round(grown / served * 1000, 1),
-            kinds=descriptor_kinds(state.pid, self._proc) if resource == "open_fds" else "",
+            kinds=self._kinds(state) if resource == "open_fds" else "",
         )
+
+    def _kinds(self, state: _Worker) -> str:
+        now = time.monotonic()
+        if now - state.kinds_at >= KINDS_EVERY:
+            state.kinds, state.kinds_at = descriptor_kinds(state.pid, self._proc), now
+        return state.kinds
 
 
 def descriptor_kinds(pid: int, proc: str = "/proc") -> str:
