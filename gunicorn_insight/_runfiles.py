@@ -150,8 +150,9 @@ class Growth:
         rate = f"{self.per_1000 / 1048576:.1f} MiB" if self.resource == "memory_bytes" else f"{self.per_1000:,.0f}"
         return (
             f"worker pid={self.pid} slot={self.slot} holds more {name} with every request it serves: "
-            f"{show(self.at_ready)} when it became ready, {show(self.now)} after {self.served} requests "
-            f"(about {rate} more per 1,000 requests), and they are still held while it is idle"
+            f"{show(self.at_ready)} when it became ready, {show(self.now)} after {self.served:,} requests "
+            f"(about {rate} more per 1,000 requests), and {'it is' if self.resource == 'memory_bytes' else 'they are'} "
+            "still held while it is idle"
             + (f"; its descriptors by kind, when last listed: {self.kinds}" if self.kinds else "")
         )
 
