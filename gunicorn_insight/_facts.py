@@ -86,6 +86,12 @@ class Round:
     """slot -> open file descriptors of its live worker (/proc/<pid>/fd)."""
     fd_limits: dict[int, int] = field(default_factory=dict)
     """slot -> its live worker's soft limit on open file descriptors; absent where unlimited or unreadable."""
+    threads: dict[int, int] = field(default_factory=dict)
+    """slot -> threads of its live worker (/proc/<pid>/status); absent where unreadable."""
+    slot_in_flight: dict[int, int] = field(default_factory=dict)
+    """slot -> requests its live worker has in flight."""
+    served: dict[int, int] = field(default_factory=dict)
+    """slot -> requests its live worker has served."""
 
     @property
     def total_requests(self) -> int:

@@ -106,6 +106,89 @@ class WorkerExit:
 
 
 @dataclass(frozen=True)
+class HeldMemory:
+    """What one worker's resident memory grows by per request it holds open, measured over the master's
+    recent rounds (see gunicorn_insight._master.growth)."""
+
+    slot: int
+    pid: int
+    bytes_per_request: int
+    """The least-squares slope of the worker's RSS against its requests in flight."""
+    idle_bytes: int
+    """The line's RSS at no request in flight."""
+    requests_low: int
+    requests_high: int
+    """The fewest and the most requests in flight seen in the rounds measured."""
+    rounds: int
+    correlation: float
+    measured: float
+    """Wall-clock time of the round that measured it (kept for the worker's life)."""
+
+
+@dataclass(frozen=True)
+class Growth:
+    """A resource one worker holds more of with every request it serves, still held while it is idle."""
+
+    slot: int
+    pid: int
+    resource: str
+    """``open_fds``, ``threads`` or ``memory_bytes``."""
+    at_ready: int
+    """The reading when the master first saw the worker ready."""
+    now: int
+    """The reading at the worker's latest idle moment."""
+    served: int
+    """Requests the worker served between the two readings."""
+    per_1000: float
+    kinds: str
+    """For descriptors: what they are by kind ("300 files, 4 sockets"); "" otherwise or unreadable."""
+
+    def what(self) -> str:
+        """The evidence, in one sentence (the master's log line and the doctor's finding say the same)."""
+        name = _GROWN[self.resource]
+        show = _mebibytes if self.resource == "memory_bytes" else str
+        rate = f"{self.per_1000 / 1048576:.1f} MiB" if self.resource == "memory_bytes" else f"{self.per_1000:,.0f}"
+        return (
+            f"worker pid={self.pid} slot={self.slot} holds more {name} with every request it serves: "
+            f"{show(self.at_ready)} when it became ready, {show(self.now)} after {self.served:,} requests "
+            f"(about {rate} more per 1,000 requests), and {'it is' if self.resource == 'memory_bytes' else 'they are'} "
+            "still held while it is idle"
+            + (f"; its descriptors by kind, when last listed: {self.kinds}" if self.kinds else "")
+        )
+
+    def fix(self, max_requests: int, fd_limit: int | None = None) -> str:
+        """Where to look for the leak, and the stopgap."""
+        find = {
+            "open_fds": f"`ls -l /proc/{self.pid}/fd` shows what each descriptor is (a file, a socket and its "
+            "peer in `ss -tp`); look for files or connections opened per request and never closed (a client "
+            "or session built per request)",
+            "threads": f"`gunicorn-insight stacks` or `py-spy dump --pid {self.pid}` names the threads and "
+            "where they wait; look for a thread, pool or client started per request and never stopped",
+            "memory_bytes": "compare two tracemalloc snapshots (or run memray) in one worker to see which "
+            "allocation sites grow; look for caches without a bound and objects kept per request",
+        }[self.resource]
+        stopgap = (
+            f"max_requests={max_requests} already recycles each worker after that many requests"
+            if max_requests
+            else "as a stopgap set max_requests (e.g. 1000, with max_requests_jitter 100) so each worker is "
+            "replaced before the leak hurts"
+        )
+        if self.resource == "open_fds" and fd_limit and self.per_1000 > 0:
+            left = (fd_limit - self.now) / self.per_1000 * 1000
+            stopgap += (
+                f"; at this rate it reaches its open-file limit ({fd_limit}) in about {max(0, left):.0f} more requests"
+            )
+        return f"find the leak: {find}; {stopgap}"
+
+
+_GROWN = {"open_fds": "open file descriptors", "threads": "threads", "memory_bytes": "memory"}
+
+
+def _mebibytes(value: int) -> str:
+    return f"{value / 1048576:.0f} MiB"
+
+
+@dataclass(frozen=True)
 class StatusRecord:
     """``status.json``: the master's last round. Rewritten after every round."""
 
@@ -134,6 +217,10 @@ class StatusRecord:
     """The number of workers gunicorn keeps (``workers``, moved by TTIN/TTOU); None where it was not read."""
     master_loop_stuck: float | None
     """Seconds since gunicorn's master loop was last seen waiting for signals; None while unknown."""
+    held_memory: tuple[HeldMemory, ...] = ()
+    """Per live worker whose rounds measured it: the memory each request in flight holds."""
+    growth: tuple[Growth, ...] = ()
+    """Per live worker: what it holds more of with each request served (descriptors, threads, memory)."""
 
 
 def write_json(path: str, payload: Mapping[str, Any]) -> None:
@@ -163,8 +250,9 @@ _R = TypeVar("_R")
 def decode(kind: type[_R], data: Any, source: str) -> _R:
     """The record of type `kind` held in `data` (parsed JSON) read from `source` (a path, for messages).
 
-    Keys the record does not know are ignored (a newer writer of the same format may add some); a missing
-    or mistyped field, or another format number, is a ContractError naming the file and the field.
+    Keys the record does not know are ignored (a newer writer of the same format may add some); a field added
+    within the format has a default, taken when an older writer left it out; any other missing or mistyped
+    field, or another format number, is a ContractError naming the file and the field.
     """
     expected = SERVER_FORMAT if kind is ServerInfo else STATUS_FORMAT
     if not isinstance(data, dict):
@@ -193,6 +281,9 @@ def _fields(kind: type[_R], data: Mapping[str, Any], where: str) -> _R:
     values: dict[str, Any] = {}
     for field in dataclasses.fields(kind):  # type: ignore[arg-type]  # kind is one of the records above
         if field.name not in data:
+            if field.default is not dataclasses.MISSING:  # added within the format: an older writer's file
+                values[field.name] = field.default
+                continue
             raise ContractError(f"{where} has no field {field.name!r}")
         values[field.name] = _value(hints[field.name], data[field.name], f"{where}: {field.name}")
     return kind(**values)
@@ -243,6 +334,8 @@ class StatusFiles:
         self.exits: deque[WorkerExit] = deque(maxlen=RECENT_EXITS)
         self.listen_overflows = 0
         self.rounds = 0
+        self.held_memory: tuple[HeldMemory, ...] = ()
+        self.growth: tuple[Growth, ...] = ()
 
     def write_server(self, description: ServerInfo) -> None:
         write_json(os.path.join(self.run_dir, SERVER_FILE), encode(description))
@@ -286,6 +379,8 @@ class StatusFiles:
             host=host_status(facts),
             workers_desired=facts.desired_workers,
             master_loop_stuck=facts.master_loop_stuck,
+            held_memory=self.held_memory,
+            growth=self.growth,
         )
         write_json(os.path.join(self.run_dir, STATUS_FILE), encode(record))
 

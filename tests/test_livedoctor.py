@@ -8,7 +8,7 @@ from typing import Any
 import fakes
 import pytest
 
-from gunicorn_insight._runfiles import WorkerExit
+from gunicorn_insight._runfiles import Growth, HeldMemory, WorkerExit
 from gunicorn_insight.cli import livedoctor
 from gunicorn_insight.cli.hostfacts import GunicornOnHost
 from gunicorn_insight.cli.livedoctor import Histogram, LiveFacts
@@ -192,3 +192,54 @@ def test_a_host_nearly_out_of_memory_names_every_gunicorn_on_it() -> None:
     assert "--preload" in finding.fix
     for quiet in (facts(host_memory=(1024 * MIB, 200 * MIB), host_gunicorn=on_host), facts(host_memory=None)):
         assert "live-host-memory" not in {found.check for found in livedoctor.run_live_checks(quiet)}
+
+
+def a_held(bytes_per_request: int, idle_bytes: int = 30 * MIB) -> HeldMemory:
+    """The master's estimate as status.json holds it."""
+    return HeldMemory(
+        slot=0,
+        pid=10,
+        bytes_per_request=bytes_per_request,
+        idle_bytes=idle_bytes,
+        requests_low=0,
+        requests_high=10,
+        rounds=40,
+        correlation=0.99,
+        measured=0.0,
+    )
+
+
+def test_memory_per_request_is_projected_to_the_concurrency_limit() -> None:
+    """4 gevent workers at worker_connections=100 holding 4 MiB per request reach 430 MiB each, 1720 MiB in
+    all, past 80% of a 2 GiB limit: a warning saying how many requests fit; no estimate: nothing."""
+    gevent = facts(worker_class="gevent", per_worker=100, capacity=400)
+    assert checks(livedoctor.check_memory_per_request, gevent) == []
+    (finding,) = livedoctor.check_memory_per_request(replace(gevent, held_memory=(a_held(4 * MIB),)))
+    assert finding.severity == "warning"
+    assert "each request held open costs about 4.0 MiB in worker pid=10 slot=0" in finding.what
+    assert "at worker_connections=100 a worker could reach 430 MiB" in finding.what
+    assert "4 workers at that size: 1720 MiB in all, against the cgroup's memory limit of 2048 MiB" in finding.what
+    # 80% of 2048 MiB over 4 workers is 409.6 MiB each; less the 30 MiB idle, 94 requests of 4 MiB fit.
+    assert finding.fix.startswith("lower worker_connections to what memory allows (about 94 keep 4 workers")
+    small = livedoctor.check_memory_per_request(replace(gevent, held_memory=(a_held(MIB // 2),)))
+    assert [item.severity for item in small] == ["info"]
+    threads = facts(worker_class="gthread", per_worker=8, capacity=32, held_memory=(a_held(4 * MIB),))
+    (finding,) = livedoctor.check_memory_per_request(threads)
+    assert "at threads=8 a worker could reach 62 MiB" in finding.what
+
+
+def test_growth_found_by_the_master_is_a_leak_finding() -> None:
+    """Descriptors growing per request served: live-leak with the evidence and where to look; none: nothing."""
+    assert checks(livedoctor.check_growth, facts()) == []
+    growth = Growth(
+        slot=1, pid=11, resource="open_fds", at_ready=50, now=550, served=500, per_1000=1000.0, kinds="490 files"
+    )
+    (finding,) = livedoctor.check_growth(facts(growth=(growth,)))
+    assert finding.severity == "warning"
+    assert finding.what.startswith(
+        "worker pid=11 slot=1 holds more open file descriptors with every request it serves: 50 when it became "
+        "ready, 550 after 500 requests (about 1,000 more per 1,000 requests)"
+    )
+    assert "490 files" in finding.what
+    assert "ls -l /proc/11/fd" in finding.fix
+    assert "set max_requests" in finding.fix

@@ -179,14 +179,16 @@ def test_cgroup_dirs_prefers_v1_and_finds_hybrid_v2(tmp_path: Path) -> None:
 
 
 def test_process_status_switches_and_swap(tmp_path: Path) -> None:
-    """voluntary/nonvoluntary_ctxt_switches and VmSwap (kB) from /proc/<pid>/status; a gone pid is None."""
+    """voluntary/nonvoluntary_ctxt_switches, VmSwap (kB) and Threads from /proc/<pid>/status; a gone pid is None."""
     write(
         tmp_path / "42" / "status",
-        "Name:\tgunicorn\nVmSwap:\t    1024 kB\nvoluntary_ctxt_switches:\t17\nnonvoluntary_ctxt_switches:\t3\n",
+        "Name:\tgunicorn\nVmSwap:\t    1024 kB\nThreads:\t5\nvoluntary_ctxt_switches:\t17\n"
+        "nonvoluntary_ctxt_switches:\t3\n",
     )
     reading = read_process(42, str(tmp_path))
     assert reading is not None
     assert (reading.voluntary_switches, reading.involuntary_switches, reading.swap_bytes) == (17, 3, 1 << 20)
+    assert reading.threads == 5
     assert read_process(43, str(tmp_path)) is None
 
 

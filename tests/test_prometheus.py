@@ -292,7 +292,7 @@ def test_host_pressure_and_lifecycle_are_exported_and_absent_stays_absent(tmp_pa
         facts = Round(workers=2, ready_workers=1, booting_workers=1, boot_durations=[0.7], stalled_requests=2,
                       stalls=1, crash_loop=True, crash_loops=1, host=host, context_switches={0: (40, 3)},
                       swap={0: 4096}, connections={0: 1, 1: 0}, pids={0: 10}, desired_workers=2, master_loop_stuck=6.5,
-                      open_fds={0: 12}, fd_limits={0: 1024})
+                      open_fds={0: 12}, fd_limits={0: 1024}, threads={0: 7})
         sink.publish(facts)
         print(generate_latest(make_registry(directory)).decode())
     """
@@ -314,6 +314,7 @@ def test_host_pressure_and_lifecycle_are_exported_and_absent_stays_absent(tmp_pa
         "gunicorn_master_loop_stuck_seconds 6.5",
         'gunicorn_worker_open_fds{worker="0"} 12.0',
         'gunicorn_worker_max_fds{worker="0"} 1024.0',
+        'gunicorn_worker_threads{worker="0"} 7.0',
         'gunicorn_worker_boot_duration_seconds_bucket{le="1.0"} 1.0',
         "gunicorn_worker_boot_duration_seconds_count 1.0",
         "gunicorn_stalled_requests 2.0",
@@ -328,6 +329,7 @@ def test_host_pressure_and_lifecycle_are_exported_and_absent_stays_absent(tmp_pa
         'gunicorn_pressure_waiting_seconds_total{resource="io"}',
         'gunicorn_worker_swap_bytes{worker="1"}',
         'gunicorn_worker_open_fds{worker="1"}',
+        'gunicorn_worker_threads{worker="1"}',
         'gunicorn_worker_context_switches_total{kind="voluntary",worker="1"}',
     ):
         assert absent not in out, absent

@@ -210,6 +210,7 @@ def test_host_pressure_lines_send_what_the_kernel_counters_gained(receiver: sock
     second.context_switches, second.swap = {0: (15, 1)}, {0: 0}
     second.stalls, second.stalled_requests, second.desired_workers = 1, 2, 3
     second.open_fds, second.fd_limits, second.master_loop_stuck = {0: 12}, {0: 1024}, 6.5
+    second.threads = {0: 7}
     sink.publish(second)
     lines = b"\n".join(datagrams(receiver)).decode().splitlines()
     for line in (
@@ -227,6 +228,7 @@ def test_host_pressure_lines_send_what_the_kernel_counters_gained(receiver: sock
         "gunicorn.master.loop_stuck_ms:6500|g",
         "gunicorn.worker.0.open_fds:12|g",
         "gunicorn.worker.0.max_fds:1024|g",
+        "gunicorn.worker.0.threads:7|g",
     ):
         assert line in lines, line
     assert not [line for line in lines if "quota_cores" in line or "working_set" in line]

@@ -106,6 +106,18 @@ def test_unknown_keys_are_ignored_and_ints_count_as_floats() -> None:
     assert isinstance(info.started, float)
 
 
+def test_fields_added_within_the_format_read_from_an_older_writer() -> None:
+    """status.json from a master of the same format without held_memory and growth reads as none measured;
+    a field every writer of the format writes is still required."""
+    raw = as_json(StatusRecord(1.0, 2.0, 1, 0, 0, 1, 0, 0, (), 0, 0, (), 1, 1, 0, 0, False, {}, 2, 0.0))
+    del raw["held_memory"], raw["growth"]
+    record = decode(StatusRecord, raw, "status.json")
+    assert (record.held_memory, record.growth) == ((), ())
+    del raw["rounds"]
+    with pytest.raises(ContractError, match=r"status\.json has no field 'rounds'"):
+        decode(StatusRecord, raw, "status.json")
+
+
 def test_nested_records_name_the_path_to_a_bad_field() -> None:
     """A bad value inside a listener names the list index and the field."""
     raw = as_json(

@@ -263,6 +263,9 @@ INSTRUMENTS: dict[str, Instrument] = {
         "gauge",
         "The soft limit on open file descriptors of each slot's worker.",
     ),
+    "gunicorn_worker_threads": Instrument(
+        "gunicorn.worker.thread.count", "{thread}", "gauge", "Threads of each slot's worker."
+    ),
     "gunicorn_listen_backlog": Instrument(
         "gunicorn.listen.backlog", "{connection}", "gauge", "Connections waiting in a listener's accept queue."
     ),

@@ -467,6 +467,7 @@ class PrometheusSink:
         self._max_fds = _gauge(
             "gunicorn_worker_max_fds", "The soft limit on open file descriptors of each slot's worker.", ("worker",)
         )
+        self._threads = _gauge("gunicorn_worker_threads", "Threads of each slot's worker.", ("worker",))
 
     def _publish_lifecycle(self, facts: Round) -> None:
         for family, value in (
@@ -515,6 +516,7 @@ class PrometheusSink:
             (self._swap, facts.swap),
             (self._open_fds, facts.open_fds),
             (self._max_fds, facts.fd_limits),
+            (self._threads, facts.threads),
         ):
             for slot, value in readings.items():
                 self._set(family, family.key("", (str(slot),)), value)

@@ -405,7 +405,12 @@ class StatsdSink:
                     pipe.incr(self._name("gunicorn.worker.context_switches", f"worker:{slot},kind:{kind}"), gained)
                 else:
                     pipe.incr(self._name(f"gunicorn.worker.{slot}.context_switches.{kind}"), gained)
-        for metric, readings in (("swap", facts.swap), ("open_fds", facts.open_fds), ("max_fds", facts.fd_limits)):
+        for metric, readings in (
+            ("swap", facts.swap),
+            ("open_fds", facts.open_fds),
+            ("max_fds", facts.fd_limits),
+            ("threads", facts.threads),
+        ):
             for slot, value in sorted(readings.items()):
                 pipe.gauge(
                     self._split(f"gunicorn.worker.{{}}.{metric}", f"gunicorn.worker.{metric}", "worker", slot), value

@@ -38,6 +38,7 @@ from .backlog import backlog, listen_overflows, unix_listener
 from .binds import SocketFiles
 from .drain import Drainer
 from .forensics import Death, ExitReports
+from .growth import GrowthWatch, HeldMemoryWatch, log_growth
 from .lifecycle import StallWatch
 from .loglines import LogLineWatch
 from .mainloop import MainLoopWatch
@@ -123,6 +124,8 @@ class Master:
         self.exits = ExitReports(self.board, self._drainer, self.status, self._sinks)
         self._host = _host_reader(plan)
         self._worker_readings = WorkerReadings()
+        self._held = HeldMemoryWatch()
+        self._growth = GrowthWatch()
         # A stall is judged against the slow-request threshold: the watchdogs have logged each stuck
         # request's stack by the time the master names the stall.
         self._stall = StallWatch(plan.slow_request_timeout if plan.slow_request_timeout > 0 else 30.0)
@@ -192,6 +195,10 @@ class Master:
                 self._read_host(facts)
             except Exception as error:
                 report("reading host pressure", error)
+            try:
+                self._watch_growth(facts)
+            except Exception as error:
+                report("watching what the workers' memory, descriptors and threads grow with", error)
             self.exits.judge(facts)
             if not self._told_unseen:
                 self._tell_requests_unseen()
@@ -237,7 +244,32 @@ class Master:
     def _read_host(self, facts: Round) -> None:
         if self._host is not None:
             facts.host = self._host.read()
-        facts.context_switches, facts.swap, facts.open_fds, facts.fd_limits = self._worker_readings.read(facts.pids)
+        readings = self._worker_readings.read(facts.pids)
+        facts.context_switches, facts.swap, facts.open_fds = readings.switches, readings.swap, readings.open_fds
+        facts.fd_limits, facts.threads = readings.fd_limits, readings.threads
+
+    def _watch_growth(self, facts: Round) -> None:
+        """Memory held per request in flight, and what grows with requests served (see growth)."""
+        live = set(facts.pids)
+        self._held.forget(live)
+        self._growth.forget(live)
+        for slot, pid in facts.pids.items():
+            rss = facts.memory.get(slot)
+            in_flight = facts.slot_in_flight.get(slot, 0)
+            self._held.observe(slot, pid, in_flight, rss)
+            readings = {
+                "open_fds": facts.open_fds.get(slot),
+                "threads": facts.threads.get(slot),
+                "memory_bytes": rss,
+            }
+            ready = self.board.buffer[self.board.offset(slot) + sb.OFF_STATE] == sb.READY
+            served = facts.served.get(slot, 0)
+            for growth in self._growth.observe(
+                slot, pid, ready=ready, served=served, in_flight=in_flight, readings=readings
+            ):
+                log_growth(growth, self.plan.max_requests, facts.fd_limits.get(slot))
+        self.status.held_memory = self._held.estimates()
+        self.status.growth = self._growth.found()
 
     def _watch_stall(self, facts: Round) -> None:
         heads = sum(self.board.head(index) for index in range(self.board.slots))

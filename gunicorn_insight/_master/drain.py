@@ -84,6 +84,8 @@ class Drainer:
             result.workers += 1
             self._lifecycle(index, view, result)
             result.in_flight += view.in_flight
+            result.slot_in_flight[index] = view.in_flight
+            result.served[index] = view.served
             result.waiting += view.waiting
             result.busy_workers += 1 if view.in_flight else 0
             result.connections[index] = view.connections_now

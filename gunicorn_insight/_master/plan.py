@@ -46,6 +46,8 @@ class Plan:
     """The TCP port gunicorn listens on, when it binds exactly one (OTLP's server.port)."""
     worker_class_name: str = ""
     """gunicorn's worker class as module.name, for messages about it."""
+    max_requests: int = 0
+    """gunicorn's ``max_requests`` (0: workers are never recycled)."""
 
     @classmethod
     def resolve(cls, settings: Settings, cfg: Any, prometheus_dir: str | None) -> Plan:
@@ -100,6 +102,7 @@ class Plan:
             service_name=str(getattr(cfg, "proc_name", None) or "gunicorn"),
             server_port=single_port(getattr(cfg, "bind", None) or []),
             worker_class_name=_class_name(cfg),
+            max_requests=max(0, int(getattr(cfg, "max_requests", 0) or 0)),
         )
 
 

@@ -255,17 +255,18 @@ class ProcessReading:
     voluntary_switches: int | None
     involuntary_switches: int | None
     swap_bytes: int | None
+    threads: int | None = None
 
 
 def read_process(pid: int, proc: str = "/proc") -> ProcessReading | None:
-    """Context switches and swap of one process from /proc/<pid>/status; None when it is gone."""
+    """Context switches, swap and threads of one process from /proc/<pid>/status; None when it is gone."""
     text = _read(f"{proc}/{pid}/status") if pid else None
     if text is None:
         return None
     values: dict[str, int] = {}
     for line in text.splitlines():
         name, _, value = line.partition(":")
-        if name in ("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches", "VmSwap"):
+        if name in ("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches", "VmSwap", "Threads"):
             try:
                 values[name] = int(value.split()[0])
             except (ValueError, IndexError):
@@ -275,6 +276,7 @@ def read_process(pid: int, proc: str = "/proc") -> ProcessReading | None:
         values.get("voluntary_ctxt_switches"),
         values.get("nonvoluntary_ctxt_switches"),
         None if swap is None else swap * 1024,
+        values.get("Threads"),
     )
 
 
@@ -317,6 +319,8 @@ class WorkerFacts(NamedTuple):
     """slot -> open file descriptors of its live worker."""
     fd_limits: dict[int, int]
     """slot -> its live worker's soft limit on open file descriptors (absent: unlimited, or unreadable)."""
+    threads: dict[int, int]
+    """slot -> threads of its live worker."""
 
 
 class WorkerReadings:
@@ -330,7 +334,7 @@ class WorkerReadings:
 
     def read(self, pids: dict[int, int]) -> WorkerFacts:
         switches: dict[int, tuple[int, int]] = {}
-        found = WorkerFacts(switches, {}, {}, {})
+        found = WorkerFacts(switches, {}, {}, {}, {})
         for slot, pid in pids.items():
             state = self._slots.setdefault(slot, _SlotSwitches())
             if pid != state.pid:
@@ -346,6 +350,8 @@ class WorkerReadings:
                     state.seen = True
                 if reading.swap_bytes is not None:
                     found.swap[slot] = reading.swap_bytes
+                if reading.threads is not None:
+                    found.threads[slot] = reading.threads
             descriptors = read_descriptors(pid, self._proc)
             if descriptors is not None:
                 found.open_fds[slot], limit = descriptors
@@ -356,7 +362,8 @@ class WorkerReadings:
                 LOG.info(
                     "gunicorn-insight: cannot read the open files of worker pid %s (%s/%s/fd and limits: another "
                     "user's process, and this master is not root?); gunicorn_worker_open_fds and "
-                    "gunicorn_worker_max_fds are absent where they cannot be read",
+                    "gunicorn_worker_max_fds are absent, and descriptor leaks are not judged, where they cannot be "
+                    "read",
                     pid,
                     self._proc,
                     pid,

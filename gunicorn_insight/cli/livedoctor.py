@@ -23,8 +23,8 @@ from .. import _scoreboard as sb
 from .._cgroup import memory_cgroup_dirs
 from .._discovery import Server
 from .._proc import cpu_seconds
-from .._runfiles import ServerInfo, StatusRecord, WorkerExit
-from .doctor import Finding
+from .._runfiles import Growth, HeldMemory, ServerInfo, StatusRecord, WorkerExit
+from .doctor import Finding, Severity
 from .hostfacts import GunicornOnHost, gunicorn_on_host, meminfo
 from .views import read_status
 
@@ -104,6 +104,10 @@ class LiveFacts:
     """(MemTotal, MemAvailable) of the host, in bytes."""
     host_gunicorn: GunicornOnHost | None = None
     """Every gunicorn server on the host, this one included."""
+    held_memory: tuple[HeldMemory, ...] = ()
+    """The master's estimates of the memory each request in flight holds, per worker (status.json)."""
+    growth: tuple[Growth, ...] = ()
+    """What the master found growing with requests served, per worker (status.json)."""
 
     @property
     def timeout(self) -> float:
@@ -289,6 +293,9 @@ def measure(server: Server, board: sb.Scoreboard, window: float = DEFAULT_WINDOW
     if status is not None:
         facts.recent_exits = status.recent_exits
         facts.listen_overflows = status.listen_overflows
+        live = {view.pid for view in views}
+        facts.held_memory = tuple(held for held in status.held_memory if held.pid in live)
+        facts.growth = tuple(growth for growth in status.growth if growth.pid in live)
     queue_after = read_histogram(server.prometheus_dir, _QUEUE)
     if queue_after is not None:
         facts.queue_total = queue_after
@@ -565,6 +572,75 @@ def check_timeout(facts: LiveFacts) -> Iterable[Finding]:
     )
 
 
+_CONCURRENCY_SETTING = {"gthread": "threads", "uvicorn": "limit_concurrency"}
+
+
+def check_memory_per_request(facts: LiveFacts) -> Iterable[Finding]:
+    """The memory each request held open costs, against what the configured concurrency allows: slow
+    backends keep requests open, and each one keeps its memory."""
+    if not facts.held_memory:
+        return
+    held = max(facts.held_memory, key=lambda item: item.bytes_per_request)
+    setting = _CONCURRENCY_SETTING.get(facts.worker_class, "worker_connections")
+    per_worker = facts.per_worker
+    peak = held.idle_bytes + per_worker * held.bytes_per_request
+    workers = max(1, facts.workers)
+    if facts.memory_limit is not None:
+        limit, limit_name = facts.memory_limit, "the cgroup's memory limit"
+    elif facts.host_memory is not None:
+        limit, limit_name = facts.host_memory[0], "the host's memory (no cgroup limit)"
+    else:
+        limit, limit_name = None, ""
+    against = ""
+    severity: Severity = "info"
+    fits = ""
+    if limit is not None:
+        together = workers * peak
+        against = (
+            f"; {workers} worker{'s' if workers != 1 else ''} at that size: {_mib(together)} in all, against "
+            f"{limit_name} of {_mib(limit)}"
+        )
+        if together >= MEMORY_NEAR_LIMIT * limit:
+            severity = "warning"
+        budget = MEMORY_NEAR_LIMIT * limit / workers - held.idle_bytes
+        allowed = max(1, math.floor(budget / held.bytes_per_request)) if budget > 0 else 1
+        if allowed < per_worker:
+            fits = f" (about {allowed} keep {workers} workers within {MEMORY_NEAR_LIMIT:.0%} of it)"
+    yield Finding(
+        "live-memory-per-request",
+        severity,
+        f"each request held open costs about {_mib_precise(held.bytes_per_request)} in worker pid={held.pid} "
+        f"slot={held.slot}: its resident memory followed its requests in flight ({held.requests_low} to "
+        f"{held.requests_high}) over {held.rounds} rounds of the master (correlation {held.correlation:.2f}, "
+        f"{_mib(held.idle_bytes)} with none); at {setting}={per_worker} a worker could reach {_mib(peak)}" + against,
+        "requests that wait on a slow backend stay open, and each keeps what it allocated: when the backend "
+        "slows, requests pile up to the concurrency limit and memory with them, until the OOM killer SIGKILLs "
+        "a worker mid-request.",
+        f"lower {setting} to what memory allows{fits}, or make each request hold less (stream instead of "
+        "buffering whole bodies); and fix or bound the slow backend the requests wait on (a timeout on the "
+        "outbound call; `gunicorn-insight stacks` shows where they wait)",
+    )
+
+
+def check_growth(facts: LiveFacts) -> Iterable[Finding]:
+    """A resource a worker holds more of with every request served, still held while idle: a leak, which
+    makes each load test slower and more prone to timeouts than the one before."""
+    for growth in facts.growth:
+        yield Finding(
+            "live-leak",
+            "warning",
+            growth.what(),
+            "a leak grows with traffic and survives between load tests: each run starts where the previous one "
+            "left off, so timeouts and errors rise run after run (out of open files: 'Too many open files'; "
+            "threads: the CPU and memory they hold; memory: the OOM killer) until the worker is replaced.",
+            growth.fix(facts.info.max_requests or 0),
+        )
+
+
+def _mib_precise(value: float) -> str:
+    return f"{value / 1048576:.1f} MiB"
+
+
 LIVE_CHECKS: list[LiveCheck] = [
     check_saturation,
     check_backlog,
@@ -573,6 +649,8 @@ LIVE_CHECKS: list[LiveCheck] = [
     check_memory,
     check_host_memory,
     check_timeout,
+    check_memory_per_request,
+    check_growth,
 ]
 
 
