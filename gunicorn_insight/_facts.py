@@ -45,6 +45,9 @@ class Round:
     """slot -> CPU seconds (user + system) ever used by its workers (a counter)."""
     listeners: dict[str, tuple[int, int]] = field(default_factory=dict)
     """listener -> (connections waiting in the accept queue, the queue's limit) (filled in by the master)."""
+    unserved: dict[str, float] = field(default_factory=dict)
+    """listener -> seconds connections have waited in its accept queue while no worker was in a request and
+    none finished (0 while it is served or empty) (filled in by the master)."""
     listen_overflows: int = 0
     memory: dict[int, int] = field(default_factory=dict)
     """slot -> resident bytes of its live worker, read from /proc by the master this round."""
