@@ -72,6 +72,8 @@ class Round:
     """Seconds from fork to application loaded, of the workers that became ready this round."""
     stalled_requests: int = 0
     """Requests in flight while the server is stalled (none finished for the stall threshold), else 0."""
+    stalled_for: float | None = None
+    """Seconds since the stall in progress began (the last request finished); None when not stalled."""
     stalls: int = 0
     """Stalls that began this round."""
     crash_loop: bool = False

@@ -134,6 +134,9 @@ class StatusRecord:
     """The number of workers gunicorn keeps (``workers``, moved by TTIN/TTOU); None where it was not read."""
     master_loop_stuck: float | None
     """Seconds since gunicorn's master loop was last seen waiting for signals; None while unknown."""
+    stalled_since: float | None
+    """Unix time the stall in progress began (its last request finished); None when the server is not stalled.
+    ``doctor`` compares it across the servers of a host."""
 
 
 def write_json(path: str, payload: Mapping[str, Any]) -> None:
@@ -289,8 +292,9 @@ class StatusFiles:
     def write_round(self, facts: Round) -> None:
         self.listen_overflows += facts.listen_overflows
         self.rounds += 1
+        now = time.time()
         record = StatusRecord(
-            time=time.time(),
+            time=now,
             monotonic=facts.at,
             workers=facts.workers,
             busy_workers=facts.busy_workers,
@@ -310,6 +314,7 @@ class StatusFiles:
             host=host_status(facts),
             workers_desired=facts.desired_workers,
             master_loop_stuck=facts.master_loop_stuck,
+            stalled_since=None if facts.stalled_for is None else now - facts.stalled_for,
         )
         write_json(os.path.join(self.run_dir, STATUS_FILE), encode(record))
 

@@ -109,7 +109,7 @@ def test_unknown_keys_are_ignored_and_ints_count_as_floats() -> None:
 def test_nested_records_name_the_path_to_a_bad_field() -> None:
     """A bad value inside a listener names the list index and the field."""
     raw = as_json(
-        StatusRecord(1.0, 2.0, 1, 0, 0, 1, 0, 0, (Listener("l", 1, 2),), 0, 0, (), 1, 1, 0, 0, False, {}, 2, 0.0)
+        StatusRecord(1.0, 2.0, 1, 0, 0, 1, 0, 0, (Listener("l", 1, 2),), 0, 0, (), 1, 1, 0, 0, False, {}, 2, 0.0, None)
     )
     assert raw["format"] == STATUS_FORMAT
     raw["listeners"][0]["backlog"] = "many"

@@ -255,8 +255,10 @@ class Master:
             or any(queued for queued, _ in facts.listeners.values())
         )
         change = self._stall.observe(facts.at, heads, facts.in_flight, unmet)
-        if self._stall.stalled:
+        since = self._stall.stalled_since
+        if since is not None:
             facts.stalled_requests = facts.in_flight
+            facts.stalled_for = facts.at - since
         if change is None:
             return
         if not change.started:

@@ -56,6 +56,11 @@ class StallWatch:
             return StallChange(started=True, quiet_for=quiet)
         return None
 
+    @property
+    def stalled_since(self) -> float | None:
+        """When the stall in progress began (the last request finished; monotonic), None when not stalled."""
+        return self._stalled_at if self.stalled else None
+
 
 @dataclass(frozen=True, slots=True)
 class EarlyDeath:
