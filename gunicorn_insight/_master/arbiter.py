@@ -303,7 +303,13 @@ class Master:
 
     def _watch_unserved(self, facts: Round, heads: int) -> None:
         """Connections queued while no worker is in a request: ask each ready worker's watchdog for its main
-        thread's stack while it lasts, and once it has lasted the threshold, log the listener with them."""
+        thread's stack while it lasts, and once it has lasted the threshold, log the listener with them.
+
+        Not judged where the worker class's requests are not recorded: nothing in flight and no head moving
+        would then be the normal picture of a busy server (the metric stays absent; the startup line and the
+        requests-unseen line say why)."""
+        if self.plan.requests_unseen is not None or self._told_unseen:
+            return
         facts.unserved, ended = self._unserved.observe(facts.at, heads, facts.in_flight, facts.listeners)
         for end in ended:
             LOG.warning("gunicorn-insight: listener %s is served again after %.1fs", end.listener, end.seconds)
