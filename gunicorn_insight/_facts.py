@@ -45,6 +45,9 @@ class Round:
     """slot -> CPU seconds (user + system) ever used by its workers (a counter)."""
     listeners: dict[str, tuple[int, int]] = field(default_factory=dict)
     """listener -> (connections waiting in the accept queue, the queue's limit) (filled in by the master)."""
+    unserved: dict[str, float] = field(default_factory=dict)
+    """listener -> seconds connections have waited in its accept queue while no worker was in a request and
+    none finished (0 while it is served or empty) (filled in by the master)."""
     listen_overflows: int = 0
     memory: dict[int, int] = field(default_factory=dict)
     """slot -> resident bytes of its live worker, read from /proc by the master this round."""
@@ -69,6 +72,8 @@ class Round:
     """Seconds from fork to application loaded, of the workers that became ready this round."""
     stalled_requests: int = 0
     """Requests in flight while the server is stalled (none finished for the stall threshold), else 0."""
+    stalled_for: float | None = None
+    """Seconds since the stall in progress began (the last request finished); None when not stalled."""
     stalls: int = 0
     """Stalls that began this round."""
     crash_loop: bool = False

@@ -221,6 +221,9 @@ class StatusRecord:
     """Per live worker whose rounds measured it: the memory each request in flight holds."""
     growth: tuple[Growth, ...] = ()
     """Per live worker: what it holds more of with each request served (descriptors, threads, memory)."""
+    stalled_since: float | None = None
+    """Unix time the stall in progress began (its last request finished); None when the server is not stalled.
+    ``doctor`` compares it across the servers of a host."""
 
 
 def write_json(path: str, payload: Mapping[str, Any]) -> None:
@@ -316,6 +319,30 @@ def _value(kind: Any, value: Any, where: str) -> Any:
     return float(value) if kind is float else value
 
 
+def newer_or_same(answered: int, asked: int) -> bool:
+    """The STACKS_ASKED counter wraps at 2**32: an answer counts when it is the question or a later one."""
+    return (answered - asked) & 0xFFFFFFFF < 0x80000000
+
+
+def read_stacks_answer(run_dir: str, slot: int, pid: int, asked: int) -> dict[str, Any] | None:
+    """A worker's stacks file answering question ``asked`` (or a later one), from worker ``pid``; None when
+    there is none yet: not written, another worker's, an earlier answer, or not readable."""
+    try:
+        with open(os.path.join(run_dir, STACKS_FILE.format(slot=slot))) as handle:
+            answer = json.load(handle)
+    except (OSError, ValueError):
+        return None  # not written yet (or another user's: then it never will be readable, and the caller says so)
+    if (
+        not isinstance(answer, dict)
+        or answer.get("format") != STACKS_FORMAT
+        or answer.get("pid") != pid
+        or not isinstance(answer.get("asked"), int)
+        or not newer_or_same(answer["asked"], asked)
+    ):
+        return None
+    return answer
+
+
 def read_record(kind: type[_R], path: str) -> _R:
     """Read and decode one run file; OSError when it cannot be read, ContractError when it is not usable."""
     with open(path) as handle:
@@ -358,8 +385,9 @@ class StatusFiles:
     def write_round(self, facts: Round) -> None:
         self.listen_overflows += facts.listen_overflows
         self.rounds += 1
+        now = time.time()
         record = StatusRecord(
-            time=time.time(),
+            time=now,
             monotonic=facts.at,
             workers=facts.workers,
             busy_workers=facts.busy_workers,
@@ -381,6 +409,7 @@ class StatusFiles:
             master_loop_stuck=facts.master_loop_stuck,
             held_memory=self.held_memory,
             growth=self.growth,
+            stalled_since=None if facts.stalled_for is None else now - facts.stalled_for,
         )
         write_json(os.path.join(self.run_dir, STATUS_FILE), encode(record))
 

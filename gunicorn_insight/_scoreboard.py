@@ -55,8 +55,10 @@ ROUTES_USED = struct.Struct("<I")  # +76: entries filled in this slot's route ta
 # outlive a worker as the ring head does). Only counted when the master asks (see _master.loglines).
 LOG_LINES = struct.Struct("<Q")
 LOG_LEVELS = ("critical", "error", "warning", "exception")
-# +112: bumped by ``gunicorn-insight stacks`` (its only writer); the worker's watchdog answers each new value with
-# a stacks file in the run directory. Kept across workers, like the ring head, so a number is never reused soon.
+# +112: bumped by ``gunicorn-insight stacks`` and by the master (a listener nobody serves); the worker's watchdog
+# answers each new value with a stacks file in the run directory. Two askers may bump it at once and one bump be
+# lost: each waits for its number or a later one, and the watchdog answers the latest, so both get an answer.
+# Kept across workers, like the ring head, so a number is never reused soon.
 STACKS_ASKED = struct.Struct("<I")
 BOOT_CPU = struct.Struct("<d")  # +120: the worker's CPU seconds (user + system) when it became ready
 LAST_WORDS = struct.Struct("<128s")  # +128: why the worker is exiting (the boot exception), utf-8

@@ -126,6 +126,7 @@ def status_record(**fields: Any) -> StatusRecord:
         host={},
         workers_desired=2,
         master_loop_stuck=0.0,
+        stalled_since=None,
     )
     return dataclasses.replace(record, **fields)
 

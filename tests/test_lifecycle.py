@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gunicorn_insight._master.lifecycle import CrashLoopWatch, EarlyDeath, StallWatch
+from gunicorn_insight._master.lifecycle import CrashLoopWatch, EarlyDeath, StallWatch, UnservedEnd, UnservedWatch
 
 
 def test_stall_needs_quiet_heads_in_flight_and_unmet_demand() -> None:
@@ -92,3 +92,41 @@ def test_deaths_spread_wider_than_the_window_are_no_crash_loop() -> None:
     watch = CrashLoopWatch(young=60.0, window=300.0, count=3)
     for at in range(0, 2000, 200):
         assert not watch.exited(death(float(at)), expected=False)
+
+
+def test_a_queue_nobody_serves_while_nothing_is_in_flight_is_due_once() -> None:
+    """Queued connections, nothing in flight, no head moving: seconds climb per listener, due once at
+    `after`, and the episode's end is reported when the queue is served."""
+    watch = UnservedWatch(after=5.0)
+    queue = {"unix:/run/app.sock": (3, 128), "http://0.0.0.0:80": (0, 128)}
+    watch.observe(0.0, heads=7, in_flight=0, listeners=queue)  # the first round: whether heads move is unknown
+    assert watch.observe(1.0, heads=7, in_flight=0, listeners=queue)[0] == {
+        "unix:/run/app.sock": 0.0,
+        "http://0.0.0.0:80": 0.0,
+    }
+    unserved, ended = watch.observe(5.0, heads=7, in_flight=0, listeners=queue)
+    assert unserved["unix:/run/app.sock"] == 4.0
+    assert (ended, watch.due(5.0)) == ([], [])
+    watch.observe(6.0, heads=7, in_flight=0, listeners=queue)
+    assert watch.due(6.0) == [("unix:/run/app.sock", 5.0)]
+    watch.reported("unix:/run/app.sock")
+    assert watch.due(7.0) == []  # once per episode
+    unserved, ended = watch.observe(8.0, heads=8, in_flight=0, listeners=queue)
+    assert unserved["unix:/run/app.sock"] == 0.0
+    assert ended == [UnservedEnd("unix:/run/app.sock", 7.0)]
+    assert not watch.unserved
+
+
+def test_requests_in_flight_or_finishing_or_an_empty_queue_are_not_unserved() -> None:
+    """A request in flight (a stall's business), heads moving, or nothing queued: never due."""
+    watch = UnservedWatch(after=1.0)
+    for second in range(10):
+        busy = second % 2 == 0
+        watch.observe(
+            float(second), heads=second if not busy else 0, in_flight=1 if busy else 0, listeners={"l": (2, 8)}
+        )
+        assert watch.due(float(second)) == []
+    idle = UnservedWatch(after=1.0)
+    for second in range(10):
+        assert idle.observe(float(second), heads=3, in_flight=0, listeners={"l": (0, 8)}) == ({"l": 0.0}, [])
+    assert not idle.unserved

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -190,5 +192,84 @@ def test_stop_ends_the_exporter_without_waiting_out_the_interval(
         monkeypatch.setattr(master.exits, "queue_unreaped", last_round_begins)
         master.stop()
         assert alive_at_last_round == [False]
+    finally:
+        master.board.close()
+
+
+class UnixListener:
+    """What the master reads of gunicorn's listener: its socket, its path and its name."""
+
+    def __init__(self, sock: socket.socket, path: str) -> None:
+        self.sock = sock
+        self.cfg_addr = path
+
+    def __str__(self) -> str:
+        return f"unix:{self.cfg_addr}"
+
+
+@pytest.fixture
+def queued_listener(tmp_path: Path) -> Iterator[UnixListener]:
+    """A listening unix socket with two connections in its accept queue that nobody accepts."""
+    path = str(tmp_path / "app.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listening:
+        listening.bind(path)
+        listening.listen(8)
+        clients = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(2)]
+        for client in clients:
+            client.connect(path)
+        yield UnixListener(listening, path)
+        for client in clients:
+            client.close()
+
+
+def unserved_master(tmp_path: Path, listener: UnixListener, **plan_changes: Any) -> tuple[Master, Monitor]:
+    """A master of one sync worker (this process, its watchdog ticked by hand) watching ``listener``."""
+    settings = Settings(metrics_bind="off", slow_request_timeout=0.2)
+    plan = dataclasses.replace(Plan.resolve(settings, gunicorn_config(workers=1), None), **plan_changes)
+    master = Master(plan, str(tmp_path), "test")
+    worker, recorder = worker_of(master, os.getpid())
+    master.watch_listeners(lambda: [listener])
+    return master, Monitor(recorder, worker, 0, stacks_dir=str(tmp_path))
+
+
+def rounds_until(master: Master, monitor: Monitor, caplog: pytest.LogCaptureFixture, seconds: float) -> list[str]:
+    """Master rounds and watchdog ticks for ``seconds`` (or until the line): the 'not served' lines logged."""
+    deadline = time.monotonic() + seconds
+    while True:
+        master.run_round()
+        monitor.tick()
+        lines = [record.getMessage() for record in caplog.records if " not served: " in record.getMessage()]
+        if lines or time.monotonic() >= deadline:
+            return lines
+        time.sleep(0.05)
+
+
+def test_a_queue_nobody_serves_is_logged_with_the_workers_main_thread(
+    tmp_path: Path, queued_listener: UnixListener, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two connections queued, nothing in flight: one error line naming the listener, the queue and the stack
+    the worker's watchdog gave for its main thread (here: this test's loop)."""
+    master, monitor = unserved_master(tmp_path, queued_listener)
+    try:
+        with caplog.at_level(logging.ERROR):
+            (line,) = rounds_until(master, monitor, caplog, seconds=20)
+    finally:
+        master.board.close()
+    assert line.startswith(
+        f"gunicorn-insight: listener unix:{queued_listener.cfg_addr} not served: 2 connections waiting in its "
+        "accept queue (limit 8) for "
+    ), line
+    assert f"slot=0 pid={os.getpid()} connections=0/1 served=0: main thread, most recent call last:" in line
+    assert "in rounds_until\n" in line, line
+
+
+def test_a_queue_is_not_judged_where_the_worker_class_records_no_request(
+    tmp_path: Path, queued_listener: UnixListener, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker class that calls no request hooks: nothing in flight is no evidence, so no line."""
+    master, monitor = unserved_master(tmp_path, queued_listener, requests_unseen="no hooks")
+    try:
+        with caplog.at_level(logging.ERROR):
+            assert rounds_until(master, monitor, caplog, seconds=2) == []
     finally:
         master.board.close()

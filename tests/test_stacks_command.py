@@ -13,7 +13,7 @@ from fakes import FakeRequest, start
 from test_cli import FakeServer, ThreadWorker, fake_server
 
 from gunicorn_insight import _discovery
-from gunicorn_insight._runfiles import STACKS_FILE, STACKS_FORMAT
+from gunicorn_insight._runfiles import STACKS_FILE, STACKS_FORMAT, read_stacks_answer
 from gunicorn_insight._worker.watchdog import Monitor
 from gunicorn_insight.cli import commands
 from gunicorn_insight.cli import stacks as _stacks
@@ -82,8 +82,7 @@ def test_only_an_answer_to_this_question_from_this_pid_counts(server: FakeServer
 
     def answer(number: int = 5, **fields: object) -> dict[str, object] | None:
         path.write_text(json.dumps({"format": STACKS_FORMAT, "asked": 5, "pid": os.getpid(), "requests": [], **fields}))
-        item = _stacks.Asked(slot=0, pid=os.getpid(), number=number, scoreboard_requests=())
-        return _stacks._read_answer(str(server.run_dir), item)
+        return read_stacks_answer(str(server.run_dir), 0, os.getpid(), number)
 
     assert answer() is not None
     assert answer(asked=6) is not None  # a later question answered covers this one

@@ -107,12 +107,12 @@ def test_unknown_keys_are_ignored_and_ints_count_as_floats() -> None:
 
 
 def test_fields_added_within_the_format_read_from_an_older_writer() -> None:
-    """status.json from a master of the same format without held_memory and growth reads as none measured;
-    a field every writer of the format writes is still required."""
+    """status.json from a master of the same format without held_memory, growth and stalled_since reads as none
+    measured; a field every writer of the format writes is still required."""
     raw = as_json(StatusRecord(1.0, 2.0, 1, 0, 0, 1, 0, 0, (), 0, 0, (), 1, 1, 0, 0, False, {}, 2, 0.0))
-    del raw["held_memory"], raw["growth"]
+    del raw["held_memory"], raw["growth"], raw["stalled_since"]
     record = decode(StatusRecord, raw, "status.json")
-    assert (record.held_memory, record.growth) == ((), ())
+    assert (record.held_memory, record.growth, record.stalled_since) == ((), (), None)
     del raw["rounds"]
     with pytest.raises(ContractError, match=r"status\.json has no field 'rounds'"):
         decode(StatusRecord, raw, "status.json")

@@ -272,6 +272,12 @@ INSTRUMENTS: dict[str, Instrument] = {
     "gunicorn_listen_backlog_max": Instrument(
         "gunicorn.listen.backlog.limit", "{connection}", "gauge", "The accept queue's limit."
     ),
+    "gunicorn_listen_unserved_seconds": Instrument(
+        "gunicorn.listen.unserved.duration",
+        "s",
+        "gauge",
+        "Seconds connections have waited in a listener's accept queue while no worker was in a request.",
+    ),
     "gunicorn_listen_overflows": Instrument(
         "gunicorn.listen.overflows",
         "{connection}",

@@ -357,6 +357,12 @@ class PrometheusSink:
         self._backlog_max = _gauge(
             "gunicorn_listen_backlog_max", "The accept queue's limit (backlog, capped by somaxconn).", ("listener",)
         )
+        self._unserved = _gauge(
+            "gunicorn_listen_unserved_seconds",
+            "Seconds connections have waited in a listener's accept queue while no worker was in a request and "
+            "none finished (0 while it is served or empty).",
+            ("listener",),
+        )
         self._lifecycle_families()
         self._pressure_families()
         self._fold_warned = False
@@ -631,6 +637,8 @@ class PrometheusSink:
         for listener, (queued, limit) in facts.listeners.items():
             self._set(self._backlog, self._backlog.key("", (listener,)), queued)
             self._set(self._backlog_max, self._backlog_max.key("", (listener,)), limit)
+        for listener, seconds in facts.unserved.items():
+            self._set(self._unserved, self._unserved.key("", (listener,)), seconds)
         self._publish_lifecycle(facts)
         self._publish_pressure(facts)
 

@@ -321,6 +321,13 @@ class StatsdSink:
             pipe.gauge(
                 split("gunicorn.listener.{}.backlog_max", "gunicorn.listen_backlog_max", "listener", listener), limit
             )
+        for listener, seconds in sorted(facts.unserved.items()):
+            pipe.gauge(
+                split(
+                    "gunicorn.listener.{}.unserved_seconds", "gunicorn.listen_unserved_seconds", "listener", listener
+                ),
+                seconds,
+            )
         self._lifecycle_lines(pipe, facts, timers)
         self._pressure_lines(pipe, facts)
         for slot, connections in sorted(facts.connections.items()):

@@ -24,6 +24,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from .. import _scoreboard as sb
@@ -32,14 +33,14 @@ from .._export.prometheus import PrometheusSink
 from .._export.statsd import StatsdSink
 from .._facts import Round, Sink
 from .._report import LOG, error_log_fd, report
-from .._runfiles import StatusFiles
+from .._runfiles import StatusFiles, read_stacks_answer
 from .._worker.unseen import ENOUGH_CONNECTIONS
 from .backlog import backlog, listen_overflows, unix_listener
 from .binds import SocketFiles
 from .drain import Drainer
 from .forensics import Death, ExitReports
 from .growth import GrowthWatch, HeldMemoryWatch, log_growth
-from .lifecycle import StallWatch
+from .lifecycle import StallWatch, UnservedWatch
 from .loglines import LogLineWatch
 from .mainloop import MainLoopWatch
 from .plan import Plan, otlp_arguments
@@ -129,6 +130,9 @@ class Master:
         # A stall is judged against the slow-request threshold: the watchdogs have logged each stuck
         # request's stack by the time the master names the stall.
         self._stall = StallWatch(plan.slow_request_timeout if plan.slow_request_timeout > 0 else 30.0)
+        # The same threshold for a queue nobody serves while no request is in flight: "nothing moves".
+        self._unserved = UnservedWatch(self._stall.after)
+        self._questions: dict[int, _Question] = {}
         self._told_unseen = False
         self._main_loop = MainLoopWatch(threading.main_thread().ident or 0)
         self._started = time.monotonic()
@@ -202,10 +206,15 @@ class Master:
             self.exits.judge(facts)
             if not self._told_unseen:
                 self._tell_requests_unseen()
+            heads = sum(self.board.head(index) for index in range(self.board.slots))
             try:
-                self._watch_stall(facts)
+                self._watch_stall(facts, heads)
             except Exception as error:
                 report("watching for stalls and crash loops", error)
+            try:
+                self._watch_unserved(facts, heads)
+            except Exception as error:
+                report("watching for listeners nobody serves", error)
             try:
                 self._watch_main_loop(facts)
             except Exception as error:
@@ -271,16 +280,17 @@ class Master:
         self.status.held_memory = self._held.estimates()
         self.status.growth = self._growth.found()
 
-    def _watch_stall(self, facts: Round) -> None:
-        heads = sum(self.board.head(index) for index in range(self.board.slots))
+    def _watch_stall(self, facts: Round, heads: int) -> None:
         unmet = (
             facts.in_flight >= facts.capacity > 0
             or facts.waiting > 0
             or any(queued for queued, _ in facts.listeners.values())
         )
         change = self._stall.observe(facts.at, heads, facts.in_flight, unmet)
-        if self._stall.stalled:
+        since = self._stall.stalled_since
+        if since is not None:
             facts.stalled_requests = facts.in_flight
+            facts.stalled_for = facts.at - since
         if change is None:
             return
         if not change.started:
@@ -322,6 +332,112 @@ class Master:
             requests or "none readable",
             f"; and {more} more" if more > 0 else "",
         )
+
+    def _watch_unserved(self, facts: Round, heads: int) -> None:
+        """Connections queued while no worker is in a request: ask each ready worker's watchdog for its main
+        thread's stack while it lasts, and once it has lasted the threshold, log the listener with them.
+
+        Not judged where the worker class's requests are not recorded: nothing in flight and no head moving
+        would then be the normal picture of a busy server (the metric stays absent; the startup line and the
+        requests-unseen line say why)."""
+        if self.plan.requests_unseen is not None or self._told_unseen:
+            return
+        facts.unserved, ended = self._unserved.observe(facts.at, heads, facts.in_flight, facts.listeners)
+        for end in ended:
+            LOG.warning("gunicorn-insight: listener %s is served again after %.1fs", end.listener, end.seconds)
+        if not self._unserved.unserved:
+            self._questions.clear()
+            return
+        views = [view for view in self.board if view.state != sb.FREE and view.pid]
+        self._ask_main_threads(facts.at, views)
+        due = self._unserved.due(facts.at)
+        if not due:
+            return
+        answers, waiting = self._main_thread_answers(facts.at, views)
+        if waiting and min(seconds for _, seconds in due) < self._unserved.after + UNSERVED_ANSWER_WAIT:
+            return  # a watchdog ticks once a second: give each worker the time `stacks` gives it
+        workers = self._workers_doing(facts.at, views, answers)
+        ready = sum(1 for view in views if view.state == sb.READY)
+        for name, seconds in due:
+            self._unserved.reported(name)
+            queued, limit = facts.listeners[name]
+            LOG.error(
+                "gunicorn-insight: listener %s not served: %d connections waiting in its accept queue (limit %d) "
+                "for %.1fs while no worker is in a request and none finished; %d of %d workers ready (gunicorn "
+                "keeps %s), none accepting. What each worker does instead:\n%s",
+                name,
+                queued,
+                limit,
+                seconds,
+                ready,
+                len(views),
+                "?" if facts.desired_workers is None else facts.desired_workers,
+                workers or "  no live worker at all (see the worker exits above)",
+            )
+
+    def _ask_main_threads(self, now: float, views: list[sb.SlotView]) -> None:
+        """Bump each ready worker's STACKS_ASKED (the question `gunicorn-insight stacks` asks), once a second."""
+        for view in views:
+            if view.state != sb.READY:
+                continue  # its watchdog starts once the application is loaded
+            question = self._questions.get(view.index)
+            if question is None or question.pid != view.pid:
+                self._questions[view.index] = _Question(view.pid, self.board.ask_stacks(view.index), now, now)
+            elif now - question.last >= UNSERVED_ASK_EVERY:
+                self.board.ask_stacks(view.index)
+                question.last = now
+
+    def _main_thread_answers(self, now: float, views: list[sb.SlotView]) -> tuple[dict[int, dict[str, Any]], bool]:
+        """slot -> its watchdog's latest answer in this episode; and whether one is still worth waiting for."""
+        answers = {}
+        waiting = False
+        for view in views:
+            question = self._questions.get(view.index)
+            if question is None or question.pid != view.pid:
+                continue
+            answer = read_stacks_answer(self.status.run_dir, view.index, view.pid, question.number)
+            if answer is not None:
+                answers[view.index] = answer
+            elif now - question.first < UNSERVED_ANSWER_WAIT:
+                waiting = True
+        return answers, waiting
+
+    def _workers_doing(self, now: float, views: list[sb.SlotView], answers: dict[int, dict[str, Any]]) -> str:
+        """Per worker, what it is doing instead of accepting; workers with the same main-thread stack share it."""
+        groups: dict[str, list[str]] = {}
+        for view in views:
+            head = (
+                f"slot={view.index} pid={view.pid} connections={view.connections_now}/{self.plan.connections_limit}"
+                f" served={view.served}"
+            )
+            groups.setdefault(self._worker_doing(now, view, answers.get(view.index)), []).append(head)
+        return "\n".join(f"  {'; '.join(heads)}: {doing}" for doing, heads in groups.items())
+
+    def _worker_doing(self, now: float, view: sb.SlotView, answer: dict[str, Any] | None) -> str:
+        if view.state == sb.BOOTING:
+            return f"still booting (loading the application) for {now - view.spawned:.1f}s"
+        if answer is None:
+            question = self._questions.get(view.index)
+            asked = now - question.first if question is not None and question.pid == view.pid else 0.0
+            return (
+                f"no answer from its watchdog thread in {asked:.1f}s: the worker is most likely stuck in C code "
+                "that holds the GIL, stopped (SIGSTOP, a debugger), or starved of CPU; py-spy dump --native "
+                f"--pid {view.pid} can see C frames"
+            )
+        main = answer.get("main_thread")
+        if not isinstance(main, dict):
+            return "its watchdog answered without the main thread's stack (an older gunicorn-insight)"
+        frames = main.get("stack") or []
+        if not frames:
+            return f"main thread: ({main.get('note') or 'no Python frame'})"
+        lines = ["main thread, most recent call last:"]
+        if len(frames) > UNSERVED_FRAMES:
+            lines.append(f"    ... {len(frames) - UNSERVED_FRAMES} outer frames")
+        for frame in frames[-UNSERVED_FRAMES:]:
+            lines.append(f'    File "{frame.get("file")}", line {frame.get("line")}, in {frame.get("function")}')
+            if frame.get("code"):
+                lines.append(f"      {frame['code']}")
+        return "\n".join(lines)
 
     def _watch_main_loop(self, facts: Round) -> None:
         now = time.monotonic()
@@ -439,6 +555,23 @@ class Master:
 
 
 _STALL_NAMED = 20
+UNSERVED_ANSWER_WAIT = 3.0
+"""Seconds a worker's watchdog gets to answer for its main thread (as `gunicorn-insight stacks` waits)."""
+UNSERVED_FRAMES = 12
+"""Innermost frames of each main thread in the line: where it is blocked, not how gunicorn started it."""
+UNSERVED_ASK_EVERY = 1.0
+"""Seconds between two questions to one worker while a queue goes unserved: its answer stays fresh."""
+
+
+@dataclass(slots=True)
+class _Question:
+    """The master's question for one worker's stacks during an unserved episode."""
+
+    pid: int
+    number: int
+    """The first question's number: an answer to it or to a later one is this episode's."""
+    first: float
+    last: float
 
 
 def _host_reader(plan: Plan) -> HostReader | None:

@@ -5,6 +5,9 @@ moved), and there is demand the server is not meeting: every request slot is tak
 connections waiting for a thread, or connections wait in a listen queue. A lone slow request on an
 otherwise idle server is not a stall (the watchdog reports it as a slow request).
 
+**Unserved listener**: connections wait in a listener's accept queue while no worker is in a request and none
+has finished for ``after`` seconds: the workers are alive but none accepts.
+
 A **crash loop**: ``count`` or more workers died of an unexpected cause within ``young`` seconds of their
 fork, all within the last ``window`` seconds. gunicorn replaces each one, so the server looks up while it
 serves little or nothing.
@@ -53,6 +56,11 @@ class StallWatch:
             return StallChange(started=True, quiet_for=quiet)
         return None
 
+    @property
+    def stalled_since(self) -> float | None:
+        """When the stall in progress began (the last request finished; monotonic), None when not stalled."""
+        return self._stalled_at if self.stalled else None
+
 
 @dataclass(frozen=True, slots=True)
 class EarlyDeath:
@@ -94,3 +102,63 @@ class CrashLoopWatch:
     def _expire(self, now: float) -> None:
         while self.deaths and now - self.deaths[0].at > self.window:
             self.deaths.popleft()
+
+
+@dataclass(frozen=True, slots=True)
+class UnservedEnd:
+    listener: str
+    seconds: float
+    """How long the listener's queue went unserved."""
+
+
+class UnservedWatch:
+    """Connections queued on a listener while no worker is in a request and none finished: the workers are up
+    but none of them accepts (each is blocked outside any request, or the ready ones are all gone).
+
+    With a request in flight the same picture is a stall (StallWatch); here nothing is in flight, so nothing
+    names a request, and only the workers' main threads can say where they are."""
+
+    def __init__(self, after: float) -> None:
+        self.after = after
+        self._heads = -1
+        self._since: dict[str, float] = {}
+        self._reported: set[str] = set()
+
+    def observe(
+        self, now: float, heads: int, in_flight: int, listeners: dict[str, tuple[int, int]]
+    ) -> tuple[dict[str, float], list[UnservedEnd]]:
+        """Per listener, seconds its queue has gone unserved (0 while served or empty), and the episodes that
+        were reported and ended this round. ``heads``: requests ever finished, summed over the slots."""
+        moved = heads != self._heads
+        self._heads = heads
+        ended = []
+        unserved = {}
+        holding = set()
+        for name, (queued, _limit) in listeners.items():
+            if queued > 0 and in_flight == 0 and not moved:
+                holding.add(name)
+                unserved[name] = now - self._since.setdefault(name, now)
+            else:
+                unserved[name] = 0.0
+        for name in [name for name in self._since if name not in holding]:
+            since = self._since.pop(name)
+            if name in self._reported:
+                self._reported.discard(name)
+                ended.append(UnservedEnd(name, now - since))
+        return unserved, ended
+
+    @property
+    def unserved(self) -> bool:
+        """A queue has gone unserved for at least one round."""
+        return bool(self._since)
+
+    def due(self, now: float) -> list[tuple[str, float]]:
+        """Listeners unserved for ``after`` seconds and not reported yet in this episode, with their seconds."""
+        return [
+            (name, now - since)
+            for name, since in self._since.items()
+            if name not in self._reported and now - since >= self.after
+        ]
+
+    def reported(self, name: str) -> None:
+        self._reported.add(name)

@@ -6,8 +6,9 @@ tick it looks at the requests in flight and, for each that has run past ``slow_r
 request and the stack of the thread (or greenlet) serving it, once, like PHP-FPM's slowlog. Nothing is
 killed. With nothing slow a tick costs one dict copy.
 
-On demand it answers ``gunicorn-insight stacks``: the command bumps the slot's STACKS_ASKED field in the
-scoreboard, and the next tick writes the stack of every request in flight to ``stacks-<slot>.json`` in the
+On demand it answers ``gunicorn-insight stacks`` (and the master, when connections queue while no worker is
+in a request): the asker bumps the slot's STACKS_ASKED field in the scoreboard, and the next tick writes the
+stack of every request in flight, and of the worker's main thread, to ``stacks-<slot>.json`` in the
 run directory (mkstemp, then rename: a reader never sees half a file). No signal is involved, so gunicorn
 never sees the question, and a worker that cannot run this thread (stuck in C code holding the GIL) simply
 does not answer: the command names it.
@@ -131,13 +132,11 @@ class Monitor:
                     "started": start,
                     "where": where,
                     "thread": current if type(current) is int else id(current),
-                    "stack": [
-                        {"file": frame.filename, "line": frame.lineno, "function": frame.name, "code": frame.line}
-                        for frame in summary or ()
-                    ],
+                    "stack": _frames_list(summary),
                     "note": note,
                 }
             )
+        main_summary, main_note = _summary(sys._current_frames().get(self._main_thread))
         answer = {
             "format": STACKS_FORMAT,
             "asked": asked,
@@ -145,6 +144,9 @@ class Monitor:
             "slot": self._recorder.slot,
             "monotonic": time.monotonic(),
             "requests": requests,
+            # What the worker's own loop is doing (accepting, or blocked outside any request): the master asks
+            # for it when connections queue on a listener while no worker is in a request.
+            "main_thread": {"stack": _frames_list(main_summary), "note": main_note},
         }
         write_json(os.path.join(self._stacks_dir, STACKS_FILE.format(slot=self._recorder.slot)), answer)
 
@@ -244,6 +246,13 @@ def _summary(frame: FrameType | None) -> tuple[traceback.StackSummary | None, st
     if frame is None:
         return None, _NO_FRAME
     return traceback.extract_stack(frame, limit=_MAX_FRAMES), None
+
+
+def _frames_list(summary: traceback.StackSummary | None) -> list[dict[str, Any]]:
+    return [
+        {"file": frame.filename, "line": frame.lineno, "function": frame.name, "code": frame.line}
+        for frame in summary or ()
+    ]
 
 
 def _format(frame: FrameType | None) -> str:

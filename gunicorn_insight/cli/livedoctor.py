@@ -4,8 +4,10 @@ The doctor watches the server for a short window (``--window``, 3 s by default),
 scoreboard (mapped read-only) every 50 ms for busy workers and requests in flight; ``status.json`` for the
 listen backlog and recent exits; ``/proc`` for the workers' CPU time at both ends of the window and the
 cgroup's memory; and, when the server exports to Prometheus, the multiprocess files at both ends of the
-window for queue time. Each check in :data:`LIVE_CHECKS` turns those facts into findings (``_doctor.Finding``)
-that state the evidence in ``what`` and say what to change in ``fix``.
+window for queue time; and every server of the host's ``status.json``: when two or more are stalled at once,
+their workers are asked for their requests' stacks (see cli.hoststalls), the one write the doctor makes. Each
+check in :data:`LIVE_CHECKS` turns those facts into findings (``_doctor.Finding``) that state the evidence in
+``what`` and say what to change in ``fix``.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from .._proc import cpu_seconds
 from .._runfiles import Growth, HeldMemory, ServerInfo, StatusRecord, WorkerExit
 from .doctor import Finding, Severity
 from .hostfacts import GunicornOnHost, gunicorn_on_host, meminfo
+from .hoststalls import HostStalls, module_of
+from .hoststalls import find as find_host_stalls
 from .views import read_status
 
 DEFAULT_WINDOW = 3.0
@@ -108,6 +112,8 @@ class LiveFacts:
     """The master's estimates of the memory each request in flight holds, per worker (status.json)."""
     growth: tuple[Growth, ...] = ()
     """What the master found growing with requests served, per worker (status.json)."""
+    host_stalls: HostStalls | None = None
+    """The host's servers with gunicorn-insight stalled right now, when two or more are (this one or not)."""
 
     @property
     def timeout(self) -> float:
@@ -158,6 +164,12 @@ class LiveFacts:
             "host_memory_available_bytes": None if self.host_memory is None else self.host_memory[1],
             "host_gunicorn_servers": None if self.host_gunicorn is None else self.host_gunicorn.servers,
             "host_gunicorn_rss_bytes": None if self.host_gunicorn is None else self.host_gunicorn.rss,
+            "host_stalled_servers": None
+            if self.host_stalls is None
+            else [
+                {"master_pid": item.server.master_pid, "since": round(item.since, 3), "in_flight": item.in_flight}
+                for item in self.host_stalls.stalled
+            ],
             "slow_requests": self.slow_requests,
             "queue_seconds_mean": None
             if self.queue_window is None or self.queue_window.mean is None
@@ -284,6 +296,7 @@ def measure(server: Server, board: sb.Scoreboard, window: float = DEFAULT_WINDOW
     facts.rss = [view.rss for view in views if view.rss]
     facts.memory_used, facts.memory_limit = server_memory(server.master_pid)
     facts.host_memory, facts.host_gunicorn = meminfo(), gunicorn_on_host()
+    facts.host_stalls = find_host_stalls()
     facts.slow_requests = sum(view.slow for view in board if view.state != sb.FREE)
     requests = [request for view in views for request in view.requests]
     if requests:
@@ -540,6 +553,59 @@ def check_host_memory(facts: LiveFacts) -> Iterable[Finding]:
     )
 
 
+def check_shared_stall(facts: LiveFacts) -> Iterable[Finding]:
+    """Two or more servers of the host stalled at once: most likely one resource they share, named by the frame
+    their stuck requests are in."""
+    stalls = facts.host_stalls
+    if stalls is None:
+        return
+    now = time.time()
+    servers = "; ".join(
+        f"pid {item.server.master_pid} {item.server.proc_name!r} ({', '.join(item.server.binds) or '-'}) stalled "
+        f"since {time.strftime('%H:%M:%S', time.localtime(item.since))} ({now - item.since:.0f}s, "
+        f"{item.in_flight} request(s) in flight)" + (f" [{item.silent}]" if item.silent else "")
+        for item in stalls.stalled
+    )
+    shared = stalls.shared
+    if shared is None:
+        evidence = (
+            "; their stuck requests share no frame (each server's innermost frames: "
+            + "; ".join(
+                f"pid {item.server.master_pid}: "
+                + (", ".join(sorted({_frame_name(stack[-1]) for stack in item.stacks})) or "no stack")
+                for item in stalls.stalled
+            )
+            + ")"
+        )
+    else:
+        sharing = ", ".join(
+            f"pid {item.server.master_pid} {count} of {len(item.stacks)} request(s) at line {frame.get('line')}"
+            for item, frame, count in shared.servers
+        )
+        code = next((frame.get("code") for _, frame, _ in shared.servers if frame.get("code")), None)
+        evidence = (
+            f"; the stuck requests of {len(shared.servers)} of them wait in {shared.function} ({shared.module}"
+            + (f": {code}" if code else "")
+            + f"): {sharing}"
+        )
+    yield Finding(
+        "live-shared-stall",
+        "error",
+        f"{len(stalls.stalled)} gunicorn servers on this host are stalled at once (requests in flight, none "
+        f"finishing): {servers}{evidence}",
+        "servers that freeze together wait on something they share: a database or its connection limit, a lock "
+        "(a file lock, an advisory lock), a cache, another service, a socket; the frame their requests are in "
+        "is that resource's call. Restarting the servers frees it only until the next time.",
+        "look at the shared resource named by the frame (for a database: pg_stat_activity and its locks; for a "
+        "file lock: lslocks names the holder); give every call to it a timeout shorter than gunicorn's; "
+        "gunicorn-insight stacks --pid N on each server prints the full stacks",
+    )
+
+
+def _frame_name(frame: dict[str, Any]) -> str:
+    return f"{frame.get('function')} ({module_of(str(frame.get('file')))}:{frame.get('line')})"
+
+
 def check_timeout(facts: LiveFacts) -> Iterable[Finding]:
     killed = [item for item in facts.recent_exits if item.cause in TIMEOUT_CAUSES]
     timeout = facts.timeout
@@ -648,6 +714,7 @@ LIVE_CHECKS: list[LiveCheck] = [
     check_cpu,
     check_memory,
     check_host_memory,
+    check_shared_stall,
     check_timeout,
     check_memory_per_request,
     check_growth,

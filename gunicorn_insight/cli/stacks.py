@@ -14,8 +14,6 @@ waiting on the same database call read as one stack.
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,7 +24,7 @@ from rich.text import Text
 
 from .. import _scoreboard as sb
 from .._discovery import Server
-from .._runfiles import STACKS_FILE, STACKS_FORMAT
+from .._runfiles import read_stacks_answer
 
 FORMAT = 1
 """Version of the ``stacks --json`` document; bumped only if a key changes meaning."""
@@ -57,28 +55,6 @@ class Collected:
     waited: float = 0.0
 
 
-def _newer_or_same(answered: int, asked: int) -> bool:
-    """The counter wraps at 2**32: an answer counts when it is the question or a later one."""
-    return (answered - asked) & 0xFFFFFFFF < 0x80000000
-
-
-def _read_answer(run_dir: str, item: Asked) -> dict[str, Any] | None:
-    try:
-        with open(os.path.join(run_dir, STACKS_FILE.format(slot=item.slot))) as handle:
-            answer = json.load(handle)
-    except (OSError, ValueError):
-        return None  # not written yet (or another user's: then it never will be readable, and we say so)
-    if (
-        not isinstance(answer, dict)
-        or answer.get("format") != STACKS_FORMAT
-        or answer.get("pid") != item.pid
-        or not isinstance(answer.get("asked"), int)
-        or not _newer_or_same(answer["asked"], item.number)
-    ):
-        return None  # an earlier answer, or the previous worker's in this slot
-    return answer
-
-
 def collect(server: Server, board: sb.Scoreboard, wait: float, only_pid: int | None = None) -> Collected:
     """Ask every ready worker (or only ``only_pid``) for its stacks and wait up to ``wait`` seconds."""
     started = time.monotonic()
@@ -96,7 +72,7 @@ def collect(server: Server, board: sb.Scoreboard, wait: float, only_pid: int | N
         for item in result.asked:
             if item.answer is not None or item.gone:
                 continue
-            item.answer = _read_answer(server.run_dir, item)
+            item.answer = read_stacks_answer(server.run_dir, item.slot, item.pid, item.number)
             if item.answer is None and board.read(item.slot).pid != item.pid:
                 item.gone = True  # it exited meanwhile: it will never answer
         pending = [item for item in result.asked if item.answer is None and not item.gone]
@@ -133,6 +109,7 @@ def document(server: Server, collected: Collected, now: float | None = None) -> 
                 "answered": answered,
                 "reason": None if answered else _silence(item, collected.waited),
                 "requests": len(item.answer["requests"]) if item.answer is not None else len(item.scoreboard_requests),
+                "main_thread": _main_thread(item.answer),
                 "unanswered_requests": []
                 if answered or item.gone
                 else [
@@ -172,6 +149,34 @@ def document(server: Server, collected: Collected, now: float | None = None) -> 
         "workers": workers,
         "booting": [{"slot": slot, "pid": pid} for slot, pid in collected.booting],
     }
+
+
+def _main_thread(answer: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The worker's main thread as its watchdog saw it (None: no answer, or a watchdog too old to say)."""
+    main = answer.get("main_thread") if answer is not None else None
+    if not isinstance(main, dict):
+        return None
+    stack = main.get("stack")
+    return {"stack": stack if isinstance(stack, list) else [], "note": main.get("note")}
+
+
+def _innermost(main: dict[str, Any]) -> str:
+    frames = main["stack"]
+    if not frames:
+        return f"({main['note']})"
+    frame = frames[-1]
+    code = f": {frame['code']}" if frame.get("code") else ""
+    return f"in {frame.get('function')} at {frame.get('file')}:{frame.get('line')}{code}"
+
+
+def _idle_workers(doc: dict[str, Any]) -> dict[str, list[str]]:
+    """Workers with no request, grouped by where their main thread is (their own loop: accepting, or blocked
+    outside any request)."""
+    idle: dict[str, list[str]] = {}
+    for worker in doc["workers"]:
+        if worker["answered"] and not worker["requests"] and worker["main_thread"] is not None:
+            idle.setdefault(_innermost(worker["main_thread"]), []).append(f"pid {worker['pid']} slot {worker['slot']}")
+    return idle
 
 
 def _silence(item: Asked, waited: float) -> str:
@@ -214,6 +219,9 @@ def render(console: Console, doc: dict[str, Any]) -> None:
             line(f'    File "{frame["file"]}", line {frame["line"]}, in {frame["function"]}')
             if frame.get("code"):
                 line(f"      {frame['code']}")
+    for where, names in _idle_workers(doc).items():
+        line("")
+        line(f"{len(names)} worker(s) with no request in flight ({', '.join(names)}), main thread {where}")
     for worker in doc["workers"]:
         if worker["answered"]:
             continue

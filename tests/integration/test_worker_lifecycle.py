@@ -41,6 +41,7 @@ def test_every_worker_blocked_is_a_stall_named_with_its_requests(process_factory
     )
     server.wait_for_value("gunicorn_stalled_requests", 0)
     assert server.process.output().count("gunicorn-insight: stalled:") == 1
+    assert " not served: " not in server.process.output()  # requests were in flight: a stall, not that
 
 
 def test_a_lone_slow_request_is_no_stall(process_factory: ProcessFactory) -> None:
