@@ -24,7 +24,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from .. import _scoreboard as sb
@@ -33,7 +32,7 @@ from .._export.prometheus import PrometheusSink
 from .._export.statsd import StatsdSink
 from .._facts import Round, Sink
 from .._report import LOG, error_log_fd, report
-from .._runfiles import StatusFiles, read_stacks_answer
+from .._runfiles import StatusFiles
 from .._worker.unseen import ENOUGH_CONNECTIONS
 from .backlog import backlog, listen_overflows, unix_listener
 from .binds import SocketFiles
@@ -43,6 +42,7 @@ from .growth import GrowthWatch, HeldMemoryWatch, log_growth
 from .lifecycle import StallWatch, UnservedWatch
 from .loglines import LogLineWatch
 from .mainloop import MainLoopWatch
+from .mainthreads import ANSWER_WAIT, MainThreadQuestions
 from .plan import Plan, otlp_arguments
 from .pressure import HostReader, WorkerReadings
 
@@ -132,7 +132,7 @@ class Master:
         self._stall = StallWatch(plan.slow_request_timeout if plan.slow_request_timeout > 0 else 30.0)
         # The same threshold for a queue nobody serves while no request is in flight: "nothing moves".
         self._unserved = UnservedWatch(self._stall.after)
-        self._questions: dict[int, _Question] = {}
+        self._main_threads = MainThreadQuestions(self.board, run_dir, plan.connections_limit)
         self._told_unseen = False
         self._main_loop = MainLoopWatch(threading.main_thread().ident or 0)
         self._started = time.monotonic()
@@ -346,17 +346,17 @@ class Master:
         for end in ended:
             LOG.warning("gunicorn-insight: listener %s is served again after %.1fs", end.listener, end.seconds)
         if not self._unserved.unserved:
-            self._questions.clear()
+            self._main_threads.clear()
             return
         views = [view for view in self.board if view.state != sb.FREE and view.pid]
-        self._ask_main_threads(facts.at, views)
+        self._main_threads.ask(facts.at, views)
         due = self._unserved.due(facts.at)
         if not due:
             return
-        answers, waiting = self._main_thread_answers(facts.at, views)
-        if waiting and min(seconds for _, seconds in due) < self._unserved.after + UNSERVED_ANSWER_WAIT:
+        answers, waiting = self._main_threads.answers(facts.at, views)
+        if waiting and min(seconds for _, seconds in due) < self._unserved.after + ANSWER_WAIT:
             return  # a watchdog ticks once a second: give each worker the time `stacks` gives it
-        workers = self._workers_doing(facts.at, views, answers)
+        workers = self._main_threads.describe(facts.at, views, answers)
         ready = sum(1 for view in views if view.state == sb.READY)
         for name, seconds in due:
             self._unserved.reported(name)
@@ -374,70 +374,6 @@ class Master:
                 "?" if facts.desired_workers is None else facts.desired_workers,
                 workers or "  no live worker at all (see the worker exits above)",
             )
-
-    def _ask_main_threads(self, now: float, views: list[sb.SlotView]) -> None:
-        """Bump each ready worker's STACKS_ASKED (the question `gunicorn-insight stacks` asks), once a second."""
-        for view in views:
-            if view.state != sb.READY:
-                continue  # its watchdog starts once the application is loaded
-            question = self._questions.get(view.index)
-            if question is None or question.pid != view.pid:
-                self._questions[view.index] = _Question(view.pid, self.board.ask_stacks(view.index), now, now)
-            elif now - question.last >= UNSERVED_ASK_EVERY:
-                self.board.ask_stacks(view.index)
-                question.last = now
-
-    def _main_thread_answers(self, now: float, views: list[sb.SlotView]) -> tuple[dict[int, dict[str, Any]], bool]:
-        """slot -> its watchdog's latest answer in this episode; and whether one is still worth waiting for."""
-        answers = {}
-        waiting = False
-        for view in views:
-            question = self._questions.get(view.index)
-            if question is None or question.pid != view.pid:
-                continue
-            answer = read_stacks_answer(self.status.run_dir, view.index, view.pid, question.number)
-            if answer is not None:
-                answers[view.index] = answer
-            elif now - question.first < UNSERVED_ANSWER_WAIT:
-                waiting = True
-        return answers, waiting
-
-    def _workers_doing(self, now: float, views: list[sb.SlotView], answers: dict[int, dict[str, Any]]) -> str:
-        """Per worker, what it is doing instead of accepting; workers with the same main-thread stack share it."""
-        groups: dict[str, list[str]] = {}
-        for view in views:
-            head = (
-                f"slot={view.index} pid={view.pid} connections={view.connections_now}/{self.plan.connections_limit}"
-                f" served={view.served}"
-            )
-            groups.setdefault(self._worker_doing(now, view, answers.get(view.index)), []).append(head)
-        return "\n".join(f"  {'; '.join(heads)}: {doing}" for doing, heads in groups.items())
-
-    def _worker_doing(self, now: float, view: sb.SlotView, answer: dict[str, Any] | None) -> str:
-        if view.state == sb.BOOTING:
-            return f"still booting (loading the application) for {now - view.spawned:.1f}s"
-        if answer is None:
-            question = self._questions.get(view.index)
-            asked = now - question.first if question is not None and question.pid == view.pid else 0.0
-            return (
-                f"no answer from its watchdog thread in {asked:.1f}s: the worker is most likely stuck in C code "
-                "that holds the GIL, stopped (SIGSTOP, a debugger), or starved of CPU; py-spy dump --native "
-                f"--pid {view.pid} can see C frames"
-            )
-        main = answer.get("main_thread")
-        if not isinstance(main, dict):
-            return "its watchdog answered without the main thread's stack (an older gunicorn-insight)"
-        frames = main.get("stack") or []
-        if not frames:
-            return f"main thread: ({main.get('note') or 'no Python frame'})"
-        lines = ["main thread, most recent call last:"]
-        if len(frames) > UNSERVED_FRAMES:
-            lines.append(f"    ... {len(frames) - UNSERVED_FRAMES} outer frames")
-        for frame in frames[-UNSERVED_FRAMES:]:
-            lines.append(f'    File "{frame.get("file")}", line {frame.get("line")}, in {frame.get("function")}')
-            if frame.get("code"):
-                lines.append(f"      {frame['code']}")
-        return "\n".join(lines)
 
     def _watch_main_loop(self, facts: Round) -> None:
         now = time.monotonic()
@@ -555,23 +491,6 @@ class Master:
 
 
 _STALL_NAMED = 20
-UNSERVED_ANSWER_WAIT = 3.0
-"""Seconds a worker's watchdog gets to answer for its main thread (as `gunicorn-insight stacks` waits)."""
-UNSERVED_FRAMES = 12
-"""Innermost frames of each main thread in the line: where it is blocked, not how gunicorn started it."""
-UNSERVED_ASK_EVERY = 1.0
-"""Seconds between two questions to one worker while a queue goes unserved: its answer stays fresh."""
-
-
-@dataclass(slots=True)
-class _Question:
-    """The master's question for one worker's stacks during an unserved episode."""
-
-    pid: int
-    number: int
-    """The first question's number: an answer to it or to a later one is this episode's."""
-    first: float
-    last: float
 
 
 def _host_reader(plan: Plan) -> HostReader | None:
