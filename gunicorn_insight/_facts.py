@@ -53,6 +53,11 @@ class Round:
     log_lines: Counter[str] = field(default_factory=Counter)
     """level (critical, error, warning, exception) -> lines gunicorn's logger logged this round, in the master
     and the workers; counted only while gunicorn-insight's StatsD sink stands in for gunicorn's statsd logger."""
+    rejected: Counter[str] = field(default_factory=Counter)
+    """reason (REJECT_REASONS) -> requests gunicorn's HTTP parser rejected this round, in every worker."""
+    time_wait: dict[str, tuple[int, int]] = field(default_factory=dict)
+    """TCP listener -> (its connections in TIME_WAIT, those of them closed in the last TIME_WAIT_RECENT
+    seconds) (filled in by the master; a listener the kernel would not answer for is missing)."""
     exits: Counter[str] = field(default_factory=Counter)
     """cause -> workers that exited this round (filled in by the master after the drain)."""
     at: float = 0.0

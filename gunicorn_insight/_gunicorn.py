@@ -13,6 +13,9 @@ from typing import Any
 ONE_THREAD_KINDS = frozenset({"sync", "gevent", "eventlet", "tornado", "asgi", "uvicorn"})
 THREAD_PER_REQUEST_KINDS = frozenset({"sync", "gthread"})
 """Each request runs on an OS thread of its own from pre_request to post_request: its CPU is that thread's."""
+PARSED_BY_GUNICORN_KINDS = frozenset({"sync", "gthread", "gevent", "eventlet"})
+"""gunicorn's own HTTP parser reads their requests and hands its errors to ``worker.handle_error``; gunicorn's
+asgi worker parses in its protocol, uvicorn's with h11 or httptools, tornado's with tornado: none calls it."""
 
 
 def worker_kind(cfg: Any) -> str:

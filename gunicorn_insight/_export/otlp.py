@@ -214,6 +214,12 @@ INSTRUMENTS: dict[str, Instrument] = {
         "Finished requests the master could not read in time; stays 0.",
     ),
     "gunicorn_worker_exits": Instrument("gunicorn.worker.exits", "{exit}", "counter", "Worker exits by cause."),
+    "gunicorn_requests_rejected": Instrument(
+        "gunicorn.requests.rejected",
+        "{request}",
+        "counter",
+        "Requests gunicorn's HTTP parser refused before the application, by reason.",
+    ),
     "gunicorn_workers": Instrument("gunicorn.workers", "{worker}", "gauge", "Live worker processes."),
     "gunicorn_workers_desired": Instrument(
         "gunicorn.workers.desired", "{worker}", "gauge", "The number of workers gunicorn keeps."
@@ -269,6 +275,12 @@ INSTRUMENTS: dict[str, Instrument] = {
     "gunicorn_listen_backlog_max": Instrument(
         "gunicorn.listen.backlog.limit", "{connection}", "gauge", "The accept queue's limit."
     ),
+    "gunicorn_listen_time_wait": Instrument(
+        "gunicorn.listen.time_wait",
+        "{connection}",
+        "gauge",
+        "Connections to a TCP listener closed by gunicorn and now in TIME_WAIT.",
+    ),
     "gunicorn_listen_overflows": Instrument(
         "gunicorn.listen.overflows",
         "{connection}",
@@ -283,6 +295,7 @@ ATTRIBUTE_NAMES = {
     "route": "http.route",
     "worker": "gunicorn.worker.slot",
     "cause": "gunicorn.worker.exit.cause",
+    "reason": "gunicorn.request.rejected.reason",
     "listener": "gunicorn.listener",
 }
 

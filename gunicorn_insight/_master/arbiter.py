@@ -88,6 +88,7 @@ class Master:
                 plan.connections_limit,
                 routes=settings.route_label,
                 otlp=settings.otlp_enabled,
+                rejects_seen=plan.rejects_seen,
             )
             self._sinks.append(self.prometheus)
             if settings.serves_prometheus or settings.otlp_enabled:

@@ -8,7 +8,14 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from .._gunicorn import ONE_THREAD_KINDS, THREAD_PER_REQUEST_KINDS, _uses_gunicorn_statsd, unseen_requests, worker_kind
+from .._gunicorn import (
+    ONE_THREAD_KINDS,
+    PARSED_BY_GUNICORN_KINDS,
+    THREAD_PER_REQUEST_KINDS,
+    _uses_gunicorn_statsd,
+    unseen_requests,
+    worker_kind,
+)
 from .._worker.recorder import RecorderOptions
 from ..settings import Settings
 
@@ -46,6 +53,8 @@ class Plan:
     """The TCP port gunicorn listens on, when it binds exactly one (OTLP's server.port)."""
     worker_class_name: str = ""
     """gunicorn's worker class as module.name, for messages about it."""
+    rejects_seen: bool = False
+    """gunicorn's own parser reads the requests, so the ones it rejects are counted (see _worker.rejected)."""
 
     @classmethod
     def resolve(cls, settings: Settings, cfg: Any, prometheus_dir: str | None) -> Plan:
@@ -100,6 +109,7 @@ class Plan:
             service_name=str(getattr(cfg, "proc_name", None) or "gunicorn"),
             server_port=single_port(getattr(cfg, "bind", None) or []),
             worker_class_name=_class_name(cfg),
+            rejects_seen=kind in PARSED_BY_GUNICORN_KINDS,
         )
 
 
