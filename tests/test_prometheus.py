@@ -380,7 +380,7 @@ def test_rejected_requests_and_time_wait_are_exported_and_absent_where_unseen(tm
         from gunicorn_insight._export.metrics_process import make_registry
         directory = os.environ["PROMETHEUS_MULTIPROC_DIR"]
         sink = PrometheusSink(directory, (0.1, 1.0), 1, rejects_seen=True)
-        sink.publish(Round(rejected=Counter(framing=2), time_wait={"http://127.0.0.1:8000": (300, 40)}))
+        sink.publish(Round(rejected=Counter(framing=2), time_wait={"http://127.0.0.1:8000": 300}))
         sink.publish(Round(rejected=Counter(framing=1, invalid_header_name=1)))
         print(generate_latest(make_registry(directory)).decode())
         print("UNSEEN")

@@ -332,7 +332,7 @@ def test_rejected_requests_and_time_wait_in_both_modes(receiver: socket.socket) 
     """Rejected requests are counters per reason, TIME_WAIT a gauge per listener: dotted names, or tags."""
     facts = a_round()
     facts.rejected = Counter(framing=2)
-    facts.time_wait = {"http://127.0.0.1:8000": (300, 40)}
+    facts.time_wait = {"http://127.0.0.1:8000": 300}
     make_sink(receiver.getsockname()).publish(facts)
     lines = b"\n".join(datagrams(receiver)).decode().splitlines()
     assert "gunicorn.request.rejected.framing:2|c" in lines

@@ -279,7 +279,7 @@ INSTRUMENTS: dict[str, Instrument] = {
         "gunicorn.listen.time_wait",
         "{connection}",
         "gauge",
-        "Connections to a TCP listener closed by gunicorn and now in TIME_WAIT.",
+        "A TCP listener's connections closed in the last 60 s, in TIME_WAIT.",
     ),
     "gunicorn_listen_overflows": Instrument(
         "gunicorn.listen.overflows",

@@ -366,7 +366,7 @@ class PrometheusSink:
         )
         self._time_wait = _gauge(
             "gunicorn_listen_time_wait",
-            "Connections to a TCP listener closed by gunicorn and now in TIME_WAIT (each held 60 s).",
+            "A TCP listener's connections closed in the last 60 s, in TIME_WAIT on gunicorn's end or a local client's.",
             ("listener",),
         )
         self._lifecycle_families()
@@ -649,7 +649,7 @@ class PrometheusSink:
         for listener, (queued, limit) in facts.listeners.items():
             self._set(self._backlog, self._backlog.key("", (listener,)), queued)
             self._set(self._backlog_max, self._backlog_max.key("", (listener,)), limit)
-        for listener, (closed, _recent) in facts.time_wait.items():
+        for listener, closed in facts.time_wait.items():
             self._set(self._time_wait, self._time_wait.key("", (listener,)), closed)
 
     def _publish_outcomes(self, facts: Round) -> None:

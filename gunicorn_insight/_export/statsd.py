@@ -337,7 +337,7 @@ class StatsdSink:
             pipe.gauge(
                 split("gunicorn.listener.{}.backlog_max", "gunicorn.listen_backlog_max", "listener", listener), limit
             )
-        for listener, (closed, _recent) in sorted(facts.time_wait.items()):
+        for listener, closed in sorted(facts.time_wait.items()):
             pipe.gauge(
                 split("gunicorn.listener.{}.time_wait", "gunicorn.listen_time_wait", "listener", listener), closed
             )
