@@ -568,9 +568,12 @@ def _announce(master: _arbiter.Master) -> None:
             "gunicorn-insight: the %s worker class does not parse requests with gunicorn's HTTP parser (%s), so "
             "the malformed requests it refuses are not seen: gunicorn_requests_rejected_total stays absent",
             plan.worker_kind,
-            {"uvicorn": "uvicorn uses h11 or httptools", "asgi": "its asyncio protocol does", "tornado": "tornado"}.get(
-                plan.worker_kind, "or does not hand its errors to handle_error"
-            ),
+            {
+                "uvicorn": "uvicorn uses h11 or httptools",
+                "asgi": "its asyncio protocol does",
+                "tornado": "tornado does",
+                "gevent": "gevent_pywsgi uses gevent's WSGI server",
+            }.get(plan.worker_kind, "or does not hand its errors to handle_error"),
         )
     if plan.gunicorn_statsd_active and master.statsd is not None:
         LOG.info(

@@ -40,7 +40,8 @@ def test_each_gunicorn_parser_error_has_its_reason(error: BaseException, reason:
 def test_errors_that_are_not_the_clients_are_not_counted() -> None:
     """A header the application sent, gunicorn's SCRIPT_NAME problem and anything outside
     gunicorn.http.errors are not rejected requests; an unknown parser error is "other"."""
-    assert reject_reason(errors.InvalidResponseHeader("X-Bad")) is None
+    if hasattr(errors, "InvalidResponseHeader"):  # gunicorn 24 and later
+        assert reject_reason(errors.InvalidResponseHeader("X-Bad")) is None
     assert reject_reason(errors.ConfigurationProblem("SCRIPT_NAME")) is None
     assert reject_reason(RuntimeError("the application failed")) is None
     assert reject_reason(OSError(32, "Broken pipe")) is None
@@ -129,3 +130,28 @@ def test_excerpt_escapes_and_bounds_gunicorns_text() -> None:
     assert "\x1b" not in text
     assert text.endswith("...")
     assert len(text) < 120
+
+
+@pytest.mark.parametrize(
+    ("worker_class", "seen"),
+    [
+        ("gunicorn.workers.sync.SyncWorker", True),
+        ("gunicorn.workers.gthread.ThreadWorker", True),
+        ("gunicorn.workers.ggevent.GeventWorker", True),
+        ("gunicorn.workers.ggevent.GeventPyWSGIWorker", False),
+        ("uvicorn.workers.UvicornWorker", False),
+    ],
+)
+def test_rejected_requests_are_seen_where_gunicorn_parses(worker_class: str, seen: bool) -> None:
+    """Counted (and exposed at 0) only on classes that read requests with gunicorn's parser."""
+    import importlib
+    from types import SimpleNamespace
+
+    from gunicorn_insight._gunicorn import parsed_by_gunicorn
+
+    module, _, name = worker_class.rpartition(".")
+    try:
+        klass = getattr(importlib.import_module(module), name)
+    except ImportError as error:
+        pytest.skip(f"{worker_class}: {error}")
+    assert parsed_by_gunicorn(SimpleNamespace(worker_class=klass)) is seen

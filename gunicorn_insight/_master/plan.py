@@ -10,9 +10,9 @@ from typing import Any
 
 from .._gunicorn import (
     ONE_THREAD_KINDS,
-    PARSED_BY_GUNICORN_KINDS,
     THREAD_PER_REQUEST_KINDS,
     _uses_gunicorn_statsd,
+    parsed_by_gunicorn,
     unseen_requests,
     worker_kind,
 )
@@ -109,7 +109,7 @@ class Plan:
             service_name=str(getattr(cfg, "proc_name", None) or "gunicorn"),
             server_port=single_port(getattr(cfg, "bind", None) or []),
             worker_class_name=_class_name(cfg),
-            rejects_seen=kind in PARSED_BY_GUNICORN_KINDS,
+            rejects_seen=parsed_by_gunicorn(cfg),
         )
 
 

@@ -26,6 +26,7 @@ def send_raw(server: Gunicorn, data: bytes) -> bytes:
     return answer
 
 
+@pytest.mark.oldest
 @pytest.mark.parametrize("worker_class", ["sync", "gthread", "gevent"])
 def test_malformed_requests_are_counted_by_reason(process_factory: ProcessFactory, worker_class: str) -> None:
     """Conflicting Content-Length/Transfer-Encoding (x3), a bad header name (x2) and a bad chunk size (x1) are

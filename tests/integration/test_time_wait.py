@@ -9,6 +9,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import pytest
 from harness import Gunicorn, start_gunicorn
 from servers import Nginx, NginxFactory, ProcessFactory, wait_until
 from test_doctor_live import doctor, findings
@@ -49,6 +50,7 @@ def time_wait(server: Gunicorn) -> float | None:
     return server.value("gunicorn_listen_time_wait", listener=f"http://127.0.0.1:{server.port}")
 
 
+@pytest.mark.oldest
 def test_a_connection_per_request_fills_time_wait_and_the_doctor_says_why(
     process_factory: ProcessFactory, nginx_factory: NginxFactory
 ) -> None:
