@@ -46,6 +46,9 @@ def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[byte
         os._exit(int(query.get("code", ["7"])[0]))  # not 3 or 4: gunicorn reads those as boot failures
     if path == "/error":
         raise RuntimeError("the example's /error endpoint raises on purpose")
+    if path == "/echo":
+        body = environ["wsgi.input"].read()  # a chunked body is parsed here, while the application reads it
+        return _text(start_response, "200 OK", f"read {len(body)} bytes\n")
     if path.startswith("/status/"):
         code = int(path.rsplit("/", 1)[1])
         return _text(start_response, f"{code} Status", f"{code}\n")

@@ -56,6 +56,12 @@ class Round:
     log_lines: Counter[str] = field(default_factory=Counter)
     """level (critical, error, warning, exception) -> lines gunicorn's logger logged this round, in the master
     and the workers; counted only while gunicorn-insight's StatsD sink stands in for gunicorn's statsd logger."""
+    rejected: Counter[str] = field(default_factory=Counter)
+    """reason (REJECT_REASONS) -> requests gunicorn's HTTP parser rejected this round, in every worker."""
+    time_wait: dict[str, int] = field(default_factory=dict)
+    """TCP listener -> its connections closed in the last minute, in TIME_WAIT on gunicorn's end or on a local
+    client's (see _timewait; filled in by the master; a unix listener, or one the kernel would not answer
+    for, is missing)."""
     exits: Counter[str] = field(default_factory=Counter)
     """cause -> workers that exited this round (filled in by the master after the drain)."""
     at: float = 0.0

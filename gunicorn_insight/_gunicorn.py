@@ -13,6 +13,20 @@ from typing import Any
 ONE_THREAD_KINDS = frozenset({"sync", "gevent", "eventlet", "tornado", "asgi", "uvicorn"})
 THREAD_PER_REQUEST_KINDS = frozenset({"sync", "gthread"})
 """Each request runs on an OS thread of its own from pre_request to post_request: its CPU is that thread's."""
+PARSED_BY_GUNICORN_KINDS = frozenset({"sync", "gthread", "gevent", "eventlet"})
+"""gunicorn's own HTTP parser reads their requests and hands its errors to ``worker.handle_error``; gunicorn's
+asgi worker parses in its protocol, uvicorn's with h11 or httptools, tornado's with tornado: none calls it."""
+
+
+def parsed_by_gunicorn(cfg: Any) -> bool:
+    """The worker class reads requests with gunicorn's parser (see PARSED_BY_GUNICORN_KINDS); gevent_pywsgi, a
+    gevent kind, serves through gevent's own WSGI server instead."""
+    if worker_kind(cfg) not in PARSED_BY_GUNICORN_KINDS:
+        return False
+    try:
+        return all(klass.__name__ != "GeventPyWSGIWorker" for klass in cfg.worker_class.__mro__)
+    except Exception:  # no class to read: worker_kind said "unknown" already
+        return False
 
 
 def worker_kind(cfg: Any) -> str:

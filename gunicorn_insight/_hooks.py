@@ -32,8 +32,9 @@ from ._space import mebibytes
 from ._version import __version__
 from ._worker import recorder as _recorder
 from ._worker.asgi import RecordingApp, current_task, find_uvicorn_state
-from ._worker.loglines import SlotLogLines
+from ._worker.loglines import log_line_counters, rejected_counters
 from ._worker.recorder import RequestRecorder, post_request, pre_request, summarize
+from ._worker.rejected import RejectWatch
 from ._worker.routes import hook_frameworks
 from ._worker.unseen import AcceptWatch
 from ._worker.watchdog import Monitor, dump_stacks_on_fatal_signals, write_abort_stack
@@ -564,6 +565,18 @@ def _announce(master: _arbiter.Master) -> None:
             "hang up before the response are not seen: gunicorn_requests_client_closed_total stays absent",
             plan.worker_kind,
         )
+    if not plan.rejects_seen:
+        LOG.info(
+            "gunicorn-insight: the %s worker class does not parse requests with gunicorn's HTTP parser (%s), so "
+            "the malformed requests it refuses are not seen: gunicorn_requests_rejected_total stays absent",
+            plan.worker_kind,
+            {
+                "uvicorn": "uvicorn uses h11 or httptools",
+                "asgi": "its asyncio protocol does",
+                "tornado": "tornado does",
+                "gevent": "gevent_pywsgi uses gevent's WSGI server",
+            }.get(plan.worker_kind, "or does not hand its errors to handle_error"),
+        )
     if plan.gunicorn_statsd_active and master.statsd is not None:
         LOG.info(
             "gunicorn-insight: gunicorn's own statsd logger already sends gunicorn.requests, "
@@ -692,7 +705,7 @@ def post_fork(server: Any, worker: Any) -> None:
             worker.nr_conns = 0  # the recorder reads it from the start; counted once the server runs
         _recorder.RECORDER = RequestRecorder(master.board, slot, worker, master.plan.recorder, current)
         if master.log_lines is not None:  # the logger object came wrapped from the master: count into the slot
-            master.log_lines.in_worker(SlotLogLines(master.board.buffer, master.board.offset(slot)).count)
+            master.log_lines.in_worker(log_line_counters(master.board.buffer, master.board.offset(slot)).count)
         if master.plan.worker_kind == "uvicorn":
             _recorder.RECORDER.unmark(sb.FLAG_COUNTS_CONNECTIONS)  # until then: the requests in flight
     except Exception as error:
@@ -737,6 +750,13 @@ def post_worker_init(worker: Any) -> None:
             AcceptWatch(recorder).install(list(getattr(worker, "sockets", None) or ()))
     except Exception as error:
         report("watching accepted connections", error)
+    try:
+        master = _arbiter.CURRENT
+        slot = getattr(worker, _arbiter.SLOT_ATTRIBUTE, None)
+        if master is not None and slot is not None and master.plan.rejects_seen:
+            RejectWatch(rejected_counters(master.board.buffer, master.board.offset(slot)).count).install(worker)
+    except Exception as error:
+        report("counting rejected requests", error)
 
 
 GREEN_KINDS = frozenset({"gevent", "eventlet"})

@@ -86,6 +86,9 @@ class Listener:
     name: str
     backlog: int | None
     backlog_max: int | None
+    time_wait: int | None = None
+    """TCP: its connections closed in the last minute, in TIME_WAIT (see _timewait); None for a unix socket, or
+    from a master before this field (a field with a default may be missing)."""
 
 
 @dataclass(frozen=True)
@@ -284,8 +287,7 @@ def _fields(kind: type[_R], data: Mapping[str, Any], where: str) -> _R:
     values: dict[str, Any] = {}
     for field in dataclasses.fields(kind):  # type: ignore[arg-type]  # kind is one of the records above
         if field.name not in data:
-            if field.default is not dataclasses.MISSING:  # added within the format: an older writer's file
-                values[field.name] = field.default
+            if field.default is not dataclasses.MISSING:  # added within the format: an older writer leaves it out
                 continue
             raise ContractError(f"{where} has no field {field.name!r}")
         values[field.name] = _value(hints[field.name], data[field.name], f"{where}: {field.name}")
@@ -395,7 +397,10 @@ class StatusFiles:
             capacity=facts.capacity,
             waiting=facts.waiting,
             connections=facts.total_connections,
-            listeners=tuple(Listener(name, queued, limit) for name, (queued, limit) in sorted(facts.listeners.items())),
+            listeners=tuple(
+                Listener(name, queued, limit, facts.time_wait.get(name))
+                for name, (queued, limit) in sorted(facts.listeners.items())
+            ),
             listen_overflows=self.listen_overflows,
             lost_requests=facts.lost,
             recent_exits=tuple(self.exits),

@@ -7,7 +7,7 @@ master only writes a slot's ownership fields while no live process owns it.
 Layout (little endian)::
 
     header   one page   magic, version, slots, entries per slot, ring size, master pid
-    slot i   header 256 bytes, ``entries`` request entries of 256 bytes, the ring; padded to whole pages
+    slot i   header 512 bytes, ``entries`` request entries of 256 bytes, the ring; padded to whole pages
 
 The ring holds one 32-byte record per finished request. ``head`` counts records ever written to the
 slot and survives worker replacement, so a reader's cursor stays valid across deaths: a request
@@ -29,7 +29,7 @@ from ._space import free_space, mebibytes, reserve
 from .settings import ConfigurationError, join_host_port
 
 MAGIC = b"GINSIGHT"
-VERSION = 6
+VERSION = 7
 PAGE = mmap.PAGESIZE
 
 HEADER = struct.Struct("<8sIIIIII")  # magic, version, slots, entries, ring, master pid, routes
@@ -63,7 +63,33 @@ STACKS_ASKED = struct.Struct("<I")
 BOOT_CPU = struct.Struct("<d")  # +120: the worker's CPU seconds (user + system) when it became ready
 LAST_WORDS = struct.Struct("<128s")  # +128: why the worker is exiting (the boot exception), utf-8
 SLOT_HEADER = struct.Struct("<QIBBxxQIIQddiIQII4Q4x4xd128s")  # the first 4x: STACKS_ASKED, read on its own
-SLOT_HEADER_SIZE = 256
+# +256: requests gunicorn's HTTP parser rejected (its handle_error got one of gunicorn.http.errors), per
+# REJECT_REASONS, ever, by this slot's workers; kept across workers like the log line counts (see _worker.rejected).
+REJECTED = struct.Struct("<Q")
+REJECT_REASONS = (
+    "framing",
+    "invalid_header",
+    "invalid_header_name",
+    "invalid_request_line",
+    "invalid_method",
+    "invalid_http_version",
+    "unsupported_transfer_coding",
+    "invalid_chunk_size",
+    "chunk_missing_terminator",
+    "invalid_chunk_extension",
+    "limit_request_line",
+    "limit_request_headers",
+    "obsolete_folding",
+    "expectation_failed",
+    "invalid_proxy_line",
+    "invalid_proxy_header",
+    "forbidden_proxy_request",
+    "invalid_scheme_headers",
+    "invalid_h2c_preface",
+    "other",
+)
+REJECT_ROOM = 24  # counters reserved: reasons can be added without moving the entries
+SLOT_HEADER_SIZE = 512
 OFF_PID, OFF_STATE, OFF_FLAGS, OFF_HEAD, OFF_CONNS, OFF_OVERFLOW, OFF_BASE, OFF_SPAWNED, OFF_BOOTED = (
     8,
     12,
@@ -85,6 +111,7 @@ OFF_PID, OFF_STATE, OFF_FLAGS, OFF_HEAD, OFF_CONNS, OFF_OVERFLOW, OFF_BASE, OFF_
     OFF_STACKS_ASKED,
     OFF_BOOT_CPU,
     OFF_LAST_WORDS,
+    OFF_REJECTED,
 ) = (
     56,
     60,
@@ -95,6 +122,7 @@ OFF_PID, OFF_STATE, OFF_FLAGS, OFF_HEAD, OFF_CONNS, OFF_OVERFLOW, OFF_BASE, OFF_
     112,
     120,
     128,
+    256,
 )
 
 # In use, start (monotonic), thread, method, client host, client port (0: not TCP), path.
@@ -126,7 +154,9 @@ METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "CONNECT"
 METHOD_INDEX = {name: index for index, name in enumerate(METHODS)}
 OTHER_METHOD = METHOD_INDEX["other"]
 
-assert SLOT_HEADER.size == SLOT_HEADER_SIZE
+assert SLOT_HEADER.size == OFF_REJECTED
+assert len(REJECT_REASONS) <= REJECT_ROOM
+assert OFF_REJECTED + REJECT_ROOM * REJECTED.size <= SLOT_HEADER_SIZE
 assert ENTRY.size == ENTRY_SIZE
 
 
@@ -397,6 +427,11 @@ class Scoreboard:
         """The slot's LOG_LINES counters, in LOG_LEVELS order."""
         start = self.offset(index) + OFF_LOG_LINES
         return tuple(LOG_LINES.unpack_from(self.buffer, start + 8 * n)[0] for n in range(len(LOG_LEVELS)))
+
+    def rejected(self, index: int) -> tuple[int, ...]:
+        """The slot's REJECTED counters, in REJECT_REASONS order."""
+        start = self.offset(index) + OFF_REJECTED
+        return tuple(REJECTED.unpack_from(self.buffer, start + 8 * n)[0] for n in range(len(REJECT_REASONS)))
 
     def set_rss(self, index: int, rss: int) -> None:
         store(self.buffer, self.offset(index) + OFF_RSS, RSS, rss)

@@ -243,3 +243,46 @@ def test_growth_found_by_the_master_is_a_leak_finding() -> None:
     assert "490 files" in finding.what
     assert "ls -l /proc/11/fd" in finding.fix
     assert "set max_requests" in finding.fix
+
+
+def time_wait(count: int, closed: int | None, requests: int | None = 300, **changes: Any) -> LiveFacts:
+    """A server whose listener has ``count`` connections in TIME_WAIT, ``closed`` of them during the window."""
+    found = livedoctor.ListenerTimeWait("http://127.0.0.1:8000", count, closed)
+    return facts(time_wait=(found,), requests_in_window=requests, ephemeral_ports=(32768, 60999), **changes)
+
+
+def test_a_connection_per_request_is_a_time_wait_finding() -> None:
+    """As many connections closed as requests finished: a warning with the evidence and, for sync, the unix
+    socket first; a listener using half the ephemeral ports is an error whatever the requests."""
+    (finding,) = livedoctor.check_time_wait(time_wait(900, 290))
+    assert finding.severity == "warning"
+    assert "900 connections to http://127.0.0.1:8000 were closed in the last 60 s" in finding.what
+    assert "3.2% of the 28232 ephemeral ports (32768-60999" in finding.what
+    assert "290 connections closed for 300 requests during the 3.0s window: 0.97 new connections per" in finding.what
+    assert finding.fix.startswith("with the proxy on the same host, bind gunicorn to a unix socket")
+    (gthread,) = livedoctor.check_time_wait(time_wait(900, 290, worker_class="gthread"))
+    assert gthread.fix.startswith("keep connections to gunicorn open")
+    assert checks(livedoctor.check_time_wait, time_wait(15000, None, None)) == [("live-time-wait", "error")]
+
+
+@pytest.mark.parametrize(
+    ("count", "closed", "requests"),
+    [
+        (90, 90, 90),  # a connection per request, but too few to matter
+        (900, 20, 3000),  # keep-alive: a few connections recycled for many requests
+        (900, None, 300),  # the window could not be read and the ports are far from used up
+        (900, 290, 0),  # no request during the window: nothing to compare with
+    ],
+)
+def test_time_wait_quiet_when_it_is_not_a_connection_per_request(count: int, closed: int | None, requests: int) -> None:
+    """Few TIME_WAIT, keep-alive traffic, or nothing to compare with: no finding."""
+    assert checks(livedoctor.check_time_wait, time_wait(count, closed, requests)) == []
+
+
+def test_listener_names_become_addresses() -> None:
+    """gunicorn's listener names give the family, host and port doctor asks the kernel about."""
+    import socket
+
+    assert livedoctor.listener_address("http://127.0.0.1:8000") == (socket.AF_INET, "127.0.0.1", 8000)
+    assert livedoctor.listener_address("https://[::1]:8443") == (socket.AF_INET6, "::1", 8443)
+    assert livedoctor.listener_address("unix:/run/gunicorn.sock") is None

@@ -9,7 +9,7 @@ from typing import Any
 from gunicorn_insight import _scoreboard as sb
 from gunicorn_insight._master.drain import Drainer
 from gunicorn_insight._master.loglines import LogLineWatch
-from gunicorn_insight._worker.loglines import SlotLogLines
+from gunicorn_insight._worker.loglines import log_line_counters
 
 
 class FakeLogger:
@@ -55,7 +55,7 @@ def test_a_worker_counts_into_its_slot_from_many_threads_exactly(board: sb.Score
     log, watch = FakeLogger(), LogLineWatch()
     watch.watch(log)
     log.warning("logged in the master before the fork")
-    watch.in_worker(SlotLogLines(board.buffer, board.offset(2)).count)
+    watch.in_worker(log_line_counters(board.buffer, board.offset(2)).count)
     assert watch.take() == {}  # the master's queue is not the worker's to send
 
     def many() -> None:
@@ -76,7 +76,7 @@ def test_a_worker_counts_into_its_slot_from_many_threads_exactly(board: sb.Score
 def test_a_line_logged_while_another_publishes_is_published_by_the_holder(board: sb.Scoreboard) -> None:
     """A caller that finds the publishing lock taken (a signal handler interrupting a count) does not wait;
     its line is published by the next count that gets the lock."""
-    counter = SlotLogLines(board.buffer, board.offset(0))
+    counter = log_line_counters(board.buffer, board.offset(0))
     counter._publishing.acquire()
     counter.count(0)  # would deadlock if it waited
     assert board.log_lines(0) == (0, 0, 0, 0)
@@ -88,12 +88,12 @@ def test_a_line_logged_while_another_publishes_is_published_by_the_holder(board:
 def test_the_drain_adds_increases_across_workers_and_ignores_a_smaller_read(board: sb.Scoreboard) -> None:
     """Slot counters outlive workers (assign keeps them); the drain reports what grew since its last round."""
     drainer = Drainer(board)
-    counter = SlotLogLines(board.buffer, board.offset(1))
+    counter = log_line_counters(board.buffer, board.offset(1))
     counter.count(2)
     counter.count(2)
     assert drainer.collect().log_lines == {"warning": 2}
     board.assign(1, 0.0)  # a new worker in the slot: its counts go on from the slot's
-    SlotLogLines(board.buffer, board.offset(1)).count(1)
+    log_line_counters(board.buffer, board.offset(1)).count(1)
     assert board.log_lines(1) == (0, 1, 2, 0)
     assert drainer.collect().log_lines == {"error": 1}
     sb.store(board.buffer, board.offset(1) + sb.OFF_LOG_LINES + 16, sb.LOG_LINES, 1)  # a torn, smaller read

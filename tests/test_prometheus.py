@@ -368,3 +368,32 @@ def test_scrapes_read_only_regular_metric_files(tmp_path: Path) -> None:
     (elsewhere / "secret").write_bytes((tmp_path / "counter_1.db").read_bytes())
     (tmp_path / "counter_2.db").symlink_to(elsewhere / "secret")
     assert usable_files(str(tmp_path)) == [str(tmp_path / "counter_1.db")]
+
+
+def test_rejected_requests_and_time_wait_are_exported_and_absent_where_unseen(tmp_path: Path) -> None:
+    """Rejected requests add up by reason, every reason present at 0 from the start where gunicorn parses; the
+    TIME_WAIT gauge is per listener; a worker class gunicorn does not parse for gets no rejected series."""
+    code = """
+        import os
+        from collections import Counter
+        from prometheus_client import generate_latest
+        from gunicorn_insight._master.drain import Round
+        from gunicorn_insight._export.prometheus import PrometheusSink
+        from gunicorn_insight._export.metrics_process import make_registry
+        directory = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+        sink = PrometheusSink(directory, (0.1, 1.0), 1, rejects_seen=True)
+        sink.publish(Round(rejected=Counter(framing=2), time_wait={"http://127.0.0.1:8000": 300}))
+        sink.publish(Round(rejected=Counter(framing=1, invalid_header_name=1)))
+        print(generate_latest(make_registry(directory)).decode())
+        print("UNSEEN")
+        other = os.path.join(directory, "unseen")
+        os.mkdir(other)
+        PrometheusSink(other, (0.1, 1.0), 1).publish(Round())
+        print(generate_latest(make_registry(other)).decode())
+    """
+    seen, unseen = run_python(code, tmp_path).split("UNSEEN")
+    assert 'gunicorn_requests_rejected_total{reason="framing"} 3.0' in seen
+    assert 'gunicorn_requests_rejected_total{reason="invalid_header_name"} 1.0' in seen
+    assert 'gunicorn_requests_rejected_total{reason="other"} 0.0' in seen
+    assert 'gunicorn_listen_time_wait{listener="http://127.0.0.1:8000"} 300.0' in seen
+    assert "gunicorn_requests_rejected_total" not in unseen

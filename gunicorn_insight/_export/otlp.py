@@ -214,6 +214,12 @@ INSTRUMENTS: dict[str, Instrument] = {
         "Finished requests the master could not read in time; stays 0.",
     ),
     "gunicorn_worker_exits": Instrument("gunicorn.worker.exits", "{exit}", "counter", "Worker exits by cause."),
+    "gunicorn_requests_rejected": Instrument(
+        "gunicorn.requests.rejected",
+        "{request}",
+        "counter",
+        "Requests gunicorn's HTTP parser refused before the application, by reason.",
+    ),
     "gunicorn_workers": Instrument("gunicorn.workers", "{worker}", "gauge", "Live worker processes."),
     "gunicorn_workers_desired": Instrument(
         "gunicorn.workers.desired", "{worker}", "gauge", "The number of workers gunicorn keeps."
@@ -278,6 +284,12 @@ INSTRUMENTS: dict[str, Instrument] = {
         "gauge",
         "Seconds connections have waited in a listener's accept queue while no worker was in a request.",
     ),
+    "gunicorn_listen_time_wait": Instrument(
+        "gunicorn.listen.time_wait",
+        "{connection}",
+        "gauge",
+        "A TCP listener's connections closed in the last 60 s, in TIME_WAIT.",
+    ),
     "gunicorn_listen_overflows": Instrument(
         "gunicorn.listen.overflows",
         "{connection}",
@@ -292,6 +304,7 @@ ATTRIBUTE_NAMES = {
     "route": "http.route",
     "worker": "gunicorn.worker.slot",
     "cause": "gunicorn.worker.exit.cause",
+    "reason": "gunicorn.request.rejected.reason",
     "listener": "gunicorn.listener",
 }
 

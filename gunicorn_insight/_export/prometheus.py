@@ -26,6 +26,7 @@ from collections.abc import Iterator
 
 from .._facts import CAUSES, Round, status_label
 from .._report import LOG, report
+from .._scoreboard import REJECT_REASONS
 from .._space import free_space
 from ..settings import ConfigurationError
 from .mmapfile import MetricFile, go_float, parse, read_file, sample_key
@@ -266,6 +267,7 @@ class PrometheusSink:
         *,
         routes: bool = False,
         otlp: bool = False,
+        rejects_seen: bool = False,
     ) -> None:
         self.directory = directory
         self._pid = os.getpid()
@@ -323,6 +325,11 @@ class PrometheusSink:
             "gunicorn_slow_requests", "Requests that ran past slow_request_timeout (logged with their stack)."
         )
         self._exits = _counter("gunicorn_worker_exits", "Worker exits by cause.", ("cause",))
+        self._rejected = _counter(
+            "gunicorn_requests_rejected",
+            "Requests gunicorn's HTTP parser refused before the application (malformed, ambiguous framing), by reason.",
+            ("reason",),
+        )
         self._busy_seconds = _counter(
             "gunicorn_worker_busy_seconds",
             "Request-seconds spent by the workers of each slot (rate = busy fraction).",
@@ -363,6 +370,11 @@ class PrometheusSink:
             "none finished (0 while it is served or empty).",
             ("listener",),
         )
+        self._time_wait = _gauge(
+            "gunicorn_listen_time_wait",
+            "A TCP listener's connections closed in the last 60 s, in TIME_WAIT on gunicorn's end or a local client's.",
+            ("listener",),
+        )
         self._lifecycle_families()
         self._pressure_families()
         self._fold_warned = False
@@ -383,6 +395,9 @@ class PrometheusSink:
                 self._add(family, family.key("_total"), 0)  # present from the start, so rate() sees the first one
             for cause in CAUSES:
                 self._add(self._exits, self._exits.key("_total", (cause,)), 0)
+            # Where the worker class parses requests with gunicorn's parser; elsewhere absent, not zero.
+            for reason in REJECT_REASONS if rejects_seen else ():
+                self._add(self._rejected, self._rejected.key("_total", (reason,)), 0)
         except OSError as error:
             if error.errno not in _NO_ROOM:
                 raise
@@ -634,16 +649,23 @@ class PrometheusSink:
             self._set(self._memory, self._memory.key("", worker), facts.memory.get(slot, 0))
             self._set(self._busy_seconds, self._busy_seconds.key("_total", worker), facts.busy_seconds.get(slot, 0))
             self._set(self._cpu, self._cpu.key("_total", worker), facts.cpu_seconds.get(slot, 0))
+        self._publish_listeners(facts)
+        self._publish_lifecycle(facts)
+        self._publish_pressure(facts)
+
+    def _publish_listeners(self, facts: Round) -> None:
         for listener, (queued, limit) in facts.listeners.items():
             self._set(self._backlog, self._backlog.key("", (listener,)), queued)
             self._set(self._backlog_max, self._backlog_max.key("", (listener,)), limit)
         for listener, seconds in facts.unserved.items():
             self._set(self._unserved, self._unserved.key("", (listener,)), seconds)
-        self._publish_lifecycle(facts)
-        self._publish_pressure(facts)
+        for listener, closed in facts.time_wait.items():
+            self._set(self._time_wait, self._time_wait.key("", (listener,)), closed)
 
     def _publish_outcomes(self, facts: Round) -> None:
-        """What the requests cost in CPU, and which of them their clients left."""
+        """What the requests cost in CPU, which of them their clients left, and which gunicorn refused."""
+        for reason, count in facts.rejected.items():
+            self._add(self._rejected, self._rejected.key("_total", (reason,)), count)
         for (method, status, route), seconds in facts.request_cpu.items():
             labels = (method, status_label(status), *((route or "none",) if self._routes else ()))
             self._add(self._request_cpu, self._request_cpu.key("_total", labels), seconds)

@@ -302,6 +302,8 @@ class StatsdSink:
         pipe.timings(name("gunicorn.request.queue"), facts.queue_times, timers)
         for cause, count in sorted(facts.exits.items()):
             pipe.incr(split("gunicorn.worker.exit.{}", "gunicorn.worker.exit", "cause", cause), count)
+        for reason, count in sorted(facts.rejected.items()):
+            pipe.incr(split("gunicorn.request.rejected.{}", "gunicorn.request.rejected", "reason", reason), count)
         if self._tagged and self._send_requests:
             self._worker_states(pipe, facts)
         else:  # gunicorn's statsd logger sends the name untagged: a tagged pair beside it would double a sum
@@ -316,6 +318,20 @@ class StatsdSink:
             ("gunicorn.utilization", self._utilization(facts, elapsed)),
         ):
             pipe.gauge(name(metric), value)
+        self._listener_lines(pipe, facts)
+        self._lifecycle_lines(pipe, facts, timers)
+        self._pressure_lines(pipe, facts)
+        for slot, connections in sorted(facts.connections.items()):
+            pipe.gauge(
+                split("gunicorn.worker.{}.connections", "gunicorn.worker.connections", "worker", slot), connections
+            )
+            pipe.gauge(
+                split("gunicorn.worker.{}.memory", "gunicorn.worker.memory", "worker", slot), facts.memory.get(slot, 0)
+            )
+        pipe.send()
+
+    def _listener_lines(self, pipe: Any, facts: Round) -> None:
+        split = self._split
         for listener, (queued, limit) in sorted(facts.listeners.items()):
             pipe.gauge(split("gunicorn.listener.{}.backlog", "gunicorn.listen_backlog", "listener", listener), queued)
             pipe.gauge(
@@ -328,16 +344,10 @@ class StatsdSink:
                 ),
                 seconds,
             )
-        self._lifecycle_lines(pipe, facts, timers)
-        self._pressure_lines(pipe, facts)
-        for slot, connections in sorted(facts.connections.items()):
+        for listener, closed in sorted(facts.time_wait.items()):
             pipe.gauge(
-                split("gunicorn.worker.{}.connections", "gunicorn.worker.connections", "worker", slot), connections
+                split("gunicorn.listener.{}.time_wait", "gunicorn.listen_time_wait", "listener", listener), closed
             )
-            pipe.gauge(
-                split("gunicorn.worker.{}.memory", "gunicorn.worker.memory", "worker", slot), facts.memory.get(slot, 0)
-            )
-        pipe.send()
 
     def _lifecycle_lines(self, pipe: Any, facts: Round, timers: int) -> None:
         name = self._name

@@ -34,7 +34,7 @@ from .._facts import Round, Sink
 from .._report import LOG, error_log_fd, report
 from .._runfiles import StatusFiles
 from .._worker.unseen import ENOUGH_CONNECTIONS
-from .backlog import backlog, listen_overflows, unix_listener
+from .backlog import backlog, listen_overflows, listener_time_wait, unix_listener
 from .binds import SocketFiles
 from .drain import Drainer
 from .forensics import Death, ExitReports
@@ -90,6 +90,7 @@ class Master:
                 plan.connections_limit,
                 routes=settings.route_label,
                 otlp=settings.otlp_enabled,
+                rejects_seen=plan.rejects_seen,
             )
             self._sinks.append(self.prometheus)
             if settings.serves_prometheus or settings.otlp_enabled:
@@ -427,6 +428,9 @@ class Master:
                         report("checking the unix socket files", error)
             else:
                 measured = backlog(sock)
+                closed = listener_time_wait(sock)
+                if closed is not None:
+                    facts.time_wait[str(listener)] = closed
             if measured is not None:
                 facts.listeners[str(listener)] = measured
         overflows = listen_overflows()

@@ -4,6 +4,7 @@ TCP: ``getsockopt(TCP_INFO)`` on a listening socket reports the accept queue in 
 limit in ``tcpi_sacked``. Unix sockets: the kernel's sock_diag netlink interface answers, for one socket
 inode, ``UNIX_DIAG_RQLEN`` = (queued connections, limit), and ``UNIX_DIAG_VFS``, the inode of the file the
 socket is bound to. Elsewhere the values are simply absent.
+TIME_WAIT per TCP listener: see _timewait.
 Overflows (connections the kernel dropped because the queue was full) are a TCP counter of the network
 namespace, ``TcpExt: ListenOverflows`` in /proc/net/netstat.
 """
@@ -14,6 +15,8 @@ import os
 import socket
 import struct
 import sys
+
+from .._timewait import time_wait
 
 _TCP_INFO = struct.Struct("8B24I")
 _UNACKED, _SACKED = 8 + 4, 8 + 5  # field positions after the eight one-byte fields
@@ -99,6 +102,18 @@ def backlog(sock: socket.socket) -> tuple[int, int] | None:
     if sock.family == socket.AF_UNIX:
         return unix_backlog(sock)
     return None
+
+
+def listener_time_wait(sock: socket.socket) -> int | None:
+    """This TCP listener's connections closed in the last minute, in TIME_WAIT on either end (see _timewait)."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    try:
+        host, port = sock.getsockname()[:2]
+    except OSError:
+        return None
+    found = time_wait(sock.family, host, port)
+    return None if found is None else found.count
 
 
 def listen_overflows(path: str = "/proc/net/netstat") -> int | None:

@@ -48,6 +48,7 @@ class Drainer:
         self._cursors = [board.head(index) for index in slots]
         self._slow_cursors = [board.slow(index) for index in slots]
         self._log_cursors = [list(board.log_lines(index)) for index in slots]
+        self._reject_cursors = [list(board.rejected(index)) for index in slots]
         self._seen: set[int] = set()
         self._completed = [0.0 for _ in slots]
         self._busy = [0.0 for _ in slots]
@@ -72,6 +73,7 @@ class Drainer:
                 result.slow += slow - self._slow_cursors[index]
                 self._slow_cursors[index] = slow
             self._count_log_lines(index, result)
+            self._count_rejected(index, result)
             if board.buffer[board.offset(index) + sb.OFF_STATE] == sb.FREE:
                 if index in self._seen:
                     self._departed(index, result)
@@ -105,6 +107,13 @@ class Drainer:
             if total > seen:  # a count only grows, across the slot's workers: a smaller one is a torn read
                 result.log_lines[sb.LOG_LEVELS[level]] += total - seen
                 cursors[level] = total
+
+    def _count_rejected(self, index: int, result: Round) -> None:
+        cursors = self._reject_cursors[index]
+        for reason, (total, seen) in enumerate(zip(self._board.rejected(index), cursors, strict=True)):
+            if total > seen:  # as the log lines: a count only grows, a smaller one is a torn read
+                result.rejected[sb.REJECT_REASONS[reason]] += total - seen
+                cursors[reason] = total
 
     def _lifecycle(self, index: int, view: sb.SlotView, result: Round) -> None:
         result.pids[index] = view.pid

@@ -8,7 +8,14 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from .._gunicorn import ONE_THREAD_KINDS, THREAD_PER_REQUEST_KINDS, _uses_gunicorn_statsd, unseen_requests, worker_kind
+from .._gunicorn import (
+    ONE_THREAD_KINDS,
+    THREAD_PER_REQUEST_KINDS,
+    _uses_gunicorn_statsd,
+    parsed_by_gunicorn,
+    unseen_requests,
+    worker_kind,
+)
 from .._worker.recorder import RecorderOptions
 from ..settings import Settings
 
@@ -48,6 +55,8 @@ class Plan:
     """gunicorn's worker class as module.name, for messages about it."""
     max_requests: int = 0
     """gunicorn's ``max_requests`` (0: workers are never recycled)."""
+    rejects_seen: bool = False
+    """gunicorn's own parser reads the requests, so the ones it rejects are counted (see _worker.rejected)."""
 
     @classmethod
     def resolve(cls, settings: Settings, cfg: Any, prometheus_dir: str | None) -> Plan:
@@ -103,6 +112,7 @@ class Plan:
             server_port=single_port(getattr(cfg, "bind", None) or []),
             worker_class_name=_class_name(cfg),
             max_requests=max(0, int(getattr(cfg, "max_requests", 0) or 0)),
+            rejects_seen=parsed_by_gunicorn(cfg),
         )
 
 

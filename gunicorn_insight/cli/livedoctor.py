@@ -4,9 +4,10 @@ The doctor watches the server for a short window (``--window``, 3 s by default),
 scoreboard (mapped read-only) every 50 ms for busy workers and requests in flight; ``status.json`` for the
 listen backlog and recent exits; ``/proc`` for the workers' CPU time at both ends of the window and the
 cgroup's memory; and, when the server exports to Prometheus, the multiprocess files at both ends of the
-window for queue time; and every server of the host's ``status.json``: when two or more are stalled at once,
-their workers are asked for their requests' stacks (see cli.hoststalls), the one write the doctor makes. Each
-check in :data:`LIVE_CHECKS` turns those facts into findings (``_doctor.Finding``) that state the evidence in
+window for queue time; the kernel's sock_diag for the connections each TCP listener closed (TIME_WAIT);
+and every server of the host's ``status.json``: when two or more are stalled at once, their workers are
+asked for their requests' stacks (see cli.hoststalls), the one write the doctor makes. Each check in
+:data:`LIVE_CHECKS` turns those facts into findings (``_doctor.Finding``) that state the evidence in
 ``what`` and say what to change in ``fix``.
 """
 
@@ -16,6 +17,7 @@ import contextlib
 import fcntl
 import math
 import os
+import socket
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +28,7 @@ from .._cgroup import memory_cgroup_dirs
 from .._discovery import Server
 from .._proc import cpu_seconds
 from .._runfiles import Growth, HeldMemory, ServerInfo, StatusRecord, WorkerExit
+from .._timewait import TIME_WAIT_SECONDS, ephemeral_ports, time_wait
 from .doctor import Finding, Severity
 from .hostfacts import GunicornOnHost, gunicorn_on_host, meminfo
 from .hoststalls import HostStalls, module_of
@@ -45,6 +48,15 @@ HOST_MEMORY_LOW = 0.1
 """The host's MemAvailable below this share of MemTotal: memory is nearly exhausted."""
 QUEUE_SLOW = 0.1
 """Mean seconds a request waits for a worker at or above which the queue is worth a finding."""
+TIME_WAIT_FLOOR = 100
+"""Fewer connections in TIME_WAIT on a listener than this are never worth a finding."""
+TIME_WAIT_PORT_SHARE = 0.1
+"""TIME_WAIT connections on one listener, as a share of the ephemeral port range, worth a warning..."""
+TIME_WAIT_PORT_SHARE_ERROR = 0.5
+"""...and an error: the proxy is near the end of the ports it can connect from."""
+CONNECTIONS_PER_REQUEST = 0.5
+"""Connections gunicorn closed per request finished, during the window, at or above which most requests
+come on a connection of their own."""
 TIMEOUT_CAUSES = ("timeout", "timeout_kill")
 _UNLIMITED = 1 << 60
 _QUEUE = "gunicorn_request_queue_seconds"
@@ -63,6 +75,17 @@ class Histogram:
     @property
     def mean(self) -> float | None:
         return self.total / self.count if self.count > 0 else None
+
+
+@dataclass(frozen=True)
+class ListenerTimeWait:
+    """One TCP listener's connections in TIME_WAIT, as the doctor read them at the end of its window."""
+
+    listener: str
+    count: int
+    closed_in_window: int | None
+    """Those that entered TIME_WAIT during the window; None where the doctor could not ask the kernel itself
+    (another network namespace) and took the master's count."""
 
 
 @dataclass
@@ -114,6 +137,11 @@ class LiveFacts:
     """What the master found growing with requests served, per worker (status.json)."""
     host_stalls: HostStalls | None = None
     """The host's servers with gunicorn-insight stalled right now, when two or more are (this one or not)."""
+    requests_in_window: int | None = None
+    """Requests the workers finished during the window (the scoreboard's ring heads)."""
+    time_wait: tuple[ListenerTimeWait, ...] = ()
+    ephemeral_ports: tuple[int, int] | None = None
+    """The kernel's ip_local_port_range: where a proxy on this host takes each connection's local port."""
 
     @property
     def timeout(self) -> float:
@@ -175,6 +203,12 @@ class LiveFacts:
             if self.queue_window is None or self.queue_window.mean is None
             else round(self.queue_window.mean, 4),
             "timeout": self.timeout,
+            "requests_in_window": self.requests_in_window,
+            "time_wait": {
+                found.listener: {"count": found.count, "closed_in_window": found.closed_in_window}
+                for found in self.time_wait
+            },
+            "ephemeral_ports": None if self.ephemeral_ports is None else list(self.ephemeral_ports),
         }
 
 
@@ -288,7 +322,9 @@ def measure(server: Server, board: sb.Scoreboard, window: float = DEFAULT_WINDOW
     facts = LiveFacts(info, window, worker_class=info.worker_class, per_worker=info.per_worker_capacity)
     facts.cpus = server_cpus(server.master_pid)
     queue_before = read_histogram(server.prometheus_dir, _QUEUE)
+    heads_before = _heads(board)
     views = _watch(facts, server, board)
+    facts.requests_in_window = max(0, _heads(board) - heads_before)
     for view in views:
         used = cpu_seconds(view.pid)
         if used is not None and view.pid in facts.cpu_start:
@@ -309,11 +345,57 @@ def measure(server: Server, board: sb.Scoreboard, window: float = DEFAULT_WINDOW
         live = {view.pid for view in views}
         facts.held_memory = tuple(held for held in status.held_memory if held.pid in live)
         facts.growth = tuple(growth for growth in status.growth if growth.pid in live)
+        facts.time_wait = _read_time_wait(status, server.master_pid, facts.window)
+    facts.ephemeral_ports = ephemeral_ports()
     queue_after = read_histogram(server.prometheus_dir, _QUEUE)
     if queue_after is not None:
         facts.queue_total = queue_after
         facts.queue_window = queue_after.minus(queue_before) if queue_before is not None else None
     return facts
+
+
+def _heads(board: sb.Scoreboard) -> int:
+    """Requests ever finished in every slot (a slot's ring head survives its workers)."""
+    return sum(board.head(index) for index in range(board.slots))
+
+
+def _same_network(pid: int) -> bool | None:
+    """Whether the server's network namespace is the doctor's; None where /proc will not say."""
+    try:
+        return os.readlink(f"/proc/{pid}/ns/net") == os.readlink("/proc/self/ns/net")
+    except OSError:
+        return None
+
+
+def listener_address(name: str) -> tuple[int, str, int] | None:
+    """(family, host, port) of a TCP listener named as gunicorn names it (``http://[::1]:8000``)."""
+    _, separator, rest = name.partition("://")
+    if not separator:
+        return None
+    host, _, port = rest.rpartition(":")
+    if not port.isdigit() or not host:
+        return None
+    if host.startswith("[") and host.endswith("]"):
+        return socket.AF_INET6, host[1:-1], int(port)
+    return socket.AF_INET, host, int(port)
+
+
+def _read_time_wait(status: StatusRecord, master_pid: int, window: float) -> tuple[ListenerTimeWait, ...]:
+    """Each TCP listener's TIME_WAIT connections now, and those closed during the window (the kernel reports
+    each one's time left), read here so they match the window's requests; the master's count where the
+    doctor sees another network namespace than the server's."""
+    own = _same_network(master_pid) is not False
+    found = []
+    for listener in status.listeners:
+        address = listener_address(listener.name)
+        if listener.time_wait is None or address is None:
+            continue
+        reading = time_wait(*address, recent_seconds=min(window, TIME_WAIT_SECONDS)) if own else None
+        if reading is None:
+            found.append(ListenerTimeWait(listener.name, listener.time_wait, None))
+        else:
+            found.append(ListenerTimeWait(listener.name, reading.count, reading.recent))
+    return tuple(found)
 
 
 def _watch(facts: LiveFacts, server: Server, board: sb.Scoreboard) -> list[sb.SlotView]:
@@ -707,9 +789,65 @@ def _mib_precise(value: float) -> str:
     return f"{value / 1048576:.1f} MiB"
 
 
+def check_time_wait(facts: LiveFacts) -> Iterable[Finding]:
+    ports = None if facts.ephemeral_ports is None else facts.ephemeral_ports[1] - facts.ephemeral_ports[0] + 1
+    for found in facts.time_wait:
+        if found.count < TIME_WAIT_FLOOR:
+            continue
+        share = found.count / ports if ports else None
+        per_request = (
+            found.closed_in_window / facts.requests_in_window
+            if found.closed_in_window is not None and facts.requests_in_window
+            else None
+        )
+        if (share is None or share < TIME_WAIT_PORT_SHARE) and (
+            per_request is None or per_request < CONNECTIONS_PER_REQUEST
+        ):
+            continue
+        evidence = [f"{found.count} connections to {found.listener} were closed in the last 60 s (in TIME_WAIT)"]
+        if share is not None and facts.ephemeral_ports is not None:
+            low, high = facts.ephemeral_ports
+            evidence.append(f"{share:.1%} of the {ports} ephemeral ports ({low}-{high}, ip_local_port_range)")
+        if per_request is not None:
+            evidence.append(
+                f"{found.closed_in_window} connections closed for {facts.requests_in_window} requests during "
+                f"the {facts.window:.1f}s window: {per_request:.2f} new connections per request"
+            )
+        yield Finding(
+            "live-time-wait",
+            "error" if share is not None and share >= TIME_WAIT_PORT_SHARE_ERROR else "warning",
+            "; ".join(evidence),
+            "requests arrive on a new TCP connection each: the proxy keeps no connection to gunicorn open (nginx "
+            "speaks HTTP/1.0 to an upstream and closes after every response unless told otherwise)"
+            + ("; and sync workers close every connection after its response" if facts.worker_class == "sync" else "")
+            + ". Every request pays a TCP handshake before gunicorn sees it (time gunicorn's request duration does "
+            "not show), and every closed connection holds its address pair for 60 s: when the proxy runs out of "
+            "ports its connect() fails (nginx: '(99: Cannot assign requested address) while connecting to "
+            "upstream', 502). A unix socket has neither cost.",
+            _time_wait_fix(facts.worker_class),
+        )
+
+
+def _time_wait_fix(worker_class: str) -> str:
+    keep_alive = (
+        "keep connections to gunicorn open: in nginx, keepalive 16; in the upstream block, and "
+        'proxy_http_version 1.1; with proxy_set_header Connection ""; where it proxies; and keep gunicorn\'s '
+        "--keep-alive above the proxy's idle time for upstream connections (nginx's keepalive_timeout, 60 s by "
+        "default), so the proxy closes them first"
+    )
+    unix = (
+        "with the proxy on the same host, bind gunicorn to a unix socket (--bind unix:/run/gunicorn.sock; "
+        "nginx: server unix:/run/gunicorn.sock;)"
+    )
+    if worker_class == "sync":
+        return f"{unix}; otherwise switch to gthread or gevent (sync closes every connection) and {keep_alive}"
+    return f"{keep_alive}; or, {unix}"
+
+
 LIVE_CHECKS: list[LiveCheck] = [
     check_saturation,
     check_backlog,
+    check_time_wait,
     check_queue_time,
     check_cpu,
     check_memory,

@@ -166,11 +166,13 @@ def nginx_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Ng
             *,
             extra_location_directives: str = "",
             extra_server_directives: str = "",
+            extra_upstream_directives: str = "",
         ) -> Nginx:
             server = Nginx(
                 upstream,
                 extra_location_directives=extra_location_directives,
                 extra_server_directives=extra_server_directives,
+                extra_upstream_directives=extra_upstream_directives,
                 workdir=tmp_path / f"nginx-{next(serial)}",
             )
             servers.append(server)

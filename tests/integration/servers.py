@@ -861,6 +861,7 @@ class Nginx(_Server):
         *,
         extra_location_directives: str = "",
         extra_server_directives: str = "",
+        extra_upstream_directives: str = "",
         workdir: str | os.PathLike[str] | None = None,
         binary: str = "nginx",
     ) -> None:
@@ -869,6 +870,7 @@ class Nginx(_Server):
         self.upstream = upstream
         self.extra_location_directives = extra_location_directives
         self.extra_server_directives = extra_server_directives
+        self.extra_upstream_directives = extra_upstream_directives
         self.config_path = self.workdir / "nginx.conf"
         self.error_log_path = self.workdir / "error.log"
         self.access_log_path = self.workdir / "access.log"
@@ -902,6 +904,7 @@ http {{
 
     upstream app {{
         server {self.upstream};
+{_indent(self.extra_upstream_directives, 8)}
     }}
 
     server {{
@@ -989,6 +992,7 @@ class NginxFactory(Protocol):
         *,
         extra_location_directives: str = "",
         extra_server_directives: str = "",
+        extra_upstream_directives: str = "",
     ) -> Nginx: ...
 
 
