@@ -164,7 +164,7 @@ def asgi_request_loop(mode: str, requests: int, raw_request: bytes) -> None:
             hooks = recorder.COMPILED
         else:
             hooks = (recorder.pre_request, recorder.post_request)
-        served = asgi.RecordingApp(app, worker, hooks, routes=True)
+        served = asgi.RecordingApp(app, worker, hooks, routes=True).entry()
 
     class Transport(asyncio.Transport):
         """A connected socket's transport, as the protocol sees it; what it writes is counted, not sent."""

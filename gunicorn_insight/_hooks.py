@@ -31,7 +31,7 @@ from ._runfiles import ServerInfo
 from ._space import mebibytes
 from ._version import __version__
 from ._worker import recorder as _recorder
-from ._worker.asgi import RecordingApp, current_task, find_uvicorn_state
+from ._worker.asgi import RecordingApp, current_task, find_uvicorn_state, is_recording_layer
 from ._worker.loglines import log_line_counters, rejected_counters
 from ._worker.recorder import RequestRecorder, post_request, pre_request, summarize
 from ._worker.rejected import RejectWatch
@@ -777,7 +777,7 @@ def record_asgi_requests(worker: Any, plan: Plan, monitor: Monitor | None = None
     if attribute is None:
         return
     app = getattr(worker, attribute, None)
-    if app is None or isinstance(app, RecordingApp):
+    if app is None or is_recording_layer(app):
         return
     interface = getattr(getattr(worker, "config", None), "interface", "auto")
     if interface not in ("auto", "asgi3", "asgi2"):
@@ -794,17 +794,10 @@ def record_asgi_requests(worker: Any, plan: Plan, monitor: Monitor | None = None
     )
     # uvicorn creates its event loop when it starts serving: the watchdog gets it at the first call.
     on_loop = monitor.watch_loop if monitor is not None and plan.worker_kind == "uvicorn" else None
-    setattr(
-        worker,
-        attribute,
-        RecordingApp(
-            app,
-            worker,
-            hooks,
-            routes=plan.recorder.routes,
-            on_loop=on_loop,
-        ),
-    )
+    layer = RecordingApp(app, worker, hooks, routes=plan.recorder.routes, on_loop=on_loop, interface=interface)
+    setattr(worker, attribute, layer.entry())
+    if interface != "auto":
+        worker.config.interface = "asgi3"  # what the server calls now is the layer, whatever the application is
     if plan.worker_kind == "asgi":
         _hand_back_request_hooks(worker.cfg)
     if plan.worker_kind == "uvicorn":

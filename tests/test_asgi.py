@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -126,8 +127,9 @@ def through_hooks(hooks: Hooks, worker: Worker) -> None:
         hooks[1](worker, req, environ, resp)
 
 
-def through_layer(hooks: Hooks, worker: Worker) -> None:
-    """The same order: every application call waits until the ones started after it have finished."""
+def through_layer(hooks: Hooks, worker: Worker, *, entry: bool = False) -> None:
+    """The same order: every application call waits until the ones started after it have finished. ``entry``:
+    through what the server calls with the compiled hooks (RecordingApp.entry()), not RecordingApp itself."""
 
     async def serve() -> None:
         releases = [asyncio.Event() for _ in CASES]
@@ -138,8 +140,10 @@ def through_layer(hooks: Hooks, worker: Worker) -> None:
                 await case.app(scope, receive, send)
 
             layer = _asgi.RecordingApp(app, worker, hooks, routes=True)
+            served = layer.entry() if entry else layer
+            assert (served is layer) != entry
             try:
-                await layer(case.scope(), _receive, _noop_send)
+                await served(case.scope(), _receive, _noop_send)
             except RuntimeError:
                 assert case.status is None
 
@@ -164,13 +168,15 @@ def recorded(board: sb.Scoreboard, serve: Callable[[Hooks, Worker], None], hooks
 
 def test_asgi_layer_writes_the_bytes_the_request_hooks_write(tmp_path: Path) -> None:
     """Same requests, same slot bytes: the Python hooks fed by gunicorn, and the ASGI layer feeding the Python
-    hooks and the compiled ones (entries, ring records with status, method, route, queue sign, routes table)."""
+    hooks and the compiled ones, itself and through its compiled entry (entries, ring records with status,
+    method, route, queue sign, routes table)."""
     runs: dict[str, tuple[Callable[[Hooks, Worker], None], Hooks]] = {
         "hooks": (through_hooks, fakes.IMPLEMENTATIONS["python"]),
         "layer+python": (through_layer, fakes.IMPLEMENTATIONS["python"]),
     }
     if "compiled" in fakes.IMPLEMENTATIONS:
         runs["layer+compiled"] = (through_layer, fakes.IMPLEMENTATIONS["compiled"])
+        runs["entry+compiled"] = (functools.partial(through_layer, entry=True), fakes.IMPLEMENTATIONS["compiled"])
     boards = {
         name: sb.Scoreboard.create(str(tmp_path / name), slots=1, entries=8, ring=16, master_pid=1, routes=4)
         for name in runs
@@ -404,3 +410,87 @@ def test_current_task_asks_for_the_running_loop_once_per_loop_and_thread(monkeyp
     finally:
         if _recorder.COMPILED is not None:
             bind(asyncio_running_loop)
+
+
+@pytest.mark.parametrize("entry", [False, True], ids=["layer", "entry"])
+def test_a_request_is_recorded_however_its_application_ends(board: sb.Scoreboard, entry: bool) -> None:
+    """The layer and its compiled entry record a request once whichever way the application's call ends: it
+    raises (500), returns without a response (500), its task is cancelled, or its awaitable is closed unawaited
+    (or, the entry's, dropped); nothing stays in flight."""
+    if entry and _recorder.COMPILED is None:
+        pytest.skip("the compiled hooks are not built here")
+    release = asyncio.Event()
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["path"] == "/raises":
+            raise LookupError("the application failed")
+        if scope["path"] == "/waits":
+            await release.wait()
+        if scope["path"] == "/answers":
+            await send({"type": "http.response.start", "status": 201, "headers": []})
+            await send({"type": "http.response.body", "body": b"made"})
+
+    board.assign(0, now=1.0)
+    worker = Worker()
+    _recorder.RECORDER = RequestRecorder(board, 0, worker, RecorderOptions(threaded=False))
+    layer = _asgi.RecordingApp(app, worker, _recorder.COMPILED or fakes.HOOKS, routes=False)
+    served = layer.entry() if entry else layer
+    assert (served is layer) != entry
+
+    def scope(path: str) -> dict[str, Any]:
+        return {**CASES[0].scope(), "path": path}
+
+    async def serve() -> list[Any]:
+        outcomes: list[Any] = [await served(scope("/answers"), _receive, _noop_send)]
+        try:
+            await served(scope("/raises"), _receive, _noop_send)
+        except LookupError as error:
+            outcomes.append(str(error))
+        outcomes.append(await served(scope("/returns"), _receive, _noop_send))
+        waiting = asyncio.ensure_future(served(scope("/waits"), _receive, _noop_send))
+        await asyncio.sleep(0)
+        assert board.head(0) == 3  # still in flight
+        waiting.cancel()
+        try:
+            await waiting
+        except asyncio.CancelledError:
+            outcomes.append("cancelled")
+        served(scope("/never-awaited"), _receive, _noop_send).close()
+        if entry:
+            served(scope("/dropped"), _receive, _noop_send)  # finished by its finalizer
+        return outcomes
+
+    assert asyncio.run(serve()) == [None, "the application failed", None, "cancelled"]
+    statuses = [record[2] for record in board.read_ring(0, 0, board.head(0))]
+    # An awaitable closed unawaited: the entry started the request when called, the layer's coroutine never ran.
+    assert statuses == [201, 500, 500, 500] + ([500, 500] if entry else [])
+    assert board.read(0).in_flight == 0
+
+
+def test_servers_see_the_application_through_the_compiled_entry() -> None:
+    """The entry answers attribute reads with the application's and __call__ with the layer's async def, so
+    uvicorn tells an ASGI 3 application by it; lifespan goes to the layer, which finds the loop once."""
+    if _recorder.COMPILED is None:
+        pytest.skip("the compiled hooks are not built here")
+    from uvicorn.config import Config
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        seen.append(scope["type"])
+
+    app.state = "the application's"  # type: ignore[attr-defined]
+    seen: list[str] = []
+    loops: list[asyncio.AbstractEventLoop] = []
+    entry = _asgi.RecordingApp(app, Worker(), _recorder.COMPILED, routes=False, on_loop=loops.append).entry()
+    assert entry.state == "the application's"
+    assert asyncio.iscoroutinefunction(entry.__call__)
+    config = Config(entry, log_config=None)
+    config.load()
+    assert config.interface == "asgi3"
+
+    async def lifespan_then_websocket() -> None:
+        await entry({"type": "lifespan"}, _receive, _noop_send)
+        await entry({"type": "websocket", "path": "/ws"}, _receive, _noop_send)
+
+    asyncio.run(lifespan_then_websocket())
+    assert seen == ["lifespan", "websocket"]
+    assert len(loops) == 1

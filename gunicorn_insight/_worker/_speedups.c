@@ -1365,6 +1365,403 @@ static PyTypeObject RecordingType = {
     .tp_methods = recording_methods,
 };
 
+/* ------------------------------------------------------------------------------------------------------------
+ * The recording ASGI layer's entry, compiled: what the server calls for each request (RecordingApp.entry()).
+ *
+ * RecordingApp.__call__ is an `async def`: one coroutine of the layer's own per request, whose frame runs
+ * around the application's and goes through every one of its suspensions. An Entry makes none: for an HTTP
+ * scope it starts the Recording (asgi_start), calls the application with it as its send, and returns a
+ * Serving, an awaitable that hands every send and throw to the application's own awaitable and finishes the
+ * Recording when that one returns, raises or is closed (RecordingApp.__call__'s `finally`). Any other call
+ * (the first, which hands the running loop to the watchdog; lifespan and websocket scopes; anything but three
+ * positional arguments) goes to RecordingApp.__call__ itself. Attributes are RecordingApp's, which are the
+ * application's, so servers see the application through it; asked for __call__, it gives RecordingApp's
+ * `async def`, which is what an ASGI server checks to tell an ASGI 3 application.
+ */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *layer;       /* the RecordingApp */
+    PyObject *layer_call;  /* its bound __call__ */
+    PyObject *worker, *app; /* what a request needs (RecordingApp._serving) */
+    int routes;
+    char delegate_next;    /* the next call goes to the layer: the first one finds the loop */
+    vectorcallfunc vectorcall;
+} Entry;
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *awaited;   /* the application's awaitable, as an iterator */
+    Recording *recording;
+} Serving;
+
+static PyTypeObject EntryType, ServingType;
+static PyObject *s_call_name, *s_http, *s_throw, *s_close;
+
+static void
+serving_finish(Serving *self)
+{
+    if (self->recording != NULL && !self->recording->finished)
+        recording_finish(self->recording);
+}
+
+/* One step of the application's awaitable; the Recording finished when it is done. */
+static PySendResult
+serving_am_send(PyObject *object, PyObject *value, PyObject **result)
+{
+    Serving *self = (Serving *)object;
+    PySendResult status;
+    if (self->awaited == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "cannot reuse an already awaited ASGI request");
+        *result = NULL;
+        return PYGEN_ERROR;
+    }
+    status = PyIter_Send(self->awaited, value, result);
+    if (status != PYGEN_NEXT) {
+        PyObject *type, *error, *traceback;
+        PyErr_Fetch(&type, &error, &traceback); /* the application's exception, kept while we record */
+        serving_finish(self);
+        PyErr_Restore(type, error, traceback);
+        Py_CLEAR(self->awaited);
+    }
+    return status;
+}
+
+/* A finished step as an iterator's send() says it: the value in StopIteration. */
+static PyObject *
+stop_iteration(PySendResult status, PyObject *result)
+{
+    if (status == PYGEN_NEXT || status == PYGEN_ERROR)
+        return result;
+    if (result == Py_None)
+        PyErr_SetNone(PyExc_StopIteration);
+    else {
+        PyObject *stop = PyObject_CallOneArg(PyExc_StopIteration, result);
+        if (stop != NULL) {
+            PyErr_SetObject(PyExc_StopIteration, stop);
+            Py_DECREF(stop);
+        }
+    }
+    Py_DECREF(result);
+    return NULL;
+}
+
+static PyObject *
+serving_iternext(PyObject *self)
+{
+    PyObject *result = NULL;
+    return stop_iteration(serving_am_send(self, Py_None, &result), result);
+}
+
+static PyObject *
+serving_send(PyObject *self, PyObject *value)
+{
+    PyObject *result = NULL;
+    return stop_iteration(serving_am_send(self, value, &result), result);
+}
+
+/* throw() and close() go to the application's awaitable (a task cancelled, a coroutine closed): whatever
+ * ends it finishes the Recording; a value it yields keeps it going. */
+static PyObject *
+serving_forward(Serving *self, PyObject *name, PyObject *args)
+{
+    PyObject *method, *result;
+    if (self->awaited == NULL) {
+        if (name == s_close)
+            Py_RETURN_NONE;
+        PyErr_SetString(PyExc_RuntimeError, "cannot throw into an already awaited ASGI request");
+        return NULL;
+    }
+    method = PyObject_GetAttr(self->awaited, name);
+    if (method == NULL) {
+        if (name != s_close || !PyErr_ExceptionMatches(PyExc_AttributeError))
+            return NULL;
+        PyErr_Clear(); /* an iterator without close(): nothing to close but the request */
+        result = Py_NewRef(Py_None);
+    }
+    else {
+        result = PyObject_Call(method, args, NULL);
+        Py_DECREF(method);
+        if (result != NULL && name != s_close)
+            return result; /* it yielded: still running */
+    }
+    {
+        PyObject *type, *error, *traceback;
+        PyErr_Fetch(&type, &error, &traceback);
+        serving_finish(self);
+        PyErr_Restore(type, error, traceback);
+    }
+    Py_CLEAR(self->awaited);
+    return result;
+}
+
+static PyObject *
+serving_throw(PyObject *self, PyObject *args)
+{
+    return serving_forward((Serving *)self, s_throw, args);
+}
+
+static PyObject *
+serving_close(PyObject *self, PyObject *unused)
+{
+    PyObject *none = PyTuple_New(0), *result;
+    if (none == NULL)
+        return NULL;
+    result = serving_forward((Serving *)self, s_close, none);
+    Py_DECREF(none);
+    return result;
+}
+
+static PyObject *
+serving_await(PyObject *self)
+{
+    return Py_NewRef(self);
+}
+
+/* Dropped before its end (never awaited, or its task destroyed): finished, as a coroutine's `finally` runs
+ * when it is closed at collection. */
+static void
+serving_finalize(PyObject *object)
+{
+    Serving *self = (Serving *)object;
+    PyObject *type, *error, *traceback;
+    if (self->awaited == NULL)
+        return;
+    PyErr_Fetch(&type, &error, &traceback);
+    Py_XDECREF(serving_close(object, NULL));
+    if (PyErr_Occurred())
+        PyErr_WriteUnraisable(object);
+    PyErr_Restore(type, error, traceback);
+}
+
+static int
+serving_traverse(Serving *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->awaited);
+    Py_VISIT(self->recording);
+    return 0;
+}
+
+static int
+serving_clear(Serving *self)
+{
+    Py_CLEAR(self->awaited);
+    Py_CLEAR(self->recording);
+    return 0;
+}
+
+static void
+serving_dealloc(Serving *self)
+{
+    if (PyObject_CallFinalizerFromDealloc((PyObject *)self) < 0)
+        return; /* brought back to life by its finalizer */
+    PyObject_GC_UnTrack(self);
+    serving_clear(self);
+    PyObject_GC_Del(self);
+}
+
+static PyAsyncMethods serving_async = {
+    .am_await = serving_await,
+    .am_send = serving_am_send,
+};
+
+/* What it awaits, under the name a coroutine gives it, for whatever walks a task's awaits (the watchdog's stacks). */
+static PyMemberDef serving_members[] = {
+    {"cr_await", T_OBJECT, offsetof(Serving, awaited), READONLY, NULL},
+    {NULL},
+};
+
+static PyMethodDef serving_methods[] = {
+    {"send", serving_send, METH_O, "Hand a value to the application's awaitable."},
+    {"throw", serving_throw, METH_VARARGS, "Raise an exception inside the application's awaitable."},
+    {"close", serving_close, METH_NOARGS, "Close the application's awaitable; the request is recorded."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject ServingType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "gunicorn_insight._worker._speedups.Serving",
+    .tp_basicsize = sizeof(Serving),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "One HTTP request's application call, awaited through the recording ASGI layer (see Entry).",
+    .tp_as_async = &serving_async,
+    .tp_iter = PyObject_SelfIter,
+    .tp_iternext = serving_iternext,
+    .tp_finalize = serving_finalize,
+    .tp_traverse = (traverseproc)serving_traverse,
+    .tp_clear = (inquiry)serving_clear,
+    .tp_dealloc = (destructor)serving_dealloc,
+    .tp_members = serving_members,
+    .tp_methods = serving_methods,
+};
+
+/* The iterator `await` takes from an awaitable: a coroutine itself, else what its __await__ gives. */
+static PyObject *
+awaitable_iterator(PyObject *awaitable)
+{
+    PyTypeObject *type = Py_TYPE(awaitable);
+    PyObject *iterator;
+    if (PyCoro_CheckExact(awaitable))
+        return Py_NewRef(awaitable);
+    if (type->tp_as_async == NULL || type->tp_as_async->am_await == NULL) {
+        PyErr_Format(PyExc_TypeError, "the ASGI application returned %.100s, which cannot be awaited",
+                     type->tp_name);
+        return NULL;
+    }
+    iterator = type->tp_as_async->am_await(awaitable);
+    if (iterator != NULL && !PyIter_Check(iterator)) {
+        PyErr_Format(PyExc_TypeError, "__await__() of %.100s returned a non-iterator", type->tp_name);
+        Py_CLEAR(iterator);
+    }
+    return iterator;
+}
+
+static PyObject *
+entry_call(PyObject *callable, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    Entry *self = (Entry *)callable;
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    PyObject *scope, *kind, *start_args[4], *app_args[3], *awaitable, *iterator;
+    Recording *recording;
+    Serving *serving;
+    int http;
+    if (self->delegate_next || nargs != 3 || (kwnames != NULL && PyTuple_GET_SIZE(kwnames) > 0))
+        goto layer;
+    scope = args[0];
+    if (!PyDict_CheckExact(scope))
+        goto layer;
+    kind = PyDict_GetItemWithError(scope, s_type);
+    if (kind == NULL) {
+        if (PyErr_Occurred())
+            return NULL;
+        goto layer;
+    }
+    http = kind == s_http || (PyUnicode_CheckExact(kind) && PyUnicode_Compare(kind, s_http) == 0);
+    if (!http)
+        goto layer;
+    start_args[0] = self->worker;
+    start_args[1] = scope;
+    start_args[2] = args[2];
+    start_args[3] = self->routes ? Py_True : Py_False;
+    recording = (Recording *)asgi_start(NULL, start_args, 4);
+    if (recording == NULL) {
+        report_error("recording an ASGI request"); /* our bug must not cost the application its request */
+        return PyObject_Vectorcall(self->app, args, 3, NULL);
+    }
+    app_args[0] = scope;
+    app_args[1] = args[1];
+    app_args[2] = (PyObject *)recording;
+    awaitable = PyObject_Vectorcall(self->app, app_args, 3, NULL);
+    iterator = awaitable == NULL ? NULL : awaitable_iterator(awaitable);
+    Py_XDECREF(awaitable);
+    if (iterator == NULL) {
+        PyObject *type, *error, *traceback;
+        PyErr_Fetch(&type, &error, &traceback);
+        if (!recording->finished)
+            recording_finish(recording);
+        PyErr_Restore(type, error, traceback);
+        Py_DECREF(recording);
+        return NULL;
+    }
+    serving = PyObject_GC_New(Serving, &ServingType);
+    if (serving == NULL) {
+        Py_DECREF(iterator);
+        Py_DECREF(recording);
+        return NULL;
+    }
+    serving->awaited = iterator;
+    serving->recording = recording;
+    PyObject_GC_Track(serving);
+    return (PyObject *)serving;
+layer:
+    self->delegate_next = 0;
+    return PyObject_Vectorcall(self->layer_call, args, nargsf, kwnames);
+}
+
+/* Entry(layer, worker, app, routes): see above. */
+static PyObject *
+entry_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    PyObject *layer, *worker, *app;
+    int routes;
+    Entry *self;
+    if (kwargs != NULL && PyDict_GET_SIZE(kwargs) > 0) {
+        PyErr_SetString(PyExc_TypeError, "Entry() takes no keyword arguments");
+        return NULL;
+    }
+    if (!PyArg_ParseTuple(args, "OOOp:Entry", &layer, &worker, &app, &routes))
+        return NULL;
+    self = PyObject_GC_New(Entry, type);
+    if (self == NULL)
+        return NULL;
+    self->layer = Py_NewRef(layer);
+    self->worker = Py_NewRef(worker);
+    self->app = Py_NewRef(app);
+    self->routes = routes;
+    self->delegate_next = 1;
+    self->vectorcall = entry_call;
+    self->layer_call = PyObject_GetAttr(layer, s_call_name);
+    PyObject_GC_Track(self);
+    if (self->layer_call == NULL) {
+        Py_DECREF(self);
+        return NULL;
+    }
+    return (PyObject *)self;
+}
+
+/* The layer's attributes (so the application's), and the layer's own __call__ when asked for it. */
+static PyObject *
+entry_getattro(PyObject *object, PyObject *name)
+{
+    Entry *self = (Entry *)object;
+    if (PyUnicode_Check(name) && PyUnicode_CompareWithASCIIString(name, "__class__") != 0
+        && PyUnicode_CompareWithASCIIString(name, "__dict__") != 0)
+        return PyObject_GetAttr(self->layer, name);
+    return PyObject_GenericGetAttr(object, name);
+}
+
+static int
+entry_traverse(Entry *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->layer);
+    Py_VISIT(self->layer_call);
+    Py_VISIT(self->worker);
+    Py_VISIT(self->app);
+    return 0;
+}
+
+static int
+entry_clear(Entry *self)
+{
+    Py_CLEAR(self->layer);
+    Py_CLEAR(self->layer_call);
+    Py_CLEAR(self->worker);
+    Py_CLEAR(self->app);
+    return 0;
+}
+
+static void
+entry_dealloc(Entry *self)
+{
+    PyObject_GC_UnTrack(self);
+    entry_clear(self);
+    PyObject_GC_Del(self);
+}
+
+static PyTypeObject EntryType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "gunicorn_insight._worker._speedups.Entry",
+    .tp_basicsize = sizeof(Entry),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = "Entry(layer, worker, app, routes): the recording ASGI layer's per-request path in C; the server "
+              "calls it for each request (see RecordingApp.entry).",
+    .tp_new = entry_new,
+    .tp_vectorcall_offset = offsetof(Entry, vectorcall),
+    .tp_call = PyVectorcall_Call,
+    .tp_getattro = entry_getattro,
+    .tp_traverse = (traverseproc)entry_traverse,
+    .tp_clear = (inquiry)entry_clear,
+    .tp_dealloc = (destructor)entry_dealloc,
+};
+
 /* The loop current_task() last found running, and the thread it ran in. Asking for the running loop costs a
  * getpid() system call (asyncio checks for a fork), once per request; the loop a thread found keeps serving
  * it, so it is asked only when that loop has no task running now (it stopped, or another thread asks). */
@@ -1513,6 +1910,7 @@ static struct PyModuleDef speedups = {
 PyMODINIT_FUNC
 PyInit__speedups(void)
 {
+    PyObject *module;
     bound.delegate = 1;
 #define INTERN(var, text) if ((var = PyUnicode_InternFromString(text)) == NULL) return NULL
     INTERN(s_RECORDER, "RECORDER");
@@ -1543,6 +1941,10 @@ PyInit__speedups(void)
     INTERN(s_asgi_scope, "asgi.scope");
     INTERN(s_empty, "");
     INTERN(s_get, "get");
+    INTERN(s_call_name, "__call__");
+    INTERN(s_http, "http");
+    INTERN(s_throw, "throw");
+    INTERN(s_close, "close");
 #undef INTERN
     if ((minus_one = PyLong_FromLong(-1)) == NULL)
         return NULL;
@@ -1550,11 +1952,16 @@ PyInit__speedups(void)
     if (hung_up == NULL)
         return NULL;
     if ((five_hundred = PyLong_FromLong(500)) == NULL
-        || PyType_Ready(&RecordingType) < 0)
+        || PyType_Ready(&RecordingType) < 0 || PyType_Ready(&ServingType) < 0 || PyType_Ready(&EntryType) < 0)
         return NULL;
     if (pthread_atfork(NULL, NULL, forget_known_loop) != 0) {
         PyErr_SetString(PyExc_OSError, "pthread_atfork failed");
         return NULL;
     }
-    return PyModule_Create(&speedups);
+    module = PyModule_Create(&speedups);
+    if (module == NULL || PyModule_AddObjectRef(module, "Entry", (PyObject *)&EntryType) < 0) {
+        Py_XDECREF(module);
+        return NULL;
+    }
+    return module;
 }

@@ -219,7 +219,8 @@ class RecordingApp:
     """The application, with each HTTP request written to the scoreboard by the request hooks.
 
     ``on_loop`` is given the running event loop at the first call, for a worker (uvicorn's) that creates its
-    loop only when it starts serving.
+    loop only when it starts serving. ``interface``: the application's as the server was told it ("asgi2",
+    "asgi3"), else "auto" to tell it as uvicorn does; the layer itself is always ASGI 3.
     Nothing else about the application changes: its own attributes are reachable through this object.
     """
 
@@ -231,10 +232,12 @@ class RecordingApp:
         *,
         routes: bool,
         on_loop: Callable[[asyncio.AbstractEventLoop], None] | None = None,
+        interface: str = "auto",
     ) -> None:
         self.app = app
+        asgi3 = _is_asgi3(app) if interface == "auto" else interface == "asgi3"
         app3: Callable[[Scope, Receive, Send], Awaitable[None]] = (
-            app if _is_asgi3(app) else lambda scope, receive, send: app(scope)(receive, send)
+            app if asgi3 else lambda scope, receive, send: app(scope)(receive, send)
         )
         # The compiled hooks get the compiled request (one C call to start, none per message but the send's);
         # any other pair, the Python one: the same steps, so the same bytes.
@@ -254,6 +257,16 @@ class RecordingApp:
         if name == "app":  # not set yet (copy, pickle): no recursion
             raise AttributeError(name)
         return getattr(self.app, name)
+
+    def entry(self) -> Any:
+        """What the server should call: with the compiled hooks, ``_speedups.Entry``, the same steps as
+        :meth:`__call__` without a coroutine of the layer's own per request; else this object."""
+        _, start, worker, app, routes = self._serving
+        if start is not _compiled_start():
+            return self
+        from . import _speedups
+
+        return _speedups.Entry(self, worker, app, routes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         on_loop, start, worker, app, routes = self._serving
@@ -277,6 +290,17 @@ class RecordingApp:
         finally:
             # The application failed, or returned without finishing its response: recorded now (else nothing).
             request.finish()
+
+
+def is_recording_layer(app: Any) -> bool:
+    """Whether ``app`` is the layer already (a RecordingApp or its compiled entry)."""
+    if isinstance(app, RecordingApp):
+        return True
+    if recorder.COMPILED is None:
+        return False
+    from . import _speedups
+
+    return isinstance(app, _speedups.Entry)
 
 
 def _python_start(hooks: tuple[Hook, Hook], routes: bool) -> Callable[[Any, Scope, Send, bool], AsgiRequest]:

@@ -230,11 +230,14 @@ def _awaits(coro: Any) -> list[FrameType]:
     """A suspended coroutine's frames, outermost first, following what each awaits (Task.get_stack stops at the
     task's own coroutine)."""
     frames: list[FrameType] = []
-    while coro is not None and len(frames) < 100:
-        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
-        if frame is None:
+    for _ in range(200):
+        if coro is None or len(frames) >= 100:
             break
-        frames.append(frame)
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+        if frame is not None:
+            frames.append(frame)
+        elif not hasattr(coro, "cr_await"):
+            break  # a frameless awaitable that says nothing of what it awaits (the layer's Serving does)
         coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
     return frames
 

@@ -81,3 +81,12 @@ def test_uvicorn_limit_concurrency_is_the_connections_limit(process_factory: Pro
     )
     assert server.value("gunicorn_worker_connections_limit") == 7
     assert server.value("gunicorn_capacity") == 14
+
+
+def test_an_asgi2_application_declared_to_uvicorn_is_served_and_counted(process_factory: ProcessFactory) -> None:
+    """uvicorn told interface="asgi2" calls what the worker serves as ASGI 2: the layer (always ASGI 3) is
+    declared to it instead, so the application is still served, and its requests counted."""
+    server = start(process_factory, "asgi2_app.Asgi2Worker", "asgi2_app:app", env={"PYTHONPATH": str(APPS)})
+    for _ in range(3):
+        assert server.get("/") == 203
+    server.wait_for_value("gunicorn_requests_total", 3, status="203")
