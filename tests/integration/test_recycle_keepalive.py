@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import json
 import os
 import threading
 from pathlib import Path
@@ -74,6 +75,20 @@ def answer_of(connection: http.client.HTTPConnection) -> bytes:
         while chunk := connection.sock.recv(65536):
             received += chunk
     return received
+
+
+def wait_for_exit_detail(server: Gunicorn, expected: str) -> None:
+    """The latest exit's detail in status.json (where an expected exit is kept even without a line)."""
+
+    def latest() -> bool:
+        with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):  # not written yet, or being replaced
+            exits = json.loads(Path(server.scoreboard_path).with_name("status.json").read_text())["recent_exits"]
+            return bool(exits) and exits[-1]["detail"] == expected
+        return False
+
+    wait_until(
+        latest, timeout=30, what=f"an exit with detail {expected!r} in status.json", dump=server.process.describe
+    )
 
 
 def has_poller(pid: int) -> bool:
@@ -148,6 +163,29 @@ def test_gunicorn_27_answers_requests_on_idle_keepalive_while_recycling(
     assert "worker exited" not in server.process.output()
 
 
+@pytest.mark.skipif(not (24, 0) <= GUNICORN_VERSION < (27, 0), reason="gunicorn 24 to 26's graceful loop")
+def test_gunicorn_24_to_26_leaves_idle_keepalive_to_the_exit_when_graceful_timeout_ends(
+    process_factory: ProcessFactory, tmp_path: Path
+) -> None:
+    """gunicorn 24 to 26: a recycling worker answers requests on idle keep-alive connections until graceful_timeout
+    (5 s, shorter than keepalive), then leaves the rest to its exit: counted as closed, none waiting, no line."""
+    server = recycling_server(process_factory, tmp_path / "release")
+    connections = idle_connections(server)
+    assert server.get("/") == 200  # the request that reaches max_requests
+    send_unread(connections[0], "GET")
+    answer = answer_of(connections[0])
+    assert answer.startswith(b"HTTP/1.1 200 "), answer
+    assert b"Connection: close" in answer, answer
+    server.wait_for_value("gunicorn_worker_exits_total", 1, cause="max_requests")
+    assert all(answer_of(connection) == b"" for connection in connections[1:])
+    wait_for_exit_detail(
+        server,
+        f"recycled after max_requests; closed {IDLE - 1} idle keep-alive connections, none with a request waiting",
+    )
+    assert server.total("gunicorn_requests_total", status="aborted") == 0
+    assert "worker exited" not in server.process.output()
+
+
 @pytest.mark.oldest
 def test_recycle_without_idle_connections_says_nothing(process_factory: ProcessFactory, tmp_path: Path) -> None:
     """A gthread worker recycled with no idle keep-alive connection logs no exit line and counts nothing aborted."""
@@ -157,4 +195,5 @@ def test_recycle_without_idle_connections_says_nothing(process_factory: ProcessF
     server.wait_for_value("gunicorn_worker_exits_total", 1, cause="max_requests")
     assert server.total("gunicorn_requests_total", status="aborted") == 0
     assert server.total("gunicorn_requests_total") == IDLE + 1
+    wait_for_exit_detail(server, "recycled after max_requests")
     assert "worker exited" not in server.process.output()
