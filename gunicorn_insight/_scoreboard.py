@@ -60,9 +60,12 @@ LOG_LEVELS = ("critical", "error", "warning", "exception")
 # lost: each waits for its number or a later one, and the watchdog answers the latest, so both get an answer.
 # Kept across workers, like the ring head, so a number is never reused soon.
 STACKS_ASKED = struct.Struct("<I")
+# +116: written once by an exiting gthread worker (see _worker.keepalive): the idle keep-alive connections its exit
+# closes, and how many of them already carry a request nobody will answer (also in the ring, as NO_RESPONSE records).
+KEEPALIVE = struct.Struct("<HH")
 BOOT_CPU = struct.Struct("<d")  # +120: the worker's CPU seconds (user + system) when it became ready
 LAST_WORDS = struct.Struct("<128s")  # +128: why the worker is exiting (the boot exception), utf-8
-SLOT_HEADER = struct.Struct("<QIBBxxQIIQddiIQII4Q4x4xd128s")  # the first 4x: STACKS_ASKED, read on its own
+SLOT_HEADER = struct.Struct("<QIBBxxQIIQddiIQII4Q4xHHd128s")  # the 4x: STACKS_ASKED, read on its own
 # +256: requests gunicorn's HTTP parser rejected (its handle_error got one of gunicorn.http.errors), per
 # REJECT_REASONS, ever, by this slot's workers; kept across workers like the log line counts (see _worker.rejected).
 REJECTED = struct.Struct("<Q")
@@ -109,6 +112,7 @@ OFF_PID, OFF_STATE, OFF_FLAGS, OFF_HEAD, OFF_CONNS, OFF_OVERFLOW, OFF_BASE, OFF_
     OFF_ROUTES_USED,
     OFF_LOG_LINES,
     OFF_STACKS_ASKED,
+    OFF_KEEPALIVE,
     OFF_BOOT_CPU,
     OFF_LAST_WORDS,
     OFF_REJECTED,
@@ -120,6 +124,7 @@ OFF_PID, OFF_STATE, OFF_FLAGS, OFF_HEAD, OFF_CONNS, OFF_OVERFLOW, OFF_BASE, OFF_
     76,
     80,
     112,
+    116,
     120,
     128,
     256,
@@ -140,6 +145,7 @@ ROUTE = struct.Struct("<64s")  # one route template, utf-8; ring records refer t
 ROUTE_SIZE = ROUTE.size
 NO_ROUTE, OVER_ROUTE_CAP = 0, 0xFFFF
 RECORD_CLIENT_CLOSED = 1  # the client had gone before the response was written (see _worker.recorder)
+RING_NO_RESPONSE = 0xFFFF  # a record's status for a request no response was sent to (the master's NO_RESPONSE)
 
 FREE, BOOTING, READY = 0, 1, 2
 FLAG_ABORT_HANDLER = 1  # gunicorn's SIGABRT handler ran worker_abort (the timeout path it can see)
@@ -198,10 +204,15 @@ class SlotView:
     boot_cpu: float
     last_words: str
     requests: tuple[InFlight, ...]
+    keepalive_closed: int = 0
+    """Idle keep-alive connections the worker still held when it exited (its exit closed them)."""
+    keepalive_unanswered: int = 0
+    """Of those, the ones a request had already arrived on: in the ring as NO_RESPONSE records, never served."""
 
     @property
     def served(self) -> int:
-        return self.head - self.base
+        # The unanswered requests are ring records (so the drain counts them), not requests the worker served.
+        return self.head - self.base - self.keepalive_unanswered
 
     @property
     def in_flight(self) -> int:
@@ -253,6 +264,8 @@ def parse_slot(index: int, data: bytes, entries: int) -> SlotView:
         waiting,
         routes_used,
         *log_lines,
+        keepalive_closed,
+        keepalive_unanswered,
         boot_cpu,
         last_words,
     ) = SLOT_HEADER.unpack_from(data, 0)
@@ -293,6 +306,8 @@ def parse_slot(index: int, data: bytes, entries: int) -> SlotView:
         boot_cpu,
         _text(last_words),
         tuple(requests),
+        keepalive_closed,
+        keepalive_unanswered,
     )
 
 
@@ -400,6 +415,7 @@ class Scoreboard:
         store(buffer, start + OFF_EXIT_CODE, EXIT_CODE, 0)
         store(buffer, start + OFF_RSS, RSS, 0)
         store(buffer, start + OFF_WAITING, WAITING, 0)
+        store(buffer, start + OFF_KEEPALIVE, KEEPALIVE, 0, 0)
         store(buffer, start + OFF_BOOT_CPU, BOOT_CPU, 0.0)
         store(buffer, start + OFF_LAST_WORDS, LAST_WORDS, b"")
         buffer[start + SLOT_HEADER_SIZE : self.ring_offset(index)] = bytes(self.entries * ENTRY_SIZE)

@@ -30,6 +30,7 @@ ROLES = {
             "gunicorn_insight._worker.asgi",
             "gunicorn_insight._worker.loglines",
             "gunicorn_insight._worker.unseen",
+            "gunicorn_insight._worker.keepalive",
         ),
         (*HEAVY, *CLI, *MASTER, *EXPORT, *HOOKS, "opentelemetry", "grpc"),
     ),

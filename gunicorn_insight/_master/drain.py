@@ -27,6 +27,12 @@ def _method_name(method: int) -> str:
     return sb.METHODS[method] if method < len(sb.METHODS) else "other"
 
 
+def _status(key: int) -> int:
+    """The status in a ring record's key (see sb.RING): RING_NO_RESPONSE is the request nobody answered."""
+    status = key & 0xFFFF
+    return NO_RESPONSE if status == sb.RING_NO_RESPONSE else status
+
+
 def resident_bytes(pid: int) -> int:
     """RSS from /proc/<pid>/statm (one small read); 0 when the process is gone or not ours to read."""
     if not pid:
@@ -185,7 +191,7 @@ class Drainer:
             if label is None:
                 label = label_of[route] = self._route_label(index, route) if route else ""
             method = _method_name(key >> 16 & 0xFFFF)
-            result.requests[method, key & 0xFFFF, label] += count
+            result.requests[method, _status(key), label] += count
             if key >> 48 & sb.RECORD_CLIENT_CLOSED:
                 result.client_closed[method, label] += count
         return label_of
@@ -207,7 +213,7 @@ class Drainer:
         request_cpu = result.request_cpu
         if len(counts) == 1:  # the usual round of a slot: one key, so sums in C (NaN: no CPU of their own)
             (key,) = counts
-            group = (_method_name(key >> 16 & 0xFFFF), key & 0xFFFF, label_of[key >> 32 & 0xFFFF])
+            group = (_method_name(key >> 16 & 0xFFFF), _status(key), label_of[key >> 32 & 0xFFFF])
             cpu = sum(cpus)
             if isnan(cpu):
                 share[group] = share.get(group, 0.0) + sum(durations)
@@ -215,7 +221,7 @@ class Drainer:
                 request_cpu[group] = request_cpu.get(group, 0.0) + cpu
             return
         for key, cpu, duration in zip(keys, cpus, durations, strict=True):
-            group = (_method_name(key >> 16 & 0xFFFF), key & 0xFFFF, label_of[key >> 32 & 0xFFFF])
+            group = (_method_name(key >> 16 & 0xFFFF), _status(key), label_of[key >> 32 & 0xFFFF])
             if isnan(cpu):
                 share[group] = share.get(group, 0.0) + duration
             else:
@@ -262,7 +268,7 @@ class Drainer:
         """Durations grouped by the whole key (status, method, route); one list lookup per distinct key."""
         lists = {}
         for key in counts:
-            group = (_method_name(key >> 16 & 0xFFFF), key & 0xFFFF, label_of[key >> 32 & 0xFFFF])
+            group = (_method_name(key >> 16 & 0xFFFF), _status(key), label_of[key >> 32 & 0xFFFF])
             lists[key] = result.status_durations.setdefault(group, [])
         if len(lists) == 1:
             next(iter(lists.values())).extend(durations.tolist())

@@ -13,6 +13,7 @@ gunicorn does not pass the exit status to ``child_exit``. The decision uses, mos
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import time
@@ -343,18 +344,20 @@ class ExitReports:
         )
         uptime = death.at - view.spawned if view.spawned else 0.0
         oldest = view.requests[0] if view.requests else None
+        detail = verdict.detail + "".join(f"; {words}" for words in keepalive_words(view))
         self._status.record_exit(
             pid=death.pid,
             slot=death.slot,
             cause=verdict.cause,
-            detail=verdict.detail,
+            detail=detail,
             uptime=round(uptime, 3),
             served=view.served,
             rss=view.rss,
             request=None if oldest is None else f"{oldest.method} {oldest.path}",
             elapsed=None if oldest is None else round(death.at - oldest.started, 3),
         )
-        if verdict.cause in EXPECTED and oldest is None:
+        # An expected exit is worth a line only when it left someone without an answer.
+        if verdict.cause in EXPECTED and oldest is None and not view.keepalive_unanswered:
             return verdict.cause
         request = "none"
         if oldest is not None:
@@ -364,13 +367,14 @@ class ExitReports:
                 f"elapsed={death.at - oldest.started:.1f}s thread={oldest.thread}"
                 + (f" more_in_flight={others}" if others else "")
             )
-        LOG.error(
+        LOG.log(
+            logging.WARNING if verdict.cause in EXPECTED else logging.ERROR,
             'gunicorn-insight: worker exited pid=%s slot=%s cause=%s detail="%s" uptime=%.1fs served=%d rss=%s '
             "request=%s%s",
             death.pid,
             death.slot,
             verdict.cause,
-            verdict.detail,
+            detail,
             uptime,
             view.served,
             _megabytes(view.rss),
@@ -402,6 +406,18 @@ class ExitReports:
             death.detail,
             death.uptime,
         )
+
+
+def keepalive_words(view: sb.SlotView) -> list[str]:
+    """What the worker's exit did to its idle keep-alive connections (see _worker.keepalive); nothing when it
+    held none."""
+    closed, unanswered = view.keepalive_closed, view.keepalive_unanswered
+    if not closed:
+        return []
+    connections = f"closed {closed} idle keep-alive connection{'' if closed == 1 else 's'}"
+    if not unanswered:
+        return [f"{connections}, none with a request waiting"]
+    return [f"{connections}, {unanswered} with a request already sent (answered by no one: a proxy's 502)"]
 
 
 def _megabytes(rss: int) -> str:

@@ -28,6 +28,7 @@ from typing import Any
 
 from .. import _scoreboard as sb
 from .._report import LOG, report
+from .keepalive import Dropped, dropped
 from .routes import ROUTE_KEY
 
 _DYING = sb.FLAG_ABORT_HANDLER | sb.FLAG_INT_HANDLER
@@ -415,8 +416,52 @@ class RequestRecorder:
         if (getattr(worker, "nr", 0) if served is None else served) >= getattr(worker, "max_requests", sys.maxsize):
             flags |= sb.FLAG_MAX_REQUESTS
         sb.store(self._buffer, start + sb.OFF_EXIT_CODE, sb.EXIT_CODE, code)
+        try:
+            self._record_dropped(dropped(worker))
+        except Exception as failure:  # the exit facts above are kept whatever happens here
+            report("counting the idle keep-alive connections at exit", failure)
         self.mark(flags)
         return boot_error
+
+    def _record_dropped(self, found: Dropped | None) -> None:
+        """The requests waiting on idle keep-alive connections this exit closes: one ring record each, status
+        RING_NO_RESPONSE, so the master counts them as it counts every request; then how many connections and
+        requests, for its exit line. The counts are stored first: until the head moves, ``served`` reads
+        lower by the unanswered requests, never higher."""
+        if found is None:
+            return
+        lock = self.lock
+        # A pool thread still in post_request (graceful_timeout ran out) holds it a moment; never wait long.
+        if lock is not None and not lock.acquire(timeout=1.0):
+            LOG.warning(
+                "gunicorn-insight: worker pid=%s could not count the requests waiting on its %d idle keep-alive "
+                "connections (its request hooks were busy)",
+                os.getpid(),
+                found.idle,
+            )
+            return
+        try:
+            unanswered = found.unanswered[: self._mask + 1]
+            sb.store(self._buffer, self._start + sb.OFF_KEEPALIVE, sb.KEEPALIVE, found.idle, len(unanswered))
+            head = self._words[self._head_index]  # not _head: the compiled hooks move only the slot's head
+            for request in unanswered:
+                _pack_record(
+                    self._buffer,
+                    self._ring_offset + (head & self._mask) * _RING_SIZE,
+                    request.waited,
+                    _NO_QUEUE_TIME,
+                    sb.RING_NO_RESPONSE,
+                    _method_index(request.method, _OTHER_METHOD),
+                    _NO_ROUTE,
+                    0,
+                    0.0,  # no CPU was spent on it
+                )
+                head += 1
+            self._head = head
+            self._words[self._head_index] = head
+        finally:
+            if lock is not None:
+                lock.release()
 
     def unmark(self, flag: int) -> None:
         """Take a mark back (not from a signal handler: a worker's own setup)."""

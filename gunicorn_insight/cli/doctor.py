@@ -412,10 +412,11 @@ def check_recycle_keepalive(ctx: Context) -> Iterable[Finding]:
             "warning",
             f"gthread with keepalive={cfg.keepalive}s and max_requests={cfg.max_requests} on gunicorn "
             f"{ctx.gunicorn_version}",
-            "a worker that reaches max_requests closes its idle keep-alive connections at once; a proxy that "
+            "a worker that reaches max_requests leaves its idle keep-alive connections to its exit; a proxy that "
             "reuses upstream connections (nginx's upstream keepalive) and sends a request on one at that moment "
-            "gets a 502 ('upstream prematurely closed connection'). Nothing reaches gunicorn's hooks, so no "
-            "metric counts it.",
+            "gets a 502 ('upstream prematurely closed connection'). No gunicorn hook sees it: gunicorn-insight "
+            "counts those requests when the worker exits, as status=\"aborted\", and its 'worker exited' line "
+            "says how many it dropped.",
             "upgrade gunicorn to 27 or later (a stopping worker answers such a request with Connection: close), "
             "or let the proxy retry it (nginx: proxy_next_upstream error; idempotent requests only), or set "
             "keepalive=0",
