@@ -273,3 +273,23 @@ def test_a_queue_is_not_judged_where_the_worker_class_records_no_request(
             assert rounds_until(master, monitor, caplog, seconds=2) == []
     finally:
         master.board.close()
+
+
+def test_time_wait_is_asked_of_the_kernel_at_most_every_ten_seconds(
+    master: Master, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A listener's TIME_WAIT dump (milliseconds with many sockets in the namespace) runs once per
+    TIME_WAIT_EVERY; the rounds between repeat its count."""
+    asked: list[int] = []
+
+    def count(sock: socket.socket) -> int:
+        asked.append(sock.fileno())
+        return 100 + len(asked)
+
+    monkeypatch.setattr(arbiter, "listener_time_wait", count)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        seen = [master._listener_time_wait(at, "http://x", sock) for at in (100.0, 101.0, 109.9, 110.0, 115.0)]
+    assert seen == [101, 101, 101, 102, 102]
+    assert len(asked) == 2

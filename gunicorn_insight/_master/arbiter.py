@@ -78,6 +78,7 @@ class Master:
         self._desired: Callable[[], int] | None = None
         self._socket_files = SocketFiles()
         self._overflows = listen_overflows()
+        self._time_wait: dict[str, tuple[float, int]] = {}  # listener -> (when read, its TIME_WAIT count)
         self._sinks: list[Sink] = []
         self.prometheus: PrometheusSink | None = None
         self.statsd: StatsdSink | None = None
@@ -428,7 +429,7 @@ class Master:
                         report("checking the unix socket files", error)
             else:
                 measured = backlog(sock)
-                closed = listener_time_wait(sock)
+                closed = self._listener_time_wait(facts.at, str(listener), sock)
                 if closed is not None:
                     facts.time_wait[str(listener)] = closed
             if measured is not None:
@@ -437,6 +438,20 @@ class Master:
         if overflows is not None and self._overflows is not None:
             facts.listen_overflows = max(0, overflows - self._overflows)
         self._overflows = overflows
+
+    def _listener_time_wait(self, now: float, name: str, sock: socket.socket) -> int | None:
+        """The listener's TIME_WAIT count, asked of the kernel at most every TIME_WAIT_EVERY seconds: the dump
+        walks the namespace's every TIME_WAIT socket (milliseconds with tens of thousands), and the count
+        spans the last 60 s anyway."""
+        last = self._time_wait.get(name)
+        if last is not None and now - last[0] < TIME_WAIT_EVERY:
+            return last[1]
+        closed = listener_time_wait(sock)
+        if closed is None:
+            self._time_wait.pop(name, None)
+        else:
+            self._time_wait[name] = (now, closed)
+        return closed
 
     # -- slots (gunicorn's main thread) ---------------------------------------------------------
 
@@ -495,6 +510,8 @@ class Master:
 
 
 _STALL_NAMED = 20
+TIME_WAIT_EVERY = 10.0
+"""Seconds between two TIME_WAIT dumps of a listener (see Master._listener_time_wait)."""
 
 
 def _host_reader(plan: Plan) -> HostReader | None:
