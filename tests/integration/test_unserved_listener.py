@@ -133,12 +133,13 @@ def test_idle_workers_blocked_outside_a_request_are_named_with_their_main_thread
         assert (match["ready"], match["workers"]) == ("2", "2")
         assert float(match["seconds"]) >= 2
         doing = match["workers_doing"]
-        # Both workers wait in the same frame: one stack, under both their names.
-        assert re.match(
-            r"  slot=\d pid=\d+ connections=\d+/\d+ served=\d+; slot=\d pid=\d+ [^\n]*: main thread", doing
-        ), doing
-        assert doing.count("in write_heartbeat_to_slow_disk\n") == 1, doing
-        assert doing.count("fcntl.flock(disk, fcntl.LOCK_EX)") == 1, doing
+        # Both workers wait in the same frame: one stack under both their names, or two when they came to it
+        # from different places of gunicorn's loop (a sync worker notifies before and after its select).
+        head = r"slot=\d pid=\d+ connections=\d+/\d+ served=\d+"
+        groups = re.findall(rf"^  ((?:{head}(?:; )?)+): main thread", doing, re.M)
+        assert sorted(re.findall(r"slot=(\d)", " ".join(groups))) == ["0", "1"], doing
+        assert doing.count("in write_heartbeat_to_slow_disk\n") == len(groups), doing
+        assert doing.count("fcntl.flock(disk, fcntl.LOCK_EX)") == len(groups), doing
         assert len(results) == served
         wait_until(
             lambda: (server.value("gunicorn_listen_unserved_seconds", listener=listener) or 0) >= 3,
