@@ -36,6 +36,17 @@ def datagrams(sock: socket.socket) -> list[bytes]:
         return received
 
 
+def sent_lines(receiver: socket.socket) -> list[str]:
+    """The StatsD lines the socket's datagrams carried, in order."""
+    return b"\n".join(datagrams(receiver)).decode().splitlines()
+
+
+def published(receiver: socket.socket, facts: Round, **options: object) -> list[str]:
+    """The lines a fresh sink sends for one round."""
+    make_sink(receiver.getsockname(), **options).publish(facts)
+    return sent_lines(receiver)
+
+
 def a_round(requests: int = 3) -> Round:
     facts = Round(requests=Counter({("GET", 200, ""): requests, ("POST", 500, ""): 1}), workers=2, in_flight=1)
     facts.listeners = {"http://127.0.0.1:8000": (3, 128)}
@@ -58,8 +69,7 @@ def make_sink(address: tuple[str, int] | str, **options: object) -> StatsdSink:
 
 def test_lines_follow_gunicorn_names(receiver: socket.socket) -> None:
     """Counters per round, one timer line per request in ms, gauges, per-worker names with the slot."""
-    make_sink(receiver.getsockname(), prefix="app").publish(a_round())
-    lines = b"\n".join(datagrams(receiver)).decode().splitlines()
+    lines = published(receiver, a_round(), prefix="app")
     assert "app.gunicorn.requests:4|c" in lines
     assert "app.gunicorn.request.status.200:3|c" in lines
     assert "app.gunicorn.request.status.500:1|c" in lines
@@ -76,8 +86,7 @@ def test_lines_follow_gunicorn_names(receiver: socket.socket) -> None:
 def test_dogstatsd_tags_carry_the_worker(receiver: socket.socket) -> None:
     """With tags on, per-worker values share a name and differ by a worker tag; requests carry method/status
     tags; constant tags follow."""
-    make_sink(receiver.getsockname(), tagged=True, constant_tags="env:prod, team:web").publish(a_round())
-    lines = b"\n".join(datagrams(receiver)).decode().splitlines()
+    lines = published(receiver, a_round(), tagged=True, constant_tags="env:prod, team:web")
     assert "gunicorn.worker.connections:1|g|#worker:0,env:prod,team:web" in lines
     assert "gunicorn.listen_backlog:3|g|#listener:http_//127.0.0.1_8000,env:prod,team:web" in lines
     assert "gunicorn.requests:3|c|#method:GET,status:200,env:prod,team:web" in lines
@@ -186,7 +195,7 @@ def test_utilization_is_busy_seconds_per_second_of_capacity(receiver: socket.soc
         facts = a_round()
         facts.at, facts.capacity, facts.busy_seconds = at, 2, {0: busy}
         sink.publish(facts)
-        lines = b"\n".join(datagrams(receiver)).decode().splitlines()
+        lines = sent_lines(receiver)
         assert f"gunicorn.utilization:{expected}|g" in lines
 
 
@@ -212,7 +221,7 @@ def test_host_pressure_lines_send_what_the_kernel_counters_gained(receiver: sock
     second.open_fds, second.fd_limits, second.master_loop_stuck = {0: 12}, {0: 1024}, 6.5
     second.threads = {0: 7}
     sink.publish(second)
-    lines = b"\n".join(datagrams(receiver)).decode().splitlines()
+    lines = sent_lines(receiver)
     for line in (
         "gunicorn.cgroup.cpu.periods:10|c",
         "gunicorn.cgroup.cpu.throttled_periods:4|c",
@@ -306,12 +315,10 @@ def test_last_good_address_is_kept_and_failures_back_off(
 def test_requests_cut_short_by_a_death_are_sent_as_aborted(receiver: socket.socket) -> None:
     """A request whose worker died under it (status NO_RESPONSE) is status "aborted" in both modes, not 500."""
     facts = Round(requests=Counter({("GET", NO_RESPONSE, ""): 1}), durations={("GET", ""): [31.5]})
-    make_sink(receiver.getsockname()).publish(facts)
-    lines = b"\n".join(datagrams(receiver)).decode().splitlines()
+    lines = published(receiver, facts)
     assert "gunicorn.request.status.aborted:1|c" in lines
     assert "gunicorn.request.duration:31500.000|ms" in lines
-    make_sink(receiver.getsockname(), tagged=True).publish(facts)
-    lines = b"\n".join(datagrams(receiver)).decode().splitlines()
+    lines = published(receiver, facts, tagged=True)
     assert "gunicorn.requests:1|c|#method:GET,status:aborted" in lines
 
 
@@ -322,11 +329,9 @@ def test_client_hang_ups_are_sent_in_both_modes(receiver: socket.socket) -> None
         durations={("GET", "/report"): [1.0, 2.0, 3.0]},
         client_closed=Counter({("GET", "/report"): 2}),
     )
-    make_sink(receiver.getsockname()).publish(facts)
-    lines = b"\n".join(datagrams(receiver)).decode().splitlines()
+    lines = published(receiver, facts)
     assert "gunicorn.requests.client_closed:2|c" in lines
-    make_sink(receiver.getsockname(), tagged=True).publish(facts)
-    lines = b"\n".join(datagrams(receiver)).decode().splitlines()
+    lines = published(receiver, facts, tagged=True)
     assert "gunicorn.requests.client_closed:2|c|#method:GET,route:/report" in lines
 
 
@@ -335,11 +340,9 @@ def test_rejected_requests_and_time_wait_in_both_modes(receiver: socket.socket) 
     facts = a_round()
     facts.rejected = Counter(framing=2)
     facts.time_wait = {"http://127.0.0.1:8000": 300}
-    make_sink(receiver.getsockname()).publish(facts)
-    lines = b"\n".join(datagrams(receiver)).decode().splitlines()
+    lines = published(receiver, facts)
     assert "gunicorn.request.rejected.framing:2|c" in lines
     assert "gunicorn.listener.http_127_0_0_1_8000.time_wait:300|g" in lines
-    make_sink(receiver.getsockname(), tagged=True).publish(facts)
-    lines = b"\n".join(datagrams(receiver)).decode().splitlines()
+    lines = published(receiver, facts, tagged=True)
     assert "gunicorn.request.rejected:2|c|#reason:framing" in lines
     assert "gunicorn.listen_time_wait:300|g|#listener:http_//127.0.0.1_8000" in lines
