@@ -1450,14 +1450,17 @@ static PyObject *
 serving_iternext(PyObject *self)
 {
     PyObject *result = NULL;
-    return stop_iteration(serving_am_send(self, Py_None, &result), result);
+    /* sent first, then result read: C leaves the order of a call's arguments open */
+    PySendResult status = serving_am_send(self, Py_None, &result);
+    return stop_iteration(status, result);
 }
 
 static PyObject *
 serving_send(PyObject *self, PyObject *value)
 {
     PyObject *result = NULL;
-    return stop_iteration(serving_am_send(self, value, &result), result);
+    PySendResult status = serving_am_send(self, value, &result);
+    return stop_iteration(status, result);
 }
 
 /* throw() and close() go to the application's awaitable (a task cancelled, a coroutine closed): whatever
