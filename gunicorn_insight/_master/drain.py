@@ -11,6 +11,7 @@ import sys
 import time
 from array import array
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from itertools import filterfalse
 from math import isnan
 
@@ -31,6 +32,11 @@ def _status(key: int) -> int:
     """The status in a ring record's key (see sb.RING): RING_NO_RESPONSE is the request nobody answered."""
     status = key & 0xFFFF
     return NO_RESPONSE if status == sb.RING_NO_RESPONSE else status
+
+
+def _group(key: int, label_of: dict[int, str]) -> tuple[str, int, str]:
+    """(method, status, route label) of a ring record's key (see sb.RING)."""
+    return (_method_name(key >> 16 & 0xFFFF), _status(key), label_of[key >> 32 & 0xFFFF])
 
 
 def resident_bytes(pid: int) -> int:
@@ -78,8 +84,10 @@ class Drainer:
             if slow > self._slow_cursors[index]:  # a count only grows: a smaller one is a torn read, ignored
                 result.slow += slow - self._slow_cursors[index]
                 self._slow_cursors[index] = slow
-            self._count_log_lines(index, result)
-            self._count_rejected(index, result)
+            self._count_increases(board.log_lines(index), self._log_cursors[index], sb.LOG_LEVELS, result.log_lines)
+            self._count_increases(
+                board.rejected(index), self._reject_cursors[index], sb.REJECT_REASONS, result.rejected
+            )
             if board.buffer[board.offset(index) + sb.OFF_STATE] == sb.FREE:
                 if index in self._seen:
                     self._departed(index, result)
@@ -107,19 +115,14 @@ class Drainer:
             self._share_worker_cpu(index, used, result, busy=view.in_flight > 0, worker=(view.pid, view.boot_cpu))
         return result
 
-    def _count_log_lines(self, index: int, result: Round) -> None:
-        cursors = self._log_cursors[index]
-        for level, (total, seen) in enumerate(zip(self._board.log_lines(index), cursors, strict=True)):
-            if total > seen:  # a count only grows, across the slot's workers: a smaller one is a torn read
-                result.log_lines[sb.LOG_LEVELS[level]] += total - seen
-                cursors[level] = total
-
-    def _count_rejected(self, index: int, result: Round) -> None:
-        cursors = self._reject_cursors[index]
-        for reason, (total, seen) in enumerate(zip(self._board.rejected(index), cursors, strict=True)):
-            if total > seen:  # as the log lines: a count only grows, a smaller one is a torn read
-                result.rejected[sb.REJECT_REASONS[reason]] += total - seen
-                cursors[reason] = total
+    @staticmethod
+    def _count_increases(totals: Iterable[int], cursors: list[int], names: Sequence[str], into: Counter[str]) -> None:
+        """Add each slot counter's increase since the last round to ``into`` under its name. A count only grows,
+        across the slot's workers: a smaller one is a torn read, ignored."""
+        for number, (total, seen) in enumerate(zip(totals, cursors, strict=True)):
+            if total > seen:
+                into[names[number]] += total - seen
+                cursors[number] = total
 
     def _lifecycle(self, index: int, view: sb.SlotView, result: Round) -> None:
         result.pids[index] = view.pid
@@ -213,7 +216,7 @@ class Drainer:
         request_cpu = result.request_cpu
         if len(counts) == 1:  # the usual round of a slot: one key, so sums in C (NaN: no CPU of their own)
             (key,) = counts
-            group = (_method_name(key >> 16 & 0xFFFF), _status(key), label_of[key >> 32 & 0xFFFF])
+            group = _group(key, label_of)
             cpu = sum(cpus)
             if isnan(cpu):
                 share[group] = share.get(group, 0.0) + sum(durations)
@@ -221,7 +224,7 @@ class Drainer:
                 request_cpu[group] = request_cpu.get(group, 0.0) + cpu
             return
         for key, cpu, duration in zip(keys, cpus, durations, strict=True):
-            group = (_method_name(key >> 16 & 0xFFFF), _status(key), label_of[key >> 32 & 0xFFFF])
+            group = _group(key, label_of)
             if isnan(cpu):
                 share[group] = share.get(group, 0.0) + duration
             else:
@@ -268,7 +271,7 @@ class Drainer:
         """Durations grouped by the whole key (status, method, route); one list lookup per distinct key."""
         lists = {}
         for key in counts:
-            group = (_method_name(key >> 16 & 0xFFFF), _status(key), label_of[key >> 32 & 0xFFFF])
+            group = _group(key, label_of)
             lists[key] = result.status_durations.setdefault(group, [])
         if len(lists) == 1:
             next(iter(lists.values())).extend(durations.tolist())
