@@ -53,7 +53,7 @@ WAITING = struct.Struct("<I")  # +72: gthread: accepted connections waiting for 
 ROUTES_USED = struct.Struct("<I")  # +76: entries filled in this slot's route table (it outlives workers)
 # +80, +88, +96, +104: lines gunicorn's logger logged at each of LOG_LEVELS, ever, by this slot's workers (they
 # outlive a worker as the ring head does). Only counted when the master asks (see _master.loglines).
-LOG_LINES = struct.Struct("<Q")
+COUNTER = struct.Struct("<Q")  # one of the slot's counters: the log lines here, the rejected requests at +256
 LOG_LEVELS = ("critical", "error", "warning", "exception")
 # +112: bumped by ``gunicorn-insight stacks`` and by the master (a listener nobody serves); the worker's watchdog
 # answers each new value with a stacks file in the run directory. Two askers may bump it at once and one bump be
@@ -67,8 +67,8 @@ BOOT_CPU = struct.Struct("<d")  # +120: the worker's CPU seconds (user + system)
 LAST_WORDS = struct.Struct("<128s")  # +128: why the worker is exiting (the boot exception), utf-8
 SLOT_HEADER = struct.Struct("<QIBBxxQIIQddiIQII4Q4xHHd128s")  # the 4x: STACKS_ASKED, read on its own
 # +256: requests gunicorn's HTTP parser rejected (its handle_error got one of gunicorn.http.errors), per
-# REJECT_REASONS, ever, by this slot's workers; kept across workers like the log line counts (see _worker.rejected).
-REJECTED = struct.Struct("<Q")
+# REJECT_REASONS, ever, by this slot's workers (a COUNTER each); kept across workers like the log line counts (see
+# _worker.rejected).
 REJECT_REASONS = (
     "framing",
     "invalid_header",
@@ -162,7 +162,7 @@ OTHER_METHOD = METHOD_INDEX["other"]
 
 assert SLOT_HEADER.size == OFF_REJECTED
 assert len(REJECT_REASONS) <= REJECT_ROOM
-assert OFF_REJECTED + REJECT_ROOM * REJECTED.size <= SLOT_HEADER_SIZE
+assert OFF_REJECTED + REJECT_ROOM * COUNTER.size <= SLOT_HEADER_SIZE
 assert ENTRY.size == ENTRY_SIZE
 
 
@@ -440,14 +440,17 @@ class Scoreboard:
         return int(SLOW.unpack_from(self.buffer, self.offset(index) + OFF_SLOW)[0])
 
     def log_lines(self, index: int) -> tuple[int, ...]:
-        """The slot's LOG_LINES counters, in LOG_LEVELS order."""
-        start = self.offset(index) + OFF_LOG_LINES
-        return tuple(LOG_LINES.unpack_from(self.buffer, start + 8 * n)[0] for n in range(len(LOG_LEVELS)))
+        """The slot's log line counters, in LOG_LEVELS order."""
+        return self._counters(index, OFF_LOG_LINES, len(LOG_LEVELS))
 
     def rejected(self, index: int) -> tuple[int, ...]:
-        """The slot's REJECTED counters, in REJECT_REASONS order."""
-        start = self.offset(index) + OFF_REJECTED
-        return tuple(REJECTED.unpack_from(self.buffer, start + 8 * n)[0] for n in range(len(REJECT_REASONS)))
+        """The slot's rejected-request counters, in REJECT_REASONS order."""
+        return self._counters(index, OFF_REJECTED, len(REJECT_REASONS))
+
+    def _counters(self, index: int, at: int, count: int) -> tuple[int, ...]:
+        """``count`` COUNTERs from ``at`` in the slot."""
+        start = self.offset(index) + at
+        return tuple(COUNTER.unpack_from(self.buffer, start + 8 * n)[0] for n in range(count))
 
     def set_rss(self, index: int, rss: int) -> None:
         store(self.buffer, self.offset(index) + OFF_RSS, RSS, rss)

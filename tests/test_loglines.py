@@ -96,5 +96,5 @@ def test_the_drain_adds_increases_across_workers_and_ignores_a_smaller_read(boar
     log_line_counters(board.buffer, board.offset(1)).count(1)
     assert board.log_lines(1) == (0, 1, 2, 0)
     assert drainer.collect().log_lines == {"error": 1}
-    sb.store(board.buffer, board.offset(1) + sb.OFF_LOG_LINES + 16, sb.LOG_LINES, 1)  # a torn, smaller read
+    sb.store(board.buffer, board.offset(1) + sb.OFF_LOG_LINES + 16, sb.COUNTER, 1)  # a torn, smaller read
     assert drainer.collect().log_lines == {}

@@ -119,7 +119,7 @@ def test_the_drain_reports_increases_by_reason_across_workers(board: sb.Scoreboa
     board.assign(1, 0.0)
     rejected_counters(board.buffer, board.offset(1)).count(sb.REJECT_REASONS.index("other"))
     assert drainer.collect().rejected == {"other": 1}
-    sb.store(board.buffer, board.offset(1) + sb.OFF_REJECTED + 8 * framing, sb.REJECTED, 1)  # torn, smaller
+    sb.store(board.buffer, board.offset(1) + sb.OFF_REJECTED + 8 * framing, sb.COUNTER, 1)  # torn, smaller
     assert drainer.collect().rejected == {}
 
 

@@ -44,15 +44,15 @@ class SlotCounters:
         for index, count in enumerate(added):
             if count:
                 offset = self._start + 8 * index
-                (total,) = sb.LOG_LINES.unpack_from(self._buffer, offset)
-                sb.store(self._buffer, offset, sb.LOG_LINES, total + count)
+                (total,) = sb.COUNTER.unpack_from(self._buffer, offset)
+                sb.store(self._buffer, offset, sb.COUNTER, total + count)
 
 
 def log_line_counters(buffer: Any, slot_start: int) -> SlotCounters:
-    """The slot's LOG_LINES counters, one per LOG_LEVELS."""
+    """The slot's log line counters, one per LOG_LEVELS."""
     return SlotCounters(buffer, slot_start + sb.OFF_LOG_LINES, len(sb.LOG_LEVELS))
 
 
 def rejected_counters(buffer: Any, slot_start: int) -> SlotCounters:
-    """The slot's REJECTED counters, one per REJECT_REASONS."""
+    """The slot's rejected-request counters, one per REJECT_REASONS."""
     return SlotCounters(buffer, slot_start + sb.OFF_REJECTED, len(sb.REJECT_REASONS))
