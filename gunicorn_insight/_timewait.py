@@ -21,22 +21,18 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+from . import _sockdiag as diag
+
 TIME_WAIT_SECONDS = 60.0
 """How long Linux keeps a connection in TIME_WAIT (TCP_TIMEWAIT_LEN: not a setting)."""
 
-_NETLINK_SOCK_DIAG = 4
-_SOCK_DIAG_BY_FAMILY = 20
-_NLM_F_REQUEST, _NLM_F_DUMP = 0x1, 0x300
-_NLMSG_ERROR, _NLMSG_DONE = 2, 3
 _TCP_TIME_WAIT = 6
 _INET_DIAG_REQ_BYTECODE = 1
 _BC_JMP, _BC_S_GE, _BC_S_LE, _BC_D_GE, _BC_D_LE = 1, 2, 3, 4, 5
-_NLMSGHDR = struct.Struct("=IHHII")
 _INET_DIAG_REQ_V2 = struct.Struct("=BBBxI")  # family, protocol, extensions, states
 _SOCKID = struct.Struct("!HH16s16s")  # source port, destination port, source, destination (network order)
 _SOCKID_TAIL = struct.Struct("=III")  # interface, cookie (none: two all-ones words)
 _BC_OP = struct.Struct("=BBH")  # code, jump if true, jump if false (or, after a port test, the port)
-_RTATTR = struct.Struct("=HH")
 # One answer: header, then inet_diag_msg up to the time left (expires); then the rest of the message and the
 # attributes the kernel adds (alike for every TIME_WAIT socket), skipped.
 _RECORD = struct.Struct("=IHHIIBBBB2s2s16s16s12xI")
@@ -87,14 +83,14 @@ def _port_filter(port: int) -> bytes:
 
 def _request(family: int, port: int) -> bytes:
     bytecode = _port_filter(port)
-    attribute = _RTATTR.pack(_RTATTR.size + len(bytecode), _INET_DIAG_REQ_BYTECODE) + bytecode
+    attribute = diag.RTATTR.pack(diag.RTATTR.size + len(bytecode), _INET_DIAG_REQ_BYTECODE) + bytecode
     body = (
         _INET_DIAG_REQ_V2.pack(family, socket.IPPROTO_TCP, 0, 1 << _TCP_TIME_WAIT)
         + _SOCKID.pack(0, 0, b"", b"")
         + _SOCKID_TAIL.pack(0, 0xFFFFFFFF, 0xFFFFFFFF)
         + attribute
     )
-    return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST | _NLM_F_DUMP, 1, 0) + body
+    return diag.request(body, diag.NLM_F_REQUEST | diag.NLM_F_DUMP)
 
 
 def time_wait(family: int, host: str, port: int, recent_seconds: float = 0.0) -> TimeWait | None:
@@ -115,7 +111,7 @@ def time_wait(family: int, host: str, port: int, recent_seconds: float = 0.0) ->
     raw_port = port.to_bytes(2, "big")
     rows: list[tuple[Any, ...]] = []
     try:
-        with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_SOCK_DIAG) as netlink:
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, diag.NETLINK_SOCK_DIAG) as netlink:
             netlink.settimeout(1.0)
             netlink.send(_request(family, port))
             for _ in range(_MAX_DATAGRAMS):
@@ -157,20 +153,20 @@ def _answers(data: bytes, rows: list[tuple[Any, ...]]) -> bool | None:
     """Add one datagram's TIME_WAIT answers to ``rows``; True once the dump is over, None on an error."""
     if not data:
         return None
-    first, kind = _NLMSGHDR.unpack_from(data, 0)[:2] if len(data) >= _NLMSGHDR.size else (0, 0)
-    if kind == _SOCK_DIAG_BY_FAMILY and first >= _RECORD.size and first % 4 == 0 and len(data) % first == 0:
+    first, kind = diag.NLMSGHDR.unpack_from(data, 0)[:2] if len(data) >= diag.NLMSGHDR.size else (0, 0)
+    if kind == diag.SOCK_DIAG_BY_FAMILY and first >= _RECORD.size and first % 4 == 0 and len(data) % first == 0:
         found = list(_records(first).iter_unpack(data))
-        if all(row[0] == first and row[1] == _SOCK_DIAG_BY_FAMILY for row in found):
+        if all(row[0] == first and row[1] == diag.SOCK_DIAG_BY_FAMILY for row in found):
             rows.extend(row for row in found if row[_STATE] == _TCP_TIME_WAIT)  # the usual datagram: in bulk
             return False
     offset = 0
-    while offset + _NLMSGHDR.size <= len(data):
-        length, kind, _flags, _seq, _pid = _NLMSGHDR.unpack_from(data, offset)
-        if kind == _NLMSG_DONE:
+    while offset + diag.NLMSGHDR.size <= len(data):
+        length, kind, _flags, _seq, _pid = diag.NLMSGHDR.unpack_from(data, offset)
+        if kind == diag.NLMSG_DONE:
             return True
-        if kind == _NLMSG_ERROR or length < _NLMSGHDR.size:
+        if kind == diag.NLMSG_ERROR or length < diag.NLMSGHDR.size:
             return None
-        if kind == _SOCK_DIAG_BY_FAMILY and length >= _RECORD.size and offset + _RECORD.size <= len(data):
+        if kind == diag.SOCK_DIAG_BY_FAMILY and length >= _RECORD.size and offset + _RECORD.size <= len(data):
             row = _RECORD.unpack_from(data, offset)
             if row[_STATE] == _TCP_TIME_WAIT:
                 rows.append(row)

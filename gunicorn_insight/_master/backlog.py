@@ -16,24 +16,19 @@ import socket
 import struct
 import sys
 
+from .. import _sockdiag as diag
 from .._timewait import time_wait
 
 _TCP_INFO = struct.Struct("8B24I")
 _UNACKED, _SACKED = 8 + 4, 8 + 5  # field positions after the eight one-byte fields
 
-_NETLINK_SOCK_DIAG = 4
-_SOCK_DIAG_BY_FAMILY = 20
-_NLM_F_REQUEST = 1
-_NLMSG_ERROR = 2
 _TCP_LISTEN = 10
 _UDIAG_SHOW_VFS = 0x02
 _UDIAG_SHOW_RQLEN = 0x10
 _UNIX_DIAG_VFS = 1
 _UNIX_DIAG_RQLEN = 4
-_NLMSGHDR = struct.Struct("=IHHII")
 _UNIX_DIAG_REQ = struct.Struct("=BBHIIIII")  # family, protocol, pad, states, inode, show, cookie[2]
 _UNIX_DIAG_MSG = struct.Struct("=BBBBIII")  # family, type, state, pad, inode, cookie[2]
-_RTATTR = struct.Struct("=HH")
 _NO_COOKIE = 0xFFFFFFFF
 
 
@@ -69,28 +64,30 @@ def _unix_diag(sock: socket.socket, show: int) -> dict[int, bytes]:
         return {}
     try:
         inode = os.fstat(sock.fileno()).st_ino
-        with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_SOCK_DIAG) as netlink:
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, diag.NETLINK_SOCK_DIAG) as netlink:
             netlink.settimeout(1.0)
-            request = _UNIX_DIAG_REQ.pack(socket.AF_UNIX, 0, 0, 1 << _TCP_LISTEN, inode, show, _NO_COOKIE, _NO_COOKIE)
-            header = _NLMSGHDR.pack(_NLMSGHDR.size + len(request), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST, 1, 0)
-            netlink.send(header + request)
+            netlink.send(
+                diag.request(
+                    _UNIX_DIAG_REQ.pack(socket.AF_UNIX, 0, 0, 1 << _TCP_LISTEN, inode, show, _NO_COOKIE, _NO_COOKIE)
+                )
+            )
             return _parse_unix_diag(netlink.recv(65536))
     except (OSError, struct.error):
         return {}
 
 
 def _parse_unix_diag(data: bytes) -> dict[int, bytes]:
-    length, kind, _flags, _seq, _pid = _NLMSGHDR.unpack_from(data, 0)
-    if kind == _NLMSG_ERROR:
+    length, kind, _flags, _seq, _pid = diag.NLMSGHDR.unpack_from(data, 0)
+    if kind == diag.NLMSG_ERROR:
         return {}
     found = {}
-    offset = _NLMSGHDR.size + _UNIX_DIAG_MSG.size
+    offset = diag.NLMSGHDR.size + _UNIX_DIAG_MSG.size
     end = min(length, len(data))
-    while offset + _RTATTR.size <= end:
-        size, attribute = _RTATTR.unpack_from(data, offset)
-        if size < _RTATTR.size:
+    while offset + diag.RTATTR.size <= end:
+        size, attribute = diag.RTATTR.unpack_from(data, offset)
+        if size < diag.RTATTR.size:
             break
-        found[attribute] = data[offset + _RTATTR.size : offset + size]
+        found[attribute] = data[offset + diag.RTATTR.size : offset + size]
         offset += (size + 3) & ~3
     return found
 
