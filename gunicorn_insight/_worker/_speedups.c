@@ -249,12 +249,23 @@ report_error(const char *hook)
     Py_XDECREF(value);
 }
 
+/* What the recording ASGI layer has read from a finished request's scope, for finish_request in place of an
+ * environ: a dict built per request only to be read back would cost more than the rest of the recording. */
+typedef struct {
+    PyObject *scope;
+    PyObject *stamp_key, *stamp; /* the queue stamp's environ key and header value, or NULL: none */
+    PyObject *route;             /* the route template, or None */
+} AsgiEnd;
+
+static PyObject *asgi_environ(const AsgiEnd *end);
+
 /* What both hooks do first. 1: go on in C with *recorder. 0: return *result instead, which is None (no
  * recorder in this process, or the plugin's own error, reported) or what the Python hook returned (a recorder
- * this file was not written for). NULL with an exception: gunicorn called the hook with the wrong arity. */
+ * this file was not written for). NULL with an exception: gunicorn called the hook with the wrong arity. `end`:
+ * the layer's request finishing, whose environ the Python post_request needs. */
 static int
 begin(const char *hook, Py_ssize_t arity, PyObject *python_hook, PyObject *const *args, Py_ssize_t nargs,
-      PyObject **recorder, PyObject **result)
+      const AsgiEnd *end, PyObject **recorder, PyObject **result)
 {
     int failed;
     if (nargs != arity) {
@@ -267,6 +278,12 @@ begin(const char *hook, Py_ssize_t arity, PyObject *python_hook, PyObject *const
         if (failed)
             report_error(hook);
         *result = Py_NewRef(Py_None);
+        return 0;
+    }
+    if (bound.delegate && end != NULL) {
+        PyObject *environ = asgi_environ(end), *delegated[4] = {args[0], args[1], environ, args[3]};
+        *result = environ == NULL ? NULL : PyObject_Vectorcall(python_hook, delegated, 4, NULL);
+        Py_XDECREF(environ);
         return 0;
     }
     if (bound.delegate) {
@@ -445,7 +462,7 @@ pre_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_buffer view;
     double now;
 
-    if (!begin("pre_request", 2, python_pre_request, args, nargs, &recorder, &result))
+    if (!begin("pre_request", 2, python_pre_request, args, nargs, NULL, &recorder, &result))
         return result;
     req = args[1];
     now = clock_seconds(CLOCK_MONOTONIC);
@@ -675,11 +692,12 @@ client_closed(PyObject *req, PyObject *resp, double duration, int *closed)
     return 0;
 }
 
+/* post_request's work; `end` NULL: gunicorn's hook, reading the environ in args[2]; else the layer's request. */
 static PyObject *
-post_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+finish_request(PyObject *const *args, Py_ssize_t nargs, const AsgiEnd *end)
 {
     PyObject *recorder, *req, *environ, *resp, *started = NULL, *stamp = NULL, *status_object = NULL, *key = NULL,
-        *method = NULL, *connections = NULL, *lock = NULL, *result;
+        *method = NULL, *connections = NULL, *lock = NULL, *result, *built = NULL;
     double now, start, queue = Py_NAN, duration, cpu = Py_NAN;
     long status, route = 0, method_number;
     int closed;
@@ -688,7 +706,7 @@ post_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     int environ_given;
     Py_buffer view;
 
-    if (!begin("post_request", 4, python_post_request, args, nargs, &recorder, &result))
+    if (!begin("post_request", 4, python_post_request, args, nargs, end, &recorder, &result))
         return result;
     req = args[1];
     environ = args[2];
@@ -728,7 +746,7 @@ post_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             goto error;
         cpu = clock_seconds(CLOCK_THREAD_CPUTIME_ID) - cpu_start;
     }
-    environ_given = environ == Py_None ? 0 : PyObject_IsTrue(environ);
+    environ_given = end != NULL || (environ == Py_None ? 0 : PyObject_IsTrue(environ));
     if (environ_given < 0)
         goto error;
 
@@ -736,7 +754,10 @@ post_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         int given;
         /* Looked up here, not in pre_request: the environ has the headers hashed already. ASGI workers pass
          * no environ when there is no access log: then the request's own headers are scanned. */
-        if (environ_given) {
+        if (end != NULL) {
+            stamp = Py_NewRef(end->stamp != NULL ? end->stamp : Py_None);
+        }
+        else if (environ_given) {
             if ((stamp = lookup(environ, s_request_start_key)) == NULL || (given = PyObject_IsTrue(stamp)) < 0)
                 goto error;
             if (!given)
@@ -783,7 +804,7 @@ post_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (bound.routes) {
         PyObject *known = NULL;
         if (environ_given && bound.resolves_by_key) {
-            if ((key = lookup(environ, s_route_key)) == NULL)
+            if ((key = end != NULL ? Py_NewRef(end->route) : lookup(environ, s_route_key)) == NULL)
                 goto error;
             if (PyUnicode_CheckExact(key)) {
                 known = PyDict_GetItemWithError(bound.route_ids, key);
@@ -792,7 +813,12 @@ post_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             }
         }
         if (known == NULL) {
-            PyObject *number = PyObject_CallMethodOneArg(recorder, s_route_number, environ);
+            /* a route not numbered yet, or a route_resolver: the recorder reads an environ (the layer's is built
+             * only now) */
+            PyObject *number;
+            if (end != NULL && (environ = built = asgi_environ(end)) == NULL)
+                goto error;
+            number = PyObject_CallMethodOneArg(recorder, s_route_number, environ);
             if (number == NULL)
                 goto error;
             route = PyLong_AsLong(number);
@@ -913,6 +939,7 @@ done:
     Py_XDECREF(key);
     Py_XDECREF(method);
     Py_XDECREF(connections);
+    Py_XDECREF(built);
     if (lock != NULL) {
         result = PyObject_CallMethodNoArgs(lock, s_release);
         if (result == NULL)
@@ -921,6 +948,12 @@ done:
         Py_DECREF(lock);
     }
     Py_RETURN_NONE;
+}
+
+static PyObject *
+post_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    return finish_request(args, nargs, NULL);
 }
 
 /* ------------------------------------------------------------------------------------------------------------
@@ -1113,44 +1146,64 @@ error:
     return NULL;
 }
 
-/* AsgiRequest.finish: the request's environ for post_request, post_request called. */
+/* The environ post_request would get for this request (asgi.py's request_environ): built only when the recorder
+ * reads one, for a route it has not numbered yet or a route_resolver. */
+static PyObject *
+asgi_environ(const AsgiEnd *end)
+{
+    PyObject *environ = PyDict_New();
+    if (environ == NULL)
+        return NULL;
+    /* always there: an empty environ would read as none given, and a route_resolver for ASGI reads it */
+    if (PyDict_SetItem(environ, s_asgi_scope, end->scope) < 0
+        || (end->stamp != NULL && PyDict_SetItem(environ, end->stamp_key, end->stamp) < 0)
+        || (end->route != Py_None && PyDict_SetItem(environ, s_route_key, end->route) < 0)) {
+        Py_DECREF(environ);
+        return NULL;
+    }
+    return environ;
+}
+
+/* AsgiRequest.finish: what post_request reads from the environ, read from the scope; post_request's work done. */
 static void
 recording_finish(Recording *self)
 {
-    PyObject *environ = NULL, *key = NULL, *value = NULL, *route = NULL, *args[4];
-    int found;
+    AsgiEnd end = {self->scope, NULL, NULL, NULL};
+    PyObject *args[4];
     self->finished = 1;
-    if ((environ = PyDict_New()) == NULL)
+    if (asgi_stamp(self->scope, &end.stamp_key, &end.stamp) < 0)
         goto error;
-    if ((found = asgi_stamp(self->scope, &key, &value)) < 0)
-        goto error;
-    if (found && PyDict_SetItem(environ, key, value) < 0)
-        goto error;
-    if (self->routes) {
-        if ((route = asgi_route(self)) == NULL)
-            goto error;
-        if (route != Py_None && PyDict_SetItem(environ, s_route_key, route) < 0)
-            goto error;
-    }
-    /* always there: post_request reads an empty environ as "none given" and scans for headers instead */
-    if (PyDict_SetItem(environ, s_asgi_scope, self->scope) < 0)
+    if ((end.route = self->routes ? asgi_route(self) : Py_NewRef(Py_None)) == NULL)
         goto error;
     args[0] = self->worker;
     args[1] = (PyObject *)self;
-    args[2] = environ;
+    args[2] = Py_None;
     args[3] = (PyObject *)self;
-    Py_XDECREF(post_request(NULL, args, 4)); /* it reports its own errors, and returns None */
+    Py_XDECREF(finish_request(args, 4, &end)); /* it reports its own errors, and returns None */
     if (PyErr_Occurred())
         goto error;
     goto done;
 error:
     report_error("recording an ASGI request");
 done:
-    Py_XDECREF(environ);
-    Py_XDECREF(key);
-    Py_XDECREF(value);
-    Py_XDECREF(route);
+    Py_XDECREF(end.stamp_key);
+    Py_XDECREF(end.stamp);
+    Py_XDECREF(end.route);
 }
+
+/* kind == text, for an ASCII literal: told apart by length first, so a message costs one comparison. */
+static int
+is_kind(PyObject *kind, const char *text, Py_ssize_t length)
+{
+#if PY_VERSION_HEX < 0x030C0000
+    if (!PyUnicode_IS_READY(kind))
+        return PyUnicode_CompareWithASCIIString(kind, text) == 0;
+#endif
+    return PyUnicode_GET_LENGTH(kind) == length && PyUnicode_IS_ASCII(kind)
+           && memcmp(PyUnicode_DATA(kind), text, (size_t)length) == 0;
+}
+
+#define IS_KIND(kind, literal) is_kind(kind, literal, (Py_ssize_t)(sizeof literal - 1))
 
 /* The application's send: note the status, record the request before the last of its response goes out,
  * then hand the message on and return what the server's send returns (the awaitable the application awaits). */
@@ -1167,16 +1220,15 @@ recording_send(PyObject *callable, PyObject *const *args, size_t nargsf, PyObjec
     if ((kind = get_or(message, s_type, Py_None)) == NULL)
         goto error;
     if (PyUnicode_CheckExact(kind)) {
-        if (PyUnicode_CompareWithASCIIString(kind, "http.response.start") == 0) {
+        if (IS_KIND(kind, "http.response.start")) {
             PyObject *status = get_or(message, s_status, five_hundred);
             if (status == NULL)
                 goto error;
             Py_SETREF(self->status_code, status);
         }
         else if (!self->finished
-                 && (PyUnicode_CompareWithASCIIString(kind, "http.response.body") == 0
-                     || PyUnicode_CompareWithASCIIString(kind, "http.response.pathsend") == 0
-                     || PyUnicode_CompareWithASCIIString(kind, "http.response.zerocopysend") == 0)) {
+                 && (IS_KIND(kind, "http.response.body") || IS_KIND(kind, "http.response.pathsend")
+                     || IS_KIND(kind, "http.response.zerocopysend"))) {
             PyObject *more = get_or(message, s_more_body, Py_False);
             int truth;
             if (more == NULL)
