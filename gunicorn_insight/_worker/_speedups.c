@@ -77,6 +77,10 @@ typedef struct {
      * state of a slot that serves (recorder._busy_layout, from Scoreboard.flag_slices) */
     Py_ssize_t *busy_offsets, busy_slots;
     int ready_state;
+    /* the scoreboard, held exported for as long as the recorder is bound: no buffer request per hook (a closed
+     * scoreboard stays mapped until then, as it does for the recorder's own views) */
+    Py_buffer view;
+    int viewing;
 } Bound;
 
 static Bound bound;
@@ -85,6 +89,10 @@ static void
 clear_bound(void)
 {
     Py_CLEAR(bound.recorder);
+    if (bound.viewing) {
+        PyBuffer_Release(&bound.view);
+        bound.viewing = 0;
+    }
     Py_CLEAR(bound.buffer);
     Py_CLEAR(bound.free_entries);
     Py_CLEAR(bound.in_flight);
@@ -203,6 +211,11 @@ bind_recorder(PyObject *recorder)
         bound.delegate = 1; /* not the recorder this file was written against: the Python hooks still are */
         return 0;
     }
+    if (PyObject_GetBuffer(bound.buffer, &bound.view, PyBUF_WRITABLE) < 0) {
+        clear_bound();
+        return -1;
+    }
+    bound.viewing = 1;
     bound.mask = (unsigned long long)mask;
     return 0;
 }
@@ -364,19 +377,17 @@ static int
 log_atoms(PyObject *req)
 {
     PyObject *headers = NULL, *stamp = NULL, *busy_text = NULL, *queue_text = NULL, *pair;
-    Py_buffer view;
+    const Py_buffer *view = &bound.view;
     Py_ssize_t index, at;
     long busy = 0;
     double queue = Py_NAN;
     int status = -1;
 
-    if (PyObject_GetBuffer(bound.buffer, &view, PyBUF_SIMPLE) < 0)
-        return -1;
     for (index = 0; index < bound.busy_slots; index++) {
-        const unsigned char *buf = (const unsigned char *)view.buf;
+        const unsigned char *buf = (const unsigned char *)view->buf;
         Py_ssize_t state = bound.busy_offsets[3 * index], first = bound.busy_offsets[3 * index + 1],
                    end = bound.busy_offsets[3 * index + 2];
-        if (state >= view.len || end > view.len || buf[state] != bound.ready_state)
+        if (state >= view->len || end > view->len || buf[state] != bound.ready_state)
             continue;
         for (at = first; at < end; at += ENTRY_SIZE) {
             if (buf[at]) {
@@ -385,7 +396,6 @@ log_atoms(PyObject *req)
             }
         }
     }
-    PyBuffer_Release(&view);
 
     if ((headers = PyObject_GetAttr(req, s_headers)) == NULL)
         return -1;
@@ -459,7 +469,6 @@ pre_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t path_length, host_length = 0, free_count, entry;
     unsigned long port = 0;
     unsigned long long thread;
-    Py_buffer view;
     double now;
 
     if (!begin("pre_request", 2, python_pre_request, args, nargs, NULL, &recorder, &result))
@@ -500,12 +509,12 @@ pre_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         if (found)
             goto done;
     }
-    entry_number = Py_NewRef(PyList_GET_ITEM(bound.free_entries, free_count - 1));
-    entry = PyLong_AsSsize_t(entry_number);
+    entry = PyLong_AsSsize_t(PyList_GET_ITEM(bound.free_entries, free_count - 1));
     if (entry == -1 && PyErr_Occurred())
         goto error;
-    if (PyList_SetSlice(bound.free_entries, free_count - 1, free_count, NULL) < 0)
-        goto error;
+    /* popped as list.pop() pops the last item, without its resize: the list's reference becomes ours */
+    entry_number = PyList_GET_ITEM(bound.free_entries, free_count - 1);
+    Py_SET_SIZE(bound.free_entries, free_count - 1);
     if (query != Py_None && PyUnicode_GET_LENGTH(query) > 0)
         shown = bound.redact ? PyUnicode_FromFormat("%U?<redacted>", path) : PyUnicode_FromFormat("%U?%U", path, query);
     else
@@ -572,15 +581,12 @@ pre_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         thread = (unsigned long long)(uintptr_t)current; /* id() of a greenlet */
     }
 
-    if (PyObject_GetBuffer(bound.buffer, &view, PyBUF_WRITABLE) < 0)
-        goto error;
-    if (entry < 0 || entry + ENTRY_SIZE > view.len) {
-        PyBuffer_Release(&view);
+    if (entry < 0 || entry + ENTRY_SIZE > bound.view.len) {
         PyErr_Format(PyExc_IndexError, "entry offset %zd outside the scoreboard", entry);
         goto error;
     }
     {
-        char *at = (char *)view.buf + entry;
+        char *at = (char *)bound.view.buf + entry;
         Py_ssize_t method_length = PyUnicode_GET_LENGTH(method);
         /* The entry is free (its in-use byte 0) while its fields are filled in; setting that one byte after a
          * release fence publishes it in one store, so a reader in another process never sees a half-written
@@ -595,7 +601,6 @@ pre_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         __atomic_thread_fence(__ATOMIC_RELEASE);
         at[0] = 1;
     }
-    PyBuffer_Release(&view);
 
     if (bound.atoms && Py_TYPE(req) != &RecordingType && log_atoms(req) < 0)
         goto error; /* (no gunicorn access log reads an ASGI request's headers) */
@@ -704,7 +709,6 @@ finish_request(PyObject *const *args, Py_ssize_t nargs, const AsgiEnd *end)
     unsigned long long head, conns = 0;
     Py_ssize_t entry;
     int environ_given;
-    Py_buffer view;
 
     if (!begin("post_request", 4, python_post_request, args, nargs, end, &recorder, &result))
         return result;
@@ -870,22 +874,18 @@ finish_request(PyObject *const *args, Py_ssize_t nargs, const AsgiEnd *end)
         Py_DECREF(result);
     }
 
-    if (PyObject_GetBuffer(bound.buffer, &view, PyBUF_WRITABLE) < 0)
-        goto error;
-    if (bound.head_offset + 12 > view.len || bound.flags_offset >= view.len
-        || (entry >= 0 && entry + ENTRY_SIZE > view.len)) {
-        PyBuffer_Release(&view);
+    if (bound.head_offset + 12 > bound.view.len || bound.flags_offset >= bound.view.len
+        || (entry >= 0 && entry + ENTRY_SIZE > bound.view.len)) {
         PyErr_SetString(PyExc_IndexError, "the recorder's offsets are outside the scoreboard");
         goto error;
     }
     {
-        char *buf = (char *)view.buf;
+        char *buf = (char *)bound.view.buf;
         uint32_t conns32 = (uint32_t)conns;
         Py_ssize_t at;
         memcpy(&head, buf + bound.head_offset, 8);
         at = bound.ring_offset + (Py_ssize_t)(head & bound.mask) * RING_SIZE;
-        if (at + RING_SIZE > view.len) {
-            PyBuffer_Release(&view);
+        if (at + RING_SIZE > bound.view.len) {
             PyErr_SetString(PyExc_IndexError, "ring record outside the scoreboard");
             goto error;
         }
@@ -911,13 +911,11 @@ finish_request(PyObject *const *args, Py_ssize_t nargs, const AsgiEnd *end)
                 /* a signal handler cut the request short: keep it visible for the master's report, marked
                  * counted (ENTRY_COUNTED in _scoreboard) so the master does not count it again */
                 buf[entry] = 2;
-                PyBuffer_Release(&view);
                 goto done;
             }
             buf[entry] = 0;
         }
     }
-    PyBuffer_Release(&view);
     if (entry >= 0) {
         if (PyList_Append(bound.free_entries, PyTuple_GET_ITEM(started, 1)) < 0)
             goto error;
