@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -84,6 +85,34 @@ def test_request_path_loop_records_every_request() -> None:
         argv = [sys.executable, str(ROOT / "benchmarks" / "request_path.py"), "--child", mode, "--requests", "20"]
         done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
         assert done.returncode == 0, f"{mode}: {done.stdout}{done.stderr}"
+
+
+def test_worker_instructions_reads_the_worker_main_threads_dump(tmp_path: Path) -> None:
+    """Only the dump the application asked for, of the thread that serves (-01), is read: not the exit dumps."""
+    worker_instructions = load_script("worker_instructions")
+    dumps = {
+        "plugin.41.1-01": "events: Ir I1mr\nsummary: 5000 70\n",  # the worker's main thread, at the marked request
+        "plugin.41-01": "events: Ir I1mr\nsummary: 9000000 900\n",  # the same thread's dump at exit
+        "plugin.41-02": "events: Ir I1mr\nsummary: 4000 40\n",  # the watchdog's, at exit
+        "plugin.40-01": "events: Ir I1mr\nsummary: 7000000 700\n",  # the master's
+        "bare.39.1-01": "events: Ir I1mr\nsummary: 3000 30\n",
+    }
+    for name, text in dumps.items():
+        (tmp_path / name).write_text(f"# callgrind format\nversion: 1\n{text}")
+    assert worker_instructions.main_thread_counts(tmp_path, "plugin") == {"Ir": 5000, "I1mr": 70}
+
+
+def test_worker_instructions_counts_a_real_uvicorn_worker() -> None:
+    """Under callgrind, gunicorn-insight adds instructions to a real uvicorn worker's requests, and both dumps come."""
+    missing = [tool for tool in ("valgrind", "cc") if shutil.which(tool) is None]
+    if missing or not Path("/usr/include/valgrind/callgrind.h").exists():
+        pytest.skip(f"needs valgrind with callgrind.h and a C compiler (missing: {missing or ['callgrind.h']})")
+    argv = [sys.executable, str(ROOT / "benchmarks" / "worker_instructions.py"), "--requests", "20"]
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    row = next(line for line in done.stdout.splitlines() if line.startswith("instructions"))
+    bare, plugin = (int(field.replace(",", "")) for field in row.split()[1:3])
+    assert plugin > bare > 100_000, done.stdout
 
 
 def test_request_path_reads_cachegrind_summaries() -> None:

@@ -1,0 +1,177 @@
+#!/usr/bin/env python3
+"""Instructions per request in a real gunicorn worker, counted by callgrind: bare against gunicorn-insight.
+
+    python benchmarks/worker_instructions.py [--worker uvicorn|sync] [--requests 2000] [--cache-sim]
+
+bench.py times whole servers, and on a small VM its pairs spread wider than the overhead it looks for;
+request_path.py counts a loop that imitates a worker, and misses what only a real one does. This runs the
+real thing under ``valgrind --tool=callgrind``: gunicorn's master and one worker serving the benchmark's
+application (benchmarks/hello.py or hello_asgi.py, through counted.py), bare, then with
+``-c python:gunicorn_insight.conf`` and the route label on. The application zeroes callgrind's counters
+at request WARMUP and dumps them ``--requests`` requests later (callgrind's client requests, through a
+small C helper built here), so the worker's start and exit are left out. Threads are counted apart and
+the figure is the worker's main thread, which serves every request: the watchdog thread ticks once a
+second, so its share per request would depend on how slow valgrind makes the run.
+
+``--cache-sim`` also counts first-level instruction-cache misses, which is where an added code path
+costs more time than its instructions suggest: the interpreter's hot loop no longer fits beside it.
+The counts are deterministic up to the timers in the worker (hash seed fixed). Needs valgrind (Debian:
+``valgrind``, which has callgrind.h) and a C compiler.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+WARMUP = 300
+START_TIMEOUT = 300.0  # gunicorn's master and its worker, both under valgrind
+HELPER_SOURCE = """
+#include <valgrind/callgrind.h>
+void counted_zero(void) { CALLGRIND_ZERO_STATS; }
+void counted_dump(void) { CALLGRIND_DUMP_STATS; }
+"""
+WORKERS = {"sync": ("sync", "counted:app"), "uvicorn": ("uvicorn_worker.UvicornWorker", "counted:asgi_app")}
+PLUGIN_ENV = {"GUNICORN_INSIGHT_ROUTE_LABEL": "true", "GUNICORN_INSIGHT_EXCLUDE_PATHS": "/healthz"}
+REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+
+
+def build_helper(directory: Path) -> Path:
+    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if compiler is None:
+        sys.exit("worker_instructions: no C compiler (Debian: apt-get install gcc)")
+    source, library = directory / "counted.c", directory / "counted.so"
+    source.write_text(HELPER_SOURCE)
+    command = [compiler, "-O2", "-shared", "-fPIC", "-o", str(library), str(source)]
+    built = subprocess.run(command, capture_output=True, check=False)
+    if built.returncode != 0:
+        sys.exit(f"worker_instructions: the callgrind helper did not build:\n{built.stderr.decode()}")
+    return library
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def serve(port: int, requests: int, keep_alive: bool, deadline: float) -> None:
+    """``requests`` requests, each answered in full before the next; one connection for all with keep-alive."""
+    connection = None
+    for _ in range(requests):
+        if connection is None:
+            connection = socket.create_connection(("127.0.0.1", port), timeout=max(1.0, deadline - time.monotonic()))
+        connection.sendall(REQUEST)
+        answer = b""
+        while not answer.endswith(b"hello"):
+            chunk = connection.recv(65536)
+            if not chunk:
+                raise ConnectionError(f"the server closed the connection after {answer!r}")
+            answer += chunk
+        if not keep_alive:
+            connection.close()
+            connection = None
+    if connection is not None:
+        connection.close()
+
+
+def wait_until_serving(port: int, log: Path, deadline: float) -> None:
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.2)
+    sys.exit(f"worker_instructions: the server did not listen on port {port}; its output:\n{log.read_text()}")
+
+
+def main_thread_counts(directory: Path, label: str) -> dict[str, int]:
+    """The worker's main thread's event totals in the dump the application asked for (callgrind dumps the
+    calling thread there; with --separate-threads each thread has its own file)."""
+    dumps = list(directory.glob(f"{label}.*.1-01"))
+    if len(dumps) != 1:
+        sys.exit(f"worker_instructions: no callgrind dump for {label} in {directory} (was the worker killed?)")
+    text = dumps[0].read_text(errors="replace")
+    events = re.search(r"^events: (.*)$", text, re.MULTILINE)
+    summary = re.search(r"^summary: (.*)$", text, re.MULTILINE)
+    if events is None or summary is None:
+        sys.exit(f"worker_instructions: {dumps[0]} is not a callgrind dump")
+    return {name: int(value) for name, value in zip(events.group(1).split(), summary.group(1).split(), strict=True)}
+
+
+def run(mode: str, args: argparse.Namespace, directory: Path, helper: Path) -> dict[str, int]:
+    worker_class, app = WORKERS[args.worker]
+    port, metrics_port = free_port(), free_port()
+    env = {key: value for key, value in os.environ.items() if not key.startswith("GUNICORN_INSIGHT_")}
+    env.update(
+        PYTHONHASHSEED="0",
+        PYTHONPATH=os.pathsep.join([str(ROOT), str(HERE)]),
+        COUNTED_HELPER=str(helper),
+        COUNTED_WARMUP=str(WARMUP),
+        COUNTED_COUNT=str(args.requests),
+    )
+    config = []
+    if mode == "plugin":
+        env.update(PLUGIN_ENV, GUNICORN_INSIGHT_METRICS_BIND=f"127.0.0.1:{metrics_port}")
+        config = ["-c", "python:gunicorn_insight.conf"]
+    valgrind = ["valgrind", "--tool=callgrind", "--separate-threads=yes"]
+    valgrind += [f"--callgrind-out-file={directory}/{mode}.%p", *(["--cache-sim=yes"] if args.cache_sim else [])]
+    gunicorn = [sys.executable, "-m", "gunicorn", *config, "--timeout", "600", "--graceful-timeout", "60"]
+    gunicorn += ["-w", "1", "-k", worker_class, "-b", f"127.0.0.1:{port}", app]
+    log = directory / f"{mode}.log"
+    with log.open("wb") as output:
+        server = subprocess.Popen(valgrind + gunicorn, env=env, stdout=output, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        wait_until_serving(port, log, deadline)
+        # the probe above was a connection, not a request: the application counts requests only
+        serve(port, WARMUP - 1 + args.requests, args.worker == "uvicorn", time.monotonic() + 60 * args.requests)
+        serve(port, 1, args.worker == "uvicorn", time.monotonic() + 60)  # the last counted one dumps
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+    return main_thread_counts(directory, mode)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--worker", choices=sorted(WORKERS), default="uvicorn", help="worker class (default uvicorn)")
+    parser.add_argument("--requests", type=int, default=2000, help="requests counted per mode (default 2000)")
+    parser.add_argument("--cache-sim", action="store_true", help="also count first-level instruction-cache misses")
+    parser.add_argument("--keep", metavar="DIR", help="write the callgrind dumps and logs here and keep them")
+    args = parser.parse_args()
+    if args.requests < 1:
+        parser.error(f"--requests must be at least 1, got {args.requests}")
+    if shutil.which("valgrind") is None or not Path("/usr/include/valgrind/callgrind.h").exists():
+        sys.exit("worker_instructions: valgrind and its callgrind.h are needed (Debian: apt-get install valgrind)")
+    with tempfile.TemporaryDirectory(prefix="worker-instructions-") as scratch:
+        directory = Path(args.keep) if args.keep else Path(scratch)
+        directory.mkdir(parents=True, exist_ok=True)
+        helper = build_helper(directory)
+        counts = {mode: run(mode, args, directory, helper) for mode in ("bare", "plugin")}
+    events = ["Ir", "I1mr"] if args.cache_sim else ["Ir"]
+    names = {"Ir": "instructions", "I1mr": "L1i misses"}
+    print(f"{args.worker} worker, {args.requests} requests after {WARMUP}; per request, the worker's main thread:")
+    print(f"{'':16}{'bare':>12}{'plugin':>12}{'added':>12}{'added %':>10}")
+    for event in events:
+        bare, plugin = (counts[mode][event] / args.requests for mode in ("bare", "plugin"))
+        added = plugin - bare
+        print(f"{names[event]:<16}{bare:>12,.0f}{plugin:>12,.0f}{added:>12,.0f}{100 * added / bare:>10.1f}")
+
+
+if __name__ == "__main__":
+    main()
