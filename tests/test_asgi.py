@@ -156,6 +156,20 @@ def through_layer(hooks: Hooks, worker: Worker, *, entry: bool = False) -> None:
     asyncio.run(serve())
 
 
+class UnknownFreeList(list[int]):
+    """A free-entry list of a type the compiled hooks were not written against: they hand each request to the
+    Python hooks."""
+
+
+def through_entry_delegating(hooks: Hooks, worker: Worker) -> None:
+    """The compiled entry on a recorder the compiled hooks delegate for: the Python post_request still gets
+    the request's environ (queue stamp, route), which the compiled layer builds only for it."""
+    recorder = _recorder.RECORDER
+    assert recorder is not None
+    recorder._free = UnknownFreeList(recorder._free)
+    through_layer(hooks, worker, entry=True)
+
+
 def recorded(board: sb.Scoreboard, serve: Callable[[Hooks, Worker], None], hooks: Hooks) -> None:
     board.assign(0, now=1.0)
     worker = Worker()
@@ -168,8 +182,8 @@ def recorded(board: sb.Scoreboard, serve: Callable[[Hooks, Worker], None], hooks
 
 def test_asgi_layer_writes_the_bytes_the_request_hooks_write(tmp_path: Path) -> None:
     """Same requests, same slot bytes: the Python hooks fed by gunicorn, and the ASGI layer feeding the Python
-    hooks and the compiled ones, itself and through its compiled entry (entries, ring records with status,
-    method, route, queue sign, routes table)."""
+    hooks and the compiled ones, itself and through its compiled entry, also when the compiled hooks delegate
+    (entries, ring records with status, method, route, queue sign, routes table)."""
     runs: dict[str, tuple[Callable[[Hooks, Worker], None], Hooks]] = {
         "hooks": (through_hooks, fakes.IMPLEMENTATIONS["python"]),
         "layer+python": (through_layer, fakes.IMPLEMENTATIONS["python"]),
@@ -177,6 +191,7 @@ def test_asgi_layer_writes_the_bytes_the_request_hooks_write(tmp_path: Path) -> 
     if "compiled" in fakes.IMPLEMENTATIONS:
         runs["layer+compiled"] = (through_layer, fakes.IMPLEMENTATIONS["compiled"])
         runs["entry+compiled"] = (functools.partial(through_layer, entry=True), fakes.IMPLEMENTATIONS["compiled"])
+        runs["entry+compiled, delegating"] = (through_entry_delegating, fakes.IMPLEMENTATIONS["compiled"])
     boards = {
         name: sb.Scoreboard.create(str(tmp_path / name), slots=1, entries=8, ring=16, master_pid=1, routes=4)
         for name in runs
