@@ -1450,11 +1450,17 @@ typedef struct {
 static PyTypeObject EntryType, ServingType;
 static PyObject *s_call_name, *s_http, *s_throw, *s_close;
 
+/* The Recording finished, unless it is already, while the application's exception (if any) stays pending for
+ * the server: recording it must neither lose nor report it. */
 static void
-serving_finish(Serving *self)
+finish_keeping_error(Recording *recording)
 {
-    if (self->recording != NULL && !self->recording->finished)
-        recording_finish(self->recording);
+    PyObject *type, *error, *traceback;
+    if (recording == NULL || recording->finished)
+        return;
+    PyErr_Fetch(&type, &error, &traceback);
+    recording_finish(recording);
+    PyErr_Restore(type, error, traceback);
 }
 
 /* One step of the application's awaitable; the Recording finished when it is done. */
@@ -1470,10 +1476,7 @@ serving_am_send(PyObject *object, PyObject *value, PyObject **result)
     }
     status = PyIter_Send(self->awaited, value, result);
     if (status != PYGEN_NEXT) {
-        PyObject *type, *error, *traceback;
-        PyErr_Fetch(&type, &error, &traceback); /* the application's exception, kept while we record */
-        serving_finish(self);
-        PyErr_Restore(type, error, traceback);
+        finish_keeping_error(self->recording);
         Py_CLEAR(self->awaited);
     }
     return status;
@@ -1540,12 +1543,7 @@ serving_forward(Serving *self, PyObject *name, PyObject *args)
         if (result != NULL && name != s_close)
             return result; /* it yielded: still running */
     }
-    {
-        PyObject *type, *error, *traceback;
-        PyErr_Fetch(&type, &error, &traceback);
-        serving_finish(self);
-        PyErr_Restore(type, error, traceback);
-    }
+    finish_keeping_error(self->recording);
     Py_CLEAR(self->awaited);
     return result;
 }
@@ -1709,11 +1707,7 @@ entry_call(PyObject *callable, PyObject *const *args, size_t nargsf, PyObject *k
     iterator = awaitable == NULL ? NULL : awaitable_iterator(awaitable);
     Py_XDECREF(awaitable);
     if (iterator == NULL) {
-        PyObject *type, *error, *traceback;
-        PyErr_Fetch(&type, &error, &traceback);
-        if (!recording->finished)
-            recording_finish(recording);
-        PyErr_Restore(type, error, traceback);
+        finish_keeping_error(recording);
         Py_DECREF(recording);
         return NULL;
     }
