@@ -38,6 +38,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+# The tests' and the benchmark's one process toolkit (see bench.py).
+sys.path.insert(0, str(ROOT / "tests" / "integration"))
+from servers import free_port, port_accepts, wait_until  # noqa: E402 -- found through the line above
+
 WARMUP = 300
 START_TIMEOUT = 300.0  # gunicorn's master and its worker, both under valgrind
 HELPER_SOURCE = """
@@ -63,12 +67,6 @@ def build_helper(directory: Path) -> Path:
     return library
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def serve(port: int, requests: int, keep_alive: bool, deadline: float) -> None:
     """``requests`` requests, each answered in full before the next; one connection for all with keep-alive."""
     connection = None
@@ -87,16 +85,6 @@ def serve(port: int, requests: int, keep_alive: bool, deadline: float) -> None:
             connection = None
     if connection is not None:
         connection.close()
-
-
-def wait_until_serving(port: int, log: Path, deadline: float) -> None:
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.2)
-    sys.exit(f"worker_instructions: the server did not listen on port {port}; its output:\n{log.read_text()}")
 
 
 def main_thread_counts(directory: Path, label: str) -> dict[str, int]:
@@ -136,8 +124,13 @@ def run(mode: str, args: argparse.Namespace, directory: Path, helper: Path) -> d
     with log.open("wb") as output:
         server = subprocess.Popen(valgrind + gunicorn, env=env, stdout=output, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + START_TIMEOUT
-        wait_until_serving(port, log, deadline)
+        wait_until(
+            lambda: port_accepts(port),
+            timeout=START_TIMEOUT,
+            what=f"the server to listen on port {port}",
+            dump=lambda: log.read_text(errors="replace"),
+            interval=0.2,
+        )
         # the probe above was a connection, not a request: the application counts requests only
         serve(port, WARMUP - 1 + args.requests, args.worker == "uvicorn", time.monotonic() + 60 * args.requests)
         serve(port, 1, args.worker == "uvicorn", time.monotonic() + 60)  # the last counted one dumps
