@@ -482,6 +482,36 @@ def test_a_request_is_recorded_however_its_application_ends(board: sb.Scoreboard
     assert board.read(0).in_flight == 0
 
 
+@pytest.mark.parametrize("entry", [False, True], ids=["layer", "entry"])
+def test_a_request_in_flight_reads_as_the_recorders_record(board: sb.Scoreboard, entry: bool) -> None:
+    """in_flight holds, for a request in the layer or its compiled entry, what the watchdog, the stacks command
+    and the abort handler unpack and index: (start, entry, task, method, path, CPU clock)."""
+    if entry and _recorder.COMPILED is None:
+        pytest.skip("the compiled hooks are not built here")
+    seen: list[tuple[Any, ...]] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        assert _recorder.RECORDER is not None
+        for record in _recorder.RECORDER.in_flight.copy().values():
+            start, number, current, method, path, cpu = record
+            assert (record[3], record[4]) == (method, path)
+            in_use = board.buffer[number] == 1
+            seen.append((type(start), in_use, current is asyncio.current_task(), method, path, math.isnan(cpu)))
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    board.assign(0, now=1.0)
+    worker = Worker()
+    options = RecorderOptions(threaded=False)
+    _recorder.RECORDER = RequestRecorder(board, 0, worker, options, _asgi.current_task)
+    layer = _asgi.RecordingApp(app, worker, _recorder.COMPILED or fakes.HOOKS, routes=False)
+    served = layer.entry() if entry else layer
+    scope = {**CASES[0].scope(), "method": "PUT", "path": "/items/7", "query_string": b"q=1"}
+    asyncio.run(served(scope, _receive, _noop_send))
+    assert seen == [(float, True, True, "PUT", "/items/7?<redacted>", True)]
+    assert not _recorder.RECORDER.in_flight
+
+
 def test_servers_see_the_application_through_the_compiled_entry() -> None:
     """The entry answers attribute reads with the application's and __call__ with the layer's async def, so
     uvicorn tells an ASGI 3 application by it; lifespan goes to the layer, which finds the loop once."""

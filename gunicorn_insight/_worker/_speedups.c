@@ -59,10 +59,36 @@ static PyObject *s_RECORDER, *s_path, *s_query, *s_method, *s_peer_addr, *s_stat
 /* X-GUNICORN-BUSY's values, made once each: a count of busy workers is small */
 #define BUSY_TEXTS 64
 static PyObject *busy_texts[BUSY_TEXTS];
-static PyObject *minus_one, *hung_up;
+static PyObject *minus_one, *hung_up, *not_in_flight;
 static long other_method;
+/* method_index's keys, compared by length and bytes: a method is a new str per request, and hashing it for the
+ * dict costs more than these few comparisons. `complete`: every key is here, so a str found in none is none. */
+#define KNOWN_METHODS 16
+static struct {
+    char text[16];
+    Py_ssize_t length;
+    long number;
+} known_methods[KNOWN_METHODS];
+static int known_method_count, known_methods_complete;
+static PyObject *current_task(PyObject *module, PyObject *unused);
 static double hang_up_check_after; /* recorder.HANG_UP_CHECK_AFTER, from bind() */
 static PyTypeObject RecordingType; /* the ASGI layer's request, below */
+
+/* The recording ASGI layer's request (see asgi_start, below). */
+typedef struct {
+    PyObject_HEAD
+    /* what the hooks read, as members: the request's, and the response's status_code (500 until the
+     * application starts its response, what the server answers when it fails before) */
+    PyObject *method, *path, *query, *peer_addr, *status_code;
+    PyObject *worker, *scope, *root_path, *send;
+    PyObject *no_socket; /* always NULL: the "sock" member, None, for post_request's client_closed */
+    /* Its in-flight record, kept here rather than in a tuple of its own (pre_request puts the Recording itself
+     * in in_flight, where it reads as that tuple: see recording_item); entry_number NULL: none. */
+    double start, cpu_start;
+    PyObject *entry_number, *current, *shown;
+    vectorcallfunc vectorcall;
+    char finished, routes;
+} Recording;
 
 /* The recorder the fields below were read from (a strong reference, so its address cannot be reused). */
 typedef struct {
@@ -73,6 +99,11 @@ typedef struct {
     Py_ssize_t head_offset, ring_offset, flags_offset;
     unsigned long long mask;
     int redact, queue, atoms, routes, resolves_by_key, thread_cpu;
+    /* excluded is a frozenset of str: bit n of excluded_lengths is set when one of them is n characters long
+     * (n < 256; excluded_long: one is longer), so a path of another length is not hashed to be looked up */
+    int excluded_filter, excluded_long;
+    unsigned char excluded_lengths[32];
+    int current_is_ours; /* _current is this module's current_task: called as a C function */
     /* atoms only: per slot, the offsets of its state byte, its first entry and the end of its entries; the
      * state of a slot that serves (recorder._busy_layout, from Scoreboard.flag_slices) */
     Py_ssize_t *busy_offsets, busy_slots;
@@ -174,6 +205,55 @@ read_busy_layout(PyObject *recorder)
     return 0;
 }
 
+/* bound.excluded_lengths from bound.excluded; a set that could change, or holds anything but str, is always
+ * asked instead. */
+static int
+read_excluded_lengths(void)
+{
+    PyObject *paths, *path;
+    int filter = 1;
+    memset(bound.excluded_lengths, 0, sizeof bound.excluded_lengths);
+    bound.excluded_long = 0;
+    bound.excluded_filter = 0;
+    if (!PyFrozenSet_CheckExact(bound.excluded))
+        return 0;
+    if ((paths = PyObject_GetIter(bound.excluded)) == NULL)
+        return -1;
+    while (filter && (path = PyIter_Next(paths)) != NULL) {
+        Py_ssize_t length;
+#if PY_VERSION_HEX < 0x030C0000
+        if (PyUnicode_CheckExact(path) && PyUnicode_READY(path) < 0) {
+            Py_DECREF(path);
+            break;
+        }
+#endif
+        if (!PyUnicode_CheckExact(path))
+            filter = 0;
+        else if ((length = PyUnicode_GET_LENGTH(path)) < 256)
+            bound.excluded_lengths[length >> 3] |= (unsigned char)(1u << (length & 7));
+        else
+            bound.excluded_long = 1;
+        Py_DECREF(path);
+    }
+    Py_DECREF(paths);
+    if (PyErr_Occurred())
+        return -1;
+    bound.excluded_filter = filter;
+    return 0;
+}
+
+/* Whether path (a ready str) may be one of the excluded paths: its length is one of theirs. */
+static inline int
+may_be_excluded(PyObject *path)
+{
+    Py_ssize_t length = PyUnicode_GET_LENGTH(path);
+    if (!bound.excluded_filter)
+        return 1;
+    if (length >= 256)
+        return bound.excluded_long;
+    return (bound.excluded_lengths[length >> 3] >> (length & 7)) & 1;
+}
+
 /* Read a new recorder's fields once: a worker makes one recorder, so this runs once per worker. */
 static int
 bind_recorder(PyObject *recorder)
@@ -216,6 +296,12 @@ bind_recorder(PyObject *recorder)
         return -1;
     }
     bound.viewing = 1;
+    if (read_excluded_lengths() < 0) {
+        clear_bound();
+        return -1;
+    }
+    bound.current_is_ours = PyCFunction_Check(bound.current)
+                            && PyCFunction_GET_FUNCTION(bound.current) == (PyCFunction)current_task;
     bound.mask = (unsigned long long)mask;
     return 0;
 }
@@ -482,7 +568,8 @@ pre_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         || (method = PyObject_GetAttr(req, s_method)) == NULL)
         goto error;
 #if PY_VERSION_HEX < 0x030C0000
-    if (PyUnicode_CheckExact(method) && PyUnicode_READY(method) < 0)
+    if ((PyUnicode_CheckExact(method) && PyUnicode_READY(method) < 0)
+        || (PyUnicode_CheckExact(path) && PyUnicode_READY(path) < 0))
         goto error;
 #endif
     free_count = PyList_GET_SIZE(bound.free_entries);
@@ -504,7 +591,7 @@ pre_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         if (method == NULL)
             goto error;
     }
-    if (PySet_GET_SIZE(bound.excluded) > 0) {
+    if (PySet_GET_SIZE(bound.excluded) > 0 && may_be_excluded(path)) {
         int found = PySet_Contains(bound.excluded, path);
         if (found < 0)
             goto error;
@@ -521,20 +608,36 @@ pre_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         shown = bound.redact ? PyUnicode_FromFormat("%U?<redacted>", path) : PyUnicode_FromFormat("%U?%U", path, query);
     else
         shown = Py_NewRef(path);
-    if (shown == NULL || (current = PyObject_CallNoArgs(bound.current)) == NULL)
+    if (shown == NULL)
         goto error;
-    record = PyTuple_New(6);
-    if (record == NULL)
+    current = bound.current_is_ours ? current_task(NULL, NULL) : PyObject_CallNoArgs(bound.current);
+    if (current == NULL)
         goto error;
-    PyTuple_SET_ITEM(record, 0, PyFloat_FromDouble(now));
-    PyTuple_SET_ITEM(record, 1, Py_NewRef(entry_number));
-    PyTuple_SET_ITEM(record, 2, Py_NewRef(current));
-    PyTuple_SET_ITEM(record, 3, Py_NewRef(method));
-    PyTuple_SET_ITEM(record, 4, Py_NewRef(shown));
-    /* time.thread_time() is this clock: the request owns its thread (sync, gthread), else NaN */
-    PyTuple_SET_ITEM(record, 5, PyFloat_FromDouble(bound.thread_cpu ? clock_seconds(CLOCK_THREAD_CPUTIME_ID) : Py_NAN));
-    if (PyTuple_GET_ITEM(record, 0) == NULL || PyTuple_GET_ITEM(record, 5) == NULL
-        || PyDict_SetItem(bound.in_flight, req, record) < 0)
+    if (Py_TYPE(req) == &RecordingType) {
+        Recording *recording = (Recording *)req;
+        recording->start = now;
+        recording->cpu_start = bound.thread_cpu ? clock_seconds(CLOCK_THREAD_CPUTIME_ID) : Py_NAN;
+        Py_XSETREF(recording->entry_number, Py_NewRef(entry_number));
+        Py_XSETREF(recording->current, Py_NewRef(current));
+        Py_XSETREF(recording->shown, Py_NewRef(shown));
+        record = Py_NewRef(req);
+    }
+    else {
+        record = PyTuple_New(6);
+        if (record == NULL)
+            goto error;
+        PyTuple_SET_ITEM(record, 0, PyFloat_FromDouble(now));
+        PyTuple_SET_ITEM(record, 1, Py_NewRef(entry_number));
+        PyTuple_SET_ITEM(record, 2, Py_NewRef(current));
+        PyTuple_SET_ITEM(record, 3, Py_NewRef(method));
+        PyTuple_SET_ITEM(record, 4, Py_NewRef(shown));
+        /* time.thread_time() is this clock: the request owns its thread (sync, gthread), else NaN */
+        PyTuple_SET_ITEM(record, 5,
+                         PyFloat_FromDouble(bound.thread_cpu ? clock_seconds(CLOCK_THREAD_CPUTIME_ID) : Py_NAN));
+        if (PyTuple_GET_ITEM(record, 0) == NULL || PyTuple_GET_ITEM(record, 5) == NULL)
+            goto error;
+    }
+    if (PyDict_SetItem(bound.in_flight, req, record) < 0)
         goto error;
 
     peer = PyObject_GetAttr(req, s_peer_addr);
@@ -699,13 +802,65 @@ client_closed(PyObject *req, PyObject *resp, double duration, int *closed)
     return 0;
 }
 
+/* in_flight.pop(req): 1 and a new reference in *record, 0 when req is not there, -1 on error. One lookup where
+ * a get and a del would be two. */
+static int
+pop_in_flight(PyObject *req, PyObject **record)
+{
+#if PY_VERSION_HEX >= 0x030D0000
+    return PyDict_Pop(bound.in_flight, req, record);
+#else
+    *record = _PyDict_Pop(bound.in_flight, req, not_in_flight);
+    if (*record == NULL)
+        return -1;
+    if (*record == not_in_flight) {
+        Py_CLEAR(*record);
+        return 0;
+    }
+    return 1;
+#endif
+}
+
+/* method_index.get(method, other_method), -1 with an exception on error. */
+static long
+method_number_of(PyObject *method)
+{
+    PyObject *number;
+    if (PyUnicode_CheckExact(method)
+#if PY_VERSION_HEX < 0x030C0000
+        && PyUnicode_IS_READY(method)
+#endif
+        && PyUnicode_IS_ASCII(method)) {
+        Py_ssize_t length = PyUnicode_GET_LENGTH(method);
+        const char *text = (const char *)PyUnicode_DATA(method);
+        int index;
+        for (index = 0; index < known_method_count; index++) {
+            if (known_methods[index].length == length && memcmp(known_methods[index].text, text, (size_t)length) == 0)
+                return known_methods[index].number;
+        }
+        if (known_methods_complete)
+            return other_method;
+    }
+    number = PyDict_GetItemWithError(method_index, method);
+    if (number == NULL) {
+        if (PyErr_Occurred()) {
+            if (!PyErr_ExceptionMatches(PyExc_TypeError))
+                return -1;
+            PyErr_Clear(); /* an unhashable method: "other", as .get() with a default would not manage */
+        }
+        return other_method;
+    }
+    return PyLong_AsLong(number);
+}
+
 /* post_request's work; `end` NULL: gunicorn's hook, reading the environ in args[2]; else the layer's request. */
 static PyObject *
 finish_request(PyObject *const *args, Py_ssize_t nargs, const AsgiEnd *end)
 {
     PyObject *recorder, *req, *environ, *resp, *started = NULL, *stamp = NULL, *status_object = NULL, *key = NULL,
-        *method = NULL, *connections = NULL, *lock = NULL, *result, *built = NULL;
-    double now, start, queue = Py_NAN, duration, cpu = Py_NAN;
+        *method = NULL, *connections = NULL, *lock = NULL, *result, *built = NULL, *entry_number = NULL,
+        *record_method = NULL, *record_path = NULL;
+    double now, start, cpu_start, queue = Py_NAN, duration, cpu = Py_NAN;
     long status, route = 0, method_number;
     int closed;
     unsigned long long head, conns = 0;
@@ -729,29 +884,38 @@ finish_request(PyObject *const *args, Py_ssize_t nargs, const AsgiEnd *end)
     }
     now = clock_seconds(CLOCK_MONOTONIC);
 
-    started = PyDict_GetItemWithError(bound.in_flight, req);
-    if (started == NULL) {
-        if (PyErr_Occurred())
-            goto error;
+    switch (pop_in_flight(req, &started)) {
+    case -1:
+        goto error;
+    case 0:
         goto done; /* not recorded: an excluded path, or pre_request never ran for it */
     }
-    Py_INCREF(started);
-    if (PyDict_DelItem(bound.in_flight, req) < 0)
-        goto error;
-    if (!PyTuple_CheckExact(started) || PyTuple_GET_SIZE(started) != 6) {
+    if (started == req && Py_TYPE(req) == &RecordingType && ((Recording *)req)->entry_number != NULL) {
+        Recording *recording = (Recording *)req;
+        start = recording->start;
+        cpu_start = recording->cpu_start;
+        entry_number = Py_NewRef(recording->entry_number);
+        record_method = Py_NewRef(recording->method);
+        record_path = Py_NewRef(recording->shown);
+        /* the fields stay as they were, as a tuple would: the watchdog may be reading its copy of in_flight */
+    }
+    else if (PyTuple_CheckExact(started) && PyTuple_GET_SIZE(started) == 6) {
+        start = PyFloat_AsDouble(PyTuple_GET_ITEM(started, 0));
+        if ((cpu_start = PyFloat_AsDouble(PyTuple_GET_ITEM(started, 5))) == -1.0 && PyErr_Occurred())
+            goto error;
+        entry_number = Py_NewRef(PyTuple_GET_ITEM(started, 1));
+        record_method = Py_NewRef(PyTuple_GET_ITEM(started, 3));
+        record_path = Py_NewRef(PyTuple_GET_ITEM(started, 4));
+    }
+    else {
         PyErr_SetString(PyExc_TypeError, "in_flight holds something that is not a request record");
         goto error;
     }
-    start = PyFloat_AsDouble(PyTuple_GET_ITEM(started, 0));
-    entry = PyLong_AsSsize_t(PyTuple_GET_ITEM(started, 1));
+    entry = PyLong_AsSsize_t(entry_number);
     if (PyErr_Occurred())
         goto error;
-    if (bound.thread_cpu) {
-        double cpu_start = PyFloat_AsDouble(PyTuple_GET_ITEM(started, 5));
-        if (cpu_start == -1.0 && PyErr_Occurred())
-            goto error;
+    if (bound.thread_cpu)
         cpu = clock_seconds(CLOCK_THREAD_CPUTIME_ID) - cpu_start;
-    }
     environ_given = end != NULL || (environ == Py_None ? 0 : PyObject_IsTrue(environ));
     if (environ_given < 0)
         goto error;
@@ -839,15 +1003,8 @@ finish_request(PyObject *const *args, Py_ssize_t nargs, const AsgiEnd *end)
 
     if ((method = PyObject_GetAttr(req, s_method)) == NULL)
         goto error;
-    {
-        PyObject *number = PyDict_GetItemWithError(method_index, method);
-        if (number == NULL && PyErr_Occurred()) {
-            if (!PyErr_ExceptionMatches(PyExc_TypeError))
-                goto error;
-            PyErr_Clear(); /* an unhashable method: "other", as .get() with a default would not manage */
-        }
-        method_number = number == NULL ? other_method : PyLong_AsLong(number);
-    }
+    if ((method_number = method_number_of(method)) == -1 && PyErr_Occurred())
+        goto error;
     if (bound.worker != Py_None) {
         if ((connections = PyObject_GetAttr(bound.worker, s_nr_conns)) == NULL)
             goto error;
@@ -868,8 +1025,8 @@ finish_request(PyObject *const *args, Py_ssize_t nargs, const AsgiEnd *end)
         PyObject *duration_object = PyFloat_FromDouble(now - start);
         if (duration_object == NULL)
             goto error;
-        result = PyObject_CallMethodObjArgs(recorder, s_client_gone, PyTuple_GET_ITEM(started, 3),
-                                            PyTuple_GET_ITEM(started, 4), duration_object, NULL);
+        result = PyObject_CallMethodObjArgs(recorder, s_client_gone, record_method, record_path, duration_object,
+                                            NULL);
         Py_DECREF(duration_object);
         if (result == NULL)
             goto error;
@@ -919,7 +1076,7 @@ finish_request(PyObject *const *args, Py_ssize_t nargs, const AsgiEnd *end)
         }
     }
     if (entry >= 0) {
-        if (PyList_Append(bound.free_entries, PyTuple_GET_ITEM(started, 1)) < 0)
+        if (PyList_Append(bound.free_entries, entry_number) < 0)
             goto error;
     }
     else {
@@ -934,6 +1091,9 @@ error:
     report_error("post_request");
 done:
     Py_XDECREF(started);
+    Py_XDECREF(entry_number);
+    Py_XDECREF(record_method);
+    Py_XDECREF(record_path);
     Py_XDECREF(stamp);
     Py_XDECREF(status_object);
     Py_XDECREF(key);
@@ -972,16 +1132,6 @@ static PyObject *asgi_route_template, *asgi_queue_stamp, *running_loop, *task_of
 static PyObject *s_type, *s_status, *s_more_body, *s_query_string, *s_client, *s_root_path, *s_route,
     *s_path_format, *s_asgi_scope, *s_empty, *s_get, *five_hundred;
 
-typedef struct {
-    PyObject_HEAD
-    /* what the hooks read, as members: the request's, and the response's status_code (500 until the
-     * application starts its response, what the server answers when it fails before) */
-    PyObject *method, *path, *query, *peer_addr, *status_code;
-    PyObject *worker, *scope, *root_path, *send;
-    PyObject *no_socket; /* always NULL: the "sock" member, None, for post_request's client_closed */
-    vectorcallfunc vectorcall;
-    char finished, routes;
-} Recording;
 
 static PyTypeObject RecordingType;
 
@@ -1283,6 +1433,8 @@ asgi_start(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     self->finished = 0;
     self->routes = (char)routes;
     self->method = self->path = self->query = self->peer_addr = self->root_path = self->no_socket = NULL;
+    self->entry_number = self->current = self->shown = NULL;
+    self->start = self->cpu_start = 0.0;
     PyObject_GC_Track(self);
     if ((self->method = get_truthy_or(scope, s_method, s_empty)) == NULL
         || (self->path = get_truthy_or(scope, s_path, s_empty)) == NULL
@@ -1334,6 +1486,9 @@ recording_traverse(Recording *self, visitproc visit, void *arg)
     Py_VISIT(self->scope);
     Py_VISIT(self->root_path);
     Py_VISIT(self->send);
+    Py_VISIT(self->entry_number);
+    Py_VISIT(self->current);
+    Py_VISIT(self->shown);
     return 0;
 }
 
@@ -1349,6 +1504,9 @@ recording_clear(Recording *self)
     Py_CLEAR(self->scope);
     Py_CLEAR(self->root_path);
     Py_CLEAR(self->send);
+    Py_CLEAR(self->entry_number);
+    Py_CLEAR(self->current);
+    Py_CLEAR(self->shown);
     return 0;
 }
 
@@ -1384,6 +1542,48 @@ recording_getattro(PyObject *object, PyObject *name)
     return Py_NewRef(value != NULL ? value : Py_None);
 }
 
+/* In in_flight it reads as the recorder's InFlightRequest tuple: (start, entry, current, method, path, CPU
+ * clock), for the watchdog and the stacks command, which index and unpack it. */
+static Py_ssize_t
+recording_length(PyObject *self)
+{
+    return 6;
+}
+
+static PyObject *
+recording_item(PyObject *object, Py_ssize_t index)
+{
+    Recording *self = (Recording *)object;
+    PyObject *value;
+    switch (index) {
+    case 0:
+        return PyFloat_FromDouble(self->start);
+    case 1:
+        value = self->entry_number;
+        break;
+    case 2:
+        value = self->current;
+        break;
+    case 3:
+        value = self->method;
+        break;
+    case 4:
+        value = self->shown;
+        break;
+    case 5:
+        return PyFloat_FromDouble(self->cpu_start);
+    default:
+        PyErr_SetString(PyExc_IndexError, "a request record has 6 fields");
+        return NULL;
+    }
+    return Py_NewRef(value != NULL ? value : Py_None);
+}
+
+static PySequenceMethods recording_sequence = {
+    .sq_length = recording_length,
+    .sq_item = recording_item,
+};
+
 static PyMemberDef recording_members[] = {
     {"method", T_OBJECT, offsetof(Recording, method), READONLY, NULL},
     {"path", T_OBJECT, offsetof(Recording, path), READONLY, NULL},
@@ -1415,6 +1615,7 @@ static PyTypeObject RecordingType = {
     .tp_dealloc = (destructor)recording_dealloc,
     .tp_members = recording_members,
     .tp_methods = recording_methods,
+    .tp_as_sequence = &recording_sequence,
 };
 
 /* ------------------------------------------------------------------------------------------------------------
@@ -1887,6 +2088,36 @@ bind_asgi(PyObject *module, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* known_methods from method_index: its ASCII keys short enough for the table. */
+static int
+read_known_methods(void)
+{
+    Py_ssize_t position = 0;
+    PyObject *key, *value;
+    known_method_count = 0;
+    known_methods_complete = 1;
+    while (PyDict_Next(method_index, &position, &key, &value)) {
+        Py_ssize_t length;
+        long number;
+#if PY_VERSION_HEX < 0x030C0000
+        if (PyUnicode_CheckExact(key) && PyUnicode_READY(key) < 0)
+            return -1;
+#endif
+        if (!PyUnicode_CheckExact(key) || !PyLong_CheckExact(value) || !PyUnicode_IS_ASCII(key) || (length = PyUnicode_GET_LENGTH(key)) >= (Py_ssize_t)sizeof known_methods[0].text
+            || known_method_count == KNOWN_METHODS) {
+            known_methods_complete = 0;
+            continue;
+        }
+        if ((number = PyLong_AsLong(value)) == -1 && PyErr_Occurred())
+            return -1;
+        memcpy(known_methods[known_method_count].text, PyUnicode_DATA(key), (size_t)length);
+        known_methods[known_method_count].length = length;
+        known_methods[known_method_count].number = number;
+        known_method_count++;
+    }
+    return 0;
+}
+
 /* bind(globals, pre_request, post_request, report, describe_peer, parse_status, parse_request_start,
  *      queue_header, method_index, other_method, route_key, request_start_key, queue_start_key,
  *      hang_up_check_after, layouts) */
@@ -1923,6 +2154,8 @@ bind_hooks(PyObject *module, PyObject *args)
     Py_XSETREF(parse_request_start, Py_NewRef(queue));
     Py_XSETREF(queue_header, Py_NewRef(scan));
     Py_XSETREF(method_index, Py_NewRef(methods));
+    if (read_known_methods() < 0)
+        return NULL;
     Py_XSETREF(s_route_key, Py_NewRef(route_key));
     Py_XSETREF(s_request_start_key, Py_NewRef(request_start));
     Py_XSETREF(s_queue_start_key, Py_NewRef(queue_start));
@@ -1995,7 +2228,8 @@ PyInit__speedups(void)
     INTERN(s_throw, "throw");
     INTERN(s_close, "close");
 #undef INTERN
-    if ((minus_one = PyLong_FromLong(-1)) == NULL)
+    if ((minus_one = PyLong_FromLong(-1)) == NULL
+        || (not_in_flight = PyObject_CallNoArgs((PyObject *)&PyBaseObject_Type)) == NULL)
         return NULL;
     hung_up = PyTuple_Pack(3, PyExc_BrokenPipeError, PyExc_ConnectionResetError, PyExc_ConnectionAbortedError);
     if (hung_up == NULL)

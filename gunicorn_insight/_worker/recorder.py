@@ -51,7 +51,8 @@ InFlightRequest = tuple[float, int, Any, str, str, float]
 the thread's CPU clock at the start (NaN where requests share a thread).
 
 ``in_flight`` maps gunicorn's request object itself to one of these: hashing it is a pointer hash, where
-``id(req)`` would cost an audit event and an int allocation per request."""
+``id(req)`` would cost an audit event and an int allocation per request. A request of the compiled ASGI layer
+(``_speedups.Recording``) is its own record: it indexes and unpacks as this tuple, with no tuple made."""
 
 _REQUEST_START_KEY, _QUEUE_START_KEY = "HTTP_X_REQUEST_START", "HTTP_X_QUEUE_START"  # in a WSGI environ
 _MAX_QUEUE = 3600.0
