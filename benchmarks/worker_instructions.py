@@ -2,16 +2,22 @@
 """Instructions per request in a real gunicorn worker, counted by callgrind: bare against gunicorn-insight.
 
     python benchmarks/worker_instructions.py [--worker uvicorn|sync] [--requests 2000] [--cache-sim]
+                                             [--shipped-tick] [--keep DIR]
 
 bench.py times whole servers, and on a small VM its pairs spread wider than the overhead it looks for;
 request_path.py counts a loop that imitates a worker, and misses what only a real one does. This runs the
 real thing under ``valgrind --tool=callgrind``: gunicorn's master and one worker serving the benchmark's
-application (benchmarks/hello.py or hello_asgi.py, through counted.py), bare, then with
-``-c python:gunicorn_insight.conf`` and the route label on. The application zeroes callgrind's counters
-at request WARMUP and dumps them ``--requests`` requests later (callgrind's client requests, through a
-small C helper built here), so the worker's start and exit are left out. Threads are counted apart and
-the figure is the worker's main thread, which serves every request: the watchdog thread ticks once a
-second, so its share per request would depend on how slow valgrind makes the run.
+application (benchmarks/hello.py or hello_asgi.py, through counted.py), bare, then with the plugin
+(``-c python:per_request_conf``: the shipped configuration, see below) and the route label on. The
+application zeroes callgrind's counters at request WARMUP and dumps them ``--requests`` requests later
+(callgrind's client requests, through a small C helper built here), so the worker's start and exit are
+left out. Threads are counted apart and the figure is the worker's main thread, which serves every request.
+
+Valgrind makes a worker a hundred times slower, so work paced by the clock counts a hundred times its
+share per request. The plugin's is the watchdog's tick (at most once a second), which also has the event
+loop run a heartbeat callback: per_request_conf.py stretches the tick to an hour so the figure is the
+requests' own cost; ``--shipped-tick`` keeps the shipped tick (``-c python:gunicorn_insight.conf``).
+uvicorn's own tick (every 0.1 s) runs on both sides and still adds a little noise between runs.
 
 ``--cache-sim`` also counts first-level instruction-cache misses, which is where an added code path
 costs more time than its instructions suggest: the interpreter's hot loop no longer fits beside it.
@@ -115,7 +121,7 @@ def run(mode: str, args: argparse.Namespace, directory: Path, helper: Path) -> d
     config = []
     if mode == "plugin":
         env.update(PLUGIN_ENV, GUNICORN_INSIGHT_METRICS_BIND=f"127.0.0.1:{metrics_port}")
-        config = ["-c", "python:gunicorn_insight.conf"]
+        config = ["-c", "python:gunicorn_insight.conf" if args.shipped_tick else "python:per_request_conf"]
     valgrind = ["valgrind", "--tool=callgrind", "--separate-threads=yes"]
     valgrind += [f"--callgrind-out-file={directory}/{mode}.%p", *(["--cache-sim=yes"] if args.cache_sim else [])]
     gunicorn = [sys.executable, "-m", "gunicorn", *config, "--timeout", "600", "--graceful-timeout", "60"]
@@ -149,6 +155,11 @@ def main() -> None:
     parser.add_argument("--worker", choices=sorted(WORKERS), default="uvicorn", help="worker class (default uvicorn)")
     parser.add_argument("--requests", type=int, default=2000, help="requests counted per mode (default 2000)")
     parser.add_argument("--cache-sim", action="store_true", help="also count first-level instruction-cache misses")
+    parser.add_argument(
+        "--shipped-tick",
+        action="store_true",
+        help="keep the watchdog's tick at its shipped once a second (its work then counts as per-request work)",
+    )
     parser.add_argument("--keep", metavar="DIR", help="write the callgrind dumps and logs here and keep them")
     args = parser.parse_args()
     if args.requests < 1:

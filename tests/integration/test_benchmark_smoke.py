@@ -102,6 +102,27 @@ def test_worker_instructions_reads_the_worker_main_threads_dump(tmp_path: Path) 
     assert worker_instructions.main_thread_counts(tmp_path, "plugin") == {"Ir": 5000, "I1mr": 70}
 
 
+def test_worker_instructions_plugin_side_is_the_shipped_configuration_with_a_slow_tick() -> None:
+    """per_request_conf installs the hooks gunicorn_insight.conf installs, and only stretches the watchdog's tick."""
+    script = (
+        "import sys; sys.path.insert(0, 'benchmarks')\n"
+        "import gunicorn_insight.conf as shipped\n"
+        "from gunicorn_insight._worker import watchdog\n"
+        "tick = watchdog._MAX_TICK\n"
+        "import per_request_conf as measured\n"
+        "def hooks(module):\n"
+        "    return sorted(name for name, value in vars(module).items() if hasattr(value, '__gunicorn_insight__'))\n"
+        "print(tick, watchdog._MAX_TICK, hooks(shipped) == hooks(measured), len(hooks(measured)))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    shipped_tick, measured_tick, same_hooks, count = done.stdout.split()
+    assert (float(shipped_tick), float(measured_tick), same_hooks) == (1.0, 3600.0, "True")
+    assert int(count) > 5
+
+
 def test_worker_instructions_counts_a_real_uvicorn_worker() -> None:
     """Under callgrind, gunicorn-insight adds instructions to a real uvicorn worker's requests, and both dumps come."""
     missing = [tool for tool in ("valgrind", "cc") if shutil.which(tool) is None]
@@ -113,6 +134,20 @@ def test_worker_instructions_counts_a_real_uvicorn_worker() -> None:
     row = next(line for line in done.stdout.splitlines() if line.startswith("instructions"))
     bare, plugin = (int(field.replace(",", "")) for field in row.split()[1:3])
     assert plugin > bare > 100_000, done.stdout
+
+
+def test_one_worker_times_a_pinned_worker_in_alternating_rounds() -> None:
+    """one_worker.py serves real requests from one pinned worker per side and reports both sides' CPU per request."""
+    if len(os.sched_getaffinity(0)) < 2 or shutil.which("wrk") is None:
+        pytest.skip("needs 2 CPUs and wrk")
+    argv = [sys.executable, str(ROOT / "benchmarks" / "one_worker.py"), "--worker", "sync", "--config", "statsd"]
+    argv += ["--rounds", "1", "--seconds", "1", "--connections", "2"]
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rounds = [line.split() for line in done.stdout.splitlines() if line.lstrip().startswith("round")]
+    assert sorted(fields[2] for fields in rounds) == ["bare", "plugin"], done.stdout
+    assert all(int(fields[3]) > 0 and float(fields[6]) > 0 for fields in rounds), done.stdout
+    assert any(line.startswith("worker: bare") for line in done.stdout.splitlines()), done.stdout
 
 
 def test_request_path_reads_cachegrind_summaries() -> None:

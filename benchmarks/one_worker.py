@@ -1,0 +1,174 @@
+#!/usr/bin/env python3
+"""One worker's CPU per request, bare against gunicorn-insight, in alternating rounds: the steadier timing.
+
+    python benchmarks/one_worker.py [--worker uvicorn|sync|gthread|gevent] [--config everything]
+                                    [--rounds 12] [--seconds 4] [--connections 4] [--json PATH]
+
+bench.py's rows run two workers on the same two cores as wrk; on a 2-core VM which worker takes which
+connection, and what runs beside it, moves a row's pairs by 15% either way, wider than a 5% budget. Here
+gunicorn runs one worker, alone on the last CPU this process may use; its master, the plugin's /metrics
+process, wrk and the StatsD sink share the first. Each round starts a server bare or instrumented (the
+order alternates ABBA), loads it for 1 s unmeasured, then ``--seconds`` with wrk, and reads the CPU time
+each process spent meanwhile in nanoseconds (``/proc/PID/schedstat``, where ``stat`` counts 10 ms ticks).
+
+Reported per side: the worker's CPU per request, and the server's (worker, master and the plugin's helper
+processes), median and lowest of the rounds. The lowest is the least disturbed; a ratio of medians is the
+budget's measure. The configurations and applications are bench.py's (``--config`` is one of its plugin
+configurations; ``everything`` exports to StatsD, /metrics and OTLP with every optional feature on).
+Needs 2 CPUs or more, and wrk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import bench  # noqa: E402 -- the benchmark's servers, sinks and load, found through the line above
+
+WARMUP_SECONDS = 1.0
+
+
+@dataclass
+class Round:
+    side: str  # "bare" or "plugin"
+    requests: int
+    worker_us: float  # the worker's CPU per request
+    server_us: float  # the worker's, the master's and its other children's
+
+
+def cpu_ns(pid: int) -> int:
+    """Nanoseconds the process's threads have run (the first field of schedstat is the main thread's only;
+    the threads' own files add up to the whole process)."""
+    total = 0
+    for thread in os.listdir(f"/proc/{pid}/task"):
+        try:
+            total += int(Path(f"/proc/{pid}/task/{thread}/schedstat").read_text().split()[0])
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # a thread that ended between the listing and the read
+    return total
+
+
+def server_cpu_ns(master: int, worker: int) -> tuple[int, int]:
+    """(the worker's, everything of the server's): the master, the worker and the master's other children."""
+    helpers = sum(cpu_ns(pid) for pid in bench.children(master) if pid != worker)
+    own = cpu_ns(worker)
+    return own, own + cpu_ns(master) + helpers
+
+
+def place(master: int, worker: int, worker_cpu: int, other_cpu: int) -> None:
+    """The worker alone on worker_cpu; the master and its other children beside the load."""
+    os.sched_setaffinity(master, {other_cpu})
+    for pid in bench.children(master):
+        os.sched_setaffinity(pid, {worker_cpu} if pid == worker else {other_cpu})
+
+
+def one_round(
+    side: str, launch: bench.Launch, args: argparse.Namespace, context: tuple[bench.Supervisor, bench.StatsdSink]
+) -> Round:
+    supervisor, sink = context
+    server = bench.GunicornServer(supervisor, launch, worker_class=args.worker, workers=1, statsd=sink.address)
+    load = bench.LoadGenerator(supervisor, "wrk", args.connections)
+    with bench.running(server) as workers:
+        (worker,) = workers
+        place(server.pid, worker, args.cpus[1], args.cpus[0])
+        load.run(server.url, WARMUP_SECONDS)
+        worker_before, server_before = server_cpu_ns(server.pid, worker)
+        result = load.run(server.url, args.seconds)
+        worker_after, server_after = server_cpu_ns(server.pid, worker)
+    if result.errors or result.requests == 0:
+        raise bench.BenchError(f"{side}: {result.requests} requests, {result.errors} errors")
+    per_request = 1e-3 / result.requests  # nanoseconds per run to microseconds per request
+    worker_us, server_us = (worker_after - worker_before) * per_request, (server_after - server_before) * per_request
+    return Round(side, result.requests, worker_us, server_us)
+
+
+def summary(rounds: list[Round]) -> dict[str, dict[str, float]]:
+    result = {}
+    for side in ("bare", "plugin"):
+        mine = [item for item in rounds if item.side == side]
+        result[side] = {
+            "worker_median_us": statistics.median(item.worker_us for item in mine),
+            "worker_lowest_us": min(item.worker_us for item in mine),
+            "server_median_us": statistics.median(item.server_us for item in mine),
+            "server_lowest_us": min(item.server_us for item in mine),
+        }
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--worker", choices=sorted(bench.WORKER_CLASSES), default="uvicorn")
+    parser.add_argument("--config", choices=sorted(bench.PLUGIN_CONFIGS), default="everything")
+    parser.add_argument("--rounds", type=int, default=12, help="rounds per side (default 12)")
+    parser.add_argument("--seconds", type=float, default=4.0, help="measured load per round (default 4)")
+    parser.add_argument("--connections", type=int, default=4, help="wrk's connections (default 4)")
+    parser.add_argument("--json", metavar="PATH", help="write every round and the summary here")
+    args = parser.parse_args()
+    if args.rounds < 1 or args.seconds <= 0 or args.connections < 1:
+        parser.error("--rounds and --connections must be at least 1, --seconds above 0")
+    allowed = sorted(os.sched_getaffinity(0))
+    if len(allowed) < 2:
+        parser.error(f"needs 2 CPUs (one for the worker, one for the rest); this process may run on {allowed}")
+    if shutil.which("wrk") is None:
+        parser.error("needs wrk (Debian: apt-get install wrk)")
+    args.cpus = (allowed[0], allowed[-1])
+    os.sched_setaffinity(0, {args.cpus[0]})  # this process, so the sink and wrk it starts, beside the master
+    row = bench.Row(args.worker, args.config)
+    launches = {"bare": bench.launch_for(row, False), "plugin": bench.launch_for(row, True)}
+    workdir = Path(tempfile.mkdtemp(prefix="gunicorn-insight-one-worker-"))
+    supervisor = bench.Supervisor(workdir)
+    rounds: list[Round] = []
+    sink: bench.StatsdSink | None = None
+    try:
+        code = bench.snapshot_package(workdir)
+        sink = bench.StatsdSink(supervisor, "auto")
+        print(
+            f"one_worker: {row.name}, {args.rounds} rounds per side of {args.seconds:g} s, wrk -c{args.connections}; "
+            f"worker on CPU {args.cpus[1]}, the rest on CPU {args.cpus[0]}; sink: {sink.description}",
+            flush=True,
+        )
+        for number in range(args.rounds):
+            for side in ("bare", "plugin") if number % 2 == 0 else ("plugin", "bare"):
+                bench.wait_for_quiet_machine()
+                item = one_round(side, launches[side], args, (supervisor, sink))
+                rounds.append(item)
+                print(
+                    f"  round {number + 1:2} {side:6} {item.requests:7} requests  worker {item.worker_us:6.1f} µs"
+                    f"  server {item.server_us:6.1f} µs per request",
+                    flush=True,
+                )
+    except bench.BenchError as error:
+        print(f"one_worker: error: {error}", file=sys.stderr)
+        return 1
+    finally:
+        supervisor.stop_all()
+        if sink is not None:
+            sink.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+    result = summary(rounds)
+    for measure in ("worker", "server"):
+        bare, plugin = result["bare"], result["plugin"]
+        median_ratio = plugin[f"{measure}_median_us"] / bare[f"{measure}_median_us"]
+        lowest_ratio = plugin[f"{measure}_lowest_us"] / bare[f"{measure}_lowest_us"]
+        print(
+            f"{measure:6}: bare {bare[f'{measure}_median_us']:.1f} µs (lowest {bare[f'{measure}_lowest_us']:.1f}), "
+            f"plugin {plugin[f'{measure}_median_us']:.1f} µs (lowest {plugin[f'{measure}_lowest_us']:.1f}): "
+            f"ratio {median_ratio:.3f} by medians, {lowest_ratio:.3f} by the lowest"
+        )
+    if args.json:
+        document = {"row": row.name, "code": code, "settings": vars(args), "rounds": [asdict(r) for r in rounds]}
+        Path(args.json).write_text(json.dumps({**document, "summary": result}, indent=2, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
