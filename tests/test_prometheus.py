@@ -6,11 +6,13 @@ mode is fixed at import time and must not leak between tests.
 
 from __future__ import annotations
 
+import math
 import os
 import sqlite3
 import subprocess
 import sys
 import textwrap
+from bisect import bisect_left
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,7 @@ import pytest
 from gunicorn_insight._export.mmapfile import MetricFile, sample_key
 from gunicorn_insight._export.prometheus import (
     MERGE_LOCK,
+    bucket_counts,
     merge_lock,
     prepare_directory,
     remove_stale_files,
@@ -397,3 +400,21 @@ def test_rejected_requests_and_time_wait_are_exported_and_absent_where_unseen(tm
     assert 'gunicorn_requests_rejected_total{reason="other"} 0.0' in seen
     assert 'gunicorn_listen_time_wait{listener="http://127.0.0.1:8000"} 300.0' in seen
     assert "gunicorn_requests_rejected_total" not in unseen
+
+
+def test_bucket_counts_place_every_value_where_bisect_puts_it() -> None:
+    """Counting a round's durations from one sort gives each bucket what a bisect per value gives: values on a
+    bound, between, below, above, infinite, and (counted one by one) NaN."""
+    bounds = (0.005, 0.01, 0.1, 1.0, 10.0)
+
+    def one_by_one(values: list[float]) -> list[int]:
+        counts = [0] * (len(bounds) + 1)
+        for value in values:
+            counts[bisect_left(bounds, value)] += 1
+        return counts
+
+    values = [0.0, 0.001, 0.005, 0.0050001, 0.01, 0.05, 0.1, 1.0, 9.99, 10.0, 10.5, 1e9, math.inf] * 3
+    assert bucket_counts(bounds, values, sum(values)) == one_by_one(values)
+    with_nan = [*values, math.nan, 0.02]
+    assert bucket_counts(bounds, with_nan, sum(with_nan)) == one_by_one(with_nan)
+    assert bucket_counts(bounds, [], 0.0) == [0] * 6
