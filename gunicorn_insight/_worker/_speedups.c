@@ -557,7 +557,7 @@ pre_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t path_length, host_length = 0, free_count, entry;
     unsigned long port = 0;
     unsigned long long thread;
-    double now;
+    double now, cpu_start;
 
     if (!begin("pre_request", 2, python_pre_request, args, nargs, NULL, &recorder, &result))
         return result;
@@ -613,10 +613,12 @@ pre_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     current = bound.current_is_ours ? current_task(NULL, NULL) : PyObject_CallNoArgs(bound.current);
     if (current == NULL)
         goto error;
+    /* time.thread_time() is this clock: the request owns its thread (sync, gthread), else NaN */
+    cpu_start = bound.thread_cpu ? clock_seconds(CLOCK_THREAD_CPUTIME_ID) : Py_NAN;
     if (Py_TYPE(req) == &RecordingType) {
         Recording *recording = (Recording *)req;
         recording->start = now;
-        recording->cpu_start = bound.thread_cpu ? clock_seconds(CLOCK_THREAD_CPUTIME_ID) : Py_NAN;
+        recording->cpu_start = cpu_start;
         Py_XSETREF(recording->entry_number, Py_NewRef(entry_number));
         Py_XSETREF(recording->current, Py_NewRef(current));
         Py_XSETREF(recording->shown, Py_NewRef(shown));
@@ -631,9 +633,7 @@ pre_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyTuple_SET_ITEM(record, 2, Py_NewRef(current));
         PyTuple_SET_ITEM(record, 3, Py_NewRef(method));
         PyTuple_SET_ITEM(record, 4, Py_NewRef(shown));
-        /* time.thread_time() is this clock: the request owns its thread (sync, gthread), else NaN */
-        PyTuple_SET_ITEM(record, 5,
-                         PyFloat_FromDouble(bound.thread_cpu ? clock_seconds(CLOCK_THREAD_CPUTIME_ID) : Py_NAN));
+        PyTuple_SET_ITEM(record, 5, PyFloat_FromDouble(cpu_start));
         if (PyTuple_GET_ITEM(record, 0) == NULL || PyTuple_GET_ITEM(record, 5) == NULL)
             goto error;
     }
@@ -821,21 +821,30 @@ pop_in_flight(PyObject *req, PyObject **record)
 #endif
 }
 
+/* kind (a str) == text, a NUL-terminated ASCII string of `length` bytes: told apart by length first, so a
+ * message type or a method costs one comparison. */
+static int
+is_kind(PyObject *kind, const char *text, Py_ssize_t length)
+{
+#if PY_VERSION_HEX < 0x030C0000
+    if (!PyUnicode_IS_READY(kind))
+        return PyUnicode_CompareWithASCIIString(kind, text) == 0;
+#endif
+    return PyUnicode_GET_LENGTH(kind) == length && PyUnicode_IS_ASCII(kind)
+           && memcmp(PyUnicode_DATA(kind), text, (size_t)length) == 0;
+}
+
+#define IS_KIND(kind, literal) is_kind(kind, literal, (Py_ssize_t)(sizeof literal - 1))
+
 /* method_index.get(method, other_method), -1 with an exception on error. */
 static long
 method_number_of(PyObject *method)
 {
     PyObject *number;
-    if (PyUnicode_CheckExact(method)
-#if PY_VERSION_HEX < 0x030C0000
-        && PyUnicode_IS_READY(method)
-#endif
-        && PyUnicode_IS_ASCII(method)) {
-        Py_ssize_t length = PyUnicode_GET_LENGTH(method);
-        const char *text = (const char *)PyUnicode_DATA(method);
+    if (PyUnicode_CheckExact(method)) {
         int index;
         for (index = 0; index < known_method_count; index++) {
-            if (known_methods[index].length == length && memcmp(known_methods[index].text, text, (size_t)length) == 0)
+            if (is_kind(method, known_methods[index].text, known_methods[index].length))
                 return known_methods[index].number;
         }
         if (known_methods_complete)
@@ -1132,9 +1141,6 @@ static PyObject *asgi_route_template, *asgi_queue_stamp, *running_loop, *task_of
 static PyObject *s_type, *s_status, *s_more_body, *s_query_string, *s_client, *s_root_path, *s_route,
     *s_path_format, *s_asgi_scope, *s_empty, *s_get, *five_hundred;
 
-
-static PyTypeObject RecordingType;
-
 /* mapping.get(key, fallback): a new reference, NULL with an exception */
 static PyObject *
 get_or(PyObject *mapping, PyObject *key, PyObject *fallback)
@@ -1340,20 +1346,6 @@ done:
     Py_XDECREF(end.stamp);
     Py_XDECREF(end.route);
 }
-
-/* kind == text, for an ASCII literal: told apart by length first, so a message costs one comparison. */
-static int
-is_kind(PyObject *kind, const char *text, Py_ssize_t length)
-{
-#if PY_VERSION_HEX < 0x030C0000
-    if (!PyUnicode_IS_READY(kind))
-        return PyUnicode_CompareWithASCIIString(kind, text) == 0;
-#endif
-    return PyUnicode_GET_LENGTH(kind) == length && PyUnicode_IS_ASCII(kind)
-           && memcmp(PyUnicode_DATA(kind), text, (size_t)length) == 0;
-}
-
-#define IS_KIND(kind, literal) is_kind(kind, literal, (Py_ssize_t)(sizeof literal - 1))
 
 /* The application's send: note the status, record the request before the last of its response goes out,
  * then hand the message on and return what the server's send returns (the awaitable the application awaits). */
@@ -2088,7 +2080,7 @@ bind_asgi(PyObject *module, PyObject *args)
     Py_RETURN_NONE;
 }
 
-/* known_methods from method_index: its ASCII keys short enough for the table. */
+/* known_methods from method_index: its ASCII keys short enough for the table (with their NUL). */
 static int
 read_known_methods(void)
 {
@@ -2103,7 +2095,8 @@ read_known_methods(void)
         if (PyUnicode_CheckExact(key) && PyUnicode_READY(key) < 0)
             return -1;
 #endif
-        if (!PyUnicode_CheckExact(key) || !PyLong_CheckExact(value) || !PyUnicode_IS_ASCII(key) || (length = PyUnicode_GET_LENGTH(key)) >= (Py_ssize_t)sizeof known_methods[0].text
+        if (!PyUnicode_CheckExact(key) || !PyLong_CheckExact(value) || !PyUnicode_IS_ASCII(key)
+            || (length = PyUnicode_GET_LENGTH(key)) >= (Py_ssize_t)sizeof known_methods[0].text
             || known_method_count == KNOWN_METHODS) {
             known_methods_complete = 0;
             continue;
@@ -2111,6 +2104,7 @@ read_known_methods(void)
         if ((number = PyLong_AsLong(value)) == -1 && PyErr_Occurred())
             return -1;
         memcpy(known_methods[known_method_count].text, PyUnicode_DATA(key), (size_t)length);
+        known_methods[known_method_count].text[length] = '\0';
         known_methods[known_method_count].length = length;
         known_methods[known_method_count].number = number;
         known_method_count++;
