@@ -448,9 +448,8 @@ class Scoreboard:
         return self._counters(index, OFF_REJECTED, len(REJECT_REASONS))
 
     def _counters(self, index: int, at: int, count: int) -> tuple[int, ...]:
-        """``count`` COUNTERs from ``at`` in the slot."""
-        start = self.offset(index) + at
-        return tuple(COUNTER.unpack_from(self.buffer, start + 8 * n)[0] for n in range(count))
+        """``count`` COUNTERs from ``at`` in the slot, in one unpack (the master reads every slot each round)."""
+        return struct.unpack_from(f"<{count}{COUNTER.format[1:]}", self.buffer, self.offset(index) + at)
 
     def set_rss(self, index: int, rss: int) -> None:
         store(self.buffer, self.offset(index) + OFF_RSS, RSS, rss)
