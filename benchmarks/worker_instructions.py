@@ -32,6 +32,7 @@ The counts are deterministic up to the timers in the worker (hash seed fixed). N
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import re
 import shutil
@@ -46,10 +47,11 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 # The tests' and the benchmark's one process toolkit (see bench.py).
 sys.path.insert(0, str(ROOT / "tests" / "integration"))
-from servers import free_port, port_accepts, wait_until  # noqa: E402 -- found through the line above
+from servers import free_port, wait_until  # noqa: E402 -- found through the line above
 
 WARMUP = 300
 START_TIMEOUT = 300.0  # gunicorn's master and its worker, both under valgrind
+START_ATTEMPTS = 3
 HELPER_SOURCE = """
 #include <valgrind/callgrind.h>
 void counted_zero(void) { CALLGRIND_ZERO_STATS; }
@@ -109,7 +111,6 @@ def main_thread_counts(directory: Path, label: str) -> dict[str, int]:
 
 def run(mode: str, args: argparse.Namespace, directory: Path, helper: Path) -> dict[str, int]:
     worker_class, app = WORKERS[args.worker]
-    port, metrics_port = free_port(), free_port()
     env = {key: value for key, value in os.environ.items() if not key.startswith("GUNICORN_INSIGHT_")}
     env.update(
         PYTHONHASHSEED="0",
@@ -120,34 +121,61 @@ def run(mode: str, args: argparse.Namespace, directory: Path, helper: Path) -> d
     )
     config = []
     if mode == "plugin":
-        env.update(PLUGIN_ENV, GUNICORN_INSIGHT_METRICS_BIND=f"127.0.0.1:{metrics_port}")
+        env.update(PLUGIN_ENV)
         config = ["-c", "python:gunicorn_insight.conf" if args.shipped_tick else "python:per_request_conf"]
     valgrind = ["valgrind", "--tool=callgrind", "--separate-threads=yes"]
     valgrind += [f"--callgrind-out-file={directory}/{mode}.%p", *(["--cache-sim=yes"] if args.cache_sim else [])]
     gunicorn = [sys.executable, "-m", "gunicorn", *config, "--timeout", "600", "--graceful-timeout", "60"]
-    gunicorn += ["-w", "1", "-k", worker_class, "-b", f"127.0.0.1:{port}", app]
+    gunicorn += ["-w", "1", "-k", worker_class, app]
     log = directory / f"{mode}.log"
-    with log.open("wb") as output:
-        server = subprocess.Popen(valgrind + gunicorn, env=env, stdout=output, stderr=subprocess.STDOUT)
-    try:
-        wait_until(
-            lambda: port_accepts(port),
-            timeout=START_TIMEOUT,
-            what=f"the server to listen on port {port}",
-            dump=lambda: log.read_text(errors="replace"),
-            interval=0.2,
-        )
-        # the probe above was a connection, not a request: the application counts requests only
-        serve(port, WARMUP - 1 + args.requests, args.worker == "uvicorn", time.monotonic() + 60 * args.requests)
-        serve(port, 1, args.worker == "uvicorn", time.monotonic() + 60)  # the last counted one dumps
-    finally:
-        server.terminate()
+    for _ in range(START_ATTEMPTS):
+        # A free port can be taken by another process while valgrind starts gunicorn (seconds): then the log
+        # says so, and another pair of ports is tried. Only gunicorn's own "Listening at" line says the port is
+        # its, where a connection accepted could be anyone's.
+        port = free_port()
+        if mode == "plugin":
+            env["GUNICORN_INSIGHT_METRICS_BIND"] = f"127.0.0.1:{free_port()}"
+        with log.open("wb") as output:
+            server = subprocess.Popen(
+                [*valgrind, *gunicorn, "-b", f"127.0.0.1:{port}"], env=env, stdout=output, stderr=subprocess.STDOUT
+            )
         try:
-            server.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-    return main_thread_counts(directory, mode)
+            bound = wait_until(
+                functools.partial(_listening, log, port, server),
+                timeout=START_TIMEOUT,
+                what=f"gunicorn to listen on port {port}",
+                dump=lambda: log.read_text(errors="replace"),
+                interval=0.2,
+            )
+            if bound == "listening":
+                serve(port, WARMUP - 1 + args.requests, args.worker == "uvicorn", time.monotonic() + 60 * args.requests)
+                serve(port, 1, args.worker == "uvicorn", time.monotonic() + 60)  # the last counted one dumps
+        finally:
+            _stop(server)
+        if bound == "listening":
+            return main_thread_counts(directory, mode)
+    sys.exit(f"worker_instructions: {mode}: each of {START_ATTEMPTS} ports was taken while gunicorn started")
+
+
+def _listening(log: Path, port: int, server: subprocess.Popen[bytes]) -> str | None:
+    """Whether gunicorn listens on port: "listening", "taken" (another process has it) or None (not yet)."""
+    text = log.read_text(errors="replace")
+    if f"Listening at: http://127.0.0.1:{port} " in text:
+        return "listening"
+    if f"Connection in use: ('127.0.0.1', {port})" in text:
+        return "taken"
+    if server.poll() is not None:
+        raise AssertionError(f"gunicorn exited with status {server.returncode} before listening:\n{text}")
+    return None
+
+
+def _stop(server: subprocess.Popen[bytes]) -> None:
+    server.terminate()
+    try:
+        server.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
 
 
 def main() -> None:
