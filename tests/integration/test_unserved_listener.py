@@ -191,6 +191,8 @@ def test_an_idle_server_with_an_empty_queue_is_not_unserved(process_factory: Pro
         request_over_unix(path, results)
     wait_until(lambda: len(results) == 3, timeout=30, what="3 requests served", dump=server.process.describe)
     status = Path(server.scoreboard_path).parent / "status.json"
+    # the master writes it at its first round, which three quick requests can precede (written whole: a rename)
+    wait_until(status.exists, timeout=30, what="the master's first status.json", dump=server.process.describe)
     first = json.loads(status.read_text())
     wait_until(  # 6 s of rounds: three times the 2 s threshold
         lambda: json.loads(status.read_text())["monotonic"] - first["monotonic"] >= 6,
