@@ -8,6 +8,7 @@ import math
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import MethodType
 from typing import Any
 
 import fakes
@@ -399,7 +400,12 @@ def test_current_task_asks_for_the_running_loop_once_per_loop_and_thread(monkeyp
 
         def bind(running_loop: Callable[[], Any]) -> None:
             _speedups.bind_asgi(
-                _asgi.route_template, _asgi.queue_stamp, running_loop, _asgi._TASK_OF_LOOP, threading.get_ident
+                _asgi.route_template,
+                _asgi.queue_stamp,
+                running_loop,
+                _asgi._TASK_OF_LOOP,
+                threading.get_ident,
+                _asgi._COMPILED_SEND,
             )
 
         bind(counting_running_loop)
@@ -510,6 +516,67 @@ def test_a_request_in_flight_reads_as_the_recorders_record(board: sb.Scoreboard,
     asyncio.run(served(scope, _receive, _noop_send))
     assert seen == [(float, True, True, "PUT", "/items/7?<redacted>", True)]
     assert not _recorder.RECORDER.in_flight
+
+
+@pytest.mark.parametrize("entry", [False, True], ids=["layer", "entry"])
+def test_routes_made_once_and_used_again_keep_their_own_templates(tmp_path: Path, entry: bool) -> None:
+    """A router's route objects live as long as the application: the same route again, another route between,
+    one with a mount, then the first again each give their own template (the compiled layer remembers the last
+    route read)."""
+    if entry and _recorder.COMPILED is None:
+        pytest.skip("the compiled hooks are not built here")
+    items, users = FormattedRoute("/items/{item_id}"), FormattedRoute("/users/{user_id}")
+    plan = [(items, ""), (items, ""), (users, ""), (users, "/api"), (items, ""), (Route("/plain"), ""), (items, "")]
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        route, mount = plan[int(scope["path"].rsplit("/", 1)[1])]
+        scope["route"], scope["root_path"] = route, scope["root_path"] + mount
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    board = sb.Scoreboard.create(str(tmp_path / "board"), slots=1, entries=2, ring=8, master_pid=1, routes=4)
+    board.assign(0, now=1.0)
+    worker = Worker()
+    _recorder.RECORDER = RequestRecorder(board, 0, worker, RecorderOptions(routes=True, threaded=False))
+    layer = _asgi.RecordingApp(app, worker, _recorder.COMPILED or fakes.HOOKS, routes=True)
+    served = layer.entry() if entry else layer
+
+    async def serve() -> None:
+        for number in range(len(plan)):
+            await served({**CASES[0].scope(), "path": f"/request/{number}"}, _receive, _noop_send)
+
+    try:
+        asyncio.run(serve())
+        names = board.route_names(0)
+        routes = [names[record[4] - 1] for record in board.read_ring(0, 0, len(plan))]
+    finally:
+        board.close()
+    expected = ["/items/{item_id}"] * 2 + ["/users/{user_id}", "/api/users/{user_id}", "/items/{item_id}", "/plain"]
+    assert routes == [*expected, "/items/{item_id}"]
+
+
+def test_the_applications_send_is_a_plain_function_bound_to_the_request(board: sb.Scoreboard) -> None:
+    """The send the application gets through the compiled entry is asgi.sender's Python function bound to the
+    request, so the interpreter calls it and the server's send without entering C between them."""
+    if _recorder.COMPILED is None:
+        pytest.skip("the compiled hooks are not built here")
+    given: list[Any] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        given.append(send)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    board.assign(0, now=1.0)
+    worker = Worker()
+    _recorder.RECORDER = RequestRecorder(board, 0, worker, RecorderOptions(threaded=False))
+    entry = _asgi.RecordingApp(app, worker, _recorder.COMPILED, routes=False).entry()
+    asyncio.run(entry(CASES[0].scope(), _receive, _noop_send))
+    (send,) = given
+    assert isinstance(send, MethodType)
+    assert send.__func__ is _asgi._COMPILED_SEND
+    assert type(send.__self__).__name__ == "Recording"
+    assert board.read(0).head == 1
 
 
 def test_servers_see_the_application_through_the_compiled_entry() -> None:

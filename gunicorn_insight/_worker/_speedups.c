@@ -86,7 +86,6 @@ typedef struct {
      * in in_flight, where it reads as that tuple: see recording_item); entry_number NULL: none. */
     double start, cpu_start;
     PyObject *entry_number, *current, *shown;
-    vectorcallfunc vectorcall;
     char finished, routes;
 } Recording;
 
@@ -803,7 +802,8 @@ client_closed(PyObject *req, PyObject *resp, double duration, int *closed)
 }
 
 /* in_flight.pop(req): 1 and a new reference in *record, 0 when req is not there, -1 on error. One lookup where
- * a get and a del would be two. */
+ * a get and a del would be two (worker_instructions.py --cache-sim: those cost more instructions and more
+ * instruction-cache misses). */
 static int
 pop_in_flight(PyObject *req, PyObject **record)
 {
@@ -1137,7 +1137,7 @@ post_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
  * handed to asgi.py's own functions (queue_stamp, route_template), bound by bind_asgi.
  */
 
-static PyObject *asgi_route_template, *asgi_queue_stamp, *running_loop, *task_of_loop, *thread_ident;
+static PyObject *asgi_route_template, *asgi_queue_stamp, *running_loop, *task_of_loop, *thread_ident, *sender;
 static PyObject *s_type, *s_status, *s_more_body, *s_query_string, *s_client, *s_root_path, *s_route,
     *s_path_format, *s_asgi_scope, *s_empty, *s_get, *five_hundred;
 
@@ -1260,6 +1260,12 @@ error:
     return -1;
 }
 
+/* The route asgi_route last read a path_format from, and that format. An application's routes are made once, at
+ * startup, so the next request's route is usually the same object, and its format is read from here instead of
+ * through the attribute lookup (which walks the route's type). A strong reference: the address stays this
+ * route's. */
+static PyObject *last_route, *last_route_path;
+
 /* route_template(scope, root_path) of asgi.py: a new reference to the template or None; NULL: an exception.
  * Here only the usual case: a route whose path_format is a str, outside any mount. */
 static PyObject *
@@ -1274,15 +1280,21 @@ asgi_route(Recording *self)
         return PyErr_Occurred() ? NULL : Py_NewRef(Py_None);
     if (route == Py_None)
         return Py_NewRef(Py_None);
-    path = PyObject_GetAttr(route, s_path_format); /* Starlette's routes have it */
-    if (path == NULL) {
-        if (!PyErr_ExceptionMatches(PyExc_AttributeError))
-            return NULL;
-        PyErr_Clear();
-        goto python;
+    if (route == last_route)
+        path = Py_NewRef(last_route_path);
+    else {
+        path = PyObject_GetAttr(route, s_path_format); /* Starlette's routes have it */
+        if (path == NULL) {
+            if (!PyErr_ExceptionMatches(PyExc_AttributeError))
+                return NULL;
+            PyErr_Clear();
+            goto python;
+        }
+        if (!PyUnicode_CheckExact(path) || PyUnicode_GET_LENGTH(path) == 0)
+            goto python;
+        Py_XSETREF(last_route, Py_NewRef(route));
+        Py_XSETREF(last_route_path, Py_NewRef(path));
     }
-    if (!PyUnicode_CheckExact(path) || PyUnicode_GET_LENGTH(path) == 0)
-        goto python;
     mounted = PyDict_GetItemWithError(self->scope, s_root_path);
     if (mounted == NULL) {
         if (PyErr_Occurred())
@@ -1347,18 +1359,20 @@ done:
     Py_XDECREF(end.route);
 }
 
-/* The application's send: note the status, record the request before the last of its response goes out,
- * then hand the message on and return what the server's send returns (the awaitable the application awaits). */
+/* note(recording, message): what the application's send does before the message goes out (asgi.sender): note
+ * the status, record the request before the last of its response goes out; returns the server's send, which
+ * the message goes to. Never raises for the message: a bug of ours is reported and the message still goes. */
 static PyObject *
-recording_send(PyObject *callable, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+note(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    Recording *self = (Recording *)callable;
+    Recording *self;
     PyObject *message, *kind = NULL;
-    if (PyVectorcall_NARGS(nargsf) != 1 || (kwnames != NULL && PyTuple_GET_SIZE(kwnames) > 0)) {
-        PyErr_SetString(PyExc_TypeError, "send() takes exactly one argument, the message");
+    if (nargs != 2 || !Py_IS_TYPE(args[0], &RecordingType)) {
+        PyErr_SetString(PyExc_TypeError, "note() takes a Recording and a message");
         return NULL;
     }
-    message = args[0];
+    self = (Recording *)args[0];
+    message = args[1];
     if ((kind = get_or(message, s_type, Py_None)) == NULL)
         goto error;
     if (PyUnicode_CheckExact(kind)) {
@@ -1385,10 +1399,10 @@ recording_send(PyObject *callable, PyObject *const *args, size_t nargsf, PyObjec
     }
     goto send;
 error:
-    report_error("recording an ASGI request"); /* our bug: the message still goes out */
+    report_error("recording an ASGI request");
 send:
     Py_XDECREF(kind);
-    return PyObject_Vectorcall(self->send, args, 1, NULL);
+    return Py_NewRef(self->send);
 }
 
 /* finish(): what the layer calls once the application has returned or failed; nothing when already recorded. */
@@ -1417,7 +1431,6 @@ asgi_start(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     self = PyObject_GC_New(Recording, &RecordingType);
     if (self == NULL)
         return NULL;
-    self->vectorcall = recording_send;
     self->worker = Py_NewRef(args[0]);
     self->scope = Py_NewRef(scope);
     self->send = Py_NewRef(args[2]);
@@ -1596,11 +1609,9 @@ static PyMethodDef recording_methods[] = {
 static PyTypeObject RecordingType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "gunicorn_insight._worker._speedups.Recording",
     .tp_basicsize = sizeof(Recording),
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
-    .tp_doc = "One HTTP request through the recording ASGI layer: the request hooks' request and response, and "
-              "the send callable the application gets (see asgi_start).",
-    .tp_vectorcall_offset = offsetof(Recording, vectorcall),
-    .tp_call = PyVectorcall_Call,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "One HTTP request through the recording ASGI layer: the request hooks' request and response (see "
+              "asgi_start); the application's send is asgi.sender's function bound to it.",
     .tp_getattro = recording_getattro,
     .tp_traverse = (traverseproc)recording_traverse,
     .tp_clear = (inquiry)recording_clear,
@@ -1615,13 +1626,14 @@ static PyTypeObject RecordingType = {
  *
  * RecordingApp.__call__ is an `async def`: one coroutine of the layer's own per request, whose frame runs
  * around the application's and goes through every one of its suspensions. An Entry makes none: for an HTTP
- * scope it starts the Recording (asgi_start), calls the application with it as its send, and returns a
- * Serving, an awaitable that hands every send and throw to the application's own awaitable and finishes the
- * Recording when that one returns, raises or is closed (RecordingApp.__call__'s `finally`). Any other call
- * (the first, which hands the running loop to the watchdog; lifespan and websocket scopes; anything but three
- * positional arguments) goes to RecordingApp.__call__ itself. Attributes are RecordingApp's, which are the
- * application's, so servers see the application through it; asked for __call__, it gives RecordingApp's
- * `async def`, which is what an ASGI server checks to tell an ASGI 3 application.
+ * scope it starts the Recording (asgi_start), calls the application with asgi.sender's function bound to it as
+ * its send, and returns a Serving, an awaitable that hands every send and throw to the application's own
+ * awaitable and finishes the Recording when that one returns, raises or is closed (RecordingApp.__call__'s
+ * `finally`). Any other call (the first, which hands the running loop to the watchdog; lifespan and websocket
+ * scopes; anything but three positional arguments) goes to RecordingApp.__call__ itself. Attributes are
+ * RecordingApp's, which are the application's, so servers see the application through it; asked for
+ * __call__, it gives RecordingApp's `async def`, which is what an ASGI server checks to tell an ASGI 3
+ * application.
  */
 
 typedef struct {
@@ -1870,7 +1882,7 @@ entry_call(PyObject *callable, PyObject *const *args, size_t nargsf, PyObject *k
     Recording *recording;
     Serving *serving;
     int http;
-    if (self->delegate_next || nargs != 3 || (kwnames != NULL && PyTuple_GET_SIZE(kwnames) > 0))
+    if (self->delegate_next || sender == NULL || nargs != 3 || (kwnames != NULL && PyTuple_GET_SIZE(kwnames) > 0))
         goto layer;
     scope = args[0];
     if (!PyDict_CheckExact(scope))
@@ -1895,8 +1907,13 @@ entry_call(PyObject *callable, PyObject *const *args, size_t nargsf, PyObject *k
     }
     app_args[0] = scope;
     app_args[1] = args[1];
-    app_args[2] = (PyObject *)recording;
+    app_args[2] = PyMethod_New(sender, (PyObject *)recording);
+    if (app_args[2] == NULL) {
+        Py_DECREF(recording);
+        return NULL;
+    }
     awaitable = PyObject_Vectorcall(self->app, app_args, 3, NULL);
+    Py_DECREF(app_args[2]);
     iterator = awaitable == NULL ? NULL : awaitable_iterator(awaitable);
     Py_XDECREF(awaitable);
     if (iterator == NULL) {
@@ -2064,14 +2081,16 @@ current_task(PyObject *module, PyObject *unused)
     return task != NULL ? task : PyObject_CallNoArgs(thread_ident);
 }
 
-/* bind_asgi(route_template, queue_stamp, running_loop, task_of_loop, thread_ident): asgi.py's definitions, for
- * what asgi_start leaves to them, and what its current_task reads (task_of_loop: a dict, or a function). */
+/* bind_asgi(route_template, queue_stamp, running_loop, task_of_loop, thread_ident, sender): asgi.py's
+ * definitions, for what asgi_start leaves to them, what its current_task reads (task_of_loop: a dict, or a
+ * function), and the send function an Entry binds to each Recording. */
 static PyObject *
 bind_asgi(PyObject *module, PyObject *args)
 {
-    PyObject *route_template, *queue_stamp, *loop, *tasks, *ident;
-    if (!PyArg_ParseTuple(args, "OOOOO:bind_asgi", &route_template, &queue_stamp, &loop, &tasks, &ident))
+    PyObject *route_template, *queue_stamp, *loop, *tasks, *ident, *send;
+    if (!PyArg_ParseTuple(args, "OOOOOO:bind_asgi", &route_template, &queue_stamp, &loop, &tasks, &ident, &send))
         return NULL;
+    Py_XSETREF(sender, Py_NewRef(send));
     Py_XSETREF(asgi_route_template, Py_NewRef(route_template));
     Py_XSETREF(asgi_queue_stamp, Py_NewRef(queue_stamp));
     Py_XSETREF(running_loop, Py_NewRef(loop));
@@ -2167,8 +2186,11 @@ static PyMethodDef methods[] = {
      "gunicorn's post_request hook: write the finished request into this worker's ring."},
     {"asgi_start", (PyCFunction)(void (*)(void))asgi_start, METH_FASTCALL,
      "asgi_start($module, worker, scope, send, routes, /)\n--\n\n"
-     "The recording ASGI layer's start of an HTTP request: pre_request, then the Recording the application "
-     "gets as its send."},
+     "The recording ASGI layer's start of an HTTP request: pre_request, then the request's Recording."},
+    {"note", (PyCFunction)(void (*)(void))note, METH_FASTCALL,
+     "note($module, recording, message, /)\n--\n\n"
+     "What the application's send does before the message goes out: note the status, record the request before "
+     "the last of its response; returns the server's send."},
     {"bind_asgi", bind_asgi, METH_VARARGS,
      "Hand over asgi.py's route_template and queue_stamp, and what current_task reads (it calls this once)."},
     {"current_task", current_task, METH_NOARGS,

@@ -23,8 +23,7 @@ def bind(
 ) -> None: ...
 
 class Recording:
-    """One HTTP request through the recording ASGI layer (asgi.py): the hooks' request and response, and the
-    application's send."""
+    """One HTTP request through the recording ASGI layer (asgi.py): the hooks' request and response."""
 
     method: str
     path: str
@@ -32,19 +31,20 @@ class Recording:
     peer_addr: Any
     status_code: Any
     sock: None
-    def __call__(self, message: Any, /) -> Any: ...
     # in in_flight, it reads as recorder.InFlightRequest: (start, entry, current, method, path, CPU clock)
     def __len__(self) -> int: ...
     def __getitem__(self, index: int, /) -> Any: ...
     def finish(self) -> None: ...
 
 def asgi_start(worker: Any, scope: Any, send: Any, routes: bool, /) -> Recording: ...
+def note(recording: Recording, message: Any, /) -> Any: ...
 def bind_asgi(
     route_template: Callable[[Any, str], str | None],
     queue_stamp: Callable[[Any], Any],
     running_loop: Callable[[], Any],
     task_of_loop: Any,
     thread_ident: Callable[[], int],
+    sender: Callable[[Any, Any], Any],
     /,
 ) -> None: ...
 def current_task() -> Any: ...

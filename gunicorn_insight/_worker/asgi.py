@@ -7,7 +7,8 @@ application in :class:`RecordingApp`, which hands each HTTP request to the very 
 (compiled or Python, whichever install() chose) through a small stand-in for gunicorn's request: one
 definition of what a request writes, identical bytes in the slot. With the compiled hooks the stand-in and
 the per-request steps are C too (``_speedups.asgi_start``), falling back to this module's functions for
-anything unusual; the application's ``send`` is a plain callable, not a coroutine of the layer's own.
+anything unusual. The application's ``send`` is :func:`sender`'s plain Python function bound to the request,
+not a coroutine of the layer's own.
 
 Only ``http`` scopes are requests. ``lifespan`` and ``websocket`` scopes go to the application untouched
 and are not counted (a websocket connection can last hours: it is not a request with a duration).
@@ -21,6 +22,7 @@ import os
 import sys
 import threading
 from collections.abc import Awaitable, Callable, MutableMapping
+from types import MethodType
 from typing import Any
 
 from .._report import report
@@ -41,7 +43,7 @@ _ENVIRON_KEYS = {"X-REQUEST-START": "HTTP_X_REQUEST_START", "X-QUEUE-START": "HT
 
 class AsgiRequest:
     """One HTTP request through the layer, for the Python hooks: what they read from gunicorn's request and
-    response objects, taken from an ASGI scope, and the ``send`` the application gets.
+    response objects, taken from an ASGI scope, and what the application's ``send`` notes (:meth:`note`).
 
     One object is both request and response: ``status_code`` is what post_request reads first from a response.
     It starts at 500, what the server answers when the application fails before starting its response
@@ -80,8 +82,9 @@ class AsgiRequest:
         self._worker = worker
         self._post_request, self._routes = finishing
 
-    def __call__(self, message: Message) -> Awaitable[None]:
-        """The application's send: a plain call returning the server's awaitable, no coroutine of its own."""
+    def note(self, message: Message) -> Send:
+        """What the application's send does before the message goes out (see :func:`sender`); returns the
+        server's send."""
         try:
             kind = message.get("type")
             if kind == "http.response.start":
@@ -92,7 +95,7 @@ class AsgiRequest:
                 self.finish()
         except Exception as error:  # our bug: the message still goes out
             report("recording an ASGI request", error)
-        return self._send(message)
+        return self._send
 
     def finish(self) -> None:
         """Record the request now, unless its response has finished already."""
@@ -105,6 +108,23 @@ class AsgiRequest:
             self._post_request(worker, self, environ, self)
         except Exception as error:
             report("recording an ASGI request", error)
+
+
+def sender(note: Callable[[Any, Message], Send]) -> Callable[[Any, Message], Awaitable[None]]:
+    """The application's send, for a request bound as its first argument (``MethodType(send, request)``):
+    ``note`` records what the message says and returns the server's send, and the message goes there.
+
+    A plain Python function, not a callable object: the interpreter runs it, and the server's ``send`` it calls,
+    in the frame loop it is already in. A C callable in between made the interpreter start a new one for each
+    message (the server's send is a coroutine function: calling it runs Python code)."""
+
+    def send(request: Any, message: Message) -> Awaitable[None]:
+        return note(request, message)(message)
+
+    return send
+
+
+_PYTHON_SEND = sender(AsgiRequest.note)
 
 
 def request_environ(scope: Scope, root_path: str, routes: bool) -> dict[str, Any]:
@@ -242,16 +262,15 @@ class RecordingApp:
         # The compiled hooks get the compiled request (one C call to start, none per message but the send's);
         # any other pair, the Python one: the same steps, so the same bytes.
         compiled = _compiled_start()
-        start = compiled if compiled is not None and hooks == recorder.COMPILED else _python_start(hooks, routes)
+        if compiled is not None and hooks == recorder.COMPILED:
+            start, send = compiled, _COMPILED_SEND
+        else:
+            start, send = _python_start(hooks, routes), _PYTHON_SEND
         # What a request needs, read with one attribute lookup: __getattr__ (below) makes each lookup on this
         # object a slow one (the interpreter does not specialize them).
-        self._serving: tuple[Any, Callable[..., Any], Any, Callable[[Scope, Receive, Send], Awaitable[None]], bool] = (
-            on_loop,
-            start,
-            worker,
-            app3,
-            routes,
-        )
+        self._serving: tuple[
+            Any, Callable[..., Any], Any, Callable[[Scope, Receive, Send], Awaitable[None]], bool, Callable[..., Any]
+        ] = (on_loop, start, worker, app3, routes, send)
 
     def __getattr__(self, name: str) -> Any:
         if name == "app":  # not set yet (copy, pickle): no recursion
@@ -261,7 +280,7 @@ class RecordingApp:
     def entry(self) -> Any:
         """What the server should call: with the compiled hooks, ``_speedups.Entry``, the same steps as
         :meth:`__call__` without a coroutine of the layer's own per request; else this object."""
-        _, start, worker, app, routes = self._serving
+        _, start, worker, app, routes, _ = self._serving
         if start is not _compiled_start():
             return self
         from . import _speedups
@@ -269,9 +288,9 @@ class RecordingApp:
         return _speedups.Entry(self, worker, app, routes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        on_loop, start, worker, app, routes = self._serving
+        on_loop, start, worker, app, routes, send_through = self._serving
         if on_loop is not None:  # the first call (lifespan, at startup): the loop the server runs
-            self._serving = (None, start, worker, app, routes)
+            self._serving = (None, start, worker, app, routes, send_through)
             try:
                 on_loop(asyncio.get_running_loop())
             except Exception as error:
@@ -286,7 +305,7 @@ class RecordingApp:
             await app(scope, receive, send)
             return
         try:
-            await app(scope, receive, request)
+            await app(scope, receive, MethodType(send_through, request))
         finally:
             # The application failed, or returned without finishing its response: recorded now (else nothing).
             request.finish()
@@ -331,9 +350,19 @@ def _compiled_current_task() -> Callable[[], Any] | None:
         return None
     from . import _speedups
 
-    _speedups.bind_asgi(route_template, queue_stamp, _RUNNING_LOOP, _TASK_OF_LOOP, threading.get_ident)
+    _speedups.bind_asgi(route_template, queue_stamp, _RUNNING_LOOP, _TASK_OF_LOOP, threading.get_ident, _COMPILED_SEND)
     return _speedups.current_task
 
+
+def _compiled_send() -> Callable[[Any, Message], Awaitable[None]] | None:
+    if recorder.COMPILED is None:
+        return None
+    from . import _speedups
+
+    return sender(_speedups.note)
+
+
+_COMPILED_SEND: Any = _compiled_send()
 
 current_task: Callable[[], Any] = _compiled_current_task() or _current_task
 """What serves the request now, for the scoreboard and the watchdog: the asyncio task (its stack is the
