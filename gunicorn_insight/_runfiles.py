@@ -247,7 +247,28 @@ def write_json(path: str, payload: Mapping[str, Any]) -> None:
 def encode(record: ServerInfo | StatusRecord) -> dict[str, Any]:
     """The record as the JSON object its file holds, format number first."""
     form = SERVER_FORMAT if isinstance(record, ServerInfo) else STATUS_FORMAT
-    return {"format": form, **dataclasses.asdict(record)}
+    return {"format": form, **_plain(record)}
+
+
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+
+def _plain(value: Any) -> Any:
+    """What ``json.dumps(dataclasses.asdict(value))`` writes, made without asdict's deep copy of every value:
+    the master writes status.json every round (a record with ten exits: 30 µs here, 139 through asdict)."""
+    kind = type(value)
+    if kind is str or kind is int or kind is float or kind is bool or value is None:
+        return value
+    names = _FIELD_NAMES.get(kind)
+    if names is None and dataclasses.is_dataclass(value) and not isinstance(value, type):
+        names = _FIELD_NAMES[kind] = tuple(field.name for field in dataclasses.fields(value))
+    if names is not None:
+        return {name: _plain(getattr(value, name)) for name in names}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    return value
 
 
 _R = TypeVar("_R")

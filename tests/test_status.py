@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
 from typing import Any
 
 import pytest
-from fakes import server_info
+from fakes import server_info, status_record
 
 from gunicorn_insight._facts import Round
 from gunicorn_insight._runfiles import (
@@ -17,6 +18,8 @@ from gunicorn_insight._runfiles import (
     STATUS_FILE,
     STATUS_FORMAT,
     ContractError,
+    Growth,
+    HeldMemory,
     Listener,
     ServerInfo,
     StatusFiles,
@@ -65,6 +68,22 @@ def test_status_json_reads_back_as_written(tmp_path: Path) -> None:
     assert status.listen_overflows == 4
     assert [(item.pid, item.request) for item in status.recent_exits] == [(11, "GET /x"), (12, None)]
     assert isinstance(status.recent_exits[0], WorkerExit)
+
+
+def test_encode_writes_what_dataclasses_asdict_writes() -> None:
+    """encode's own conversion writes the JSON asdict gave, nested records, tuples, dicts and None included."""
+    record = status_record(
+        listeners=(Listener("http://127.0.0.1:8000", 3, 2048, 12), Listener("unix:/run/app.sock", None, None)),
+        recent_exits=(WorkerExit(1.5, 11, 0, "timeout", "SIGABRT", 3.0, 7, 1 << 20, "GET /x", 30.5),),
+        held_memory=(HeldMemory(0, 11, 4 << 20, 50 << 20, 1, 9, 120, 0.99, 1.5),),
+        growth=(Growth(1, 12, "open_fds", 10, 1010, 1000, 1000.0, "files 990"),),
+        host={"pressure": {"cpu": [0.5, 1.0]}, "cgroup": None, "limits": (1, 2)},
+        stalled_since=12.25,
+    )
+    expected = {"format": STATUS_FORMAT, **dataclasses.asdict(record)}
+    assert json.dumps(encode(record)) == json.dumps(expected)
+    info = server_info("/s", binds=("127.0.0.1:8000", "unix:/run/app.sock"))
+    assert json.dumps(encode(info)) == json.dumps({"format": SERVER_FORMAT, **dataclasses.asdict(info)})
 
 
 def as_json(record: ServerInfo | StatusRecord) -> dict[str, Any]:
