@@ -44,13 +44,17 @@ def start(
     )
 
 
+@pytest.mark.parametrize("compiled", ["true", "false"], ids=["compiled", "python"])
 @pytest.mark.parametrize("worker_class", ASGI_CLASSES)
 def test_fastapi_requests_counted_by_status_with_route_templates(
-    worker_class: str, process_factory: ProcessFactory
+    worker_class: str, compiled: str, process_factory: ProcessFactory
 ) -> None:
     """Every FastAPI request is counted exactly by status, with a duration, and labelled with its route template
-    (a mounted application's too), never the raw path; no access log needed."""
-    server = start(process_factory, worker_class, "fastapi_app:app", workers=2, env=ROUTES)
+    (a mounted application's too), never the raw path; no access log needed; with either hooks."""
+    env = {**ROUTES, "GUNICORN_INSIGHT_COMPILED_HOOKS": compiled}
+    server = start(process_factory, worker_class, "fastapi_app:app", workers=2, env=env)
+    hooks = "compiled" if compiled == "true" else "python"
+    server.process.wait_for_log(rf"gunicorn-insight: .*\(worker class \S+, {hooks} request hooks", timeout=10)
     for item in range(12):
         assert server.get(f"/items/{item}") == 200
     for order in range(3):
