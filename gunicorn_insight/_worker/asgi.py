@@ -259,7 +259,7 @@ class RecordingApp:
         app3: Callable[[Scope, Receive, Send], Awaitable[None]] = (
             app if asgi3 else lambda scope, receive, send: app(scope)(receive, send)
         )
-        # The compiled hooks get the compiled request (one C call to start, none per message but the send's);
+        # The compiled hooks get the compiled request (one C call to start, and one per message in its send);
         # any other pair, the Python one: the same steps, so the same bytes.
         compiled = _compiled_start()
         if compiled is not None and hooks == recorder.COMPILED:
@@ -345,26 +345,22 @@ def _compiled_start() -> Callable[[Any, Scope, Send, bool], Any] | None:
     return _speedups.asgi_start
 
 
-def _compiled_current_task() -> Callable[[], Any] | None:
+def _bind_compiled() -> tuple[Callable[[], Any], Callable[[Any, Message], Awaitable[None]]] | None:
+    """_speedups bound to this module's definitions: its current_task, and the send an Entry binds to each of
+    its Recordings (sender over _speedups.note); None where the compiled hooks are not built."""
     if recorder.COMPILED is None:
         return None
     from . import _speedups
 
-    _speedups.bind_asgi(route_template, queue_stamp, _RUNNING_LOOP, _TASK_OF_LOOP, threading.get_ident, _COMPILED_SEND)
-    return _speedups.current_task
+    send = sender(_speedups.note)
+    _speedups.bind_asgi(route_template, queue_stamp, _RUNNING_LOOP, _TASK_OF_LOOP, threading.get_ident, send)
+    return _speedups.current_task, send
 
 
-def _compiled_send() -> Callable[[Any, Message], Awaitable[None]] | None:
-    if recorder.COMPILED is None:
-        return None
-    from . import _speedups
+_COMPILED = _bind_compiled()
+_COMPILED_SEND: Any = None if _COMPILED is None else _COMPILED[1]
 
-    return sender(_speedups.note)
-
-
-_COMPILED_SEND: Any = _compiled_send()
-
-current_task: Callable[[], Any] = _compiled_current_task() or _current_task
+current_task: Callable[[], Any] = _current_task if _COMPILED is None else _COMPILED[0]
 """What serves the request now, for the scoreboard and the watchdog: the asyncio task (its stack is the
 request's), or the thread where there is none (another event loop library). In C where the hooks are."""
 
