@@ -90,6 +90,10 @@ def start(
             **env,
         },
     )
+    # The readiness probe's bare connect can still sit in the TCP queue when a test makes the workers stop
+    # accepting. The accept queue is first in, first out: once a later request over TCP is answered, the probe
+    # has left it, and only the connections a test sends over the unix socket can wait.
+    assert server.get("/") == 200
     return server, path
 
 
