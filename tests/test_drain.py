@@ -227,3 +227,21 @@ def test_a_ready_workers_cpu_counts_from_when_it_became_ready(board: sb.Scoreboa
     finish(rec, req, {}, FakeResponse("200 OK"))
     sb.RING.pack_into(board.buffer, board.ring_offset(0), 1.0, sb.NO_QUEUE_TIME, 200, 0, 0, 0, math.nan)
     assert drainer.collect().request_cpu == {("GET", 200, ""): 1.25}  # 2.0 - 0.75
+
+
+def test_any_nan_reads_as_none_and_each_duration_is_counted_once(board: sb.Scoreboard) -> None:
+    """A round of one key, with the NaN workers write or another NaN (the sign flipped) for "no queue header"
+    and "no CPU of its own": none is a queue time, the one number is; each duration is in both lists once."""
+    drainer = Drainer(board, by_status=True)
+    board.assign(0, 0.0)
+    base = board.ring_offset(0)
+    records = [(0.3, math.nan, math.nan), (0.1, -math.nan, -math.nan), (0.2, 0.05, math.nan), (0.4, math.nan, math.nan)]
+    for n, (duration, queue, cpu) in enumerate(records):
+        sb.RING.pack_into(board.buffer, base + n * sb.RING_SIZE, duration, queue, 200, 0, 0, 0, cpu)
+    sb.store(board.buffer, board.offset(0) + sb.OFF_HEAD, sb.HEAD_CONNS, len(records), 0)
+    facts = drainer.collect()
+    assert (facts.queue_times, facts.queue_invalid) == ([0.05], 0)
+    assert facts.requests == {("GET", 200, ""): 4}
+    assert sorted(facts.durations["GET", ""]) == sorted(facts.status_durations["GET", 200, ""]) == [0.1, 0.2, 0.3, 0.4]
+    # No CPU of their own: a share of the worker's (none yet, a first reading), never a NaN sum.
+    assert facts.request_cpu == {("GET", 200, ""): 0.0}

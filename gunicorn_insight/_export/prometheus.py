@@ -244,7 +244,8 @@ def _gauge(name: str, documentation: str, labelnames: tuple[str, ...] = ()) -> _
 def bucket_counts(bounds: Sequence[float], values: list[float], total: float) -> list[int]:
     """How many of ``values`` fall in each bucket (le = each bound, then +Inf): ``bisect_left(bounds, value)``
     of each, counted from one sort in C and a bisect per bound, not a bisect per value (a round carries one
-    value per request). ``total`` is their sum: NaN says one is NaN, which no order places, so then each value
+    value per request; the drain hands over each slot's durations sorted, which the sort then takes in one
+    pass). ``total`` is their sum: NaN says one is NaN, which no order places, so then each value
     is placed on its own, where bisect puts NaN (the first bucket)."""
     if isnan(total):
         counts = [0] * (len(bounds) + 1)

@@ -6,6 +6,7 @@ This is the single place where a number is computed: the StatsD and Prometheus s
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import time
@@ -22,6 +23,7 @@ from .._report import RateLimitedLog
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 _SWAP = sys.byteorder != "little"  # the ring is little-endian; arrays use the machine's order
+_NAN = array("d", [sb.NO_QUEUE_TIME]).tobytes()  # what workers write for "none": no queue header, no CPU of its own
 
 
 def _method_name(method: int) -> str:
@@ -37,6 +39,20 @@ def _status(key: int) -> int:
 def _group(key: int, label_of: dict[int, str]) -> tuple[str, int, str]:
     """(method, status, route label) of a ring record's key (see sb.RING)."""
     return (_method_name(key >> 16 & 0xFFFF), _status(key), label_of[key >> 32 & 0xFFFF])
+
+
+def _tally(keys: array[int]) -> Counter[int]:
+    """How many records carry each key. A slot's round usually has one key (one route, one status): told by
+    comparing bytes, where counting boxes every key."""
+    if keys and keys.tobytes() == keys[:1].tobytes() * len(keys):
+        return Counter({keys[0]: len(keys)})
+    return Counter(keys)
+
+
+def _all_nan(values: array[float]) -> bool:
+    """Whether every value is the NaN workers write for "none", told by comparing bytes (any other NaN, or a
+    number, reads False: the caller then looks at each value)."""
+    return values.tobytes() == _NAN * len(values)
 
 
 def resident_bytes(pid: int) -> int:
@@ -156,32 +172,40 @@ class Drainer:
         step = sb.RING_WORDS
         keys = words[2::step]  # status | method << 16 | route << 32 | outcome << 48: see sb.RING
         durations = doubles[0::step]
-        counts = Counter(keys)
+        counts = _tally(keys)
         label_of = self._count(index, counts, result)
         groups = {key >> 16 & 0xFFFFFFFF for key in counts}
         if len(groups) == 1:
             (group,) = groups
-            self._durations(result, group, label_of).extend(durations.tolist())
+            # Sorted once here: the histograms' bucket counts sort each list again, which takes one pass over
+            # runs already in order (a list holds one run per slot).
+            chunk = durations.tolist()
+            chunk.sort()
+            self._durations(result, group, label_of).extend(chunk)
         else:
+            chunk = None
             for key, duration in zip(keys, durations, strict=True):
                 self._durations(result, key >> 16 & 0xFFFFFFFF, label_of).append(duration)
         if self._by_status:
-            self._status_durations(result, counts, keys, durations, label_of)
+            self._status_durations(result, counts, keys, durations, label_of, chunk=chunk)
+        completed = sum(durations)
         self._request_cpu(
             self._unshared[index],
             result,
             counts=counts,
             keys=keys,
             durations=durations,
+            total=completed,
             cpus=doubles[3::step],
             label_of=label_of,
         )
-        completed = sum(durations)
-        for queue in filterfalse(isnan, doubles[1::step]):  # NaN: the request carried no queue header
-            if queue >= 0:
-                result.queue_times.append(queue)
-            else:
-                result.queue_invalid += 1
+        queues = doubles[1::step]
+        if not _all_nan(queues):  # NaN: the request carried no queue header
+            for queue in filterfalse(isnan, queues):
+                if queue >= 0:
+                    result.queue_times.append(queue)
+                else:
+                    result.queue_invalid += 1
         self._completed[index] += completed
         self._cursors[index] = head
 
@@ -207,19 +231,21 @@ class Drainer:
         counts: Counter[int],
         keys: array[int],
         durations: array[float],
+        total: float,
         cpus: array[float],
         label_of: dict[int, str],
     ) -> None:
         """CPU seconds by (method, status, route): the records' own where they carry one. A worker class that runs
         many requests on one thread writes NaN; those requests share the worker's CPU time of the round in
-        proportion to their durations, once the round has read it (_share_worker_cpu)."""
+        proportion to their durations, once the round has read it (_share_worker_cpu). ``total``: the sum of
+        ``durations``."""
         request_cpu = result.request_cpu
         if len(counts) == 1:  # the usual round of a slot: one key, so sums in C (NaN: no CPU of their own)
             (key,) = counts
             group = _group(key, label_of)
-            cpu = sum(cpus)
+            cpu = math.nan if _all_nan(cpus) else sum(cpus)
             if isnan(cpu):
-                share[group] = share.get(group, 0.0) + sum(durations)
+                share[group] = share.get(group, 0.0) + total
             else:
                 request_cpu[group] = request_cpu.get(group, 0.0) + cpu
             return
@@ -266,15 +292,22 @@ class Drainer:
 
     @staticmethod
     def _status_durations(
-        result: Round, counts: Counter[int], keys: array[int], durations: array[float], label_of: dict[int, str]
+        result: Round,
+        counts: Counter[int],
+        keys: array[int],
+        durations: array[float],
+        label_of: dict[int, str],
+        *,
+        chunk: list[float] | None,
     ) -> None:
-        """Durations grouped by the whole key (status, method, route); one list lookup per distinct key."""
+        """Durations grouped by the whole key (status, method, route); one list lookup per distinct key.
+        ``chunk``: the durations as a list already made (sorted), where they are one (method, route) group."""
         lists = {}
         for key in counts:
             group = _group(key, label_of)
             lists[key] = result.status_durations.setdefault(group, [])
         if len(lists) == 1:
-            next(iter(lists.values())).extend(durations.tolist())
+            next(iter(lists.values())).extend(durations.tolist() if chunk is None else chunk)
             return
         for key, duration in zip(keys, durations, strict=True):
             lists[key].append(duration)
