@@ -6,7 +6,6 @@ This is the single place where a number is computed: the StatsD and Prometheus s
 from __future__ import annotations
 
 import logging
-import math
 import os
 import sys
 import time
@@ -15,6 +14,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from itertools import filterfalse
 from math import isnan
+from typing import Any
 
 from .. import _scoreboard as sb
 from .._facts import NO_RESPONSE, Round
@@ -23,7 +23,9 @@ from .._report import RateLimitedLog
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 _SWAP = sys.byteorder != "little"  # the ring is little-endian; arrays use the machine's order
-_NAN = array("d", [sb.NO_QUEUE_TIME]).tobytes()  # what workers write for "none": no queue header, no CPU of its own
+# What workers write for "none" (no queue header, no CPU time of its own). Another NaN does not match it: the
+# column is then read value by value, where isnan() tells any NaN.
+_NAN = array("d", [sb.NO_QUEUE_TIME]).tobytes()
 
 
 def _method_name(method: int) -> str:
@@ -41,18 +43,17 @@ def _group(key: int, label_of: dict[int, str]) -> tuple[str, int, str]:
     return (_method_name(key >> 16 & 0xFFFF), _status(key), label_of[key >> 32 & 0xFFFF])
 
 
+def _each_is(values: array[Any], item: bytes) -> bool:
+    """Whether every value of a ring column is ``item`` (its bytes): one comparison of bytes, where looking at
+    each value boxes it."""
+    return values.tobytes() == item * len(values)
+
+
 def _tally(keys: array[int]) -> Counter[int]:
-    """How many records carry each key. A slot's round usually has one key (one route, one status): told by
-    comparing bytes, where counting boxes every key."""
-    if keys and keys.tobytes() == keys[:1].tobytes() * len(keys):
+    """How many records carry each key; a slot's round usually has one key (one route, one status)."""
+    if keys and _each_is(keys, keys[:1].tobytes()):
         return Counter({keys[0]: len(keys)})
     return Counter(keys)
-
-
-def _all_nan(values: array[float]) -> bool:
-    """Whether every value is the NaN workers write for "none", told by comparing bytes (any other NaN, or a
-    number, reads False: the caller then looks at each value)."""
-    return values.tobytes() == _NAN * len(values)
 
 
 def resident_bytes(pid: int) -> int:
@@ -200,7 +201,7 @@ class Drainer:
             label_of=label_of,
         )
         queues = doubles[1::step]
-        if not _all_nan(queues):  # NaN: the request carried no queue header
+        if not _each_is(queues, _NAN):  # NaN: the request carried no queue header
             for queue in filterfalse(isnan, queues):
                 if queue >= 0:
                     result.queue_times.append(queue)
@@ -243,8 +244,7 @@ class Drainer:
         if len(counts) == 1:  # the usual round of a slot: one key, so sums in C (NaN: no CPU of their own)
             (key,) = counts
             group = _group(key, label_of)
-            cpu = math.nan if _all_nan(cpus) else sum(cpus)
-            if isnan(cpu):
+            if _each_is(cpus, _NAN) or isnan(cpu := sum(cpus)):
                 share[group] = share.get(group, 0.0) + total
             else:
                 request_cpu[group] = request_cpu.get(group, 0.0) + cpu
@@ -306,8 +306,8 @@ class Drainer:
         for key in counts:
             group = _group(key, label_of)
             lists[key] = result.status_durations.setdefault(group, [])
-        if len(lists) == 1:
-            next(iter(lists.values())).extend(durations.tolist() if chunk is None else chunk)
+        if len(lists) == 1 and chunk is not None:  # one key is one (method, route) group: listed already
+            next(iter(lists.values())).extend(chunk)
             return
         for key, duration in zip(keys, durations, strict=True):
             lists[key].append(duration)
