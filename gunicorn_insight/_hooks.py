@@ -702,7 +702,7 @@ def post_fork(server: Any, worker: Any) -> None:
         if master.plan.worker_kind in ASGI_APP_ATTRIBUTES:
             current = current_task  # only the ASGI layer records there, inside the request's task
         if master.plan.worker_kind == "uvicorn":
-            worker.nr_conns = 0  # the recorder reads it from the start; counted once the server runs
+            worker.nr_conns = 0  # the watchdog publishes it from the start; counted once the server runs
         _recorder.RECORDER = RequestRecorder(master.board, slot, worker, master.plan.recorder, current)
         if master.log_lines is not None:  # the logger object came wrapped from the master: count into the slot
             master.log_lines.in_worker(log_line_counters(master.board.buffer, master.board.offset(slot)).count)

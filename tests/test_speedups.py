@@ -509,3 +509,25 @@ def test_the_extension_is_built_from_the_c_file_as_it_is(
 
     source = Path(_recorder.__file__).with_name("_speedups.c")
     assert Path(_speedups.__file__).stat().st_mtime >= source.stat().st_mtime, "rebuild the extension"
+
+
+@pytest.mark.parametrize("implementation", sorted(fakes.IMPLEMENTATIONS))
+def test_connections_counted_at_the_tick_are_left_to_the_tick(board: sb.Scoreboard, implementation: str) -> None:
+    """With connections_at_tick (uvicorn's worker) a request's end leaves the slot's connections as the tick
+    published them; without it each request publishes the worker's nr_conns."""
+    pre_request, post_request = fakes.IMPLEMENTATIONS[implementation]
+    board.assign(0, now=1.0)
+    published = []
+    try:
+        for at_tick in (True, False):
+            worker = Worker()
+            _recorder.RECORDER = rec = RequestRecorder(board, 0, worker, RecorderOptions(connections_at_tick=at_tick))
+            rec.refresh_connections()
+            worker.nr_conns = 9
+            req = FakeRequest()
+            pre_request(None, req)
+            post_request(None, req, {}, FakeResponse("200 OK"))
+            published.append(board.read(0).connections_now)
+    finally:
+        _recorder.RECORDER = None
+    assert published == [3, 9]

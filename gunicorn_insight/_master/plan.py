@@ -104,6 +104,7 @@ class Plan:
                 threaded=kind not in ONE_THREAD_KINDS,
                 slow_after=_slow_after(settings, cfg),
                 thread_cpu=kind in THREAD_PER_REQUEST_KINDS,
+                connections_at_tick=kind == "uvicorn",
             ),
             per_worker_capacity=concurrency,
             workers=workers,

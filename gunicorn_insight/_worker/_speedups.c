@@ -94,7 +94,8 @@ typedef struct {
     PyObject *recorder;
     int delegate; /* 1: the recorder is not the kind this file was written for: the Python hooks serve */
     PyObject *lock; /* gthread's: post_request holds it throughout, as the Python hook does; NULL: none */
-    PyObject *buffer, *free_entries, *in_flight, *current, *excluded, *route_ids, *worker;
+    PyObject *buffer, *free_entries, *in_flight, *current, *excluded, *route_ids,
+        *request_worker; /* recorder._request_worker: whose nr_conns each request publishes, or None */
     Py_ssize_t head_offset, ring_offset, flags_offset;
     unsigned long long mask;
     int redact, queue, atoms, routes, resolves_by_key, thread_cpu;
@@ -129,7 +130,7 @@ clear_bound(void)
     Py_CLEAR(bound.current);
     Py_CLEAR(bound.excluded);
     Py_CLEAR(bound.route_ids);
-    Py_CLEAR(bound.worker);
+    Py_CLEAR(bound.request_worker);
     Py_CLEAR(bound.lock);
     PyMem_Free(bound.busy_offsets);
     bound.busy_offsets = NULL;
@@ -273,7 +274,7 @@ bind_recorder(PyObject *recorder)
         || read_object(recorder, "_current", &bound.current) < 0
         || read_object(recorder, "_excluded", &bound.excluded) < 0
         || read_object(recorder, "_route_ids", &bound.route_ids) < 0
-        || read_object(recorder, "_worker", &bound.worker) < 0
+        || read_object(recorder, "_request_worker", &bound.request_worker) < 0
         || read_ssize(recorder, "_head_offset", &bound.head_offset) < 0
         || read_ssize(recorder, "_ring_offset", &bound.ring_offset) < 0
         || read_ssize(recorder, "_flags_offset", &bound.flags_offset) < 0 || read_ssize(recorder, "_mask", &mask) < 0
@@ -1014,8 +1015,8 @@ finish_request(PyObject *const *args, Py_ssize_t nargs, const AsgiEnd *end)
         goto error;
     if ((method_number = method_number_of(method)) == -1 && PyErr_Occurred())
         goto error;
-    if (bound.worker != Py_None) {
-        if ((connections = PyObject_GetAttr(bound.worker, s_nr_conns)) == NULL)
+    if (bound.request_worker != Py_None) {
+        if ((connections = PyObject_GetAttr(bound.request_worker, s_nr_conns)) == NULL)
             goto error;
         conns = PyLong_AsUnsignedLongLong(connections);
         if (conns == (unsigned long long)-1 && PyErr_Occurred())
@@ -1073,7 +1074,8 @@ finish_request(PyObject *const *args, Py_ssize_t nargs, const AsgiEnd *end)
          * once this head passes it. */
         __atomic_thread_fence(__ATOMIC_RELEASE);
         memcpy(buf + bound.head_offset, &head, 8);
-        memcpy(buf + bound.head_offset + 8, &conns32, 4);
+        if (bound.request_worker != Py_None)
+            memcpy(buf + bound.head_offset + 8, &conns32, 4);
         if (entry >= 0) {
             if (buf[bound.flags_offset] & DYING) {
                 /* a signal handler cut the request short: keep it visible for the master's report, marked

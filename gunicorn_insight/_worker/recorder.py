@@ -197,6 +197,9 @@ class RecorderOptions:
     threaded: bool = True  # the worker class runs requests on several OS threads (gthread, unknown classes)
     slow_after: float = 0.0  # a request the client left after this many seconds is logged; 0: none is
     thread_cpu: bool = False  # each request owns its OS thread (sync, gthread): its CPU is the thread's CPU clock
+    # The worker's nr_conns changes only at the watchdog's tick, which publishes it (uvicorn's, copied there from
+    # its server): the hooks do not read it again for each request.
+    connections_at_tick: bool = False
 
 
 class RequestRecorder:
@@ -230,6 +233,7 @@ class RequestRecorder:
         "_overflow_offset",
         "_queue",
         "_redact",
+        "_request_worker",
         "_resolve",
         "_resolves_by_key",
         "_ring_offset",
@@ -296,6 +300,7 @@ class RequestRecorder:
         self._route_ids = {name: n + 1 for n, name in enumerate(board.route_names(slot))}
         self._routes_used = len(self._route_ids)
         self._worker = worker if hasattr(worker, "nr_conns") else None
+        self._request_worker = None if options.connections_at_tick else self._worker
         flags = sb.FLAG_COUNTS_CONNECTIONS if self._worker is not None else 0
         sb.store(self._buffer, start + sb.OFF_BASE, sb.BASE, self._head)
         sb.store(self._buffer, start + sb.OFF_FLAGS, sb.FLAGS, flags)
@@ -585,8 +590,8 @@ def post_request(worker: Any, req: Any, environ: Any, resp: Any) -> None:  # noq
         rec._head = head = head + 1
         # Publishing the head after the record is what makes the record visible to the master.
         rec._words[rec._head_index] = head
-        if rec._worker is not None:
-            rec._halfwords[rec._conns_index] = rec._worker.nr_conns
+        if rec._request_worker is not None:
+            rec._halfwords[rec._conns_index] = rec._request_worker.nr_conns
         if entry >= 0:
             if rec.dying:
                 # Cut short by a signal: keep it visible for the master's report, marked as counted here so
