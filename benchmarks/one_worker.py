@@ -2,7 +2,8 @@
 """One worker's CPU per request, bare against gunicorn-insight, in alternating rounds: the steadier timing.
 
     python benchmarks/one_worker.py [--worker uvicorn|sync|gthread|gevent] [--config everything]
-                                    [--rounds 12] [--seconds 4] [--connections 4] [--json PATH]
+                                    [--app hello|fastapi] [--rounds 12] [--seconds 4] [--connections 4]
+                                    [--json PATH]
 
 bench.py's rows run two workers on the same two cores as wrk; on a 2-core VM which worker takes which
 connection, and what runs beside it, moves a row's pairs by 15% either way, wider than a 5% budget. Here
@@ -13,9 +14,13 @@ each process spent meanwhile in nanoseconds (``/proc/PID/schedstat``, where ``st
 
 Reported per side: the worker's CPU per request, and the server's (worker, master and the plugin's helper
 processes), median and lowest of the rounds. The lowest is the least disturbed; a ratio of medians is the
-budget's measure. The configurations and applications are bench.py's (``--config`` is one of its plugin
-configurations; ``everything`` exports to StatsD, /metrics and OTLP with every optional feature on).
-Needs 2 CPUs or more, and wrk.
+budget's measure, given with its 95% interval (the rounds of each side resampled): a round's CPU per request
+moves by about 5% on this kind of machine, so 30 rounds still leave the ratio uncertain by about a point
+either way. The configurations and applications are bench.py's (``--config`` is one of its plugin
+configurations, ``everything`` exporting to StatsD, /metrics and OTLP with every optional feature on, or
+``fastapi-instrumentator``, FastAPI's usual metrics middleware, in the plugin's place); ``--app fastapi``
+serves FastAPI's hello on both sides instead of the row's plain ASGI one, which is what the instrumentator
+is measured on. Needs 2 CPUs or more, and wrk.
 """
 
 from __future__ import annotations
@@ -23,11 +28,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import statistics
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -35,6 +41,8 @@ sys.path.insert(0, str(HERE))
 import bench  # noqa: E402 -- the benchmark's servers, sinks and load, found through the line above
 
 WARMUP_SECONDS = 1.0
+BOOTSTRAP_RESAMPLES = 4000
+APPS = {"hello": None, "fastapi": "hello_fastapi:app"}  # None: the row's own (bench.APPS)
 
 
 @dataclass
@@ -91,6 +99,17 @@ def one_round(
     return Round(side, result.requests, worker_us, server_us)
 
 
+def ratio_interval(bare: list[float], plugin: list[float], resamples: int = BOOTSTRAP_RESAMPLES) -> tuple[float, float]:
+    """The 95% interval of the ratio of medians, by resampling each side's rounds (seeded: the same rounds give
+    the same interval). A budget is met beyond doubt only when the interval ends below it."""
+    draw = random.Random(0).choices
+    ratios = sorted(
+        statistics.median(draw(plugin, k=len(plugin))) / statistics.median(draw(bare, k=len(bare)))
+        for _ in range(resamples)
+    )
+    return ratios[int(resamples * 0.025)], ratios[int(resamples * 0.975) - 1]
+
+
 def summary(rounds: list[Round]) -> dict[str, dict[str, float]]:
     result = {}
     for side in ("bare", "plugin"):
@@ -104,10 +123,21 @@ def summary(rounds: list[Round]) -> dict[str, dict[str, float]]:
     return result
 
 
-def main() -> int:
+def arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--worker", choices=sorted(bench.WORKER_CLASSES), default="uvicorn")
-    parser.add_argument("--config", choices=sorted(bench.PLUGIN_CONFIGS), default="everything")
+    parser.add_argument(
+        "--config",
+        choices=sorted([*bench.PLUGIN_CONFIGS, "fastapi-instrumentator"]),
+        default="everything",
+        help="the plugin's configuration (bench.py's), or the FastAPI instrumentator in its place",
+    )
+    parser.add_argument(
+        "--app",
+        choices=sorted(APPS),
+        default="hello",
+        help="the row's own application (hello), or FastAPI's hello (benchmarks/hello_fastapi.py) on both sides",
+    )
     parser.add_argument("--rounds", type=int, default=12, help="rounds per side (default 12)")
     parser.add_argument("--seconds", type=float, default=4.0, help="measured load per round (default 4)")
     parser.add_argument("--connections", type=int, default=4, help="wrk's connections (default 4)")
@@ -120,10 +150,19 @@ def main() -> int:
         parser.error(f"needs 2 CPUs (one for the worker, one for the rest); this process may run on {allowed}")
     if shutil.which("wrk") is None:
         parser.error("needs wrk (Debian: apt-get install wrk)")
+    if (args.app == "fastapi" or args.config == "fastapi-instrumentator") and args.worker != "uvicorn":
+        parser.error("FastAPI's application and its instrumentator run on --worker uvicorn")
     args.cpus = (allowed[0], allowed[-1])
+    return args
+
+
+def main() -> int:
+    args = arguments()
     os.sched_setaffinity(0, {args.cpus[0]})  # this process, so the sink and wrk it starts, beside the master
     row = bench.Row(args.worker, args.config)
     launches = {"bare": bench.launch_for(row, False), "plugin": bench.launch_for(row, True)}
+    if APPS[args.app] is not None:
+        launches = {side: replace(launch, app=APPS[args.app]) for side, launch in launches.items()}
     workdir = Path(tempfile.mkdtemp(prefix="gunicorn-insight-one-worker-"))
     supervisor = bench.Supervisor(workdir)
     rounds: list[Round] = []
@@ -159,10 +198,16 @@ def main() -> int:
         bare, plugin = result["bare"], result["plugin"]
         median_ratio = plugin[f"{measure}_median_us"] / bare[f"{measure}_median_us"]
         lowest_ratio = plugin[f"{measure}_lowest_us"] / bare[f"{measure}_lowest_us"]
+        low, high = ratio_interval(
+            [r.worker_us if measure == "worker" else r.server_us for r in rounds if r.side == "bare"],
+            [r.worker_us if measure == "worker" else r.server_us for r in rounds if r.side == "plugin"],
+        )
+        result[measure] = {"ratio": median_ratio, "interval_low": low, "interval_high": high}
         print(
             f"{measure:6}: bare {bare[f'{measure}_median_us']:.1f} µs (lowest {bare[f'{measure}_lowest_us']:.1f}), "
             f"plugin {plugin[f'{measure}_median_us']:.1f} µs (lowest {plugin[f'{measure}_lowest_us']:.1f}): "
-            f"ratio {median_ratio:.3f} by medians, {lowest_ratio:.3f} by the lowest"
+            f"ratio {median_ratio:.3f} by medians (95% interval {low:.3f} to {high:.3f}), {lowest_ratio:.3f} by the "
+            "lowest"
         )
     if args.json:
         document = {"row": row.name, "code": code, "settings": vars(args), "rounds": [asdict(r) for r in rounds]}

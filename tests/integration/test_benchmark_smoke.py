@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -147,7 +148,20 @@ def test_one_worker_times_a_pinned_worker_in_alternating_rounds() -> None:
     rounds = [line.split() for line in done.stdout.splitlines() if line.lstrip().startswith("round")]
     assert sorted(fields[2] for fields in rounds) == ["bare", "plugin"], done.stdout
     assert all(int(fields[3]) > 0 and float(fields[6]) > 0 for fields in rounds), done.stdout
-    assert any(line.startswith("worker: bare") for line in done.stdout.splitlines()), done.stdout
+    assert any(line.startswith("worker: bare") and "95% interval" in line for line in done.stdout.splitlines()), (
+        done.stdout
+    )
+
+
+def test_one_worker_gives_the_ratio_an_interval_from_its_rounds() -> None:
+    """The ratio's 95% interval brackets the ratio of medians, is the same for the same rounds, and is a point when
+    every round agrees."""
+    one_worker = load_script("one_worker")
+    bare, plugin = [100.0, 96.0, 104.0, 99.0, 101.0, 98.0], [105.0, 101.0, 110.0, 103.0, 106.0, 104.0]
+    low, high = one_worker.ratio_interval(bare, plugin)
+    assert low < statistics.median(plugin) / statistics.median(bare) < high
+    assert (low, high) == one_worker.ratio_interval(bare, plugin)
+    assert one_worker.ratio_interval([100.0] * 5, [105.0] * 5) == (1.05, 1.05)
 
 
 def test_request_path_reads_cachegrind_summaries() -> None:
