@@ -2,7 +2,7 @@
 """Instructions per request in a real gunicorn worker, counted by callgrind: bare against gunicorn-insight.
 
     python benchmarks/worker_instructions.py [--worker uvicorn|sync] [--requests 2000] [--cache-sim]
-                                             [--shipped-tick] [--keep DIR]
+                                             [--layouts 1] [--shipped-tick] [--keep DIR]
 
 bench.py times whole servers, and on a small VM its pairs spread wider than the overhead it looks for;
 request_path.py counts a loop that imitates a worker, and misses what only a real one does. This runs the
@@ -19,14 +19,21 @@ loop run a heartbeat callback: per_request_conf.py stretches the tick to an hour
 requests' own cost; ``--shipped-tick`` keeps the shipped tick (``-c python:gunicorn_insight.conf``).
 uvicorn's own tick (every 0.1 s) runs on both sides and still adds a little noise between runs.
 
-``--cache-sim`` also counts first-level instruction-cache misses, which is where an added code path
-costs more time than its instructions suggest: the interpreter's hot loop no longer fits beside it.
+``--cache-sim`` also counts first-level cache misses, instruction and data, which is where an added code
+path costs more time than its instructions suggest: the interpreter's hot loop and the server's data no
+longer fit beside it.
 Under valgrind every request lasts longer than the hooks' hang-up check threshold (1 ms), so the check
 runs for each one here and for few at full speed: the plugin's figure is a little high (about a hundred
 instructions on uvicorn; on sync about 1,500 and a system call). On sync the plugin also replaces
 gunicorn's default ``pre_request``, which logs each request at debug level: the figure is net of that.
-The counts are deterministic up to the timers in the worker (hash seed fixed). Needs valgrind (Debian:
-``valgrind``, which has callgrind.h) and a C compiler.
+The counts are deterministic up to the timers in the worker (hash seed fixed), but they depend on where
+objects land in memory: dicts whose keys hash by address collide or not, and the type attribute cache picks a
+slot by a name's address. Valgrind runs a process at the same addresses every time, so each build draws one
+layout and keeps it, and a change anywhere (even the extension's optimisation level) can move the added
+count by 2,500 instructions on uvicorn. ``--layouts N`` counts both sides in N layouts (the first as is, the
+others with a different amount of ballast allocated at interpreter start, through a ``sitecustomize``
+module, so that every later object lands elsewhere) and reports each layout's added cost and the medians.
+Needs valgrind (Debian: ``valgrind``, which has callgrind.h) and a C compiler.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ import os
 import re
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -60,6 +68,13 @@ void counted_dump(void) { CALLGRIND_DUMP_STATS; }
 WORKERS = {"sync": ("sync", "counted:app"), "uvicorn": ("uvicorn_worker.UvicornWorker", "counted:asgi_app")}
 PLUGIN_ENV = {"GUNICORN_INSIGHT_ROUTE_LABEL": "true", "GUNICORN_INSIGHT_EXCLUDE_PATHS": "/healthz"}
 REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+BALLAST_STEP = 3000  # objects of assorted sizes per layout past the first
+BALLAST_SOURCE = """\"\"\"worker_instructions.py --layouts: objects of assorted sizes made at interpreter start and
+kept, so that every object made later (interned names, types, each request's objects) lands elsewhere.\"\"\"
+import os
+
+_BALLAST = [("x" * (n % 96), object(), (n,)) for n in range(int(os.environ["WORKER_INSTRUCTIONS_BALLAST"]))]
+"""
 
 
 def build_helper(directory: Path) -> Path:
@@ -109,25 +124,38 @@ def main_thread_counts(directory: Path, label: str) -> dict[str, int]:
     return {name: int(value) for name, value in zip(events.group(1).split(), summary.group(1).split(), strict=True)}
 
 
-def run(mode: str, args: argparse.Namespace, directory: Path, helper: Path) -> dict[str, int]:
+def ballast_directory(directory: Path, layout: int) -> Path | None:
+    """Where layout's sitecustomize module is (None for layout 0, which runs as is)."""
+    if layout == 0:
+        return None
+    where = directory / f"layout{layout}"
+    where.mkdir(exist_ok=True)
+    (where / "sitecustomize.py").write_text(BALLAST_SOURCE)
+    return where
+
+
+def run(mode: str, args: argparse.Namespace, directory: Path, helper: Path, layout: int = 0) -> dict[str, int]:
     worker_class, app = WORKERS[args.worker]
     env = {key: value for key, value in os.environ.items() if not key.startswith("GUNICORN_INSIGHT_")}
+    ballast = ballast_directory(directory, layout)
     env.update(
         PYTHONHASHSEED="0",
-        PYTHONPATH=os.pathsep.join([str(ROOT), str(HERE)]),
+        PYTHONPATH=os.pathsep.join([*([str(ballast)] if ballast else []), str(ROOT), str(HERE)]),
         COUNTED_HELPER=str(helper),
         COUNTED_WARMUP=str(WARMUP),
         COUNTED_COUNT=str(args.requests),
+        WORKER_INSTRUCTIONS_BALLAST=str(layout * BALLAST_STEP),
     )
+    label = mode if layout == 0 else f"{mode}-layout{layout}"
     config = []
     if mode == "plugin":
         env.update(PLUGIN_ENV)
         config = ["-c", "python:gunicorn_insight.conf" if args.shipped_tick else "python:per_request_conf"]
     valgrind = ["valgrind", "--tool=callgrind", "--separate-threads=yes"]
-    valgrind += [f"--callgrind-out-file={directory}/{mode}.%p", *(["--cache-sim=yes"] if args.cache_sim else [])]
+    valgrind += [f"--callgrind-out-file={directory}/{label}.%p", *(["--cache-sim=yes"] if args.cache_sim else [])]
     gunicorn = [sys.executable, "-m", "gunicorn", *config, "--timeout", "600", "--graceful-timeout", "60"]
     gunicorn += ["-w", "1", "-k", worker_class, app]
-    log = directory / f"{mode}.log"
+    log = directory / f"{label}.log"
     for _ in range(START_ATTEMPTS):
         # A free port can be taken by another process while valgrind starts gunicorn (seconds): then the log
         # says so, and another pair of ports is tried. Only gunicorn's own "Listening at" line says the port is
@@ -153,8 +181,8 @@ def run(mode: str, args: argparse.Namespace, directory: Path, helper: Path) -> d
         finally:
             _stop(server)
         if bound == "listening":
-            return main_thread_counts(directory, mode)
-    sys.exit(f"worker_instructions: {mode}: each of {START_ATTEMPTS} ports was taken while gunicorn started")
+            return main_thread_counts(directory, label)
+    sys.exit(f"worker_instructions: {label}: each of {START_ATTEMPTS} ports was taken while gunicorn started")
 
 
 def _listening(log: Path, port: int, server: subprocess.Popen[bytes]) -> str | None:
@@ -182,31 +210,58 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--worker", choices=sorted(WORKERS), default="uvicorn", help="worker class (default uvicorn)")
     parser.add_argument("--requests", type=int, default=2000, help="requests counted per mode (default 2000)")
-    parser.add_argument("--cache-sim", action="store_true", help="also count first-level instruction-cache misses")
+    parser.add_argument("--cache-sim", action="store_true", help="also count first-level cache misses")
     parser.add_argument(
         "--shipped-tick",
         action="store_true",
         help="keep the watchdog's tick at its shipped once a second (its work then counts as per-request work)",
     )
+    parser.add_argument(
+        "--layouts", type=int, default=1, help="memory layouts to count both sides in, medians reported (default 1)"
+    )
     parser.add_argument("--keep", metavar="DIR", help="write the callgrind dumps and logs here and keep them")
     args = parser.parse_args()
     if args.requests < 1:
         parser.error(f"--requests must be at least 1, got {args.requests}")
+    if args.layouts < 1:
+        parser.error(f"--layouts must be at least 1, got {args.layouts}")
     if shutil.which("valgrind") is None or not Path("/usr/include/valgrind/callgrind.h").exists():
         sys.exit("worker_instructions: valgrind and its callgrind.h are needed (Debian: apt-get install valgrind)")
     with tempfile.TemporaryDirectory(prefix="worker-instructions-") as scratch:
         directory = Path(args.keep) if args.keep else Path(scratch)
         directory.mkdir(parents=True, exist_ok=True)
         helper = build_helper(directory)
-        counts = {mode: run(mode, args, directory, helper) for mode in ("bare", "plugin")}
-    events = ["Ir", "I1mr"] if args.cache_sim else ["Ir"]
-    names = {"Ir": "instructions", "I1mr": "L1i misses"}
+        layouts = [
+            {mode: run(mode, args, directory, helper, layout) for mode in ("bare", "plugin")}
+            for layout in range(args.layouts)
+        ]
+    report(args, layouts)
+
+
+def report(args: argparse.Namespace, layouts: list[dict[str, dict[str, int]]]) -> None:
+    """Per request: each layout's added cost when there are several, then the medians over the layouts."""
+    events = ["Ir", "I1mr", "D1mr", "D1mw"] if args.cache_sim else ["Ir"]
+    names = {"Ir": "instructions", "I1mr": "L1i misses", "D1mr": "L1d read misses", "D1mw": "L1d write misses"}
+
+    def per_request(counts: dict[str, dict[str, int]], event: str) -> tuple[float, float]:
+        return counts["bare"][event] / args.requests, counts["plugin"][event] / args.requests
+
+    def added(counts: dict[str, dict[str, int]], event: str) -> float:
+        bare, plugin = per_request(counts, event)
+        return plugin - bare
+
     print(f"{args.worker} worker, {args.requests} requests after {WARMUP}; per request, the worker's main thread:")
-    print(f"{'':16}{'bare':>12}{'plugin':>12}{'added':>12}{'added %':>10}")
+    if len(layouts) > 1:
+        for layout, counts in enumerate(layouts):
+            print(f"layout {layout}: added " + ", ".join(f"{names[e]} {added(counts, e):+,.0f}" for e in events))
+        print(f"medians of {len(layouts)} layouts:")
+    print(f"{'':18}{'bare':>12}{'plugin':>12}{'added':>12}{'added %':>10}")
     for event in events:
-        bare, plugin = (counts[mode][event] / args.requests for mode in ("bare", "plugin"))
-        added = plugin - bare
-        print(f"{names[event]:<16}{bare:>12,.0f}{plugin:>12,.0f}{added:>12,.0f}{100 * added / bare:>10.1f}")
+        pairs = [per_request(counts, event) for counts in layouts]
+        bare = statistics.median(pair[0] for pair in pairs)
+        plugin = statistics.median(pair[1] for pair in pairs)
+        more = statistics.median(added(counts, event) for counts in layouts)
+        print(f"{names[event]:<18}{bare:>12,.0f}{plugin:>12,.0f}{more:>12,.0f}{100 * more / bare:>10.1f}")
 
 
 if __name__ == "__main__":

@@ -103,6 +103,44 @@ def test_worker_instructions_reads_the_worker_main_threads_dump(tmp_path: Path) 
     assert worker_instructions.main_thread_counts(tmp_path, "plugin") == {"Ir": 5000, "I1mr": 70}
 
 
+def test_worker_instructions_reports_each_layout_and_the_medians(capsys: pytest.CaptureFixture[str]) -> None:
+    """With several layouts, each layout's added cost is printed, then the medians of bare, plugin and added."""
+    worker_instructions = load_script("worker_instructions")
+    layouts = [
+        {"bare": {"Ir": 1000, "I1mr": 10}, "plugin": {"Ir": 1300, "I1mr": 16}},
+        {"bare": {"Ir": 1100, "I1mr": 10}, "plugin": {"Ir": 1200, "I1mr": 12}},
+        {"bare": {"Ir": 1000, "I1mr": 12}, "plugin": {"Ir": 1200, "I1mr": 20}},
+    ]
+    args = SimpleNamespace(worker="uvicorn", requests=1, cache_sim=False)
+    worker_instructions.report(args, layouts)
+    lines = capsys.readouterr().out.splitlines()
+    assert [line for line in lines if line.startswith("layout")] == [
+        "layout 0: added instructions +300",
+        "layout 1: added instructions +100",
+        "layout 2: added instructions +200",
+    ]
+    assert next(line for line in lines if line.startswith("instructions")).split() == [
+        "instructions",
+        "1,000",
+        "1,200",
+        "200",
+        "20.0",
+    ]
+
+
+def test_worker_instructions_moves_every_later_object_in_layouts_past_the_first(tmp_path: Path) -> None:
+    """Layout 0 runs as is; another one gets a sitecustomize module that keeps ballast made at start."""
+    worker_instructions = load_script("worker_instructions")
+    assert worker_instructions.ballast_directory(tmp_path, 0) is None
+    where = worker_instructions.ballast_directory(tmp_path, 2)
+    probe = "import sitecustomize, sys; print(len(sitecustomize._BALLAST), sitecustomize.__file__)"
+    env = {**os.environ, "PYTHONPATH": str(where), "WORKER_INSTRUCTIONS_BALLAST": "6000"}
+    argv = [sys.executable, "-c", probe]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["6000", str(where / "sitecustomize.py")]
+
+
 def test_worker_instructions_plugin_side_is_the_shipped_configuration_with_a_slow_tick() -> None:
     """per_request_conf installs the hooks gunicorn_insight.conf installs, and only stretches the watchdog's tick."""
     script = (
