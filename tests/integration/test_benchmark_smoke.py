@@ -104,27 +104,28 @@ def test_worker_instructions_reads_the_worker_main_threads_dump(tmp_path: Path) 
 
 
 def test_worker_instructions_reports_each_layout_and_the_medians(capsys: pytest.CaptureFixture[str]) -> None:
-    """With several layouts, each layout's added cost is printed, then the medians of bare, plugin and added."""
+    """With several layouts, each layout's added cost is printed, then the medians of bare and plugin and the
+    median of the layouts' added costs (not the difference of the two medians)."""
     worker_instructions = load_script("worker_instructions")
     layouts = [
         {"bare": {"Ir": 1000, "I1mr": 10}, "plugin": {"Ir": 1300, "I1mr": 16}},
-        {"bare": {"Ir": 1100, "I1mr": 10}, "plugin": {"Ir": 1200, "I1mr": 12}},
-        {"bare": {"Ir": 1000, "I1mr": 12}, "plugin": {"Ir": 1200, "I1mr": 20}},
+        {"bare": {"Ir": 1100, "I1mr": 10}, "plugin": {"Ir": 1150, "I1mr": 12}},
+        {"bare": {"Ir": 1200, "I1mr": 12}, "plugin": {"Ir": 1250, "I1mr": 20}},
     ]
     args = SimpleNamespace(worker="uvicorn", requests=1, cache_sim=False)
     worker_instructions.report(args, layouts)
     lines = capsys.readouterr().out.splitlines()
     assert [line for line in lines if line.startswith("layout")] == [
         "layout 0: added instructions +300",
-        "layout 1: added instructions +100",
-        "layout 2: added instructions +200",
+        "layout 1: added instructions +50",
+        "layout 2: added instructions +50",
     ]
     assert next(line for line in lines if line.startswith("instructions")).split() == [
         "instructions",
-        "1,000",
-        "1,200",
-        "200",
-        "20.0",
+        "1,100",
+        "1,250",
+        "50",
+        "4.5",
     ]
 
 
