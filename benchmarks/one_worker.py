@@ -41,6 +41,7 @@ sys.path.insert(0, str(HERE))
 import bench  # noqa: E402 -- the benchmark's servers, sinks and load, found through the line above
 
 WARMUP_SECONDS = 1.0
+SIDES = ("bare", "plugin")
 BOOTSTRAP_RESAMPLES = 4000
 APPS = {"hello": None, "fastapi": "hello_fastapi:app"}  # None: the row's own (bench.APPS)
 
@@ -112,7 +113,7 @@ def ratio_interval(bare: list[float], plugin: list[float], resamples: int = BOOT
 
 def summary(rounds: list[Round]) -> dict[str, dict[str, float]]:
     result = {}
-    for side in ("bare", "plugin"):
+    for side in SIDES:
         mine = [item for item in rounds if item.side == side]
         result[side] = {
             "worker_median_us": statistics.median(item.worker_us for item in mine),
@@ -176,7 +177,7 @@ def main() -> int:
             flush=True,
         )
         for number in range(args.rounds):
-            for side in ("bare", "plugin") if number % 2 == 0 else ("plugin", "bare"):
+            for side in SIDES if number % 2 == 0 else SIDES[::-1]:
                 bench.wait_for_quiet_machine()
                 item = one_round(side, launches[side], args, (supervisor, sink))
                 rounds.append(item)
@@ -198,10 +199,8 @@ def main() -> int:
         bare, plugin = result["bare"], result["plugin"]
         median_ratio = plugin[f"{measure}_median_us"] / bare[f"{measure}_median_us"]
         lowest_ratio = plugin[f"{measure}_lowest_us"] / bare[f"{measure}_lowest_us"]
-        low, high = ratio_interval(
-            [r.worker_us if measure == "worker" else r.server_us for r in rounds if r.side == "bare"],
-            [r.worker_us if measure == "worker" else r.server_us for r in rounds if r.side == "plugin"],
-        )
+        values = {side: [getattr(r, f"{measure}_us") for r in rounds if r.side == side] for side in SIDES}
+        low, high = ratio_interval(values["bare"], values["plugin"])
         result[measure] = {"ratio": median_ratio, "interval_low": low, "interval_high": high}
         print(
             f"{measure:6}: bare {bare[f'{measure}_median_us']:.1f} µs (lowest {bare[f'{measure}_lowest_us']:.1f}), "
