@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 
+from . import _kernelfiles as kernelfiles
+
 TICKS = os.sysconf("SC_CLK_TCK")
 """Clock ticks per second: the unit of utime, stime and starttime."""
 
@@ -13,10 +15,10 @@ def stat_fields(pid: int, proc: str = "/proc") -> list[bytes] | None:
     """The fields of /proc/<pid>/stat after the command name, which may hold spaces and parentheses: ``[0]``
     is the state, ``[1]`` the parent's pid, ``[11]`` utime, ``[12]`` stime, ``[19]`` starttime, ``[21]`` the
     resident pages (proc(5) numbers them from 3). None when the process is gone or unreadable."""
+    data = kernelfiles.read(f"{proc}/{pid}/stat")
     try:
-        with open(f"{proc}/{pid}/stat", "rb") as handle:
-            return handle.read().rsplit(b")", 1)[1].split()
-    except (OSError, IndexError):
+        return None if data is None else data.rsplit(b")", 1)[1].split()
+    except IndexError:
         return None
 
 

@@ -49,6 +49,23 @@ def test_requests_of_a_dead_worker_are_not_lost(board: sb.Scoreboard) -> None:
     assert drainer.collect().total_requests == 3
 
 
+def test_a_free_slot_is_read_once_freed_and_again_once_reassigned(board: sb.Scoreboard) -> None:
+    """A slot freed before the round is drained then; after it is left unread, a new worker's counts still come."""
+    drainer = Drainer(board)
+    board.assign(0, 0.0)
+    serve(RequestRecorder(board, 0, Worker()), 2)
+    board.release(0)
+    assert drainer.collect().total_requests == 2
+    assert drainer.collect().total_requests == 0
+    board.assign(0, 0.0)
+    rec = RequestRecorder(board, 0, Worker())
+    serve(rec, 3)
+    sb.store(board.buffer, board.offset(0) + sb.OFF_SLOW, sb.SLOW, board.slow(0) + 1)
+    board.release(0)
+    facts = drainer.collect()
+    assert (facts.total_requests, facts.slow) == (3, 1)
+
+
 def test_lapped_ring_is_counted_as_lost(board: sb.Scoreboard) -> None:
     """If more records arrive than the ring holds between rounds, the excess is reported, not invented."""
     drainer = Drainer(board)

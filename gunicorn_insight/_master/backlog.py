@@ -16,6 +16,7 @@ import socket
 import struct
 import sys
 
+from .. import _kernelfiles as kernelfiles
 from .. import _sockdiag as diag
 from .._timewait import time_wait
 
@@ -115,16 +116,14 @@ def listener_time_wait(sock: socket.socket) -> int | None:
 
 def listen_overflows(path: str = "/proc/net/netstat") -> int | None:
     """The network namespace's count of connections dropped because an accept queue was full."""
-    try:
-        with open(path) as handle:
-            lines = handle.read().splitlines()
-    except OSError:
+    data = kernelfiles.read(path)
+    if data is None:
         return None
+    lines = data.split(b"\n")
     for names, values in zip(lines[::2], lines[1::2], strict=False):
-        if names.startswith("TcpExt:"):
-            fields = dict(zip(names.split()[1:], values.split()[1:], strict=False))
+        if names.startswith(b"TcpExt:"):
             try:
-                return int(fields["ListenOverflows"])
-            except (KeyError, ValueError):
+                return int(values.split()[names.split().index(b"ListenOverflows")])
+            except (ValueError, IndexError):
                 return None
     return None

@@ -11,11 +11,12 @@ import sys
 import time
 from array import array
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from itertools import filterfalse
 from math import isnan
 from typing import Any
 
+from .. import _kernelfiles as kernelfiles
 from .. import _scoreboard as sb
 from .._facts import NO_RESPONSE, Round
 from .._proc import cpu_seconds
@@ -57,13 +58,14 @@ def _tally(keys: array[int]) -> Counter[int]:
 
 
 def resident_bytes(pid: int) -> int:
-    """RSS from /proc/<pid>/statm (one small read); 0 when the process is gone or not ours to read."""
+    """RSS from /proc/<pid>/statm (one small read); 0 when the process is gone or not ours to read. Not stat's
+    resident pages: those can differ from VmRSS, what ps and the OOM killer's log show."""
     if not pid:
         return 0
+    data = kernelfiles.read(f"/proc/{pid}/statm")
     try:
-        with open(f"/proc/{pid}/statm", "rb") as handle:
-            return int(handle.read().split()[1]) * _PAGE
-    except (OSError, ValueError, IndexError):
+        return 0 if data is None else int(data.split()[1]) * _PAGE
+    except (ValueError, IndexError):
         return 0
 
 
@@ -76,9 +78,11 @@ class Drainer:
         slots = range(board.slots)
         self._cursors = [board.head(index) for index in slots]
         self._slow_cursors = [board.slow(index) for index in slots]
-        self._log_cursors = [list(board.log_lines(index)) for index in slots]
-        self._reject_cursors = [list(board.rejected(index)) for index in slots]
+        self._log_cursors = [board.log_lines(index) for index in slots]
+        self._reject_cursors = [board.rejected(index) for index in slots]
         self._seen: set[int] = set()
+        # Free slots drained since they became free, and the generation they were in then: nothing more to read.
+        self._drained_free: dict[int, int] = {}
         self._completed = [0.0 for _ in slots]
         self._busy = [0.0 for _ in slots]
         self._cpu_base = [0.0 for _ in slots]
@@ -96,19 +100,21 @@ class Drainer:
         board = self._board
         result = Round(at=time.monotonic())
         for index in range(board.slots):
-            self._drain_ring(index, result)
-            slow = board.slow(index)
-            if slow > self._slow_cursors[index]:  # a count only grows: a smaller one is a torn read, ignored
-                result.slow += slow - self._slow_cursors[index]
-                self._slow_cursors[index] = slow
-            self._count_increases(board.log_lines(index), self._log_cursors[index], sb.LOG_LEVELS, result.log_lines)
-            self._count_increases(
-                board.rejected(index), self._reject_cursors[index], sb.REJECT_REASONS, result.rejected
-            )
-            if board.buffer[board.offset(index) + sb.OFF_STATE] == sb.FREE:
+            # Read before the counters: a free slot has no worker left to write to it, so once drained it has
+            # nothing new until the master gives it to another worker, which bumps its generation (between two
+            # rounds a worker can come and go). Idle slots, most of them (spares for restarts), then cost a
+            # round two small reads each.
+            start = board.offset(index)
+            free = board.buffer[start + sb.OFF_STATE] == sb.FREE
+            generation = sb.GENERATION.unpack_from(board.buffer, start)[0] if free else None
+            if generation is None or self._drained_free.get(index) != generation:
+                self._drain_counters(index, result)
+            if generation is not None:
+                self._drained_free[index] = generation
                 if index in self._seen:
                     self._departed(index, result)
                 continue
+            self._drained_free.pop(index, None)
             view = board.read(index)
             if view.state == sb.FREE:
                 self._departed(index, result)
@@ -132,14 +138,33 @@ class Drainer:
             self._share_worker_cpu(index, used, result, busy=view.in_flight > 0, worker=(view.pid, view.boot_cpu))
         return result
 
+    def _drain_counters(self, index: int, result: Round) -> None:
+        """What the slot's workers counted since the last round: requests (the ring), slow requests, log lines and
+        rejected requests."""
+        board = self._board
+        self._drain_ring(index, result)
+        slow = board.slow(index)
+        if slow > self._slow_cursors[index]:  # a count only grows: a smaller one is a torn read, ignored
+            result.slow += slow - self._slow_cursors[index]
+            self._slow_cursors[index] = slow
+        self._count_increases(board.log_lines(index), self._log_cursors, index, sb.LOG_LEVELS, result.log_lines)
+        self._count_increases(board.rejected(index), self._reject_cursors, index, sb.REJECT_REASONS, result.rejected)
+
     @staticmethod
-    def _count_increases(totals: Iterable[int], cursors: list[int], names: Sequence[str], into: Counter[str]) -> None:
-        """Add each slot counter's increase since the last round to ``into`` under its name. A count only grows,
-        across the slot's workers: a smaller one is a torn read, ignored."""
-        for number, (total, seen) in enumerate(zip(totals, cursors, strict=True)):
-            if total > seen:
-                into[names[number]] += total - seen
-                cursors[number] = total
+    def _count_increases(
+        totals: tuple[int, ...], cursors: list[tuple[int, ...]], index: int, names: Sequence[str], into: Counter[str]
+    ) -> None:
+        """Add each of slot ``index``'s counters' increase since the last round to ``into`` under its name. A count
+        only grows, across the slot's workers: a smaller one is a torn read, ignored."""
+        seen = cursors[index]
+        if totals == seen:  # most rounds of most slots: told by one comparison, where the loop costs a call
+            return
+        kept = list(seen)
+        for number, (total, before) in enumerate(zip(totals, seen, strict=True)):
+            if total > before:
+                into[names[number]] += total - before
+                kept[number] = total
+        cursors[index] = tuple(kept)
 
     def _lifecycle(self, index: int, view: sb.SlotView, result: Round) -> None:
         result.pids[index] = view.pid

@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from .. import _kernelfiles as kernelfiles
 from .._cgroup import cgroup_dirs
 from .._facts import CpuThrottling, HostPressure
 from .._report import LOG
@@ -32,21 +34,9 @@ UNLIMITED_V1 = 1 << 62
 
 
 def _read(path: str) -> str | None:
-    """The whole of a small kernel file; None when it is absent or unreadable. os.read instead of open():
-    a dozen of these run every round, and the file object's setup was most of their cost."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        chunks = []
-        while chunk := os.read(fd, 65536):
-            chunks.append(chunk)
-        return b"".join(chunks).decode("ascii", "replace")
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
+    """The whole of a small kernel file; None when it is absent or unreadable."""
+    data = kernelfiles.read(path)
+    return None if data is None else data.decode("ascii", "replace")
 
 
 def _keyed(text: str | None) -> dict[str, int]:
@@ -258,19 +248,15 @@ class ProcessReading:
     threads: int | None = None
 
 
+_STATUS_FIELDS = re.compile(rb"^(voluntary_ctxt_switches|nonvoluntary_ctxt_switches|VmSwap|Threads):\s+(\d+)", re.M)
+
+
 def read_process(pid: int, proc: str = "/proc") -> ProcessReading | None:
     """Context switches, swap and threads of one process from /proc/<pid>/status; None when it is gone."""
-    text = _read(f"{proc}/{pid}/status") if pid else None
-    if text is None:
+    data = kernelfiles.read(f"{proc}/{pid}/status") if pid else None
+    if data is None:
         return None
-    values: dict[str, int] = {}
-    for line in text.splitlines():
-        name, _, value = line.partition(":")
-        if name in ("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches", "VmSwap", "Threads"):
-            try:
-                values[name] = int(value.split()[0])
-            except (ValueError, IndexError):
-                continue
+    values = {name.decode(): int(value) for name, value in _STATUS_FIELDS.findall(data)}
     swap = values.get("VmSwap")
     return ProcessReading(
         values.get("voluntary_ctxt_switches"),
