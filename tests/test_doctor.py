@@ -541,6 +541,33 @@ def test_import_failure_is_an_error(tmp_path: Path) -> None:
     assert found(_doctor.check_app_import, app_import=measured) == [("app-import", "error")]
 
 
+def test_a_variable_the_module_does_not_define_is_an_error(tmp_path: Path) -> None:
+    """A module that imports but lacks the variable named after the colon fails as gunicorn's loader fails."""
+    _app_module(tmp_path, "goodmod", "")
+    measured = _doctor.measure_import("goodmod:does_not_exist", str(tmp_path), None)
+    assert measured.error is not None
+    assert "AppImportError" in measured.error
+    assert "does_not_exist" in measured.error
+    assert found(_doctor.check_app_import, app_import=measured) == [("app-import", "error")]
+
+
+def test_an_application_that_is_not_callable_is_an_error(tmp_path: Path) -> None:
+    """A variable that names no application (here a number) fails as at boot."""
+    _app_module(tmp_path, "numbermod", "app_number = 3")
+    measured = _doctor.measure_import("numbermod:app_number", str(tmp_path), None)
+    assert measured.error is not None
+    assert "callable" in measured.error
+
+
+def test_a_factory_is_called_as_a_worker_calls_it(tmp_path: Path) -> None:
+    """A factory named with a call runs: one that raises is an error, one that returns the app is not."""
+    factories = "def create_app():\n    return app\ndef broken():\n    raise KeyError('DATABASE_URL')"
+    _app_module(tmp_path, "factorymod", factories)
+    assert _doctor.measure_import("factorymod:create_app()", str(tmp_path), None).error is None
+    measured = _doctor.measure_import("factorymod:broken()", str(tmp_path), None)
+    assert measured.error == "KeyError: 'DATABASE_URL'"
+
+
 def test_import_past_the_deadline_is_reported(tmp_path: Path) -> None:
     """An import that does not finish in time is stopped and reported, never waited for."""
     _app_module(tmp_path, "hangapp", "import time\ntime.sleep(60)")

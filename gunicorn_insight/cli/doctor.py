@@ -140,7 +140,7 @@ def resolve_host(host: str, deadline: float = RESOLVE_DEADLINE) -> str | None:
 
 @dataclass(frozen=True)
 class AppImport:
-    """How importing the application's module went, in a subprocess of the doctor."""
+    """How loading the application went, in a subprocess of the doctor."""
 
     app: str
     seconds: float
@@ -148,27 +148,30 @@ class AppImport:
     """The exception's last line, or "did not finish in N s"."""
 
 
+# gunicorn's own loader, as its workers call it: the module imported, the variable found (or the factory called,
+# for "module:create_app()"), and the result checked to be callable.
 _IMPORT_SCRIPT = """
-import importlib, sys, time
+import sys, time
 sys.path[:0] = [entry for entry in sys.argv[2:] if entry]
+from gunicorn.util import import_app
 started = time.perf_counter()
-importlib.import_module(sys.argv[1])
+import_app(sys.argv[1])
 print(f"imported {time.perf_counter() - started:.6f}")
 """
 
 
 def measure_import(app: str, chdir: str | None, pythonpath: str | None, deadline: float = IMPORT_DEADLINE) -> AppImport:
-    """Import the module of ``app`` (``module:variable``) in a fresh interpreter, as a worker would, and time it.
+    """Load ``app`` (``module:variable``) in a fresh interpreter, as a worker would, and time it: a module that
+    does not import, a variable it does not define and a factory that raises all fail here as at boot.
 
     It runs the application's import-time code, so the doctor does it only when asked (--import-app).
     """
-    module = app.partition(":")[0].strip()
     cwd = chdir or os.getcwd()
     paths = [cwd, *(part for part in (pythonpath or "").split(",") if part)]
     started = time.monotonic()
     try:
         result = subprocess.run(
-            [sys.executable, "-c", _IMPORT_SCRIPT, module, *paths],
+            [sys.executable, "-c", _IMPORT_SCRIPT, app.strip(), *paths],
             cwd=cwd,
             capture_output=True,
             text=True,
@@ -721,8 +724,9 @@ def check_app_import(ctx: Context) -> Iterable[Finding]:
             f"importing {measured.app} failed: {measured.error}",
             "every worker imports the application when it boots; gunicorn stops with 'Worker failed to boot' "
             "(the traceback shows at --log-level debug).",
-            "fix the import (run `python -c 'import MODULE'` in the server's environment and directory), or "
-            "start with --preload to see the traceback at startup",
+            "fix the import (run `python -c 'import MODULE'` in the server's environment and directory) or the "
+            "name after the colon (the variable, or factory call, MODULE defines), or start with --preload to see "
+            "the traceback at startup",
         )
         return
     if measured.seconds >= SLOW_IMPORT and not ctx.cfg.preload_app:

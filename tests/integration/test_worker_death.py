@@ -190,6 +190,21 @@ def test_app_failing_at_import_is_a_boot_failure(process_factory: ProcessFactory
     )
 
 
+def test_an_entry_point_naming_no_variable_is_a_boot_failure(process_factory: ProcessFactory) -> None:
+    """A module that imports but lacks the variable after the colon: gunicorn's message in the line, boot_failure."""
+    server = start_gunicorn(process_factory, app="app:no_such_app", workers=1, metrics=False, wait=False)
+    assert server.process.wait(timeout=60) != 0
+    output = server.process.output()
+    assert re.search(
+        r"worker pid=\d+ could not load the application: AppImportError: Failed to find attribute "
+        r"'no_such_app' in 'app'",
+        output,
+    ), output
+    match = re.search(EXITED, output, re.MULTILINE)
+    assert match is not None
+    assert match["cause"] == "boot_failure"
+
+
 def test_kill_is_classified_even_when_gunicorn_logs_nothing(process_factory: ProcessFactory) -> None:
     """With --log-level critical gunicorn's reap line is never emitted as a record; the cause is still killed."""
     server = start_gunicorn(process_factory, workers=1, args=["--log-level", "critical"])
