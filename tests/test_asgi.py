@@ -490,15 +490,15 @@ def test_a_request_is_recorded_however_its_application_ends(board: sb.Scoreboard
 
 @pytest.mark.parametrize("entry", [False, True], ids=["layer", "entry"])
 def test_a_request_in_flight_reads_as_the_recorders_record(board: sb.Scoreboard, entry: bool) -> None:
-    """in_flight holds, for a request in the layer or its compiled entry, what the watchdog, the stacks command
-    and the abort handler unpack and index: (start, entry, task, method, path, CPU clock)."""
+    """The requests in flight hold, for a request in the layer or its compiled entry, what the watchdog, the stacks
+    command and the abort handler unpack and index: (start, entry, task, method, path, CPU clock)."""
     if entry and _recorder.COMPILED is None:
         pytest.skip("the compiled hooks are not built here")
     seen: list[tuple[Any, ...]] = []
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         assert _recorder.RECORDER is not None
-        for record in _recorder.RECORDER.in_flight.copy().values():
+        for record in _recorder.RECORDER.requests_in_flight().values():
             start, number, current, method, path, cpu = record
             assert (record[3], record[4]) == (method, path)
             in_use = board.buffer[number] == 1
@@ -515,7 +515,7 @@ def test_a_request_in_flight_reads_as_the_recorders_record(board: sb.Scoreboard,
     scope = {**CASES[0].scope(), "method": "PUT", "path": "/items/7", "query_string": b"q=1"}
     asyncio.run(served(scope, _receive, _noop_send))
     assert seen == [(float, True, True, "PUT", "/items/7?<redacted>", True)]
-    assert not _recorder.RECORDER.in_flight
+    assert not _recorder.RECORDER.requests_in_flight()
 
 
 @pytest.mark.parametrize("entry", [False, True], ids=["layer", "entry"])

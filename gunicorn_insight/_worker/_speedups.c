@@ -83,9 +83,11 @@ typedef struct {
     PyObject *worker, *scope, *root_path, *send;
     PyObject *no_socket; /* always NULL: the "sock" member, None, for post_request's client_closed */
     /* Its in-flight record, kept here rather than in a tuple of its own (pre_request puts the Recording itself
-     * in in_flight, where it reads as that tuple: see recording_item); entry_number NULL: none. */
+     * in the recorder's _entry_requests, where it reads as that tuple: see recording_item); entry_number NULL:
+     * none. */
     double start, cpu_start;
     PyObject *entry_number, *current, *shown;
+    Py_ssize_t entry_index; /* its place in the recorder's _entry_requests, where it is in flight; -1: none */
     char finished, routes;
 } Recording;
 
@@ -94,9 +96,9 @@ typedef struct {
     PyObject *recorder;
     int delegate; /* 1: the recorder is not the kind this file was written for: the Python hooks serve */
     PyObject *lock; /* gthread's: post_request holds it throughout, as the Python hook does; NULL: none */
-    PyObject *buffer, *free_entries, *in_flight, *current, *excluded, *route_ids,
+    PyObject *buffer, *free_entries, *in_flight, *entry_requests, *current, *excluded, *route_ids,
         *request_worker; /* recorder._request_worker: whose nr_conns each request publishes, or None */
-    Py_ssize_t head_offset, ring_offset, flags_offset;
+    Py_ssize_t head_offset, ring_offset, flags_offset, entries_offset;
     unsigned long long mask;
     int redact, queue, atoms, routes, resolves_by_key, thread_cpu;
     /* excluded is a frozenset of str: bit n of excluded_lengths is set when one of them is n characters long
@@ -127,6 +129,7 @@ clear_bound(void)
     Py_CLEAR(bound.buffer);
     Py_CLEAR(bound.free_entries);
     Py_CLEAR(bound.in_flight);
+    Py_CLEAR(bound.entry_requests);
     Py_CLEAR(bound.current);
     Py_CLEAR(bound.excluded);
     Py_CLEAR(bound.route_ids);
@@ -271,6 +274,8 @@ bind_recorder(PyObject *recorder)
     bound.delegate = 0;
     if (read_object(recorder, "_buffer", &bound.buffer) < 0 || read_object(recorder, "_free", &bound.free_entries) < 0
         || read_object(recorder, "in_flight", &bound.in_flight) < 0
+        || read_object(recorder, "_entry_requests", &bound.entry_requests) < 0
+        || read_ssize(recorder, "_entries_offset", &bound.entries_offset) < 0
         || read_object(recorder, "_current", &bound.current) < 0
         || read_object(recorder, "_excluded", &bound.excluded) < 0
         || read_object(recorder, "_route_ids", &bound.route_ids) < 0
@@ -287,6 +292,7 @@ bind_recorder(PyObject *recorder)
         return -1;
     }
     if (!PyList_CheckExact(bound.free_entries) || !PyDict_CheckExact(bound.in_flight)
+        || !PyList_CheckExact(bound.entry_requests)
         || !PyDict_CheckExact(bound.route_ids) || !PyAnySet_Check(bound.excluded)) {
         bound.delegate = 1; /* not the recorder this file was written against: the Python hooks still are */
         return 0;
@@ -616,13 +622,22 @@ pre_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     /* time.thread_time() is this clock: the request owns its thread (sync, gthread), else NaN */
     cpu_start = bound.thread_cpu ? clock_seconds(CLOCK_THREAD_CPUTIME_ID) : Py_NAN;
     if (Py_TYPE(req) == &RecordingType) {
+        /* in flight at its entry's place in a list, not in the in_flight dict: no hashing, no dict insertion
+         * and deletion (with their resizes) per request */
         Recording *recording = (Recording *)req;
+        Py_ssize_t index = (entry - bound.entries_offset) / ENTRY_SIZE;
+        if (entry < bound.entries_offset || (entry - bound.entries_offset) % ENTRY_SIZE
+            || index >= PyList_GET_SIZE(bound.entry_requests)) {
+            PyErr_Format(PyExc_IndexError, "entry offset %zd is not one of the slot's entries", entry);
+            goto error;
+        }
         recording->start = now;
         recording->cpu_start = cpu_start;
+        recording->entry_index = index;
         Py_XSETREF(recording->entry_number, Py_NewRef(entry_number));
         Py_XSETREF(recording->current, Py_NewRef(current));
         Py_XSETREF(recording->shown, Py_NewRef(shown));
-        record = Py_NewRef(req);
+        Py_SETREF(((PyListObject *)bound.entry_requests)->ob_item[index], Py_NewRef(req));
     }
     else {
         record = PyTuple_New(6);
@@ -634,11 +649,10 @@ pre_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyTuple_SET_ITEM(record, 3, Py_NewRef(method));
         PyTuple_SET_ITEM(record, 4, Py_NewRef(shown));
         PyTuple_SET_ITEM(record, 5, PyFloat_FromDouble(cpu_start));
-        if (PyTuple_GET_ITEM(record, 0) == NULL || PyTuple_GET_ITEM(record, 5) == NULL)
+        if (PyTuple_GET_ITEM(record, 0) == NULL || PyTuple_GET_ITEM(record, 5) == NULL
+            || PyDict_SetItem(bound.in_flight, req, record) < 0)
             goto error;
     }
-    if (PyDict_SetItem(bound.in_flight, req, record) < 0)
-        goto error;
 
     peer = PyObject_GetAttr(req, s_peer_addr);
     if (peer == NULL) {
@@ -822,6 +836,25 @@ pop_in_flight(PyObject *req, PyObject **record)
 #endif
 }
 
+/* The request's in-flight record, taken: a Recording from its entry's place in _entry_requests (the list's
+ * reference becomes ours), anything else from in_flight. 1, 0 when it is in neither, -1 on error. */
+static int
+take_in_flight(PyObject *req, PyObject **record)
+{
+    if (Py_TYPE(req) == &RecordingType) {
+        Py_ssize_t index = ((Recording *)req)->entry_index;
+        if (index >= 0 && index < PyList_GET_SIZE(bound.entry_requests)) {
+            PyObject **items = ((PyListObject *)bound.entry_requests)->ob_item;
+            if (items[index] == req) {
+                *record = req;
+                items[index] = Py_NewRef(Py_None);
+                return 1;
+            }
+        }
+    }
+    return pop_in_flight(req, record);
+}
+
 /* kind (a str) == text, a NUL-terminated ASCII string of `length` bytes: told apart by length first, so a
  * message type or a method costs one comparison. */
 static int
@@ -894,7 +927,7 @@ finish_request(PyObject *const *args, Py_ssize_t nargs, const AsgiEnd *end)
     }
     now = clock_seconds(CLOCK_MONOTONIC);
 
-    switch (pop_in_flight(req, &started)) {
+    switch (take_in_flight(req, &started)) {
     case -1:
         goto error;
     case 0:
@@ -1441,6 +1474,7 @@ asgi_start(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     self->routes = (char)routes;
     self->method = self->path = self->query = self->peer_addr = self->root_path = self->no_socket = NULL;
     self->entry_number = self->current = self->shown = NULL;
+    self->entry_index = -1;
     self->start = self->cpu_start = 0.0;
     PyObject_GC_Track(self);
     if ((self->method = get_truthy_or(scope, s_method, s_empty)) == NULL

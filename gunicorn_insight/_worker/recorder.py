@@ -52,7 +52,9 @@ the thread's CPU clock at the start (NaN where requests share a thread).
 
 ``in_flight`` maps gunicorn's request object itself to one of these: hashing it is a pointer hash, where
 ``id(req)`` would cost an audit event and an int allocation per request. A request of the compiled ASGI layer
-(``_speedups.Recording``) is its own record: it indexes and unpacks as this tuple, with no tuple made."""
+(``_speedups.Recording``) is its own record: it indexes and unpacks as this tuple, with no tuple made, and is
+kept at its entry's place in ``_entry_requests`` instead, with no dict insertion and deletion per request.
+:meth:`RequestRecorder.requests_in_flight` reads both."""
 
 _REQUEST_START_KEY, _QUEUE_START_KEY = "HTTP_X_REQUEST_START", "HTTP_X_QUEUE_START"  # in a WSGI environ
 _MAX_QUEUE = 3600.0
@@ -219,6 +221,8 @@ class RequestRecorder:
         "_conns_index",
         "_conns_offset",
         "_current",
+        "_entries_offset",
+        "_entry_requests",
         "_excluded",
         "_first_head",
         "_flags_offset",
@@ -280,6 +284,8 @@ class RequestRecorder:
         # gthread's pool threads share it safely.
         self._free = [board.entries_offset(slot) + n * sb.ENTRY_SIZE for n in range(board.entries - 1, -1, -1)]
         self.in_flight: dict[Any, InFlightRequest] = {}
+        self._entries_offset = board.entries_offset(slot)
+        self._entry_requests: list[Any] = [None] * board.entries  # by entry: the compiled ASGI layer's requests
         self.dying = False  # a signal handler (worker_int, worker_abort) ran: requests cut short stay visible
         self._overflow = 0
         # Ring records and route numbers are handed out in order under it, so the head the master reads
@@ -316,7 +322,16 @@ class RequestRecorder:
     def recorded_any(self) -> bool:
         """This worker has recorded a request, or has one in flight (the slot's head, which the compiled hooks
         move too, not ``_head``, which only the Python hooks keep)."""
-        return self._words[self._head_index] != self._first_head or bool(self.in_flight)
+        return self._words[self._head_index] != self._first_head or bool(self.requests_in_flight())
+
+    def requests_in_flight(self) -> dict[Any, InFlightRequest]:
+        """Every request in flight now, by request: a copy, which another thread (the watchdog's) reads while
+        the hooks go on."""
+        found = self.in_flight.copy()
+        for request in self._entry_requests.copy():
+            if request is not None:
+                found[request] = request
+        return found
 
     def route_number(self, environ: Any) -> int:
         """A route post_request did not find by key: resolve it and give it the next number in this

@@ -41,7 +41,7 @@ _MAX_FRAMES = 100  # the innermost ones: where a request is stuck matters more t
 
 def write_abort_stack(fd: int, recorder: RequestRecorder | None, pid: int) -> None:
     """Signal-handler safe: one os.write for the header, faulthandler for the frames. No locks, no logging."""
-    requests = list(recorder.in_flight.values()) if recorder is not None else []
+    requests = list(recorder.requests_in_flight().values()) if recorder is not None else []
     serving = ", ".join(f"{request[3]} {request[4]}" for request in requests) or "no request"
     header = f"gunicorn-insight: worker pid={pid} aborted (WORKER TIMEOUT) while serving {serving}; stack:\n"
     os.write(fd, header.encode("utf-8", "replace"))
@@ -109,7 +109,7 @@ class Monitor:
         if self._slow_after <= 0:
             return
         now = time.monotonic()
-        in_flight = self._recorder.in_flight.copy()
+        in_flight = self._recorder.requests_in_flight()
         self._reported &= in_flight.keys()
         for key, (start, _entry, current, method, path, _cpu) in in_flight.items():
             if key not in self._reported and now - start >= self._slow_after:
@@ -123,7 +123,7 @@ class Monitor:
         """Write every request's stack for ``gunicorn-insight stacks``; a file whose ``asked`` is the question."""
         assert self._stacks_dir is not None
         requests = []
-        for start, _entry, current, method, path, _cpu in self._recorder.in_flight.copy().values():
+        for start, _entry, current, method, path, _cpu in self._recorder.requests_in_flight().values():
             where, summary, note = self._frames_of(current)
             requests.append(
                 {
