@@ -91,6 +91,13 @@ typedef struct {
     char finished, routes;
 } Recording;
 
+/* object.<name>: a Recording's field read straight (no attribute lookup, no getattro, for the layer's every
+ * request), anything else's attribute. */
+#define REQUEST_ATTRIBUTE(object, name, field)                                                                    \
+    (Py_TYPE(object) == &RecordingType                                                                          \
+         ? Py_NewRef(((Recording *)(object))->field != NULL ? ((Recording *)(object))->field : Py_None)         \
+         : PyObject_GetAttr(object, name))
+
 /* The recorder the fields below were read from (a strong reference, so its address cannot be reused). */
 typedef struct {
     PyObject *recorder;
@@ -570,8 +577,9 @@ pre_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     req = args[1];
     now = clock_seconds(CLOCK_MONOTONIC);
 
-    if ((path = PyObject_GetAttr(req, s_path)) == NULL || (query = PyObject_GetAttr(req, s_query)) == NULL
-        || (method = PyObject_GetAttr(req, s_method)) == NULL)
+    if ((path = REQUEST_ATTRIBUTE(req, s_path, path)) == NULL
+        || (query = REQUEST_ATTRIBUTE(req, s_query, query)) == NULL
+        || (method = REQUEST_ATTRIBUTE(req, s_method, method)) == NULL)
         goto error;
 #if PY_VERSION_HEX < 0x030C0000
     if ((PyUnicode_CheckExact(method) && PyUnicode_READY(method) < 0)
@@ -654,7 +662,7 @@ pre_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             goto error;
     }
 
-    peer = PyObject_GetAttr(req, s_peer_addr);
+    peer = REQUEST_ATTRIBUTE(req, s_peer_addr, peer_addr);
     if (peer == NULL) {
         if (!PyErr_ExceptionMatches(PyExc_AttributeError))
             goto error;
@@ -995,7 +1003,7 @@ finish_request(PyObject *const *args, Py_ssize_t nargs, const AsgiEnd *end)
             goto error;
     }
 
-    status_object = PyObject_GetAttr(resp, s_status_code); /* gunicorn's WSGI Response parses it once */
+    status_object = REQUEST_ATTRIBUTE(resp, s_status_code, status_code); /* gunicorn's WSGI Response parses it once */
     if (status_object == NULL) {
         if (!PyErr_ExceptionMatches(PyExc_AttributeError))
             goto error;
@@ -1044,7 +1052,7 @@ finish_request(PyObject *const *args, Py_ssize_t nargs, const AsgiEnd *end)
             goto error;
     }
 
-    if ((method = PyObject_GetAttr(req, s_method)) == NULL)
+    if ((method = REQUEST_ATTRIBUTE(req, s_method, method)) == NULL)
         goto error;
     if ((method_number = method_number_of(method)) == -1 && PyErr_Occurred())
         goto error;
