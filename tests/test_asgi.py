@@ -489,6 +489,31 @@ def test_a_request_is_recorded_however_its_application_ends(board: sb.Scoreboard
 
 
 @pytest.mark.parametrize("entry", [False, True], ids=["layer", "entry"])
+def test_an_answer_sent_while_the_app_handles_its_own_reset_is_not_a_hang_up(board: sb.Scoreboard, entry: bool) -> None:
+    """An application answering from its handler of a connection error of its own (a backend reset it): the
+    client did not close, with the compiled hooks as with the Python ones."""
+    if entry and _recorder.COMPILED is None:
+        pytest.skip("the compiled hooks are not built here")
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        try:
+            raise ConnectionResetError("the backend reset the connection")
+        except ConnectionResetError:
+            await send({"type": "http.response.start", "status": 502, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+
+    board.assign(0, now=1.0)
+    worker = Worker()
+    _recorder.RECORDER = RequestRecorder(board, 0, worker, RecorderOptions(threaded=False))
+    hooks = _recorder.COMPILED if entry else fakes.IMPLEMENTATIONS["python"]
+    assert hooks is not None
+    layer = _asgi.RecordingApp(app, worker, hooks, routes=False)
+    asyncio.run((layer.entry() if entry else layer)(CASES[0].scope(), _receive, _noop_send))
+    ((_, _, status, _, _, outcome, _),) = board.read_ring(0, 0, 1)
+    assert (status, outcome & sb.RECORD_CLIENT_CLOSED) == (502, 0)
+
+
+@pytest.mark.parametrize("entry", [False, True], ids=["layer", "entry"])
 def test_a_request_in_flight_reads_as_the_recorders_record(board: sb.Scoreboard, entry: bool) -> None:
     """The requests in flight hold, for a request in the layer or its compiled entry, what the watchdog, the stacks
     command and the abort handler unpack and index: (start, entry, task, method, path, CPU clock)."""

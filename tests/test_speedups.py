@@ -383,23 +383,31 @@ def test_both_hooks_tell_a_client_gone_from_one_that_read_the_response(
 def test_both_hooks_count_a_failed_write_and_name_a_slow_one(
     board: sb.Scoreboard, implementation: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """EPIPE still in flight in gunicorn's finally marks the record; a slow one is named in one log line."""
+    """EPIPE still in flight in gunicorn's finally marks the record, where the response has a socket (without
+    one, ASGI, the exception is the application's own); a slow one is named in one log line."""
     board.assign(0, now=1.0)
     _recorder.RECORDER = RequestRecorder(board, 0, object(), RecorderOptions(threaded=False, slow_after=0.05))
     pre_request, post_request = fakes.IMPLEMENTATIONS[implementation]
-    fast, slow = FakeRequest(path="/fast"), FakeRequest(path="/slow")
+    fast, slow, unwritten = FakeRequest(path="/fast"), FakeRequest(path="/slow"), FakeRequest(path="/asgi")
+    server_end, client_end = socket.socketpair()
     try:
-        for req in (fast, slow):
+        for req in (fast, slow, unwritten):
             pre_request(None, req)
             if req is slow:
                 time.sleep(0.1)
+            resp = FakeResponse("200 OK")
+            if req is not unwritten:
+                resp.sock = server_end  # type: ignore[attr-defined]  # what gunicorn's Response has
             try:
                 raise BrokenPipeError(32, "Broken pipe")
             except OSError:
-                post_request(None, req, {}, FakeResponse("200 OK"))
+                post_request(None, req, {}, resp)
     finally:
         _recorder.RECORDER = None
-    assert [record[5] for record in board.read_ring(0, 0, 2)] == [sb.RECORD_CLIENT_CLOSED] * 2
+        server_end.close()
+        client_end.close()
+    closed = [sb.RECORD_CLIENT_CLOSED, sb.RECORD_CLIENT_CLOSED, 0]
+    assert [record[5] for record in board.read_ring(0, 0, 3)] == closed
     lines = [record.getMessage() for record in caplog.records if "client closed" in record.getMessage()]
     assert len(lines) == 1
     assert 'request="GET /slow"' in lines[0]

@@ -773,6 +773,8 @@ client_closed(PyObject *req, PyObject *resp, double duration, int *closed)
     int fd, matches;
 
     *closed = 0;
+    if (Py_TYPE(resp) == &RecordingType)
+        return 0; /* no socket: ASGI, where an exception in flight is the application's own */
     PyErr_GetExcInfo(&type, &value, &traceback);
     Py_XDECREF(type);
     Py_XDECREF(traceback);
@@ -782,7 +784,16 @@ client_closed(PyObject *req, PyObject *resp, double duration, int *closed)
         if (matches < 0)
             return -1;
         if (matches) {
-            *closed = RECORD_CLIENT_CLOSED;
+            /* the server's failed write, where the response has a socket to write to */
+            sock = PyObject_GetAttr(resp, s_sock);
+            if (sock == NULL) {
+                if (!PyErr_ExceptionMatches(PyExc_AttributeError))
+                    return -1;
+                PyErr_Clear();
+            }
+            else if (sock != Py_None)
+                *closed = RECORD_CLIENT_CLOSED;
+            Py_XDECREF(sock);
             return 0;
         }
     }

@@ -150,8 +150,9 @@ def client_closed(req: Any, resp: Any, duration: float) -> int:
     """RECORD_CLIENT_CLOSED when the client had gone before the response reached it, else 0.
 
     Exact for TCP on Linux and for unix sockets, for requests of at least HANG_UP_CHECK_AFTER; it sees nothing
-    where the response has no socket (ASGI). Called in post_request, which gunicorn runs in a ``finally`` after
-    writing the response:
+    where the response has no socket (ASGI: an exception in flight there is the application's own, from a
+    connection of its own, never the server's write). Called in post_request, which gunicorn runs in a
+    ``finally`` after writing the response:
 
     - the write failed (EPIPE, ECONNRESET): the exception is still in flight here;
     - the client reset the connection (TCP state CLOSE): its kernel refused the response;
@@ -161,7 +162,7 @@ def client_closed(req: Any, resp: Any, duration: float) -> int:
     """
     in_flight = sys.exc_info()[1]
     if in_flight is not None and isinstance(in_flight, _HUNG_UP):
-        return sb.RECORD_CLIENT_CLOSED
+        return 0 if getattr(resp, "sock", None) is None else sb.RECORD_CLIENT_CLOSED
     # Only a TCP peer (an address tuple) has a TCP state: asking a unix socket would raise, at ten times the cost.
     asked = duration >= HANG_UP_CHECK_AFTER and type(getattr(req, "peer_addr", None)) is tuple
     sock = getattr(resp, "sock", None) if asked else None
