@@ -68,6 +68,55 @@ def test_unix_socket_backlog_is_measured(process_factory: ProcessFactory, short_
         client.close()
 
 
+def test_a_full_unix_queue_is_nginxs_resource_temporarily_unavailable(
+    process_factory: ProcessFactory, nginx_factory: NginxFactory, short_tmp_path: object
+) -> None:
+    """nginx gets EAGAIN (its 502 "11: Resource temporarily unavailable") when the unix accept queue is full:
+    the backlog gauge shows the queue at its limit meanwhile."""
+    path = f"{short_tmp_path}/full.sock"
+    listener = f"unix:{path}"
+    server = start_gunicorn(process_factory, workers=1, args=["-b", listener, "--backlog", "2"])
+    nginx = nginx_factory(listener)
+    port = int(nginx.url.rsplit(":", 1)[1])
+    clients = []
+    try:
+        busy = socket.socket(socket.AF_UNIX)
+        busy.connect(path)
+        busy.sendall(b"GET /slow?s=30 HTTP/1.1\r\nHost: x\r\n\r\n")
+        clients.append(busy)
+        server.wait_for_value("gunicorn_requests_in_flight", 1)
+        while True:  # fill the queue the worker no longer takes from, until the kernel refuses one more
+            waiting = socket.socket(socket.AF_UNIX)
+            waiting.setblocking(False)
+            clients.append(waiting)
+            try:
+                waiting.connect(path)
+            except BlockingIOError:
+                break
+            assert len(clients) < 100, "the unix accept queue never filled"
+        limit = server.value("gunicorn_listen_backlog_max", listener=listener)
+        assert limit is not None
+        wait_until(  # a unix listener holds one connection more than its backlog before it refuses
+            lambda: (server.value("gunicorn_listen_backlog", listener=listener) or 0) >= limit,
+            timeout=20,
+            what="the unix accept queue at its limit",
+            dump=server.metrics_text,
+        )
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        connection.request("GET", "/")
+        assert connection.getresponse().status == 502
+        connection.close()
+        wait_until(
+            lambda: "(11: Resource temporarily unavailable) while connecting to upstream" in nginx.dump(),
+            timeout=10,
+            what="nginx's error line for the full queue",
+            dump=nginx.dump,
+        )
+    finally:
+        for client in clients:
+            client.close()
+
+
 def test_gthread_requests_waiting_for_a_thread(process_factory: ProcessFactory) -> None:
     """gthread with one thread: requests accepted beyond it wait inside the worker and are counted."""
     server = start_gunicorn(process_factory, worker_class="gthread", workers=1, args=["--threads", "1"])
