@@ -203,6 +203,18 @@ def test_one_worker_gives_the_ratio_an_interval_from_its_rounds() -> None:
     assert one_worker.ratio_interval([100.0] * 5, [105.0] * 5) == (1.05, 1.05)
 
 
+def test_one_worker_pairs_each_rounds_two_sides() -> None:
+    """Rounds whose speed drifts but whose plugin side costs 5% more each time: the paired ratio is 1.05 exactly,
+    where the ratio of medians spreads with the drift; pairs are taken in order, not sorted."""
+    one_worker = load_script("one_worker")
+    bare = [100.0, 120.0, 90.0, 110.0, 95.0, 130.0]
+    plugin = [value * 1.05 for value in bare]
+    assert one_worker.paired_ratio(bare, plugin) == pytest.approx((1.05, 1.05, 1.05))
+    low, high = one_worker.ratio_interval(bare, plugin)
+    assert high - low > 0.1
+    assert one_worker.paired_ratio([100.0, 200.0], [200.0, 100.0])[0] == pytest.approx(1.25)
+
+
 def test_request_path_reads_cachegrind_summaries() -> None:
     """The four totals are read from cachegrind's summary, whatever its column padding."""
     request_path = load_script("request_path")
