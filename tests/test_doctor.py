@@ -541,22 +541,24 @@ def test_import_failure_is_an_error(tmp_path: Path) -> None:
     assert found(_doctor.check_app_import, app_import=measured) == [("app-import", "error")]
 
 
-def test_a_variable_the_module_does_not_define_is_an_error(tmp_path: Path) -> None:
-    """A module that imports but lacks the variable named after the colon fails as gunicorn's loader fails."""
-    _app_module(tmp_path, "goodmod", "")
-    measured = _doctor.measure_import("goodmod:does_not_exist", str(tmp_path), None)
+@pytest.mark.parametrize(
+    ("body", "app", "words"),
+    [
+        ("", "goodmod:does_not_exist", ("AppImportError", "does_not_exist")),
+        ("app_number = 3", "goodmod:app_number", ("AppImportError", "callable")),
+    ],
+    ids=["variable-missing", "not-callable"],
+)
+def test_an_entry_point_gunicorn_cannot_load_is_an_error(
+    tmp_path: Path, body: str, app: str, words: tuple[str, ...]
+) -> None:
+    """A module that imports but whose name after the colon is missing or not an application fails as
+    gunicorn's loader fails at boot: the app-import error, with gunicorn's message."""
+    _app_module(tmp_path, "goodmod", body)
+    measured = _doctor.measure_import(app, str(tmp_path), None)
     assert measured.error is not None
-    assert "AppImportError" in measured.error
-    assert "does_not_exist" in measured.error
+    assert all(word in measured.error for word in words), measured.error
     assert found(_doctor.check_app_import, app_import=measured) == [("app-import", "error")]
-
-
-def test_an_application_that_is_not_callable_is_an_error(tmp_path: Path) -> None:
-    """A variable that names no application (here a number) fails as at boot."""
-    _app_module(tmp_path, "numbermod", "app_number = 3")
-    measured = _doctor.measure_import("numbermod:app_number", str(tmp_path), None)
-    assert measured.error is not None
-    assert "callable" in measured.error
 
 
 def test_a_factory_is_called_as_a_worker_calls_it(tmp_path: Path) -> None:

@@ -158,6 +158,18 @@ def test_graceful_shutdown_is_not_an_incident(process_factory: ProcessFactory, s
     assert "worker exited" not in server.process.output()
 
 
+def failed_to_boot(server: Gunicorn, line: str) -> str:
+    """The server's output once it has stopped because its worker could not load the application: the
+    worker's line matches ``line`` and its exit line says boot_failure."""
+    assert server.process.wait(timeout=60) != 0
+    output = server.process.output()
+    assert re.search(line, output), output
+    match = re.search(EXITED, output, re.MULTILINE)
+    assert match is not None, output
+    assert match["cause"] == "boot_failure"
+    return output
+
+
 @pytest.mark.oldest
 def test_app_failing_at_import_is_a_boot_failure(process_factory: ProcessFactory, statsd_daemon: StatsdDaemon) -> None:
     """An import error: one line with the exception's summary and the hint, counted boot_failure at StatsD."""
@@ -171,17 +183,12 @@ def test_app_failing_at_import_is_a_boot_failure(process_factory: ProcessFactory
         wait=False,
         env={"GUNICORN_INSIGHT_STATSD": f"{host}:{port}"},
     )
-    assert server.process.wait(timeout=60) != 0
-    output = server.process.output()
-    assert re.search(
+    output = failed_to_boot(
+        server,
         r"gunicorn-insight: worker pid=\d+ could not load the application: RuntimeError: "
         r"DATABASE_URL is not set; if no traceback is above .* rerun with --log-level debug",
-        output,
     )
     assert "second line" not in output.split("could not load the application")[1].splitlines()[0]
-    match = re.search(EXITED, output, re.MULTILINE)
-    assert match is not None
-    assert match["cause"] == "boot_failure"
     wait_until(
         lambda: statsd_daemon.counters().get("gunicorn.worker.exit.boot_failure") == 1,
         timeout=10,
@@ -193,16 +200,11 @@ def test_app_failing_at_import_is_a_boot_failure(process_factory: ProcessFactory
 def test_an_entry_point_naming_no_variable_is_a_boot_failure(process_factory: ProcessFactory) -> None:
     """A module that imports but lacks the variable after the colon: gunicorn's message in the line, boot_failure."""
     server = start_gunicorn(process_factory, app="app:no_such_app", workers=1, metrics=False, wait=False)
-    assert server.process.wait(timeout=60) != 0
-    output = server.process.output()
-    assert re.search(
+    failed_to_boot(
+        server,
         r"worker pid=\d+ could not load the application: AppImportError: Failed to find attribute "
         r"'no_such_app' in 'app'",
-        output,
-    ), output
-    match = re.search(EXITED, output, re.MULTILINE)
-    assert match is not None
-    assert match["cause"] == "boot_failure"
+    )
 
 
 def test_kill_is_classified_even_when_gunicorn_logs_nothing(process_factory: ProcessFactory) -> None:
