@@ -1602,7 +1602,7 @@ recording_getattro(PyObject *object, PyObject *name)
     return Py_NewRef(value != NULL ? value : Py_None);
 }
 
-/* In in_flight it reads as the recorder's InFlightRequest tuple: (start, entry, current, method, path, CPU
+/* In flight it reads as the recorder's InFlightRequest tuple: (start, entry, current, method, path, CPU
  * clock), for the watchdog and the stacks command, which index and unpack it. */
 static Py_ssize_t
 recording_length(PyObject *self)
