@@ -539,3 +539,28 @@ def test_connections_counted_at_the_tick_are_left_to_the_tick(board: sb.Scoreboa
     finally:
         _recorder.RECORDER = None
     assert published == [3, 9]
+
+
+@pytest.mark.parametrize("implementation", sorted(fakes.IMPLEMENTATIONS))
+def test_route_numbers_are_each_recorders_own(tmp_path: Path, implementation: str) -> None:
+    """The same template objects numbered in another order by a second recorder keep that recorder's numbers:
+    nothing one recorder learnt of its routes answers for the next."""
+    board = sb.Scoreboard.create(str(tmp_path / "scoreboard"), slots=2, entries=3, ring=8, master_pid=1, routes=8)
+    pre_request, post_request = fakes.IMPLEMENTATIONS[implementation]
+    first, second = "/first/<id>", "/second/<id>"
+    numbered = {}
+    for slot, order in ((0, (first, second, first)), (1, (second, first, second))):
+        board.assign(slot, now=1.0)
+        _recorder.RECORDER = RequestRecorder(board, slot, object(), RecorderOptions(threaded=False, routes=True))
+        try:
+            for template in order:
+                req = FakeRequest()
+                pre_request(None, req)
+                post_request(None, req, {ROUTE_KEY: template}, FakeResponse("200 OK"))
+        finally:
+            _recorder.RECORDER = None
+        numbered[slot] = [record[4] for record in board.read_ring(slot, 0, board.head(slot))]
+    assert numbered == {0: [1, 2, 1], 1: [1, 2, 1]}
+    assert board.route_names(0) == [first, second]
+    assert board.route_names(1) == [second, first]
+    board.close()

@@ -113,6 +113,10 @@ typedef struct {
     int excluded_filter, excluded_long;
     unsigned char excluded_lengths[32];
     int current_is_ours; /* _current is this module's current_task: called as a C function */
+    /* The route template the last request was numbered by, and its number: an application's routes are few,
+     * and a framework hands the same template object to each request of a route, so the next request usually
+     * needs no lookup in route_ids (whose numbers never change while the recorder is bound). */
+    PyObject *last_route_key, *last_route_id;
     /* atoms only: per slot, the offsets of its state byte, its first entry and the end of its entries; the
      * state of a slot that serves (recorder._busy_layout, from Scoreboard.flag_slices) */
     Py_ssize_t *busy_offsets, busy_slots;
@@ -140,6 +144,8 @@ clear_bound(void)
     Py_CLEAR(bound.current);
     Py_CLEAR(bound.excluded);
     Py_CLEAR(bound.route_ids);
+    Py_CLEAR(bound.last_route_key);
+    Py_CLEAR(bound.last_route_id);
     Py_CLEAR(bound.request_worker);
     Py_CLEAR(bound.lock);
     PyMem_Free(bound.busy_offsets);
@@ -1038,10 +1044,16 @@ finish_request(PyObject *const *args, Py_ssize_t nargs, const AsgiEnd *end)
         if (environ_given && bound.resolves_by_key) {
             if ((key = end != NULL ? Py_NewRef(end->route) : lookup(environ, s_route_key)) == NULL)
                 goto error;
-            if (PyUnicode_CheckExact(key)) {
+            if (key == bound.last_route_key)
+                known = bound.last_route_id;
+            else if (PyUnicode_CheckExact(key)) {
                 known = PyDict_GetItemWithError(bound.route_ids, key);
                 if (known == NULL && PyErr_Occurred())
                     goto error;
+                if (known != NULL) {
+                    Py_XSETREF(bound.last_route_key, Py_NewRef(key));
+                    Py_XSETREF(bound.last_route_id, Py_NewRef(known));
+                }
             }
         }
         if (known == NULL) {
