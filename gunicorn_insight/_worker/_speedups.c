@@ -1228,7 +1228,13 @@ get_truthy_or(PyObject *mapping, PyObject *key, PyObject *fallback)
     int truth;
     if (value == NULL)
         return NULL;
-    truth = PyObject_IsTrue(value);
+    /* a scope's method, path and query: their length, without the generic truth test's calls */
+    if (PyUnicode_CheckExact(value))
+        truth = PyUnicode_GET_LENGTH(value) != 0;
+    else if (PyBytes_CheckExact(value))
+        truth = PyBytes_GET_SIZE(value) != 0;
+    else
+        truth = PyObject_IsTrue(value);
     if (truth < 0) {
         Py_DECREF(value);
         return NULL;
