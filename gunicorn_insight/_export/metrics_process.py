@@ -37,7 +37,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 from .._report import LOG
 from ..settings import ConfigurationError, join_host_port, parse_host_port
-from .probes import Probes
+from .probes import Probes, Verdict
 from .prometheus import OTLP_ONLY_PREFIX, merge_lock, usable_files
 
 LINK_FD = 3
@@ -298,22 +298,28 @@ class MetricsServer:
         if path in ("/healthz", "/readyz") and self._probes is not None:
             # Answered from files this process reads itself: no round asked of the master, no worker involved.
             verdict = self._probes.health(self._master_link_open()) if path == "/healthz" else self._probes.readiness()
-            body = verdict.reason.encode("utf-8", "replace") + b"\n"
-            start_response(
-                verdict.status,
-                [
-                    ("Content-Type", "text/plain; charset=utf-8"),
-                    ("Content-Length", str(len(body))),
-                    ("Cache-Control", "no-store"),
-                ],
-            )
-            return [body]
+            return _verdict_response(verdict, start_response)
         if path not in ("/", "/metrics"):
             start_response("404 Not Found", [("Content-Type", "text/plain")])
             return [b"gunicorn-insight serves /metrics, /healthz and /readyz\n"]
         self._before_scrape()
+        if self._probes is not None:
+            # No round for as long as /healthz allows (the master stopped, its exporter thread stuck): the
+            # files hold the last round's numbers, which would read as measured now. Refused, as /healthz is,
+            # so the scrape fails (up == 0) with the reason, instead of the series going flat.
+            health = self._probes.health(self._master_link_open())
+            if not health.ok:
+                return _verdict_response(health, start_response)
         result: Iterable[bytes] = self._inner(environ, start_response)
         return result
+
+
+def _verdict_response(verdict: Verdict, start_response: StartResponse) -> list[bytes]:
+    """A probe's verdict as a one-line plain-text answer (200 or 503)."""
+    body = verdict.reason.encode("utf-8", "replace") + b"\n"
+    headers = [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))]
+    start_response(verdict.status, [*headers, ("Cache-Control", "no-store")])
+    return [body]
 
 
 def _drop_oldest(selector: selectors.BaseSelector, idle: dict[socket.socket, tuple[float, Any]]) -> None:

@@ -110,8 +110,8 @@ def test_readyz_is_503_until_a_worker_has_loaded_the_app(process_factory: Proces
 
 
 def test_stuck_master_fails_healthz_and_dead_workers_fail_readyz(process_factory: ProcessFactory) -> None:
-    """Master stopped (SIGSTOP): healthz turns 503 when rounds stop; workers killed meanwhile are unreaped
-    zombies, which readyz does not count."""
+    """Master stopped (SIGSTOP): healthz and /metrics turn 503 when rounds stop; workers killed meanwhile are
+    unreaped zombies, which readyz does not count."""
     server = start_gunicorn(process_factory, workers=2)
     wait_until(
         lambda: "last round" in (probe_status(server, "/healthz") or (0, ""))[1],
@@ -129,6 +129,9 @@ def test_stuck_master_fails_healthz_and_dead_workers_fail_readyz(process_factory
         assert (status, body.startswith("ready: 2 workers serving")) == (200, True), body
         body = wait_for_probe(server, "/healthz", 503, timeout=30)
         assert "last exporter round was" in body, body
+        # The files hold the last round's numbers: a scrape is refused with the same reason, not served stale.
+        status, body = probe_status(server, "/metrics") or (0, "")
+        assert (status, "last exporter round was" in body) == (503, True), body
         for pid in workers:
             os.kill(pid, signal.SIGKILL)
         body = wait_for_probe(server, "/readyz", 503, timeout=30)
@@ -137,3 +140,4 @@ def test_stuck_master_fails_healthz_and_dead_workers_fail_readyz(process_factory
         server.process.send_signal(signal.SIGCONT)
     wait_for_probe(server, "/healthz", 200)  # rounds again after SIGCONT
     wait_for_probe(server, "/readyz", 200)  # gunicorn reaped and replaced the workers
+    assert "gunicorn_workers " in wait_for_probe(server, "/metrics", 200)
