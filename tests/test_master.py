@@ -122,6 +122,44 @@ def test_a_round_writes_what_the_workers_did(master: Master, tmp_path: Path) -> 
     assert status.recent_exits == ()
 
 
+class ClosedMidRound:
+    """A gunicorn listener its main thread closes while a round reads it: its name asks the closed socket."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def __str__(self) -> str:
+        raise AttributeError("'NoneType' object has no attribute 'getsockname'")
+
+
+class OpenListener:
+    """A gunicorn TCP listener still open, named as gunicorn names it."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def __str__(self) -> str:
+        host, port = self.sock.getsockname()
+        return f"http://{host}:{port}"
+
+
+def test_a_listener_closed_during_the_round_costs_only_its_own_sample(master: Master, tmp_path: Path) -> None:
+    """gunicorn closing a listener mid-round (shutdown, reload) leaves that listener out; the other listeners
+    are sampled and the round goes on."""
+    _, recorder = worker_of(master, 101)
+    start(recorder, FakeRequest("GET", "/running"))
+    with socket.socket() as closing, socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(7)
+        open_listener = OpenListener(listening)
+        master.watch_listeners(lambda: [ClosedMidRound(closing), open_listener])
+        master.run_round()
+        name = str(open_listener)
+    status = read_record(StatusRecord, str(tmp_path / STATUS_FILE))
+    assert (status.workers, status.in_flight, status.rounds) == (1, 1, 1)
+    assert [listener.name for listener in status.listeners] == [name]
+
+
 def test_an_exit_with_a_request_in_flight_is_one_line_naming_it(
     master: Master, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -293,3 +331,20 @@ def test_time_wait_is_asked_of_the_kernel_at_most_every_ten_seconds(
         seen = [master._listener_time_wait(at, "http://x", sock) for at in (100.0, 101.0, 109.9, 110.0, 115.0)]
     assert seen == [101, 101, 101, 102, 102]
     assert len(asked) == 2
+
+
+def test_a_round_step_that_fails_costs_only_its_part(
+    master: Master, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A step of the round raising (here the listen queues' sampling) is reported; the round still writes what
+    it drained."""
+
+    def broken() -> int:
+        raise OSError("netstat unreadable")
+
+    _, recorder = worker_of(master, 101)
+    start(recorder, FakeRequest("GET", "/running"))
+    monkeypatch.setattr(arbiter, "listen_overflows", broken)
+    master.run_round()
+    status = read_record(StatusRecord, str(tmp_path / STATUS_FILE))
+    assert (status.workers, status.in_flight, status.rounds) == (1, 1, 1)

@@ -193,43 +193,24 @@ class Master:
                 facts.capacity = facts.ready_workers * self.plan.per_worker_capacity  # booting ones serve nothing
                 if self._desired is not None:
                     facts.desired_workers = self._desired()
-                self._sample_listeners(facts)
             except Exception as error:
                 report("reading the scoreboard", error)
                 return
-            try:
-                self._read_host(facts)
-            except Exception as error:
-                report("reading host pressure", error)
-            try:
-                self._watch_growth(facts)
-            except Exception as error:
-                report("watching what the workers' memory, descriptors and threads grow with", error)
+            # Each step guarded on its own: one that fails costs its own part of the round, never the requests
+            # the round drained, which the sinks still publish.
+            _guarded("sampling the listen queues", self._sample_listeners, facts)
+            _guarded("reading host pressure", self._read_host, facts)
+            _guarded("watching what the workers' memory, descriptors and threads grow with", self._watch_growth, facts)
             self.exits.judge(facts)
             if not self._told_unseen:
                 self._tell_requests_unseen()
             heads = sum(self.board.head(index) for index in range(self.board.slots))
-            try:
-                self._watch_stall(facts, heads)
-            except Exception as error:
-                report("watching for stalls and crash loops", error)
-            try:
-                self._watch_unserved(facts, heads)
-            except Exception as error:
-                report("watching for listeners nobody serves", error)
-            try:
-                self._watch_main_loop(facts)
-            except Exception as error:
-                report("watching gunicorn's master loop", error)
+            _guarded("watching for stalls and crash loops", self._watch_stall, facts, heads)
+            _guarded("watching for listeners nobody serves", self._watch_unserved, facts, heads)
+            _guarded("watching gunicorn's master loop", self._watch_main_loop, facts)
             for sink in self._sinks:
-                try:
-                    sink.publish(facts)
-                except Exception as error:
-                    report(f"{type(sink).__name__}.publish", error)
-            try:
-                self.status.write_round(facts)
-            except Exception as error:
-                report("writing status.json", error)
+                _guarded(f"{type(sink).__name__}.publish", sink.publish, facts)
+            _guarded("writing status.json", self.status.write_round, facts)
 
     def _tell_requests_unseen(self) -> None:
         """Once per server: a worker accepted connections and recorded no request (see _worker.unseen)."""
@@ -419,6 +400,10 @@ class Master:
             sock = getattr(listener, "sock", None)
             if sock is None:
                 continue
+            try:
+                name = str(listener)  # gunicorn's name for it asks the socket (getsockname)
+            except (AttributeError, OSError):
+                continue  # closed meanwhile by gunicorn's main thread (shutdown, reload): nothing to sample
             if sock.family == socket.AF_UNIX:  # one sock_diag query for the queue and the socket's file
                 measured, bound = unix_listener(sock)
                 path = getattr(listener, "cfg_addr", None)
@@ -429,11 +414,11 @@ class Master:
                         report("checking the unix socket files", error)
             else:
                 measured = backlog(sock)
-                closed = self._listener_time_wait(facts.at, str(listener), sock)
+                closed = self._listener_time_wait(facts.at, name, sock)
                 if closed is not None:
-                    facts.time_wait[str(listener)] = closed
+                    facts.time_wait[name] = closed
             if measured is not None:
-                facts.listeners[str(listener)] = measured
+                facts.listeners[name] = measured
         overflows = listen_overflows()
         if overflows is not None and self._overflows is not None:
             facts.listen_overflows = max(0, overflows - self._overflows)
@@ -507,6 +492,14 @@ class Master:
             self.endpoint.close_in_child()
         if self.statsd is not None:
             self.statsd.close()
+
+
+def _guarded(place: str, step: Callable[..., None], *args: Any) -> None:
+    """One step of a round; its failure is reported (rate-limited) and the round goes on."""
+    try:
+        step(*args)
+    except Exception as error:
+        report(place, error)
 
 
 _STALL_NAMED = 20
