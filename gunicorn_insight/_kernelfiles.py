@@ -5,11 +5,13 @@ status and limits). Opening one costs several times reading it: 7 to 40 µs agai
 file reads the kernel's current values at every read, as a fresh open would. A process's files stay bound to
 that process: once it is gone and reaped they fail (ESRCH), and are opened again by path, for whatever process
 has the pid now. Files elsewhere (the test suite's fake trees, which tests replace between reads) are opened
-each time. A forked child closes what it inherited: its reads open files of its own.
+each time, and so is anything read through :func:`read_once` (a command line's scan of every process, which
+reads each file once). A forked child closes what it inherited: its reads open files of its own.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 from typing import ClassVar
@@ -30,7 +32,7 @@ class _Kept:
 def read(path: str) -> bytes | None:
     """The whole file; None when it is absent or cannot be read."""
     if not path.startswith(KEPT_UNDER):
-        return _read_once(path)
+        return read_once(path)
     kept = _Kept.fds
     with _Kept.lock:
         fd = kept.get(path)
@@ -44,8 +46,12 @@ def read(path: str) -> bytes | None:
             _close_all()
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            return None
+        except OSError as error:
+            # Out of descriptors: the kept files give theirs back rather than make a live process read as gone.
+            if error.errno not in (errno.EMFILE, errno.ENFILE) or not kept:
+                return None
+            _close_all()
+            return read_once(path)
         try:
             data = _read_from_start(fd)
         except OSError:
@@ -60,7 +66,8 @@ def kept() -> int:
     return len(_Kept.fds)
 
 
-def _read_once(path: str) -> bytes | None:
+def read_once(path: str) -> bytes | None:
+    """The whole file, opened for this read only; None when it is absent or cannot be read."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:

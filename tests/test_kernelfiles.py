@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from gunicorn_insight import _kernelfiles as kernelfiles
+from gunicorn_insight._proc import cpu_seconds, stat_fields
 
 
 def threads_now() -> int:
@@ -91,3 +93,29 @@ def test_a_forked_child_keeps_none_of_its_parents_files() -> None:
     finally:
         os.close(read_end)
         os.waitpid(pid, 0)
+
+
+def test_out_of_descriptors_the_kept_files_give_theirs_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """EMFILE while files are kept: they are closed and the read goes on, so a live process never reads as gone."""
+    kernelfiles._close_all()  # what the suite's earlier tests left open
+    assert kernelfiles.read(f"/proc/{os.getpid()}/statm") is not None
+    real_open = os.open
+
+    def no_descriptor_while_kept(path: str, flags: int, *args: int) -> int:
+        if kernelfiles.kept():
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", no_descriptor_while_kept)
+    assert kernelfiles.read(f"/proc/{os.getpid()}/limits") is not None
+    assert kernelfiles.kept() == 0
+
+
+def test_a_scan_of_many_processes_keeps_none_open() -> None:
+    """stat_fields reads once unless asked to keep the file: a command line's scan of every /proc entry holds
+    no descriptors afterwards; the master's repeated CPU reads keep theirs."""
+    kernelfiles._close_all()
+    assert stat_fields(os.getpid()) is not None
+    assert kernelfiles.kept() == 0
+    assert cpu_seconds(os.getpid()) is not None
+    assert f"/proc/{os.getpid()}/stat" in kernelfiles._Kept.fds

@@ -281,11 +281,11 @@ class RequestRecorder:
         self._routes_offset = board.routes_offset(slot)
         self._mask = board.ring - 1
         self._head = self._first_head = board.head(slot)
+        self._entries_offset = board.entries_offset(slot)
         # Byte offsets of the free entries. pop() and append() on a list are atomic under the GIL, so
         # gthread's pool threads share it safely.
-        self._free = [board.entries_offset(slot) + n * sb.ENTRY_SIZE for n in range(board.entries - 1, -1, -1)]
+        self._free = [self._entries_offset + n * sb.ENTRY_SIZE for n in range(board.entries - 1, -1, -1)]
         self.in_flight: dict[Any, InFlightRequest] = {}
-        self._entries_offset = board.entries_offset(slot)
         self._entry_requests: list[Any] = [None] * board.entries  # by entry: the compiled ASGI layer's requests
         self.dying = False  # a signal handler (worker_int, worker_abort) ran: requests cut short stay visible
         self._overflow = 0
@@ -323,7 +323,11 @@ class RequestRecorder:
     def recorded_any(self) -> bool:
         """This worker has recorded a request, or has one in flight (the slot's head, which the compiled hooks
         move too, not ``_head``, which only the Python hooks keep)."""
-        return self._words[self._head_index] != self._first_head or bool(self.requests_in_flight())
+        return (
+            self._words[self._head_index] != self._first_head
+            or bool(self.in_flight)
+            or any(request is not None for request in self._entry_requests)
+        )
 
     def requests_in_flight(self) -> dict[Any, InFlightRequest]:
         """Every request in flight now, by request: a copy, which another thread (the watchdog's) reads while
