@@ -49,6 +49,10 @@ class Round:
     """listener -> seconds connections have waited in its accept queue while no worker was in a request and
     none finished (0 while it is served or empty) (filled in by the master)."""
     listen_overflows: int = 0
+    """Connections dropped on a full accept queue this round, by any listener of the network namespace."""
+    listen_drops: dict[str, int] = field(default_factory=dict)
+    """TCP listener -> packets the kernel dropped at it this round, almost all of them connection attempts met
+    by a full accept queue (filled in by the master; a unix listener, or a kernel without SO_MEMINFO: missing)."""
     memory: dict[int, int] = field(default_factory=dict)
     """slot -> resident bytes of its live worker, read from /proc by the master this round."""
     slow: int = 0

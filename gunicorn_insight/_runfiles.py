@@ -89,6 +89,9 @@ class Listener:
     time_wait: int | None = None
     """TCP: its connections closed in the last minute, in TIME_WAIT (see _timewait); None for a unix socket, or
     from a master before this field (a field with a default may be missing)."""
+    drops: int | None = None
+    """TCP: the packets the kernel dropped at it since the master started, almost all of them connection attempts
+    met by a full accept queue; None for a unix socket, a kernel without SO_MEMINFO, or an older master."""
 
 
 @dataclass(frozen=True)
@@ -383,6 +386,7 @@ class StatusFiles:
         self.run_dir = run_dir
         self.exits: deque[WorkerExit] = deque(maxlen=RECENT_EXITS)
         self.listen_overflows = 0
+        self.listen_drops: dict[str, int] = {}  # listener -> drops since the master started
         self.rounds = 0
         self.held_memory: tuple[HeldMemory, ...] = ()
         self.growth: tuple[Growth, ...] = ()
@@ -407,6 +411,8 @@ class StatusFiles:
 
     def write_round(self, facts: Round) -> None:
         self.listen_overflows += facts.listen_overflows
+        for name, dropped in facts.listen_drops.items():
+            self.listen_drops[name] = self.listen_drops.get(name, 0) + dropped
         self.rounds += 1
         now = time.time()
         record = StatusRecord(
@@ -419,7 +425,13 @@ class StatusFiles:
             waiting=facts.waiting,
             connections=facts.total_connections,
             listeners=tuple(
-                Listener(name, queued, limit, facts.time_wait.get(name))
+                Listener(
+                    name,
+                    queued,
+                    limit,
+                    facts.time_wait.get(name),
+                    self.listen_drops.get(name) if name in facts.listen_drops else None,
+                )
                 for name, (queued, limit) in sorted(facts.listeners.items())
             ),
             listen_overflows=self.listen_overflows,

@@ -1,11 +1,15 @@
-"""Listen-queue depth from the kernel: TCP_INFO for TCP, sock_diag for unix sockets, netstat overflows."""
+"""Listen-queue depth from the kernel: TCP_INFO for TCP, sock_diag for unix sockets; drops per TCP listener
+(SO_MEMINFO) and the namespace's overflows (netstat)."""
 
 from __future__ import annotations
 
 import socket
+import time
 from pathlib import Path
 
-from gunicorn_insight._master.backlog import backlog, listen_overflows
+import pytest
+
+from gunicorn_insight._master.backlog import backlog, listen_drops, listen_overflows
 
 
 def test_tcp_accept_queue_depth_and_limit() -> None:
@@ -49,3 +53,37 @@ def test_listen_overflows_from_netstat(tmp_path: Path) -> None:
     )
     assert listen_overflows(str(netstat)) == 17
     assert listen_overflows(str(tmp_path / "missing")) is None
+
+
+def test_a_full_tcp_accept_queue_drops_at_its_own_listener() -> None:
+    """Connection attempts past a full accept queue are dropped and counted at that listener, not at another."""
+    with socket.socket() as full, socket.socket() as other:
+        for listener in (full, other):
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(1)
+        if listen_drops(full) is None:
+            pytest.skip("this kernel has no SO_MEMINFO (Linux 4.12 and later)")
+        assert listen_drops(full) == 0
+        clients = []
+        try:
+            for _ in range(6):  # the queue holds backlog + 1: the rest of the SYNs are dropped
+                client = socket.socket()
+                client.setblocking(False)
+                clients.append(client)
+                client.connect_ex(full.getsockname())
+            deadline = time.monotonic() + 5
+            while not listen_drops(full) and time.monotonic() < deadline:
+                time.sleep(0.01)  # the SYNs go through loopback's softirq, usually before connect returns
+            dropped = listen_drops(full)
+            assert dropped is not None
+            assert dropped >= 3, dropped
+            assert listen_drops(other) == 0
+        finally:
+            for client in clients:
+                client.close()
+
+
+def test_drops_are_absent_for_a_unix_listener() -> None:
+    """A unix socket refuses at once when its queue is full (nothing is dropped): no count, not 0."""
+    with socket.socket(socket.AF_UNIX) as listener:
+        assert listen_drops(listener) is None

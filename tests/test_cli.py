@@ -135,12 +135,23 @@ def test_capacity_is_derived_from_the_worker_class_without_status(server: FakeSe
 
 
 def test_capacity_and_listeners_come_from_status_json_when_written(server: FakeServer) -> None:
-    """The master's capacity and listeners are used and rendered; busy stays the scoreboard's live count."""
-    server.write_status(busy=3, capacity=16, listeners=[{"name": "127.0.0.1:8000", "backlog": 7, "backlog_max": 2048}])
+    """The master's capacity and listeners are used and rendered, a listener's drops beside its queue (none from an
+    older master); busy stays the scoreboard's live count."""
+    server.write_status(
+        busy=3,
+        capacity=16,
+        listeners=[
+            {"name": "127.0.0.1:8000", "backlog": 7, "backlog_max": 2048, "drops": 12},
+            {"name": "127.0.0.1:8001", "backlog": 0, "backlog_max": 2048},
+        ],
+    )
     snap = snapshot_of(server)
     assert (snap["totals"]["busy"], snap["totals"]["capacity"]) == (1, 16)
-    assert snap["listeners"] == [{"name": "127.0.0.1:8000", "backlog": 7, "backlog_max": 2048}]
-    assert "backlog 127.0.0.1:8000 7/2048" in rendered(snap)
+    assert snap["listeners"] == [
+        {"name": "127.0.0.1:8000", "backlog": 7, "backlog_max": 2048, "drops": 12},
+        {"name": "127.0.0.1:8001", "backlog": 0, "backlog_max": 2048, "drops": None},
+    ]
+    assert "backlog 127.0.0.1:8000 7/2048 dropped 12   backlog 127.0.0.1:8001 0/2048" in rendered(snap, width=400)
     assert snap["warnings"] == []
 
 

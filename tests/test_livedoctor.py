@@ -97,6 +97,16 @@ def test_backlog_and_overflows() -> None:
     assert checks(livedoctor.check_backlog, facts()) == []
 
 
+def test_a_listeners_own_drops_are_judged_before_the_hosts_overflows() -> None:
+    """Drops counted at gunicorn's listener name it and are an error; with a count per listener, the host's
+    overflows (another server's queue, maybe) are no evidence against gunicorn."""
+    (finding,) = livedoctor.check_backlog(facts(listen_drops={"http://0.0.0.0:8000": 7}, listen_overflows=9))
+    assert finding.severity == "error"
+    assert "dropped 7 connection attempts at http://0.0.0.0:8000" in finding.what
+    assert "9" not in finding.what
+    assert checks(livedoctor.check_backlog, facts(listen_drops={"http://0.0.0.0:8000": 0}, listen_overflows=9)) == []
+
+
 def test_queue_time() -> None:
     """A mean wait of 250 ms is a finding; 20 ms is not; no Prometheus files means nothing is judged."""
     slow = facts(queue_window=Histogram(count=10, total=2.5), queue_total=Histogram(count=100, total=3.0))

@@ -373,9 +373,10 @@ def test_scrapes_read_only_regular_metric_files(tmp_path: Path) -> None:
     assert usable_files(str(tmp_path)) == [str(tmp_path / "counter_1.db")]
 
 
-def test_rejected_requests_and_time_wait_are_exported_and_absent_where_unseen(tmp_path: Path) -> None:
+def test_rejected_requests_time_wait_and_drops_are_exported_and_absent_where_unseen(tmp_path: Path) -> None:
     """Rejected requests add up by reason, every reason present at 0 from the start where gunicorn parses; the
-    TIME_WAIT gauge is per listener; a worker class gunicorn does not parse for gets no rejected series."""
+    TIME_WAIT gauge and the drops counter are per listener, drops present at 0 from a listener's first round; a
+    worker class gunicorn does not parse for gets no rejected series."""
     code = """
         import os
         from collections import Counter
@@ -385,8 +386,16 @@ def test_rejected_requests_and_time_wait_are_exported_and_absent_where_unseen(tm
         from gunicorn_insight._export.metrics_process import make_registry
         directory = os.environ["PROMETHEUS_MULTIPROC_DIR"]
         sink = PrometheusSink(directory, (0.1, 1.0), 1, rejects_seen=True)
-        sink.publish(Round(rejected=Counter(framing=2), time_wait={"http://127.0.0.1:8000": 300}))
-        sink.publish(Round(rejected=Counter(framing=1, invalid_header_name=1)))
+        sink.publish(
+            Round(
+                rejected=Counter(framing=2),
+                time_wait={"http://127.0.0.1:8000": 300},
+                listen_drops={"http://127.0.0.1:8000": 0, "http://127.0.0.1:8001": 0},
+            )
+        )
+        sink.publish(
+            Round(rejected=Counter(framing=1, invalid_header_name=1), listen_drops={"http://127.0.0.1:8000": 4})
+        )
         print(generate_latest(make_registry(directory)).decode())
         print("UNSEEN")
         other = os.path.join(directory, "unseen")
@@ -399,7 +408,10 @@ def test_rejected_requests_and_time_wait_are_exported_and_absent_where_unseen(tm
     assert 'gunicorn_requests_rejected_total{reason="invalid_header_name"} 1.0' in seen
     assert 'gunicorn_requests_rejected_total{reason="other"} 0.0' in seen
     assert 'gunicorn_listen_time_wait{listener="http://127.0.0.1:8000"} 300.0' in seen
+    assert 'gunicorn_listen_drops_total{listener="http://127.0.0.1:8000"} 4.0' in seen
+    assert 'gunicorn_listen_drops_total{listener="http://127.0.0.1:8001"} 0.0' in seen
     assert "gunicorn_requests_rejected_total" not in unseen
+    assert "gunicorn_listen_drops_total" not in unseen
 
 
 def test_bucket_counts_place_every_value_where_bisect_puts_it() -> None:

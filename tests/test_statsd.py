@@ -335,14 +335,19 @@ def test_client_hang_ups_are_sent_in_both_modes(receiver: socket.socket) -> None
     assert "gunicorn.requests.client_closed:2|c|#method:GET,route:/report" in lines
 
 
-def test_rejected_requests_and_time_wait_in_both_modes(receiver: socket.socket) -> None:
-    """Rejected requests are counters per reason, TIME_WAIT a gauge per listener: dotted names, or tags."""
+def test_rejected_requests_time_wait_and_drops_in_both_modes(receiver: socket.socket) -> None:
+    """Rejected requests are counters per reason, TIME_WAIT a gauge and drops a counter per listener (sent when
+    some were dropped): dotted names, or tags."""
     facts = a_round()
     facts.rejected = Counter(framing=2)
     facts.time_wait = {"http://127.0.0.1:8000": 300}
+    facts.listen_drops = {"http://127.0.0.1:8000": 4, "http://127.0.0.1:8001": 0}
     lines = published(receiver, facts)
     assert "gunicorn.request.rejected.framing:2|c" in lines
     assert "gunicorn.listener.http_127_0_0_1_8000.time_wait:300|g" in lines
+    assert "gunicorn.listener.http_127_0_0_1_8000.drops:4|c" in lines
+    assert not any("8001.drops" in line for line in lines)
     lines = published(receiver, facts, tagged=True)
     assert "gunicorn.request.rejected:2|c|#reason:framing" in lines
     assert "gunicorn.listen_time_wait:300|g|#listener:http_//127.0.0.1_8000" in lines
+    assert "gunicorn.listen_drops:4|c|#listener:http_//127.0.0.1_8000" in lines

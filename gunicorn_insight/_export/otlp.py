@@ -290,6 +290,13 @@ INSTRUMENTS: dict[str, Instrument] = {
         "gauge",
         "A TCP listener's connections closed in the last 60 s, in TIME_WAIT.",
     ),
+    "gunicorn_listen_drops": Instrument(
+        "gunicorn.listen.drops",
+        "{packet}",
+        "counter",
+        "Packets the kernel dropped at a TCP listener, almost all of them connection attempts met by a full "
+        "accept queue.",
+    ),
     "gunicorn_listen_overflows": Instrument(
         "gunicorn.listen.overflows",
         "{connection}",

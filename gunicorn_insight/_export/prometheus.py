@@ -392,6 +392,12 @@ class PrometheusSink:
             "A TCP listener's connections closed in the last 60 s, in TIME_WAIT on gunicorn's end or a local client's.",
             ("listener",),
         )
+        self._drops = _counter(
+            "gunicorn_listen_drops",
+            "Packets the kernel dropped at a TCP listener since the master started, almost all of them connection "
+            "attempts met by a full accept queue.",
+            ("listener",),
+        )
         self._lifecycle_families()
         self._pressure_families()
         self._fold_warned = False
@@ -677,6 +683,9 @@ class PrometheusSink:
             self._set(self._unserved, self._unserved.key("", (listener,)), seconds)
         for listener, closed in facts.time_wait.items():
             self._set(self._time_wait, self._time_wait.key("", (listener,)), closed)
+        for listener, dropped in facts.listen_drops.items():
+            # added even when 0: the series exists from the listener's first round, so increase() sees a first drop
+            self._add(self._drops, self._drops.key("_total", (listener,)), dropped)
 
     def _publish_outcomes(self, facts: Round) -> None:
         """What the requests cost in CPU, which of them their clients left, and which gunicorn refused."""

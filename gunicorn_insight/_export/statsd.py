@@ -348,6 +348,9 @@ class StatsdSink:
             pipe.gauge(
                 split("gunicorn.listener.{}.time_wait", "gunicorn.listen_time_wait", "listener", listener), closed
             )
+        for listener, dropped in sorted(facts.listen_drops.items()):
+            if dropped:
+                pipe.incr(split("gunicorn.listener.{}.drops", "gunicorn.listen_drops", "listener", listener), dropped)
 
     def _lifecycle_lines(self, pipe: Any, facts: Round, timers: int) -> None:
         name = self._name

@@ -5,8 +5,11 @@ limit in ``tcpi_sacked``. Unix sockets: the kernel's sock_diag netlink interface
 inode, ``UNIX_DIAG_RQLEN`` = (queued connections, limit), and ``UNIX_DIAG_VFS``, the inode of the file the
 socket is bound to. Elsewhere the values are simply absent.
 TIME_WAIT per TCP listener: see _timewait.
-Overflows (connections the kernel dropped because the queue was full) are a TCP counter of the network
-namespace, ``TcpExt: ListenOverflows`` in /proc/net/netstat.
+Drops: ``getsockopt(SO_MEMINFO)`` on a TCP listener gives the socket's own ``sk_drops``, the packets the
+kernel dropped at it: a SYN, or the ACK that completes a handshake, arriving while its accept queue was full
+(what ``TcpExt: ListenDrops`` counts for the whole namespace), or one dropped for memory. Linux 4.12 and later.
+Overflows are the namespace's count, every listener's on the host, ``TcpExt: ListenOverflows`` in
+/proc/net/netstat.
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ from .._timewait import time_wait
 _TCP_INFO = struct.Struct("8B24I")
 _UNACKED, _SACKED = 8 + 4, 8 + 5  # field positions after the eight one-byte fields
 
+_SO_MEMINFO = getattr(socket, "SO_MEMINFO", 55)  # Linux's number; Python names it from 3.12 on some builds
+_MEMINFO_DROPS = 8  # SK_MEMINFO_DROPS, in the array of u32 SO_MEMINFO fills
+_MEMINFO = struct.Struct(f"={_MEMINFO_DROPS + 1}I")
 _TCP_LISTEN = 10
 _UDIAG_SHOW_VFS = 0x02
 _UDIAG_SHOW_RQLEN = 0x10
@@ -100,6 +106,17 @@ def backlog(sock: socket.socket) -> tuple[int, int] | None:
     if sock.family == socket.AF_UNIX:
         return unix_backlog(sock)
     return None
+
+
+def listen_drops(sock: socket.socket) -> int | None:
+    """The packets the kernel dropped at this TCP listener since it was opened (see the module's docstring); None
+    for a unix socket, or where the kernel has no SO_MEMINFO."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6) or not sys.platform.startswith("linux"):
+        return None
+    try:
+        return int(_MEMINFO.unpack(sock.getsockopt(socket.SOL_SOCKET, _SO_MEMINFO, _MEMINFO.size))[_MEMINFO_DROPS])
+    except (OSError, struct.error):
+        return None
 
 
 def listener_time_wait(sock: socket.socket) -> int | None:

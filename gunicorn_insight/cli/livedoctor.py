@@ -114,6 +114,9 @@ class LiveFacts:
     backlog_limit: int | None = None
     backlog_listener: str | None = None
     listen_overflows: int = 0
+    """The network namespace's connections dropped on a full accept queue since the master started."""
+    listen_drops: dict[str, int] = field(default_factory=dict)
+    """TCP listener -> connection attempts the kernel dropped at it since the master started (where it says)."""
     rss: list[int] = field(default_factory=list)
     memory_used: int | None = None
     memory_limit: int | None = None
@@ -185,6 +188,7 @@ class LiveFacts:
             "backlog_peak": self.backlog_peak,
             "backlog_limit": self.backlog_limit,
             "listen_overflows": self.listen_overflows,
+            "listen_drops": self.listen_drops,
             "worker_rss_bytes": self.rss,
             "memory_used_bytes": self.memory_used,
             "memory_limit_bytes": self.memory_limit,
@@ -342,6 +346,7 @@ def measure(server: Server, board: sb.Scoreboard, window: float = DEFAULT_WINDOW
     if status is not None:
         facts.recent_exits = status.recent_exits
         facts.listen_overflows = status.listen_overflows
+        facts.listen_drops = {item.name: item.drops for item in status.listeners if item.drops is not None}
         live = {view.pid for view in views}
         facts.held_memory = tuple(held for held in status.held_memory if held.pid in live)
         facts.growth = tuple(growth for growth in status.growth if growth.pid in live)
@@ -504,7 +509,10 @@ def check_saturation(facts: LiveFacts) -> Iterable[Finding]:
 
 
 def check_backlog(facts: LiveFacts) -> Iterable[Finding]:
-    if facts.backlog_peak <= 0 and facts.listen_overflows <= 0:
+    # A listener's own drop count where the kernel gives one; else the namespace's, which any server on the host
+    # (nginx's own listeners too) can raise.
+    dropped = sum(facts.listen_drops.values()) if facts.listen_drops else facts.listen_overflows
+    if facts.backlog_peak <= 0 and dropped <= 0:
         return
     parts = []
     if facts.backlog_peak > 0:
@@ -513,17 +521,24 @@ def check_backlog(facts: LiveFacts) -> Iterable[Finding]:
             f"up to {facts.backlog_peak} connections waited in the accept queue of "
             f"{facts.backlog_listener}{limit} during the window"
         )
-    if facts.listen_overflows > 0:
+    for name, count in sorted(facts.listen_drops.items()):
+        if count > 0:
+            parts.append(
+                f"the kernel dropped {count} connection attempts at {name} because its accept queue was full, "
+                "since the server started"
+            )
+    if not facts.listen_drops and facts.listen_overflows > 0:
         parts.append(
-            f"{facts.listen_overflows} connections were dropped by the kernel because the accept queue "
-            "was full, since the server started"
+            f"{facts.listen_overflows} connections were dropped by the kernel because an accept queue was full, "
+            "since the server started (the host's count: another server's queue may have been the full one)"
         )
     yield Finding(
         "live-backlog",
-        "warning" if facts.listen_overflows <= 0 else "error",
+        "warning" if dropped <= 0 else "error",
         "; ".join(parts),
-        "no worker was free to accept them: every one of them waits before its request even starts, and "
-        "a full queue refuses connections (nginx: 'connect() failed (111: Connection refused)' or 502).",
+        "no worker was free to accept them: every one of them waits before its request even starts, and a full "
+        "queue turns connections away: a TCP one drops them (nginx: '110: Connection timed out', 504), a unix "
+        "one refuses them at once (nginx: '11: Resource temporarily unavailable', 502).",
         _workers_advice(facts) + "; a deeper backlog only turns the wait into timeouts",
     )
 

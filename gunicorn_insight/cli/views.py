@@ -125,6 +125,8 @@ class ListenerFacts(TypedDict):
     name: str
     backlog: int | None
     backlog_max: int | None
+    drops: int | None
+    """TCP: connection attempts the kernel dropped at it on a full queue since the master started; else None."""
 
 
 class ExitFacts(TypedDict):
@@ -291,7 +293,7 @@ def snapshot(reading: Reading) -> StatusDocument:
         listeners=None
         if status is None
         else [
-            ListenerFacts(name=item.name, backlog=item.backlog, backlog_max=item.backlog_max)
+            ListenerFacts(name=item.name, backlog=item.backlog, backlog_max=item.backlog_max, drops=item.drops)
             for item in status.listeners
         ],
         workers=workers,
@@ -375,6 +377,10 @@ def _totals(snap: StatusDocument) -> Text:
         style = "bold red" if isinstance(backlog, int) and backlog > 0 else ""
         text.append(f"   backlog {listener['name']} ")
         text.append(f"{backlog if backlog is not None else '-'}/{most if most is not None else '-'}", style=style)
+        dropped = listener.get("drops")
+        if dropped:
+            text.append(" dropped ")
+            text.append(str(dropped), style="bold red")
     stuck = totals["master_loop_stuck"]
     if stuck is not None and stuck >= MASTER_LOOP_STUCK:
         text.append("   master loop stuck ")

@@ -12,6 +12,8 @@ import pytest
 from harness import APPS, Gunicorn, start_gunicorn
 from servers import NginxFactory, ProcessFactory, wait_until
 
+from gunicorn_insight._runfiles import StatusRecord, read_record
+
 
 def slow_requests(server: Gunicorn, count: int, seconds: float) -> list[threading.Thread]:
     threads = [threading.Thread(target=server.get, args=(f"/slow?s={seconds}",), daemon=True) for _ in range(count)]
@@ -111,6 +113,58 @@ def test_a_full_unix_queue_is_nginxs_resource_temporarily_unavailable(
             timeout=10,
             what="nginx's error line for the full queue",
             dump=nginx.dump,
+        )
+    finally:
+        for client in clients:
+            client.close()
+
+
+def test_a_full_tcp_queue_drops_at_gunicorns_listener_and_is_nginxs_connect_timeout(
+    process_factory: ProcessFactory, nginx_factory: NginxFactory
+) -> None:
+    """A full TCP accept queue drops connection attempts: counted at gunicorn's own listener (the metric and
+    status.json), while nginx waits out proxy_connect_timeout and answers 504 "110: Connection timed out"."""
+    server = start_gunicorn(process_factory, workers=1, args=["--backlog", "1"])
+    listener = f"http://127.0.0.1:{server.port}"
+    nginx = nginx_factory(f"127.0.0.1:{server.port}", extra_location_directives="proxy_connect_timeout 1s;")
+    port = int(nginx.url.rsplit(":", 1)[1])
+    server.wait_for_value("gunicorn_listen_drops_total", 0, listener=listener)  # present from the first round
+    clients = []
+    try:
+        busy = socket.create_connection(("127.0.0.1", server.port))
+        busy.sendall(b"GET /slow?s=30 HTTP/1.1\r\nHost: x\r\n\r\n")
+        clients.append(busy)
+        server.wait_for_value("gunicorn_requests_in_flight", 1)
+        for _ in range(4):  # the queue holds backlog + 1 = 2; the others' SYNs are dropped (and retried)
+            waiting = socket.socket()
+            waiting.setblocking(False)
+            clients.append(waiting)
+            waiting.connect_ex(("127.0.0.1", server.port))
+        wait_until(
+            lambda: (server.value("gunicorn_listen_drops_total", listener=listener) or 0) > 0,
+            timeout=20,
+            what="drops counted at gunicorn's listener",
+            dump=server.metrics_text,
+        )
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        connection.request("GET", "/")
+        assert connection.getresponse().status == 504
+        connection.close()
+        wait_until(
+            lambda: "(110: Connection timed out) while connecting to upstream" in nginx.dump(),
+            timeout=10,
+            what="nginx's error line for the dropped connection",
+            dump=nginx.dump,
+        )
+        status_path = Path(server.scoreboard_path).parent / "status.json"
+        wait_until(
+            lambda: any(
+                item.name == listener and (item.drops or 0) > 0
+                for item in read_record(StatusRecord, str(status_path)).listeners
+            ),
+            timeout=10,
+            what="the drops in status.json",
+            dump=status_path.read_text,
         )
     finally:
         for client in clients:
