@@ -13,19 +13,21 @@ from __future__ import annotations
 
 import errno
 import os
+import resource
 import threading
 from typing import ClassVar
 
 KEPT_UNDER = ("/proc/", "/sys/")
-MAX_KEPT = 256
-"""Open files kept at most; past it all are closed (the files of workers long gone among them) and reopened as
-they are read."""
+FEWEST_KEPT = 64
 
 _CHUNK = 65536
 
 
 class _Kept:
     fds: ClassVar[dict[str, int]] = {}  # path -> its open file
+    # Open files kept at most (see keep_at_most); past it all are closed (the files of workers long gone among
+    # them) and reopened as they are read.
+    cap: ClassVar[int] = 256
     lock = threading.Lock()  # the exporter thread reads; the main thread reads at startup and forks
 
 
@@ -42,7 +44,7 @@ def read(path: str) -> bytes | None:
             except OSError:  # its process is gone, its cgroup removed: the path may name another one now
                 del kept[path]
                 os.close(fd)
-        if len(kept) >= MAX_KEPT:
+        if len(kept) >= _Kept.cap:
             _close_all()
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -59,6 +61,16 @@ def read(path: str) -> bytes | None:
             return None
         kept[path] = fd
         return data
+
+
+def keep_at_most(files: int) -> int:
+    """Keep up to ``files`` open (what the master reads each round: four per worker it may have, and its own),
+    within half of the process's descriptor limit, so gunicorn keeps room for its own; at least FEWEST_KEPT.
+    Fewer than a round reads would close and reopen them all every round. Returns the cap now in force."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    room = files if soft == resource.RLIM_INFINITY else min(files, soft // 2)
+    _Kept.cap = max(FEWEST_KEPT, room)
+    return _Kept.cap
 
 
 def kept() -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import resource
 import subprocess
 import sys
 import threading
@@ -71,9 +72,9 @@ def test_a_file_longer_than_one_read_is_read_whole(monkeypatch: pytest.MonkeyPat
 
 
 def test_no_more_than_max_kept_files_stay_open(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Past MAX_KEPT all are closed: the files of long-gone workers do not pile up."""
+    """Past the cap all are closed: the files of long-gone workers do not pile up."""
     kernelfiles._close_all()  # what the suite's earlier tests left open
-    monkeypatch.setattr(kernelfiles, "MAX_KEPT", 2)
+    monkeypatch.setattr(kernelfiles._Kept, "cap", 2)
     for name in ("stat", "statm", "limits"):
         assert kernelfiles.read(f"/proc/{os.getpid()}/{name}") is not None
     assert kernelfiles.kept() <= 2
@@ -119,3 +120,16 @@ def test_a_scan_of_many_processes_keeps_none_open() -> None:
     assert kernelfiles.kept() == 0
     assert cpu_seconds(os.getpid()) is not None
     assert f"/proc/{os.getpid()}/stat" in kernelfiles._Kept.fds
+
+
+def test_the_cap_follows_what_a_round_reads_within_half_the_descriptor_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A master with many worker slots keeps all their files (no close-all every round), never more than half
+    of its descriptors, and never fewer than FEWEST_KEPT."""
+    monkeypatch.setattr(kernelfiles._Kept, "cap", kernelfiles._Kept.cap)  # restored after the test
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (4096, 1 << 20))
+    assert kernelfiles.keep_at_most(4 * 256 + 64) == 1088
+    assert kernelfiles._Kept.cap == 1088
+    assert kernelfiles.keep_at_most(10_000) == 2048
+    assert kernelfiles.keep_at_most(3) == kernelfiles.FEWEST_KEPT
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (resource.RLIM_INFINITY,) * 2)
+    assert kernelfiles.keep_at_most(10_000) == 10_000

@@ -15,6 +15,7 @@ import pytest
 from fakes import FakeRequest, FakeResponse, finish, start
 from gunicorn.config import Config
 
+from gunicorn_insight import _kernelfiles as kernelfiles
 from gunicorn_insight._facts import Round
 from gunicorn_insight._master import arbiter
 from gunicorn_insight._master.arbiter import Master
@@ -332,6 +333,18 @@ def test_time_wait_is_asked_of_the_kernel_at_most_every_ten_seconds(
         seen = [master._listener_time_wait(at, "http://x", sock) for at in (100.0, 101.0, 109.9, 110.0, 115.0)]
     assert seen == [101, 101, 101, 102, 102]
     assert len(asked) == 2
+
+
+def test_the_master_keeps_as_many_kernel_files_as_its_slots_need(tmp_path: Path) -> None:
+    """Four files per worker slot and some of its own: 256 slots keep 1,088 open, where a fixed 256 made the
+    master close and reopen them every round past about 60 workers."""
+    settings = Settings.build({"max_workers": 256, "metrics_bind": "off"})
+    plan = Plan.resolve(settings, gunicorn_config(workers=64), None)
+    created = Master(plan, str(tmp_path), "test")
+    try:
+        assert kernelfiles._Kept.cap == 4 * 256 + kernelfiles.FEWEST_KEPT
+    finally:
+        created.board.close()
 
 
 def test_listener_drops_count_from_the_first_round_and_restart_with_a_new_socket(

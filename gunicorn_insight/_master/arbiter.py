@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from .. import _kernelfiles as kernelfiles
 from .. import _scoreboard as sb
 from .._export.metrics_link import EXIT_WAIT, MetricsEndpoint, MetricsPortTaken, wait_readable
 from .._export.prometheus import PrometheusSink
@@ -49,6 +50,7 @@ from .pressure import HostReader, WorkerReadings
 SLOT_ATTRIBUTE = "_gunicorn_insight_slot"
 RING_RECORDS = 8192
 SCRAPE_ROUND_GAP = 1.0
+WORKER_FILES = 4  # the kernel files a round reads per worker and keeps open: stat, statm, status, limits
 LOOP_UNKNOWN_AFTER = 60.0  # seconds of rounds without seeing gunicorn's loop wait before saying it is not measured
 """Seconds at least between two rounds when interval is longer: a scrape waits at most this long."""
 
@@ -74,6 +76,7 @@ class Master:
         # stop() writes a byte here: the exporter, waiting up to a whole interval, ends at once.
         self._wake_read = self._wake_write = -1
         self._drainer = Drainer(self.board, plan.settings.max_routes, by_status=plan.settings.otlp_enabled)
+        kernelfiles.keep_at_most(WORKER_FILES * plan.slots + kernelfiles.FEWEST_KEPT)
         self._listeners: Callable[[], list[Any]] = list
         self._desired: Callable[[], int] | None = None
         self._socket_files = SocketFiles()
