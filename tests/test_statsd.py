@@ -351,3 +351,24 @@ def test_rejected_requests_time_wait_and_drops_in_both_modes(receiver: socket.so
     assert "gunicorn.request.rejected:2|c|#reason:framing" in lines
     assert "gunicorn.listen_time_wait:300|g|#listener:http_//127.0.0.1_8000" in lines
     assert "gunicorn.listen_drops:4|c|#listener:http_//127.0.0.1_8000" in lines
+
+
+@pytest.mark.parametrize("tagged", [False, True], ids=["dotted", "tagged"])
+def test_remembered_names_are_the_names_made_fresh_and_their_number_is_capped(
+    receiver: socket.socket, monkeypatch: pytest.MonkeyPatch, tagged: bool
+) -> None:
+    """A sink sends the same lines every round from the names it remembers, as a fresh sink makes them, and
+    forgets them all past the cap rather than grow."""
+    monkeypatch.setattr(_statsd, "_MAX_NAMES", 5)
+    facts = a_round()
+    facts.connections = {slot: slot for slot in range(8)}  # more per-slot names than the cap
+    sink = make_sink(receiver.getsockname(), tagged=tagged, constant_tags="env:prod", prefix="app")
+    sink.publish(facts)
+    first = sent_lines(receiver)
+    sink.publish(facts)
+    assert (
+        sent_lines(receiver)
+        == first
+        == published(receiver, facts, tagged=tagged, constant_tags="env:prod", prefix="app")
+    )
+    assert len(sink._names) <= 5
