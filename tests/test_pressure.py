@@ -256,6 +256,32 @@ def test_open_descriptors_of_another_process() -> None:
             child.stdin.close()
 
 
+@pytest.mark.parametrize("asked", ["prlimit", "limits table"])
+def test_a_workers_own_descriptor_limit_is_read_both_ways(asked: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A limit the process set itself is what is read: through prlimit, or through /proc/<pid>/limits where
+    prlimit is refused (another user's process)."""
+    if asked == "limits table":
+
+        def refused(pid: int, which: int) -> tuple[int, int]:
+            raise PermissionError(1, "Operation not permitted")
+
+        monkeypatch.setattr(resource, "prlimit", refused)
+    code = (
+        "import resource, sys; hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]; "
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (777, hard)); print('ready', flush=True); sys.stdin.read()"
+    )
+    with subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE) as child:
+        try:
+            assert child.stdout is not None
+            assert child.stdout.readline() == b"ready\n"
+            reading = read_descriptors(child.pid)
+            assert reading is not None
+            assert reading[1] == 777
+        finally:
+            assert child.stdin is not None
+            child.stdin.close()
+
+
 def test_real_machine_readings() -> None:
     """On this machine: whatever the kernel offers is read, whatever it lacks is named."""
     reader = HostReader()

@@ -50,7 +50,9 @@ from .pressure import HostReader, WorkerReadings
 SLOT_ATTRIBUTE = "_gunicorn_insight_slot"
 RING_RECORDS = 8192
 SCRAPE_ROUND_GAP = 1.0
-WORKER_FILES = 4  # the kernel files a round reads per worker and keeps open: stat, statm, status, limits
+# The kernel files a round reads per worker and keeps open: stat, statm, status, and limits where prlimit is
+# refused (another user's worker, a master without CAP_SYS_RESOURCE).
+WORKER_FILES = 4
 LOOP_UNKNOWN_AFTER = 60.0  # seconds of rounds without seeing gunicorn's loop wait before saying it is not measured
 """Seconds at least between two rounds when interval is longer: a scrape waits at most this long."""
 
