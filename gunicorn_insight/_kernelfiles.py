@@ -1,12 +1,13 @@
 """Small kernel files (/proc, /sys) read again and again, each opened once and read from its start each time.
 
-The master reads a few dozen every round (cgroup and PSI files, /proc/net/netstat, each worker's stat, statm,
-status and limits). Opening one costs several times reading it: 7 to 40 µs against 1 to 30 µs here. A kept
-file reads the kernel's current values at every read, as a fresh open would. A process's files stay bound to
-that process: once it is gone and reaped they fail (ESRCH), and are opened again by path, for whatever process
-has the pid now. Files elsewhere (the test suite's fake trees, which tests replace between reads) are opened
-each time, and so is anything read through :func:`read_once` (a command line's scan of every process, which
-reads each file once). A forked child closes what it inherited: its reads open files of its own.
+The master reads a few dozen every round (cgroup and PSI files, /proc/net/netstat, each worker's stat and
+status, and limits where prlimit is refused). Opening one costs several times reading it: 7 to 40 µs against
+1 to 30 µs here. A kept file reads the kernel's current values at every read, as a fresh open would. A
+process's files stay bound to that process: once it is gone and reaped they fail (ESRCH), and are opened again
+by path, for whatever process has the pid now. Files elsewhere (the test suite's fake trees, which tests
+replace between reads) are opened each time, and so is anything read through :func:`read_once` (a command
+line's scan of every process, which reads each file once). A forked child closes what it inherited: its reads
+open files of its own.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def read(path: str) -> bytes | None:
 
 
 def keep_at_most(files: int) -> int:
-    """Keep up to ``files`` open (what the master reads each round: four per worker it may have, and its own),
+    """Keep up to ``files`` open (what the master reads each round: a few per worker it may have, and its own),
     within half of the process's descriptor limit, so gunicorn keeps room for its own; at least FEWEST_KEPT.
     Fewer than a round reads would close and reopen them all every round. Returns the cap now in force."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)

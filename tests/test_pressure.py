@@ -7,6 +7,7 @@ import os
 import resource
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -178,18 +179,37 @@ def test_cgroup_dirs_prefers_v1_and_finds_hybrid_v2(tmp_path: Path) -> None:
     assert found == [(1, f"{root}/cpu,cpuacct/a", f"{root}/cpu,cpuacct"), (2, f"{root}/unified/b", f"{root}/unified")]
 
 
-def test_process_status_switches_and_swap(tmp_path: Path) -> None:
-    """voluntary/nonvoluntary_ctxt_switches, VmSwap (kB) and Threads from /proc/<pid>/status; a gone pid is None."""
+def test_process_status_switches_swap_and_memory(tmp_path: Path) -> None:
+    """voluntary/nonvoluntary_ctxt_switches, VmSwap and VmRSS (kB) and Threads from /proc/<pid>/status; a gone pid
+    is None."""
     write(
         tmp_path / "42" / "status",
-        "Name:\tgunicorn\nVmSwap:\t    1024 kB\nThreads:\t5\nvoluntary_ctxt_switches:\t17\n"
-        "nonvoluntary_ctxt_switches:\t3\n",
+        "Name:\tgunicorn\nVmHWM:\t   99999 kB\nVmRSS:\t   23456 kB\nVmSwap:\t    1024 kB\nThreads:\t5\n"
+        "voluntary_ctxt_switches:\t17\nnonvoluntary_ctxt_switches:\t3\n",
     )
     reading = read_process(42, str(tmp_path))
     assert reading is not None
     assert (reading.voluntary_switches, reading.involuntary_switches, reading.swap_bytes) == (17, 3, 1 << 20)
     assert reading.threads == 5
+    assert reading.resident_bytes == 23456 * 1024
     assert read_process(43, str(tmp_path)) is None
+
+
+def test_resident_memory_is_what_statm_counts() -> None:
+    """On this machine: VmRSS is statm's resident pages (what ps and the OOM killer's log show), for a process
+    that is not changing its memory."""
+    with subprocess.Popen(["sleep", "30"]) as child:
+        try:
+            deadline = time.monotonic() + 10
+            while b"VmRSS" not in Path(f"/proc/{child.pid}/status").read_bytes():  # exec'd: sleep's own memory
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            reading = read_process(child.pid)
+            statm = int(Path(f"/proc/{child.pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            assert reading is not None
+            assert reading.resident_bytes == statm
+        finally:
+            child.kill()
 
 
 def test_worker_switches_survive_replacement(tmp_path: Path) -> None:

@@ -50,9 +50,9 @@ from .pressure import HostReader, WorkerReadings
 SLOT_ATTRIBUTE = "_gunicorn_insight_slot"
 RING_RECORDS = 8192
 SCRAPE_ROUND_GAP = 1.0
-# The kernel files a round reads per worker and keeps open: stat, statm, status, and limits where prlimit is
-# refused (another user's worker, a master without CAP_SYS_RESOURCE).
-WORKER_FILES = 4
+# The kernel files a round reads per worker and keeps open: stat, status, and limits where prlimit is refused
+# (another user's worker, a master without CAP_SYS_RESOURCE).
+WORKER_FILES = 3
 LOOP_UNKNOWN_AFTER = 60.0  # seconds of rounds without seeing gunicorn's loop wait before saying it is not measured
 """Seconds at least between two rounds when interval is longer: a scrape waits at most this long."""
 
@@ -208,6 +208,7 @@ class Master:
             # the round drained, which the sinks still publish.
             _guarded("sampling the listen queues", self._sample_listeners, facts)
             _guarded("reading host pressure", self._read_host, facts)
+            _guarded("reading the workers' /proc files", self._read_workers, facts)
             _guarded("watching what the workers' memory, descriptors and threads grow with", self._watch_growth, facts)
             self.exits.judge(facts)
             if not self._told_unseen:
@@ -244,9 +245,13 @@ class Master:
     def _read_host(self, facts: Round) -> None:
         if self._host is not None:
             facts.host = self._host.read()
+
+    def _read_workers(self, facts: Round) -> None:
         readings = self._worker_readings.read(facts.pids)
         facts.context_switches, facts.swap, facts.open_fds = readings.switches, readings.swap, readings.open_fds
-        facts.fd_limits, facts.threads = readings.fd_limits, readings.threads
+        facts.fd_limits, facts.threads, facts.memory = readings.fd_limits, readings.threads, readings.memory
+        for slot, rss in readings.memory.items():
+            self.board.set_rss(slot, rss)
 
     def _watch_growth(self, facts: Round) -> None:
         """Memory held per request in flight, and what grows with requests served (see growth)."""

@@ -6,7 +6,6 @@ This is the single place where a number is computed: the StatsD and Prometheus s
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 from array import array
@@ -16,13 +15,11 @@ from itertools import filterfalse
 from math import isnan
 from typing import Any
 
-from .. import _kernelfiles as kernelfiles
 from .. import _scoreboard as sb
 from .._facts import NO_RESPONSE, Round
 from .._proc import cpu_seconds
 from .._report import RateLimitedLog
 
-_PAGE = os.sysconf("SC_PAGE_SIZE")
 _SWAP = sys.byteorder != "little"  # the ring is little-endian; arrays use the machine's order
 # What workers write for "none" (no queue header, no CPU time of its own). Another NaN does not match it: the
 # column is then read value by value, where isnan() tells any NaN.
@@ -55,18 +52,6 @@ def _tally(keys: array[int]) -> Counter[int]:
     if keys and _each_is(keys, keys[:1].tobytes()):
         return Counter({keys[0]: len(keys)})
     return Counter(keys)
-
-
-def resident_bytes(pid: int) -> int:
-    """RSS from /proc/<pid>/statm (one small read); 0 when the process is gone or not ours to read. Not stat's
-    resident pages: those can differ from VmRSS, what ps and the OOM killer's log show."""
-    if not pid:
-        return 0
-    data = kernelfiles.read(f"/proc/{pid}/statm")
-    try:
-        return 0 if data is None else int(data.split()[1]) * _PAGE
-    except (ValueError, IndexError):
-        return 0
 
 
 class Drainer:
@@ -130,10 +115,6 @@ class Drainer:
             result.connections[index] = view.connections_now
             running = sum(result.at - request.started for request in view.requests)
             result.busy_seconds[index] = self._busy[index] = max(self._busy[index], self._completed[index] + running)
-            rss = resident_bytes(view.pid)
-            if rss:
-                board.set_rss(index, rss)
-                result.memory[index] = rss
             result.cpu_seconds[index] = used = self._cpu(index, view.pid)
             self._share_worker_cpu(index, used, result, busy=view.in_flight > 0, worker=(view.pid, view.boot_cpu))
         return result

@@ -247,23 +247,29 @@ class ProcessReading:
     involuntary_switches: int | None
     swap_bytes: int | None
     threads: int | None = None
+    resident_bytes: int | None = None
+    """VmRSS: what ps, top and the OOM killer's log show (statm's resident pages, not stat's, which can differ)."""
 
 
-_STATUS_FIELDS = re.compile(rb"^(voluntary_ctxt_switches|nonvoluntary_ctxt_switches|VmSwap|Threads):\s+(\d+)", re.M)
+_STATUS_FIELDS = re.compile(
+    rb"^(voluntary_ctxt_switches|nonvoluntary_ctxt_switches|VmSwap|VmRSS|Threads):\s+(\d+)", re.M
+)
 
 
 def read_process(pid: int, proc: str = "/proc") -> ProcessReading | None:
-    """Context switches, swap and threads of one process from /proc/<pid>/status; None when it is gone."""
+    """Context switches, swap, threads and resident memory of one process from /proc/<pid>/status; None when it
+    is gone."""
     data = kernelfiles.read(f"{proc}/{pid}/status") if pid else None
     if data is None:
         return None
     values = {name.decode(): int(value) for name, value in _STATUS_FIELDS.findall(data)}
-    swap = values.get("VmSwap")
+    swap, resident = values.get("VmSwap"), values.get("VmRSS")
     return ProcessReading(
         values.get("voluntary_ctxt_switches"),
         values.get("nonvoluntary_ctxt_switches"),
         None if swap is None else swap * 1024,
         values.get("Threads"),
+        None if resident is None else resident * 1024,
     )
 
 
@@ -319,11 +325,13 @@ class WorkerFacts(NamedTuple):
     """slot -> its live worker's soft limit on open file descriptors (absent: unlimited, or unreadable)."""
     threads: dict[int, int]
     """slot -> threads of its live worker."""
+    memory: dict[int, int]
+    """slot -> resident bytes of its live worker (absent where none were read: gone, or a zombie)."""
 
 
 class WorkerReadings:
     """Per-slot counters of context switches that keep what a slot's previous workers did (like CPU time),
-    and each live worker's swap."""
+    and each live worker's swap, memory, threads and descriptors: one read of its status a round."""
 
     def __init__(self, proc: str = "/proc") -> None:
         self._proc = proc
@@ -332,7 +340,7 @@ class WorkerReadings:
 
     def read(self, pids: dict[int, int]) -> WorkerFacts:
         switches: dict[int, tuple[int, int]] = {}
-        found = WorkerFacts(switches, {}, {}, {}, {})
+        found = WorkerFacts(switches, {}, {}, {}, {}, {})
         for slot, pid in pids.items():
             state = self._slots.setdefault(slot, _SlotSwitches())
             if pid != state.pid:
@@ -350,6 +358,8 @@ class WorkerReadings:
                     found.swap[slot] = reading.swap_bytes
                 if reading.threads is not None:
                     found.threads[slot] = reading.threads
+                if reading.resident_bytes:
+                    found.memory[slot] = reading.resident_bytes
             descriptors = read_descriptors(pid, self._proc)
             if descriptors is not None:
                 found.open_fds[slot], limit = descriptors
