@@ -16,7 +16,7 @@ import contextlib
 import dataclasses
 import json
 import os
-import tempfile
+import threading
 import time
 import types
 from collections import deque
@@ -232,14 +232,33 @@ class StatusRecord:
     ``doctor`` compares it across the servers of a host."""
 
 
+_EXCLUSIVE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
 def write_json(path: str, payload: Mapping[str, Any]) -> None:
-    # mkstemp, not a predictable name opened with truncation: with gunicorn's --user the run directory
-    # belongs to the workers' user, who could plant a symlink there for the root master to write through.
-    fd, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=os.path.dirname(path))
+    """Replace the file whole (a temporary beside it, then a rename) readable by the CLI of any user.
+
+    With gunicorn's --user the run directory belongs to the workers' user, who could plant a link there for a
+    root master to write through. The temporary is opened with O_EXCL, which creates it or fails, never
+    following a link; one already there (a master killed before its rename, or planted) is removed, which
+    removes a link, not what it points to. Its name is this thread's own, as two threads may write at once.
+    The master writes status.json every round: this costs half of mkstemp and a file object."""
+    data = json.dumps(payload, separators=(",", ":")).encode()  # dumps: the C encoder; dump streams in Python
+    directory, name = os.path.split(path)
+    temporary = os.path.join(directory, f".{name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(json.dumps(payload, separators=(",", ":")))  # dumps: the C encoder; dump streams in Python
-        os.chmod(temporary, 0o644)  # readable by the CLI of any user, as before
+        fd = os.open(temporary, _EXCLUSIVE, 0o644)
+    except FileExistsError:
+        os.unlink(temporary)
+        fd = os.open(temporary, _EXCLUSIVE, 0o644)
+    try:
+        try:
+            os.fchmod(fd, 0o644)  # whatever the umask
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
         os.replace(temporary, path)
     except BaseException:
         with contextlib.suppress(OSError):

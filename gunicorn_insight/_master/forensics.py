@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .. import _kernelfiles as kernelfiles
 from .. import _scoreboard as sb
 from .._cgroup import memory_cgroup_dirs
 from .._facts import EXPECTED, FATAL_SIGNALS, Round, Sink
@@ -116,14 +117,16 @@ class OomCounter:
     def read(self) -> int | None:
         if self.path is None:
             return None
-        try:
-            with open(self.path) as handle:
-                for line in handle:
-                    name, _, value = line.partition(" ")
-                    if name == "oom_kill":
-                        return int(value)
-        except (OSError, ValueError):
+        data = kernelfiles.read(self.path)  # every round: kept open, read from its start
+        if data is None:
             return None
+        for line in data.splitlines():
+            name, _, value = line.partition(b" ")
+            if name == b"oom_kill":
+                try:
+                    return int(value)
+                except ValueError:
+                    return None
         return None
 
     def poll(self) -> None:
