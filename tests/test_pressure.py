@@ -196,18 +196,25 @@ def test_process_status_switches_swap_and_memory(tmp_path: Path) -> None:
 
 
 def test_resident_memory_is_what_statm_counts() -> None:
-    """On this machine: VmRSS is statm's resident pages (what ps and the OOM killer's log show), for a process
-    that is not changing its memory."""
+    """On this machine: VmRSS is statm's resident pages (what ps and the OOM killer's log show), read while the
+    process's memory holds still (two statm reads around it agree)."""
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def statm(pid: int) -> int:
+        return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * page
+
     with subprocess.Popen(["sleep", "30"]) as child:
         try:
             deadline = time.monotonic() + 10
-            while b"VmRSS" not in Path(f"/proc/{child.pid}/status").read_bytes():  # exec'd: sleep's own memory
-                assert time.monotonic() < deadline
+            while True:  # sleep faults its pages in for a moment after exec
+                before = statm(child.pid)
+                reading = read_process(child.pid)
+                if statm(child.pid) == before and b"sleep" in Path(f"/proc/{child.pid}/comm").read_bytes():
+                    break
+                assert time.monotonic() < deadline, "the process's memory never held still"
                 time.sleep(0.01)
-            reading = read_process(child.pid)
-            statm = int(Path(f"/proc/{child.pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
             assert reading is not None
-            assert reading.resident_bytes == statm
+            assert reading.resident_bytes == before
         finally:
             child.kill()
 
