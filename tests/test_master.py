@@ -162,6 +162,42 @@ def test_a_listener_closed_during_the_round_costs_only_its_own_sample(master: Ma
     assert [listener.name for listener in status.listeners] == [name]
 
 
+@pytest.mark.parametrize("busy", [True, False], ids=["saturated", "idle"])
+def test_a_stop_while_demand_is_unmet_is_said_once_with_the_oldest_request(
+    busy: bool, master: Master, caplog: pytest.LogCaptureFixture
+) -> None:
+    """gunicorn's stop closes its listeners first: the round that finds none after a saturated one says so once,
+    with how long and the oldest request in flight; an idle server stops without a line."""
+    _, first = worker_of(master, 101)
+    _, second = worker_of(master, 102)
+    if busy:
+        start(first, FakeRequest("POST", "/slow"))
+        start(second, FakeRequest("GET", "/report"))
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(7)
+        listener = OpenListener(listening)
+        listeners = [listener]
+        master.watch_listeners(lambda: list(listeners))
+        with caplog.at_level(logging.WARNING):
+            master.run_round()
+            master.run_round()
+            listeners.clear()  # what gunicorn's stop() does first
+            master.run_round()
+            master.run_round()
+    lines = [record.getMessage() for record in caplog.records if "is stopping" in record.getMessage()]
+    if not busy:
+        assert lines == []
+        return
+    (line,) = lines
+    assert line.startswith("gunicorn-insight: gunicorn is stopping while demand was unmet for ")
+    assert "s: requests in flight 2 of a capacity of 2; the oldest" in line
+    assert '; the oldest request in flight: "POST /slow" for ' in line
+    assert f"(slot 0 pid {os.getpid()})" in line  # the pid the recording process wrote
+    assert "a Kubernetes liveness probe" in line
+    assert "serve it from gunicorn-insight's /healthz (set metrics_bind), which needs no worker" in line
+
+
 def test_an_exit_with_a_request_in_flight_is_one_line_naming_it(
     master: Master, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

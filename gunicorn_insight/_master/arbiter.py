@@ -87,6 +87,9 @@ class Master:
         # listener -> (its socket's inode, its drop count at the last round): a count is the socket's own since it
         # was opened, so a listener replaced under the same name (a HUP with a new bind) starts again from 0.
         self._drops: dict[str, tuple[int, int]] = {}
+        self._listening = False  # gunicorn had listeners at the last round (see _watch_stopping)
+        self._before_stop: Round | None = None  # the last round with listeners
+        self._unmet_since: float | None = None  # since when demand has been unmet, while it is
         self._sinks: list[Sink] = []
         self.prometheus: PrometheusSink | None = None
         self.statsd: StatsdSink | None = None
@@ -215,6 +218,7 @@ class Master:
                 self._tell_requests_unseen()
             heads = sum(self.board.head(index) for index in range(self.board.slots))
             _guarded("watching for stalls and crash loops", self._watch_stall, facts, heads)
+            _guarded("watching for a stop while demand was unmet", self._watch_stopping, facts)
             _guarded("watching for listeners nobody serves", self._watch_unserved, facts, heads)
             _guarded("watching gunicorn's master loop", self._watch_main_loop, facts)
             for sink in self._sinks:
@@ -277,12 +281,7 @@ class Master:
         self.status.growth = self._growth.found()
 
     def _watch_stall(self, facts: Round, heads: int) -> None:
-        unmet = (
-            facts.in_flight >= facts.capacity > 0
-            or facts.waiting > 0
-            or any(queued for queued, _ in facts.listeners.values())
-        )
-        change = self._stall.observe(facts.at, heads, facts.in_flight, unmet)
+        change = self._stall.observe(facts.at, heads, facts.in_flight, _unmet(facts))
         since = self._stall.stalled_since
         if since is not None:
             facts.stalled_requests = facts.in_flight
@@ -299,15 +298,7 @@ class Master:
             )
             return
         facts.stalls += 1
-        named = sorted(
-            (
-                (facts.at - request.started, view, request)
-                for view in self.board
-                if view.state != sb.FREE
-                for request in view.requests
-            ),
-            key=lambda item: -item[0],
-        )
+        named = self._requests_by_age(facts.at)
         requests = "; ".join(
             f'slot={view.index} pid={view.pid} "{request.method} {request.path}" elapsed={elapsed:.1f}s '
             f"thread={request.thread}"
@@ -327,6 +318,57 @@ class Master:
             sum(queued for queued, _ in facts.listeners.values()),
             requests or "none readable",
             f"; and {more} more" if more > 0 else "",
+        )
+
+    def _requests_by_age(self, now: float) -> list[tuple[float, sb.SlotView, sb.InFlight]]:
+        """(seconds in flight, slot, request) of every request in flight, the oldest first."""
+        return sorted(
+            (
+                (now - request.started, view, request)
+                for view in self.board
+                if view.state != sb.FREE
+                for request in view.requests
+            ),
+            key=lambda item: -item[0],
+        )
+
+    def _watch_stopping(self, facts: Round) -> None:
+        """gunicorn's stop() closes its listeners before anything else (a TERM, INT or QUIT, or a halt): the first
+        round without any, after rounds with some, is the stop. Said once, when demand was unmet at the round
+        before: what an orchestrator whose health check goes through the workers saw just then."""
+        listening = self._listening
+        if listening:
+            self._unmet_since = (self._unmet_since or facts.at) if _unmet(facts) else None
+            self._before_stop = facts
+            return
+        before, since = self._before_stop, self._unmet_since
+        self._before_stop = self._unmet_since = None
+        if before is None or since is None:
+            return
+        queued = [(name, queued) for name, (queued, _) in sorted(before.listeners.items()) if queued]
+        parts = [f"requests in flight {before.in_flight} of a capacity of {before.capacity}"]
+        parts += [f"connections waiting at {name} {count}" for name, count in queued]
+        if before.waiting:
+            parts.append(f"accepted connections waiting for a thread {before.waiting}")
+        oldest = self._requests_by_age(facts.at)[:1]
+        url = self.endpoint.url if self.endpoint is not None else ""
+        check = (
+            f"point it at {url.rsplit('/', 1)[0]}/healthz, which gunicorn-insight answers without a worker"
+            if url
+            else "serve it from gunicorn-insight's /healthz (set metrics_bind), which needs no worker"
+        )
+        LOG.warning(
+            "gunicorn-insight: gunicorn is stopping while demand was unmet for %.1fs: %s%s. If an orchestrator "
+            "stopped it because a health check failed (a Kubernetes liveness probe, a load balancer's check), "
+            "that check waited behind busy workers: %s, or add capacity",
+            before.at - since,
+            ", ".join(parts),
+            "".join(
+                f'; the oldest request in flight: "{request.method} {request.path}" for {elapsed:.1f}s (slot '
+                f"{view.index} pid {view.pid})"
+                for elapsed, view, request in oldest
+            ),
+            check,
         )
 
     def _watch_unserved(self, facts: Round, heads: int) -> None:
@@ -409,7 +451,9 @@ class Master:
         self._listeners = listeners
 
     def _sample_listeners(self, facts: Round) -> None:
-        for listener in self._listeners():
+        listeners = self._listeners()
+        self._listening = bool(listeners)
+        for listener in listeners:
             sock = getattr(listener, "sock", None)
             if sock is None:
                 continue
@@ -532,6 +576,15 @@ def _guarded(place: str, step: Callable[..., None], *args: Any) -> None:
         step(*args)
     except Exception as error:
         report(place, error)
+
+
+def _unmet(facts: Round) -> bool:
+    """Demand the workers did not meet this round: every one of them full, or connections waiting."""
+    return (
+        facts.in_flight >= facts.capacity > 0
+        or facts.waiting > 0
+        or any(queued for queued, _ in facts.listeners.values())
+    )
 
 
 _STALL_NAMED = 20

@@ -171,6 +171,31 @@ def test_a_full_tcp_queue_drops_at_gunicorns_listener_and_is_nginxs_connect_time
             client.close()
 
 
+def test_a_stop_while_saturated_says_what_a_failing_health_check_saw(process_factory: ProcessFactory) -> None:
+    """TERM to a master whose only worker is busy and whose queue holds a connection (what a liveness probe
+    through the workers would wait behind): one line says demand was unmet, for how long, the oldest request,
+    and where /healthz answers without a worker."""
+    server = start_gunicorn(process_factory, workers=1, args=["--graceful-timeout", "2"])
+    listener = f"http://127.0.0.1:{server.port}"
+    clients = []
+    try:
+        for _ in range(2):  # the first is served and stays busy; the second waits in the accept queue
+            client = socket.create_connection(("127.0.0.1", server.port))
+            client.sendall(b"GET /slow?s=30 HTTP/1.1\r\nHost: x\r\n\r\n")
+            clients.append(client)
+        server.wait_for_value("gunicorn_requests_in_flight", 1)
+        server.wait_for_value("gunicorn_listen_backlog", 1, listener=listener)
+        server.process.stop()
+    finally:
+        for client in clients:
+            client.close()
+    output = server.process.output()
+    (line,) = [line for line in output.splitlines() if "is stopping while demand was unmet" in line]
+    assert f": requests in flight 1 of a capacity of 1, connections waiting at {listener} 1; " in line
+    assert '; the oldest request in flight: "GET /slow?<redacted>" for ' in line  # redact_query's default
+    assert f"point it at http://127.0.0.1:{server.metrics_port}/healthz" in line
+
+
 def test_gthread_requests_waiting_for_a_thread(process_factory: ProcessFactory) -> None:
     """gthread with one thread: requests accepted beyond it wait inside the worker and are counted."""
     server = start_gunicorn(process_factory, worker_class="gthread", workers=1, args=["--threads", "1"])
