@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from harness import APPS, Gunicorn, start_gunicorn
-from servers import NginxFactory, ProcessFactory, wait_until
+from servers import Nginx, NginxFactory, ProcessFactory, wait_until
 
 from gunicorn_insight._runfiles import StatusRecord, read_record
 
@@ -20,6 +20,23 @@ def slow_requests(server: Gunicorn, count: int, seconds: float) -> list[threadin
     for thread in threads:
         thread.start()
     return threads
+
+
+def nginx_answers(nginx: Nginx, status: int, error: str) -> None:
+    """A request through nginx gets ``status``, and nginx's error log has ``error`` for it."""
+    connection = http.client.HTTPConnection("127.0.0.1", int(nginx.url.rsplit(":", 1)[1]), timeout=30)
+    connection.request("GET", "/")
+    assert connection.getresponse().status == status
+    connection.close()
+    wait_until(lambda: error in nginx.dump(), timeout=10, what=f"nginx's error line {error!r}", dump=nginx.dump)
+
+
+def occupy_the_worker(server: Gunicorn, client: socket.socket, address: str | tuple[str, int]) -> socket.socket:
+    """``client`` connected to ``address`` with a 30 s request in flight on the server's one worker."""
+    client.connect(address)
+    client.sendall(b"GET /slow?s=30 HTTP/1.1\r\nHost: x\r\n\r\n")
+    server.wait_for_value("gunicorn_requests_in_flight", 1)
+    return client
 
 
 def test_saturated_sync_workers_show_busy_and_tcp_backlog(process_factory: ProcessFactory) -> None:
@@ -79,14 +96,9 @@ def test_a_full_unix_queue_is_nginxs_resource_temporarily_unavailable(
     listener = f"unix:{path}"
     server = start_gunicorn(process_factory, workers=1, args=["-b", listener, "--backlog", "2"])
     nginx = nginx_factory(listener)
-    port = int(nginx.url.rsplit(":", 1)[1])
-    clients = []
+    clients = [socket.socket(socket.AF_UNIX)]
     try:
-        busy = socket.socket(socket.AF_UNIX)
-        busy.connect(path)
-        busy.sendall(b"GET /slow?s=30 HTTP/1.1\r\nHost: x\r\n\r\n")
-        clients.append(busy)
-        server.wait_for_value("gunicorn_requests_in_flight", 1)
+        occupy_the_worker(server, clients[0], path)
         while True:  # fill the queue the worker no longer takes from, until the kernel refuses one more
             waiting = socket.socket(socket.AF_UNIX)
             waiting.setblocking(False)
@@ -104,16 +116,7 @@ def test_a_full_unix_queue_is_nginxs_resource_temporarily_unavailable(
             what="the unix accept queue at its limit",
             dump=server.metrics_text,
         )
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-        connection.request("GET", "/")
-        assert connection.getresponse().status == 502
-        connection.close()
-        wait_until(
-            lambda: "(11: Resource temporarily unavailable) while connecting to upstream" in nginx.dump(),
-            timeout=10,
-            what="nginx's error line for the full queue",
-            dump=nginx.dump,
-        )
+        nginx_answers(nginx, 502, "(11: Resource temporarily unavailable) while connecting to upstream")
     finally:
         for client in clients:
             client.close()
@@ -127,14 +130,10 @@ def test_a_full_tcp_queue_drops_at_gunicorns_listener_and_is_nginxs_connect_time
     server = start_gunicorn(process_factory, workers=1, args=["--backlog", "1"])
     listener = f"http://127.0.0.1:{server.port}"
     nginx = nginx_factory(f"127.0.0.1:{server.port}", extra_location_directives="proxy_connect_timeout 1s;")
-    port = int(nginx.url.rsplit(":", 1)[1])
     server.wait_for_value("gunicorn_listen_drops_total", 0, listener=listener)  # present from the first round
-    clients = []
+    clients = [socket.socket()]
     try:
-        busy = socket.create_connection(("127.0.0.1", server.port))
-        busy.sendall(b"GET /slow?s=30 HTTP/1.1\r\nHost: x\r\n\r\n")
-        clients.append(busy)
-        server.wait_for_value("gunicorn_requests_in_flight", 1)
+        occupy_the_worker(server, clients[0], ("127.0.0.1", server.port))
         for _ in range(4):  # the queue holds backlog + 1 = 2; the others' SYNs are dropped (and retried)
             waiting = socket.socket()
             waiting.setblocking(False)
@@ -146,16 +145,7 @@ def test_a_full_tcp_queue_drops_at_gunicorns_listener_and_is_nginxs_connect_time
             what="drops counted at gunicorn's listener",
             dump=server.metrics_text,
         )
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-        connection.request("GET", "/")
-        assert connection.getresponse().status == 504
-        connection.close()
-        wait_until(
-            lambda: "(110: Connection timed out) while connecting to upstream" in nginx.dump(),
-            timeout=10,
-            what="nginx's error line for the dropped connection",
-            dump=nginx.dump,
-        )
+        nginx_answers(nginx, 504, "(110: Connection timed out) while connecting to upstream")
         status_path = Path(server.scoreboard_path).parent / "status.json"
         wait_until(
             lambda: any(
@@ -177,13 +167,10 @@ def test_a_stop_while_saturated_says_what_a_failing_health_check_saw(process_fac
     and where /healthz answers without a worker."""
     server = start_gunicorn(process_factory, workers=1, args=["--graceful-timeout", "2"])
     listener = f"http://127.0.0.1:{server.port}"
-    clients = []
+    clients = [socket.socket(), socket.socket()]
     try:
-        for _ in range(2):  # the first is served and stays busy; the second waits in the accept queue
-            client = socket.create_connection(("127.0.0.1", server.port))
-            client.sendall(b"GET /slow?s=30 HTTP/1.1\r\nHost: x\r\n\r\n")
-            clients.append(client)
-        server.wait_for_value("gunicorn_requests_in_flight", 1)
+        occupy_the_worker(server, clients[0], ("127.0.0.1", server.port))
+        clients[1].connect(("127.0.0.1", server.port))  # waits in the accept queue behind the busy worker
         server.wait_for_value("gunicorn_listen_backlog", 1, listener=listener)
         server.process.stop()
     finally:
