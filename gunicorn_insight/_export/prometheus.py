@@ -223,7 +223,7 @@ class _Family:
         self._keys: dict[tuple[str, tuple[str, ...]], str] = {}
 
     def key(self, sample: str, labelvalues: tuple[str, ...] = (), extra: tuple[tuple[str, str], ...] = ()) -> str:
-        cache_key = (sample, labelvalues + tuple(value for _, value in extra))
+        cache_key = (sample, labelvalues + tuple(value for _, value in extra) if extra else labelvalues)
         key = self._keys.get(cache_key)
         if key is None:
             labels = dict(zip(self.labelnames, labelvalues, strict=True))
