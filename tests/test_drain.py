@@ -130,6 +130,22 @@ def test_torn_head_is_ignored_not_recounted_or_lost(board: sb.Scoreboard) -> Non
     assert (facts.total_requests, facts.lost) == (2, 0)
 
 
+def test_drained_grows_by_the_requests_finished_and_never_by_a_torn_head(board: sb.Scoreboard) -> None:
+    """What the stall watches compare round to round: every slot's records read so far, unmoved by a torn
+    head."""
+    drainer = Drainer(board)
+    board.assign(0, 0.0)
+    board.assign(1, 0.0)
+    serve(RequestRecorder(board, 0, Worker()), 3)
+    serve(RequestRecorder(board, 1, Worker()), 2)
+    drainer.collect()
+    assert drainer.drained() == 5
+    head_at = board.offset(0) + sb.OFF_HEAD
+    board.buffer[head_at : head_at + 8] = (0).to_bytes(8, "little")
+    drainer.collect()
+    assert drainer.drained() == 5
+
+
 def test_torn_slow_count_is_ignored(board: sb.Scoreboard) -> None:
     """A slow count read as 0 mid-write is not a negative round, and the next real count is not added twice."""
     drainer = Drainer(board)

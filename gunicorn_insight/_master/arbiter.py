@@ -216,7 +216,7 @@ class Master:
             self.exits.judge(facts)
             if not self._told_unseen:
                 self._tell_requests_unseen()
-            heads = sum(self.board.head(index) for index in range(self.board.slots))
+            heads = self._drainer.drained()
             _guarded("watching for stalls and crash loops", self._watch_stall, facts, heads)
             _guarded("watching for a stop while demand was unmet", self._watch_stopping, facts)
             _guarded("watching for listeners nobody serves", self._watch_unserved, facts, heads)
