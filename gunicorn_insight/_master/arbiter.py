@@ -50,11 +50,11 @@ from .pressure import HostReader, WorkerReadings
 SLOT_ATTRIBUTE = "_gunicorn_insight_slot"
 RING_RECORDS = 8192
 SCRAPE_ROUND_GAP = 1.0
+"""Seconds at least between two rounds when interval is longer: a scrape waits at most this long."""
+LOOP_UNKNOWN_AFTER = 60.0  # seconds of rounds without seeing gunicorn's loop wait before saying it is not measured
 # The kernel files a round reads per worker and keeps open: stat, status, and limits where prlimit is refused
 # (another user's worker, a master without CAP_SYS_RESOURCE).
 WORKER_FILES = 3
-LOOP_UNKNOWN_AFTER = 60.0  # seconds of rounds without seeing gunicorn's loop wait before saying it is not measured
-"""Seconds at least between two rounds when interval is longer: a scrape waits at most this long."""
 
 
 class Master:
@@ -336,9 +336,11 @@ class Master:
         """gunicorn's stop() closes its listeners before anything else (a TERM, INT or QUIT, or a halt): the first
         round without any, after rounds with some, is the stop. Said once, when demand was unmet at the round
         before: what an orchestrator whose health check goes through the workers saw just then."""
-        listening = self._listening
-        if listening:
-            self._unmet_since = (self._unmet_since or facts.at) if _unmet(facts) else None
+        if self._listening:
+            if not _unmet(facts):
+                self._unmet_since = None
+            elif self._unmet_since is None:
+                self._unmet_since = facts.at
             self._before_stop = facts
             return
         before, since = self._before_stop, self._unmet_since

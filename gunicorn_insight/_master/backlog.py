@@ -26,7 +26,7 @@ from .._timewait import time_wait
 _TCP_INFO = struct.Struct("8B24I")
 _UNACKED, _SACKED = 8 + 4, 8 + 5  # field positions after the eight one-byte fields
 
-_SO_MEMINFO = getattr(socket, "SO_MEMINFO", 55)  # Linux's number; Python names it from 3.12 on some builds
+_SO_MEMINFO = getattr(socket, "SO_MEMINFO", 55)  # Linux's number: Python's socket module has no name for it
 _MEMINFO_DROPS = 8  # SK_MEMINFO_DROPS, in the array of u32 SO_MEMINFO fills
 _MEMINFO = struct.Struct(f"={_MEMINFO_DROPS + 1}I")
 _TCP_LISTEN = 10
