@@ -162,6 +162,23 @@ def test_a_listener_closed_during_the_round_costs_only_its_own_sample(master: Ma
     assert [listener.name for listener in status.listeners] == [name]
 
 
+def test_a_halt_with_no_worker_ready_is_no_stop_while_busy(master: Master, caplog: pytest.LogCaptureFixture) -> None:
+    """gunicorn halting with connections queued and no worker ready (a failed boot) is not a stop behind busy
+    workers: no line."""
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(7)
+        waiting = socket.create_connection(listening.getsockname())  # queued, and no worker to take it
+        listeners = [OpenListener(listening)]
+        master.watch_listeners(lambda: list(listeners))
+        with caplog.at_level(logging.WARNING):
+            master.run_round()
+            listeners.clear()
+            master.run_round()
+        waiting.close()
+    assert "is stopping" not in caplog.text
+
+
 @pytest.mark.parametrize("busy", [True, False], ids=["saturated", "idle"])
 def test_a_stop_while_demand_is_unmet_is_said_once_with_the_oldest_request(
     busy: bool, master: Master, caplog: pytest.LogCaptureFixture

@@ -337,7 +337,9 @@ class Master:
         round without any, after rounds with some, is the stop. Said once, when demand was unmet at the round
         before: what an orchestrator whose health check goes through the workers saw just then."""
         if self._listening:
-            if not _unmet(facts):
+            # Only with a worker ready: a stop with none (gunicorn halting after a failed boot) has its own lines,
+            # and no worker was busy.
+            if not _unmet(facts) or not facts.ready_workers:
                 self._unmet_since = None
             elif self._unmet_since is None:
                 self._unmet_since = facts.at
