@@ -244,11 +244,12 @@ class StatsdSink:
 
     def _name(self, name: str, tags: str = "") -> str:
         found = self._names.get((name, tags))
-        if found is None:
-            joined = ",".join(filter(None, (tags, self._tags)))
-            plain = f"{self._prefix}{name}"
-            found = self._remember((name, tags), f"{plain}|#{joined}" if joined else plain)
-        return found
+        return self._remember((name, tags), self._format(name, tags)) if found is None else found
+
+    def _format(self, name: str, tags: str) -> str:
+        joined = ",".join(filter(None, (tags, self._tags)))
+        plain = f"{self._prefix}{name}"
+        return f"{plain}|#{joined}" if joined else plain
 
     def _remember(self, key: tuple[object, ...], name: str) -> str:
         # The parts come from bounded sets (slots, causes, listeners, routes under max_routes); a cap all the same.
@@ -296,9 +297,9 @@ class StatsdSink:
             text = str(value)
             found = self._remember(
                 key,
-                self._name(tagged, f"{tag}:{clean_tag(text)}")
+                self._format(tagged, f"{tag}:{clean_tag(text)}")
                 if self._tagged
-                else self._name(dotted.format(name_part(text))),
+                else self._format(dotted.format(name_part(text)), ""),
             )
         return found
 
