@@ -576,7 +576,10 @@ class PrometheusSink:
         return found
 
     def _add(self, family: _Family, key: str, amount: float) -> None:
-        total = self._totals.get((family.file_prefix, key), 0.0) + amount
+        before = self._totals.get((family.file_prefix, key))
+        if before is not None and not amount:  # written already, and unchanged: as _set, no write
+            return
+        total = (before or 0.0) + amount
         self._totals[family.file_prefix, key] = total
         self._file(family.file_prefix).write(key, total)
 
@@ -685,6 +688,7 @@ class PrometheusSink:
             self._set(self._time_wait, self._time_wait.key("", (listener,)), closed)
         for listener, dropped in facts.listen_drops.items():
             # added even when 0: the series exists from the listener's first round, so increase() sees a first drop
+            # (later rounds' zeros write nothing)
             self._add(self._drops, self._drops.key("_total", (listener,)), dropped)
 
     def _publish_outcomes(self, facts: Round) -> None:
