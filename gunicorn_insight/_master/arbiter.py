@@ -216,9 +216,9 @@ class Master:
             self.exits.judge(facts)
             if not self._told_unseen:
                 self._tell_requests_unseen()
-            heads = self._drainer.drained()
-            _guarded("watching for stalls and crash loops", self._watch_stall, facts, heads)
-            _guarded("watching for a stop while demand was unmet", self._watch_stopping, facts)
+            heads, unmet = self._drainer.drained(), _unmet(facts)
+            _guarded("watching for stalls and crash loops", self._watch_stall, facts, heads, unmet)
+            _guarded("watching for a stop while demand was unmet", self._watch_stopping, facts, unmet)
             _guarded("watching for listeners nobody serves", self._watch_unserved, facts, heads)
             _guarded("watching gunicorn's master loop", self._watch_main_loop, facts)
             for sink in self._sinks:
@@ -280,8 +280,8 @@ class Master:
         self.status.held_memory = self._held.estimates()
         self.status.growth = self._growth.found()
 
-    def _watch_stall(self, facts: Round, heads: int) -> None:
-        change = self._stall.observe(facts.at, heads, facts.in_flight, _unmet(facts))
+    def _watch_stall(self, facts: Round, heads: int, unmet: bool) -> None:
+        change = self._stall.observe(facts.at, heads, facts.in_flight, unmet)
         since = self._stall.stalled_since
         if since is not None:
             facts.stalled_requests = facts.in_flight
@@ -332,14 +332,14 @@ class Master:
             key=lambda item: -item[0],
         )
 
-    def _watch_stopping(self, facts: Round) -> None:
+    def _watch_stopping(self, facts: Round, unmet: bool) -> None:
         """gunicorn's stop() closes its listeners before anything else (a TERM, INT or QUIT, or a halt): the first
         round without any, after rounds with some, is the stop. Said once, when demand was unmet at the round
         before: what an orchestrator whose health check goes through the workers saw just then."""
         if self._listening:
             # Only with a worker ready: a stop with none (gunicorn halting after a failed boot) has its own lines,
             # and no worker was busy.
-            if not _unmet(facts) or not facts.ready_workers:
+            if not unmet or not facts.ready_workers:
                 self._unmet_since = None
             elif self._unmet_since is None:
                 self._unmet_since = facts.at
