@@ -3,13 +3,15 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 import time
 from pathlib import Path
 
 import pytest
 
-from gunicorn_insight._master.backlog import backlog, listen_drops, listen_overflows
+from gunicorn_insight._master import backlog as backlog_module
+from gunicorn_insight._master.backlog import ListenerDrops, backlog, listen_drops, listen_overflows
 
 
 def test_tcp_accept_queue_depth_and_limit() -> None:
@@ -87,3 +89,30 @@ def test_drops_are_absent_for_a_unix_listener() -> None:
     """A unix socket refuses at once when its queue is full (nothing is dropped): no count, not 0."""
     with socket.socket(socket.AF_UNIX) as listener:
         assert listen_drops(listener) is None
+
+
+def test_a_listeners_drops_rise_from_its_first_round_and_restart_with_a_new_socket(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A listener's drops are the rise of its socket's own count: the first round sets the start (an inherited
+    socket's earlier drops are not reported), and a new socket under the same name starts again."""
+    counts = iter([40, 43, 43, 50, 53])  # the new socket counts from more than the old one did
+    monkeypatch.setattr(backlog_module, "listen_drops", lambda sock: next(counts))
+    drops = ListenerDrops()
+    with socket.socket() as first, socket.socket() as second:
+        seen = [drops.rise("http://x", sock) for sock in (first, first, first, second, second)]
+    assert seen == [0, 3, 0, 0, 3]
+
+
+def test_a_listener_without_a_drop_count_has_none_and_says_so_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Where the kernel gives no count there is none (absent, not 0), and it is said once what stands in."""
+    monkeypatch.setattr(backlog_module, "listen_drops", lambda sock: None)
+    drops = ListenerDrops()
+    with caplog.at_level(logging.INFO), socket.socket() as sock:
+        assert drops.rise("http://x", sock) is None
+        assert drops.rise("http://x", sock) is None
+    (line,) = [record.getMessage() for record in caplog.records if "no drop count" in record.getMessage()]
+    assert "listener http://x" in line
+    assert "gunicorn_listen_overflows_total" in line

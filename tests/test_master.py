@@ -16,7 +16,6 @@ from fakes import FakeRequest, FakeResponse, finish, start
 from gunicorn.config import Config
 
 from gunicorn_insight import _kernelfiles as kernelfiles
-from gunicorn_insight._facts import Round
 from gunicorn_insight._master import arbiter
 from gunicorn_insight._master.arbiter import Master
 from gunicorn_insight._master.plan import Plan
@@ -398,31 +397,6 @@ def test_the_master_keeps_as_many_kernel_files_as_its_slots_need(tmp_path: Path)
         assert kernelfiles._Kept.cap == 3 * 256 + kernelfiles.FEWEST_KEPT
     finally:
         created.board.close()
-
-
-def test_listener_drops_count_from_the_first_round_and_restart_with_a_new_socket(
-    master: Master, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A listener's drops are the rise of its socket's own count: the first round sets the start (an inherited
-    socket's earlier drops are not reported), and a new socket under the same name starts again."""
-    counts = iter([40, 43, 43, 2, 5])
-    monkeypatch.setattr(arbiter, "listen_drops", lambda sock: next(counts))
-    seen = []
-    with socket.socket() as first, socket.socket() as second:
-        for sock in (first, first, first, second, second):
-            facts = Round()
-            master._listener_drops(facts, "http://x", sock)
-            seen.append(facts.listen_drops["http://x"])
-    assert seen == [0, 3, 0, 0, 3]
-
-
-def test_a_listener_without_a_drop_count_has_none(master: Master, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Where the kernel gives no count, the round has no entry for the listener (absent, not 0)."""
-    monkeypatch.setattr(arbiter, "listen_drops", lambda sock: None)
-    facts = Round()
-    with socket.socket() as sock:
-        master._listener_drops(facts, "http://x", sock)
-    assert facts.listen_drops == {}
 
 
 def test_a_round_step_that_fails_costs_only_its_part(

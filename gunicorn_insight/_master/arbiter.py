@@ -35,7 +35,7 @@ from .._facts import Round, Sink
 from .._report import LOG, error_log_fd, report
 from .._runfiles import StatusFiles
 from .._worker.unseen import ENOUGH_CONNECTIONS
-from .backlog import backlog, listen_drops, listen_overflows, listener_time_wait, unix_listener
+from .backlog import ListenerDrops, backlog, listen_overflows, listener_time_wait, unix_listener
 from .binds import SocketFiles
 from .drain import Drainer
 from .forensics import Death, ExitReports
@@ -84,9 +84,7 @@ class Master:
         self._socket_files = SocketFiles()
         self._overflows = listen_overflows()
         self._time_wait: dict[str, tuple[float, int]] = {}  # listener -> (when read, its TIME_WAIT count)
-        # listener -> (its socket's inode, its drop count at the last round): a count is the socket's own since it
-        # was opened, so a listener replaced under the same name (a HUP with a new bind) starts again from 0.
-        self._drops: dict[str, tuple[int, int]] = {}
+        self._drops = ListenerDrops()
         self._listening = False  # gunicorn had listeners at the last round (see _watch_stopping)
         self._before_stop: Round | None = None  # the last round with listeners
         self._unmet_since: float | None = None  # since when demand has been unmet, while it is
@@ -478,31 +476,15 @@ class Master:
                 closed = self._listener_time_wait(facts.at, name, sock)
                 if closed is not None:
                     facts.time_wait[name] = closed
-                self._listener_drops(facts, name, sock)
+                dropped = self._drops.rise(name, sock)
+                if dropped is not None:
+                    facts.listen_drops[name] = dropped
             if measured is not None:
                 facts.listeners[name] = measured
         overflows = listen_overflows()
         if overflows is not None and self._overflows is not None:
             facts.listen_overflows = max(0, overflows - self._overflows)
         self._overflows = overflows
-
-    def _listener_drops(self, facts: Round, name: str, sock: socket.socket) -> None:
-        """This round's drops at a TCP listener: the rise of its socket's count since the last round. A socket's
-        first round only sets the start: one inherited (a USR2 re-exec, systemd) brings drops from before this
-        master, which are not this round's."""
-        dropped = listen_drops(sock)
-        if dropped is None:
-            return
-        try:
-            inode = os.fstat(sock.fileno()).st_ino
-        except OSError:
-            return
-        last = self._drops.get(name)
-        if last is not None and last[0] == inode:
-            facts.listen_drops[name] = max(0, dropped - last[1])
-        else:
-            facts.listen_drops[name] = 0
-        self._drops[name] = (inode, dropped)
 
     def _listener_time_wait(self, now: float, name: str, sock: socket.socket) -> int | None:
         """The listener's TIME_WAIT count, asked of the kernel at most every TIME_WAIT_EVERY seconds: the dump

@@ -21,6 +21,7 @@ import sys
 
 from .. import _kernelfiles as kernelfiles
 from .. import _sockdiag as diag
+from .._report import LOG
 from .._timewait import time_wait
 
 _TCP_INFO = struct.Struct("8B24I")
@@ -117,6 +118,39 @@ def listen_drops(sock: socket.socket) -> int | None:
         return int(_MEMINFO.unpack(sock.getsockopt(socket.SOL_SOCKET, _SO_MEMINFO, _MEMINFO.size))[_MEMINFO_DROPS])
     except (OSError, struct.error):
         return None
+
+
+class ListenerDrops:
+    """Each TCP listener's drops round by round: the rise of its socket's count since the last round."""
+
+    def __init__(self) -> None:
+        # listener -> (its socket's inode, its count at the last round): a count is the socket's own since it was
+        # opened, so a listener replaced under the same name (a HUP with a new bind) starts again from 0.
+        self._last: dict[str, tuple[int, int]] = {}
+        self._told = False  # a listener gave no count (an older kernel): said once
+
+    def rise(self, name: str, sock: socket.socket) -> int | None:
+        """Drops since the last round; 0 at a socket's first round, which only sets the start (one inherited over
+        a USR2 re-exec or from systemd brings drops from before this master). None where the kernel gives no
+        count."""
+        dropped = listen_drops(sock)
+        if dropped is None:
+            if not self._told and sock.fileno() >= 0:  # still open: the kernel has no count to give
+                self._told = True
+                LOG.info(
+                    "gunicorn-insight: the kernel gives no drop count for listener %s (SO_MEMINFO, Linux 4.12 and "
+                    "later): gunicorn_listen_drops_total is absent, and gunicorn_listen_overflows_total, the "
+                    "network namespace's count (any server's listeners), stands in for it",
+                    name,
+                )
+            return None
+        try:
+            inode = os.fstat(sock.fileno()).st_ino
+        except OSError:
+            return None
+        last = self._last.get(name)
+        self._last[name] = (inode, dropped)
+        return max(0, dropped - last[1]) if last is not None and last[0] == inode else 0
 
 
 def listener_time_wait(sock: socket.socket) -> int | None:
