@@ -22,7 +22,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .. import _kernelfiles as kernelfiles
 from .. import _scoreboard as sb
 from .._cgroup import memory_cgroup_dirs
 from .._facts import EXPECTED, FATAL_SIGNALS, Round, Sink
@@ -31,6 +30,7 @@ from .._report import LOG, report
 from .._runfiles import StatusFiles
 from .drain import Drainer
 from .lifecycle import CrashLoopWatch, EarlyDeath
+from .pressure import read_keyed
 
 
 class ReapWatcher:
@@ -117,17 +117,7 @@ class OomCounter:
     def read(self) -> int | None:
         if self.path is None:
             return None
-        data = kernelfiles.read(self.path)  # every round: kept open, read from its start
-        if data is None:
-            return None
-        for line in data.splitlines():
-            name, _, value = line.partition(b" ")
-            if name == b"oom_kill":
-                try:
-                    return int(value)
-                except ValueError:
-                    return None
-        return None
+        return read_keyed(self.path).get("oom_kill")  # every round: a kept file (see _kernelfiles)
 
     def poll(self) -> None:
         """Kills since the previous poll become claimable; those unclaimed for CLAIM_WINDOW seconds expire."""

@@ -41,7 +41,7 @@ def _read(path: str) -> str | None:
 
 
 def _keyed(text: str | None) -> dict[str, int]:
-    """``name value`` lines (cpu.stat, memory.stat) as a dict; unparseable lines are skipped."""
+    """``name value`` lines (cpu.stat, memory.stat, memory.events) as a dict; unparseable lines are skipped."""
     found: dict[str, int] = {}
     for line in (text or "").splitlines():
         name, _, value = line.partition(" ")
@@ -50,6 +50,11 @@ def _keyed(text: str | None) -> dict[str, int]:
         except ValueError:
             continue
     return found
+
+
+def read_keyed(path: str) -> dict[str, int]:
+    """A kernel file of ``name value`` lines as a dict (see _keyed); empty when it is absent or unreadable."""
+    return _keyed(_read(path))
 
 
 def parse_cpu_stat(text: str | None, version: int) -> CpuThrottling | None:
@@ -225,7 +230,7 @@ class HostReader:
             usage = int((usage_text or "").strip())
         except ValueError:
             return
-        stat = _keyed(_read(os.path.join(directory, "memory.stat")))
+        stat = read_keyed(os.path.join(directory, "memory.stat"))
         reading.memory_usage = usage
         if inactive_key in stat:
             reading.memory_working_set = max(0, usage - stat[inactive_key])
