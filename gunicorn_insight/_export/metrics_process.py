@@ -317,8 +317,14 @@ class MetricsServer:
 def _verdict_response(verdict: Verdict, start_response: StartResponse) -> list[bytes]:
     """A probe's verdict as a one-line plain-text answer (200 or 503)."""
     body = verdict.reason.encode("utf-8", "replace") + b"\n"
-    headers = [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))]
-    start_response(verdict.status, [*headers, ("Cache-Control", "no-store")])
+    start_response(
+        verdict.status,
+        [
+            ("Content-Type", "text/plain; charset=utf-8"),
+            ("Content-Length", str(len(body))),
+            ("Cache-Control", "no-store"),
+        ],
+    )
     return [body]
 
 
