@@ -144,43 +144,49 @@ class OpenListener:
         return f"http://{host}:{port}"
 
 
-def test_a_listener_closed_during_the_round_costs_only_its_own_sample(master: Master, tmp_path: Path) -> None:
+@pytest.fixture
+def open_listener() -> Iterator[OpenListener]:
+    """A TCP listener on a free loopback port, open for the whole test."""
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(7)
+        yield OpenListener(listening)
+
+
+def test_a_listener_closed_during_the_round_costs_only_its_own_sample(
+    master: Master, tmp_path: Path, open_listener: OpenListener
+) -> None:
     """gunicorn closing a listener mid-round (shutdown, reload) leaves that listener out; the other listeners
     are sampled and the round goes on."""
     _, recorder = worker_of(master, 101)
     start(recorder, FakeRequest("GET", "/running"))
-    with socket.socket() as closing, socket.socket() as listening:
-        listening.bind(("127.0.0.1", 0))
-        listening.listen(7)
-        open_listener = OpenListener(listening)
+    with socket.socket() as closing:
         master.watch_listeners(lambda: [ClosedMidRound(closing), open_listener])
         master.run_round()
-        name = str(open_listener)
+    name = str(open_listener)
     status = read_record(StatusRecord, str(tmp_path / STATUS_FILE))
     assert (status.workers, status.in_flight, status.rounds) == (1, 1, 1)
     assert [listener.name for listener in status.listeners] == [name]
 
 
-def test_a_halt_with_no_worker_ready_is_no_stop_while_busy(master: Master, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_halt_with_no_worker_ready_is_no_stop_while_busy(
+    master: Master, caplog: pytest.LogCaptureFixture, open_listener: OpenListener
+) -> None:
     """gunicorn halting with connections queued and no worker ready (a failed boot) is not a stop behind busy
     workers: no line."""
-    with socket.socket() as listening:
-        listening.bind(("127.0.0.1", 0))
-        listening.listen(7)
-        waiting = socket.create_connection(listening.getsockname())  # queued, and no worker to take it
-        listeners = [OpenListener(listening)]
+    with socket.create_connection(open_listener.sock.getsockname()):  # queued, and no worker to take it
+        listeners = [open_listener]
         master.watch_listeners(lambda: list(listeners))
         with caplog.at_level(logging.WARNING):
             master.run_round()
             listeners.clear()
             master.run_round()
-        waiting.close()
     assert "is stopping" not in caplog.text
 
 
 @pytest.mark.parametrize("busy", [True, False], ids=["saturated", "idle"])
 def test_a_stop_while_demand_is_unmet_is_said_once_with_the_oldest_request(
-    busy: bool, master: Master, caplog: pytest.LogCaptureFixture
+    busy: bool, master: Master, caplog: pytest.LogCaptureFixture, open_listener: OpenListener
 ) -> None:
     """gunicorn's stop closes its listeners first: the round that finds none after a saturated one says so once,
     with how long and the oldest request in flight; an idle server stops without a line."""
@@ -189,18 +195,14 @@ def test_a_stop_while_demand_is_unmet_is_said_once_with_the_oldest_request(
     if busy:
         start(first, FakeRequest("POST", "/slow"))
         start(second, FakeRequest("GET", "/report"))
-    with socket.socket() as listening:
-        listening.bind(("127.0.0.1", 0))
-        listening.listen(7)
-        listener = OpenListener(listening)
-        listeners = [listener]
-        master.watch_listeners(lambda: list(listeners))
-        with caplog.at_level(logging.WARNING):
-            master.run_round()
-            master.run_round()
-            listeners.clear()  # what gunicorn's stop() does first
-            master.run_round()
-            master.run_round()
+    listeners = [open_listener]
+    master.watch_listeners(lambda: list(listeners))
+    with caplog.at_level(logging.WARNING):
+        master.run_round()
+        master.run_round()
+        listeners.clear()  # what gunicorn's stop() does first
+        master.run_round()
+        master.run_round()
     lines = [record.getMessage() for record in caplog.records if "is stopping" in record.getMessage()]
     if not busy:
         assert lines == []
@@ -368,7 +370,7 @@ def test_a_queue_is_not_judged_where_the_worker_class_records_no_request(
 
 
 def test_time_wait_is_asked_of_the_kernel_at_most_every_ten_seconds(
-    master: Master, monkeypatch: pytest.MonkeyPatch
+    master: Master, monkeypatch: pytest.MonkeyPatch, open_listener: OpenListener
 ) -> None:
     """A listener's TIME_WAIT dump (milliseconds with many sockets in the namespace) runs once per
     TIME_WAIT_EVERY; the rounds between repeat its count."""
@@ -379,10 +381,8 @@ def test_time_wait_is_asked_of_the_kernel_at_most_every_ten_seconds(
         return 100 + len(asked)
 
     monkeypatch.setattr(arbiter, "listener_time_wait", count)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        sock.listen()
-        seen = [master._listener_time_wait(at, "http://x", sock) for at in (100.0, 101.0, 109.9, 110.0, 115.0)]
+    sock = open_listener.sock
+    seen = [master._listener_time_wait(at, "http://x", sock) for at in (100.0, 101.0, 109.9, 110.0, 115.0)]
     assert seen == [101, 101, 101, 102, 102]
     assert len(asked) == 2
 
